@@ -1,0 +1,90 @@
+"""Compile every nbtune Triton kernel for T4 (sm_75), A100 (sm_80) and H100/H200 (sm_90), no GPU needed.
+
+Each kernel module exposes ``compile_specs()`` -> a list of :class:`CompileSpec`. This module
+compiles each of them with ``triton.compile(..., target=GPUTarget("cuda", cc, 32))`` and prints
+a table. Run it as ``python -m nbtune.kernels.compile_check`` (exit code 1 on any failure).
+It must run *without* ``TRITON_INTERPRET=1``: the interpreter's ``@triton.jit`` objects cannot be
+compiled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import sys
+import time
+import traceback
+
+KERNEL_MODULES = (
+    "nf4",
+    "rms_norm",
+    "rope",
+    "glu",
+    "lora",
+    "cross_entropy",
+    "offload",
+)
+
+TARGETS = (75, 80, 90)
+
+
+@dataclasses.dataclass
+class CompileSpec:
+    """One compilation of one ``@triton.jit`` function.
+
+    signature: argument name -> Triton type string ("*fp16", "i32", "fp32", "constexpr", ...).
+    constexprs: values of the ``tl.constexpr`` arguments.
+    targets: compute capabilities this spec must compile for (bf16 specs skip sm_75: T4 has no bf16).
+    """
+
+    name: str
+    fn: object
+    signature: dict
+    constexprs: dict
+    targets: tuple = TARGETS
+
+
+def compile_one(spec: CompileSpec, cc: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    src = triton.compiler.ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32))
+
+
+def all_specs(modules=KERNEL_MODULES):
+    specs = []
+    for name in modules:
+        mod = importlib.import_module(f"nbtune.kernels.{name}")
+        specs.extend(mod.compile_specs())
+    return specs
+
+
+def main(argv=None) -> int:
+    import os
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("compile_check: unset TRITON_INTERPRET first", file=sys.stderr)
+        return 2
+    modules = tuple(argv) if argv else KERNEL_MODULES
+    failures = 0
+    rows = []
+    for spec in all_specs(modules):
+        for cc in TARGETS:
+            if cc not in spec.targets:
+                continue
+            t = time.perf_counter()
+            try:
+                k = compile_one(spec, cc)
+                rows.append((spec.name, cc, "ok", f"{len(k.asm['cubin'])} B cubin", time.perf_counter() - t))
+            except Exception as e:  # report every failure, not only the first
+                failures += 1
+                rows.append((spec.name, cc, "FAIL", f"{type(e).__name__}: {str(e).splitlines()[0][:80]}", 0.0))
+                traceback.print_exc(file=sys.stderr)
+    for name, cc, status, info, secs in rows:
+        print(f"{name:40s} sm_{cc}  {status:4s}  {info}  ({secs:.1f}s)")
+    print(f"{len(rows) - failures} compiled, {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
