@@ -1,0 +1,548 @@
+"""Activation checkpointing that keeps each checkpointed layer's input in pinned CPU memory.
+
+What it saves
+-------------
+Plain checkpointing (``torch.utils.checkpoint``) keeps one tensor per checkpointed layer between
+forward and backward: the layer's input hidden state, ``batch x seq x hidden`` elements. For
+llama3-8b at 2x2048 tokens in bf16 that is 32 MiB a layer, 1 GiB for 32 layers, held on the GPU
+from the end of the forward to the backward of that layer. ``offloaded_checkpoint`` copies that
+input to pinned host memory while the layer's forward runs, and copies it back while the layer
+*after it in backward order* is being recomputed, so the GPU holds at most a couple of hidden
+states for all layers together: about ``(L - 3) x batch x seq x hidden x bytes`` less at the peak.
+There is no Triton kernel here: the work is two DMA copies per layer, which the GPU's copy
+engines run while the SMs compute (``compile_specs()`` returns an empty list).
+
+How a step runs
+---------------
+Forward of layer i (grad enabled)::
+
+    x_i --(side stream, non_blocking)--> pinned host buffer h_i      (overlaps layer i's compute)
+    y_i = f_i(x_i)   with every tensor f_i saves replaced by a placeholder (torch's checkpoint)
+
+Backward of layer i, given dL/dy_i::
+
+    x_i' = h_i --(side stream)--> GPU            (usually already there: prefetched, see below)
+    h_{i-1} --(side stream)--> GPU               (prefetch for the next layer in backward order)
+    y_i' = f_i(x_i')  recomputed with grad enabled, RNG and autocast state as in the forward
+    dL/dx_i, dL/dtheta_i = VJP of f_i at x_i' applied to dL/dy_i
+
+The recompute is exact: x_i' has the same bits as x_i, the CPU and CUDA RNG states are restored
+to what they were when the forward of layer i started (so dropout masks match), and autocast
+runs with the forward's settings. The recompute runs the same kernels on the same bits as the
+forward, so the gradients are those of the un-checkpointed layer.
+
+Why torch's non-reentrant checkpoint plus saved-tensor hooks, not a new autograd.Function
+----------------------------------------------------------------------------------------
+``torch.utils.checkpoint.checkpoint`` stores the layer's *inputs* as saved tensors *before* it
+installs its own hooks for the activations inside the layer. A
+``torch.autograd.graph.saved_tensors_hooks`` context around the call therefore sees exactly
+those inputs and nothing else, in the non-reentrant implementation (torch 2.13 saves them in
+``_CheckpointFrame.save_inputs``, older releases through a no-op ``autograd.Function``'s
+``save_for_backward``: both before its own hooks go on) and in the reentrant one (its
+``save_for_backward`` of the inputs). Should a torch release stop doing so, the input simply
+stays on the GPU (counted as ``not_seen`` in ``offload_stats()``, warned once). Packing the
+hidden-state input into a host-buffer handle there, and unpacking it from the host, is all the
+offload needs; everything else is torch's own, tested machinery:
+
+- the non-reentrant path gives gradients to parameters captured inside ``function`` (LoRA
+  weights) even when no input requires grad, works with ``torch.autograd.grad``, stops the
+  recompute as soon as the tensors it needs are rebuilt, and handles tuple outputs, kwargs and
+  non-tensor arguments; a hand-written ``autograd.Function`` is reentrant by nature: it loses
+  parameter gradients unless some input requires grad (what HF's ``enable_input_require_grads``
+  papers over) and would need the parameters discovered and threaded through by hand;
+- RNG (CPU and CUDA) and autocast state are stashed and restored by torch;
+- the cost over plain checkpointing is one Python pack and one unpack call per layer (tens of
+  microseconds) plus two copies that run on the copy engines, hidden behind compute.
+Against a reentrant Function the only extra work is that the non-reentrant forward builds the
+layer's autograd graph (without storing anything in it): a few microseconds of Python per saved
+tensor, well under 1% of a 7-8B layer's forward, and what buys the correctness points above.
+
+Streams and lifetimes (CUDA)
+----------------------------
+- One side stream per device carries every copy, so a host buffer's device-to-host copy is
+  always finished before the host-to-device copy that reads it starts.
+- Forward: the side stream waits for the compute stream (x_i is ready), copies x_i into the
+  pinned buffer and records an event. The GPU tensor x_i is not freed right away: the last
+  ``DEVICE_WINDOW`` offloaded inputs keep their GPU tensor; when a newer one arrives, the compute
+  stream waits on the oldest one's copy event and only then drops it. Freeing after that wait is
+  safe for torch's stream-ordered allocator (no ``record_stream``, whose deferred frees let the
+  allocator's reserved memory grow when copies lag), and the wait is free unless copies fall more
+  than ``DEVICE_WINDOW`` layers behind compute, where it is the back-pressure that bounds memory.
+  The last layers' inputs are still on the GPU when the backward starts and are used as they are.
+- Backward: the destination tensor is allocated on the compute stream, the side stream waits for
+  the compute stream (the allocator may have handed out memory that queued kernels still use),
+  copies, records an event, and the compute stream waits on that event before the recompute.
+- Prefetch: every handle keeps a weak reference to the handle packed just before it (the
+  forward-order registry: a singly linked list, newest first, per process). Unpacking layer i's
+  input starts layer i-1's copy right behind its own on the side stream, so it overlaps layer
+  i's recompute and backward. Layers are backpropagated in reverse forward order, so this is
+  the next one needed; a prefetched tensor that is never used is dropped after the compute
+  stream waits on its event.
+- Pinned buffers come from a pool keyed by byte size and are reused step after step (pinning
+  memory with cudaHostAlloc is slow). Each buffer goes back to the pool with the event of the
+  last copy that touched it, and is handed out again only after that event. Buffers are carved
+  from slabs of at least 4 buffers because torch's pinned allocator rounds every allocation up
+  to a power of two; carving wastes less than one buffer per slab instead of up to half.
+  ``release_pinned_memory()`` gives the pool back.
+
+CPU
+---
+On CPU tensors there is nothing to offload: ``offloaded_checkpoint`` is plain recomputation
+checkpointing (``offloaded_checkpoint_reference``). ``NBTUNE_KERNELS=triton`` forces the offload
+machinery on CPU tensors too (copies into unpinned host buffers, no streams): that is how CI
+exercises the handles, the registry, the prefetch and the pool. ``NBTUNE_KERNELS=reference``
+turns offloading off everywhere.
+
+Using it with transformers
+--------------------------
+``enable_offloaded_checkpointing(model)`` (a ``PreTrainedModel`` or a peft ``PeftModel``) turns
+on HF gradient checkpointing with this function. Transformers calls it from
+``GradientCheckpointingLayer.__call__`` as
+``_gradient_checkpointing_func(partial(layer.__call__, **kwargs), hidden_states)``: the hidden
+states are the first positional tensor, which is what gets offloaded; the kwargs (attention
+mask, position embeddings: shared by all layers) stay in the partial.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import threading
+import warnings
+import weakref
+
+import torch
+from torch.utils.checkpoint import checkpoint as _torch_checkpoint
+
+from ._backend import kernel_mode
+
+# On CUDA, inputs smaller than this stay on the GPU: a copy's fixed cost outweighs the bytes.
+MIN_OFFLOAD_BYTES = 256 * 1024
+# Offloaded inputs whose GPU tensor is kept until a newer one is packed (see module docstring).
+DEVICE_WINDOW = 2
+# Host buffers are carved from slabs holding at least this many of them.
+SLAB_MIN_BUFFERS = 4
+# Host buffers start at multiples of this many bytes (DMA-friendly alignment).
+BUFFER_ALIGN = 512
+
+_STAT_NAMES = (
+    "calls",  # offloaded_checkpoint calls that took the offload path
+    "offloaded",  # inputs copied to host memory
+    "kept_on_device",  # first tensor args not offloaded (too small, not floating point, ...)
+    "not_seen",  # calls where torch saved the input without going through the hooks
+    "fetched",  # host-to-device copies started when the input was needed
+    "prefetched",  # host-to-device copies started ahead (the next layer in backward order)
+    "prefetch_used",  # prefetched tensors that the recompute then used
+    "from_device",  # unpacks served by a GPU tensor still in the device window
+)
+
+
+class _Stats:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.counts = dict.fromkeys(_STAT_NAMES, 0)
+
+    def add(self, name: str, n: int = 1):
+        with self.lock:
+            self.counts[name] += n
+
+
+_STATS = _Stats()
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+class _HostBufferPool:
+    """Reusable host buffers (pinned for CUDA tensors), keyed by (byte size, pinned).
+
+    ``take`` returns a flat uint8 tensor of exactly ``nbytes``; ``give`` returns it with the event
+    of the last copy that reads or writes it (None when no copy is pending).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._free: dict[tuple[int, bool], list] = collections.defaultdict(list)
+        self._slabs: list[torch.Tensor] = []
+        self._generation = 0  # bumped by clear(): buffers of older slabs are not taken back
+        self.slab_bytes = 0
+        self.buffers = 0
+        self.takes = 0
+        self.reuses = 0
+
+    def take(self, nbytes: int, pinned: bool) -> torch.Tensor:
+        key = (nbytes, pinned)
+        with self._lock:
+            free = self._free[key]
+            fresh = not free
+            if fresh:
+                self._grow(nbytes, pinned, free)
+            buffer, busy_until = free.pop()
+            self.takes += 1
+            # A buffer is "reused" when it already held data for an earlier handle.
+            if getattr(buffer, "_nbtune_used", False):
+                self.reuses += 1
+            buffer._nbtune_used = True
+        if busy_until is not None:
+            busy_until.synchronize()
+        return buffer
+
+    def give(self, buffer: torch.Tensor, busy_until, pinned: bool):
+        with self._lock:
+            if getattr(buffer, "_nbtune_generation", None) == self._generation:
+                self._free[(buffer.numel(), pinned)].append((buffer, busy_until))
+
+    def _grow(self, nbytes: int, pinned: bool, free: list):
+        stride = _round_up(nbytes, BUFFER_ALIGN)
+        count = max(1, _next_power_of_2(stride * SLAB_MIN_BUFFERS) // stride)
+        slab = torch.empty(stride * count, dtype=torch.uint8, pin_memory=pinned)
+        self._slabs.append(slab)
+        self.slab_bytes += slab.numel()
+        self.buffers += count
+        # Reversed so that pop() hands out the lowest addresses first.
+        for k in reversed(range(count)):
+            buffer = slab[k * stride : k * stride + nbytes]
+            buffer._nbtune_generation = self._generation
+            free.append((buffer, None))
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {
+                "pool_slabs": len(self._slabs),
+                "pool_bytes": self.slab_bytes,
+                "pool_buffers": self.buffers,
+                "pool_takes": self.takes,
+                "pool_reuses": self.reuses,
+            }
+
+    def clear(self):
+        """Drop every slab (buffers still in use keep their slab alive until they are freed)."""
+        with self._lock:
+            self._free.clear()
+            self._slabs.clear()
+            self._generation += 1
+            self.slab_bytes = self.buffers = self.takes = self.reuses = 0
+
+
+_POOL = _HostBufferPool()
+
+
+class _SideStreams:
+    """One copy stream per CUDA device, created on first use."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._streams: dict[int, torch.cuda.Stream] = {}
+
+    def get(self, device: torch.device) -> torch.cuda.Stream:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with self._lock:
+            stream = self._streams.get(index)
+            if stream is None:
+                stream = self._streams[index] = torch.cuda.Stream(device=index)
+            return stream
+
+
+_SIDE_STREAMS = _SideStreams()
+
+
+class _ForwardOrder:
+    """The forward-order registry: which offloaded input was packed last, and which ones still
+    hold their device tensor (the device window). Handles link to their predecessor with a weak
+    reference, so the registry never keeps a step's inputs alive."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._latest = None  # weakref to the newest handle
+        self._window: dict[object, collections.deque] = collections.defaultdict(collections.deque)
+
+    def register(self, handle: "_OffloadedInput") -> list:
+        """Link ``handle`` after the newest one; return the handles leaving the device window."""
+        with self._lock:
+            handle.previous = self._latest
+            self._latest = weakref.ref(handle)
+            window = self._window[handle.device]
+            window.append(weakref.ref(handle))
+            leaving = []
+            while len(window) > DEVICE_WINDOW:
+                old = window.popleft()()
+                if old is not None:
+                    leaving.append(old)
+            return leaving
+
+
+_ORDER = _ForwardOrder()
+
+
+class _OffloadedInput:
+    """One checkpointed layer's input, held in a host buffer from its forward to its backward.
+
+    ``unpack()`` gives back a tensor with the same bits on the original device; it can be called
+    more than once (``retain_graph=True``): the host copy lives as long as the handle.
+    """
+
+    def __init__(self, tensor: torch.Tensor):
+        self.shape = tensor.shape
+        self.dtype = tensor.dtype
+        self.device = tensor.device
+        self.is_cuda = tensor.is_cuda
+        self.nbytes = tensor.numel() * tensor.element_size()
+        self.previous = None  # weakref to the handle packed before this one (set by _ORDER)
+        self.unpacked = False
+        self.ahead = None  # (device tensor, ready event, stream it is for) started by a prefetch
+        self._buffer = _POOL.take(self.nbytes, pinned=self.is_cuda)
+        self.host = self._buffer.view(self.dtype).view(self.shape)
+        self.host_busy_until = None  # event of the last copy touching the host buffer
+        if self.is_cuda:
+            self.compute_stream = torch.cuda.current_stream(self.device)
+            side = _SIDE_STREAMS.get(self.device)
+            side.wait_stream(self.compute_stream)  # the tensor is written by queued compute work
+            with torch.cuda.stream(side):
+                self.host.copy_(tensor, non_blocking=True)
+                self.copied_out = side.record_event()
+            self.host_busy_until = self.copied_out
+        else:
+            self.compute_stream = None
+            self.copied_out = None
+            self.host.copy_(tensor)
+        # Kept until the handle leaves the device window (or is unpacked first).
+        self.device_tensor = tensor
+        for old in _ORDER.register(self):
+            old.release_device_tensor()
+
+    # -- device side -------------------------------------------------------------------------
+    def release_device_tensor(self):
+        """Drop the original device tensor once its copy-out is known to be ordered before any
+        later use of its memory on the compute stream."""
+        tensor, self.device_tensor = self.device_tensor, None
+        if tensor is not None and self.is_cuda:
+            self.compute_stream.wait_event(self.copied_out)
+        del tensor
+
+    def _copy_in(self, stream) -> tuple:
+        """Start a host-to-device copy; return (device tensor, event after which it is ready)."""
+        if not self.is_cuda:
+            return self.host.clone(), None
+        with torch.cuda.stream(stream):  # allocate on the stream that will use the tensor
+            device_tensor = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        side = _SIDE_STREAMS.get(self.device)
+        # The allocator may have recycled memory that kernels queued on `stream` still use.
+        side.wait_stream(stream)
+        with torch.cuda.stream(side):
+            device_tensor.copy_(self.host, non_blocking=True)
+            ready = side.record_event()
+        self.host_busy_until = ready
+        return device_tensor, ready
+
+    def prefetch(self, stream):
+        """Start copying this input back ahead of its use (no-op if already there or used)."""
+        if self.unpacked or self.ahead is not None or self.device_tensor is not None:
+            return
+        self.ahead = (*self._copy_in(stream), stream)
+        _STATS.add("prefetched")
+
+    def unpack(self) -> torch.Tensor:
+        stream = torch.cuda.current_stream(self.device) if self.is_cuda else None
+        if self.device_tensor is not None:  # still in the device window: no copy needed
+            result = self.device_tensor.detach()
+            ready = None
+            self.release_device_tensor()
+            _STATS.add("from_device")
+        elif self.ahead is not None:
+            (result, ready, _), self.ahead = self.ahead, None
+            _STATS.add("prefetch_used")
+        else:
+            result, ready = self._copy_in(stream)
+            _STATS.add("fetched")
+        self.unpacked = True
+        previous = self.previous() if self.previous is not None else None
+        if previous is not None:
+            previous.prefetch(stream)
+        if ready is not None:
+            stream.wait_event(ready)
+        return result
+
+    def __del__(self):
+        try:
+            if self.ahead is not None and self.is_cuda:
+                # Never used: order the free after the copy into it.
+                _, ready, stream = self.ahead
+                stream.wait_event(ready)
+            self.ahead = None
+            if getattr(self, "device_tensor", None) is not None:
+                self.release_device_tensor()
+            if getattr(self, "_buffer", None) is not None:
+                _POOL.give(self._buffer, self.host_busy_until, pinned=self.is_cuda)
+                self._buffer = self.host = None
+        except Exception:  # interpreter shutdown: the pool may be gone already
+            pass
+
+
+def _offload_wanted(tensor: torch.Tensor, force_cpu: bool) -> bool:
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return False
+    if tensor.is_cuda:
+        if tensor.numel() * tensor.element_size() < MIN_OFFLOAD_BYTES:
+            return False
+        return not torch.cuda.is_current_stream_capturing()
+    return force_cpu and tensor.device.type == "cpu"
+
+
+class _InputOffloadHooks:
+    """Saved-tensor hooks active around one ``torch.utils.checkpoint`` call: they see the
+    tensors checkpoint saves as its inputs, offload the target (the first tensor argument) and
+    pass every other one through unchanged."""
+
+    def __init__(self, target: torch.Tensor):
+        self.target = target
+        self.seen = False  # whether checkpoint saved the target through these hooks
+        self.offloaded = False
+
+    def pack(self, tensor):
+        if tensor is not self.target:
+            return tensor  # other inputs (and the target saved a second time) stay as they are
+        self.target = None  # the hooks must not keep the input alive
+        self.seen = True
+        try:
+            handle = _OffloadedInput(tensor)
+        except RuntimeError as error:  # e.g. pinned host memory exhausted
+            _warn_once(f"offloaded_checkpoint: could not offload ({error}); inputs stay on the device")
+            return tensor
+        self.offloaded = True
+        _STATS.add("offloaded")
+        return handle
+
+    @staticmethod
+    def unpack(packed):
+        return packed.unpack() if isinstance(packed, _OffloadedInput) else packed
+
+
+def _resolve_reentrant(use_reentrant) -> bool:
+    return False if use_reentrant is None else bool(use_reentrant)
+
+
+def offloaded_checkpoint_reference(function, *args, use_reentrant=None, **kwargs):
+    """Plain recomputation checkpointing (``torch.utils.checkpoint.checkpoint``), nothing
+    offloaded: what ``offloaded_checkpoint`` computes, and what it runs on CPU tensors.
+    ``use_reentrant=None`` means False (torch's recommended implementation)."""
+    return _torch_checkpoint(function, *args, use_reentrant=_resolve_reentrant(use_reentrant), **kwargs)
+
+
+def offloaded_checkpoint(function, *args, use_reentrant=None, **kwargs):
+    """Drop-in for ``torch.utils.checkpoint.checkpoint`` that keeps the first tensor argument
+    (the layer's input hidden states) in pinned CPU memory between forward and backward.
+
+    ``function(*args, **kwargs)`` runs without keeping its activations; in backward, the input
+    comes back to the GPU (prefetched while the layer after it in backward order computes), the
+    function is recomputed with the forward's RNG and autocast state, and gradients flow to every
+    input and captured parameter that requires grad. Checkpoint's own keyword arguments
+    (``preserve_rng_state``, ``determinism_check``, ``context_fn``, ``early_stop``, ``debug``)
+    pass through; every other keyword goes to ``function``. ``use_reentrant=None`` means False;
+    True runs torch's reentrant checkpoint (which needs an input that requires grad for
+    parameter gradients), offloaded the same way. Returns what ``function`` returns.
+
+    Offloading applies to a floating-point CUDA tensor of at least ``MIN_OFFLOAD_BYTES``; any
+    other call is plain recomputation checkpointing (see the module docstring for
+    ``NBTUNE_KERNELS``).
+    """
+    mode = kernel_mode()
+    target = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if (
+        mode == "reference"
+        or target is None
+        or not torch.is_grad_enabled()
+        or not _offload_wanted(target, force_cpu=mode == "triton")
+    ):
+        if target is not None and target.is_cuda and mode != "reference" and torch.is_grad_enabled():
+            _STATS.add("kept_on_device")
+        return offloaded_checkpoint_reference(function, *args, use_reentrant=use_reentrant, **kwargs)
+
+    _STATS.add("calls")
+    hooks = _InputOffloadHooks(target)
+    del target
+    with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
+        outputs = _torch_checkpoint(
+            function, *args, use_reentrant=_resolve_reentrant(use_reentrant), **kwargs
+        )
+    if not hooks.seen:
+        _STATS.add("not_seen")
+        hooks.target = None
+        _warn_once(
+            "offloaded_checkpoint: torch.utils.checkpoint did not save its inputs through "
+            "saved-tensor hooks in this torch version; the input stays on the device "
+            "(plain checkpointing, still correct)."
+        )
+    return outputs
+
+
+_WARNED: set = set()
+
+
+def _warn_once(message: str):
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def offload_stats() -> dict:
+    """Counters since the last ``reset_offload_stats()`` plus the host-buffer pool's totals:
+    calls, offloaded, kept_on_device, not_seen, fetched, prefetched, prefetch_used, from_device,
+    pool_slabs, pool_bytes, pool_buffers, pool_takes, pool_reuses."""
+    with _STATS.lock:
+        counts = dict(_STATS.counts)
+    counts.update(_POOL.stats())
+    return counts
+
+
+def reset_offload_stats():
+    """Zero the counters of ``offload_stats()`` (the pool's totals stay: see release_pinned_memory)."""
+    with _STATS.lock:
+        for name in _STAT_NAMES:
+            _STATS.counts[name] = 0
+
+
+def release_pinned_memory():
+    """Give the pinned host buffers back (e.g. after training). Buffers still held by a pending
+    backward stay alive until it ends. Zeroes the pool's counters."""
+    _POOL.clear()
+
+
+def enable_offloaded_checkpointing(model, *, use_reentrant: bool = False, every_n_layers: int = 1):
+    """Turn on gradient checkpointing with ``offloaded_checkpoint`` for a transformers model.
+
+    ``model``: a ``PreTrainedModel`` or a peft ``PeftModel`` (its base model is used). This calls
+    the model's own ``gradient_checkpointing_enable`` (so every flag transformers keeps, the
+    ``every_n_layers`` choice and ``is_gradient_checkpointing`` are right, and models whose
+    main input is ``input_ids`` get ``enable_input_require_grads``), then points every module's
+    ``_gradient_checkpointing_func`` at ``offloaded_checkpoint``, and puts the model in train
+    mode (HF layers only checkpoint while ``training``). With ``use_reentrant=True`` input
+    embeddings are made to require grad in every case, since reentrant checkpointing gives
+    LoRA parameters no gradient otherwise; the default non-reentrant path does not need it.
+    Returns ``model``. Undo with ``model.gradient_checkpointing_disable()``.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(base).__name__} does not support gradient checkpointing")
+    options = {"gradient_checkpointing_kwargs": {"use_reentrant": use_reentrant}}
+    if every_n_layers != 1:
+        options["every_n_layers"] = every_n_layers
+    base.gradient_checkpointing_enable(**options)
+    function = functools.partial(offloaded_checkpoint, use_reentrant=use_reentrant)
+    for module in base.modules():
+        if hasattr(module, "gradient_checkpointing"):  # the rule transformers itself uses
+            module._gradient_checkpointing_func = function
+    has_input_grad_hooks = bool(getattr(base, "_require_grads_hooks", None))
+    if use_reentrant and not has_input_grad_hooks and hasattr(base, "enable_input_require_grads"):
+        base.enable_input_require_grads()
+    model.train()
+    return model
+
+
+def compile_specs():
+    """No ``@triton.jit`` function lives in this file (the work is DMA copies on a side stream),
+    so there is nothing to compile: an empty list."""
+    return []
