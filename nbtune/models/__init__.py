@@ -1,1 +1,5 @@
-"""nbtune.models"""
+"""Model loading and LoRA: where weights come from and how the model is set up for training."""
+from .loader import ModelLoadError, load_model, resolve_model_path
+from .lora import add_lora
+
+__all__ = ["ModelLoadError", "add_lora", "load_model", "resolve_model_path"]

@@ -1,0 +1,49 @@
+"""The small real data set nbtune ships by name (GSM8K), with a fixed train / held-out split."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .fetch import AssetError, cache_dir, fetch_file
+from .registry import DATASETS
+
+SPLITS = ("train", "test")
+
+
+def data_dir(name: str) -> Path:
+    return cache_dir() / "data" / name
+
+
+def pull_dataset(name: str) -> Path:
+    """Return the directory holding ``train.jsonl`` and ``test.jsonl`` of a known data set."""
+    if name not in DATASETS:
+        raise AssetError(f"unknown embedded data set {name!r}; known: {', '.join(sorted(DATASETS))}")
+    asset = DATASETS[name]
+    out = data_dir(name)
+    if all((out / f"{s}.jsonl").is_file() for s in SPLITS):
+        return out
+    raw = fetch_file(
+        asset.source,
+        cache_dir() / "downloads" / f"{name}-{os.path.basename(asset.source.member)}",
+        what=f"the data set {name}",
+        local_hint="Or train on a local file instead: data: {source: /path/to/data.jsonl}.",
+    )
+    with open(raw, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if len(rows) <= asset.train_rows:
+        raise AssetError(f"{raw} has {len(rows)} rows; expected more than {asset.train_rows}")
+    out.mkdir(parents=True, exist_ok=True)
+    for split, part in (("train", rows[: asset.train_rows]), ("test", rows[asset.train_rows:])):
+        tmp = out / f"{split}.jsonl.part"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in part:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, out / f"{split}.jsonl")
+    return out
+
+
+def dataset_split_path(name: str, split: str) -> Path:
+    if split not in SPLITS:
+        raise AssetError(f"data set {name!r} has splits {', '.join(SPLITS)}, not {split!r}")
+    return pull_dataset(name) / f"{split}.jsonl"

@@ -1,0 +1,119 @@
+"""Load a causal LM and its tokenizer from an embedded name, a local directory or a hub id.
+
+4-bit NF4 with double quantization on CUDA by default (the QLoRA recipe); on a CPU the model
+loads in fp32 (bitsandbytes' 4-bit training path needs a GPU). dtype "auto" is fp16 below compute
+capability 8.0 (T4: no bf16), bf16 from 8.0 on, fp32 on a CPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..assets import MODELS, pull_model
+
+DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float32": torch.float32, "fp32": torch.float32}
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be loaded as asked; the message says why and what to do."""
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Embedded name -> its cached checkpoint (pulled once); local directory -> itself; else a hub id."""
+    if name_or_path in MODELS:
+        return str(pull_model(name_or_path))
+    path = Path(os.path.expanduser(str(name_or_path)))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model: {str(path)!r} is a directory without config.json; not a checkpoint")
+        return str(path)
+    text = str(name_or_path)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:  # a path, not an org/name hub id
+        raise ModelLoadError(
+            f"model: path {str(name_or_path)!r} does not exist. Give a local checkpoint directory, a hub id "
+            f"(org/name), or an embedded name: {', '.join(MODELS)}"
+        )
+    return str(name_or_path)
+
+
+def auto_dtype(device: torch.device) -> torch.dtype:
+    if device.type != "cuda":
+        return torch.float32
+    major, _ = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype in (None, "auto"):
+        return auto_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        chosen = dtype
+    elif str(dtype) in DTYPES:
+        chosen = DTYPES[str(dtype)]
+    else:
+        raise ModelLoadError(f"model.dtype: {dtype!r} is not one of auto, float16, bfloat16, float32")
+    if chosen == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        print("nbtune: this GPU has no bf16; using fp16 instead", file=sys.stderr)
+        return torch.float16
+    return chosen
+
+
+def read_config(path_or_id: str) -> dict:
+    local = Path(path_or_id) / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path_or_id).to_dict()
+
+
+def load_model(
+    name_or_path: str | None = None,
+    max_seq_length: int = 2048,
+    load_in_4bit: bool | None = None,
+    dtype=None,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa",
+):
+    """(model, tokenizer) ready for LoRA training; see the module docstring for the defaults."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    name_or_path = name_or_path or next(iter(MODELS))
+    path = resolve_model_path(name_or_path)
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    compute_dtype = resolve_dtype(dtype, device)
+    cfg = read_config(path)
+    limit = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
+    if limit and max_seq_length > limit:
+        raise ModelLoadError(f"model.max_seq_length={max_seq_length} is above this model's limit of {limit} tokens")
+    prequantized = (cfg.get("quantization_config") or {}).get("quant_method") == "bitsandbytes"
+    if load_in_4bit is None:
+        load_in_4bit = device.type == "cuda"
+    if load_in_4bit and device.type != "cuda":
+        warnings.warn("4-bit loading needs a CUDA GPU; loading the full-precision model on the CPU instead")
+        load_in_4bit = False
+    kwargs = dict(dtype=compute_dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    if load_in_4bit and not prequantized:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=torch.uint8,
+        )
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": device.index or 0}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if device.type != "cuda":
+        model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    model.max_seq_length = max_seq_length
+    model.nbtune_source = name_or_path
+    return model, tokenizer

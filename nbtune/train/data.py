@@ -1,0 +1,279 @@
+"""Rows in any common shape -> chat messages -> token ids with loss labels.
+
+Sources: an embedded name (``gsm8k``), a local .json/.jsonl/.csv/.parquet file, or a hub data set id
+(online only). Formats, detected from the columns unless given:
+
+- ``messages``: a list of {role, content} turns (column ``messages`` or ``conversations``);
+- ``prompt_completion``: ``prompt`` and ``completion`` strings;
+- ``instruction``: ``instruction``, optional ``input``, ``output`` (Alpaca);
+- ``qa``: ``question`` and ``answer``;
+- ``text``: plain ``text``, trained on every token.
+
+Every row is rendered with the tokenizer's chat template. With ``responses_only``, only the
+assistant turns' tokens carry labels (the rest are -100), found from character offsets of the
+rendered conversation so tokenization across turn boundaries cannot shift them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from ..assets import DATASETS, dataset_split_path
+from .config import DataConfig
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant", "tool")
+FORMAT_COLUMNS = {
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "instruction": ("instruction", "output"),
+    "qa": ("question", "answer"),
+    "text": ("text",),
+}
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; the message names the file, the row and the field."""
+
+
+@dataclasses.dataclass
+class TokenizedData:
+    train: object  # datasets.Dataset with input_ids, labels
+    eval: object | None
+    dropped: dict  # reason -> count, for the train split
+    format: str
+
+
+def load_rows(cfg: DataConfig, split: str) -> tuple[list[dict], str]:
+    """(rows, where they came from) for one split of the configured source."""
+    source = cfg.source
+    if source in DATASETS:
+        path = dataset_split_path(source, split)
+        return read_file(path), f"{source}:{split}"
+    path = Path(source).expanduser()
+    if path.suffix.lower() in (".json", ".jsonl", ".csv", ".parquet") or path.exists():
+        if not path.is_file():
+            raise DataError(f"data.source: file {str(path)!r} does not exist")
+        return read_file(path), str(path)
+    return _load_hub(source, split), f"{source}:{split}"
+
+
+def read_file(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    if not raw.strip():
+        raise DataError(f"{path} is empty")
+    if suffix in (".jsonl", ".json"):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise DataError(f"{path} line {line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if suffix == ".json" or text.lstrip().startswith("["):
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {e.lineno}: malformed JSON ({e.msg})") from None
+            if isinstance(data, dict):
+                data = next((v for v in data.values() if isinstance(v, list)), None)
+            if not isinstance(data, list):
+                raise DataError(f"{path}: expected a JSON list of rows")
+            rows = data
+        else:
+            rows = []
+            for n, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path} line {n}: malformed JSON ({e.msg})") from None
+        for n, row in enumerate(rows, 1):
+            if not isinstance(row, dict):
+                raise DataError(f"{path} row {n}: expected an object, got {type(row).__name__}")
+        return rows
+    if suffix in (".csv", ".parquet"):
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
+        except Exception as e:
+            raise DataError(f"cannot read {path}: {e}") from None
+        return ds.to_list()
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
+
+
+def _load_hub(source: str, split: str) -> list[dict]:
+    import datasets
+
+    try:
+        return datasets.load_dataset(source, split=split).to_list()
+    except Exception as e:
+        raise DataError(
+            f"data.source {source!r} is not an embedded name ({', '.join(DATASETS)}), not a local file, "
+            f"and could not be loaded from the hub: {e}"
+        ) from None
+
+
+def detect_format(columns, cfg: DataConfig) -> str:
+    if cfg.format != "auto":
+        return cfg.format
+    cols = set(columns)
+    if "conversations" in cols:
+        cols.add("messages")
+    for fmt, needed in FORMAT_COLUMNS.items():
+        if all(c in cols for c in needed):
+            return fmt
+    raise DataError(
+        f"data: cannot tell the format from the columns {sorted(columns)}; expected one of "
+        + "; ".join(f"{f}: {', '.join(c)}" for f, c in FORMAT_COLUMNS.items())
+        + ". Set data.format and/or data.columns (e.g. columns: {prompt: my_question})."
+    )
+
+
+def to_messages(row: dict, fmt: str, where: str, system_prompt: str | None = None) -> list[dict] | str:
+    """One row -> a list of chat messages (or the plain text for the ``text`` format)."""
+
+    def field(name):
+        if name not in row or row[name] is None:
+            raise DataError(f"{where}: missing column {name!r} (the {fmt} format needs {', '.join(FORMAT_COLUMNS[fmt])})")
+        value = row[name]
+        if fmt != "messages" and not isinstance(value, str):
+            raise DataError(f"{where}: column {name!r} must be text, got {type(value).__name__}")
+        return value
+
+    if fmt == "text":
+        return field("text")
+    if fmt == "messages":
+        turns = row.get("messages", row.get("conversations"))
+        if turns is None:
+            field("messages")
+        messages = [_normalize_turn(t, where, i) for i, t in enumerate(turns)]
+    elif fmt == "prompt_completion":
+        messages = [{"role": "user", "content": field("prompt")}, {"role": "assistant", "content": field("completion")}]
+    elif fmt == "instruction":
+        prompt = field("instruction")
+        if row.get("input"):
+            prompt = f"{prompt}\n\n{row['input']}"
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": field("output")}]
+    elif fmt == "qa":
+        messages = [{"role": "user", "content": field("question")}, {"role": "assistant", "content": field("answer")}]
+    else:
+        raise DataError(f"data.format {fmt!r} is not one of {', '.join(FORMAT_COLUMNS)}")
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no assistant turn to train on (roles: {[m['role'] for m in messages]})")
+    return messages
+
+
+def _normalize_turn(turn, where: str, i: int) -> dict:
+    if not isinstance(turn, dict):
+        raise DataError(f"{where}: turn {i} must be an object with role and content, got {type(turn).__name__}")
+    role = turn.get("role", turn.get("from"))
+    content = turn.get("content", turn.get("value"))
+    role = {"human": "user", "gpt": "assistant", "bot": "assistant"}.get(role, role)
+    if role not in ROLES:
+        raise DataError(f"{where}: turn {i} has role {role!r}; allowed roles: {', '.join(ROLES)}")
+    if not isinstance(content, str):
+        raise DataError(f"{where}: turn {i} content must be text, got {type(content).__name__}")
+    return {"role": role, "content": content}
+
+
+def tokenize_example(messages, tokenizer, max_len: int, responses_only: bool) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for one conversation, truncated to max_len tokens."""
+    if isinstance(messages, str):
+        text = messages + (tokenizer.eos_token or "")
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"][:max_len]
+        return ids, list(ids)
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    if not responses_only:
+        labels = list(ids)
+    else:
+        spans = assistant_spans(messages, tokenizer, text)
+        labels = [
+            tok if any(s <= start < e for s, e in spans) else IGNORE_INDEX
+            for tok, (start, _end) in zip(ids, offsets)
+        ]
+    return ids[:max_len], labels[:max_len]
+
+
+def assistant_spans(messages, tokenizer, text: str) -> list[tuple[int, int]]:
+    """Character spans of ``text`` produced by the assistant turns (their content and end token)."""
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (text.startswith(before) and text.startswith(upto.rstrip())):
+            raise DataError(
+                "data.responses_only: this tokenizer's chat template does not render conversations "
+                "prefix-consistently, so assistant tokens cannot be located; set data.responses_only: false"
+            )
+        spans.append((len(before), len(upto.rstrip())))
+    return spans
+
+
+def tokenize_rows(rows, tokenizer, cfg: DataConfig, max_len: int, where: str, fmt: str):
+    """Rows -> a datasets.Dataset(input_ids, labels) and a count of dropped rows by reason."""
+    import datasets
+
+    out_ids, out_labels, dropped = [], [], {}
+    for n, row in enumerate(rows, 1):
+        messages = to_messages(row, fmt, f"{where} row {n}", cfg.system_prompt)
+        ids, labels = tokenize_example(messages, tokenizer, max_len, cfg.responses_only)
+        if not ids:
+            dropped["empty"] = dropped.get("empty", 0) + 1
+            continue
+        if all(lab == IGNORE_INDEX for lab in labels[1:]):
+            reason = f"no trainable tokens within max_seq_length={max_len}"
+            dropped[reason] = dropped.get(reason, 0) + 1
+            continue
+        out_ids.append(ids)
+        out_labels.append(labels)
+    if not out_ids:
+        raise DataError(
+            f"{where}: all {len(rows)} rows were dropped ("
+            + ", ".join(f"{c} {r}" for r, c in dropped.items())
+            + "); raise model.max_seq_length or check the data"
+        )
+    return datasets.Dataset.from_dict({"input_ids": out_ids, "labels": out_labels}), dropped
+
+
+def prepare_data(cfg: DataConfig, tokenizer, max_len: int) -> TokenizedData:
+    rows, where = load_rows(cfg, cfg.split)
+    rows = [_rename(r, cfg.columns) for r in rows]
+    if not rows:
+        raise DataError(f"{where}: no rows")
+    fmt = detect_format(rows[0].keys(), cfg)
+    if cfg.max_rows:
+        rows = rows[: cfg.max_rows]
+    train, dropped = tokenize_rows(rows, tokenizer, cfg, max_len, where, fmt)
+    eval_ds = None
+    eval_split = cfg.eval_split
+    if eval_split == "auto":
+        eval_split = "test" if cfg.source in DATASETS else None
+    if eval_split:
+        eval_rows, eval_where = load_rows(cfg, eval_split)
+        eval_rows = [_rename(r, cfg.columns) for r in eval_rows]
+        if cfg.eval_rows:
+            eval_rows = eval_rows[: cfg.eval_rows]
+        eval_ds, _ = tokenize_rows(eval_rows, tokenizer, cfg, max_len, eval_where, fmt)
+    return TokenizedData(train=train, eval=eval_ds, dropped=dropped, format=fmt)
+
+
+def _rename(row: dict, columns: dict) -> dict:
+    if not columns:
+        return row
+    out = dict(row)
+    for canonical, theirs in columns.items():
+        if theirs in row:
+            out[canonical] = row[theirs]
+    return out

@@ -1,0 +1,47 @@
+"""A live one-line-per-log progress view for terminals and logs (the notebook view is the dashboard)."""
+from __future__ import annotations
+
+import sys
+
+
+def _fmt_secs(s: float | None) -> str:
+    if s is None:
+        return "?"
+    s = int(s)
+    return f"{s // 60}:{s % 60:02d}"
+
+
+class TerminalProgress:
+    """Listener for MetricsStream: prints step, loss, lr, tokens/s, memory and ETA."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+
+    def __call__(self, rec: dict) -> None:
+        event = rec.get("event")
+        if event == "start":
+            self._print(f"training: {rec.get('max_steps')} steps")
+            return
+        if event == "end":
+            peak = f", peak VRAM {rec['vram_peak_gib']:.2f} GiB" if "vram_peak_gib" in rec else ""
+            self._print(f"training done at step {rec.get('step')}{peak}")
+            return
+        parts = [f"step {rec.get('step')}/{rec.get('max_steps')}"]
+        if "loss" in rec:
+            parts.append(f"loss {rec['loss']:.4f}")
+        if "eval_loss" in rec:
+            parts.append(f"eval_loss {rec['eval_loss']:.4f}")
+        if "lr" in rec:
+            parts.append(f"lr {rec['lr']:.2e}")
+        if "grad_norm" in rec and rec["grad_norm"] is not None:
+            parts.append(f"grad_norm {rec['grad_norm']:.3f}")
+        if "tokens_per_s" in rec:
+            parts.append(f"{rec['tokens_per_s']:,.0f} tok/s")
+        if "vram_reserved_gib" in rec:
+            parts.append(f"VRAM {rec['vram_reserved_gib']:.2f} GiB")
+        if "eta_s" in rec:
+            parts.append(f"elapsed {_fmt_secs(rec.get('elapsed_s'))} eta {_fmt_secs(rec.get('eta_s'))}")
+        self._print(" | ".join(parts))
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)
