@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "load_model": "nbtune.models",
     "add_lora": "nbtune.models",
+    "load_adapter": "nbtune.models",
     "finetune": "nbtune.train",
     "build_config": "nbtune.train",
     "Config": "nbtune.train",

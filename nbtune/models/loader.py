@@ -3,6 +3,16 @@
 4-bit NF4 with double quantization on CUDA by default (the QLoRA recipe); on a CPU the model
 loads in fp32 (bitsandbytes' 4-bit training path needs a GPU). dtype "auto" is fp16 below compute
 capability 8.0 (T4: no bf16), bf16 from 8.0 on, fp32 on a CPU.
+
+Pre-quantized bitsandbytes checkpoints (their config.json carries a ``quantization_config`` with
+``quant_method: bitsandbytes``, e.g. the ``*-bnb-4bit`` repos) load as they are stored, on any
+device (bitsandbytes has a CPU backend), without a new BitsAndBytesConfig; their 4-bit layers'
+compute dtype is then set to the dtype chosen here (a checkpoint saved on an A100 says bfloat16,
+which a T4 cannot run natively).
+
+``patch`` records whether ``add_lora`` installs nbtune's architecture patches on this model
+(None: yes unless the environment says ``NBTUNE_PATCH=0``); ``patch=False`` gives the plain
+transformers + peft path for A/B comparisons.
 """
 from __future__ import annotations
 
@@ -81,6 +91,7 @@ def load_model(
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str = "sdpa",
+    patch: bool | None = None,
 ):
     """(model, tokenizer) ready for LoRA training; see the module docstring for the defaults."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -93,10 +104,18 @@ def load_model(
     limit = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
     if limit and max_seq_length > limit:
         raise ModelLoadError(f"model.max_seq_length={max_seq_length} is above this model's limit of {limit} tokens")
-    prequantized = (cfg.get("quantization_config") or {}).get("quant_method") == "bitsandbytes"
+    quant = cfg.get("quantization_config") or (cfg.get("text_config") or {}).get("quantization_config") or {}
+    prequantized = quant.get("quant_method") == "bitsandbytes"
+    if prequantized:
+        if not (quant.get("load_in_4bit") or quant.get("_load_in_4bit")):
+            warnings.warn("this checkpoint is quantized to 8 bits by bitsandbytes; LoRA trains on it through peft's "
+                          "layers, not nbtune's fused 4-bit kernels")
+        if load_in_4bit is False:
+            warnings.warn("this checkpoint is stored pre-quantized by bitsandbytes; it loads quantized as stored")
+        load_in_4bit = True
     if load_in_4bit is None:
         load_in_4bit = device.type == "cuda"
-    if load_in_4bit and device.type != "cuda":
+    if load_in_4bit and device.type != "cuda" and not prequantized:
         warnings.warn("4-bit loading needs a CUDA GPU; loading the full-precision model on the CPU instead")
         load_in_4bit = False
     kwargs = dict(dtype=compute_dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
@@ -108,12 +127,30 @@ def load_model(
     if device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if device.type != "cuda":
+    if device.type != "cuda" and not prequantized:
         model.to(device)
+    if load_in_4bit:
+        set_4bit_compute_dtype(model, compute_dtype)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     tokenizer.padding_side = "right"
     model.max_seq_length = max_seq_length
     model.nbtune_source = name_or_path
+    model.nbtune_patch = patch
     return model, tokenizer
+
+
+def set_4bit_compute_dtype(model, dtype: torch.dtype) -> int:
+    """Make every bitsandbytes 4-bit layer compute in ``dtype``; returns how many there are."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except Exception:  # pragma: no cover - without bitsandbytes there is no 4-bit layer
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    for layer in layers:
+        layer.compute_dtype = dtype
+    quant_config = getattr(model.config, "quantization_config", None)
+    if quant_config is not None and hasattr(quant_config, "bnb_4bit_compute_dtype"):
+        quant_config.bnb_4bit_compute_dtype = dtype
+    return len(layers)

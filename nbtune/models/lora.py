@@ -1,9 +1,34 @@
-"""Wrap a loaded model with LoRA adapters (a real peft PeftModel) and set it up for training."""
+"""Wrap a loaded model with LoRA adapters (a real peft PeftModel) and set it up for training.
+
+After peft has wrapped the model, the architecture patches (``nbtune.models.patches``) are
+installed, so the patched attention and MLP forwards see peft's LoRA layers and run them through
+the fused kernels of ``nbtune.kernels.lora``; the result is still an ordinary ``PeftModel``
+(``save_pretrained``, ``merge_and_unload``, ``disable_adapter()`` and adapters loaded anywhere work
+as usual; whatever the fused path does not cover runs through peft's own layers).
+
+LoRA parameter dtype: fp32, whatever the base dtype (peft's ``autocast_adapter_dtype`` default,
+enforced here). On fp16 models this is required: the Trainer's fp16 loss scaling refuses fp16
+trainable parameters ("Attempting to unscale FP16 gradients"), and fp32 master weights keep small
+updates from rounding away. The kernels cast A and B to the compute dtype for each matmul and
+return their gradients in fp32. The adapters of an 8B model at r=16 weigh ~160 MiB in fp32.
+"""
 from __future__ import annotations
 
 import torch
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Multimodal Gemma 3: "all-linear" would also put adapters on the vision tower; LoRA the language model only.
+GEMMA3_LANGUAGE_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def resolve_targets(model, targets):
+    """``targets`` as peft's ``target_modules``: "all-linear" stays peft's shorthand (every linear
+    layer but the LM head) except on multimodal Gemma 3, where it means the language model's
+    projections only."""
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        if getattr(model.config, "model_type", None) == "gemma3":
+            return GEMMA3_LANGUAGE_TARGETS
+    return targets
 
 
 def add_lora(
@@ -15,13 +40,18 @@ def add_lora(
     bias: str = "none",
     gradient_checkpointing: str | bool = "offload",
     seed: int | None = 3407,
+    patch: bool | None = None,
 ):
     """Add LoRA adapters; returns a ``peft.PeftModel`` in train mode with only the adapters trainable.
 
     ``gradient_checkpointing``: "offload" (recompute, with saved hidden states in pinned CPU memory
-    on a GPU), "plain" (recompute), or "off".
+    on a GPU), "plain" (recompute), or "off". ``patch``: install nbtune's architecture patches
+    (None: what ``load_model(patch=...)`` recorded, else on unless ``NBTUNE_PATCH=0``). Dropout > 0
+    keeps LoRA correct but runs those layers through peft instead of the fused kernels.
     """
     from peft import LoraConfig, get_peft_model
+
+    from .patches import patch_model, patching_enabled
 
     if r <= 0:
         raise ValueError(f"lora.r must be a positive integer, got {r}")
@@ -31,14 +61,21 @@ def add_lora(
         p.requires_grad_(False)
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, bias=bias, task_type="CAUSAL_LM",
-        target_modules=targets,
+        target_modules=resolve_targets(model, targets),
     )
     mode = {True: "plain", False: "off", None: "off"}.get(gradient_checkpointing, gradient_checkpointing)
     if mode not in ("offload", "plain", "off"):
         raise ValueError(f"gradient_checkpointing must be offload, plain or off, not {gradient_checkpointing!r}")
     if mode != "off":
         enable_checkpointing(model, mode)
-    peft_model = get_peft_model(model, config)
+    if patch is None:
+        patch = getattr(model, "nbtune_patch", None)
+    peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
+    for p in peft_model.parameters():
+        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
+    if patching_enabled(patch):
+        patch_model(peft_model)
     peft_model.train()
     return peft_model
 
@@ -53,3 +90,18 @@ def enable_checkpointing(model, mode: str) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model.config.use_cache = False
+
+
+def load_adapter(model, adapter_dir, is_trainable: bool = False, patch: bool | None = None):
+    """Load a saved LoRA adapter (peft format, e.g. a run's ``adapter/``) onto a loaded base model;
+    returns the ``peft.PeftModel`` (frozen unless ``is_trainable``), patched like ``add_lora`` does."""
+    from peft import PeftModel
+
+    from .patches import patch_model, patching_enabled
+
+    if patch is None:
+        patch = getattr(model, "nbtune_patch", None)
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
+    if patching_enabled(patch):
+        patch_model(peft_model)
+    return peft_model

@@ -18,18 +18,18 @@ def demo_config(output_dir: str = "outputs/demo", device: str | None = None, **o
         "data": {"source": "gsm8k", "split": "train", "eval_split": "test"},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"},
         "train": {
-            "max_steps": 120 if on_gpu else 30,
-            "batch_size": 8,
+            "max_steps": 120 if on_gpu else 16,
+            "batch_size": 8 if on_gpu else 4,
             "grad_accum": 1,
             "lr": 1e-3,
-            "warmup_steps": 3,
+            "warmup_steps": 1 if on_gpu else 0,
             "scheduler": "linear",
-            "logging_steps": 1 if on_gpu else 2,
+            "logging_steps": 1,
             "gradient_checkpointing": "offload" if on_gpu else "off",
             "eval_batch_size": 16,
         },
         "output": {"dir": output_dir},
     }
     if not on_gpu:
-        base["data"].update(max_rows=240, eval_rows=96)
+        base["data"].update(max_rows=64, eval_rows=24)
     return build_config(base, **overrides)

@@ -1,0 +1,321 @@
+"""Causal attention for the patched training path: torch SDPA, no (S x S) mask for the whole row.
+
+The patched model forward (``common.model_forward``) decides once per step whether the batch can
+take this path and, if so, hands every layer an :class:`AttentionPlan` in place of the attention
+mask. What the plan covers, and why each case is exact:
+
+- **No padding / right padding** (``segments is None``): SDPA with ``is_causal=True`` over the whole
+  row. With right padding a real token never attends to a later pad (causality does that), so real
+  tokens see exactly what transformers' padding mask lets them see; only the pad positions' own
+  outputs differ, and their labels are -100. Left padding (or holes in the mask) is not exact this
+  way: the model forward sends such batches to transformers' own path.
+- **Padding-free packing** (several sequences in one row, ``position_ids`` restarting, as TRL's
+  padding-free collator makes them; its ``cu_seq_lens_q`` is used when given): the row is cut into
+  its sequences and SDPA runs causally on each; nothing attends across a boundary and no mask is
+  built. Runs of length-1 pieces (the pad tail that ``pad_to_multiple_of`` leaves, every pad its
+  own "sequence") are answered without SDPA: a token that sees only itself outputs its own value.
+- **Sliding window** (Mistral, Qwen2/3 sliding layers, Gemma 2/3 local layers, Phi-3): exact
+  transformers semantics, query i sees keys j with ``i - window < j <= i``. A sequence no longer
+  than the window is plain causal. A longer one runs in query chunks of ``window`` tokens, each
+  against the ``2 * window - 1`` keys it can see, with a (window x 2 window) band mask: memory
+  grows with the window, never with the row.
+- **Attention logit softcapping** (Gemma 2: ``scores = c * tanh(scores / c)`` before the softmax)
+  cannot go through SDPA, which has no hook between the two matmuls. :class:`SoftcapAttention` is
+  an exact, chunked attention with a hand-written backward (FlashAttention's recipe in plain torch):
+  the forward keeps only q, k, v, the output and one fp32 log-sum-exp per query; the backward
+  recomputes each chunk's probabilities. Peak extra memory is one (chunk x keys) fp32 block, so
+  Gemma 2 trains without the O(S^2) attention weights transformers' eager path stores. Math of
+  its backward (per query row, ``s`` raw scaled scores, ``t = tanh(s / c)``, ``z = c t``,
+  ``p = softmax(z)``, ``o = p V``, ``dO`` incoming):
+
+      dV  = p^T dO
+      dp  = dO V^T
+      dz  = p * (dp - rowsum(dO * o))          (softmax backward; rowsum(dO*o) = sum_j p_j dp_j)
+      ds  = dz * (1 - t^2) * scale             (d z / d s = 1 - t^2; s = scale * q k^T)
+      dq  = ds K,   dK = ds^T q
+
+GQA: SDPA's ``enable_gqa`` where it stays on a fast kernel (CPU; CUDA flash, i.e. sm80+ with no
+mask), otherwise k/v are repeated per query head (on a T4 only the memory-efficient kernel runs,
+and it has no GQA: ``enable_gqa`` there would silently fall back to the O(S^2) math kernel).
+
+Dropout on attention probabilities (``attention_dropout``, 0 for every supported family's
+released checkpoints) is passed to SDPA; with softcapping it runs an explicit (autograd) path.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Bytes of fp32 scores one chunk of the softcapped attention may hold (per forward/backward step).
+SOFTCAP_CHUNK_BYTES = 64 * 2**20
+
+
+def _sdpa_has_gqa() -> bool:
+    try:
+        return "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: enable_gqa came with torch 2.5
+        major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+        return (major, minor) >= (2, 5)
+
+
+_SDPA_HAS_GQA = _sdpa_has_gqa()
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """What the fast path attends to; passed to every decoder layer as its ``attention_mask``.
+
+    ``pieces``: None when every row is one causal sequence (no padding or right padding); else one
+    tuple per row of ``(start, end, single)`` pieces covering the row: ``single`` marks a run of
+    length-1 sequences. ``shared``: every row has the same pieces (always true for one row), so
+    each piece is sliced across the whole batch at once.
+    """
+
+    pieces: tuple | None = None
+    shared: bool = True
+
+    @property
+    def packed(self) -> bool:
+        return self.pieces is not None
+
+
+def _pieces_from_starts(starts: list[int], length: int) -> tuple:
+    """Sequence start offsets of one row -> ``(start, end, single)`` pieces, length-1 runs merged."""
+    bounds = sorted(set(s for s in starts if 0 <= s < length) | {0})
+    spans = [(s, e) for s, e in zip(bounds, bounds[1:] + [length])]
+    pieces = []
+    for s, e in spans:
+        single = e - s == 1
+        if single and pieces and pieces[-1][2] and pieces[-1][1] == s:
+            pieces[-1] = (pieces[-1][0], e, True)
+        else:
+            pieces.append((s, e, single))
+    return tuple(pieces)
+
+
+def build_plan(batch: int, length: int, attention_mask=None, position_ids=None, cu_seq_lens=None):
+    """An :class:`AttentionPlan` for these inputs, or None when the fast path would not be exact
+    (left padding, holes in the mask, a 4D mask): the caller then runs transformers' own path.
+
+    Costs at most two small device-to-host copies per step (the mask's shape check, the sequence
+    starts), never per layer.
+    """
+    if attention_mask is not None:
+        if not torch.is_tensor(attention_mask) or attention_mask.dim() != 2 or attention_mask.shape[-1] != length:
+            return None
+        mask = attention_mask.bool()
+        # right padding only: along every row the mask never goes from 0 back to 1
+        if length > 1 and bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+            return None
+    starts_per_row = None
+    if cu_seq_lens is not None and batch == 1 and torch.is_tensor(cu_seq_lens) and cu_seq_lens.dim() == 1:
+        starts_per_row = [[int(s) for s in cu_seq_lens.tolist()[:-1]]]
+    elif position_ids is not None and length > 1:
+        pos = position_ids if position_ids.shape[0] == batch else position_ids.expand(batch, -1)
+        # transformers' rule (masking_utils.find_packed_sequence_indices): a new sequence starts
+        # wherever the position does not follow the previous one by exactly 1
+        new_seq = torch.diff(pos, dim=-1) != 1
+        if bool(new_seq.any()):
+            rows, cols = new_seq.nonzero(as_tuple=True)
+            starts_per_row = [[0] for _ in range(batch)]
+            for r, c in zip(rows.tolist(), cols.tolist()):
+                starts_per_row[r].append(c + 1)
+    if starts_per_row is None or all(len(s) <= 1 for s in starts_per_row):
+        return AttentionPlan()
+    pieces = tuple(_pieces_from_starts(s, length) for s in starts_per_row)
+    shared = all(p == pieces[0] for p in pieces)
+    return AttentionPlan(pieces=pieces[:1] if shared else pieces, shared=shared)
+
+
+# ----------------------------------------------------------------------------- helpers
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, Hk, S, D) -> (B, Hk * groups, S, D), each kv head repeated for its query heads."""
+    if groups == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, groups, s, d).reshape(b, h * groups, s, d)
+
+
+def _native_gqa(q: torch.Tensor, with_mask: bool) -> bool:
+    if not _SDPA_HAS_GQA:
+        return False
+    if q.device.type == "cpu":
+        return True
+    if q.device.type != "cuda" or with_mask or q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] > 256:
+        return False
+    major, _ = torch.cuda.get_device_capability(q.device)
+    return major >= 8 and torch.backends.cuda.flash_sdp_enabled()
+
+
+def _sdpa(q, k, v, *, mask=None, causal=False, scale=None, dropout=0.0):
+    groups = q.shape[1] // k.shape[1]
+    kwargs = {}
+    if groups > 1:
+        if _native_gqa(q, mask is not None):
+            kwargs["enable_gqa"] = True
+        else:
+            k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
+                                          scale=scale, **kwargs)
+
+
+def _band_mask(q_start: int, q_end: int, k_start: int, k_end: int, window: int | None, device) -> torch.Tensor:
+    """Boolean (q, k) mask: key j visible from query i iff j <= i and (no window or j > i - window)."""
+    i = torch.arange(q_start, q_end, device=device)[:, None]
+    j = torch.arange(k_start, k_end, device=device)[None, :]
+    allowed = j <= i
+    if window is not None:
+        allowed = allowed & (j > i - window)
+    return allowed
+
+
+def _sliding_sdpa(q, k, v, window: int, scale, dropout):
+    """Causal attention with a sliding window over one sequence longer than the window."""
+    length = q.shape[2]
+    outs = []
+    for q_start in range(0, length, window):
+        q_end = min(q_start + window, length)
+        k_start = max(0, q_start - window + 1)
+        if k_start == 0 and q_start == 0:
+            outs.append(_sdpa(q[:, :, :q_end], k[:, :, :q_end], v[:, :, :q_end], causal=True, scale=scale,
+                              dropout=dropout))
+            continue
+        mask = _band_mask(q_start, q_end, k_start, q_end, window, q.device)
+        outs.append(_sdpa(q[:, :, q_start:q_end], k[:, :, k_start:q_end], v[:, :, k_start:q_end], mask=mask,
+                          scale=scale, dropout=dropout))
+    return torch.cat(outs, dim=2)
+
+
+# ----------------------------------------------------------------------------- softcapped attention
+def _softcap_chunk(n_queries: int, n_keys: int, batch_heads: int) -> int:
+    per_query = max(1, n_keys * batch_heads * 4)
+    return max(16, min(n_queries, SOFTCAP_CHUNK_BYTES // per_query))
+
+
+class SoftcapAttention(torch.autograd.Function):
+    """Exact causal attention with tanh logit softcapping (and optional sliding window), chunked
+    over queries, recomputing probabilities in backward (module docstring has the math).
+
+    apply(q, k, v, scale, softcap, window) with q (B, H, S, D), k/v (B, H, S, D) (kv heads already
+    repeated) -> (B, H, S, Dv) in q's dtype.
+    """
+
+    @staticmethod
+    def _scores(q_c, k_c, scale, softcap, q_start, k_start, window):
+        raw = torch.matmul(q_c, k_c.transpose(-1, -2)).float() * scale
+        t = torch.tanh(raw / softcap)
+        z = softcap * t
+        allowed = _band_mask(q_start, q_start + q_c.shape[2], k_start, k_start + k_c.shape[2], window, q_c.device)
+        z = z.masked_fill(~allowed, float("-inf"))
+        return z, t
+
+    @staticmethod
+    def _key_range(q_start, q_end, window):
+        return (0 if window is None else max(0, q_start - window + 1)), q_end
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, softcap, window):
+        b, h, length, _ = q.shape
+        chunk = _softcap_chunk(length, length if window is None else min(length, 2 * window), b * h)
+        out = torch.empty(b, h, length, v.shape[-1], dtype=q.dtype, device=q.device)
+        lse = torch.empty(b, h, length, dtype=torch.float32, device=q.device)
+        for q_start in range(0, length, chunk):
+            q_end = min(q_start + chunk, length)
+            k_start, k_end = SoftcapAttention._key_range(q_start, q_end, window)
+            z, _ = SoftcapAttention._scores(q[:, :, q_start:q_end], k[:, :, k_start:k_end], scale, softcap,
+                                            q_start, k_start, window)
+            row_lse = torch.logsumexp(z, dim=-1)
+            p = torch.exp(z - row_lse[..., None])
+            out[:, :, q_start:q_end] = torch.matmul(p.to(v.dtype), v[:, :, k_start:k_end])
+            lse[:, :, q_start:q_end] = row_lse
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.softcap, ctx.window, ctx.chunk = scale, softcap, window, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        scale, softcap, window, chunk = ctx.scale, ctx.softcap, ctx.window, ctx.chunk
+        length = q.shape[2]
+        dq = torch.zeros_like(q, dtype=torch.float32)
+        dk = torch.zeros_like(k, dtype=torch.float32)
+        dv = torch.zeros_like(v, dtype=torch.float32)
+        dout = dout.contiguous()
+        # rowsum(dO * O) per query: the softmax backward's correction term
+        delta = (dout.float() * out.float()).sum(-1)
+        for q_start in range(0, length, chunk):
+            q_end = min(q_start + chunk, length)
+            k_start, k_end = SoftcapAttention._key_range(q_start, q_end, window)
+            q_c, k_c, v_c = q[:, :, q_start:q_end], k[:, :, k_start:k_end], v[:, :, k_start:k_end]
+            z, t = SoftcapAttention._scores(q_c, k_c, scale, softcap, q_start, k_start, window)
+            p = torch.exp(z - lse[:, :, q_start:q_end, None])
+            do_c = dout[:, :, q_start:q_end].float()
+            dv[:, :, k_start:k_end] += torch.matmul(p.transpose(-1, -2), do_c)
+            dp = torch.matmul(do_c, v_c.float().transpose(-1, -2))
+            ds = p * (dp - delta[:, :, q_start:q_end, None]) * (1.0 - t * t) * scale
+            dq[:, :, q_start:q_end] = torch.matmul(ds, k_c.float())
+            dk[:, :, k_start:k_end] += torch.matmul(ds.transpose(-1, -2), q_c.float())
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def softcap_attention_reference(q, k, v, scale, softcap, window=None, dropout=0.0, training=False):
+    """Explicit softcapped causal attention under autograd (stores the (S x S) probabilities):
+    transformers' eager math in fp32. Used with attention dropout, and by the tests."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    length = q.shape[2]
+    z = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    z = softcap * torch.tanh(z / softcap)
+    z = z.masked_fill(~_band_mask(0, length, 0, length, window, q.device), float("-inf"))
+    p = torch.softmax(z, dim=-1)
+    if dropout and training:
+        p = F.dropout(p, p=dropout, training=True)
+    return torch.matmul(p.to(v.dtype), v)
+
+
+# ----------------------------------------------------------------------------- one sequence / whole batch
+def _attend_sequence(q, k, v, *, scale, window, softcap, dropout):
+    """Causal attention of one sequence per row (q (B, Hq, L, D), k/v (B, Hk, L, D))."""
+    length = q.shape[2]
+    if softcap is not None:
+        if dropout:
+            return softcap_attention_reference(q, k, v, scale, softcap, window, dropout, training=True)
+        groups = q.shape[1] // k.shape[1]
+        return SoftcapAttention.apply(q, repeat_kv(k, groups), repeat_kv(v, groups), scale, float(softcap),
+                                      None if window is None or length <= window else int(window))
+    if window is not None and length > window:
+        return _sliding_sdpa(q, k, v, int(window), scale, dropout)
+    return _sdpa(q, k, v, causal=length > 1, scale=scale, dropout=dropout)
+
+
+def _attend_pieces(q, k, v, pieces, *, scale, window, softcap, dropout):
+    groups = q.shape[1] // k.shape[1]
+    outs = []
+    for start, end, single in pieces:
+        if single and not dropout:  # length-1 sequences: each token sees only itself -> its value
+            outs.append(repeat_kv(v[:, :, start:end], groups))
+        else:
+            outs.append(_attend_sequence(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], scale=scale,
+                                         window=window, softcap=softcap, dropout=dropout))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def attend(q, k, v, plan: AttentionPlan, *, scale: float, window: int | None = None, softcap: float | None = None,
+           dropout: float = 0.0) -> torch.Tensor:
+    """Causal attention under ``plan``: q (B, Hq, S, D), k/v (B, Hk, S, D) after RoPE ->
+    (B, S, Hq, Dv), the layout transformers' attention functions return."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    options = dict(scale=scale, window=window, softcap=softcap, dropout=dropout)
+    if plan.pieces is None:
+        out = _attend_sequence(q, k, v, **options)
+    elif plan.shared:
+        out = _attend_pieces(q, k, v, plan.pieces[0], **options)
+    else:
+        out = torch.cat([_attend_pieces(q[b:b + 1], k[b:b + 1], v[b:b + 1], plan.pieces[b], **options)
+                         for b in range(q.shape[0])], dim=0)
+    return out.transpose(1, 2)

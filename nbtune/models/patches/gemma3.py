@@ -1,0 +1,72 @@
+"""Gemma 3, text (``gemma3_text``: Gemma3ForCausalLM) and the text part of the multimodal
+``gemma3`` (Gemma3ForConditionalGeneration).
+
+Gemma's ``(1 + w)`` norms, GeGLU-tanh and embedding scale, plus RMSNorms on q and k per head
+(``q_norm``/``k_norm``), sliding-window local layers (``layer_types``, window
+``config.sliding_window``) whose RoPE has its own base (``rope_parameters["sliding_attention"]``:
+the patched model forward asks the rotary module for one cos/sin per layer type, as transformers
+does), the query scale ``query_pre_attn_scalar ** -0.5``, and the final logit softcap when the
+config sets one (Gemma3ForCausalLM applies it; Gemma3ForConditionalGeneration in transformers 5.17
+does not, and neither does its patch). Gemma 3 has no attention-logit softcap (transformers does
+not pass ``attn_logit_softcapping`` to its attention).
+
+Multimodal checkpoints: the language model's layers are patched like the text model's. A batch
+without images (no ``pixel_values``, no image ``token_type_ids``) goes from ``Gemma3Model`` straight
+to the patched language model with its 2-D mask (so the fast path applies); a batch with images
+runs transformers' forward (bidirectional attention over image blocks needs its masks), through the
+patched norms, MLPs and projections. Bidirectional configs (``use_bidirectional_attention``) are
+not patched at all.
+"""
+from __future__ import annotations
+
+from . import common
+from .family import Family, final_softcap_from_config, no_final_softcap, window_from_module
+
+
+def multimodal_model_forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
+                             past_key_values=None, token_type_ids=None, inputs_embeds=None, labels=None,
+                             use_cache=None, **lm_kwargs):
+    args = dict(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                position_ids=position_ids, past_key_values=past_key_values, token_type_ids=token_type_ids,
+                inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache)
+    text_only = (
+        not common._passthrough(self)
+        and pixel_values is None
+        and not isinstance(attention_mask, dict)
+        and (input_ids is None) != (inputs_embeds is None)
+        and (token_type_ids is None or not bool(token_type_ids.any()))
+        and (input_ids is None or self.config.image_token_id < self.vocab_size
+             or not bool((input_ids == self.config.image_token_id).any()))
+    )
+    if not text_only:
+        return common._original(self, **args, **lm_kwargs)
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3ModelOutputWithPast
+
+    lm_kwargs.pop("return_dict", None)
+    if inputs_embeds is None:
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+    outputs = self.language_model(attention_mask=attention_mask, position_ids=position_ids,
+                                  past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                  return_dict=True, **lm_kwargs)
+    return Gemma3ModelOutputWithPast(last_hidden_state=outputs.last_hidden_state,
+                                     past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
+                                     attentions=outputs.attentions, image_hidden_states=None)
+
+
+def _conditional_generation_options(module):
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3CausalLMOutputWithPast
+
+    return dict(backbone="model", final_softcap=no_final_softcap, output_class=Gemma3CausalLMOutputWithPast)
+
+
+GEMMA3 = Family(
+    name="gemma3", model_types=("gemma3_text", "gemma3"), prefix="Gemma3", norm_offset=1.0,
+    activation_key="hidden_activation", qk_norm=True, window=window_from_module, passes_window=True,
+    rope_per_layer_type=True, final_softcap=final_softcap_from_config, text_model_names=("Gemma3TextModel",),
+    extra={
+        "Gemma3Model": (multimodal_model_forward, lambda module: {}),
+        "Gemma3ForConditionalGeneration": (common.causal_lm_forward, _conditional_generation_options),
+    },
+)
+
+FAMILIES = (GEMMA3,)

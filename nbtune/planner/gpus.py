@@ -1,0 +1,145 @@
+"""GPU catalog: memory the process can use, and the rates a rough speed estimate needs.
+
+``total_gib`` is what ``torch.cuda.get_device_properties(i).total_memory`` reports (nvidia-smi's
+total less what the driver keeps), in GiB. ``context_gib`` is the device memory a CUDA process
+holds outside torch's caching allocator: the CUDA context with its loaded kernel images, plus
+library handles. It is not counted by ``torch.cuda.max_memory_reserved()`` but an out-of-memory
+error sees it, so ``usable_gib = total_gib - context_gib`` is what torch's allocator can reserve.
+
+The T4 numbers are measured on Colab (14.748 GiB in all, ~0.45 GiB context: 14.3 GiB for
+torch, as DESIGN.md records). Other totals are typical readings (±1 %); contexts are estimates
+(CUDA 12 with lazy module loading holds 0.3-0.6 GiB). On a desktop card the display takes more:
+pass a :class:`GPU` of your own, or ``gpu="auto"`` on the machine itself, which measures.
+
+Rates (dense 16-bit tensor-core TFLOP/s with fp32 accumulation, memory GB/s) are the vendors'
+figures and only feed the optional tokens/s estimate.
+
+``gpu="auto"`` asks torch about device 0 (torch is imported only then); the environment variable
+``NBTUNE_GPU`` (e.g. ``NBTUNE_GPU=T4``) overrides it, which is how a T4 is emulated on a larger GPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+
+from .shapes import PlannerError
+
+
+@dataclasses.dataclass(frozen=True)
+class GPU:
+    name: str
+    total_gib: float  # torch's total_memory, GiB
+    context_gib: float  # outside torch's allocator (CUDA context, library handles)
+    compute_capability: tuple[int, int]
+    tflops_16bit: float | None = None  # dense fp16/bf16 tensor-core TFLOP/s (fp32 accumulate)
+    bandwidth_gbs: float | None = None  # memory bandwidth, GB/s
+    note: str = ""
+
+    @property
+    def usable_gib(self) -> float:
+        """What torch's caching allocator can reserve."""
+        return self.total_gib - self.context_gib
+
+    @property
+    def bf16(self) -> bool:
+        return self.compute_capability >= (8, 0)
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.total_gib:.2f} GiB, {self.usable_gib:.2f} GiB for torch)"
+
+
+CATALOG: dict[str, GPU] = {g.name: g for g in [
+    GPU("T4", 14.748, 0.45, (7, 5), 65.0, 320.0, "free Colab; fp16 only (no bf16)"),
+    GPU("L4", 22.17, 0.45, (8, 9), 121.0, 300.0, "Colab / GCP"),
+    GPU("A10G", 22.17, 0.45, (8, 6), 70.0, 600.0, "AWS g5"),
+    GPU("RTX 3060 12GB", 11.76, 0.40, (8, 6), 25.6, 360.0, "desktop: the display may take more"),
+    GPU("RTX 4090", 23.64, 0.45, (8, 9), 165.0, 1008.0, "desktop: the display may take more"),
+    GPU("A100 40GB", 39.39, 0.50, (8, 0), 312.0, 1555.0, "Colab Pro"),
+    GPU("A100 80GB", 79.15, 0.50, (8, 0), 312.0, 2039.0),
+    GPU("H100", 79.11, 0.55, (9, 0), 989.0, 3350.0, "H100 SXM 80GB"),
+    GPU("H200", 139.81, 0.55, (9, 0), 989.0, 4800.0),
+]}
+
+_ALIASES = {
+    "tesla t4": "T4", "t4": "T4", "nvidia l4": "L4", "l4": "L4", "a10g": "A10G", "nvidia a10g": "A10G",
+    "a10": "A10G", "3060": "RTX 3060 12GB", "rtx 3060": "RTX 3060 12GB", "rtx3060": "RTX 3060 12GB",
+    "4090": "RTX 4090", "rtx4090": "RTX 4090", "a100": "A100 40GB", "a100-40": "A100 40GB",
+    "a100-40gb": "A100 40GB", "a100 40": "A100 40GB", "a100-80": "A100 80GB", "a100-80gb": "A100 80GB",
+    "a100 80": "A100 80GB", "h100": "H100", "h100 80gb": "H100", "h200": "H200",
+}
+
+
+def gpu_names() -> list[str]:
+    return list(CATALOG)
+
+
+def _match_device_name(device_name: str, total_gib: float | None = None) -> GPU | None:
+    """Catalog entry for a CUDA device name such as 'Tesla T4' or 'NVIDIA A100-SXM4-80GB'."""
+    s = device_name.lower()
+    if "a100" in s:
+        if total_gib is not None:
+            return CATALOG["A100 80GB" if total_gib > 50 else "A100 40GB"]
+        return CATALOG["A100 80GB" if "80" in s else "A100 40GB"]
+    for key, gpu in (("h200", "H200"), ("h100", "H100"), ("a10g", "A10G"), ("l4", "L4"), ("t4", "T4"),
+                     ("4090", "RTX 4090"), ("3060", "RTX 3060 12GB")):
+        if re.search(rf"(^|[^a-z0-9]){key}($|[^a-z0-9])", s):
+            return CATALOG[gpu]
+    return None
+
+
+def detect_gpu(device: int = 0) -> GPU:
+    """The GPU this process sees (torch is imported here, and only here), with its measured
+    total memory and the memory held outside torch's allocator (context, other processes)."""
+    try:
+        import torch
+    except ImportError:
+        raise PlannerError("gpu='auto' needs torch to find the GPU; name one instead (e.g. gpu='T4')") from None
+    if not torch.cuda.is_available():
+        raise PlannerError("gpu='auto': no CUDA GPU is visible here; name one instead, e.g. gpu='T4'")
+    props = torch.cuda.get_device_properties(device)
+    total = props.total_memory / 2**30
+    known = _match_device_name(props.name, total)
+    context = known.context_gib if known else 0.5
+    try:
+        free, total_bytes = torch.cuda.mem_get_info(device)
+        outside = (total_bytes - free - torch.cuda.memory_reserved(device)) / 2**30
+        if outside > context:
+            context = outside  # another process, or a larger context than the catalog's
+    except Exception:  # pragma: no cover - mem_get_info is missing on some builds
+        pass
+    return GPU(
+        name=known.name if known else props.name, total_gib=round(total, 3), context_gib=round(context, 3),
+        compute_capability=(props.major, props.minor),
+        tflops_16bit=known.tflops_16bit if known else None, bandwidth_gbs=known.bandwidth_gbs if known else None,
+        note=f"detected: {props.name}",
+    )
+
+
+def resolve_gpu(gpu="T4") -> GPU:
+    """A :class:`GPU` for a GPU object, a catalog name (case-insensitive, loose), or 'auto'."""
+    if isinstance(gpu, GPU):
+        return gpu
+    if gpu is None or str(gpu).strip().lower() == "auto":
+        forced = os.environ.get("NBTUNE_GPU", "").strip()
+        if forced and forced.lower() != "auto":
+            return resolve_gpu(forced)
+        return detect_gpu()
+    text = str(gpu).strip()
+    if text in CATALOG:
+        return CATALOG[text]
+    key = text.lower().replace("nvidia ", "").replace("geforce ", "").strip()
+    for k, v in CATALOG.items():
+        if k.lower() == key:
+            return v
+    if key in _ALIASES:
+        return CATALOG[_ALIASES[key]]
+    found = _match_device_name(text)
+    if found is not None:
+        return found
+    hint = difflib.get_close_matches(text, list(CATALOG), n=2, cutoff=0.4)
+    raise PlannerError(
+        f"gpu {text!r} is not in the catalog" + (f" (did you mean {', '.join(map(repr, hint))}?)" if hint else "")
+        + f"; known: {', '.join(CATALOG)}, or 'auto' for the current GPU"
+    )

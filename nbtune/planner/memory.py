@@ -1,0 +1,346 @@
+"""nbtune's training memory, term by term: the formulas, and every coefficient in one place.
+
+What is modelled is the peak of ``torch.cuda.max_memory_reserved()`` over training steps (what
+an out-of-memory error sees, less the CUDA context) for nbtune's recipe:
+
+- base linear layers in 4-bit NF4 with double quantization (bitsandbytes' layout), or 16-bit;
+- embedding and LM head in the compute dtype (bitsandbytes never quantizes them);
+- LoRA A/B in fp32 (peft upcasts adapters of 16-bit models), their fp32 gradients, and the
+  optimizer's states (AdamW 8-bit by default);
+- activation checkpointing: ``offload`` (nbtune: each layer's input hidden state lives in pinned
+  CPU memory; ~``OFFLOAD_RESIDENT_INPUTS`` of them are on the GPU at a time), ``plain``
+  (every layer's input stays on the GPU) or ``off`` (every layer keeps all it saves);
+- SDPA attention (memory-efficient or flash backend: O(seq) memory, no seq x seq scores);
+- the loss: ``fused`` (``nbtune.kernels.cross_entropy``: a (rows x vocab) logits chunk of at
+  most 256 MiB, never the full logits) or ``unfused`` (transformers' ``ForCausalLMLoss``: full
+  logits, their fp32 copy, log-softmax and its gradient).
+
+Notation: T = batch x seq tokens per micro-batch; h hidden size; q = heads x head_dim;
+kv = kv_heads x head_dim; i the MLP's intermediate size (top-k experts' for MoE); L layers;
+V vocabulary; b bytes per element of the compute dtype (2 for fp16/bf16, 4 for fp32);
+s = b / 2 (activation coefficients are given for a 16-bit compute dtype); P_lin the decoder's
+linear parameters; P_lora the LoRA parameters.
+
+Terms (bytes); their sum is torch's reserved peak, and the CUDA context comes on top:
+
+    base weights       4-bit: P_lin * NF4_BYTES_PER_PARAM + (#linear tensors) * NF4_TENSOR_BYTES
+                       16-bit: P_lin * b;  plus norms/biases and any vision tower at b bytes
+    embedding + head   V * h * (1 if tied else 2) * b            (4 bytes with embeddings_fp32)
+    LoRA parameters    P_lora * LORA_PARAM_BYTES
+    LoRA gradients     P_lora * LORA_GRAD_BYTES
+    optimizer states   P_lora * {adamw_8bit: ADAM8_BYTES_PER_PARAM, adamw: ADAM32_BYTES_PER_PARAM, sgd: 0}
+    activations        act_scale * (common + layer_extra), where per token
+                         saved(layer)  = s*(saved_h*h + saved_q*q + saved_kv*kv + saved_i*i + saved_heads*heads)
+                                         + saved_lora * r * (#LoRA modules per layer)
+                         work(layer)   = saved + s*(transient_h*h + transient_i*i)
+                         outer         = s * outer_h * h         (embedding output, final norm, grad stream)
+                       and
+                         offload: common = T*(min(L, offload_resident_inputs)*h*b + outer) + mask
+                                  layer_extra = T*work + dequant
+                         plain:   common = T*(L*h*b + outer) + mask,  layer_extra = T*work + dequant
+                         off:     common = T*(L*saved + outer) + mask, layer_extra = T*(work - saved) + dequant
+                       mask    = B * S^2 * mask_bytes * (#masks) when the batch is padded (B > 1) or a
+                                 sliding window is shorter than S (transformers builds a (B,1,S,S) mask)
+                       dequant = dequant_copies * (largest linear) * b   (4-bit: bnb's 16-bit copy of W)
+    loss chunk         max(0, loss_scale * loss_buffers - act_scale * layer_extra): the loss runs
+                       after the last layer's forward and before the first layer's backward, so only
+                       what it needs beyond the layers' own peak adds to the peak;
+                         fused:   rows * V * b + T * h * b + 4 * T
+                                  (rows as kernels/cross_entropy.py's _chunk_rows chooses them)
+                         unfused: T * V * unfused_bytes_per_logit + T * h * b
+    allocator overhead overhead_fixed + overhead_fraction * (activations + loss)
+                       + overhead_per_tensor * (#linear tensors)   (block rounding, fragmentation)
+    CUDA context       the GPU's context_gib (not part of torch's reserved memory)
+
+STATUS OF THE COEFFICIENTS: until ``python -m nbtune.planner.calibration measure`` has run on a
+GPU and ``... calibration fit`` has written fitted values into ``calibration.json``, the values in
+``Coefficients`` are first-principles estimates: the saved-tensor coefficients come from counting
+what transformers' Llama decoder layer with peft LoRA saves for backward (saved-tensor hooks on a
+CPU run under bf16 autocast, with peft's per-projection input copies removed since its 4-bit path
+does not make them), the fixed terms from the formats' definitions, and the overheads were set so
+that the model lands within ~5 % above the peer figures in BENCHMARKS.md (Unsloth: llama3-8b
+1x2048 fp16 6.50 GiB; llama2-7b 1x2048 fp16 4.82 GiB), nbtune's stated target being at or below
+those. ``coefficients()`` returns the fitted set when calibration.json holds one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from .shapes import ModelShape, PlannerError
+
+GiB = 2**30
+MiB = 2**20
+
+# ---------------------------------------------------------------------------- exact constants
+# NF4 with double quantization (bitsandbytes): 4 bits per value, one uint8 absmax code per 64-value
+# block, one fp32 absmax per 256 codes (blocksize2), per tensor a 256-entry fp32 code table + offset.
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+NF4_TENSOR_BYTES = 256 * 4 + 16
+# peft keeps adapters of fp16/bf16 models in fp32 (autocast_adapter_dtype=True); gradients match.
+LORA_PARAM_BYTES = 4
+LORA_GRAD_BYTES = 4
+# bitsandbytes AdamW8bit: two uint8 states per parameter + an fp32 absmax per 256-value block each.
+ADAM8_BYTES_PER_PARAM = 2 + 2 * 4 / 256
+# torch AdamW: two fp32 states, plus the foreach implementation's per-step temporaries (~1 fp32 copy).
+ADAM32_BYTES_PER_PARAM = 8 + 4
+OPTIMIZER_BYTES = {"adamw_8bit": ADAM8_BYTES_PER_PARAM, "paged_adamw_8bit": ADAM8_BYTES_PER_PARAM,
+                   "adamw": ADAM32_BYTES_PER_PARAM, "sgd": 0.0}
+# Fused linear + cross-entropy chunking: the same numbers as kernels/cross_entropy.py (a test
+# checks that they agree; this module may not import torch, so they are repeated here).
+CE_MAX_CHUNK_BYTES = 256 * MiB
+CE_UNFUSED_FRACTION = 8
+CE_MIN_CHUNK_ROWS = 128
+# What nbtune's trainer runs for the loss: the per-family model patches route the LM head through
+# kernels.cross_entropy. Calibration records the path that actually ran in each measurement.
+NBTUNE_LOSS_PATH = "fused"
+# A plan "fits" when the predicted peak leaves at least this much of the GPU free: the larger of
+# FIT_MARGIN_GIB and FIT_MARGIN_FRACTION of the reserved peak (the model's error band).
+FIT_MARGIN_GIB = 0.3
+FIT_MARGIN_FRACTION = 0.03
+
+CHECKPOINTING = ("offload", "plain", "off")
+LOSS_PATHS = ("fused", "unfused")
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+# The breakdown's terms, in display order; the last is outside torch's reserved memory.
+TERMS = ("base weights", "embedding + LM head", "LoRA parameters", "LoRA gradients", "optimizer states",
+         "activations", "loss chunk", "allocator overhead", "CUDA context")
+
+
+@dataclasses.dataclass(frozen=True)
+class Coefficients:
+    """Every number of the memory model that is not fixed by a format. Bytes per token per
+    decoder layer at a 16-bit compute dtype unless said otherwise. See the module docstring for
+    where the defaults come from and the formulas they enter."""
+
+    # -- what one decoder layer saves for backward (recompute working set), bytes/token per unit --
+    saved_h: float = 12.0  # two RMSNorm fp32 inputs (4+4) + normed inputs of attention and MLP (2+2)
+    saved_q: float = 6.0  # roped q, attention output, o_proj input (its contiguous copy)
+    saved_kv: float = 4.0  # roped k and v
+    saved_i: float = 8.0  # gate out, up out, act(gate), act(gate)*up
+    saved_heads: float = 4.0  # fp32 logsumexp of the attention kernel
+    saved_lora: float = 2.0  # x @ A^T per LoRA module (tokens x r, 16-bit)
+    # -- backward temporaries of one layer on top of what it saved --
+    transient_h: float = 6.0  # dY, dX and the residual's gradient
+    transient_i: float = 6.0  # d(act*up), d(gate), d(up)
+    # -- outside the layers, bytes/token per hidden unit: embedding output, final norm (fp32 in +
+    #    16-bit out), the hidden-state gradient stream and the last layer's output --
+    outer_h: float = 12.0
+    # -- offloaded checkpointing: layer inputs resident on the GPU at the backward's peak
+    #    (kernels/offload.py's DEVICE_WINDOW = 2, plus the prefetched and the current one) --
+    offload_resident_inputs: float = 3.0
+    # -- attention mask built for padded batches / sliding windows: bytes per (query, key) --
+    mask_bytes: float = 1.0
+    # -- 4-bit: bitsandbytes dequantizes W to a 16-bit temporary for each matmul (forward and
+    #    input-gradient); copies of the largest linear layer alive at once --
+    dequant_copies: float = 2.0
+    # -- transformers' unfused loss: 16-bit logits, fp32 copy, fp32 log-softmax, fp32 gradients
+    #    (bytes per logit at the loss's peak; the trainer drops the output logits before backward) --
+    unfused_bytes_per_logit: float = 12.0
+    # -- fitted scales (1.0 = the formulas as written) --
+    act_scale: float = 1.0
+    loss_scale: float = 1.0
+    # -- caching allocator: cuBLAS workspaces, small-block segments, rounding, fragmentation --
+    overhead_fixed_gib: float = 0.20
+    overhead_fraction: float = 0.05
+    overhead_per_tensor_mib: float = 0.25
+    # -- speed roofline: fraction of the 16-bit tensor-core peak that the matmuls reach --
+    mfu: float = 0.45
+
+    source: str = "first-principles estimate (not yet calibrated)"
+
+    def replace(self, **changes) -> "Coefficients":
+        return dataclasses.replace(self, **changes)
+
+
+DEFAULT_COEFFICIENTS = Coefficients()
+# The coefficients calibration fits (the others stay as derived).
+FITTED_FIELDS = ("act_scale", "loss_scale", "overhead_fixed_gib", "overhead_fraction")
+
+CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
+
+
+@lru_cache(maxsize=None)
+def _fitted(path: str) -> Coefficients | None:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    fit = data.get("fit") or {}
+    values = fit.get("coefficients") or {}
+    if not values:
+        return None
+    known = {f.name for f in dataclasses.fields(Coefficients)}
+    clean = {k: float(v) for k, v in values.items() if k in known and k != "source"}
+    return DEFAULT_COEFFICIENTS.replace(
+        **clean, source=f"fitted to {fit.get('n_records', '?')} measurements ({data.get('date', 'undated')}, "
+                        f"{data.get('gpu', 'GPU')})")
+
+
+def coefficients(path: str | Path | None = None) -> Coefficients:
+    """The fitted coefficients from calibration.json when it holds a fit, else the defaults."""
+    return _fitted(str(path or CALIBRATION_FILE)) or DEFAULT_COEFFICIENTS
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """One training set-up, as the memory model sees it (already resolved: no 'auto')."""
+
+    seq_len: int = 2048
+    batch_size: int = 2
+    lora_rank: int = 16
+    lora_targets: object = "all-linear"
+    dtype: str = "float16"
+    load_in_4bit: bool = True
+    gradient_checkpointing: str = "offload"
+    optimizer: str = "adamw_8bit"
+    loss: str = "fused"
+    embeddings_fp32: bool = False
+
+    def __post_init__(self):
+        if self.seq_len <= 0 or self.batch_size <= 0 or self.lora_rank <= 0:
+            raise PlannerError(f"seq_len, batch_size and lora_rank must be positive (got {self.seq_len}, "
+                               f"{self.batch_size}, {self.lora_rank})")
+        if self.dtype not in DTYPE_BYTES:
+            raise PlannerError(f"dtype {self.dtype!r}: one of {', '.join(DTYPE_BYTES)}")
+        if self.gradient_checkpointing not in CHECKPOINTING:
+            raise PlannerError(f"gradient_checkpointing {self.gradient_checkpointing!r}: one of {', '.join(CHECKPOINTING)}")
+        if self.optimizer not in OPTIMIZER_BYTES:
+            raise PlannerError(f"optimizer {self.optimizer!r}: one of {', '.join(OPTIMIZER_BYTES)}")
+        if self.loss not in LOSS_PATHS:
+            raise PlannerError(f"loss {self.loss!r}: one of {', '.join(LOSS_PATHS)}")
+
+    @property
+    def tokens(self) -> int:
+        return self.seq_len * self.batch_size
+
+
+def chunk_rows(n_tokens: int, n_vocab: int, elem_bytes: int) -> int:
+    """Tokens per chunk of the fused loss: kernels/cross_entropy.py's ``_chunk_rows``, in pure Python."""
+    budget = min(CE_MAX_CHUNK_BYTES, n_tokens * n_vocab * 4 // CE_UNFUSED_FRACTION)
+    rows = budget // max(1, n_vocab * elem_bytes)
+    if rows >= 64:
+        rows = rows // 64 * 64
+    rows = max(rows, CE_MIN_CHUNK_ROWS)
+    return max(1, min(rows, n_tokens))
+
+
+@dataclasses.dataclass
+class Estimate:
+    """Bytes per term (TERMS order, the CUDA context last) and the intermediate sizes behind them."""
+
+    terms: dict
+    details: dict
+
+    @property
+    def reserved_bytes(self) -> float:
+        return sum(v for k, v in self.terms.items() if k != "CUDA context")
+
+
+def _mlp_width(shape: ModelShape) -> float:
+    """Intermediate units that one token's activations span (top-k experts for MoE; non-gated
+    MLPs hold about half of a gated one's tensors)."""
+    experts = (shape.experts_per_token or 1) if shape.num_experts else 1
+    width = shape.intermediate_size * experts
+    return width if shape.gated_mlp else width / 2
+
+
+def estimate(shape: ModelShape, st: Settings, context_gib: float = 0.0, c: Coefficients | None = None) -> Estimate:
+    """Peak training memory of ``shape`` under ``st``, term by term (see the module docstring)."""
+    c = c or coefficients()
+    b = DTYPE_BYTES[st.dtype]
+    s = b / 2
+    T = st.tokens
+    h, L, V = shape.hidden_size, shape.num_layers, shape.vocab_size
+    i = _mlp_width(shape)
+    targets = shape.lora_targets(st.lora_targets)
+    lora_modules = sum(n for *_, n in targets)
+    p_lora = shape.lora_params(st.lora_rank, st.lora_targets)
+
+    # -- weights --
+    if st.load_in_4bit:
+        weights = shape.linear_params * NF4_BYTES_PER_PARAM + shape.linear_tensors * NF4_TENSOR_BYTES
+    else:
+        weights = shape.linear_params * b
+    weights += (shape.other_params + shape.vision_params) * b
+    embeddings = shape.embedding_params * (4 if st.embeddings_fp32 else b)
+
+    # -- LoRA and optimizer --
+    lora_params = p_lora * LORA_PARAM_BYTES
+    lora_grads = p_lora * LORA_GRAD_BYTES
+    optimizer = p_lora * OPTIMIZER_BYTES[st.optimizer]
+
+    # -- activations --
+    saved = s * (c.saved_h * h + c.saved_q * shape.q_dim + c.saved_kv * shape.kv_dim + c.saved_i * i
+                 + c.saved_heads * shape.num_heads) + c.saved_lora * s * st.lora_rank * lora_modules
+    work = saved + s * (c.transient_h * h + c.transient_i * i)
+    outer = s * c.outer_h * h
+    n_masks = 0
+    if st.batch_size > 1:
+        n_masks = 1
+    if shape.sliding_window and st.seq_len > shape.sliding_window:
+        n_masks = 2  # transformers builds one for the global and one for the local layers
+    mask = st.batch_size * st.seq_len**2 * c.mask_bytes * n_masks
+    dequant = c.dequant_copies * shape.largest_linear * b if st.load_in_4bit else 0.0
+    if st.gradient_checkpointing == "offload":
+        common = T * (min(L, c.offload_resident_inputs) * h * b + outer) + mask
+        layer_extra = T * work + dequant
+    elif st.gradient_checkpointing == "plain":
+        common = T * (L * h * b + outer) + mask
+        layer_extra = T * work + dequant
+    else:
+        common = T * (L * saved + outer) + mask
+        layer_extra = T * (work - saved) + dequant
+    activations = c.act_scale * (common + layer_extra)
+
+    # -- loss --
+    if st.loss == "fused":
+        rows = chunk_rows(T, V, b)
+        loss_buffers = rows * V * b + T * h * b + 4 * T
+    else:
+        rows = T
+        loss_buffers = T * V * c.unfused_bytes_per_logit + T * h * b
+    loss = max(0.0, c.loss_scale * loss_buffers - c.act_scale * layer_extra)
+
+    # -- allocator overhead --
+    overhead = (c.overhead_fixed_gib * GiB + c.overhead_fraction * (activations + loss)
+                + c.overhead_per_tensor_mib * MiB * shape.linear_tensors)
+
+    terms = dict(zip(TERMS, (weights, embeddings, lora_params, lora_grads, optimizer, activations, loss, overhead,
+                             context_gib * GiB)))
+    details = dict(
+        lora_params=p_lora, lora_modules_per_layer=lora_modules, tokens=T, bytes_per_element=b,
+        saved_per_token_layer=saved, work_per_token_layer=work, checkpoint_inputs_on_gpu=(
+            min(L, c.offload_resident_inputs) if st.gradient_checkpointing == "offload"
+            else L if st.gradient_checkpointing == "plain" else 0),
+        mask_bytes=mask, dequant_scratch_bytes=dequant, layer_peak_bytes=c.act_scale * layer_extra,
+        loss_buffer_bytes=c.loss_scale * loss_buffers, loss_chunk_rows=rows,
+    )
+    return Estimate(terms=terms, details=details)
+
+
+def tokens_per_second(shape: ModelShape, st: Settings, tflops: float | None, bandwidth_gbs: float | None,
+                      c: Coefficients | None = None) -> float | None:
+    """A rough roofline: matmul FLOPs at ``mfu`` of the 16-bit peak, plus the 4-bit weights'
+    dequantization traffic, per step. FLOPs per token: 2 * P_lin per pass over the weights
+    (forward, recompute unless checkpointing is off, input gradient; frozen weights get no
+    weight gradient), LoRA's 6 * P_lora, the head's forward and input gradient 4 * V * h, and
+    causal attention 2 * S * q per layer and pass (backward counted as 2.5 passes)."""
+    if not tflops:
+        return None
+    c = c or coefficients()
+    T = st.tokens
+    passes = 2 if st.gradient_checkpointing == "off" else 3
+    attn_passes = passes - 1 + 2.5
+    flops_tok = (2 * shape.linear_params * passes + 6 * shape.lora_params(st.lora_rank, st.lora_targets)
+                 + 4 * shape.vocab_size * shape.hidden_size
+                 + shape.num_layers * 2 * st.seq_len * shape.q_dim * attn_passes)
+    seconds = flops_tok * T / (tflops * 1e12 * c.mfu)
+    if bandwidth_gbs:
+        b = DTYPE_BYTES[st.dtype]
+        per_param = (NF4_BYTES_PER_PARAM + 2 * b) if st.load_in_4bit else b
+        seconds += passes * shape.linear_params * per_param / (bandwidth_gbs * 1e9)
+    return T / seconds

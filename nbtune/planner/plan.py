@@ -1,0 +1,525 @@
+"""``plan(...)``: will this fine-tune fit this GPU, how much memory goes where, and what to change.
+
+    >>> p = plan("llama-3.1-8b", gpu="T4", seq_len=2048, batch_size=1)
+    >>> p.fits, round(p.peak_gib, 1)
+    >>> p.breakdown            # term -> GiB, in display order
+    >>> p.suggest()            # largest batch / seq_len that fit, or the smallest change that fits
+    >>> p.to_yaml(magic=True)  # the matching %%finetune cell
+
+The memory model is :mod:`nbtune.planner.memory`; the GPU and model catalogs are
+:mod:`~nbtune.planner.gpus` and :mod:`~nbtune.planner.shapes`. Pure Python: torch is imported
+only to detect the GPU for ``gpu="auto"``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import html
+import warnings
+from typing import Any
+
+from . import memory
+from .gpus import CATALOG as GPU_CATALOG
+from .gpus import GPU, resolve_gpu
+from .memory import GiB, Coefficients, Settings
+from .shapes import ModelShape, PlannerError, find_in_catalog, resolve_shape
+
+DTYPE_ALIASES = {"fp16": "float16", "float16": "float16", "half": "float16", "torch.float16": "float16",
+                 "bf16": "bfloat16", "bfloat16": "bfloat16", "torch.bfloat16": "bfloat16",
+                 "fp32": "float32", "float32": "float32", "float": "float32", "torch.float32": "float32"}
+OPTIMIZER_ALIASES = {"adamw_8bit": "adamw_8bit", "adamw8bit": "adamw_8bit", "adam8bit": "adamw_8bit",
+                     "8bit": "adamw_8bit", "adamw_bnb_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit",
+                     "adamw": "adamw", "adamw_torch": "adamw", "fp32": "adamw", "adamw_fp32": "adamw",
+                     "sgd": "sgd"}
+CHECKPOINTING_ALIASES = {"offload": "offload", "offloaded": "offload", "nbtune": "offload", "plain": "plain",
+                         True: "plain", "true": "plain", "on": "plain", "off": "off", False: "off", "false": "off",
+                         "none": "off", None: "off"}
+LABELS = {"offload": "offloaded checkpointing", "plain": "plain checkpointing", "off": "no checkpointing",
+          "adamw_8bit": "AdamW 8-bit", "paged_adamw_8bit": "paged AdamW 8-bit", "adamw": "AdamW fp32", "sgd": "SGD",
+          "fused": "fused loss", "unfused": "unfused loss", "float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+COLORS = {"base weights": "#4C72B0", "embedding + LM head": "#55A868", "LoRA parameters": "#C44E52",
+          "LoRA gradients": "#DD8452", "optimizer states": "#8172B3", "activations": "#937860",
+          "loss chunk": "#DA8BC3", "allocator overhead": "#8C8C8C", "CUDA context": "#CCB974"}
+
+
+def _norm_choice(value, aliases: dict, what: str):
+    key = value.lower().strip() if isinstance(value, str) else value
+    if key in aliases:
+        return aliases[key]
+    raise PlannerError(f"{what} {value!r}: one of {', '.join(sorted({str(v) for v in aliases.values()}))}")
+
+
+class Plan:
+    """The planner's answer for one model, GPU and training set-up. GiB throughout.
+
+    ``reserved_gib``: torch's reserved peak (what ``torch.cuda.max_memory_reserved()`` shows);
+    ``peak_gib``: that plus the CUDA context (what the GPU holds); ``capacity_gib``: the GPU's
+    total; ``margin_gib``: capacity - peak; ``fits``: the margin is at least ``required_margin_gib``.
+    """
+
+    def __init__(self, shape: ModelShape, gpu: GPU, settings: Settings, *, model_ref: str | None = None,
+                 dtype_requested: str = "auto", grad_accum: int | None = None, lora_alpha: float | None = None,
+                 margin_gib: float | None = None, coefficients: Coefficients | None = None,
+                 base_config: dict | None = None, notes: list[str] | None = None):
+        self.model = shape
+        self.gpu = gpu
+        self.settings = settings
+        self.model_ref = model_ref or shape.hub_id or shape.name
+        self.dtype_requested = dtype_requested
+        self.grad_accum = grad_accum
+        self.lora_alpha = lora_alpha
+        self.coefficients = coefficients or memory.coefficients()
+        self.base_config = copy.deepcopy(base_config) if base_config else None
+        self.notes = list(notes or [])
+        self._margin_arg = margin_gib
+        self.estimate = memory.estimate(shape, settings, gpu.context_gib, self.coefficients)
+        if settings.seq_len > shape.max_positions:
+            self.notes.append(f"seq_len {settings.seq_len} is above {shape.name}'s limit of "
+                              f"{shape.max_positions} positions")
+
+    # ------------------------------------------------------------------ numbers
+    @property
+    def breakdown(self) -> dict[str, float]:
+        """Term -> GiB, in display order; the terms add up to ``peak_gib``."""
+        return {k: v / GiB for k, v in self.estimate.terms.items()}
+
+    @property
+    def reserved_gib(self) -> float:
+        return self.estimate.reserved_bytes / GiB
+
+    @property
+    def peak_gib(self) -> float:
+        return self.reserved_gib + self.gpu.context_gib
+
+    @property
+    def capacity_gib(self) -> float:
+        return self.gpu.total_gib
+
+    @property
+    def usable_gib(self) -> float:
+        return self.gpu.usable_gib
+
+    @property
+    def margin_gib(self) -> float:
+        """GiB left free at the peak (negative: short by that much)."""
+        return self.capacity_gib - self.peak_gib
+
+    @property
+    def required_margin_gib(self) -> float:
+        if self._margin_arg is not None:
+            return float(self._margin_arg)
+        return max(memory.FIT_MARGIN_GIB, memory.FIT_MARGIN_FRACTION * self.reserved_gib)
+
+    @property
+    def fits(self) -> bool:
+        return self.margin_gib >= self.required_margin_gib and self.settings.seq_len <= self.model.max_positions
+
+    @property
+    def lora_params(self) -> int:
+        return int(self.estimate.details["lora_params"])
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Rough roofline estimate (see memory.tokens_per_second); None when the GPU's rates are unknown."""
+        return memory.tokens_per_second(self.model, self.settings, self.gpu.tflops_16bit, self.gpu.bandwidth_gbs,
+                                        self.coefficients)
+
+    # ------------------------------------------------------------------ variations
+    def replace(self, **changes) -> "Plan":
+        """The same plan with some settings changed: seq_len, batch_size, lora_rank, lora_targets,
+        dtype, load_in_4bit, gradient_checkpointing, optimizer, loss, embeddings_fp32, gpu, grad_accum."""
+        gpu = resolve_gpu(changes.pop("gpu")) if "gpu" in changes else self.gpu
+        grad_accum = changes.pop("grad_accum", self.grad_accum)
+        st = dataclasses.replace(self.settings, **changes)
+        return Plan(self.model, gpu, st, model_ref=self.model_ref, dtype_requested=(
+            st.dtype if "dtype" in changes else self.dtype_requested), grad_accum=grad_accum,
+            lora_alpha=self.lora_alpha, margin_gib=self._margin_arg, coefficients=self.coefficients,
+            base_config=self.base_config, notes=[n for n in self.notes if "limit of" not in n])
+
+    def max_batch_size(self, limit: int = 1024) -> int:
+        """The largest batch size that fits at this seq_len (0 if none does)."""
+        return _largest(lambda b: self.replace(batch_size=b).fits, 1, limit)
+
+    def max_seq_len(self, step: int = 256, limit: int | None = None) -> int:
+        """The longest seq_len (a multiple of ``step``, up to the model's limit) that fits at this batch size."""
+        limit = min(limit or self.model.max_positions, self.model.max_positions)
+        top = _largest(lambda k: self.replace(seq_len=k * step).fits, 1, max(1, limit // step))
+        return top * step
+
+    def suggest(self) -> "Suggestion":
+        """If the plan fits: the largest batch size and seq_len that fit (one varied at a time).
+        If not: the smallest change that makes it fit, tried in this order (the first that alone
+        fits wins): offloaded checkpointing, 8-bit AdamW, 16-bit embeddings, a smaller batch
+        (grad_accum raised to keep the tokens per optimizer step), 4-bit base weights, a smaller
+        LoRA rank, a shorter seq_len; then all of them together; then a larger GPU."""
+        return _suggest(self)
+
+    # ------------------------------------------------------------------ config
+    def to_config(self) -> dict:
+        """The matching nbtune config (sections model / lora / train, plus whatever else the
+        config this plan came from held): what ``nbtune.build_config`` and ``%%finetune`` take."""
+        st = self.settings
+        cfg: dict[str, Any] = copy.deepcopy(self.base_config) if self.base_config else {}
+        model = dict(cfg.get("model") or {})
+        model.update(name=self.model_ref, max_seq_length=st.seq_len, load_in_4bit=st.load_in_4bit,
+                     dtype=self.dtype_requested if self.dtype_requested == "auto" else st.dtype)
+        lora = dict(cfg.get("lora") or {})
+        lora.update(r=st.lora_rank, alpha=self.lora_alpha if self.lora_alpha is not None else lora.get("alpha", st.lora_rank),
+                    targets=st.lora_targets if isinstance(st.lora_targets, str) else list(st.lora_targets))
+        train = dict(cfg.get("train") or {})
+        train.update(batch_size=st.batch_size, gradient_checkpointing=st.gradient_checkpointing,
+                     optimizer=st.optimizer)
+        if self.grad_accum is not None:
+            train["grad_accum"] = self.grad_accum
+        cfg.update(model=model, lora=lora, train=train)
+        order = ["model", "data", "lora", "train", "output"]
+        return {k: cfg[k] for k in order if k in cfg} | {k: v for k, v in cfg.items() if k not in order}
+
+    def to_yaml(self, magic: bool = False) -> str:
+        """The config as YAML text; ``magic=True`` puts ``%%finetune`` on the first line (a notebook cell)."""
+        import yaml
+
+        text = yaml.safe_dump(self.to_config(), sort_keys=False, default_flow_style=None)
+        return ("%%finetune\n" + text) if magic else text
+
+    # ------------------------------------------------------------------ display
+    def settings_line(self) -> str:
+        st = self.settings
+        weights = "4-bit NF4" if st.load_in_4bit else "16-bit weights" if st.dtype != "float32" else "fp32 weights"
+        targets = st.lora_targets if isinstance(st.lora_targets, str) else ",".join(st.lora_targets)
+        return (f"{st.batch_size} x {st.seq_len} tokens, {LABELS[st.dtype]}, {weights}, LoRA r={st.lora_rank} "
+                f"{targets} ({self.lora_params / 1e6:.1f}M params), {LABELS[st.gradient_checkpointing]}, "
+                f"{LABELS[st.optimizer]}, {LABELS[st.loss]}")
+
+    def term_label(self, term: str) -> str:
+        st = self.settings
+        if term == "base weights":
+            return "base weights (NF4 + quant constants)" if st.load_in_4bit else f"base weights ({LABELS[st.dtype]})"
+        if term == "embedding + LM head":
+            tied = " (tied)" if self.model.tie_embeddings else ""
+            return f"embedding + LM head{tied} ({'fp32' if st.embeddings_fp32 else LABELS[st.dtype]})"
+        if term == "optimizer states":
+            return f"optimizer states ({LABELS[st.optimizer]})"
+        if term == "loss chunk":
+            return "loss chunk (beyond activations)" if st.loss == "fused" else "loss logits (beyond activations)"
+        return term
+
+    def verdict(self) -> str:
+        if self.fits:
+            return f"FITS ({self.margin_gib:.2f} GiB to spare)"
+        if self.margin_gib >= 0 and self.settings.seq_len <= self.model.max_positions:
+            return (f"TOO TIGHT (only {self.margin_gib:.2f} GiB to spare; "
+                    f"the planner wants {self.required_margin_gib:.2f})")
+        if self.settings.seq_len > self.model.max_positions:
+            return "DOES NOT FIT (seq_len above the model's limit)"
+        return f"DOES NOT FIT (short by {-self.margin_gib:.2f} GiB)"
+
+    def __repr__(self) -> str:
+        width = 40
+        lines = [f"nbtune plan: {self.model.name} on {self.gpu.describe()}", f"  {self.settings_line()}"]
+        for term, gib in self.breakdown.items():
+            if term == "CUDA context":
+                lines.append("  " + "-" * (width + 10))
+                lines.append(f"  {'torch reserved (peak)':<{width}}{self.reserved_gib:7.2f} GiB")
+            lines.append(f"  {self.term_label(term):<{width}}{gib:7.2f} GiB")
+        lines.append(f"  {'peak on the GPU':<{width}}{self.peak_gib:7.2f} GiB of {self.capacity_gib:.2f} GiB"
+                     f"  -> {self.verdict()}")
+        tps = self.tokens_per_s
+        if tps:
+            lines.append(f"  speed (rough roofline): ~{_round_sig(tps)} tokens/s")
+        lines.append(f"  coefficients: {self.coefficients.source}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    __str__ = __repr__
+
+    def _repr_html_(self) -> str:
+        ok = self.fits
+        color = "#1a7f37" if ok else "#cf222e"
+        rows = "".join(
+            f"<tr><td style='text-align:left;padding:1px 8px'>"
+            f"<span style='display:inline-block;width:10px;height:10px;background:{COLORS[t]};margin-right:6px'></span>"
+            f"{html.escape(self.term_label(t))}</td><td style='text-align:right;padding:1px 8px'>{g:.2f} GiB</td></tr>"
+            for t, g in self.breakdown.items())
+        tps = self.tokens_per_s
+        notes = "".join(f"<div style='color:#9a6700'>note: {html.escape(n)}</div>" for n in self.notes)
+        return (
+            f"<div style='font-family:system-ui,sans-serif;font-size:13px'>"
+            f"<div><b>{html.escape(self.model.name)}</b> on <b>{html.escape(self.gpu.name)}</b> "
+            f"<span style='background:{color};color:white;border-radius:4px;padding:1px 6px;margin-left:6px'>"
+            f"{html.escape(self.verdict())}</span></div>"
+            f"<div style='color:#57606a'>{html.escape(self.settings_line())}</div>"
+            f"<table style='border-collapse:collapse;margin-top:4px'>{rows}"
+            f"<tr style='border-top:1px solid #999'><td style='text-align:left;padding:1px 8px'><b>peak on the GPU</b></td>"
+            f"<td style='text-align:right;padding:1px 8px'><b>{self.peak_gib:.2f} GiB</b> of {self.capacity_gib:.2f}</td></tr>"
+            f"</table>"
+            + (f"<div style='color:#57606a'>speed (rough roofline): ~{_round_sig(tps)} tokens/s</div>" if tps else "")
+            + f"<div style='color:#57606a'>coefficients: {html.escape(self.coefficients.source)}</div>{notes}</div>"
+        )
+
+    def to_dict(self) -> dict:
+        """Everything the plan says, JSON-ready."""
+        return dict(
+            model=self.model.name, model_ref=self.model_ref, gpu=self.gpu.name,
+            settings=dataclasses.asdict(self.settings), breakdown_gib=self.breakdown, reserved_gib=self.reserved_gib,
+            peak_gib=self.peak_gib, capacity_gib=self.capacity_gib, margin_gib=self.margin_gib, fits=self.fits,
+            required_margin_gib=self.required_margin_gib, tokens_per_s=self.tokens_per_s,
+            lora_params=self.lora_params, coefficients=self.coefficients.source, notes=self.notes,
+        )
+
+
+@dataclasses.dataclass
+class Suggestion:
+    """What ``Plan.suggest()`` proposes. ``changes`` is empty when the plan already fits."""
+
+    changes: dict
+    plan: Plan | None  # the plan with the changes applied (None: nothing in reach fits)
+    max_batch_size: int  # at the (suggested) seq_len
+    max_seq_len: int  # at the (suggested) batch size
+    message: str
+
+    @property
+    def fits(self) -> bool:
+        return self.plan is not None and self.plan.fits
+
+    def to_config(self) -> dict:
+        if self.plan is None:
+            raise PlannerError(self.message)
+        return self.plan.to_config()
+
+    def to_yaml(self, magic: bool = False) -> str:
+        if self.plan is None:
+            raise PlannerError(self.message)
+        return self.plan.to_yaml(magic=magic)
+
+    def __repr__(self) -> str:
+        return self.message
+
+
+def _largest(ok, lo: int, hi: int) -> int:
+    """Largest n in [lo, hi] with ok(n) for a monotone (true..., false...) ok; lo - 1 if none."""
+    if hi < lo or not ok(lo):
+        return lo - 1
+    good, n = lo, lo
+    while n < hi:  # gallop up
+        n = min(hi, n * 2)
+        if ok(n):
+            good = n
+        else:
+            break
+    else:
+        return good
+    bad = n
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if ok(mid):
+            good = mid
+        else:
+            bad = mid
+    return good
+
+
+def _round_sig(x: float) -> str:
+    if x >= 1000:
+        return f"{round(x, -2):,.0f}"
+    if x >= 100:
+        return f"{round(x, -1):.0f}"
+    return f"{x:.0f}"
+
+
+def _describe_changes(plan: Plan, changes: dict) -> str:
+    parts = []
+    for k, v in changes.items():
+        if k == "grad_accum":
+            continue
+        old = plan.grad_accum if k == "grad_accum" else getattr(plan.settings, k, None) if k != "gpu" else plan.gpu.name
+        label = {"gradient_checkpointing": "gradient checkpointing", "load_in_4bit": "4-bit",
+                 "lora_rank": "LoRA rank", "seq_len": "seq_len", "batch_size": "batch size",
+                 "embeddings_fp32": "fp32 embeddings", "optimizer": "optimizer", "gpu": "GPU"}.get(k, k)
+        parts.append(f"{label} {old} -> {v}")
+    if "grad_accum" in changes:
+        parts.append(f"grad_accum -> {changes['grad_accum']} (same tokens per optimizer step)")
+    return ", ".join(parts)
+
+
+def _with_batch(plan: Plan, batch: int) -> dict:
+    changes: dict[str, Any] = {"batch_size": batch}
+    accum = plan.grad_accum or 1
+    total = plan.settings.batch_size * accum
+    if batch < plan.settings.batch_size:
+        changes["grad_accum"] = max(1, -(-total // batch))
+    return changes
+
+
+def _suggest(plan: Plan) -> Suggestion:
+    st = plan.settings
+    if plan.fits:
+        mb, ms = plan.max_batch_size(), plan.max_seq_len()
+        return Suggestion({}, plan, mb, ms, (
+            f"fits with {plan.margin_gib:.2f} GiB to spare on {plan.gpu.name}. Largest batch size at seq_len "
+            f"{st.seq_len}: {mb}; longest seq_len at batch size {st.batch_size}: {ms}"))
+
+    def attempt(changes: dict) -> Plan:
+        return plan.replace(**changes)
+
+    single: list[dict] = []
+    if st.gradient_checkpointing != "offload":
+        single.append({"gradient_checkpointing": "offload"})
+    if st.optimizer in ("adamw",):
+        single.append({"optimizer": "adamw_8bit"})
+    if st.embeddings_fp32:
+        single.append({"embeddings_fp32": False})
+    if st.batch_size > 1:
+        b = _largest(lambda n: plan.replace(batch_size=n).fits, 1, st.batch_size - 1)
+        if b >= 1:
+            single.append(_with_batch(plan, b))
+    if not st.load_in_4bit:
+        single.append({"load_in_4bit": True})
+    for r in (64, 32, 16, 8, 4):
+        if r < st.lora_rank and plan.replace(lora_rank=r).fits:
+            single.append({"lora_rank": r})
+            break
+    if st.seq_len > 256:
+        top = _largest(lambda k: plan.replace(seq_len=k * 256).fits, 1, (min(st.seq_len, plan.model.max_positions) - 1) // 256)
+        if top >= 1:
+            single.append({"seq_len": top * 256})
+    elif st.seq_len > plan.model.max_positions:
+        single.append({"seq_len": plan.model.max_positions})
+    for changes in single:
+        p = attempt(changes)
+        if p.fits:
+            return _found(plan, changes, p)
+
+    # Several changes together: everything that costs nothing in results first, then the rest.
+    combo: dict[str, Any] = {}
+    for changes in ({"gradient_checkpointing": "offload"}, {"optimizer": "adamw_8bit"} if st.optimizer == "adamw" else {},
+                    {"embeddings_fp32": False} if st.embeddings_fp32 else {}, {"load_in_4bit": True},
+                    _with_batch(plan, 1) if st.batch_size > 1 else {}):
+        combo.update(changes)
+        p = attempt(combo)
+        if p.fits:
+            return _found(plan, {k: v for k, v in combo.items() if getattr(st, k, None) != v}, p)
+    base = attempt(combo)
+    top = _largest(lambda k: base.replace(seq_len=k * 256).fits, 1, max(1, min(st.seq_len, plan.model.max_positions) // 256))
+    if top >= 1:
+        combo["seq_len"] = top * 256
+        return _found(plan, {k: v for k, v in combo.items() if getattr(st, k, None) != v}, attempt(combo))
+
+    # Nothing on this GPU: the smallest catalogued GPU on which the original set-up fits.
+    for gpu in sorted(GPU_CATALOG.values(), key=lambda g: g.total_gib):
+        if gpu.total_gib > plan.gpu.total_gib:
+            p = plan.replace(gpu=gpu)
+            if p.fits:
+                return _found(plan, {"gpu": gpu.name}, p)
+    return Suggestion({}, None, 0, 0, f"nothing within reach fits on {plan.gpu.name}: even 4-bit, offloaded, batch 1, "
+                                      f"seq_len 256 needs {base.replace(seq_len=256).peak_gib:.2f} GiB")
+
+
+def _found(plan: Plan, changes: dict, p: Plan) -> Suggestion:
+    mb, ms = p.max_batch_size(), p.max_seq_len()
+    return Suggestion(changes, p, mb, ms, (
+        f"does not fit ({plan.peak_gib:.2f} GiB of {plan.capacity_gib:.2f}). Smallest change that fits: "
+        f"{_describe_changes(plan, changes)} -> {p.peak_gib:.2f} GiB, {p.margin_gib:.2f} GiB to spare"))
+
+
+# ---------------------------------------------------------------------------- entry points
+def plan(model, gpu="T4", seq_len: int = 2048, batch_size: int = 2, lora_rank: int = 16,
+         lora_targets="all-linear", dtype: str = "auto", load_in_4bit: bool | None = True,
+         gradient_checkpointing="offload", optimizer: str = "adamw_8bit", loss: str = "auto",
+         embeddings_fp32: bool = False, margin_gib: float | None = None, grad_accum: int | None = None,
+         lora_alpha: float | None = None, coefficients: Coefficients | None = None,
+         base_config: dict | None = None) -> Plan:
+    """Plan a LoRA/QLoRA fine-tune's GPU memory.
+
+    model: a catalog name ("llama-3.1-8b"; see ``nbtune.planner.catalog_names()``), a hub id
+        (catalogued ids need no network), a local checkpoint directory or config.json, a config
+        dict, or a ``ModelShape``.
+    gpu: a catalog name ("T4", "L4", "A100 40GB", ...; ``gpu_names()``), a ``GPU``, or "auto"
+        (the current one; ``NBTUNE_GPU`` overrides).
+    dtype: "auto" (bf16 where the GPU has it, else fp16), "float16", "bfloat16", "float32".
+    load_in_4bit: NF4 base weights (None = yes, as on a GPU); pre-quantized checkpoints are 4-bit.
+    gradient_checkpointing: "offload" (nbtune), "plain", "off". optimizer: "adamw_8bit", "adamw",
+    "paged_adamw_8bit", "sgd". loss: "auto" (what nbtune runs), "fused", "unfused".
+    embeddings_fp32: embedding and head upcast to fp32 (what peft's prepare_model_for_kbit_training does).
+    margin_gib: headroom a plan needs to count as fitting (default: max(0.3 GiB, 3 % of the peak)).
+    """
+    shape = resolve_shape(model)
+    g = resolve_gpu(gpu)
+    notes = []
+    requested = "auto" if dtype in (None, "auto") else _norm_choice(str(dtype), DTYPE_ALIASES, "dtype")
+    resolved = ("bfloat16" if g.bf16 else "float16") if requested == "auto" else requested
+    if resolved == "bfloat16" and not g.bf16:
+        notes.append(f"{g.name} has no bf16: nbtune trains in fp16 there")
+        resolved = "float16"
+    four_bit = True if load_in_4bit is None else bool(load_in_4bit)
+    if shape.prequantized and not four_bit:
+        notes.append("the checkpoint is pre-quantized to 4-bit: it loads in 4-bit")
+        four_bit = True
+    loss_path = memory.NBTUNE_LOSS_PATH if loss in (None, "auto") else loss
+    model_ref = str(model) if isinstance(model, str) else None
+    if model_ref is not None and find_in_catalog(model_ref) is shape and "/" not in model_ref:
+        model_ref = shape.hub_id or shape.name  # a catalog name: the config names where the weights are
+    st = Settings(
+        seq_len=int(seq_len), batch_size=int(batch_size), lora_rank=int(lora_rank), lora_targets=lora_targets,
+        dtype=resolved, load_in_4bit=four_bit,
+        gradient_checkpointing=_norm_choice(gradient_checkpointing, CHECKPOINTING_ALIASES, "gradient_checkpointing"),
+        optimizer=_norm_choice(optimizer, OPTIMIZER_ALIASES, "optimizer"), loss=loss_path,
+        embeddings_fp32=bool(embeddings_fp32),
+    )
+    shape.lora_targets(lora_targets)  # raises on targets that match nothing
+    return Plan(shape, g, st, model_ref=model_ref, dtype_requested=requested, grad_accum=grad_accum,
+                lora_alpha=lora_alpha, margin_gib=margin_gib, coefficients=coefficients, base_config=base_config,
+                notes=notes)
+
+
+def _config_dict(config) -> dict:
+    if hasattr(config, "model_dump"):
+        return config.model_dump()
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    raise PlannerError(f"plan_from_config takes an nbtune Config or a config dict, not {type(config).__name__}")
+
+
+def plan_from_config(config, gpu="auto", **overrides) -> Plan:
+    """The plan for an nbtune ``Config`` (or its dict form): model.name / max_seq_length / dtype /
+    load_in_4bit, lora.r / targets, train.batch_size / grad_accum / gradient_checkpointing /
+    optimizer. Keyword arguments override ``plan()``'s arguments."""
+    cfg = _config_dict(config)
+    m, lo, t = cfg.get("model") or {}, cfg.get("lora") or {}, cfg.get("train") or {}
+    if isinstance(m, str):
+        m = {"name": m}
+    from_cfg = dict(
+        model=m.get("name") or "smollm2-135m-instruct", gpu=gpu, seq_len=m.get("max_seq_length", 2048),
+        batch_size=t.get("batch_size", 2), lora_rank=lo.get("r", 16), lora_targets=lo.get("targets", "all-linear"),
+        dtype=m.get("dtype", "auto"), load_in_4bit=m.get("load_in_4bit"),
+        gradient_checkpointing=t.get("gradient_checkpointing", "offload"), optimizer=t.get("optimizer", "adamw_8bit"),
+        grad_accum=t.get("grad_accum"), lora_alpha=lo.get("alpha"), base_config=cfg,
+    )
+    from_cfg.update(overrides)
+    return plan(**from_cfg)
+
+
+class DoesNotFitError(PlannerError):
+    """Raised by :func:`preflight` when a run is predicted not to fit; the message holds the plan
+    and its advice."""
+
+    def __init__(self, message: str, plan: Plan):
+        super().__init__(message)
+        self.plan = plan
+
+
+def preflight(config, gpu="auto", override_hint: str = "memory_check=False") -> Plan | None:
+    """What the trainer asks before loading anything: the plan, or ``DoesNotFitError`` with the
+    plan's advice when the run is predicted not to fit. Returns None (with a warning) when the
+    model's shape cannot be found (e.g. an uncatalogued hub id offline): training goes ahead."""
+    try:
+        p = plan_from_config(config, gpu=gpu)
+    except PlannerError as e:
+        warnings.warn(f"nbtune planner: no memory check for this run ({e})", RuntimeWarning, stacklevel=2)
+        return None
+    if p.fits:
+        return p
+    advice = p.suggest()
+    raise DoesNotFitError(
+        f"this run is predicted not to fit in GPU memory:\n{p!r}\n{advice.message}\n"
+        f"(to run it anyway, pass {override_hint})", p)
