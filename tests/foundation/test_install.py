@@ -26,6 +26,8 @@ def test_wheel_install_ships_kernels(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
                     str(wheels[0])], check=True, timeout=300)
     assert (target / "nbtune" / "kernels" / "rms_norm.py").is_file()
+    for init in (REPO / "nbtune").rglob("__init__.py"):  # every subpackage is listed in pyproject
+        assert (target / init.relative_to(REPO)).is_file(), f"{init.parent.name} missing from the wheel"
     code = ("import nbtune.kernels as k, nbtune.models, nbtune.train, nbtune.ui.cli; "
             "print(k.__file__); print(k.rms_norm.__module__)")
     env = dict(os.environ, PYTHONPATH=str(target))
