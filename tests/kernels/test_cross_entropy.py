@@ -457,7 +457,9 @@ def test_gpu_llama3_8b_head_vs_unfused(kernel_mode, dtype_name):
     torch.testing.assert_close(fused_loss, ref_loss.detach(), rtol=2e-3, atol=1e-4)
     torch.testing.assert_close(fused_loss, unfused_loss, rtol=2e-3, atol=1e-4)
     assert _rel_fro(fused_dh, ref_dh) < 1e-2
-    assert _rel_fro(fused_dh, unfused_dh) < 1e-2
+    # In fp16 the unfused path is the less accurate one (measured on the H200: dh rel err 1.1e-2 vs the
+    # fp32 truth, fused 1.6e-3), so the two may differ by a little more than 1e-2.
+    assert _rel_fro(fused_dh, unfused_dh) < 2e-2
     assert_close_rel(fused_dh, ref_dh, 3e-2, "dhidden vs fp32")
 
 
