@@ -206,7 +206,8 @@ class SoftcapAttention(torch.autograd.Function):
 
     @staticmethod
     def _scores(q_c, k_c, scale, softcap, q_start, k_start, window):
-        raw = torch.matmul(q_c, k_c.transpose(-1, -2)).float() * scale
+        acc = torch.promote_types(q_c.dtype, torch.float32)  # fp32 math (fp64 for fp64 inputs)
+        raw = torch.matmul(q_c, k_c.transpose(-1, -2)).to(acc) * scale
         t = torch.tanh(raw / softcap)
         z = softcap * t
         allowed = _band_mask(q_start, q_start + q_c.shape[2], k_start, k_start + k_c.shape[2], window, q_c.device)
@@ -222,7 +223,7 @@ class SoftcapAttention(torch.autograd.Function):
         b, h, length, _ = q.shape
         chunk = _softcap_chunk(length, length if window is None else min(length, 2 * window), b * h)
         out = torch.empty(b, h, length, v.shape[-1], dtype=q.dtype, device=q.device)
-        lse = torch.empty(b, h, length, dtype=torch.float32, device=q.device)
+        lse = torch.empty(b, h, length, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
         for q_start in range(0, length, chunk):
             q_end = min(q_start + chunk, length)
             k_start, k_end = SoftcapAttention._key_range(q_start, q_end, window)
@@ -241,24 +242,25 @@ class SoftcapAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         scale, softcap, window, chunk = ctx.scale, ctx.softcap, ctx.window, ctx.chunk
         length = q.shape[2]
-        dq = torch.zeros_like(q, dtype=torch.float32)
-        dk = torch.zeros_like(k, dtype=torch.float32)
-        dv = torch.zeros_like(v, dtype=torch.float32)
+        acc = lse.dtype
+        dq = torch.zeros_like(q, dtype=acc)
+        dk = torch.zeros_like(k, dtype=acc)
+        dv = torch.zeros_like(v, dtype=acc)
         dout = dout.contiguous()
         # rowsum(dO * O) per query: the softmax backward's correction term
-        delta = (dout.float() * out.float()).sum(-1)
+        delta = (dout.to(acc) * out.to(acc)).sum(-1)
         for q_start in range(0, length, chunk):
             q_end = min(q_start + chunk, length)
             k_start, k_end = SoftcapAttention._key_range(q_start, q_end, window)
             q_c, k_c, v_c = q[:, :, q_start:q_end], k[:, :, k_start:k_end], v[:, :, k_start:k_end]
             z, t = SoftcapAttention._scores(q_c, k_c, scale, softcap, q_start, k_start, window)
             p = torch.exp(z - lse[:, :, q_start:q_end, None])
-            do_c = dout[:, :, q_start:q_end].float()
+            do_c = dout[:, :, q_start:q_end].to(acc)
             dv[:, :, k_start:k_end] += torch.matmul(p.transpose(-1, -2), do_c)
-            dp = torch.matmul(do_c, v_c.float().transpose(-1, -2))
+            dp = torch.matmul(do_c, v_c.to(acc).transpose(-1, -2))
             ds = p * (dp - delta[:, :, q_start:q_end, None]) * (1.0 - t * t) * scale
-            dq[:, :, q_start:q_end] = torch.matmul(ds, k_c.float())
-            dk[:, :, k_start:k_end] += torch.matmul(ds.transpose(-1, -2), q_c.float())
+            dq[:, :, q_start:q_end] = torch.matmul(ds, k_c.to(acc))
+            dk[:, :, k_start:k_end] += torch.matmul(ds.transpose(-1, -2), q_c.to(acc))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
@@ -268,7 +270,7 @@ def softcap_attention_reference(q, k, v, scale, softcap, window=None, dropout=0.
     groups = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     length = q.shape[2]
-    z = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    z = torch.matmul(q, k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32)) * scale
     z = softcap * torch.tanh(z / softcap)
     z = z.masked_fill(~_band_mask(0, length, 0, length, window, q.device), float("-inf"))
     p = torch.softmax(z, dim=-1)

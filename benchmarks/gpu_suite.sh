@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# The one script run on the GPU machine, from the repository root:
+#
+#   bash benchmarks/gpu_suite.sh [STAGE ...]          (default: tests kernels models)
+#
+# Stages run in the order given; a failing stage is reported and the next still runs.
+#   tests                  pytest -m gpu -q -x                  -> $OUT/pytest-gpu.xml
+#   kernels[:ONLY]         python3 benchmarks/kernels.py [--only ONLY]   -> $OUT/kernels-<gpu>.{json,md}
+#   models[:ROWS[:PEERS]]  python3 benchmarks/models.py --rows ROWS --peers PEERS
+#                          ROWS: ids, globs or aliases (main, t4, all), comma-separated (default all);
+#                          PEERS: e.g. nbtune,unsloth (default hf,unsloth,nbtune)
+#                          -> $OUT/models-<stamp>.json, $OUT/models.log, $OUT/RESULTS.md
+# Before them (always): carried wheels .whl/*.whl -> /tmp/site (on PYTHONPATH), .whl/peer/*.whl ->
+# /tmp/site_peer (first on PYTHONPATH of the unsloth process only), and nbtune itself
+# (pip install --no-deps -e ., else a copy of nbtune/ + kernels/ on PYTHONPATH).
+#
+# Environment: OUT (results folder; default /tmp/nbtune-suite-out), SUITE_BUDGET_S (seconds for
+# everything, default 560: one 10-minute command with room to copy), MODELS_ARGS / KERNELS_ARGS /
+# PYTEST_ARGS (extra arguments), CKPT_ROOT (/tmp/ckpt), PYTHON (python3).
+# At most 8 files come back from $OUT: one models stage per call keeps it there.
+set -u -o pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
+export CKPT_ROOT=${CKPT_ROOT:-/tmp/ckpt}
+PY=${PYTHON:-python3}
+OUT=${OUT:-/tmp/nbtune-suite-out}
+BUDGET=${SUITE_BUDGET_S:-560}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.." || exit 1
+
+declare -a SUMMARY=()
+note() { SUMMARY+=("$(printf '%-22s %-34s %5ss' "$1" "$2" "$3")"); }
+remaining() { echo $(( BUDGET - SECONDS )); }
+
+setup() {
+  local t0=$SECONDS site=/tmp/site peer=/tmp/site_peer stamp
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    stamp=$(stat -c "%n %s" .whl/*.whl | md5sum | cut -c1-32)
+    if [[ -f $site/.nbtune-wheels && $(cat $site/.nbtune-wheels) == "$stamp" ]]; then
+      echo "# wheels already in $site"
+    elif $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl; then
+      echo "$stamp" > "$site/.nbtune-wheels"
+    else
+      note setup:wheels "FAILED (pip install .whl)" $((SECONDS - t0))
+    fi
+    export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
+  else
+    echo "# no .whl/ carried: using the machine's packages only"
+  fi
+  if compgen -G ".whl/peer/*.whl" >/dev/null; then
+    stamp=$(stat -c "%n %s" .whl/peer/*.whl | md5sum | cut -c1-32)
+    if [[ -f $peer/.nbtune-wheels && $(cat $peer/.nbtune-wheels) == "$stamp" ]]; then
+      echo "# peer wheels already in $peer"
+    elif $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$peer" .whl/peer/*.whl; then
+      echo "$stamp" > "$peer/.nbtune-wheels"
+    else
+      note setup:peer-wheels "FAILED (unsloth will be skipped)" $((SECONDS - t0))
+    fi
+    export NBTUNE_BENCH_PEER_SITE=$peer
+  fi
+  # nbtune: editable install (no network: no build isolation, no deps); else a copy on PYTHONPATH
+  if ! $PY -c "import nbtune.kernels, nbtune.models" 2>/dev/null; then
+    $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . >/tmp/nbtune-pip.log 2>&1 || true
+    if ! $PY -c "import nbtune.kernels, nbtune.models" 2>/dev/null; then
+      echo "# editable install did not work (tail of its log below); using a copy on PYTHONPATH"
+      tail -3 /tmp/nbtune-pip.log
+      rm -rf /tmp/nbtune-src && mkdir -p /tmp/nbtune-src && cp -r nbtune /tmp/nbtune-src/nbtune \
+        && cp -r kernels /tmp/nbtune-src/nbtune/kernels
+      export PYTHONPATH=/tmp/nbtune-src${PYTHONPATH:+:$PYTHONPATH}
+    fi
+  fi
+  if $PY -c "import nbtune, nbtune.kernels, nbtune.models; print('# nbtune', nbtune.__version__, 'from', nbtune.__file__)"; then
+    note setup ok $((SECONDS - t0))
+  else
+    note setup "FAILED (import nbtune)" $((SECONDS - t0))
+  fi
+  nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+}
+
+# run_stage NAME CMD...: runs with the time left (minus a margin), records status and seconds
+run_stage() {
+  local name=$1; shift
+  local left; left=$(remaining)
+  if (( left < 40 )); then note "$name" "not reached (budget: ${left}s left)" 0; return; fi
+  local t0=$SECONDS rc
+  echo; echo "===== $name ($(( left - 10 ))s left): $*"
+  timeout --signal=TERM --kill-after=15 $(( left - 10 )) "$@"; rc=$?
+  local status=ok
+  if (( rc == 124 || rc == 137 )); then status="TIMEOUT (budget)"
+  elif [[ $name == tests && $rc == 5 ]]; then status="no test collected (rc=5)"
+  elif (( rc != 0 )); then status="FAILED rc=$rc"; fi
+  note "$name" "$status" $((SECONDS - t0))
+  return 0
+}
+
+stage_tests() {
+  # shellcheck disable=SC2086
+  run_stage tests $PY -m pytest -m gpu -q -x -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml" ${PYTEST_ARGS:-} tests
+  [[ -f $OUT/pytest-gpu.xml ]] && $PY - "$OUT/pytest-gpu.xml" <<'PY' || true
+import sys, xml.etree.ElementTree as ET
+r = ET.parse(sys.argv[1]).getroot()
+s = r if r.tag == "testsuite" else r.find("testsuite")
+print(f"# pytest -m gpu: {s.get('tests')} tests, {s.get('failures')} failures, {s.get('errors')} errors, {s.get('skipped')} skipped")
+PY
+}
+
+stage_kernels() {
+  local only=$1 mark=/tmp/nbtune-suite.kernels.mark
+  touch "$mark"
+  # shellcheck disable=SC2086
+  run_stage kernels $PY benchmarks/kernels.py --out benchmarks/results ${only:+--only "$only"} ${KERNELS_ARGS:-}
+  find benchmarks/results -maxdepth 1 -name 'kernels-*' -newer "$mark" -exec cp {} "$OUT/" \;
+}
+
+stage_models() {
+  local rows=${1:-all} peers=${2:-hf,unsloth,nbtune} mark=/tmp/nbtune-suite.models.mark
+  touch "$mark"; sleep 1
+  local left; left=$(remaining)
+  # shellcheck disable=SC2086
+  run_stage "models:$rows" $PY benchmarks/models.py --rows "$rows" --peers "$peers" \
+    --time-budget $(( left - 40 )) ${NBTUNE_BENCH_PEER_SITE:+--peer-site "$NBTUNE_BENCH_PEER_SITE"} ${MODELS_ARGS:-}
+  local f
+  for f in $(find benchmarks/results -maxdepth 1 -name 'models-*' -newer "$mark"); do
+    case $f in
+      *.json) cp "$f" "$OUT/"; MODEL_JSONS+=("$f") ;;
+      *.log) cat "$f" >> "$OUT/models.log" ;;
+    esac
+  done
+  [[ -f benchmarks/RESULTS.md ]] && cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
+}
+
+main() {
+  echo "# nbtune gpu suite: stages ${*:-tests kernels models}, budget ${BUDGET}s, OUT=$OUT, CKPT_ROOT=$CKPT_ROOT"
+  setup
+  declare -ga MODEL_JSONS=()
+  local stage rows peers stages=("$@")
+  (( ${#stages[@]} )) || stages=(tests kernels models)
+  for stage in "${stages[@]}"; do
+    case $stage in
+      tests) stage_tests ;;
+      kernels) stage_kernels "" ;;
+      kernels:*) stage_kernels "${stage#kernels:}" ;;
+      models|models:*)
+        IFS=: read -r _ rows peers <<<"$stage"
+        stage_models "${rows:-all}" "${peers:-hf,unsloth,nbtune}" ;;
+      *) note "$stage" "UNKNOWN stage (tests, kernels, models)" 0 ;;
+    esac
+  done
+  echo; echo "===== summary (${SECONDS}s of ${BUDGET}s)"
+  printf '%s\n' "${SUMMARY[@]}"
+  if (( ${#MODEL_JSONS[@]} )); then
+    $PY benchmarks/models.py --from-json "${MODEL_JSONS[@]}" --markdown '' --summary || true
+  fi
+  echo "# files in \$OUT: $(ls "$OUT" | tr '\n' ' ')"
+  local n; n=$(find "$OUT" -type f | wc -l)
+  (( n <= 8 )) || echo "# WARNING: $n files in \$OUT; only 8 come back (one models stage per call)"
+}
+
+main "$@" 2>&1 | tee -a "$OUT/suite.log"

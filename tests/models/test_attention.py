@@ -1,0 +1,156 @@
+"""The plan-driven attention of the patched models against an explicit masked attention."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nbtune.models.patches import attention as A
+from nbtune.models.patches.attention import AttentionPlan, attend, build_plan
+
+
+def explicit_attention(q, k, v, segment_ids, window=None, softcap=None, scale=None):
+    """(B, Hq, S, D) -> (B, S, Hq, D): fp64 softmax attention with an explicit (S x S) mask:
+    causal, within a segment, within the window; the math transformers' eager path does."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1).double()
+    v = v.repeat_interleave(groups, dim=1).double()
+    scale = scale or 1 / math.sqrt(q.shape[-1])
+    scores = q.double() @ k.transpose(-1, -2) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    s = q.shape[2]
+    i, j = torch.arange(s)[:, None], torch.arange(s)[None, :]
+    allowed = (j <= i)[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    if window is not None:
+        allowed = allowed & (j > i - window)[None]
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2).to(q.dtype)
+
+
+def segment_ids_of(plan: AttentionPlan, batch: int, length: int) -> torch.Tensor:
+    ids = torch.zeros(batch, length, dtype=torch.long)
+    if plan.pieces is None:
+        return ids
+    for b in range(batch):
+        pieces = plan.pieces[0] if plan.shared else plan.pieces[b]
+        n = 0
+        for start, end, single in pieces:
+            for t in range(start, end):
+                ids[b, t] = n + (t - start if single else 0)
+            n += (end - start) if single else 1
+    return ids
+
+
+def qkv(batch=2, heads=4, kv_heads=2, length=29, dim=16, seed=0, dtype=torch.float32, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda h: torch.randn(batch, h, length, dim, generator=g, dtype=dtype).requires_grad_(grad)  # noqa: E731
+    return make(heads), make(kv_heads), make(kv_heads)
+
+
+# ----------------------------------------------------------------------------- plans
+def test_plan_for_unpadded_and_right_padded_batches():
+    assert build_plan(2, 6) == AttentionPlan()
+    right = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    assert build_plan(2, 6, attention_mask=right) == AttentionPlan()
+    assert build_plan(2, 6, position_ids=torch.arange(6)[None]) == AttentionPlan()
+
+
+@pytest.mark.parametrize("mask", [[[0, 0, 1, 1], [1, 1, 1, 1]], [[1, 0, 1, 1], [1, 1, 1, 1]]])
+def test_plan_refuses_left_padding_and_holes(mask):
+    assert build_plan(2, 4, attention_mask=torch.tensor(mask)) is None
+    assert build_plan(2, 4, attention_mask=torch.ones(2, 1, 4, 4)) is None  # a 4-D mask: transformers' path
+
+
+def test_plan_for_packed_rows_merges_length_one_runs():
+    # sequences 3, 2, then four 1-token pads (TRL's pad_to_multiple_of tail: position 0 each), then 2
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 0, 0, 0, 1]])
+    plan = build_plan(1, 11, position_ids=pos)
+    assert plan.pieces == (((0, 3, False), (3, 5, False), (5, 9, True), (9, 11, False)),)
+    cu = torch.tensor([0, 3, 5, 6, 7, 8, 9, 11], dtype=torch.int32)
+    assert build_plan(1, 11, position_ids=pos, cu_seq_lens=cu) == plan
+
+
+def test_plan_for_rows_packed_differently():
+    pos = torch.tensor([[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]])
+    plan = build_plan(2, 5, position_ids=pos)
+    assert not plan.shared
+    assert plan.pieces == (((0, 3, False), (3, 5, False)), ((0, 2, False), (2, 5, False)))
+
+
+# ----------------------------------------------------------------------------- attention vs explicit
+CASES = {
+    "causal": (None, None, None),
+    "window": (None, 6, None),
+    "packed": ([[0, 1, 2, 3, 4, 0, 1, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 0, 1, 2, 3, 4, 5, 6, 7, 8]], None, None),
+    "packed+window": ([list(range(13)) + list(range(16))], 5, None),
+    "softcap": (None, None, 1.5),
+    "softcap+window+packed": ([list(range(20)) + list(range(9))], 7, 1.5),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_attend_matches_explicit_masked_attention(case):
+    positions, window, softcap = CASES[case]
+    q, k, v = qkv()
+    b, _, s, _ = q.shape
+    pos = None if positions is None else torch.tensor(positions).expand(b, -1)
+    plan = build_plan(b, s, position_ids=pos)
+    got = attend(q, k, v, plan, scale=0.3, window=window, softcap=softcap)
+    want = explicit_attention(q, k, v, segment_ids_of(plan, b, s), window=window, softcap=softcap, scale=0.3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_attend_rows_packed_differently():
+    q, k, v = qkv(length=9)
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1], [0, 1, 0, 1, 2, 3, 4, 5, 6]])
+    plan = build_plan(2, 9, position_ids=pos)
+    got = attend(q, k, v, plan, scale=0.25, window=3)
+    want = explicit_attention(q, k, v, segment_ids_of(plan, 2, 9), window=3, scale=0.25)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_softcap_attention_backward_matches_autograd(window, monkeypatch):
+    monkeypatch.setattr(A, "SOFTCAP_CHUNK_BYTES", 1)  # chunks of 16 queries: several per sequence
+    q, k, v = qkv(length=37, grad=True, dtype=torch.float64)
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    plan = AttentionPlan()
+    out = attend(q, k, v, plan, scale=0.4, window=window, softcap=1.2)
+    ref = A.softcap_attention_reference(q2, k2, v2, 0.4, 1.2, window).transpose(1, 2)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad)
+    for a, b in ((q, q2), (k, k2), (v, v2)):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-10)
+
+
+def test_softcap_attention_gradcheck():
+    q, k, v = qkv(batch=1, heads=2, kv_heads=2, length=6, dim=4, grad=True, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b, c: A.SoftcapAttention.apply(a, b, c, 0.5, 0.8, 4), (q, k, v))
+
+
+def test_sliding_window_chunks_do_not_scale_with_the_row(monkeypatch):
+    """A row 10 windows long attends window by window: no mask wider than 2 windows is built."""
+    widths = []
+    band = A._band_mask
+
+    def recording(q0, q1, k0, k1, window, device):
+        widths.append(k1 - k0)
+        return band(q0, q1, k0, k1, window, device)
+
+    monkeypatch.setattr(A, "_band_mask", recording)
+    q, k, v = qkv(batch=1, length=80)
+    got = attend(q, k, v, AttentionPlan(), scale=0.25, window=8)
+    want = explicit_attention(q, k, v, torch.zeros(1, 80, dtype=torch.long), window=8, scale=0.25)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert widths and max(widths) <= 2 * 8 - 1
+
+
+def test_length_one_pieces_return_their_values():
+    q, k, v = qkv(batch=1, length=5)
+    plan = build_plan(1, 5, position_ids=torch.zeros(1, 5, dtype=torch.long))
+    assert plan.pieces == (((0, 5, True),),)
+    torch.testing.assert_close(attend(q, k, v, plan, scale=0.3), A.repeat_kv(v, 2).transpose(1, 2))

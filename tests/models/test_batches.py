@@ -1,0 +1,116 @@
+"""Batch shapes the patched training path must get right, per family, fp32 on CPU: greedy
+generation after a training step gives transformers' tokens (left-padded prompts, KV cache: the
+fallback path), padding-free packing gives each sequence the loss it has alone (and transformers'
+packed loss), a right-padded batch gives the unpadded losses.
+"""
+from __future__ import annotations
+
+import torch
+from tiny_models import WINDOW, assert_grads_match, lora_pair, random_batch
+
+LOSS_RTOL = 1e-4
+
+
+def rel(a, b) -> float:
+    a, b = (float(x.detach()) if torch.is_tensor(x) else float(x) for x in (a, b))
+    return abs(a - b) / abs(b)
+
+
+# ----------------------------------------------------------------------------- generation
+def _train_step(model, ids, labels, lr=0.5):
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p -= lr * p.grad
+                p.grad = None
+    return loss
+
+
+def test_generation_after_training_matches_transformers(family):
+    ours, ref = lora_pair(family)
+    ids, labels = random_batch()
+    before = {n: p.detach().clone() for n, p in ours.named_parameters() if p.requires_grad}
+    _train_step(ours, ids, labels)
+    trained = {n: p.detach().clone() for n, p in ours.named_parameters() if p.requires_grad}
+    assert all((trained[n] != before[n]).any() for n in trained), "the training step left a LoRA weight unchanged"
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if p.requires_grad:
+                p.copy_(trained[n])
+    ours.eval()
+    ref.eval()
+    # a left-padded batch of two prompts: transformers' masks, KV cache, the patched layers inside
+    prompt = ids[:, :9].clone()
+    mask = torch.ones_like(prompt)
+    prompt[1, :3], mask[1, :3] = 0, 0
+    options = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        got = ours.generate(input_ids=prompt, attention_mask=mask, **options)
+        want = ref.generate(input_ids=prompt, attention_mask=mask, **options)
+    assert got.shape == want.shape == (2, 15)
+    assert torch.equal(got, want), (got, want)
+
+
+# ----------------------------------------------------------------------------- packing and padding
+def _packed(seqs):
+    ids = torch.cat(seqs)[None]
+    position_ids = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+    labels = ids.clone()
+    labels[position_ids == 0] = -100  # as TRL's padding-free collator: never predict across a boundary
+    cu = torch.tensor([0] + torch.tensor([len(s) for s in seqs]).cumsum(0).tolist(), dtype=torch.int32)
+    return ids, position_ids, labels, cu
+
+
+def _sequences(seed=5, lengths=(11, 1, 2 * WINDOW + 3, 6)):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 120, (n,), generator=generator) for n in lengths]
+
+
+def _per_sequence_loss(model, seqs):
+    """Token-weighted mean of each sequence's loss computed alone (length-1 sequences have none)."""
+    total, count = 0.0, 0
+    for s in seqs:
+        if len(s) < 2:
+            continue
+        total = total + model(input_ids=s[None], labels=s[None]).loss * (len(s) - 1)
+        count += len(s) - 1
+    return total / count
+
+
+def test_padding_free_packing_equals_each_sequence_alone(family):
+    ours, ref = lora_pair(family)
+    seqs = _sequences()
+    ids, position_ids, labels, cu = _packed(seqs)
+    packed = ours(input_ids=ids, position_ids=position_ids, labels=labels).loss
+    alone = _per_sequence_loss(ours, seqs)
+    assert rel(packed, alone) < LOSS_RTOL, (packed.item(), alone.item())
+    # TRL passes the boundaries too (cu_seq_lens_q/k for varlen kernels): same answer
+    with_cu = ours(input_ids=ids, position_ids=position_ids, labels=labels, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                   max_length_q=int(cu.diff().max()), max_length_k=int(cu.diff().max())).loss
+    assert rel(with_cu, alone) < LOSS_RTOL
+    # transformers detects packing from position_ids only without a cache (use_cache=False, as TRL sets)
+    ref_packed = ref(input_ids=ids, position_ids=position_ids, labels=labels, use_cache=False).loss
+    assert rel(packed, ref_packed) < LOSS_RTOL
+    packed.backward()
+    ref_packed.backward()
+    assert_grads_match(ours, ref)
+
+
+def test_right_padded_batch_equals_unpadded(family):
+    ours, ref = lora_pair(family)
+    seqs = _sequences(lengths=(2 * WINDOW + 5, 9, 2 * WINDOW + 1))
+    length = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)], labels[i, :len(s)] = s, 1, s
+    padded = ours(input_ids=ids, attention_mask=mask, labels=labels).loss
+    alone = _per_sequence_loss(ours, seqs)
+    ref_padded = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert rel(padded, alone) < LOSS_RTOL and rel(padded, ref_padded) < LOSS_RTOL
+    padded.backward()
+    ref_padded.backward()
+    assert_grads_match(ours, ref)
