@@ -123,12 +123,23 @@ def _check_shapes(x: torch.Tensor, p: LoRAProjection, what: str):
         )
 
 
-def _project(X, W, A, B, scaling, bias):
-    """(Y, XA_s): Y = X W^T (+ bias) + XA_s B^T with XA_s = s X A^T; all in X's dtype."""
+def _project(X, W, A, B, scaling, bias, lead_shape=None):
+    """(Y, XA_s): Y = X W^T (+ bias) + XA_s B^T with XA_s = s X A^T; all in X's dtype.
+
+    With ``lead_shape`` Y is allocated as (*lead_shape, out) and the GEMMs write through a 2-D view
+    of it, so the caller can return Y itself rather than a view: RoPE can then work in place on the
+    projections' outputs (autograd forbids in-place writes to views of a custom Function's output).
+    """
     XA_s = torch.mm(X, A.t())
     XA_s.mul_(scaling)
-    Y = torch.mm(X, W.t()) if bias is None else torch.addmm(bias, X, W.t())
-    Y.addmm_(XA_s, B.t())
+    n_out = W.shape[0]
+    Y = torch.empty(*(lead_shape if lead_shape is not None else X.shape[:1]), n_out, device=X.device, dtype=X.dtype)
+    Y2 = Y.view(-1, n_out)
+    if bias is None:
+        torch.mm(X, W.t(), out=Y2)
+    else:
+        torch.addmm(bias, X, W.t(), out=Y2)
+    Y2.addmm_(XA_s, B.t())
     return Y, XA_s
 
 
@@ -153,9 +164,9 @@ class _LoRAProjections(torch.autograd.Function):
         for i, s in enumerate(scalings):
             base, A, B, bias = flat[4 * i: 4 * i + 4]
             W = _weight(base, dtype)
-            Y, XA_s = _project(X, W, A.to(dtype), B.to(dtype), s, _cast(bias, dtype))
+            Y, XA_s = _project(X, W, A.to(dtype), B.to(dtype), s, _cast(bias, dtype), lead_shape=x.shape[:-1])
             del W
-            outputs.append(Y.view(*x.shape[:-1], Y.shape[-1]))
+            outputs.append(Y)
             saved_xa.append(XA_s)
         ctx.save_for_backward(X, *saved_xa, *[t for i in range(len(scalings)) for t in flat[4 * i + 1: 4 * i + 4]])
         ctx.bases = [flat[4 * i] for i in range(len(scalings))]
@@ -231,7 +242,8 @@ class _LoRAMLP(torch.autograd.Function):
         del W
         h = glu_forward_2d(g, u, activation)
         W = _weight(down_base, dtype)
-        y, HAd_s = _project(h, W, down_A.to(dtype), down_B.to(dtype), s_d, _cast(down_bias, dtype))
+        y, HAd_s = _project(h, W, down_A.to(dtype), down_B.to(dtype), s_d, _cast(down_bias, dtype),
+                            lead_shape=x.shape[:-1])
         del W, h
 
         ctx.save_for_backward(X, g, u, XAg_s, XAu_s, HAd_s, gate_A, gate_B, gate_bias,
@@ -240,7 +252,7 @@ class _LoRAMLP(torch.autograd.Function):
         ctx.activation, ctx.scalings, ctx.dtype = activation, scalings, dtype
         ctx.consumed = False
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, dy):

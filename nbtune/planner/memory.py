@@ -5,20 +5,28 @@ an out-of-memory error sees, less the CUDA context) for nbtune's recipe:
 
 - base linear layers in 4-bit NF4 with double quantization (bitsandbytes' layout), or 16-bit;
 - embedding and LM head in the compute dtype (bitsandbytes never quantizes them);
-- LoRA A/B in fp32 (peft upcasts adapters of 16-bit models), their fp32 gradients, and the
+- LoRA A/B in fp32 (nbtune.add_lora keeps adapters in fp32), their fp32 gradients, and the
   optimizer's states (AdamW 8-bit by default);
 - activation checkpointing: ``offload`` (nbtune: each layer's input hidden state lives in pinned
-  CPU memory; ~``OFFLOAD_RESIDENT_INPUTS`` of them are on the GPU at a time), ``plain``
-  (every layer's input stays on the GPU) or ``off`` (every layer keeps all it saves);
-- SDPA attention (memory-efficient or flash backend: O(seq) memory, no seq x seq scores);
+  CPU memory; ~``offload_resident_inputs`` of them are on the GPU at a time), ``plain`` (every
+  layer's input stays on the GPU) or ``off`` (every layer keeps all it saves);
+- the patched layers of ``nbtune.models.patches`` (``patched``): RMSNorm, fused LoRA QKV and
+  LoRA MLP kernels (the MLP saves x, gate and up; act(gate) and act(gate)*up are recomputed),
+  in-place RoPE, SDPA with no mask tensor; unpatched model types run transformers' modules,
+  which save more (``unpatched_activation_factor``) and build a (B, 1, S, S) mask for padded
+  batches;
+- attention: SDPA's memory-efficient kernel (``attention="efficient"``, all a T4 runs; it has no
+  GQA, so k and v are repeated to the query heads before it) or flash (sm80+, GQA native);
+  O(S) memory either way, never S x S scores;
 - the loss: ``fused`` (``nbtune.kernels.cross_entropy``: a (rows x vocab) logits chunk of at
-  most 256 MiB, never the full logits) or ``unfused`` (transformers' ``ForCausalLMLoss``: full
-  logits, their fp32 copy, log-softmax and its gradient).
+  most 256 MiB, never the full logits; what patched models run) or ``unfused`` (transformers'
+  ``ForCausalLMLoss``: full logits, their fp32 copy, log-softmax and its gradient).
 
 Notation: T = batch x seq tokens per micro-batch; h hidden size; q = heads x head_dim;
-kv = kv_heads x head_dim; i the MLP's intermediate size (top-k experts' for MoE); L layers;
-V vocabulary; b bytes per element of the compute dtype (2 for fp16/bf16, 4 for fp32);
-s = b / 2 (activation coefficients are given for a 16-bit compute dtype); P_lin the decoder's
+kv = kv_heads x head_dim (q when the efficient kernel repeats k/v); i the MLP's intermediate
+size (top-k experts' for MoE); L layers; V vocabulary; b bytes per element of the compute dtype
+(2 for fp16/bf16, 4 for fp32); s = b / 2 (activation coefficients are for a 16-bit compute
+dtype); u = 1 for patched layers, unpatched_activation_factor otherwise; P_lin the decoder's
 linear parameters; P_lora the LoRA parameters.
 
 Terms (bytes); their sum is torch's reserved peak, and the CUDA context comes on top:
@@ -30,18 +38,19 @@ Terms (bytes); their sum is torch's reserved peak, and the CUDA context comes on
     LoRA gradients     P_lora * LORA_GRAD_BYTES
     optimizer states   P_lora * {adamw_8bit: ADAM8_BYTES_PER_PARAM, adamw: ADAM32_BYTES_PER_PARAM, sgd: 0}
     activations        act_scale * (common + layer_extra), where per token
-                         saved(layer)  = s*(saved_h*h + saved_q*q + saved_kv*kv + saved_i*i + saved_heads*heads)
-                                         + saved_lora * r * (#LoRA modules per layer)
-                         work(layer)   = saved + s*(transient_h*h + transient_i*i)
-                         outer         = s * outer_h * h         (embedding output, final norm, grad stream)
+                         saved(layer) = u*s*(saved_h*h + saved_q*q + saved_kv*kv + saved_i*i + saved_heads*heads)
+                                        + saved_lora * s * r * (#LoRA modules per layer)
+                         work(layer)  = saved + u*s*(transient_h*h + transient_i*i)
+                         outer        = s * outer_h * h          (embedding output, final norm, grad stream)
                        and
                          offload: common = T*(min(L, offload_resident_inputs)*h*b + outer) + mask
                                   layer_extra = T*work + dequant
                          plain:   common = T*(L*h*b + outer) + mask,  layer_extra = T*work + dequant
                          off:     common = T*(L*saved + outer) + mask, layer_extra = T*(work - saved) + dequant
-                       mask    = B * S^2 * mask_bytes * (#masks) when the batch is padded (B > 1) or a
-                                 sliding window is shorter than S (transformers builds a (B,1,S,S) mask)
-                       dequant = dequant_copies * (largest linear) * b   (4-bit: bnb's 16-bit copy of W)
+                       mask    = unpatched only: B * S^2 * mask_bytes * (#masks) when the batch is padded
+                                 (B > 1) or a sliding window is shorter than S
+                       dequant = dequant_copies * (largest linear) * b   (4-bit: the 16-bit copy of W
+                                 that each matmul dequantizes, forward and input-gradient)
     loss chunk         max(0, loss_scale * loss_buffers - act_scale * layer_extra): the loss runs
                        after the last layer's forward and before the first layer's backward, so only
                        what it needs beyond the layers' own peak adds to the peak;
@@ -54,13 +63,14 @@ Terms (bytes); their sum is torch's reserved peak, and the CUDA context comes on
 
 STATUS OF THE COEFFICIENTS: until ``python -m nbtune.planner.calibration measure`` has run on a
 GPU and ``... calibration fit`` has written fitted values into ``calibration.json``, the values in
-``Coefficients`` are first-principles estimates: the saved-tensor coefficients come from counting
-what transformers' Llama decoder layer with peft LoRA saves for backward (saved-tensor hooks on a
-CPU run under bf16 autocast, with peft's per-projection input copies removed since its 4-bit path
-does not make them), the fixed terms from the formats' definitions, and the overheads were set so
-that the model lands within ~5 % above the peer figures in BENCHMARKS.md (Unsloth: llama3-8b
-1x2048 fp16 6.50 GiB; llama2-7b 1x2048 fp16 4.82 GiB), nbtune's stated target being at or below
-those. ``coefficients()`` returns the fitted set when calibration.json holds one.
+``Coefficients`` are first-principles estimates: the saved-tensor counts come from what each
+patched forward and kernel keeps for backward (their docstrings) and, for the unpatched factor,
+from counting transformers' Llama decoder layer with peft LoRA under bf16 autocast with
+saved-tensor hooks on a CPU; the fixed terms come from the formats' definitions; the overheads
+are round guesses. Against the peer figures in BENCHMARKS.md the defaults predict, for llama3-8b
+with 4-bit, offloaded checkpointing and fp16 on a T4: 6.75 GiB at 1x2048 (Unsloth measures 6.50
+GiB, nbtune's target is at most 0.95x that) and ~0.28 MiB per further token of context (Unsloth:
+~0.25-0.28 MiB). ``coefficients()`` returns the fitted set when calibration.json holds one.
 """
 from __future__ import annotations
 
@@ -93,9 +103,11 @@ OPTIMIZER_BYTES = {"adamw_8bit": ADAM8_BYTES_PER_PARAM, "paged_adamw_8bit": ADAM
 CE_MAX_CHUNK_BYTES = 256 * MiB
 CE_UNFUSED_FRACTION = 8
 CE_MIN_CHUNK_ROWS = 128
-# What nbtune's trainer runs for the loss: the per-family model patches route the LM head through
-# kernels.cross_entropy. Calibration records the path that actually ran in each measurement.
-NBTUNE_LOSS_PATH = "fused"
+# Model types that nbtune.models.patches patches (kernels, no mask tensor, fused loss); a test
+# checks this against patches.SUPPORTED_MODEL_TYPES. Others run transformers' modules and loss.
+PATCHED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3")
+# The environment variable that turns the patches off (NBTUNE_PATCH=0), as in nbtune.models.patches.
+PATCH_ENV = "NBTUNE_PATCH"
 # A plan "fits" when the predicted peak leaves at least this much of the GPU free: the larger of
 # FIT_MARGIN_GIB and FIT_MARGIN_FRACTION of the reserved peak (the model's error band).
 FIT_MARGIN_GIB = 0.3
@@ -103,6 +115,7 @@ FIT_MARGIN_FRACTION = 0.03
 
 CHECKPOINTING = ("offload", "plain", "off")
 LOSS_PATHS = ("fused", "unfused")
+ATTENTION_KERNELS = ("efficient", "flash")
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 # The breakdown's terms, in display order; the last is outside torch's reserved memory.
@@ -116,23 +129,29 @@ class Coefficients:
     decoder layer at a 16-bit compute dtype unless said otherwise. See the module docstring for
     where the defaults come from and the formulas they enter."""
 
-    # -- what one decoder layer saves for backward (recompute working set), bytes/token per unit --
-    saved_h: float = 12.0  # two RMSNorm fp32 inputs (4+4) + normed inputs of attention and MLP (2+2)
-    saved_q: float = 6.0  # roped q, attention output, o_proj input (its contiguous copy)
-    saved_kv: float = 4.0  # roped k and v
-    saved_i: float = 8.0  # gate out, up out, act(gate), act(gate)*up
-    saved_heads: float = 4.0  # fp32 logsumexp of the attention kernel
-    saved_lora: float = 2.0  # x @ A^T per LoRA module (tokens x r, 16-bit)
+    # -- what one patched decoder layer saves for backward, bytes/token per unit --
+    saved_h: float = 6.0  # normed attention input (lora_qkv's x), post-attention residual (RMSNorm's x),
+    #                       normed MLP input (lora_mlp's x); the layer input itself is the checkpoint's
+    saved_q: float = 6.0  # roped q, SDPA's output, o_proj's contiguous input
+    saved_kv: float = 4.0  # roped k and v (repeated to the query heads for the efficient kernel)
+    saved_i: float = 4.0  # gate and up (act(gate) and act(gate)*up are recomputed by the GLU kernel)
+    saved_heads: float = 4.0  # fp32 logsumexp per head
+    saved_lora: float = 2.0  # s * x @ A^T per LoRA module (tokens x r, 16-bit)
     # -- backward temporaries of one layer on top of what it saved --
-    transient_h: float = 6.0  # dY, dX and the residual's gradient
-    transient_i: float = 6.0  # d(act*up), d(gate), d(up)
+    transient_h: float = 6.0  # dY, dX accumulator and the residual's gradient
+    transient_i: float = 4.0  # dh (the recomputed h is written over it; dgate/dup overwrite gate/up)
+    # -- transformers' own modules (unpatched model types) save more: fp32 RMSNorm inputs,
+    #    act(gate) and act*up, per-projection inputs. Ratio of the two enumerations at llama3-8b's
+    #    shape (HF: 12h + 6q + 4kv + 8i saved, 6h + 6i transient) --
+    unpatched_activation_factor: float = 1.5
     # -- outside the layers, bytes/token per hidden unit: embedding output, final norm (fp32 in +
     #    16-bit out), the hidden-state gradient stream and the last layer's output --
     outer_h: float = 12.0
     # -- offloaded checkpointing: layer inputs resident on the GPU at the backward's peak
     #    (kernels/offload.py's DEVICE_WINDOW = 2, plus the prefetched and the current one) --
     offload_resident_inputs: float = 3.0
-    # -- attention mask built for padded batches / sliding windows: bytes per (query, key) --
+    # -- unpatched only: the mask transformers builds for padded batches / sliding windows,
+    #    bytes per (query, key) (a bool mask) --
     mask_bytes: float = 1.0
     # -- 4-bit: bitsandbytes dequantizes W to a 16-bit temporary for each matmul (forward and
     #    input-gradient); copies of the largest linear layer alive at once --
@@ -199,6 +218,8 @@ class Settings:
     optimizer: str = "adamw_8bit"
     loss: str = "fused"
     embeddings_fp32: bool = False
+    patched: bool = True  # nbtune.models.patches applies to this model type
+    attention: str = "efficient"  # SDPA kernel: "efficient" (T4; repeats k/v for GQA) or "flash"
 
     def __post_init__(self):
         if self.seq_len <= 0 or self.batch_size <= 0 or self.lora_rank <= 0:
@@ -212,6 +233,8 @@ class Settings:
             raise PlannerError(f"optimizer {self.optimizer!r}: one of {', '.join(OPTIMIZER_BYTES)}")
         if self.loss not in LOSS_PATHS:
             raise PlannerError(f"loss {self.loss!r}: one of {', '.join(LOSS_PATHS)}")
+        if self.attention not in ATTENTION_KERNELS:
+            raise PlannerError(f"attention {self.attention!r}: one of {', '.join(ATTENTION_KERNELS)}")
 
     @property
     def tokens(self) -> int:
@@ -274,15 +297,18 @@ def estimate(shape: ModelShape, st: Settings, context_gib: float = 0.0, c: Coeff
     optimizer = p_lora * OPTIMIZER_BYTES[st.optimizer]
 
     # -- activations --
-    saved = s * (c.saved_h * h + c.saved_q * shape.q_dim + c.saved_kv * shape.kv_dim + c.saved_i * i
-                 + c.saved_heads * shape.num_heads) + c.saved_lora * s * st.lora_rank * lora_modules
-    work = saved + s * (c.transient_h * h + c.transient_i * i)
+    u = 1.0 if st.patched else c.unpatched_activation_factor
+    kv_width = shape.q_dim if (st.attention == "efficient" or not st.patched) else shape.kv_dim
+    saved = (u * s * (c.saved_h * h + c.saved_q * shape.q_dim + c.saved_kv * kv_width + c.saved_i * i
+                      + c.saved_heads * shape.num_heads) + c.saved_lora * s * st.lora_rank * lora_modules)
+    work = saved + u * s * (c.transient_h * h + c.transient_i * i)
     outer = s * c.outer_h * h
     n_masks = 0
-    if st.batch_size > 1:
-        n_masks = 1
-    if shape.sliding_window and st.seq_len > shape.sliding_window:
-        n_masks = 2  # transformers builds one for the global and one for the local layers
+    if not st.patched:  # the patched path builds no mask tensor
+        if st.batch_size > 1:
+            n_masks = 1
+        if shape.sliding_window and st.seq_len > shape.sliding_window:
+            n_masks = 2  # transformers builds one for the global and one for the local layers
     mask = st.batch_size * st.seq_len**2 * c.mask_bytes * n_masks
     dequant = c.dequant_copies * shape.largest_linear * b if st.load_in_4bit else 0.0
     if st.gradient_checkpointing == "offload":

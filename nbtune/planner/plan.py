@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import html
+import os
 import warnings
 from typing import Any
 
@@ -179,7 +180,7 @@ class Plan:
         """The config as YAML text; ``magic=True`` puts ``%%finetune`` on the first line (a notebook cell)."""
         import yaml
 
-        text = yaml.safe_dump(self.to_config(), sort_keys=False, default_flow_style=None)
+        text = yaml.safe_dump(self.to_config(), sort_keys=False, default_flow_style=False)
         return ("%%finetune\n" + text) if magic else text
 
     # ------------------------------------------------------------------ display
@@ -187,9 +188,10 @@ class Plan:
         st = self.settings
         weights = "4-bit NF4" if st.load_in_4bit else "16-bit weights" if st.dtype != "float32" else "fp32 weights"
         targets = st.lora_targets if isinstance(st.lora_targets, str) else ",".join(st.lora_targets)
+        layers = "nbtune kernels" if st.patched else "transformers modules"
         return (f"{st.batch_size} x {st.seq_len} tokens, {LABELS[st.dtype]}, {weights}, LoRA r={st.lora_rank} "
                 f"{targets} ({self.lora_params / 1e6:.1f}M params), {LABELS[st.gradient_checkpointing]}, "
-                f"{LABELS[st.optimizer]}, {LABELS[st.loss]}")
+                f"{LABELS[st.optimizer]}, {layers}, {LABELS[st.loss]}")
 
     def term_label(self, term: str) -> str:
         st = self.settings
@@ -332,23 +334,23 @@ def _describe_changes(plan: Plan, changes: dict) -> str:
     for k, v in changes.items():
         if k == "grad_accum":
             continue
-        old = plan.grad_accum if k == "grad_accum" else getattr(plan.settings, k, None) if k != "gpu" else plan.gpu.name
-        label = {"gradient_checkpointing": "gradient checkpointing", "load_in_4bit": "4-bit",
-                 "lora_rank": "LoRA rank", "seq_len": "seq_len", "batch_size": "batch size",
-                 "embeddings_fp32": "fp32 embeddings", "optimizer": "optimizer", "gpu": "GPU"}.get(k, k)
-        parts.append(f"{label} {old} -> {v}")
+        old = plan.gpu.name if k == "gpu" else getattr(plan.settings, k, None)
+        fmt = lambda x: str(x).lower() if isinstance(x, bool) else str(x)  # noqa: E731
+        parts.append(f"{k}: {fmt(old)} -> {fmt(v)}")
     if "grad_accum" in changes:
-        parts.append(f"grad_accum -> {changes['grad_accum']} (same tokens per optimizer step)")
+        parts.append(f"grad_accum: {plan.grad_accum or 1} -> {changes['grad_accum']} (same tokens per optimizer step)")
     return ", ".join(parts)
 
 
 def _with_batch(plan: Plan, batch: int) -> dict:
-    changes: dict[str, Any] = {"batch_size": batch}
+    """Batch size ``batch`` or the largest divisor of batch x grad_accum below it, with grad_accum
+    raised so that the tokens per optimizer step stay the same."""
     accum = plan.grad_accum or 1
     total = plan.settings.batch_size * accum
-    if batch < plan.settings.batch_size:
-        changes["grad_accum"] = max(1, -(-total // batch))
-    return changes
+    if batch >= plan.settings.batch_size:
+        return {"batch_size": batch}
+    batch = max(d for d in range(1, batch + 1) if total % d == 0)
+    return {"batch_size": batch, "grad_accum": total // batch}
 
 
 def _suggest(plan: Plan) -> Suggestion:
@@ -380,11 +382,10 @@ def _suggest(plan: Plan) -> Suggestion:
             single.append({"lora_rank": r})
             break
     if st.seq_len > 256:
-        top = _largest(lambda k: plan.replace(seq_len=k * 256).fits, 1, (min(st.seq_len, plan.model.max_positions) - 1) // 256)
+        top = _largest(lambda k: plan.replace(seq_len=k * 256).fits, 1,
+                       min(st.seq_len - 1, plan.model.max_positions) // 256)
         if top >= 1:
             single.append({"seq_len": top * 256})
-    elif st.seq_len > plan.model.max_positions:
-        single.append({"seq_len": plan.model.max_positions})
     for changes in single:
         p = attempt(changes)
         if p.fits:
@@ -411,14 +412,15 @@ def _suggest(plan: Plan) -> Suggestion:
             p = plan.replace(gpu=gpu)
             if p.fits:
                 return _found(plan, {"gpu": gpu.name}, p)
-    return Suggestion({}, None, 0, 0, f"nothing within reach fits on {plan.gpu.name}: even 4-bit, offloaded, batch 1, "
-                                      f"seq_len 256 needs {base.replace(seq_len=256).peak_gib:.2f} GiB")
+    return Suggestion({}, None, 0, 0, f"{plan.verdict()}; nothing within reach fits on {plan.gpu.name} or a larger "
+                                      f"catalogued GPU: even 4-bit, offloaded, batch 1, seq_len 256 needs "
+                                      f"{base.replace(seq_len=256).peak_gib:.2f} GiB")
 
 
 def _found(plan: Plan, changes: dict, p: Plan) -> Suggestion:
     mb, ms = p.max_batch_size(), p.max_seq_len()
     return Suggestion(changes, p, mb, ms, (
-        f"does not fit ({plan.peak_gib:.2f} GiB of {plan.capacity_gib:.2f}). Smallest change that fits: "
+        f"{plan.verdict()} at {plan.peak_gib:.2f} GiB of {plan.capacity_gib:.2f}. Smallest change that fits: "
         f"{_describe_changes(plan, changes)} -> {p.peak_gib:.2f} GiB, {p.margin_gib:.2f} GiB to spare"))
 
 
@@ -428,7 +430,7 @@ def plan(model, gpu="T4", seq_len: int = 2048, batch_size: int = 2, lora_rank: i
          gradient_checkpointing="offload", optimizer: str = "adamw_8bit", loss: str = "auto",
          embeddings_fp32: bool = False, margin_gib: float | None = None, grad_accum: int | None = None,
          lora_alpha: float | None = None, coefficients: Coefficients | None = None,
-         base_config: dict | None = None) -> Plan:
+         base_config: dict | None = None, patch: bool | None = None, attention: str = "auto") -> Plan:
     """Plan a LoRA/QLoRA fine-tune's GPU memory.
 
     model: a catalog name ("llama-3.1-8b"; see ``nbtune.planner.catalog_names()``), a hub id
@@ -439,7 +441,10 @@ def plan(model, gpu="T4", seq_len: int = 2048, batch_size: int = 2, lora_rank: i
     dtype: "auto" (bf16 where the GPU has it, else fp16), "float16", "bfloat16", "float32".
     load_in_4bit: NF4 base weights (None = yes, as on a GPU); pre-quantized checkpoints are 4-bit.
     gradient_checkpointing: "offload" (nbtune), "plain", "off". optimizer: "adamw_8bit", "adamw",
-    "paged_adamw_8bit", "sgd". loss: "auto" (what nbtune runs), "fused", "unfused".
+    "paged_adamw_8bit", "sgd". loss: "auto" (what nbtune runs: fused for patched model types),
+    "fused", "unfused". patch: nbtune's architecture patches (None: on unless NBTUNE_PATCH=0; they
+    apply to the model types in memory.PATCHED_MODEL_TYPES). attention: "auto", "efficient", "flash"
+    (the SDPA kernel: a T4 has only the memory-efficient one).
     embeddings_fp32: embedding and head upcast to fp32 (what peft's prepare_model_for_kbit_training does).
     margin_gib: headroom a plan needs to count as fitting (default: max(0.3 GiB, 3 % of the peak)).
     """
@@ -455,8 +460,18 @@ def plan(model, gpu="T4", seq_len: int = 2048, batch_size: int = 2, lora_rank: i
     if shape.prequantized and not four_bit:
         notes.append("the checkpoint is pre-quantized to 4-bit: it loads in 4-bit")
         four_bit = True
-    loss_path = memory.NBTUNE_LOSS_PATH if loss in (None, "auto") else loss
-    model_ref = str(model) if isinstance(model, str) else None
+    if patch is None:
+        patch = os.environ.get(memory.PATCH_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    patched = bool(patch) and shape.model_type in memory.PATCHED_MODEL_TYPES
+    if patch and not patched:
+        notes.append(f"model type {shape.model_type!r} has no nbtune patch: transformers' modules and loss")
+    loss_path = ("fused" if patched else "unfused") if loss in (None, "auto") else loss
+    if attention in (None, "auto"):
+        # the patched path uses flash (native GQA) on sm80+ in 16-bit; a T4 runs the efficient kernel
+        attention = "flash" if (patched and g.compute_capability >= (8, 0) and resolved != "float32") else "efficient"
+    model_ref = str(model) if isinstance(model, (str, os.PathLike)) else None
+    if model_ref is not None and os.path.isfile(os.path.expanduser(model_ref)):
+        model_ref = shape.hub_id  # a config.json: the config names its checkpoint directory
     if model_ref is not None and find_in_catalog(model_ref) is shape and "/" not in model_ref:
         model_ref = shape.hub_id or shape.name  # a catalog name: the config names where the weights are
     st = Settings(
@@ -464,7 +479,7 @@ def plan(model, gpu="T4", seq_len: int = 2048, batch_size: int = 2, lora_rank: i
         dtype=resolved, load_in_4bit=four_bit,
         gradient_checkpointing=_norm_choice(gradient_checkpointing, CHECKPOINTING_ALIASES, "gradient_checkpointing"),
         optimizer=_norm_choice(optimizer, OPTIMIZER_ALIASES, "optimizer"), loss=loss_path,
-        embeddings_fp32=bool(embeddings_fp32),
+        embeddings_fp32=bool(embeddings_fp32), patched=patched, attention=attention,
     )
     shape.lora_targets(lora_targets)  # raises on targets that match nothing
     return Plan(shape, g, st, model_ref=model_ref, dtype_requested=requested, grad_accum=grad_accum,

@@ -333,20 +333,47 @@ def read_config_file(path) -> dict:
 
 
 def fetch_hub_config(hub_id: str) -> dict:
-    """``config.json`` of a hub repo through huggingface_hub (respects HF_HUB_OFFLINE and the cache)."""
+    """``config.json`` of a hub repo: from the local hub cache, else through huggingface_hub
+    (respects HF_HUB_OFFLINE, HF_ENDPOINT and a stored token). Fails fast when the hub is unreachable."""
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
     except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
         raise PlannerError(f"model {hub_id!r}: not in the catalog and huggingface_hub is not installed") from None
+
+    def fail(why: str):
+        return PlannerError(
+            f"model {hub_id!r}: not in the planner's catalog and its config.json could not be fetched ({why}). "
+            f"Give a local checkpoint directory, or a catalog name: {', '.join(CATALOG)}")
+
+    try:
+        cached = try_to_load_from_cache(hub_id, "config.json")
+    except Exception:
+        cached = None
+    if isinstance(cached, str) and os.path.isfile(cached):
+        return json.loads(Path(cached).read_text(encoding="utf-8"))
+    if getattr(constants, "HF_HUB_OFFLINE", False):
+        raise fail("HF_HUB_OFFLINE is set and it is not in the local cache")
+    if not _reachable(getattr(constants, "ENDPOINT", "https://huggingface.co")):
+        raise fail("the hub is not reachable from here")
     try:
         path = hf_hub_download(hub_id, "config.json")
-    except Exception as e:  # offline, gated, missing: all say the same to the user
-        raise PlannerError(
-            f"model {hub_id!r}: not in the planner's catalog and its config.json could not be fetched "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}). Give a local checkpoint "
-            f"directory, or a catalog name: {', '.join(CATALOG)}"
-        ) from None
+    except Exception as e:  # gated, missing, network: all say the same to the user
+        first = str(e).splitlines()[0][:160] if str(e) else ""
+        raise fail(f"{type(e).__name__}: {first}") from None
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    try:
+        with socket.create_connection((u.hostname or "huggingface.co", u.port or (443 if u.scheme == "https" else 80)),
+                                      timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def resolve_shape(model) -> ModelShape:
@@ -361,7 +388,8 @@ def resolve_shape(model) -> ModelShape:
     path = Path(os.path.expanduser(text))
     if path.is_dir() or (path.is_file() and path.name.endswith(".json")):
         cfg = read_config_file(path)
-        return shape_from_config(cfg, name=path.name if path.is_dir() else path.parent.name, hub_id=text)
+        directory = path if path.is_dir() else path.parent
+        return shape_from_config(cfg, name=directory.name, hub_id=str(directory) if path.is_file() else text)
     shape = find_in_catalog(text)
     if shape is not None:
         return shape

@@ -1,0 +1,645 @@
+"""Calibrate the planner against nbtune's real peak memory on a GPU, and fit its coefficients.
+
+    python -m nbtune.planner.calibration measure --out calibration.json   # on a CUDA GPU (H200: ~5-6 min)
+    python -m nbtune.planner.calibration fit [calibration.json]           # anywhere: fit + write coefficients
+    python -m nbtune.planner.calibration check [calibration.json]         # anywhere: predicted vs measured
+    python -m nbtune.planner.calibration grid                              # list the configurations
+
+``measure`` follows BENCHMARKS.md's protocol: for each model shape it builds a random-weight
+checkpoint of the real dimensions (``from_config`` on the GPU, ``save_pretrained``, a tiny word-level
+tokenizer next to it), reloads it through ``nbtune.load_model`` (4-bit NF4 double-quant, or
+16-bit), then for every configuration of that shape: ``nbtune.add_lora`` (all linear layers,
+alpha = r, with the configuration's checkpointing mode), AdamW 8-bit from bitsandbytes (or torch
+AdamW), and 3 training steps on random tokens under autocast (as the HF trainer runs them), SDPA
+limited to the memory-efficient backend (what a T4 runs). Batches of more than one sequence get
+their last sequence's final eighth padded (attention_mask 0, labels -100), as padded SFT batches
+have, so transformers builds its attention mask as in real training. Recorded per configuration:
+``torch.cuda.max_memory_reserved()`` over the 3 steps (after ``empty_cache()`` and a peak reset,
+the base model already loaded), the allocated peak, the memory after loading, the step time,
+which loss path ran (a forward hook on the LM head sees full logits only on the unfused path)
+whether layer inputs were offloaded and whether nbtune's architecture patches were active. The base model is loaded once per (shape, dtype,
+4-bit) group and the LoRA adapter is removed again (``unload()``) between configurations.
+
+Results go to the JSON file after every configuration (a run cut short keeps what it measured),
+with the date, the GPU and the library versions. A time budget (``--budget-s``) skips what would
+not finish in time. ``fit`` finds the coefficients in ``memory.FITTED_FIELDS`` that minimise the
+squared error relative to the acceptance tolerance (max(5 %, 0.3 GiB)) over all records (a small
+Nelder-Mead search; pure Python) and stores them under ``"fit"``; ``memory.coefficients()`` then
+uses them. ``check`` is what ``tests/planner/test_calibration.py`` asserts.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import importlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import memory
+from .gpus import CATALOG as GPUS
+from .memory import GiB, Coefficients
+from .plan import plan
+from .shapes import CATALOG as SHAPES
+from .shapes import ModelShape
+
+DEFAULT_FILE = memory.CALIBRATION_FILE
+STEPS = 3
+T4 = GPUS["T4"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GridPoint:
+    shape: str
+    batch_size: int
+    seq_len: int
+    dtype: str  # float16 | bfloat16
+    lora_rank: int
+    load_in_4bit: bool = True
+    gradient_checkpointing: str = "offload"
+    optimizer: str = "adamw_8bit"
+
+    @property
+    def group(self):
+        return (self.shape, self.dtype, self.load_in_4bit)
+
+    def label(self) -> str:
+        return (f"{self.shape} {self.batch_size}x{self.seq_len} {self.dtype.replace('loat', '')[:4]} r{self.lora_rank}"
+                f" {'4bit' if self.load_in_4bit else '16bit'} {self.gradient_checkpointing} {self.optimizer}")
+
+
+def _g(shape, dtype, four_bit, *points):
+    return [GridPoint(shape, b, s, dtype, r, four_bit, gc, opt) for b, s, r, gc, opt in points]
+
+
+# Ordered so the cheap shapes run first (they also warm up CUDA and bitsandbytes); the 8B fp16 group
+# (the T4 question) comes before the other 7B shapes. 20 configurations, ~5-6 min on one H200.
+GRID: list[GridPoint] = (
+    _g("smollm2-135m", "float16", False, (4, 512, 8, "offload", "adamw_8bit"), (2, 2048, 16, "off", "adamw_8bit"))
+    + _g("llama-3.2-1b", "float16", True, (4, 2048, 16, "offload", "adamw_8bit"), (1, 8192, 64, "plain", "adamw_8bit"),
+         (2, 1024, 8, "off", "adamw_8bit"))
+    + _g("llama-3.2-1b", "bfloat16", False, (2, 2048, 16, "offload", "adamw_8bit"), (1, 4096, 32, "plain", "adamw_8bit"))
+    + _g("llama-3.1-8b", "float16", True, (1, 2048, 16, "offload", "adamw_8bit"), (1, 8192, 16, "offload", "adamw_8bit"),
+         (2, 4096, 64, "offload", "adamw_8bit"), (4, 2048, 8, "offload", "adamw_8bit"),
+         (1, 4096, 16, "plain", "adamw_8bit"), (1, 4096, 16, "off", "adamw_8bit"),
+         (1, 16384, 16, "offload", "adamw_8bit"))
+    + _g("llama-2-7b", "float16", True, (1, 2048, 16, "offload", "adamw_8bit"), (2, 2048, 64, "offload", "adamw_8bit"),
+         (4, 1024, 16, "plain", "adamw_8bit"))
+    + _g("qwen2.5-7b", "bfloat16", True, (1, 4096, 16, "offload", "adamw_8bit"), (2, 2048, 32, "offload", "adamw_8bit"),
+         (1, 2048, 16, "offload", "adamw"))
+)
+
+
+# ============================================================================ prediction side (pure Python)
+def shape_of(record: dict) -> ModelShape:
+    """The shape a record was measured with (its stored dimensions; the catalog's as a fallback)."""
+    dims = record.get("shape_dims")
+    if dims:
+        known = {f.name for f in dataclasses.fields(ModelShape)}
+        return ModelShape(**{k: v for k, v in dims.items() if k in known})
+    return SHAPES[record["shape"]]
+
+
+def predict(record: dict, coeffs: Coefficients | None = None, gpu=T4):
+    """The planner's plan for a measured record (same shape, settings and loss path), on ``gpu``."""
+    return plan(shape_of(record), gpu=gpu, seq_len=record["seq_len"], batch_size=record["batch_size"],
+                lora_rank=record["lora_rank"], dtype=record["dtype"], load_in_4bit=record["load_in_4bit"],
+                gradient_checkpointing=record["gradient_checkpointing"], optimizer=record["optimizer"],
+                loss=record.get("loss_path") or "auto", patch=record.get("patched"),
+                attention=record.get("attention") or "efficient", coefficients=coeffs)
+
+
+def tolerance_gib(measured_gib: float) -> float:
+    """The acceptance band: ±5 % or ±0.3 GiB, whichever is larger."""
+    return max(0.05 * measured_gib, 0.3)
+
+
+def load(path=None) -> dict:
+    p = Path(path or DEFAULT_FILE)
+    if not p.is_file():
+        return {"records": []}
+    return json.loads(p.read_text(encoding="utf-8"))
+
+
+def measured_records(data: dict) -> list[dict]:
+    return [r for r in data.get("records", []) if r.get("measured_reserved_gib") is not None]
+
+
+def check(path=None, coeffs: Coefficients | None = None) -> list[dict]:
+    """Per measured record: measured and predicted reserved peak, error, tolerance, and T4 fits
+    (measured: the peak plus T4's context fits in T4's total; predicted: the plan's ``fits``)."""
+    data = load(path)
+    if coeffs is None:
+        coeffs = _coeffs_from(data)
+    rows = []
+    for r in measured_records(data):
+        p = predict(r, coeffs)
+        meas = r["measured_reserved_gib"]
+        err = p.reserved_gib - meas
+        rows.append(dict(
+            label=r.get("label") or GridPoint(r["shape"], r["batch_size"], r["seq_len"], r["dtype"], r["lora_rank"],
+                                              r["load_in_4bit"], r["gradient_checkpointing"], r["optimizer"]).label(),
+            measured_gib=meas, predicted_gib=p.reserved_gib, error_gib=err, rel_error=err / meas,
+            tolerance_gib=tolerance_gib(meas), within=abs(err) <= tolerance_gib(meas),
+            t4_measured_fits=meas + T4.context_gib <= T4.total_gib, t4_predicted_fits=p.fits,
+            loss_path=r.get("loss_path")))
+    return rows
+
+
+def _coeffs_from(data: dict) -> Coefficients:
+    values = (data.get("fit") or {}).get("coefficients") or {}
+    if not values:
+        return memory.DEFAULT_COEFFICIENTS
+    return memory.DEFAULT_COEFFICIENTS.replace(**{k: float(v) for k, v in values.items() if k in memory.FITTED_FIELDS},
+                                              source="fitted (calibration.json)")
+
+
+def format_rows(rows: list[dict]) -> str:
+    head = f"{'configuration':<58}{'measured':>9}{'predicted':>10}{'error':>8}  {'T4 fits (meas/pred)':<20}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        mark = "" if r["within"] else "  <-- outside ±5%/0.3 GiB"
+        t4 = f"{'yes' if r['t4_measured_fits'] else 'no'}/{'yes' if r['t4_predicted_fits'] else 'no'}"
+        if r["t4_measured_fits"] != r["t4_predicted_fits"]:
+            mark += "  <-- T4 verdict differs"
+        lines.append(f"{r['label']:<58}{r['measured_gib']:9.2f}{r['predicted_gib']:10.2f}{100 * r['rel_error']:+7.1f}%  "
+                     f"{t4:<20}{mark}")
+    return "\n".join(lines)
+
+
+def _nelder_mead(f, x0, steps, bounds, iters=400):
+    """Minimise f over a box (values clipped into ``bounds``): plain Nelder-Mead, pure Python."""
+    clip = lambda x: [min(max(v, lo), hi) for v, (lo, hi) in zip(x, bounds)]  # noqa: E731
+    pts = [clip(x0)] + [clip([v + (steps[j] if j == k else 0) for j, v in enumerate(x0)]) for k in range(len(x0))]
+    vals = [f(p) for p in pts]
+    for _ in range(iters):
+        order = sorted(range(len(pts)), key=vals.__getitem__)
+        pts, vals = [pts[k] for k in order], [vals[k] for k in order]
+        centroid = [sum(p[j] for p in pts[:-1]) / (len(pts) - 1) for j in range(len(x0))]
+        refl = clip([c + (c - w) for c, w in zip(centroid, pts[-1])])
+        fr = f(refl)
+        if fr < vals[0]:
+            exp = clip([c + 2 * (c - w) for c, w in zip(centroid, pts[-1])])
+            fe = f(exp)
+            pts[-1], vals[-1] = (exp, fe) if fe < fr else (refl, fr)
+        elif fr < vals[-2]:
+            pts[-1], vals[-1] = refl, fr
+        else:
+            con = clip([c + 0.5 * (w - c) for c, w in zip(centroid, pts[-1])])
+            fc = f(con)
+            if fc < vals[-1]:
+                pts[-1], vals[-1] = con, fc
+            else:
+                best = pts[0]
+                pts = [best] + [clip([b + 0.5 * (v - b) for b, v in zip(best, p)]) for p in pts[1:]]
+                vals = [vals[0]] + [f(p) for p in pts[1:]]
+        if max(vals) - min(vals) < 1e-10:
+            break
+    k = min(range(len(pts)), key=vals.__getitem__)
+    return pts[k], vals[k]
+
+
+FIT_BOUNDS = {"act_scale": (0.3, 3.0), "loss_scale": (0.3, 3.0), "overhead_fixed_gib": (0.0, 2.0),
+              "overhead_fraction": (0.0, 0.5)}
+
+
+def fit(path=None, write: bool = True) -> dict:
+    """Fit ``memory.FITTED_FIELDS`` to the measured records; write them under "fit" in the file."""
+    p = Path(path or DEFAULT_FILE)
+    data = load(p)
+    records = measured_records(data)
+    if not records:
+        raise SystemExit(f"{p}: no measured records to fit (run `measure` on a GPU first)")
+    base = memory.DEFAULT_COEFFICIENTS
+    names = list(memory.FITTED_FIELDS)
+
+    def coeffs(x):
+        return base.replace(**dict(zip(names, x)))
+
+    def objective(x):
+        c = coeffs(x)
+        total = 0.0
+        for r in records:
+            meas = r["measured_reserved_gib"]
+            err = predict(r, c).reserved_gib - meas
+            total += (err / tolerance_gib(meas)) ** 2
+        return total
+
+    x0 = [getattr(base, n) for n in names]
+    best, value = _nelder_mead(objective, x0, [0.2, 0.2, 0.1, 0.03], [FIT_BOUNDS[n] for n in names])
+    fitted = coeffs(best)
+    rows = check(p, fitted) if p.is_file() else []
+    result = dict(
+        coefficients={n: round(v, 5) for n, v in zip(names, best)}, n_records=len(records),
+        objective=round(value, 4), max_abs_rel_error=round(max((abs(r["rel_error"]) for r in rows), default=0.0), 4),
+        all_within_tolerance=all(r["within"] for r in rows),
+        t4_verdicts_agree=all(r["t4_measured_fits"] == r["t4_predicted_fits"] for r in rows),
+        fitted_on=datetime.date.today().isoformat(), defaults={n: getattr(base, n) for n in names},
+    )
+    if write:
+        data["fit"] = result
+        p.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        memory._fitted.cache_clear()
+    return result
+
+
+# ============================================================================ measurement side (needs a GPU)
+def _ensure_nbtune_kernels():
+    """Make ``nbtune.kernels`` importable from a plain checkout (pyproject maps it to ./kernels)."""
+    try:
+        importlib.import_module("nbtune.kernels")
+        return
+    except ImportError:
+        pass
+    import nbtune
+
+    root = Path(nbtune.__file__).resolve().parent.parent / "kernels"
+    spec = importlib.util.spec_from_file_location("nbtune.kernels", root / "__init__.py",
+                                                  submodule_search_locations=[str(root)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["nbtune.kernels"] = module
+    spec.loader.exec_module(module)
+    nbtune.kernels = module
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "triton", "accelerate", "nbtune"):
+        try:
+            out[name] = importlib.import_module(name).__version__
+        except Exception:
+            out[name] = None
+    try:
+        import torch
+
+        out["cuda"] = torch.version.cuda
+    except Exception:
+        pass
+    return out
+
+
+def _write_tokenizer(path: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(str(path))
+
+
+def build_checkpoint(shape: ModelShape, path: Path, max_positions: int, device: str = "cuda") -> float:
+    """A random-weight bf16 checkpoint of ``shape`` at ``path``; returns seconds taken."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    t = time.perf_counter()
+    kw = shape.to_hf_config()
+    kw["max_position_embeddings"] = max(kw["max_position_embeddings"], max_positions)
+    config = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(str(path), max_shard_size="4GB")
+    _write_tokenizer(path)
+    del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return time.perf_counter() - t
+
+
+def _checkpoint_root(explicit: str | None, need_bytes: float) -> Path:
+    if explicit:
+        return Path(explicit)
+    shm = Path("/dev/shm")
+    try:
+        if shm.is_dir() and shutil.disk_usage(shm).free > need_bytes + 24 * GiB:
+            return shm / "nbtune-calibration"
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / "nbtune-calibration"
+
+
+def _strip_lora(peft_model):
+    """The base model back from a PeftModel, LoRA layers removed, checkpointing and hooks off."""
+    try:
+        from nbtune.models.patches import unpatch_model
+
+        unpatch_model(peft_model)
+    except ImportError:
+        pass
+    base = peft_model.unload()
+    if hasattr(base, "peft_config"):
+        try:
+            del base.peft_config
+        except AttributeError:
+            pass
+    try:
+        base.gradient_checkpointing_disable()
+    except Exception:
+        pass
+    try:
+        base.disable_input_require_grads()
+    except Exception:
+        pass
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return base
+
+
+def _on_cuda(device: str, name: str, *args):
+    """torch.cuda.<name>(*args) on a CUDA run; nothing (0) on the CPU smoke run."""
+    import torch
+
+    return getattr(torch.cuda, name)(*args) if device == "cuda" else 0
+
+
+def run_point(base, point: GridPoint, vocab_size: int, steps: int = STEPS, device: str = "cuda") -> tuple[dict, object]:
+    """``steps`` training steps of ``point`` on the loaded ``base``; (record fields, base model back).
+    ``device="cpu"`` is a smoke run of the same code (memory figures are then 0)."""
+    import torch
+
+    from nbtune.kernels.offload import offload_stats, release_pinned_memory, reset_offload_stats
+    from nbtune.models import add_lora
+
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[point.dtype]
+    gc.collect()
+    _on_cuda(device, "empty_cache")
+    model = add_lora(base, r=point.lora_rank, alpha=point.lora_rank, targets="all-linear",
+                     gradient_checkpointing=point.gradient_checkpointing)
+    try:
+        from nbtune.models.patches import is_patched
+
+        patched = bool(is_patched(model))
+    except ImportError:  # a checkout from before the patches
+        patched = False
+    params = [p for p in model.parameters() if p.requires_grad]
+    if point.optimizer == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.AdamW8bit(params, lr=2e-4)
+    else:
+        opt = torch.optim.AdamW(params, lr=2e-4)
+    head_calls = []
+    head = model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda m, i, o: head_calls.append(tuple(o.shape)))
+    reset_offload_stats()
+    gc.collect()
+    _on_cuda(device, "empty_cache")
+    _on_cuda(device, "reset_peak_memory_stats")
+    gen = torch.Generator(device=device).manual_seed(0)
+    B, S = point.batch_size, point.seq_len
+    times, losses, error = [], [], None
+    try:
+        for _ in range(steps):
+            ids = torch.randint(4, vocab_size, (B, S), device=device, generator=gen)
+            mask = torch.ones_like(ids)
+            labels = ids.clone()
+            if B > 1:
+                pad = max(1, S // 8)
+                mask[-1, -pad:] = 0
+                labels[-1, -pad:] = -100
+            _on_cuda(device, "synchronize")
+            t = time.perf_counter()
+            with torch.autocast(device, dtype=dtype):
+                out = model(input_ids=ids, attention_mask=mask, labels=labels)
+            loss = out.loss
+            del out  # the trainer keeps only the loss: the logits go before backward
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            _on_cuda(device, "synchronize")
+            times.append(time.perf_counter() - t)
+            losses.append(float(loss.detach()))
+            del loss
+    except torch.OutOfMemoryError as e:
+        error = f"OOM: {str(e).splitlines()[0][:200]}"
+    except RuntimeError as e:
+        error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    peak_reserved = _on_cuda(device, "max_memory_reserved") / GiB
+    peak_alloc = _on_cuda(device, "max_memory_allocated") / GiB
+    stats = offload_stats()
+    hook.remove()
+    full_logits = any(len(s) >= 2 and s[-1] == head.weight.shape[0] and math.prod(s[:-1]) >= B * S - B
+                      for s in head_calls)
+    del opt, params
+    base = _strip_lora(model)
+    del model
+    release_pinned_memory()
+    gc.collect()
+    _on_cuda(device, "empty_cache")
+    measured = error is None and device == "cuda"  # a CPU smoke run measures nothing
+    record = dict(
+        measured_reserved_gib=round(peak_reserved, 4) if measured else None,
+        measured_allocated_gib=round(peak_alloc, 4) if measured else None,
+        peak_reserved_at_error_gib=round(peak_reserved, 4) if error else None,
+        step_s=round(sorted(times)[len(times) // 2], 4) if times else None,
+        tokens_per_s=round(B * S / sorted(times)[len(times) // 2]) if times else None,
+        first_loss=round(losses[0], 4) if losses else None,
+        loss_path="unfused" if full_logits else "fused",  # fused: the head's module is never called
+        offloaded_inputs=stats.get("offloaded", 0), patched=patched, attention="efficient", error=error,
+        device=device,
+    )
+    return record, base
+
+
+def measure(out: str | Path, budget_s: float = 360.0, only: str | None = None, ckpt_root: str | None = None,
+            steps: int = STEPS, device: str = "cuda", grid: list[GridPoint] | None = None,
+            shapes: dict | None = None) -> dict:
+    """Run the grid on the current GPU; write the JSON to ``out`` after every configuration.
+    ``device="cpu"`` (with a small ``grid``/``shapes``) is a smoke run of the same code path: it
+    checks the machinery, its memory figures are 0 and it must not be committed."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    t_start = time.perf_counter()
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("calibration measure needs a CUDA GPU")
+    shapes = shapes or SHAPES
+    _ensure_nbtune_kernels()
+    from nbtune.models import load_model
+
+    if device == "cuda":
+        # What a T4 runs (BENCHMARKS.md's T4 emulation): SDPA's memory-efficient backend only.
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_math_sdp(False)
+        try:
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        except AttributeError:
+            pass
+        torch.backends.cuda.enable_mem_efficient_sdp(True)
+        torch.cuda.init()
+        torch.zeros(1, device="cuda")
+        free, total = torch.cuda.mem_get_info()
+        gpu_name = torch.cuda.get_device_properties(0).name
+    else:
+        free = total = 0
+        gpu_name = "cpu (smoke run: no memory figures)"
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data = dict(
+        schema=1, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        gpu=gpu_name, gpu_total_gib=round(total / GiB, 3),
+        context_gib=round((total - free - _on_cuda(device, "memory_reserved")) / GiB, 3), versions=_versions(),
+        alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),  # expandable_segments etc. change reserved memory
+        protocol=("random-weight checkpoints of real shapes reloaded with nbtune.load_model; nbtune.add_lora (all "
+                  f"linear, alpha=r); {steps} steps on random tokens under autocast; SDPA memory-efficient only; "
+                  "peak = torch.cuda.max_memory_reserved() after empty_cache + reset, base model loaded"),
+        records=[],
+    )
+    grid = [p for p in (grid or GRID) if not only or any(o in p.label() for o in only.split(","))]
+    groups: dict = {}
+    for p in grid:
+        groups.setdefault(p.group, []).append(p)
+
+    def save():
+        out.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+
+    print(f"# nbtune planner calibration on {gpu_name}: {len(grid)} configurations in {len(groups)} groups, "
+          f"budget {budget_s:.0f} s", flush=True)
+    print(f"{'configuration':<58}{'measured':>9}{'predicted':>10}{'error':>8}  {'loss':<8}{'tok/s':>7}", flush=True)
+    built: dict[str, Path] = {}
+    last_group_of = {key[0]: n for n, key in enumerate(groups)}
+    for n_group, ((shape_name, dtype, four_bit), points) in enumerate(groups.items()):
+        shape = shapes[shape_name]
+        elapsed = time.perf_counter() - t_start
+        if elapsed > budget_s:
+            for p in points:
+                data["records"].append(_skipped(p, shape, "time budget"))
+            print(f"# skipped {shape_name} {dtype} (time budget)", flush=True)
+            save()
+            continue
+        root = _checkpoint_root(ckpt_root, shape.total_params * 2)
+        path = root / shape_name
+        group_info = {}
+        try:
+            if shape_name not in built:
+                if path.exists():
+                    shutil.rmtree(path)
+                path.mkdir(parents=True, exist_ok=True)
+                group_info["build_s"] = round(build_checkpoint(shape, path, max(p.seq_len for p in points), device), 1)
+                built[shape_name] = path
+            t = time.perf_counter()
+            _on_cuda(device, "reset_peak_memory_stats")
+            base, _tok = load_model(str(path), max_seq_length=max(p.seq_len for p in points), load_in_4bit=four_bit,
+                                    dtype=dtype, device=device)
+            base.config.use_cache = False
+            _on_cuda(device, "synchronize")
+            group_info.update(load_s=round(time.perf_counter() - t, 1),
+                              load_peak_reserved_gib=round(_on_cuda(device, "max_memory_reserved") / GiB, 4),
+                              after_load_allocated_gib=round(_on_cuda(device, "memory_allocated") / GiB, 4))
+            gc.collect()
+            _on_cuda(device, "empty_cache")
+            group_info["after_load_reserved_gib"] = round(_on_cuda(device, "memory_reserved") / GiB, 4)
+        except Exception as e:  # a shape that cannot be built or loaded: record it, go on with the next
+            why = f"build/load failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            print(f"# {shape_name} {dtype}: {why}", flush=True)
+            data["records"] += [dict(_skipped(p, shape, "load"), error=why) for p in points]
+            save()
+            base = None
+        for k, p in enumerate(points if base is not None else []):
+            if time.perf_counter() - t_start > budget_s:
+                data["records"].append(_skipped(p, shape, "time budget"))
+                print(f"# skipped {p.label()} (time budget)", flush=True)
+                save()
+                continue
+            try:
+                fields, base = run_point(base, p, shape.vocab_size, steps, device)
+            except Exception as e:  # the adapter could not be set up or removed: the base is in doubt
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                print(f"{p.label():<58}  failed: {why}; skipping the rest of this group", flush=True)
+                data["records"] += [dict(_skipped(q, shape, "group failed"), error=why) for q in points[k:]]
+                save()
+                base = None
+                break
+            rec = dict(label=p.label(), **dataclasses.asdict(p), shape_dims=dataclasses.asdict(shape), **group_info,
+                       **fields)
+            data["records"].append(rec)
+            save()
+            if rec["measured_reserved_gib"] is not None and device == "cuda":
+                pr = predict(rec, memory.DEFAULT_COEFFICIENTS).reserved_gib
+                m = rec["measured_reserved_gib"]
+                print(f"{p.label():<58}{m:9.2f}{pr:10.2f}{100 * (pr - m) / m:+7.1f}%  {rec['loss_path'] or '?':<8}"
+                      f"{rec['tokens_per_s'] or 0:>7}", flush=True)
+            else:
+                print(f"{p.label():<58}  {rec['error'] or 'ran (smoke run, no memory figures)'}", flush=True)
+        base = _tok = None
+        gc.collect()
+        _on_cuda(device, "empty_cache")
+        if last_group_of[shape_name] == n_group:
+            shutil.rmtree(path, ignore_errors=True)
+    data["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    save()
+    n = len(measured_records(data))
+    print(f"# {n}/{len(grid)} measured in {data['elapsed_s']:.0f} s -> {out}", flush=True)
+    return data
+
+
+def _skipped(p: GridPoint, shape: ModelShape, why: str) -> dict:
+    return dict(label=p.label(), **dataclasses.asdict(p), shape_dims=dataclasses.asdict(shape),
+                measured_reserved_gib=None, error=f"skipped ({why})")
+
+
+# ============================================================================ command line
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m nbtune.planner.calibration", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("measure", help="measure the grid on this GPU (needs CUDA, bitsandbytes)")
+    m.add_argument("--out", default=str(DEFAULT_FILE), help="JSON to write (default: the packaged calibration.json)")
+    m.add_argument("--budget-s", type=float, default=360.0, help="skip configurations that start after this many s")
+    m.add_argument("--only", default=None, help="comma-separated substrings of configuration labels to run")
+    m.add_argument("--ckpt-root", default=None, help="where to build the random checkpoints (default /dev/shm or tmp)")
+    m.add_argument("--steps", type=int, default=STEPS)
+    f = sub.add_parser("fit", help="fit the coefficients to a measured JSON and store them in it")
+    f.add_argument("path", nargs="?", default=str(DEFAULT_FILE))
+    c = sub.add_parser("check", help="predicted vs measured for every record; exit 1 if any is off")
+    c.add_argument("path", nargs="?", default=str(DEFAULT_FILE))
+    c.add_argument("--defaults", action="store_true", help="use the default (unfitted) coefficients")
+    sub.add_parser("grid", help="list the configurations")
+    args = ap.parse_args(argv)
+    if args.cmd == "measure":
+        measure(args.out, args.budget_s, args.only, args.ckpt_root, args.steps)
+        rows = check(args.out, memory.DEFAULT_COEFFICIENTS)
+        if rows:
+            print("\n# against the default (unfitted) coefficients:\n" + format_rows(rows))
+        return 0
+    if args.cmd == "fit":
+        before = check(args.path, memory.DEFAULT_COEFFICIENTS)
+        result = fit(args.path)
+        print("# default coefficients:\n" + format_rows(before))
+        print(f"\n# fitted {json.dumps(result['coefficients'])}:\n" + format_rows(check(args.path)))
+        print(f"\nmax |error| {100 * result['max_abs_rel_error']:.1f}%, all within tolerance: "
+              f"{result['all_within_tolerance']}, T4 verdicts agree: {result['t4_verdicts_agree']}")
+        return 0
+    if args.cmd == "check":
+        rows = check(args.path, memory.DEFAULT_COEFFICIENTS if args.defaults else None)
+        if not rows:
+            print(f"{args.path}: no measured records")
+            return 0
+        print(format_rows(rows))
+        ok = all(r["within"] and r["t4_measured_fits"] == r["t4_predicted_fits"] for r in rows)
+        return 0 if ok else 1
+    for p in GRID:
+        pr = plan(SHAPES[p.shape], gpu="H200", seq_len=p.seq_len, batch_size=p.batch_size, lora_rank=p.lora_rank,
+                  dtype=p.dtype, load_in_4bit=p.load_in_4bit, gradient_checkpointing=p.gradient_checkpointing,
+                  optimizer=p.optimizer)
+        print(f"{p.label():<58} predicted {pr.reserved_gib:6.2f} GiB")
+    print(f"{len(GRID)} configurations")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
