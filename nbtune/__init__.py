@@ -18,7 +18,11 @@ _PUBLIC = {
     "load_model": "nbtune.models",
     "add_lora": "nbtune.models",
     "load_adapter": "nbtune.models",
-    "finetune": "nbtune.train",
+    "finetune": "nbtune.ui.api",
+    "Dashboard": "nbtune.ui.dashboard",
+    "replay": "nbtune.ui.dashboard",
+    "overlay": "nbtune.ui.dashboard",
+    "DryRunReport": "nbtune.train",
     "build_config": "nbtune.train",
     "Config": "nbtune.train",
     "ConfigError": "nbtune.train",
@@ -28,9 +32,19 @@ _PUBLIC = {
     "pull": "nbtune.assets",
     "AssetError": "nbtune.assets",
     "ModelLoadError": "nbtune.models",
+    "plan": "nbtune.planner",
+    "plan_from_config": "nbtune.planner",
+    "PlannerWidget": "nbtune.ui.planner_widget",
 }
 
-__all__ = sorted(_PUBLIC) + ["__version__"]
+__all__ = sorted(_PUBLIC) + ["__version__", "load_ipython_extension"]
+
+
+def load_ipython_extension(ipython):
+    """``%load_ext nbtune``: registers the ``%%finetune`` magic (torch loads only when a cell runs)."""
+    from .ui.magic import load_ipython_extension as load
+
+    load(ipython)
 
 
 def __getattr__(name: str):

@@ -1,8 +1,30 @@
-"""Training: one config -> data pipeline -> TRL SFTTrainer -> metrics stream -> adapter on disk."""
-from .config import Config, ConfigError, build_config
-from .data import DataError, prepare_data
-from .metrics import MetricsStream, read_log
-from .run import FinetuneResult, finetune
+"""Training: one config -> data pipeline -> TRL SFTTrainer -> metrics stream -> adapter on disk.
 
-__all__ = ["Config", "ConfigError", "DataError", "FinetuneResult", "MetricsStream", "build_config", "finetune",
-           "prepare_data", "read_log"]
+Names load lazily, so ``nbtune.train.config`` (and the ``%%finetune`` magic that reads it) can be
+imported without torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+_PUBLIC = {
+    "Config": "config", "ConfigError": "config", "build_config": "config",
+    "DataError": "data", "prepare_data": "data",
+    "MetricsStream": "metrics", "read_log": "metrics",
+    "DryRunReport": "run", "FinetuneResult": "run", "dry_run_report": "run", "finetune": "run", "memory_plan": "run",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nbtune.train' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

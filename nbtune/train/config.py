@@ -1,14 +1,30 @@
 """One validated config for every door into nbtune: the ``%%finetune`` cell, the CLI, the Python API.
 
 The text forms (YAML cell body, YAML file) and keyword arguments all become a :class:`Config`.
-Unknown keys, wrong types and out-of-range values are errors that name the field. Defaults are
-tuned for a free Colab T4 (a 7-8B model in 4-bit fits with them) and for the embedded model on
-a CPU.
+Unknown keys, wrong types and out-of-range values are errors that name the field and what is
+allowed there. Defaults are tuned for a free Colab T4 (a 7-8B model in 4-bit fits with them) and
+for the embedded model on a CPU.
+
+Numbers are numbers however they are written: YAML 1.1 (PyYAML) reads ``2e-4`` as the text
+"2e-4"; nbtune's YAML loader follows YAML 1.2 there, and the schema accepts numeric text too, so
+``lr: 2e-4``, ``lr: 2.0e-4``, ``lr: "2e-4"`` and ``lr=2e-4`` are the same float.
+
+Sections (``Config.reference()`` prints every key with its default and allowed values):
+
+- ``model``: name (embedded name, local directory or hub id), max_seq_length, load_in_4bit, dtype;
+- ``data``: source, split, eval_split (a split name, a fraction of the train rows, or none),
+  format + columns (mapping), chat_template, responses_only, packing, max_rows / eval_rows;
+- ``lora``: r, alpha, dropout, targets;
+- ``train``: max_steps or epochs, batch_size, grad_accum, lr, scheduler, warmup_steps, optimizer
+  (8-bit AdamW by default), weight_decay, seed, logging / eval / save steps, force (skip the
+  memory check);
+- ``output``: dir, export (``adapter`` and/or ``merged``), keep_checkpoints.
 """
 from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -40,7 +56,9 @@ DataFormat = Literal["auto", "messages", "prompt_completion", "instruction", "qa
 class DataConfig(_Section):
     source: str = Field("gsm8k", description="embedded name (gsm8k), a local json/jsonl/csv/parquet file, or a hub id")
     split: str = "train"
-    eval_split: Union[str, None] = Field("auto", description="'auto': the source's held-out split if it has one")
+    eval_split: Union[float, str, None] = Field(
+        "auto", description="'auto' (the source's held-out split if it has one), a split name, a fraction "
+                            "of the train rows to hold out (0 < x < 1), or null for no evaluation")
     format: DataFormat = "auto"
     columns: dict[str, str] = Field(default_factory=dict, description="canonical name -> your column name")
     responses_only: bool = Field(True, description="train only on assistant / completion tokens")
@@ -48,6 +66,20 @@ class DataConfig(_Section):
     max_rows: Union[int, None] = Field(None, gt=0)
     eval_rows: Union[int, None] = Field(None, gt=0)
     system_prompt: Union[str, None] = None
+    chat_template: Union[str, None] = Field(
+        None, description="null: the tokenizer's own (chatml if it has none); 'chatml'; or a Jinja template")
+
+    @field_validator("eval_split", mode="before")
+    @classmethod
+    def _eval_split(cls, v):
+        if isinstance(v, bool):
+            raise ValueError("eval_split is 'auto', a split name, a fraction between 0 and 1, or null")
+        if isinstance(v, (int, float)) or (isinstance(v, str) and _NUMBER.fullmatch(v.strip())):
+            x = float(v)
+            if not 0 < x < 1:
+                raise ValueError(f"a numeric eval_split is the fraction of train rows held out: 0 < x < 1, got {v}")
+            return x
+        return v
 
 
 class LoraConfig(_Section):
@@ -74,6 +106,7 @@ class TrainConfig(_Section):
     save_steps: Union[int, None] = Field(None, gt=0)
     gradient_checkpointing: Literal["offload", "plain", "off"] = "offload"
     eval_batch_size: Union[int, None] = Field(None, gt=0)
+    force: bool = Field(False, description="train even when the planner predicts the run will not fit")
 
     @model_validator(mode="after")
     def _steps_or_epochs(self):
@@ -82,9 +115,34 @@ class TrainConfig(_Section):
         return self
 
 
+ExportKind = Literal["adapter", "merged"]
+
+
 class OutputConfig(_Section):
     dir: str = "outputs/nbtune-run"
-    save_merged: bool = Field(False, description="also save a merged 16-bit checkpoint")
+    export: list[ExportKind] = Field(
+        default_factory=lambda: ["adapter"],
+        description="what to save after training: adapter (peft format) and/or merged (16-bit, adapter folded in)")
+    merged_dtype: Literal["float16", "bfloat16"] = "float16"
+    keep_checkpoints: int = Field(2, ge=1, description="resumable checkpoints kept in <dir>/checkpoints")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _save_merged_alias(cls, data):
+        if isinstance(data, dict) and "save_merged" in data:  # the first schema's spelling
+            data = dict(data)
+            if data.pop("save_merged"):
+                data["export"] = list(dict.fromkeys([*(data.get("export") or ["adapter"]), "merged"]))
+        return data
+
+    @field_validator("export", mode="before")
+    @classmethod
+    def _export_list(cls, v):
+        return [v] if isinstance(v, str) else v
+
+    @property
+    def save_merged(self) -> bool:
+        return "merged" in self.export
 
 
 class Config(_Section):
@@ -107,26 +165,89 @@ class Config(_Section):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(), sort_keys=False)
 
+    @classmethod
+    def reference(cls) -> str:
+        """Every section and key with its default and what is allowed (the ``%%finetune?`` help)."""
+        return config_reference()
+
 
 SECTIONS = tuple(Config.model_fields)
 
+# other libraries' names for nbtune's keys, for "did you mean" hints
+ALIASES = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
+    "learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "scheduler", "optim": "optimizer",
+    "warmup": "warmup_steps", "max_length": "max_seq_length", "seq_len": "max_seq_length", "path": "name",
+    "model_name": "name", "id": "name", "load_in_4_bit": "load_in_4bit", "output_dir": "dir", "dataset": "source",
+    "file": "source", "steps": "max_steps",
+}
+
 
 def _format_error(err: ValidationError, model: type[BaseModel]) -> str:
-    lines = []
+    """One line per bad field: its dotted name, what is allowed there, and what was given."""
+    grouped: dict[tuple, list[dict]] = {}
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        grouped.setdefault(_clean_loc(e["loc"], model), []).append(e)
+    lines = []
+    for loc_parts, errors in grouped.items():
+        loc = ".".join(str(p) for p in loc_parts)
+        e = errors[0]
         if e["type"] == "extra_forbidden":
-            *parent, key = [str(p) for p in e["loc"]]
+            *parent, key = [str(p) for p in loc_parts]
             allowed = _allowed_keys(model, parent)
-            hint = difflib.get_close_matches(key, allowed, n=1)
+            hint = [ALIASES[key]] if ALIASES.get(key) in allowed else difflib.get_close_matches(key, allowed, n=1)
             msg = f"unknown key {loc!r}" + (f" (did you mean {'.'.join(parent + [hint[0]])!r}?)" if hint else "")
             msg += f"; allowed here: {', '.join(allowed)}"
-        elif e["type"] == "literal_error":
-            msg = f"{loc}: {e['msg']} (got {e.get('input')!r})"
+        elif len(errors) > 1:  # a union: say what the field takes as a whole
+            field = _field_at(model, loc_parts)
+            allowed = _describe_type(field.annotation) if field is not None else "another value"
+            msg = f"{loc}: expected {allowed} (got {e.get('input')!r})"
         else:
-            msg = f"{loc}: {e['msg']} (got {e.get('input')!r})"
+            text = e["msg"].removeprefix("Value error, ")
+            field = _field_at(model, loc_parts)
+            if e["type"] not in ("literal_error", "value_error") and field is not None:
+                text += f"; allowed: {_describe_type(field.annotation)}{_bounds(field)}"
+            msg = f"{loc}: {text} (got {e.get('input')!r})"
         lines.append(msg)
     return "invalid nbtune config:\n  " + "\n  ".join(lines)
+
+
+def _clean_loc(loc, model) -> tuple:
+    """Drop pydantic's union-member tags ('str', 'list[str]', 'none') from an error location."""
+    out, current = [], model
+    for part in loc:
+        if isinstance(part, int):
+            out.append(part)
+            continue
+        fields = getattr(current, "model_fields", None)
+        if fields is not None and part in fields:
+            out.append(part)
+            ann = fields[part].annotation
+            current = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        elif fields is not None:
+            out.append(part)  # an unknown key: keep it so the message can name it
+            current = None
+    return tuple(out)
+
+
+def _field_at(model, loc_parts):
+    field = None
+    for part in loc_parts:
+        if isinstance(part, int):
+            continue
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        field = fields[part]
+        model = field.annotation
+    return field
+
+
+def _bounds(field) -> str:
+    ops = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    parts = [f"{ops[k]} {getattr(m, k)}" for m in field.metadata for k in ops if getattr(m, k, None) is not None]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _allowed_keys(model: type[BaseModel], path: list[str]) -> list[str]:
@@ -171,10 +292,24 @@ def build_config(source: Any = None, **overrides) -> Config:
         raise ConfigError(_format_error(e, Config)) from None
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads 2e-4 / 1E3 as floats (YAML 1.2), as people expect; nothing is evaluated."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
 def parse_yaml(text: str) -> dict:
-    """YAML text -> dict; never evaluates anything (safe_load)."""
+    """YAML text -> dict; never evaluates anything (a SafeLoader)."""
     try:
-        data = yaml.safe_load(text) if text.strip() else {}
+        data = yaml.load(text, Loader=_Loader) if text.strip() else {}
     except yaml.YAMLError as e:
         raise ConfigError(f"the config is not valid YAML: {e}") from None
     if data is None:
@@ -182,6 +317,37 @@ def parse_yaml(text: str) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"the config must be a mapping of sections ({', '.join(SECTIONS)}), got {type(data).__name__}")
     return data
+
+
+def _describe_type(ann) -> str:
+    import typing
+
+    origin = typing.get_origin(ann)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(ann))
+    if origin in (Union, getattr(__import__("types"), "UnionType", Union)):
+        return " | ".join(_describe_type(a) for a in typing.get_args(ann))
+    if origin in (list, dict):
+        args = ", ".join(_describe_type(a) for a in typing.get_args(ann))
+        return f"{origin.__name__}[{args}]"
+    if ann is type(None):
+        return "null"
+    return getattr(ann, "__name__", str(ann))
+
+
+def config_reference() -> str:
+    """Plain-text reference of the schema: section, key, type / allowed values, default, description."""
+    lines = []
+    for section, field in Config.model_fields.items():
+        model = field.annotation
+        lines.append(f"{section}:")
+        for key, f in model.model_fields.items():
+            default = f.get_default(call_default_factory=True)
+            text = f"  {key}: {_describe_type(f.annotation)}{_bounds(f)} = {default!r}"
+            if f.description:
+                text += f"  # {f.description}"
+            lines.append(text)
+    return "\n".join(lines)
 
 
 def output_dir(config: Config) -> Path:

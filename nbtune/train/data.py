@@ -253,20 +253,61 @@ def prepare_data(cfg: DataConfig, tokenizer, max_len: int) -> TokenizedData:
     if not rows:
         raise DataError(f"{where}: no rows")
     fmt = detect_format(rows[0].keys(), cfg)
+    eval_split = cfg.eval_split
+    held_out = None
+    if isinstance(eval_split, float):  # hold out a fraction of the train rows (a seeded shuffle)
+        import random
+
+        order = list(range(len(rows)))
+        random.Random(0).shuffle(order)
+        n_eval = max(1, round(len(rows) * eval_split))
+        if n_eval >= len(rows):
+            raise DataError(f"{where}: data.eval_split={eval_split} leaves no train rows out of {len(rows)}")
+        held_out = [rows[i] for i in sorted(order[:n_eval])]
+        rows = [rows[i] for i in sorted(order[n_eval:])]
+        eval_split = None
     if cfg.max_rows:
         rows = rows[: cfg.max_rows]
     train, dropped = tokenize_rows(rows, tokenizer, cfg, max_len, where, fmt)
     eval_ds = None
-    eval_split = cfg.eval_split
     if eval_split == "auto":
         eval_split = "test" if cfg.source in DATASETS else None
     if eval_split:
-        eval_rows, eval_where = load_rows(cfg, eval_split)
-        eval_rows = [_rename(r, cfg.columns) for r in eval_rows]
+        held_out, eval_where = load_rows(cfg, eval_split)
+        held_out = [_rename(r, cfg.columns) for r in held_out]
+    else:
+        eval_where = f"{where} (held out)"
+    if held_out is not None:
         if cfg.eval_rows:
-            eval_rows = eval_rows[: cfg.eval_rows]
-        eval_ds, _ = tokenize_rows(eval_rows, tokenizer, cfg, max_len, eval_where, fmt)
+            held_out = held_out[: cfg.eval_rows]
+        eval_ds, _ = tokenize_rows(held_out, tokenizer, cfg, max_len, eval_where, fmt)
     return TokenizedData(train=train, eval=eval_ds, dropped=dropped, format=fmt)
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def apply_chat_template_choice(tokenizer, choice: str | None) -> str | None:
+    """Set ``tokenizer.chat_template`` from data.chat_template: None keeps the tokenizer's own (chatml
+    when it has none), "chatml" is ChatML, anything else is taken as a Jinja template. The
+    tokenizer's original template is remembered, so a reused tokenizer can go back to it."""
+    if not hasattr(tokenizer, "_nbtune_original_template"):
+        tokenizer._nbtune_original_template = getattr(tokenizer, "chat_template", None)
+    original = tokenizer._nbtune_original_template
+    if choice is None:
+        template = original or CHATML_TEMPLATE
+    elif choice.strip().lower() == "chatml":
+        template = CHATML_TEMPLATE
+    elif "{%" in choice or "{{" in choice:
+        template = choice
+    else:
+        raise DataError(f"data.chat_template: {choice!r} is not 'chatml' nor a Jinja template "
+                        "(null keeps the tokenizer's own)")
+    tokenizer.chat_template = template
+    return template
 
 
 def _rename(row: dict, columns: dict) -> dict:

@@ -1,14 +1,19 @@
 """The stream of training metrics: one dict per logging step, to a JSONL file and to listeners.
 
-A record holds: step, max_steps, loss, eval_loss (on evaluation steps), lr, grad_norm, tokens
-seen, tokens/s since the last record, VRAM allocated / reserved / peak (GiB, CUDA only), elapsed
-seconds and ETA. Listeners (the dashboard, the terminal progress line) receive each record as
-it is written.
+A record holds: event, step, max_steps, loss, eval_loss (on evaluation steps), lr, grad_norm,
+tokens seen, tokens/s since the last record, VRAM allocated / reserved / peak (GiB, CUDA only),
+elapsed seconds and ETA. Events: ``start`` (with the GPU's capacity ``vram_total_gib`` and, on a
+resumed run, ``resumed_from``), ``train``, ``eval``, ``summary`` (transformers' end-of-training
+totals), ``interrupted`` (a stop asked for by the user,
+with the checkpoint it saved) and ``end``. Listeners (the dashboard, the terminal progress line)
+receive each record as it is written; a listener that raises is reported once and dropped, so a
+display problem never stops training.
 """
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -29,6 +34,15 @@ def gpu_memory() -> dict:
     )
 
 
+def gpu_capacity() -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return dict(gpu=props.name, vram_total_gib=round(props.total_memory / 2**30, 3))
+
+
 class MetricsStream(TrainerCallback):
     """transformers callback writing one JSON record per log event and fanning it out to listeners."""
 
@@ -40,20 +54,34 @@ class MetricsStream(TrainerCallback):
         self.listeners = list(listeners or [])
         self.records: list[dict] = []
         self._t0 = None
+        self._step0 = 0  # the step this session started from (> 0 when resumed)
         self._last = None  # (time, tokens) at the previous record
+        self.resumed_from: int | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        # on a resumed run transformers restores state.global_step after this event; the run
+        # says where it resumes from through ``resumed_from``
         now = time.perf_counter()
         self._t0 = now
-        self._last = (now, int(getattr(state, "num_input_tokens_seen", 0) or 0))
-        self.emit(dict(event="start", step=state.global_step, max_steps=state.max_steps))
+        self._step0 = self.resumed_from or 0
+        self._last = None  # set at the first step, once a resumed run's state is restored
+        rec = dict(event="start", step=self._step0, max_steps=state.max_steps, **gpu_capacity())
+        if self.resumed_from:
+            rec["resumed_from"] = self.resumed_from
+        self.emit(rec)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._last is None:
+            self._last = (time.perf_counter(), int(getattr(state, "num_input_tokens_seen", 0) or 0))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
         now = time.perf_counter()
         tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
-        rec = dict(event="eval" if any(k.startswith("eval_") for k in logs) else "train",
-                   step=state.global_step, max_steps=state.max_steps)
+        event = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        if event == "train" and "loss" not in logs and ("train_loss" in logs or "train_runtime" in logs):
+            event = "summary"  # transformers' end-of-training totals
+        rec = dict(event=event, step=state.global_step, max_steps=state.max_steps)
         for src, dst in (("loss", "loss"), ("eval_loss", "eval_loss"), ("learning_rate", "lr"),
                          ("grad_norm", "grad_norm"), ("train_loss", "train_loss"), ("epoch", "epoch")):
             if src in logs and logs[src] is not None:
@@ -68,8 +96,9 @@ class MetricsStream(TrainerCallback):
         if self._t0 is not None:
             elapsed = now - self._t0
             rec["elapsed_s"] = round(elapsed, 2)
-            if state.global_step and state.max_steps:
-                rec["eta_s"] = round(elapsed / state.global_step * (state.max_steps - state.global_step), 1)
+            done = state.global_step - self._step0
+            if done > 0 and state.max_steps:
+                rec["eta_s"] = round(elapsed / done * max(0, state.max_steps - state.global_step), 1)
         self.emit(rec)
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -81,10 +110,40 @@ class MetricsStream(TrainerCallback):
         self.records.append(rec)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
-        for listener in self.listeners:
-            listener(rec)
+        for listener in list(self.listeners):
+            try:
+                listener(rec)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # a display problem must not stop training
+                print(f"nbtune: metrics listener {listener!r} failed and is turned off: {e!r}", file=sys.stderr)
+                self.listeners.remove(listener)
 
 
 def read_log(path: str | Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def mean_train_loss(records: list[dict]) -> float | None:
+    """Mean loss per optimizer step over a log (each record's loss covers the steps since the
+    previous one), so a resumed run's mean counts its steps before the interrupt too."""
+    total = steps = 0.0
+    prev = 0
+    for r in records:
+        if r.get("event") == "train" and r.get("loss") is not None and r["step"] > prev:
+            total += r["loss"] * (r["step"] - prev)
+            steps += r["step"] - prev
+            prev = r["step"]
+    return total / steps if steps else None
+
+
+def truncate_log(path: str | Path, step: int) -> list[dict]:
+    """Keep the records up to ``step`` (a resume point) and drop the rest, so that a resumed run's
+    log reads like one uninterrupted run; returns the records kept."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    kept = [r for r in read_log(path) if r.get("step", 0) <= step and r.get("event") != "end"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    return kept

@@ -20,11 +20,21 @@ class TerminalProgress:
     def __call__(self, rec: dict) -> None:
         event = rec.get("event")
         if event == "start":
-            self._print(f"training: {rec.get('max_steps')} steps")
+            resumed = f", resuming from step {rec['resumed_from']}" if rec.get("resumed_from") else ""
+            self._print(f"training: {rec.get('max_steps')} steps{resumed}")
             return
         if event == "end":
             peak = f", peak VRAM {rec['vram_peak_gib']:.2f} GiB" if "vram_peak_gib" in rec else ""
             self._print(f"training done at step {rec.get('step')}{peak}")
+            return
+        if event == "summary":  # transformers' end-of-training totals: the summary says it better
+            return
+        if event == "interrupted":
+            self._print(f"interrupted at step {rec.get('step')}/{rec.get('max_steps')}; checkpoint: "
+                        f"{rec.get('checkpoint')} (resume to continue)")
+            return
+        if event == "eval" and not rec.get("max_steps") and "eval_loss" in rec:
+            self._print(f"held-out loss before training: {rec['eval_loss']:.4f}")
             return
         parts = [f"step {rec.get('step')}/{rec.get('max_steps')}"]
         if "loss" in rec:

@@ -1,29 +1,50 @@
-"""``finetune(config)``: config -> model + LoRA -> tokenized data -> TRL SFTTrainer -> adapter on disk.
+"""``finetune(config)``: config -> memory check -> model + LoRA -> tokenized data -> TRL SFTTrainer
+-> metrics stream -> adapter on disk.
 
 The magic, the CLI and the Python API all end here, so a run is the same whichever door it came
 through. The output directory receives ``run.yaml`` (the resolved config), ``metrics.jsonl``
-(the metrics stream), ``adapter/`` (peft format, safetensors, with the tokenizer) and, on request,
-``merged/`` (a 16-bit checkpoint with the adapter folded in).
+(the metrics stream), ``adapter/`` (peft format, safetensors, with the tokenizer),
+``checkpoints/checkpoint-<step>/`` (resumable: adapter, optimizer, scheduler, RNG; see
+:mod:`nbtune.train.checkpoint`) and, with ``output.export: [adapter, merged]``, ``merged/`` (a 16-bit
+checkpoint with the adapter folded in).
+
+Modes (the same flags on every door): ``plan=True`` returns the memory plan only, nothing loaded;
+``dry_run=True`` checks everything a run needs (config, plan, tokenizer, data: rows, tokens, steps)
+without loading the model or training; ``resume=True`` continues from the latest complete
+checkpoint in ``output.dir``. Before a real run on a GPU the planner is asked whether the run fits;
+when it predicts it does not, the run stops with the plan's advice (``train.force: true`` or
+``force=True`` runs it anyway).
 """
 from __future__ import annotations
 
 import dataclasses
+import html
+import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from ..models import add_lora, load_model
-from .config import Config, build_config, output_dir
-from .data import prepare_data
-from .metrics import MetricsStream
+from . import session
+from .checkpoint import (InterruptCallback, StagedCheckpoints, checkpoint_step, checkpoints_dir, complete_checkpoints,
+                         latest_checkpoint,
+                         save_after_keyboard_interrupt, sigint_stops)
+from .config import Config, ConfigError, build_config, output_dir
+from .data import apply_chat_template_choice, prepare_data
+from .metrics import MetricsStream, mean_train_loss, read_log, truncate_log
 from .progress import TerminalProgress
 
 
 @dataclasses.dataclass
 class FinetuneResult:
+    """What a run leaves: paths, losses, the metrics stream, and the trained model (``model`` is
+    the live ``PeftModel``; ``chat()``/``generate()`` use it, or the saved adapter once the base
+    has been reused by a later run)."""
+
     config: Config
     output_dir: Path
     adapter_dir: Path
@@ -36,16 +57,133 @@ class FinetuneResult:
     metrics: list
     model: object = dataclasses.field(repr=False, default=None)
     tokenizer: object = dataclasses.field(repr=False, default=None)
+    interrupted: bool = False
+    checkpoint: Path | None = None
+    resumed_from: int | None = None
+    merged_dir: Path | None = None
+    plan: object = dataclasses.field(repr=False, default=None)
+    _generation: int = dataclasses.field(repr=False, default=0)
 
     def summary(self) -> str:
-        lines = [f"steps: {self.steps} in {self.seconds:.0f} s", f"adapter: {self.adapter_dir}", f"log: {self.log_path}"]
+        lines = [f"steps: {self.steps}/{self.config.train.max_steps or '?'} in {self.seconds:.0f} s"
+                 + (f" (resumed from step {self.resumed_from})" if self.resumed_from else ""),
+                 f"adapter: {self.adapter_dir}", f"log: {self.log_path}"]
+        if self.merged_dir:
+            lines.append(f"merged: {self.merged_dir}")
         if self.train_loss is not None:
             lines.insert(1, f"train loss (mean): {self.train_loss:.4f}")
         if self.eval_loss_before is not None and self.eval_loss_after is not None:
             lines.insert(1, f"held-out loss: {self.eval_loss_before:.4f} before -> {self.eval_loss_after:.4f} after")
+        if self.interrupted:
+            lines.insert(0, f"interrupted at step {self.steps}; checkpoint: {self.checkpoint} "
+                            "(run again with --resume / resume=True to continue)")
         return "\n".join(lines)
 
+    def __str__(self) -> str:
+        return self.summary()
 
+    def _repr_html_(self) -> str:
+        rows = "".join(f"<div>{html.escape(line)}</div>" for line in self.summary().splitlines())
+        color = "#9a6700" if self.interrupted else "#1a7f37"
+        title = "nbtune run interrupted" if self.interrupted else "nbtune run done"
+        return (f"<div style='font-family:system-ui,sans-serif;font-size:13px'>"
+                f"<b style='color:{color}'>{title}</b>{rows}</div>")
+
+    # ---------------------------------------------------------------- after training
+    def live_model(self):
+        """(model, tokenizer) with this run's adapter: the live model while its base has not been
+        reused by a later run, else the saved adapter loaded onto the current base."""
+        if self.model is not None and self._generation in (0, session.generation()):
+            return self.model, self.tokenizer
+        from ..models import load_adapter
+
+        base, tokenizer, _ = session.get_base_model(self.config, lambda: _load_base(self.config))
+        model = load_adapter(base, self.adapter_dir)
+        session.attach(model)
+        self.model, self.tokenizer, self._generation = model, tokenizer, session.generation()
+        return model, tokenizer
+
+    def generate(self, prompt, max_new_tokens: int = 128, **kwargs) -> str:
+        """One reply from the trained model to ``prompt`` (text or chat messages)."""
+        from .generate import generate
+
+        model, tokenizer = self.live_model()
+        kwargs.setdefault("system_prompt", self.config.data.system_prompt)
+        return generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, **kwargs)
+
+    def chat(self, system_prompt: str | None = None, **generate_kwargs):
+        """A :class:`~nbtune.train.generate.Chat` with the trained model: ``c = result.chat(); c("hi")``."""
+        from .generate import Chat
+
+        model, tokenizer = self.live_model()
+        return Chat(model, tokenizer, system_prompt=system_prompt or self.config.data.system_prompt,
+                    **generate_kwargs)
+
+    def save_adapter(self, path) -> Path:
+        """Copy of the adapter (peft format) at ``path``."""
+        from .generate import save_adapter
+
+        model, tokenizer = self.live_model()
+        return save_adapter(model, tokenizer, path)
+
+    def save_merged(self, path=None, dtype: str | None = None) -> Path:
+        """A merged 16-bit checkpoint (default ``<output.dir>/merged``); see :func:`~nbtune.train.generate.save_merged`."""
+        from .generate import save_merged
+
+        path = Path(path) if path else self.output_dir / "merged"
+        self.merged_dir = save_merged(self.adapter_dir, path, base=self.config.model.name,
+                                      dtype=dtype or self.config.output.merged_dtype,
+                                      trust_remote_code=self.config.model.trust_remote_code)
+        return self.merged_dir
+
+
+@dataclasses.dataclass
+class DryRunReport:
+    """What a run would do, without loading the model or training."""
+
+    config: Config
+    plan: object
+    format: str
+    train_rows: int
+    eval_rows: int
+    dropped: dict
+    train_tokens: int
+    trainable_tokens: int
+    longest: int
+    steps: int
+    epochs: float
+    resume_from: Path | None
+    sample: str
+
+    def summary(self) -> str:
+        t = self.config.train
+        lines = [
+            f"dry run: {self.config.model.name} on {self.config.data.source} ({self.format} format)",
+            f"  train rows: {self.train_rows}" + (f" ({sum(self.dropped.values())} dropped: "
+                                                   + ", ".join(f"{n} {why}" for why, n in self.dropped.items()) + ")"
+                                                   if self.dropped else ""),
+            f"  eval rows: {self.eval_rows}",
+            f"  tokens: {self.train_tokens:,} ({self.trainable_tokens:,} trained on), longest row {self.longest} "
+            f"of max_seq_length {self.config.model.max_seq_length}",
+            f"  steps: {self.steps} x {t.batch_size * t.grad_accum} rows (batch {t.batch_size} x grad_accum "
+            f"{t.grad_accum}) = {self.epochs:.2f} epochs",
+            f"  output: {self.config.output.dir}"
+            + (f" (would resume from {self.resume_from.name})" if self.resume_from else ""),
+        ]
+        if self.plan is not None:
+            lines.append(f"  memory: {self.plan.peak_gib:.2f} GiB of {self.plan.capacity_gib:.2f} GiB on "
+                         f"{self.plan.gpu.name} -> {self.plan.verdict()}")
+        lines.append("  first example: " + self.sample[:300].replace("\n", "\\n"))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def _repr_html_(self) -> str:
+        return "<pre style='font-size:12px'>" + html.escape(self.summary()) + "</pre>"
+
+
+# ---------------------------------------------------------------------------- pieces
 def optimizer_name(cfg: Config, device: torch.device) -> str:
     names = {"adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit", "adamw": "adamw_torch", "sgd": "sgd"}
     name = names[cfg.train.optimizer]
@@ -61,7 +199,7 @@ def sft_args(cfg: Config, out: Path, model, has_eval: bool):
     dtype = next((p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()), torch.float32)
     t = cfg.train
     return SFTConfig(
-        output_dir=str(out / "checkpoints"),
+        output_dir=str(checkpoints_dir(out)),
         max_steps=t.max_steps or -1,
         num_train_epochs=t.epochs or 1.0,
         per_device_train_batch_size=t.batch_size,
@@ -95,57 +233,232 @@ def sft_args(cfg: Config, out: Path, model, has_eval: bool):
     )
 
 
-def finetune(config=None, *, listeners: list[Callable[[dict], None]] | None = None, model=None, tokenizer=None,
-             progress: bool = True, **overrides) -> FinetuneResult:
-    """Run one fine-tune. ``config``: a Config, dict, YAML text or .yaml path; kwargs override sections.
+def memory_plan(cfg: Config, gpu=None):
+    """The planner's plan for this config: on this GPU, or (no GPU here) on ``gpu`` (default T4).
+    None, with a warning, when the planner is not available."""
+    try:
+        from ..planner import plan_from_config
+    except ImportError as e:  # pragma: no cover - the planner ships with nbtune
+        warnings.warn(f"nbtune: the memory planner is not available ({e}); no plan", RuntimeWarning, stacklevel=2)
+        return None
+    if gpu is None:
+        gpu = "auto" if torch.cuda.is_available() else "T4"
+    plan = plan_from_config(cfg, gpu=gpu)
+    if gpu == "T4" and not torch.cuda.is_available():
+        plan.notes.append("no GPU here: planned for a T4 (pass gpu= / --gpu to plan for another)")
+    return plan
 
-    ``model``/``tokenizer``: an already loaded (base) model to reuse instead of loading one.
-    """
+
+def check_fits(cfg: Config, force: bool = False):
+    """Before loading anything on a GPU: the plan, or the planner's ``DoesNotFitError`` (with its
+    advice) when the run is predicted not to fit. Skipped on a CPU and when forced."""
+    import os
+
+    planned_gpu = os.environ.get("NBTUNE_GPU", "").strip()
+    if force or cfg.train.force or not (torch.cuda.is_available() or planned_gpu):
+        return None
+    try:
+        from ..planner import preflight
+    except ImportError as e:  # pragma: no cover
+        warnings.warn(f"nbtune: the memory planner is not available ({e}); training without a memory check",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    return preflight(cfg, gpu="auto", override_hint="train.force: true (--force on the magic / CLI, force=True)")
+
+
+def _load_base(cfg: Config):
+    return load_model(cfg.model.name, max_seq_length=cfg.model.max_seq_length, load_in_4bit=cfg.model.load_in_4bit,
+                      dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def _load_tokenizer(cfg: Config):
+    from transformers import AutoTokenizer
+
+    from ..models import resolve_model_path
+
+    key = session.cached_model_key()
+    if key == session.model_key(cfg):
+        return session._SLOT["tokenizer"]
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name), trust_remote_code=cfg.model.trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token or tok.eos_token
+    return tok
+
+
+def _resume_point(out: Path, resume) -> Path | None:
+    if not resume:
+        return None
+    if isinstance(resume, (str, Path)) and not isinstance(resume, bool):
+        path = Path(resume)
+        if not (path / "trainer_state.json").is_file():
+            raise ConfigError(f"resume: {str(path)!r} is not a checkpoint folder (no trainer_state.json)")
+        return path
+    found = latest_checkpoint(out)
+    if found is None:
+        print(f"nbtune: no complete checkpoint in {checkpoints_dir(out)}; starting from step 0", file=sys.stderr)
+    return found
+
+
+class _quiet_datasets:
+    """No ``datasets`` progress bars while a run prepares its data (the dashboard is the view)."""
+
+    def __enter__(self):
+        from datasets.utils import logging as ds_logging
+
+        self._was = ds_logging.is_progress_bar_enabled()
+        ds_logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        from datasets.utils import logging as ds_logging
+
+        if self._was:
+            ds_logging.enable_progress_bar()
+        return False
+
+
+def _trainer_class():
     from trl import SFTTrainer
 
+    class NbtuneSFTTrainer(StagedCheckpoints, SFTTrainer):
+        """TRL's SFTTrainer whose checkpoints are written under a temporary name and renamed."""
+
+    return NbtuneSFTTrainer
+
+
+# ---------------------------------------------------------------------------- entry points
+def dry_run_report(config=None, gpu=None, resume=False, **overrides) -> DryRunReport:
+    """Everything a run checks before training, without loading the model: config, plan,
+    tokenizer and data (rows, tokens, steps)."""
     cfg = build_config(config, **overrides)
+    plan = memory_plan(cfg, gpu)
+    tokenizer = _load_tokenizer(cfg)
+    apply_chat_template_choice(tokenizer, cfg.data.chat_template)
+    data = prepare_data(cfg.data, tokenizer, cfg.model.max_seq_length)
+    lengths = [len(ids) for ids in data.train["input_ids"]]
+    trained = sum(sum(1 for lab in labels if lab != -100) for labels in data.train["labels"])
+    rows_per_step = cfg.train.batch_size * cfg.train.grad_accum
+    if cfg.train.max_steps:
+        steps = cfg.train.max_steps
+    else:
+        steps = int(-(-len(lengths) * cfg.train.epochs // rows_per_step))
+    first = data.train[0]
+    sample = tokenizer.decode(first["input_ids"])
+    return DryRunReport(
+        config=cfg, plan=plan, format=data.format, train_rows=len(lengths),
+        eval_rows=0 if data.eval is None else data.eval.num_rows, dropped=data.dropped,
+        train_tokens=sum(lengths), trainable_tokens=trained, longest=max(lengths), steps=steps,
+        epochs=steps * rows_per_step / len(lengths), resume_from=_resume_point(output_dir(cfg), resume) if resume else None,
+        sample=sample,
+    )
+
+
+def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=False, force: bool = False,
+             gpu=None, listeners: list[Callable[[dict], None]] | None = None, model=None, tokenizer=None,
+             progress: bool = True, reuse_model: bool = True, **overrides):
+    """Run one fine-tune. ``config``: a Config, dict, YAML text or .yaml path; kwargs override sections.
+
+    ``plan``: return the memory plan only. ``dry_run``: return a :class:`DryRunReport`.
+    ``resume``: True (the latest complete checkpoint in output.dir) or a checkpoint folder.
+    ``force``: train even when the planner predicts the run will not fit.
+    ``listeners``: callables receiving each metrics record (the dashboard is one).
+    ``model``/``tokenizer``: an already loaded (base) model to use instead of loading one; by default
+    the model of the previous run in this process is reused when the config names the same one.
+    """
+    cfg = build_config(config, **overrides)
+    if plan:
+        return memory_plan(cfg, gpu)
+    if dry_run:
+        return dry_run_report(cfg, gpu=gpu, resume=resume)
+    the_plan = check_fits(cfg, force)
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    resume_from = _resume_point(out, resume)
+    if resume_from is None and checkpoints_dir(out).is_dir():
+        old = complete_checkpoints(out)
+        if old:
+            print(f"nbtune: a fresh run in {out}: removing the checkpoints of the previous run there "
+                  f"({', '.join(p.name for p in old)}); use resume to continue it instead", file=sys.stderr)
+        shutil.rmtree(checkpoints_dir(out))  # they would mislead a later resume
     (out / "run.yaml").write_text(cfg.to_yaml())
     t_start = time.perf_counter()
     if model is None:
-        model, tokenizer = load_model(cfg.model.name, max_seq_length=cfg.model.max_seq_length,
-                                      load_in_4bit=cfg.model.load_in_4bit, dtype=cfg.model.dtype,
-                                      trust_remote_code=cfg.model.trust_remote_code)
+        model, tokenizer, _reused = session.get_base_model(cfg, lambda: _load_base(cfg), reuse=reuse_model)
+    elif tokenizer is None:
+        raise ValueError("finetune(model=...) needs the tokenizer too: finetune(..., model=m, tokenizer=t)")
+    apply_chat_template_choice(tokenizer, cfg.data.chat_template)
     data = prepare_data(cfg.data, tokenizer, cfg.model.max_seq_length)
     if data.dropped:
         print("nbtune: dropped train rows: " + ", ".join(f"{n} ({why})" for why, n in data.dropped.items()), file=sys.stderr)
     peft_model = add_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=cfg.lora.targets,
                           gradient_checkpointing=cfg.train.gradient_checkpointing, seed=cfg.train.seed)
+    session.attach(peft_model)
     listeners = list(listeners or [])
     if progress:
         listeners.append(TerminalProgress())
-    stream = MetricsStream(out / "metrics.jsonl", listeners)
-    trainer = SFTTrainer(model=peft_model, args=sft_args(cfg, out, peft_model, data.eval is not None),
-                         train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
-                         callbacks=[stream])
-    before = after = None
-    if data.eval is not None:
+    before = None
+    start_step = checkpoint_step(resume_from) if resume_from is not None else None
+    if resume_from is not None:
+        kept = truncate_log(out / "metrics.jsonl", start_step)
+        before = next((r["eval_loss"] for r in kept if r.get("event") == "eval" and r.get("step") == 0), None)
+    stream = MetricsStream(out / "metrics.jsonl", listeners, append=resume_from is not None)
+    stream.resumed_from = start_step
+    interrupt = InterruptCallback()
+    with _quiet_datasets():
+        trainer = _trainer_class()(model=peft_model, args=sft_args(cfg, out, peft_model, data.eval is not None),
+                                   train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
+                                   callbacks=[stream, interrupt])
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for noisy in (PrinterCallback, ProgressCallback):  # nbtune's own views show the metrics
+        trainer.remove_callback(noisy)
+    trainer.nbtune_keep_checkpoints = cfg.output.keep_checkpoints
+    trainer.nbtune_interrupt = interrupt
+    if data.eval is not None and resume_from is None:
         before = trainer.evaluate()["eval_loss"]
-    train_out = trainer.train()
-    if data.eval is not None:
-        after = trainer.evaluate()["eval_loss"]
-    adapter_dir = out / "adapter"
-    peft_model.save_pretrained(adapter_dir, safe_serialization=True)
-    tokenizer.save_pretrained(adapter_dir)
-    if cfg.output.save_merged:
-        save_merged(peft_model, tokenizer, out / "merged")
+    checkpoint = None
+    message = "nbtune: interrupt received; stopping after this step and saving a checkpoint (interrupt again to abort)"
+    try:
+        with sigint_stops(interrupt, message):
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    except KeyboardInterrupt:
+        if interrupt.requested:  # the second interrupt: abort without saving
+            raise
+        checkpoint = save_after_keyboard_interrupt(trainer)
+        interrupt.stopped_at = trainer.state.global_step
+        print(f"nbtune: interrupted at step {trainer.state.global_step}", file=sys.stderr)
+    interrupted = interrupt.stopped_at is not None
+    if interrupted and checkpoint is None:
+        checkpoint = getattr(trainer, "nbtune_last_checkpoint", None) or latest_checkpoint(out)
+    if interrupted:
+        stream.emit(dict(event="interrupted", step=trainer.state.global_step, max_steps=trainer.state.max_steps,
+                         checkpoint=str(checkpoint) if checkpoint else None))
+    train_loss = mean_train_loss(read_log(stream.path))
+    after = None
+    if data.eval is not None and not interrupted:
+        try:
+            after = trainer.evaluate()["eval_loss"]
+        except KeyboardInterrupt:  # training is done: skip the held-out loss, keep the adapter
+            print("nbtune: held-out evaluation interrupted; saving the adapter", file=sys.stderr)
+    from .generate import save_adapter
+
+    adapter_dir = save_adapter(peft_model, tokenizer, out / "adapter")
     result = FinetuneResult(
         config=cfg, output_dir=out, adapter_dir=adapter_dir, log_path=stream.path,
-        eval_loss_before=before, eval_loss_after=after, train_loss=train_out.training_loss,
-        steps=trainer.state.global_step, seconds=time.perf_counter() - t_start, metrics=stream.records,
-        model=peft_model, tokenizer=tokenizer,
+        eval_loss_before=before, eval_loss_after=after, train_loss=train_loss,
+        steps=trainer.state.global_step, seconds=time.perf_counter() - t_start,
+        metrics=read_log(stream.path), model=peft_model, tokenizer=tokenizer, interrupted=interrupted,
+        checkpoint=checkpoint, resumed_from=start_step, plan=the_plan, _generation=session.generation(),
     )
+    if cfg.output.save_merged and not interrupted:
+        result.save_merged()
     return result
 
 
 def save_merged(peft_model, tokenizer, path: Path) -> Path:
-    """Fold the adapter into a 16-bit copy of the base weights and save it as safetensors."""
+    """Fold the adapter into a 16-bit copy of the base weights and save it as safetensors.
+
+    Kept for callers of the first API; :meth:`FinetuneResult.save_merged` merges into a fresh
+    16-bit copy of the base instead of the training model."""
     merged = peft_model.merge_and_unload(safe_merge=True)
     merged.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)

@@ -2,7 +2,9 @@
 
     nbtune demo [--out DIR] [--steps N]     fine-tune the embedded model on GSM8K, live progress
     nbtune pull [NAME ...]                  fetch embedded models / data once (default: all)
-    nbtune finetune RUN.yaml [--set k=v]    run a config file (the same config as %%finetune)
+    nbtune finetune RUN.yaml [--set k=v] [--plan] [--dry-run] [--resume] [--force]
+                                            run a config file (the same config as %%finetune)
+    nbtune plan MODEL [--gpu T4 ...]        will it fit? memory breakdown and advice (no GPU needed)
 """
 from __future__ import annotations
 
@@ -35,13 +37,44 @@ def cmd_demo(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from ..train import build_config, finetune
+    """The CLI door: the same config and the same run as %%finetune and nbtune.finetune()."""
+    from ..planner import PlannerError
+    from ..train import build_config
+    from .api import finetune
 
     cfg = build_config(args.config)
     for item in args.set or []:
         cfg = build_config(cfg, **_dotted_override(item))
-    result = finetune(cfg)
+    try:
+        result = finetune(cfg, plan=args.plan, dry_run=args.dry_run, resume=args.resume, force=args.force,
+                          gpu=args.gpu, dashboard=False)
+    except PlannerError as e:  # includes "predicted not to fit", with the plan's advice
+        print(f"nbtune: error: {e}", file=sys.stderr)
+        return 2
+    if args.plan or args.dry_run:
+        print(result if result is not None else "nbtune: no plan (the planner is not available)")
+        return 0
     print(result.summary())
+    return 130 if result.interrupted else 0
+
+
+def cmd_plan(args) -> int:
+    import json
+
+    from ..planner import plan
+
+    targets = args.targets if "," not in args.targets else [t.strip() for t in args.targets.split(",") if t.strip()]
+    p = plan(args.model, gpu=args.gpu, seq_len=args.seq_len, batch_size=args.batch_size, lora_rank=args.rank,
+             lora_targets=targets, dtype=args.dtype, load_in_4bit=not args.no_4bit,
+             gradient_checkpointing=args.checkpointing, optimizer=args.optimizer, loss=args.loss)
+    if args.json:
+        print(json.dumps(p.to_dict(), indent=1))
+        return 0
+    print(repr(p))
+    if args.suggest or not p.fits:
+        print(p.suggest())
+    if args.yaml:
+        print(p.to_yaml(magic=True), end="")
     return 0
 
 
@@ -69,12 +102,41 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="run a YAML config (the same schema as %%finetune)")
     p.add_argument("config", help="path to a .yaml config")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config value")
+    p.add_argument("--plan", action="store_true", help="show the memory plan only (nothing is loaded)")
+    p.add_argument("--dry-run", action="store_true", help="check config, plan, tokenizer and data; no training")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output.dir")
+    p.add_argument("--force", action="store_true", help="train even if the planner predicts it will not fit")
+    p.add_argument("--gpu", default=None, help="GPU to plan for (default: this one, or T4 without a GPU)")
     p.set_defaults(func=cmd_finetune)
+    p = sub.add_parser("plan", help="predict GPU memory for a fine-tune: breakdown, fits or not, advice")
+    p.add_argument("model", help="catalog name (e.g. llama-3.1-8b), local checkpoint dir / config.json, or hub id")
+    p.add_argument("--gpu", default="T4", help="GPU catalog name (T4, L4, A10G, A100 40GB, H100, ...) or auto")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    p.add_argument("--targets", default="all-linear", help="LoRA target modules: all-linear or a comma list")
+    p.add_argument("--dtype", default="auto", help="auto, float16, bfloat16, float32")
+    p.add_argument("--no-4bit", action="store_true", help="16-bit base weights instead of 4-bit NF4")
+    p.add_argument("--checkpointing", default="offload", choices=["offload", "plain", "off"])
+    p.add_argument("--optimizer", default="adamw_8bit", choices=["adamw_8bit", "paged_adamw_8bit", "adamw", "sgd"])
+    p.add_argument("--loss", default="auto", choices=["auto", "fused", "unfused"])
+    p.add_argument("--suggest", action="store_true", help="also print the largest batch / seq_len that fit")
+    p.add_argument("--yaml", action="store_true", help="also print the matching %%%%finetune cell")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON instead")
+    p.set_defaults(func=cmd_plan)
     return ap
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "plan":  # pure Python: no torch import for a plan
+        from ..planner import PlannerError
+
+        try:
+            return args.func(args)
+        except PlannerError as e:
+            print(f"nbtune: error: {e}", file=sys.stderr)
+            return 2
     from ..assets import AssetError
     from ..models import ModelLoadError
     from ..train import ConfigError, DataError

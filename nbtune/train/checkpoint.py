@@ -1,0 +1,162 @@
+"""Stop and resume: Ctrl-C (or the notebook's interrupt) stops after the current step and saves a
+checkpoint that ``resume=True`` continues from.
+
+Interrupting: while ``trainer.train()`` runs, a SIGINT handler (main thread only; the previous
+handler comes back afterwards) records the request; :class:`InterruptCallback` then asks the
+Trainer to save and stop at the end of the current optimizer step, so the checkpoint holds a
+consistent state. A second interrupt aborts at once (a plain ``KeyboardInterrupt``). Where no
+handler can be installed (not the main thread), a ``KeyboardInterrupt`` that escapes the step is
+caught by the run, which saves what the last completed step left (everything but the RNG state is
+then exact).
+
+Checkpoints: ``<output.dir>/checkpoints/checkpoint-<step>/`` with what transformers' Trainer saves
+(the adapter, optimizer, scheduler, grad scaler, RNG states and ``trainer_state.json``). Each is
+written under a temporary name and renamed into place once complete, with a ``nbtune.json``
+marker inside, so a half-written checkpoint (a crash, a dead kernel) is never resumed from.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+MARKER = "nbtune.json"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoints_dir(out: Path) -> Path:
+    return Path(out) / "checkpoints"
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    """The complete checkpoints under ``<out>/checkpoints``, oldest step first."""
+    root = checkpoints_dir(out)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if m and p.is_dir() and (p / MARKER).is_file() and (p / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = complete_checkpoints(out)
+    return found[-1] if found else None
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(CHECKPOINT_RE.match(Path(path).name).group(1))
+
+
+class StagedCheckpoints:
+    """Trainer mixin: every checkpoint is written to a staging folder, marked complete, then
+    renamed to ``checkpoint-<step>``; old ones beyond ``keep`` are deleted."""
+
+    nbtune_keep_checkpoints = 2
+    nbtune_checkpoint_reason = "save_steps"
+
+    def _save_checkpoint(self, model, trial):
+        real = self.args.output_dir
+        root = Path(real)
+        staging = root / f".staging-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        self.args.output_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = real
+        name = f"checkpoint-{self.state.global_step}"
+        interrupt = getattr(self, "nbtune_interrupt", None)
+        reason = "interrupt" if interrupt is not None and interrupt.requested else self.nbtune_checkpoint_reason
+        (staging / name / MARKER).write_text(json.dumps(dict(
+            step=self.state.global_step, max_steps=self.state.max_steps, reason=reason,
+            time=round(time.time(), 3))))
+        final = root / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging / name, final)
+        shutil.rmtree(staging, ignore_errors=True)
+        for old in complete_checkpoints(root.parent)[: -self.nbtune_keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        self.nbtune_last_checkpoint = final
+
+
+class InterruptCallback(TrainerCallback):
+    """Turns an interrupt request into "save a checkpoint and stop after this step"."""
+
+    def __init__(self):
+        self.requested = False
+        self.stopped_at: int | None = None
+
+    def request(self) -> None:
+        self.requested = True
+
+    def _stop(self, state, control):
+        if self.requested and self.stopped_at is None:
+            self.stopped_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        return self._stop(state, control)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # an interrupt that arrived while this step was being logged (e.g. from a listener)
+        if "loss" in (logs or {}) or "eval_loss" in (logs or {}):
+            return self._stop(state, control)
+        return control
+
+
+class sigint_stops(object):
+    """Context manager: while active, the first SIGINT calls ``callback.request()`` (stop after this
+    step), the second raises ``KeyboardInterrupt``. A no-op outside the main thread."""
+
+    def __init__(self, callback: InterruptCallback, message: str | None = None):
+        self.callback = callback
+        self.message = message
+        self._previous = None
+        self.installed = False
+
+    def _handler(self, signum, frame):
+        if self.callback.requested:
+            raise KeyboardInterrupt
+        self.callback.request()
+        if self.message:
+            print(self.message, file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            try:
+                self._previous = signal.signal(signal.SIGINT, self._handler)
+                self.installed = True
+            except (ValueError, OSError):  # pragma: no cover - e.g. an embedded interpreter
+                self.installed = False
+        return self
+
+    def __exit__(self, *exc):
+        if self.installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+            self.installed = False
+        return False
+
+
+def save_after_keyboard_interrupt(trainer) -> Path | None:
+    """Best effort after a ``KeyboardInterrupt`` escaped mid-step: drop the partial gradients and
+    save the state of the last completed optimizer step."""
+    if trainer.state.global_step <= 0 or getattr(trainer, "optimizer", None) is None:
+        return None
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.nbtune_checkpoint_reason = "keyboard_interrupt"
+    trainer._save_checkpoint(trainer.model, trial=None)
+    return getattr(trainer, "nbtune_last_checkpoint", None)
