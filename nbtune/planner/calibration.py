@@ -208,7 +208,7 @@ def _nelder_mead(f, x0, steps, bounds, iters=400):
     return pts[k], vals[k]
 
 
-FIT_BOUNDS = {"act_scale": (0.3, 3.0), "loss_scale": (0.3, 3.0), "overhead_fixed_gib": (0.0, 2.0),
+FIT_BOUNDS = {"act_scale": (0.3, 3.0), "saved_scale": (0.3, 3.0), "loss_scale": (0.3, 3.0), "overhead_fixed_gib": (0.0, 2.0),
               "overhead_fraction": (0.0, 0.5)}
 
 
@@ -235,7 +235,7 @@ def fit(path=None, write: bool = True) -> dict:
         return total
 
     x0 = [getattr(base, n) for n in names]
-    best, value = _nelder_mead(objective, x0, [0.2, 0.2, 0.1, 0.03], [FIT_BOUNDS[n] for n in names])
+    best, value = _nelder_mead(objective, x0, [0.2, 0.2, 0.2, 0.1, 0.03], [FIT_BOUNDS[n] for n in names])
     fitted = coeffs(best)
     rows = check(p, fitted) if p.is_file() else []
     result = dict(

@@ -46,7 +46,8 @@ Terms (bytes); their sum is torch's reserved peak, and the CUDA context comes on
                          offload: common = T*(min(L, offload_resident_inputs)*h*b + outer) + mask
                                   layer_extra = T*work + dequant
                          plain:   common = T*(L*h*b + outer) + mask,  layer_extra = T*work + dequant
-                         off:     common = T*(L*saved + outer) + mask, layer_extra = T*(work - saved) + dequant
+                         off:     common = T*(L*saved*saved_scale + outer) + mask,
+                                  layer_extra = T*(work - saved) + dequant
                        mask    = unpatched only: B * S^2 * mask_bytes * (#masks) when the batch is padded
                                  (B > 1) or a sliding window is shorter than S
                        dequant = dequant_copies * (largest linear) * b   (4-bit: the 16-bit copy of W
@@ -161,6 +162,8 @@ class Coefficients:
     unfused_bytes_per_logit: float = 12.0
     # -- fitted scales (1.0 = the formulas as written) --
     act_scale: float = 1.0
+    # what layers save for backward when nothing is recomputed (checkpointing "off": L copies)
+    saved_scale: float = 1.0
     loss_scale: float = 1.0
     # -- caching allocator: cuBLAS workspaces, small-block segments, rounding, fragmentation --
     overhead_fixed_gib: float = 0.20
@@ -177,7 +180,7 @@ class Coefficients:
 
 DEFAULT_COEFFICIENTS = Coefficients()
 # The coefficients calibration fits (the others stay as derived).
-FITTED_FIELDS = ("act_scale", "loss_scale", "overhead_fixed_gib", "overhead_fraction")
+FITTED_FIELDS = ("act_scale", "saved_scale", "loss_scale", "overhead_fixed_gib", "overhead_fraction")
 
 CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 
@@ -318,7 +321,7 @@ def estimate(shape: ModelShape, st: Settings, context_gib: float = 0.0, c: Coeff
         common = T * (L * h * b + outer) + mask
         layer_extra = T * work + dequant
     else:
-        common = T * (L * saved + outer) + mask
+        common = T * (L * saved * c.saved_scale + outer) + mask
         layer_extra = T * (work - saved) + dequant
     activations = c.act_scale * (common + layer_extra)
 
