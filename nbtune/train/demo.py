@@ -18,7 +18,7 @@ def demo_config(output_dir: str = "outputs/demo", device: str | None = None, **o
         "data": {"source": "gsm8k", "split": "train", "eval_split": "test"},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"},
         "train": {
-            "max_steps": 120 if on_gpu else 16,
+            "max_steps": 120 if on_gpu else 12,
             "batch_size": 8 if on_gpu else 4,
             "grad_accum": 1,
             "lr": 1e-3,
@@ -31,5 +31,5 @@ def demo_config(output_dir: str = "outputs/demo", device: str | None = None, **o
         "output": {"dir": output_dir},
     }
     if not on_gpu:
-        base["data"].update(max_rows=64, eval_rows=24)
+        base["data"].update(max_rows=48, eval_rows=16)
     return build_config(base, **overrides)
