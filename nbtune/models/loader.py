@@ -46,10 +46,73 @@ def resolve_model_path(name_or_path: str) -> str:
     text = str(name_or_path)
     if text.startswith((".", "/", "~")) or text.count("/") > 1:  # a path, not an org/name hub id
         raise ModelLoadError(
-            f"model: path {str(name_or_path)!r} does not exist. Give a local checkpoint directory, a hub id "
+            f"model.name: path {str(name_or_path)!r} does not exist. Give a local checkpoint directory, a hub id "
             f"(org/name), or an embedded name: {', '.join(MODELS)}"
         )
+    if "/" not in text:  # neither embedded, nor a local directory, nor an org/name hub id
+        import difflib
+
+        close = difflib.get_close_matches(text, list(MODELS), n=1)
+        raise ModelLoadError(
+            f"model.name: unknown model name {text!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f". Embedded names: {', '.join(MODELS)}; or give a local checkpoint directory (a path with "
+            f"config.json) or a hub id as org/name (e.g. HuggingFaceTB/SmolLM2-135M-Instruct)"
+        )
     return str(name_or_path)
+
+
+def check_model_name(name_or_path: str) -> None:
+    """The checks of :func:`resolve_model_path` that need no download: a clear error for an unknown
+    name or a missing path, before anything is loaded or written."""
+    if str(name_or_path) in MODELS:
+        return
+    resolve_model_path(name_or_path)
+
+
+def model_seq_limit(cfg: dict) -> int | None:
+    """The longest sequence a checkpoint's config.json allows (max_position_embeddings), if it says."""
+    return cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
+
+
+def check_seq_length(max_seq_length: int, cfg: dict, where: str = "this model") -> None:
+    limit = model_seq_limit(cfg)
+    if limit and max_seq_length > limit:
+        raise ModelLoadError(
+            f"model.max_seq_length={max_seq_length} is above the limit of {where}: {limit} tokens "
+            f"(max_position_embeddings in its config.json); allowed: 1..{limit}")
+
+
+def from_broken_bitsandbytes(exc: BaseException) -> bool:
+    """True when ``exc`` was raised while importing bitsandbytes (peft and transformers import it
+    whenever it is installed, so a broken install breaks their import)."""
+    if isinstance(exc, ImportError) and (exc.name or "").split(".")[0] == "bitsandbytes":
+        return True
+    tb = exc.__traceback__
+    while tb is not None:
+        if f"{os.sep}bitsandbytes{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def bitsandbytes_error(exc: BaseException, why: str = "4-bit loading") -> ModelLoadError:
+    if why == "training":  # bitsandbytes is there but fails to import, and takes peft / transformers with it
+        return ModelLoadError(
+            f"bitsandbytes is installed but broken ({type(exc).__name__}: {exc}), and transformers / peft "
+            "import it, so nothing can train. Fix: pip install -U bitsandbytes (then restart the kernel); "
+            "or pip uninstall bitsandbytes and train without 4-bit (model.load_in_4bit: false)")
+    return ModelLoadError(
+        f"{why} needs bitsandbytes, which is missing or broken ({type(exc).__name__}: {exc}). Fix: "
+        "pip install -U bitsandbytes (then restart the kernel); or train without it: "
+        "model.load_in_4bit: false and train.optimizer: adamw")
+
+
+def require_bitsandbytes(why: str = "4-bit loading") -> None:
+    """Import bitsandbytes, or a :class:`ModelLoadError` with the fix when it is missing or broken."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install (missing CUDA library, ...)
+        raise bitsandbytes_error(e, why) from None
 
 
 def auto_dtype(device: torch.device) -> torch.dtype:
@@ -101,9 +164,7 @@ def load_model(
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     compute_dtype = resolve_dtype(dtype, device)
     cfg = read_config(path)
-    limit = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
-    if limit and max_seq_length > limit:
-        raise ModelLoadError(f"model.max_seq_length={max_seq_length} is above this model's limit of {limit} tokens")
+    check_seq_length(max_seq_length, cfg, where=repr(str(name_or_path)))
     quant = cfg.get("quantization_config") or (cfg.get("text_config") or {}).get("quantization_config") or {}
     prequantized = quant.get("quant_method") == "bitsandbytes"
     if prequantized:
@@ -118,6 +179,8 @@ def load_model(
     if load_in_4bit and device.type != "cuda" and not prequantized:
         warnings.warn("4-bit loading needs a CUDA GPU; loading the full-precision model on the CPU instead")
         load_in_4bit = False
+    if load_in_4bit:
+        require_bitsandbytes("4-bit loading (model.load_in_4bit)")
     kwargs = dict(dtype=compute_dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     if load_in_4bit and not prequantized:
         kwargs["quantization_config"] = BitsAndBytesConfig(

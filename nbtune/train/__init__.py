@@ -21,7 +21,14 @@ def __getattr__(name: str):
     module = _PUBLIC.get(name)
     if module is None:
         raise AttributeError(f"module 'nbtune.train' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    try:
+        value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    except Exception as e:  # a broken bitsandbytes breaks transformers' / peft's import: say the fix
+        from ..models.loader import bitsandbytes_error, from_broken_bitsandbytes
+
+        if from_broken_bitsandbytes(e):
+            raise bitsandbytes_error(e, "training") from None
+        raise
     globals()[name] = value
     return value
 

@@ -73,6 +73,9 @@ class StagedCheckpoints:
         self.args.output_dir = str(staging)
         try:
             super()._save_checkpoint(model, trial)
+        except BaseException:  # a crash mid-save: drop the half-written copy, keep the last complete one
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         finally:
             self.args.output_dir = real
         name = f"checkpoint-{self.state.global_step}"

@@ -108,10 +108,21 @@ class TrainConfig(_Section):
     eval_batch_size: Union[int, None] = Field(None, gt=0)
     force: bool = Field(False, description="train even when the planner predicts the run will not fit")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_replace_default_steps(cls, data):
+        # epochs given without max_steps: train by epochs (max_steps' default does not apply)
+        if isinstance(data, dict) and data.get("epochs") is not None and "max_steps" not in data:
+            data = {**data, "max_steps": None}
+        return data
+
     @model_validator(mode="after")
     def _steps_or_epochs(self):
         if self.max_steps is None and self.epochs is None:
             raise ValueError("give train.max_steps or train.epochs")
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError(f"train.max_steps ({self.max_steps}) and train.epochs ({self.epochs}) conflict: "
+                             "give one of them (set the other to null)")
         return self
 
 
@@ -151,6 +162,13 @@ class Config(_Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _conflicts(self):
+        if self.data.packing and self.data.responses_only:
+            raise ValueError("data.packing: true conflicts with data.responses_only: true (packed rows lose the "
+                             "assistant-only labels); set data.responses_only: false to pack, or data.packing: false")
+        return self
 
     @field_validator("model", mode="before")
     @classmethod
@@ -203,6 +221,8 @@ def _format_error(err: ValidationError, model: type[BaseModel]) -> str:
             field = _field_at(model, loc_parts)
             allowed = _describe_type(field.annotation) if field is not None else "another value"
             msg = f"{loc}: expected {allowed} (got {e.get('input')!r})"
+        elif e["type"] == "value_error" and isinstance(e.get("input"), dict):  # a check across fields
+            msg = e["msg"].removeprefix("Value error, ")
         else:
             text = e["msg"].removeprefix("Value error, ")
             field = _field_at(model, loc_parts)
@@ -283,7 +303,13 @@ def build_config(source: Any = None, **overrides) -> Config:
         raise ConfigError(f"a config is a Config, dict, YAML text or .yaml path, not {type(source).__name__}")
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
-            data[key] = {**data[key], **value}
+            base = dict(data[key])
+            if key == "train":  # an override's max_steps / epochs replaces the other one of the source
+                if value.get("epochs") is not None and "max_steps" not in value:
+                    base["max_steps"] = None
+                if value.get("max_steps") is not None and "epochs" not in value:
+                    base["epochs"] = None
+            data[key] = {**base, **value}
         else:
             data[key] = value
     try:

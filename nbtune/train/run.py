@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import os
 import shutil
 import sys
 import time
@@ -266,6 +267,52 @@ def check_fits(cfg: Config, force: bool = False):
     return preflight(cfg, gpu="auto", override_hint="train.force: true (--force on the magic / CLI, force=True)")
 
 
+def check_output_dir(out: Path) -> None:
+    """A :class:`ConfigError` now, before anything is loaded or written, when ``output.dir`` cannot be
+    created or written: it is a file, it is under a file, or its nearest existing folder is read-only."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output.dir: {str(out)!r} is a file, not a folder; give a folder to write the run to")
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ConfigError(f"output.dir: {str(out)!r} cannot be created: {str(probe)!r} is a file, not a folder")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"output.dir: {str(out)!r} is not writable ({str(probe)!r} is read-only); "
+                          "give a folder you can write to")
+
+
+def check_inputs(cfg: Config) -> None:
+    """The cheap checks of a run, before any model is loaded and before anything is written: the
+    output folder can be written, the model name resolves, max_seq_length is within a local
+    model's limit, and the data source exists and its rows parse into conversations."""
+    from ..assets import DATASETS, MODELS, is_pulled, model_dir
+    from ..models.loader import check_model_name, check_seq_length, read_config
+    from .data import _rename, detect_format, load_rows, to_messages
+
+    check_output_dir(output_dir(cfg))
+    name = cfg.model.name
+    check_model_name(name)
+    local = model_dir(name) if name in MODELS and is_pulled(name) else Path(os.path.expanduser(name))
+    if (local / "config.json").is_file():
+        check_seq_length(cfg.model.max_seq_length, read_config(str(local)), where=repr(name))
+    source = Path(cfg.data.source).expanduser()
+    if cfg.data.source in DATASETS or source.suffix.lower() in (".json", ".jsonl", ".csv", ".parquet") \
+            or source.exists():
+        rows, where = load_rows(cfg.data, cfg.data.split)
+        rows = [_rename(r, cfg.data.columns) for r in rows]
+        if not rows:
+            from .data import DataError
+
+            raise DataError(f"{where}: no rows")
+        fmt = detect_format(rows[0].keys(), cfg.data)
+        for n, row in enumerate(rows, 1):
+            to_messages(row, fmt, f"{where} row {n}", cfg.data.system_prompt)
+
+
 def _load_base(cfg: Config):
     return load_model(cfg.model.name, max_seq_length=cfg.model.max_seq_length, load_in_4bit=cfg.model.load_in_4bit,
                       dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
@@ -330,6 +377,7 @@ def dry_run_report(config=None, gpu=None, resume=False, **overrides) -> DryRunRe
     """Everything a run checks before training, without loading the model: config, plan,
     tokenizer and data (rows, tokens, steps)."""
     cfg = build_config(config, **overrides)
+    check_inputs(cfg)
     plan = memory_plan(cfg, gpu)
     tokenizer = _load_tokenizer(cfg)
     apply_chat_template_choice(tokenizer, cfg.data.chat_template)
@@ -369,17 +417,10 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
         return memory_plan(cfg, gpu)
     if dry_run:
         return dry_run_report(cfg, gpu=gpu, resume=resume)
+    check_inputs(cfg)  # bad inputs fail here: nothing loaded, nothing written
     the_plan = check_fits(cfg, force)
     out = output_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
     resume_from = _resume_point(out, resume)
-    if resume_from is None and checkpoints_dir(out).is_dir():
-        old = complete_checkpoints(out)
-        if old:
-            print(f"nbtune: a fresh run in {out}: removing the checkpoints of the previous run there "
-                  f"({', '.join(p.name for p in old)}); use resume to continue it instead", file=sys.stderr)
-        shutil.rmtree(checkpoints_dir(out))  # they would mislead a later resume
-    (out / "run.yaml").write_text(cfg.to_yaml())
     t_start = time.perf_counter()
     if model is None:
         model, tokenizer, _reused = session.get_base_model(cfg, lambda: _load_base(cfg), reuse=reuse_model)
@@ -387,6 +428,15 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
         raise ValueError("finetune(model=...) needs the tokenizer too: finetune(..., model=m, tokenizer=t)")
     apply_chat_template_choice(tokenizer, cfg.data.chat_template)
     data = prepare_data(cfg.data, tokenizer, cfg.model.max_seq_length)
+    # only now, with the model loaded and the data tokenized, is anything in the output folder touched
+    out.mkdir(parents=True, exist_ok=True)
+    if resume_from is None and checkpoints_dir(out).is_dir():
+        old = complete_checkpoints(out)
+        if old:
+            print(f"nbtune: a fresh run in {out}: removing the checkpoints of the previous run there "
+                  f"({', '.join(p.name for p in old)}); use resume to continue it instead", file=sys.stderr)
+        shutil.rmtree(checkpoints_dir(out))  # they would mislead a later resume
+    (out / "run.yaml").write_text(cfg.to_yaml())
     if data.dropped:
         print("nbtune: dropped train rows: " + ", ".join(f"{n} ({why})" for why, n in data.dropped.items()), file=sys.stderr)
     peft_model = add_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=cfg.lora.targets,

@@ -83,7 +83,9 @@ def _dotted_override(item: str) -> dict:
     import yaml
 
     if "=" not in item or "." not in item.split("=", 1)[0]:
-        raise SystemExit(f"--set expects section.key=value, got {item!r}")
+        from ..train import ConfigError
+
+        raise ConfigError(f"--set expects section.key=value (e.g. train.lr=1e-4), got {item!r}")
     key, value = item.split("=", 1)
     section, field = key.split(".", 1)
     return {section: {field: yaml.safe_load(value)}}
@@ -144,7 +146,10 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except (AssetError, ConfigError, DataError, ModelLoadError) as e:
-        print(f"nbtune: error: {e}", file=sys.stderr)
+        # one line: "invalid nbtune config: train.lr: ...; lora.r: ..."
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        text = lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "")
+        print(f"nbtune: error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("nbtune: interrupted", file=sys.stderr)
