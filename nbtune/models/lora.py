@@ -51,8 +51,6 @@ def add_lora(
     """
     from peft import LoraConfig, get_peft_model
 
-    from .patches import patch_model, patching_enabled
-
     if r <= 0:
         raise ValueError(f"lora.r must be a positive integer, got {r}")
     if seed is not None:
@@ -68,14 +66,11 @@ def add_lora(
         raise ValueError(f"gradient_checkpointing must be offload, plain or off, not {gradient_checkpointing!r}")
     if mode != "off":
         enable_checkpointing(model, mode)
-    if patch is None:
-        patch = getattr(model, "nbtune_patch", None)
     peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
     for p in peft_model.parameters():
         if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
             p.data = p.data.float()
-    if patching_enabled(patch):
-        patch_model(peft_model)
+    _patch_if_enabled(peft_model, patch)
     peft_model.train()
     return peft_model
 
@@ -97,11 +92,17 @@ def load_adapter(model, adapter_dir, is_trainable: bool = False, patch: bool | N
     returns the ``peft.PeftModel`` (frozen unless ``is_trainable``), patched like ``add_lora`` does."""
     from peft import PeftModel
 
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
+    _patch_if_enabled(peft_model, patch)
+    return peft_model
+
+
+def _patch_if_enabled(peft_model, patch: bool | None) -> None:
+    """Install the architecture patches on a freshly wrapped PeftModel unless switched off
+    (``patch`` None: what ``load_model(patch=...)`` recorded on the base model, else NBTUNE_PATCH)."""
     from .patches import patch_model, patching_enabled
 
     if patch is None:
-        patch = getattr(model, "nbtune_patch", None)
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
+        patch = getattr(peft_model.get_base_model(), "nbtune_patch", None)
     if patching_enabled(patch):
         patch_model(peft_model)
-    return peft_model
