@@ -27,6 +27,8 @@ and `nbtune.finetune(...)`):
     output: {dir: outputs/run1}
 
 Then `run1.chat()("hi")`, `run1.generate("...")`, `run1.save_merged()`, `run1.adapter_dir`.
+With the config in a .yaml file or a variable, use the line form: `%finetune run.yaml --out run1`
+or `%finetune cfg --resume` (IPython refuses a `%%` cell whose body is empty).
 `{name}` in the magic's line is replaced by the Python value of `name`
 (`%%finetune --set train.lr={lr} --out {var}`). Interrupting the kernel stops after the current
 step and saves a checkpoint; `--resume` continues from it. A model already loaded by an earlier
