@@ -4,8 +4,10 @@
 #   bash benchmarks/gpu_suite.sh [STAGE ...]          (default: tests kernels models)
 #
 # Stages run in the order given; a failing stage is reported and the next still runs.
-#   tests                  pytest -m gpu -q -x                  -> $OUT/pytest-gpu.xml
+#   tests                  pytest -m gpu -q (GPU_TEST_PATHS)    -> $OUT/pytest-gpu.xml
 #   kernels[:ONLY]         python3 benchmarks/kernels.py [--only ONLY]   -> $OUT/kernels-<gpu>.{json,md}
+#   profile[:SPEC]         python3 benchmarks/profile_step.py SPEC --host (GPU kernels + host time)
+#                          -> $OUT/profile-<spec>.txt (SPEC default llama3-8b:2:2048:bfloat16)
 #   models[:ROWS[:PEERS]]  python3 benchmarks/models.py --rows ROWS --peers PEERS
 #                          ROWS: ids, globs or aliases (main, t4, all), comma-separated (default all);
 #                          PEERS: e.g. nbtune,unsloth (default hf,unsloth,nbtune)
@@ -95,7 +97,14 @@ run_stage() {
 
 stage_tests() {
   # shellcheck disable=SC2086
-  run_stage tests $PY -m pytest -m gpu -q -x -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml" ${PYTEST_ARGS:-} tests
+  # the folders that hold GPU tests (the others import notebook-only packages the GPU image lacks)
+  local d paths=()
+  for d in ${GPU_TEST_PATHS:-tests/kernels tests/models tests/reliability tests/multi_gpu}; do
+    [[ -e $d ]] && paths+=("$d")
+  done
+  # shellcheck disable=SC2086
+  run_stage tests $PY -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml" ${PYTEST_ARGS:-} \
+    "${paths[@]}"
   [[ -f $OUT/pytest-gpu.xml ]] && $PY - "$OUT/pytest-gpu.xml" <<'PY' || true
 import sys, xml.etree.ElementTree as ET
 r = ET.parse(sys.argv[1]).getroot()
@@ -129,6 +138,14 @@ stage_models() {
   [[ -f benchmarks/RESULTS.md ]] && cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
 }
 
+stage_profile() {
+  local spec=${1:-llama3-8b:2:2048:bfloat16} name
+  name=profile-$(tr ':' '-' <<<"$spec").txt
+  # shellcheck disable=SC2086
+  run_stage "profile" $PY benchmarks/profile_step.py "$spec" --variants offload --host ${PROFILE_ARGS:-} \
+    > >(tee "$OUT/$name")
+}
+
 main() {
   echo "# nbtune gpu suite: stages ${*:-tests kernels models}, budget ${BUDGET}s, OUT=$OUT, CKPT_ROOT=$CKPT_ROOT"
   setup
@@ -140,10 +157,12 @@ main() {
       tests) stage_tests ;;
       kernels) stage_kernels "" ;;
       kernels:*) stage_kernels "${stage#kernels:}" ;;
+      profile) stage_profile "" ;;
+      profile:*) stage_profile "${stage#profile:}" ;;
       models|models:*)
         IFS=: read -r _ rows peers <<<"$stage"
         stage_models "${rows:-all}" "${peers:-hf,unsloth,nbtune}" ;;
-      *) note "$stage" "UNKNOWN stage (tests, kernels, models)" 0 ;;
+      *) note "$stage" "UNKNOWN stage (tests, kernels, profile, models)" 0 ;;
     esac
   done
   echo; echo "===== summary (${SECONDS}s of ${BUDGET}s)"

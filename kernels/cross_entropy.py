@@ -90,6 +90,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import HAS_TRITON, next_power_of_2, use_triton
+from ._launch import launch
 
 if HAS_TRITON:
     import triton
@@ -260,8 +261,9 @@ def _scale_inplace(x: torch.Tensor, factor: torch.Tensor, per_row: bool) -> torc
     if n == 0:
         return x
     block = 4096
-    _scale_inplace_kernel[(triton.cdiv(n, block),)](
-        x, factor, n, x.shape[-1] if x.dim() > 1 else 1, FACTOR_PER_ROW=per_row, BLOCK=block, num_warps=8
+    launch(
+        _scale_inplace_kernel, (triton.cdiv(n, block),),
+        x, factor, n, x.shape[-1] if x.dim() > 1 else 1, FACTOR_PER_ROW=per_row, BLOCK=block, num_warps=8,
     )
     return x
 
@@ -300,7 +302,8 @@ def _chunked_pass(hidden, weight, bias, labels, ignore_index, softcap, *, write_
             torch.mm(hidden_chunk, weight_t, out=logits)
         else:
             torch.addmm(bias, hidden_chunk, weight_t, out=logits)
-        _cross_entropy_rows_kernel[(end - start,)](
+        launch(
+            _cross_entropy_rows_kernel, (end - start,),
             logits, logits.stride(0), labels[start:end], losses[start:end],
             row_scale[start:end] if row_scale is not None else losses[start:end],
             n_vocab, ignore_index, float(softcap) if softcap else 1.0, GRAD_STORE_SCALE,

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import interpreting, next_power_of_2, use_triton
+from ._launch import launch
 
 try:
     import triton
@@ -158,7 +159,8 @@ def glu_forward_2d(gate: torch.Tensor, up: torch.Tensor, activation: int, out: t
         out = torch.empty((rows, n_cols), dtype=gate.dtype, device=gate.device)
     if rows and n_cols:
         grid, block_rows, block_cols, warps = _launch_config(rows, n_cols)
-        _glu_forward_kernel[grid](
+        launch(
+            _glu_forward_kernel, grid,
             gate, up, out, rows, n_cols, gate.stride(0), up.stride(0), out.stride(0),
             ACTIVATION=activation, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=warps,
         )
@@ -172,7 +174,8 @@ def glu_backward_2d(dh, gate, up, dgate, dup, activation: int, h_out=None):
     if rows and n_cols:
         grid, block_rows, block_cols, warps = _launch_config(rows, n_cols)
         h = dgate if h_out is None else h_out  # dummy pointer when STORE_H is off
-        _glu_backward_kernel[grid](
+        launch(
+            _glu_backward_kernel, grid,
             dh, gate, up, dgate, dup, h, rows, n_cols,
             dh.stride(0), gate.stride(0), up.stride(0), dgate.stride(0), dup.stride(0), h.stride(0),
             ACTIVATION=activation, STORE_H=h_out is not None, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,

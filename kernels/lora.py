@@ -10,7 +10,7 @@ What the hand-written backward saves, compared with peft over bitsandbytes under
 - no gradient for the frozen base is ever formed; the dequantized ``W`` lives only for the one
   matmul that needs it, in the forward and again (dequantized anew) in the backward, and is never
   kept between them;
-- saved for the backward: X and the r-wide ``s X A^T`` per projection (tokens x r: a few hundred
+- saved for the backward: X and the r-wide ``X A^T`` per projection (tokens x r: a few hundred
   KiB), nothing (tokens x out)-sized. The MLP keeps X, ``gate`` and ``up`` only: ``act(gate)``
   and ``h = act(gate) * up`` are recomputed by the GLU backward kernel, which also writes
   ``dgate``/``dup`` over the saved ``gate``/``up`` and the recomputed ``h`` over ``dh``. At
@@ -22,28 +22,32 @@ What the hand-written backward saves, compared with peft over bitsandbytes under
 
 Matmuls are cuBLAS (``torch.mm``/``addmm``/``addmm_``); Triton runs the GLU (``kernels/glu.py``).
 
-Backward of one projection, with ``G = dY`` (tokens x out) and ``XA_s = s X A^T`` (saved):
+Backward of one projection, with ``G = dY`` (tokens x out) and ``XA = X A^T`` (saved):
 
-    GB_s = s G B                       (tokens x r)
-    dX   = G W + GB_s A                (tokens x in)    W dequantized again
-    dB   = G^T XA_s         = s G^T (X A^T)            (out x r)
-    dA   = GB_s^T X         = s (G B)^T X              (r x in)
+    GB   = G B                         (tokens x r)
+    dX   = G W + s GB A                (tokens x in)    W dequantized again
+    dB   = s G^T XA                                    (out x r)
+    dA   = s GB^T X                                    (r x in)
     db   = sum_tokens G                                (only if the bias requires grad)
 
 Backward of the MLP ``y = down(act(gate(x)) * up(x))`` with ``g = gate(x)``, ``u = up(x)``,
 ``h = act(g) * u`` and ``G = dY``:
 
-    GBd_s = s_d G B_d
-    dh    = G W_d + GBd_s A_d                          (tokens x intermediate)
-    dB_d  = G^T HA_s,   HA_s = s_d h A_d^T (saved in the forward)
+    GBd   = G B_d
+    dh    = G W_d + s_d GBd A_d                        (tokens x intermediate)
+    dB_d  = s_d G^T HA,   HA = h A_d^T (saved in the forward)
     dg    = dh * u * act'(g),  du = dh * act(g),  h recomputed      [Triton, in place]
-    dA_d  = GBd_s^T h
+    dA_d  = s_d GBd^T h
     dX    = dg W_g + (s_g dg B_g) A_g + du W_u + (s_u du B_u) A_u
-    dB_g  = dg^T XAg_s,  dA_g = (s_g dg B_g)^T X       (same for up)
+    dB_g  = s_g dg^T XAg,  dA_g = s_g (dg B_g)^T X     (same for up)
+
+The scalings ride on the GEMMs' alpha (``addmm_(..., alpha=s)``): no separate scaling pass.
 
 Dtypes: everything is computed in the compute dtype, that of x (or the autocast dtype when
 autocast is on). LoRA parameters kept in fp32 next to a 16-bit base (as peft does) are cast to
-it for the matmuls, and their gradients are returned in the parameter's own dtype. Frozen means
+it for the matmuls once per forward (the backward reuses the 16-bit copies it saved: r x (in + out)
+values per projection, a few MiB per layer), and their gradients are returned in the parameter's
+own dtype. Frozen means
 frozen: even a base whose weight requires grad gets none. LoRA dropout is not supported: callers
 take this path only when dropout is 0 (``lora_parts`` refuses a layer with dropout). The fused
 MLP backward may run once per forward: it overwrites its saved buffers, so a second backward
@@ -123,15 +127,19 @@ def _check_shapes(x: torch.Tensor, p: LoRAProjection, what: str):
         )
 
 
+def _mm_scaled(a, b, scaling):
+    """scaling * (a @ b) in one GEMM (alpha), into a fresh tensor (beta=0: its contents are ignored)."""
+    return torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device).addmm_(a, b, beta=0.0, alpha=scaling)
+
+
 def _project(X, W, A, B, scaling, bias, lead_shape=None):
-    """(Y, XA_s): Y = X W^T (+ bias) + XA_s B^T with XA_s = s X A^T; all in X's dtype.
+    """(Y, XA): Y = X W^T (+ bias) + s XA B^T with XA = X A^T; all in X's dtype.
 
     With ``lead_shape`` Y is allocated as (*lead_shape, out) and the GEMMs write through a 2-D view
     of it, so the caller can return Y itself rather than a view: RoPE can then work in place on the
     projections' outputs (autograd forbids in-place writes to views of a custom Function's output).
     """
-    XA_s = torch.mm(X, A.t())
-    XA_s.mul_(scaling)
+    XA = torch.mm(X, A.t())
     n_out = W.shape[0]
     Y = torch.empty(*(lead_shape if lead_shape is not None else X.shape[:1]), n_out, device=X.device, dtype=X.dtype)
     Y2 = Y.view(-1, n_out)
@@ -139,8 +147,8 @@ def _project(X, W, A, B, scaling, bias, lead_shape=None):
         torch.mm(X, W.t(), out=Y2)
     else:
         torch.addmm(bias, X, W.t(), out=Y2)
-    Y2.addmm_(XA_s, B.t())
-    return Y, XA_s
+    Y2.addmm_(XA, B.t(), alpha=scaling)
+    return Y, XA
 
 
 def _cast(t, dtype):
@@ -152,7 +160,8 @@ class _LoRAProjections(torch.autograd.Function):
     """Y_i = X W_i^T (+ b_i) + s_i (X A_i^T) B_i^T for projections i sharing one input X.
 
     apply(x, scalings, base_0, A_0, B_0, bias_0, base_1, ...) -> (Y_0, Y_1, ...).
-    Saves X and each s_i X A_i^T; dX of all projections accumulates into one buffer.
+    Saves X, each s_i X A_i^T and the compute-dtype A_i, B_i; dX of all projections accumulates
+    into one buffer.
     """
 
     @staticmethod
@@ -160,16 +169,20 @@ class _LoRAProjections(torch.autograd.Function):
         dtype = _compute_dtype(x)
         n_in = x.shape[-1]
         X = x.reshape(-1, n_in).to(dtype)
-        outputs, saved_xa = [], []
+        outputs, saved_xa, saved_params, grad_dtypes = [], [], [], []
         for i, s in enumerate(scalings):
             base, A, B, bias = flat[4 * i: 4 * i + 4]
+            A_c, B_c = A.to(dtype), B.to(dtype)
             W = _weight(base, dtype)
-            Y, XA_s = _project(X, W, A.to(dtype), B.to(dtype), s, _cast(bias, dtype), lead_shape=x.shape[:-1])
+            Y, XA = _project(X, W, A_c, B_c, s, _cast(bias, dtype), lead_shape=x.shape[:-1])
             del W
             outputs.append(Y)
-            saved_xa.append(XA_s)
-        ctx.save_for_backward(X, *saved_xa, *[t for i in range(len(scalings)) for t in flat[4 * i + 1: 4 * i + 4]])
+            saved_xa.append(XA)
+            saved_params += [A_c, B_c]  # cast once: the backward reuses them
+            grad_dtypes.append((A.dtype, B.dtype, None if bias is None else bias.dtype))
+        ctx.save_for_backward(X, *saved_xa, *saved_params)
         ctx.bases = [flat[4 * i] for i in range(len(scalings))]
+        ctx.grad_dtypes = grad_dtypes
         ctx.scalings, ctx.dtype, ctx.x_shape, ctx.x_dtype = scalings, dtype, x.shape, x.dtype
         return tuple(outputs)
 
@@ -183,14 +196,13 @@ class _LoRAProjections(torch.autograd.Function):
         dX = None
         flat_grads = []
         for i, s in enumerate(ctx.scalings):
-            A, B, bias = params[3 * i: 3 * i + 3]
+            A_c, B_c = params[2 * i: 2 * i + 2]
+            A_dtype, B_dtype, bias_dtype = ctx.grad_dtypes[i]
             need_A, need_B, need_bias = ctx.needs_input_grad[2 + 4 * i + 1: 2 + 4 * i + 4]
             G = grads[i].reshape(-1, grads[i].shape[-1]).to(dtype)
-            A_c = A.to(dtype)
             dA = dB = dbias = None
             if need_x or need_A:
-                GB_s = torch.mm(G, B.to(dtype))
-                GB_s.mul_(s)
+                GB = torch.mm(G, B_c)
                 if need_x:
                     W = _weight(ctx.bases[i], dtype)
                     if dX is None:
@@ -198,13 +210,13 @@ class _LoRAProjections(torch.autograd.Function):
                     else:
                         dX.addmm_(G, W)
                     del W
-                    dX.addmm_(GB_s, A_c)
+                    dX.addmm_(GB, A_c, alpha=s)
                 if need_A:
-                    dA = torch.mm(GB_s.t(), X).to(A.dtype)
+                    dA = _mm_scaled(GB.t(), X, s).to(A_dtype)
             if need_B:
-                dB = torch.mm(G.t(), saved_xa[i]).to(B.dtype)
+                dB = _mm_scaled(G.t(), saved_xa[i], s).to(B_dtype)
             if need_bias:
-                dbias = G.sum(0).to(bias.dtype)
+                dbias = G.sum(0).to(bias_dtype)
             flat_grads += [None, dA, dB, dbias]
         if dX is not None:
             dX = dX.view(ctx.x_shape).to(ctx.x_dtype)
@@ -224,7 +236,7 @@ class _LoRAMLP(torch.autograd.Function):
     """y = down(act(gate(x)) * up(x)), each of gate/up/down a LoRA projection; see module docstring.
 
     apply(x, activation_id, (s_g, s_u, s_d), gate base, A, B, bias, up ..., down ...) -> y.
-    Saves X, g, u and the three r-wide s X A^T / s h A_d^T; not h, not any dequantized W.
+    Saves X, g, u and the three r-wide X A^T / h A_d^T; not h, not any dequantized W.
     """
 
     @staticmethod
@@ -235,19 +247,21 @@ class _LoRAMLP(torch.autograd.Function):
          down_base, down_A, down_B, down_bias) = flat
         s_g, s_u, s_d = scalings
 
+        loras = [t.to(dtype) for t in (gate_A, gate_B, up_A, up_B, down_A, down_B)]  # cast once for both passes
+        gate_Ac, gate_Bc, up_Ac, up_Bc, down_Ac, down_Bc = loras
         W = _weight(gate_base, dtype)
-        g, XAg_s = _project(X, W, gate_A.to(dtype), gate_B.to(dtype), s_g, _cast(gate_bias, dtype))
+        g, XAg = _project(X, W, gate_Ac, gate_Bc, s_g, _cast(gate_bias, dtype))
         W = _weight(up_base, dtype)
-        u, XAu_s = _project(X, W, up_A.to(dtype), up_B.to(dtype), s_u, _cast(up_bias, dtype))
+        u, XAu = _project(X, W, up_Ac, up_Bc, s_u, _cast(up_bias, dtype))
         del W
         h = glu_forward_2d(g, u, activation)
         W = _weight(down_base, dtype)
-        y, HAd_s = _project(h, W, down_A.to(dtype), down_B.to(dtype), s_d, _cast(down_bias, dtype),
-                            lead_shape=x.shape[:-1])
+        y, HAd = _project(h, W, down_Ac, down_Bc, s_d, _cast(down_bias, dtype), lead_shape=x.shape[:-1])
         del W, h
 
-        ctx.save_for_backward(X, g, u, XAg_s, XAu_s, HAd_s, gate_A, gate_B, gate_bias,
-                              up_A, up_B, up_bias, down_A, down_B, down_bias)
+        ctx.save_for_backward(X, g, u, XAg, XAu, HAd, *loras)
+        ctx.grad_dtypes = [None if t is None else t.dtype for t in
+                           (gate_A, gate_B, gate_bias, up_A, up_B, up_bias, down_A, down_B, down_bias)]
         ctx.bases = (gate_base, up_base, down_base)
         ctx.activation, ctx.scalings, ctx.dtype = activation, scalings, dtype
         ctx.consumed = False
@@ -262,8 +276,9 @@ class _LoRAMLP(torch.autograd.Function):
                 "gate/up buffers were overwritten in place by the first backward. Run the forward again."
             )
         ctx.consumed = True
-        (X, g, u, XAg_s, XAu_s, HAd_s, gate_A, gate_B, gate_bias,
-         up_A, up_B, up_bias, down_A, down_B, down_bias) = ctx.saved_tensors
+        (X, g, u, XAg, XAu, HAd, gate_A, gate_B, up_A, up_B, down_A, down_B) = ctx.saved_tensors
+        (gA_dtype, gB_dtype, gbias_dtype, uA_dtype, uB_dtype, ubias_dtype,
+         dA_dtype, dB_dtype, dbias_dtype) = ctx.grad_dtypes
         gate_base, up_base, down_base = ctx.bases
         s_g, s_u, s_d = ctx.scalings
         dtype = ctx.dtype
@@ -276,31 +291,29 @@ class _LoRAMLP(torch.autograd.Function):
 
         G = dy.reshape(-1, dy.shape[-1]).to(dtype)
         # down projection: dh = G W_d + (s_d G B_d) A_d, its LoRA grads
-        GBd_s = torch.mm(G, down_B.to(dtype))
-        GBd_s.mul_(s_d)
+        GBd = torch.mm(G, down_B)
         W = _weight(down_base, dtype)
         dh = torch.mm(G, W)
         del W
-        dh.addmm_(GBd_s, down_A.to(dtype))
-        grad_down_B = torch.mm(G.t(), HAd_s).to(down_B.dtype) if need_dB else None
-        grad_down_bias = G.sum(0).to(down_bias.dtype) if need_dbias else None
+        dh.addmm_(GBd, down_A, alpha=s_d)
+        grad_down_B = _mm_scaled(G.t(), HAd, s_d).to(dB_dtype) if need_dB else None
+        grad_down_bias = G.sum(0).to(dbias_dtype) if need_dbias else None
 
         # GLU backward in place: g <- dg, u <- du, dh <- h (recomputed, for dA_d)
         dg, du, h = glu_backward_inplace(dh, g, u, ctx.activation, store_h=need_dA)
-        grad_down_A = torch.mm(GBd_s.t(), h).to(down_A.dtype) if need_dA else None
+        grad_down_A = _mm_scaled(GBd.t(), h, s_d).to(dA_dtype) if need_dA else None
         del h, dh
 
         # gate and up projections: dX accumulates in one buffer
         dX = None
         grads = []
-        for dZ, base, A, B, bias, XA_s, s, need_A, need_B, need_bias in (
-            (dg, gate_base, gate_A, gate_B, gate_bias, XAg_s, s_g, need_gA, need_gB, need_gbias),
-            (du, up_base, up_A, up_B, up_bias, XAu_s, s_u, need_uA, need_uB, need_ubias),
+        for dZ, base, A, B, XA, s, need_A, need_B, need_bias, dtypes in (
+            (dg, gate_base, gate_A, gate_B, XAg, s_g, need_gA, need_gB, need_gbias, (gA_dtype, gB_dtype, gbias_dtype)),
+            (du, up_base, up_A, up_B, XAu, s_u, need_uA, need_uB, need_ubias, (uA_dtype, uB_dtype, ubias_dtype)),
         ):
             grad_A = grad_B = grad_bias = None
             if need_x or need_A:
-                GB_s = torch.mm(dZ, B.to(dtype))
-                GB_s.mul_(s)
+                GB = torch.mm(dZ, B)
                 if need_x:
                     W = _weight(base, dtype)
                     if dX is None:
@@ -308,13 +321,13 @@ class _LoRAMLP(torch.autograd.Function):
                     else:
                         dX.addmm_(dZ, W)
                     del W
-                    dX.addmm_(GB_s, A.to(dtype))
+                    dX.addmm_(GB, A, alpha=s)
                 if need_A:
-                    grad_A = torch.mm(GB_s.t(), X).to(A.dtype)
+                    grad_A = _mm_scaled(GB.t(), X, s).to(dtypes[0])
             if need_B:
-                grad_B = torch.mm(dZ.t(), XA_s).to(B.dtype)
+                grad_B = _mm_scaled(dZ.t(), XA, s).to(dtypes[1])
             if need_bias:
-                grad_bias = dZ.sum(0).to(bias.dtype)
+                grad_bias = dZ.sum(0).to(dtypes[2])
             grads += [None, grad_A, grad_B, grad_bias]
         if dX is not None:
             dX = dX.view(ctx.x_shape).to(ctx.x_dtype)

@@ -50,6 +50,7 @@ from math import prod
 import torch
 
 from ._backend import HAS_TRITON, interpreting, use_triton
+from ._launch import launch
 
 if HAS_TRITON:
     import triton
@@ -231,7 +232,8 @@ def _nf4_dequantize_triton(packed: torch.Tensor, quant_state, out: torch.Tensor)
     rows, num_warps = _launch_config(n, blocksize)
     grid = (triton.cdiv(n_blocks, rows),)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        _nf4_dequantize_kernel[grid](
+        launch(
+            _nf4_dequantize_kernel, grid,
             packed,
             quant_state.absmax.contiguous(),
             *(t.contiguous() for t in extra),
@@ -403,10 +405,88 @@ def dequantize_base(base, dtype: torch.dtype | None = None) -> torch.Tensor:
         if base.dtype in (torch.uint8, torch.int8):
             raise ValueError("an integer weight without .quant_state: not a quantized Params4bit nbtune can read")
         return base if dtype is None or base.dtype == dtype else base.to(dtype)
-    data = base.data if isinstance(base, torch.nn.Parameter) else base
     out_dtype = dtype or quant_state.dtype
+    plan = _launch_plan(base, quant_state, out_dtype)
+    if plan is not None:
+        return plan.run()
+    data = base.data if isinstance(base, torch.nn.Parameter) else base
     out = torch.empty(tuple(quant_state.shape), dtype=out_dtype, device=data.device)
     return nf4_dequantize(data, quant_state, out=out)
+
+
+class _LaunchPlan:
+    """Everything one weight's dequantization launch needs, checked and derived once.
+
+    A training step dequantizes each 4-bit weight three times (forward, recompute, backward);
+    the validation, offset handling, launch configuration and contiguity checks of
+    :func:`nf4_dequantize` cost more host time than the kernel's ~40 µs of GPU time on an 8B
+    layer, so :func:`dequantize_base` keeps them per (weight, output dtype) and only allocates
+    the output and launches.
+    """
+
+    __slots__ = ("args", "grid", "meta", "shape", "dtype", "device", "word_dtype")
+
+    def __init__(self, packed, quant_state, out_dtype):
+        n = prod(tuple(quant_state.shape))
+        blocksize = int(quant_state.blocksize)
+        n_blocks = -(-n // blocksize)
+        device = packed.device
+        if quant_state.nested:
+            state2 = quant_state.state2
+            offset = quant_state.offset
+            offset = (offset.to(device=device, dtype=torch.float32) if torch.is_tensor(offset)
+                      else torch.tensor(float(offset), dtype=torch.float32, device=device))
+            extra = (state2.absmax.contiguous(), state2.code.contiguous(), offset.reshape(1).contiguous())
+            blocksize2 = int(state2.blocksize)
+        else:
+            extra = (quant_state.absmax.contiguous(),) * 3
+            blocksize2 = 1
+        rows, num_warps = _launch_config(n, blocksize)
+        self.args = (packed, quant_state.absmax.contiguous(), *extra, _nf4_table(device))
+        self.grid = (triton.cdiv(n_blocks, rows),)
+        self.meta = (n // 2, n_blocks, blocksize2, dict(
+            BLOCKSIZE=blocksize, ROWS=rows, NESTED=bool(quant_state.nested),
+            ROUND_DTYPE=_TL_DTYPES[quant_state.dtype], OUT_DTYPE=_TL_DTYPES[out_dtype],
+            BF16_BY_BITS=False, num_warps=num_warps, enable_fp_fusion=False))
+        self.shape, self.dtype, self.device = tuple(quant_state.shape), out_dtype, device
+        self.word_dtype = torch.int64 if out_dtype == torch.float32 else torch.int32
+
+    def run(self) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        n_pairs, n_blocks, blocksize2, meta = self.meta
+        launch(_nf4_dequantize_kernel, self.grid, *self.args, out.view(-1).view(self.word_dtype),
+               n_pairs, n_blocks, blocksize2, **meta)
+        return out
+
+
+def _launch_plan(data: torch.Tensor, quant_state, out_dtype) -> _LaunchPlan | None:
+    """The cached launch plan of a CUDA NF4 weight (kept on its QuantState), or None where the
+    general path must run: not on CUDA or not the Triton path, an odd element count, a layout
+    the general path reshapes or refuses. Keyed by the tensors' addresses, so a state moved or
+    re-quantized in place gets a new plan."""
+    if not (data.is_cuda and data.dtype == torch.uint8 and data.is_contiguous()) or interpreting():
+        return None
+    absmax = quant_state.absmax
+    key = (out_dtype, data.data_ptr(), absmax.data_ptr(), torch.cuda.current_device())
+    cache = quant_state.__dict__.setdefault("_nbtune_plans", {})
+    plan = cache.get(key)
+    if plan is None:
+        if not use_triton(data, absmax) or out_dtype not in _OUT_DTYPES or data.dim() == 0:
+            return None
+        if data.dim() >= 1 and data.shape[0] == 1 and len(tuple(quant_state.shape)) <= 2:
+            return None  # bnb's old transposed packing: the general path returns out.t()
+        _prepare(data.detach(), quant_state, None)  # validates: raises on what the kernel does not read
+        n = prod(tuple(quant_state.shape))
+        nested_fp32 = not quant_state.nested or quant_state.state2.dtype in (None, torch.float32)
+        if n == 0 or n % 2 or not nested_fp32 or data.device.index != torch.cuda.current_device():
+            return None
+        for stale in [k for k in cache if k[1:] != key[1:]]:  # the weight moved: drop its old tensors
+            del cache[stale]
+        flat = (data.data if isinstance(data, torch.nn.Parameter) else data).reshape(-1)
+        plan = cache[key] = _LaunchPlan(flat, quant_state, out_dtype)
+    elif not use_triton(data):  # NBTUNE_KERNELS may change between calls
+        return None
+    return plan
 
 
 # --------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ import functools
 import torch
 
 from ._backend import HAS_TRITON, next_power_of_2, use_triton
+from ._launch import launch
 
 if HAS_TRITON:
     import triton
@@ -298,7 +299,8 @@ class _RMSNormFunction(torch.autograd.Function):
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         block_m, block_n, num_chunks, num_warps = _launch_config(n_cols)
         grid = (triton.cdiv(n_rows, block_m),)
-        _rms_norm_fwd_kernel[grid](
+        launch(
+            _rms_norm_fwd_kernel, grid,
             x_rows, weight, y_rows, rstd,
             n_rows, n_cols, x_rows.stride(0), y_rows.stride(0),
             float(eps), float(offset),
@@ -326,7 +328,8 @@ class _RMSNormFunction(torch.autograd.Function):
                       if compute_dw else None)
         row_dot = (torch.empty(n_rows, dtype=torch.float32, device=x_rows.device)
                    if num_chunks > 1 and compute_dx else None)
-        _rms_norm_bwd_kernel[(n_programs,)](
+        launch(
+            _rms_norm_bwd_kernel, (n_programs,),
             dy_rows, x_rows, weight, rstd,
             dx_rows,
             dw_partial if compute_dw else rstd,    # unused pointer when COMPUTE_DW is off

@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import HAS_TRITON, next_power_of_2, use_triton
+from ._launch import launch
 
 if HAS_TRITON:
     import triton
@@ -265,7 +266,8 @@ def _launch(q, k, q_out, k_out, cos, sin, position_ids, backward: bool):
     block_half = next_power_of_2(half_rot)
     # The q tile (two halves) holds 2 * block_hq * block_half values; ~16-32 per thread.
     num_warps = 8 if 2 * block_hq * block_half >= 8192 else 4
-    _rope_kernel[(batch * seq_len,)](
+    launch(
+        _rope_kernel, (batch * seq_len,),
         q, k, q_out, k_out, cos, sin, pos,
         seq_len, n_q_heads, n_k_heads, half_rot, n_pass,
         *_strides_bhs(q), *_strides_bhs(q_out), *_strides_bhs(k), *_strides_bhs(k_out),
