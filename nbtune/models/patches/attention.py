@@ -43,6 +43,7 @@ released checkpoints) is passed to SDPA; with softcapping it runs an explicit (a
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -147,8 +148,14 @@ def _native_gqa(q: torch.Tensor, with_mask: bool) -> bool:
         return True
     if q.device.type != "cuda" or with_mask or q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] > 256:
         return False
-    major, _ = torch.cuda.get_device_capability(q.device)
-    return major >= 8 and torch.backends.cuda.flash_sdp_enabled()
+    return _capability_major(q.device.index) >= 8 and torch.backends.cuda.flash_sdp_enabled()
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(index: int | None) -> int:
+    """The compute capability's major number of a CUDA device (asked once per device: every
+    layer of every step asks it)."""
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def _sdpa(q, k, v, *, mask=None, causal=False, scale=None, dropout=0.0):
