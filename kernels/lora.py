@@ -47,9 +47,8 @@ The scalings ride on the GEMMs' alpha (``addmm_(..., alpha=s)``): no separate sc
 
 Dtypes: everything is computed in the compute dtype, that of x (or the autocast dtype when
 autocast is on). LoRA parameters kept in fp32 next to a 16-bit base (as peft does) are cast to
-it for the matmuls once per forward (the backward reuses the 16-bit copies it saved: r x (in + out)
-values per projection, a few MiB per layer), and their gradients are returned in the parameter's
-own dtype. Frozen means
+it for the matmuls through a 16-bit shadow kept on the parameter and refreshed after each optimizer
+step (:func:`compute_copy`), and their gradients are returned in the parameter's own dtype. Frozen means
 frozen: even a base whose weight requires grad gets none. LoRA dropout is not supported: callers
 take this path only when dropout is 0 (``lora_parts`` refuses a layer with dropout). The fused
 MLP backward may run once per forward: it overwrites its saved buffers, so a second backward
@@ -157,7 +156,47 @@ def _project(X, W, A, B, scaling, bias, lead_shape=None):
 
 
 def _cast(t, dtype):
-    return None if t is None else t.to(dtype)
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+# ----------------------------------------------------------------------------- 16-bit shadows
+_GENERATION = [0]  # bumped after every optimizer step: shadows made before it are stale
+
+
+def _next_generation(*_args, **_kwargs):
+    _GENERATION[0] += 1
+
+
+try:  # every torch.optim.Optimizer subclass (bitsandbytes' too) runs the global post-step hooks
+    torch.optim.optimizer.register_optimizer_step_post_hook(_next_generation)
+except AttributeError:  # pragma: no cover - torch < 2.0: the version counter alone decides
+    pass
+
+
+def compute_copy(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``p`` in the compute dtype. An fp32 LoRA weight next to a 16-bit base gets a 16-bit shadow
+    kept on the tensor, cast again only when the weight may have changed: after any optimizer
+    step (a global post-step hook), an in-place change (its version counter) or new storage
+    (``p.data = ...``). A training step then casts each weight once (its first forward), not in
+    the forward, the recompute and the backward: ~900 fewer cast kernels and host round trips
+    per step of an 8B model, for r x (in + out) 16-bit values per projection (84 MiB at r=16 on
+    llama3-8b). Writing through ``p.data`` (a separate version counter) between optimizer steps
+    is not seen: call :func:`drop_compute_copies` after doing that.
+    """
+    if p.dtype == dtype:
+        return p
+    entry = p.__dict__.get("_nbtune_shadow")
+    if (entry is not None and entry[0] == _GENERATION[0] and entry[1] == p._version and entry[2] == dtype
+            and entry[3] == p.data_ptr()):
+        return entry[4]
+    shadow = p.detach().to(dtype)
+    p.__dict__["_nbtune_shadow"] = (_GENERATION[0], p._version, dtype, p.data_ptr(), shadow)
+    return shadow
+
+
+def drop_compute_copies() -> None:
+    """Mark every 16-bit shadow stale (they are re-cast at their next use)."""
+    _next_generation()
 
 
 # ----------------------------------------------------------------------------- projections sharing X
@@ -165,27 +204,29 @@ class _LoRAProjections(torch.autograd.Function):
     """Y_i = X W_i^T (+ b_i) + s_i (X A_i^T) B_i^T for projections i sharing one input X.
 
     apply(x, scalings, base_0, A_0, B_0, bias_0, base_1, ...) -> (Y_0, Y_1, ...).
-    Saves X, each s_i X A_i^T and the compute-dtype A_i, B_i; dX of all projections accumulates
-    into one buffer.
+    Saves X and each X A_i^T (the 16-bit A_i, B_i shadows ride on ctx: they live on their
+    parameters anyway); dX of all projections accumulates into one buffer.
     """
 
     @staticmethod
     def forward(ctx, x, scalings, *flat):
         dtype = _compute_dtype(x)
         n_in = x.shape[-1]
-        X = x.reshape(-1, n_in).to(dtype)
+        X = x.reshape(-1, n_in)
+        X = X if X.dtype == dtype else X.to(dtype)
         outputs, saved_xa, saved_params, grad_dtypes = [], [], [], []
         for i, s in enumerate(scalings):
             base, A, B, bias = flat[4 * i: 4 * i + 4]
-            A_c, B_c = A.to(dtype), B.to(dtype)
+            A_c, B_c = compute_copy(A, dtype), compute_copy(B, dtype)
             W = _weight(base, dtype)
             Y, XA = _project(X, W, A_c, B_c, s, _cast(bias, dtype), lead_shape=x.shape[:-1])
             del W
             outputs.append(Y)
             saved_xa.append(XA)
-            saved_params += [A_c, B_c]  # cast once: the backward reuses them
+            saved_params += [A_c, B_c]
             grad_dtypes.append((A.dtype, B.dtype, None if bias is None else bias.dtype))
-        ctx.save_for_backward(X, *saved_xa, *saved_params)
+        ctx.save_for_backward(X, *saved_xa)
+        ctx.loras = saved_params  # shadows that live on their parameters anyway: not saved tensors
         ctx.bases = [flat[4 * i] for i in range(len(scalings))]
         ctx.grad_dtypes = grad_dtypes
         ctx.scalings, ctx.dtype, ctx.x_shape, ctx.x_dtype = scalings, dtype, x.shape, x.dtype
@@ -195,7 +236,7 @@ class _LoRAProjections(torch.autograd.Function):
     def backward(ctx, *grads):
         n = len(ctx.scalings)
         saved = ctx.saved_tensors
-        X, saved_xa, params = saved[0], saved[1: 1 + n], saved[1 + n:]
+        X, saved_xa, params = saved[0], saved[1: 1 + n], ctx.loras
         dtype = ctx.dtype
         need_x = ctx.needs_input_grad[0]
         dX = None
@@ -204,7 +245,8 @@ class _LoRAProjections(torch.autograd.Function):
             A_c, B_c = params[2 * i: 2 * i + 2]
             A_dtype, B_dtype, bias_dtype = ctx.grad_dtypes[i]
             need_A, need_B, need_bias = ctx.needs_input_grad[2 + 4 * i + 1: 2 + 4 * i + 4]
-            G = grads[i].reshape(-1, grads[i].shape[-1]).to(dtype)
+            G = grads[i].reshape(-1, grads[i].shape[-1])
+            G = G if G.dtype == dtype else G.to(dtype)
             dA = dB = dbias = None
             if need_x or need_A:
                 GB = torch.mm(G, B_c)
@@ -224,7 +266,8 @@ class _LoRAProjections(torch.autograd.Function):
                 dbias = G.sum(0).to(bias_dtype)
             flat_grads += [None, dA, dB, dbias]
         if dX is not None:
-            dX = dX.view(ctx.x_shape).to(ctx.x_dtype)
+            dX = dX.view(ctx.x_shape)
+            dX = dX if dX.dtype == ctx.x_dtype else dX.to(ctx.x_dtype)
         return (dX, None, *flat_grads)
 
 
@@ -247,12 +290,13 @@ class _LoRAMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, activation, scalings, *flat):
         dtype = _compute_dtype(x)
-        X = x.reshape(-1, x.shape[-1]).to(dtype)
+        X = x.reshape(-1, x.shape[-1])
+        X = X if X.dtype == dtype else X.to(dtype)
         (gate_base, gate_A, gate_B, gate_bias, up_base, up_A, up_B, up_bias,
          down_base, down_A, down_B, down_bias) = flat
         s_g, s_u, s_d = scalings
 
-        loras = [t.to(dtype) for t in (gate_A, gate_B, up_A, up_B, down_A, down_B)]  # cast once for both passes
+        loras = [compute_copy(t, dtype) for t in (gate_A, gate_B, up_A, up_B, down_A, down_B)]
         gate_Ac, gate_Bc, up_Ac, up_Bc, down_Ac, down_Bc = loras
         W = _weight(gate_base, dtype)
         g, XAg = _project(X, W, gate_Ac, gate_Bc, s_g, _cast(gate_bias, dtype))
@@ -264,7 +308,8 @@ class _LoRAMLP(torch.autograd.Function):
         y, HAd = _project(h, W, down_Ac, down_Bc, s_d, _cast(down_bias, dtype), lead_shape=x.shape[:-1])
         del W, h
 
-        ctx.save_for_backward(X, g, u, XAg, XAu, HAd, *loras)
+        ctx.save_for_backward(X, g, u, XAg, XAu, HAd)
+        ctx.loras = loras
         ctx.grad_dtypes = [None if t is None else t.dtype for t in
                            (gate_A, gate_B, gate_bias, up_A, up_B, up_bias, down_A, down_B, down_bias)]
         ctx.bases = (gate_base, up_base, down_base)
@@ -281,7 +326,8 @@ class _LoRAMLP(torch.autograd.Function):
                 "gate/up buffers were overwritten in place by the first backward. Run the forward again."
             )
         ctx.consumed = True
-        (X, g, u, XAg, XAu, HAd, gate_A, gate_B, up_A, up_B, down_A, down_B) = ctx.saved_tensors
+        X, g, u, XAg, XAu, HAd = ctx.saved_tensors
+        gate_A, gate_B, up_A, up_B, down_A, down_B = ctx.loras
         (gA_dtype, gB_dtype, gbias_dtype, uA_dtype, uB_dtype, ubias_dtype,
          dA_dtype, dB_dtype, dbias_dtype) = ctx.grad_dtypes
         gate_base, up_base, down_base = ctx.bases
@@ -294,7 +340,8 @@ class _LoRAMLP(torch.autograd.Function):
         need_uA, need_uB, need_ubias = need[8:11]
         need_dA, need_dB, need_dbias = need[12:15]
 
-        G = dy.reshape(-1, dy.shape[-1]).to(dtype)
+        G = dy.reshape(-1, dy.shape[-1])
+        G = G if G.dtype == dtype else G.to(dtype)
         # down projection: dh = G W_d + (s_d G B_d) A_d, its LoRA grads
         GBd = torch.mm(G, down_B)
         dh = _mm_scaled(GBd, down_A, s_d)  # LoRA term first, base GEMM accumulating onto it
@@ -335,7 +382,8 @@ class _LoRAMLP(torch.autograd.Function):
                 grad_bias = dZ.sum(0).to(dtypes[2])
             grads += [None, grad_A, grad_B, grad_bias]
         if dX is not None:
-            dX = dX.view(ctx.x_shape).to(ctx.x_dtype)
+            dX = dX.view(ctx.x_shape)
+            dX = dX if dX.dtype == ctx.x_dtype else dX.to(ctx.x_dtype)
         return (dX, None, None, *grads, None, grad_down_A, grad_down_B, grad_down_bias)
 
 

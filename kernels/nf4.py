@@ -49,7 +49,7 @@ from math import prod
 
 import torch
 
-from ._backend import HAS_TRITON, interpreting, use_triton
+from ._backend import HAS_TRITON, interpreting, kernel_mode, use_triton
 from ._launch import launch
 
 if HAS_TRITON:
@@ -464,6 +464,11 @@ def _launch_plan(data: torch.Tensor, quant_state, out_dtype) -> _LaunchPlan | No
     general path must run: not on CUDA or not the Triton path, an odd element count, a layout
     the general path reshapes or refuses. Keyed by the tensors' addresses, so a state moved or
     re-quantized in place gets a new plan."""
+    cache = quant_state.__dict__.get("_nbtune_plans")
+    if cache:  # the per-call path: one lookup (plans exist only for CUDA weights)
+        plan = cache.get((out_dtype, data.data_ptr(), quant_state.absmax.data_ptr(), torch.cuda.current_device()))
+        if plan is not None:
+            return plan if kernel_mode() != "reference" else None
     if not (data.is_cuda and data.dtype == torch.uint8 and data.is_contiguous()) or interpreting():
         return None
     absmax = quant_state.absmax

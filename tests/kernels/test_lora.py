@@ -394,6 +394,52 @@ def test_saved_tensors_are_x_gate_up_and_r_wide(kernel_mode):
     assert sorted(sizes) == sorted([T * H, T * r, T * r, T * r])
 
 
+def test_compute_copy_is_reused_until_the_weight_changes():
+    """The 16-bit shadow of an fp32 LoRA weight is cast once and made again after an optimizer
+    step, an in-place change, or new storage; a weight already in the compute dtype is itself."""
+    w = nn.Parameter(torch.randn(4, 6))
+    first = lora.compute_copy(w, torch.bfloat16)
+    assert first.dtype == torch.bfloat16 and torch.equal(first, w.detach().bfloat16())
+    assert lora.compute_copy(w, torch.bfloat16) is first  # reused
+    assert lora.compute_copy(w, torch.float16) is not first  # another dtype: another shadow
+
+    w.grad = torch.ones_like(w)
+    torch.optim.SGD([w], lr=0.5).step()  # global post-step hook
+    after_step = lora.compute_copy(w, torch.bfloat16)
+    assert torch.equal(after_step, w.detach().bfloat16()) and not torch.equal(after_step, first)
+
+    with torch.no_grad():
+        w.mul_(2)  # version counter
+    assert torch.equal(lora.compute_copy(w, torch.bfloat16), w.detach().bfloat16())
+
+    w.data = torch.zeros(4, 6)  # new storage
+    assert torch.count_nonzero(lora.compute_copy(w, torch.bfloat16)) == 0
+
+    w16 = nn.Parameter(torch.randn(4, 6, dtype=torch.bfloat16))
+    assert lora.compute_copy(w16, torch.bfloat16) is w16
+
+
+def test_training_steps_see_updated_lora_weights(kernel_mode):
+    """Two optimizer steps through the fused path (fp32 LoRA over a bf16 base) give the same
+    weights as the reference path: no stale 16-bit shadow is used after a step."""
+    results = []
+    for mode in ("triton", "reference"):
+        kernel_mode(mode)
+        gen = torch.Generator().manual_seed(11)
+        p = make_projection("dense", 20, 32, torch.bfloat16, True, gen, adapter_dtype=torch.float32)
+        start = (p.lora_A.detach().clone(), p.lora_B.detach().clone())
+        opt = torch.optim.SGD([p.lora_A, p.lora_B], lr=0.5)
+        x = torch.randn(6, 32, generator=gen, dtype=torch.bfloat16)
+        for _ in range(3):  # steps 2 and 3 depend on the weights step 1 and 2 made
+            lora.lora_linear(x, *p).float().pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        results.append((p.lora_A.detach() - start[0], p.lora_B.detach() - start[1]))
+    assert results[0][0].abs().max() > 0 and results[0][1].abs().max() > 0
+    assert_close(results[0][0], results[1][0], 3e-2)  # the updates, not the (much larger) weights
+    assert_close(results[0][1], results[1][1], 3e-2)
+
+
 def test_mlp_backward_runs_once(kernel_mode):
     """The fused MLP backward overwrites its saved gate/up: a second backward must fail loudly."""
     kernel_mode("triton")
