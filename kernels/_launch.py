@@ -39,7 +39,9 @@ else:  # pragma: no cover
     FAST_PATH = False
 
 _INT32 = (-(2**31), 2**31 - 1)
-_compiled: dict = {}  # (kernel, key) -> CompiledKernel
+# Triton decides interpreter or compiler when a kernel is defined (at import), so read it once too
+_INTERPRETING = interpreting()
+_compiled: dict = {}  # key -> (CompiledKernel, constexpr values in parameter order)
 _plans: dict = {}     # kernel -> names of the parameters after the positional ones, or None (no fast path)
 
 
@@ -76,22 +78,21 @@ def launch(kernel, grid, *args, **meta):
     """``kernel[grid](*args, **meta)``, with Triton's per-call dispatch skipped after the first
     call of each specialization. ``args``: the leading parameters in order; ``meta``: every other
     parameter by name (constexprs) plus launch options (``num_warps``, ...)."""
-    if not FAST_PATH or interpreting():
-        return kernel[grid](*args, **meta)
-    names = _param_names(kernel, len(args), meta)
-    if names is None:
+    if not FAST_PATH or _INTERPRETING:
         return kernel[grid](*args, **meta)
     try:
-        key = (kernel, torch.cuda.current_device(), tuple(_arg_key(a) for a in args),
-               tuple(meta.items()))
-        compiled = _compiled.get(key)
+        key = (kernel, torch.cuda.current_device(), tuple(map(_arg_key, args)), tuple(meta.items()))
+        entry = _compiled.get(key)
     except TypeError:  # an argument kind (or an unhashable option) the key does not cover
         return kernel[grid](*args, **meta)
-    if compiled is None:
+    if entry is None:
+        names = _param_names(kernel, len(args), meta)
         compiled = kernel[grid](*args, **meta)
-        _compiled[key] = compiled
+        if names is not None:  # the constexpr values, in parameter order, are part of the key
+            _compiled[key] = (compiled, tuple(meta[name] for name in names))
         return compiled
-    bound = args + tuple(meta[name] for name in names)
+    compiled, tail = entry
+    bound = args + tail
     g0 = grid[0]
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
