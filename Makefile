@@ -1,12 +1,13 @@
 # The two commands of the README, with everything they need set up on a fresh machine:
 #   make demo   fine-tune the embedded model on GSM8K with a live view (GPU if there is one, else CPU)
-#   make test   the test suite (CPU; GPU tests are skipped without CUDA)
+#   make test   the test suite (CPU; GPU tests are skipped without CUDA; the browser tests drive
+#               Debian's chromium, installed here with apt when missing and run as root)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nbtune-setup
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test gpu-suite clean
+.PHONY: setup browser demo test gpu-suite clean
 
 $(STAMP): pyproject.toml requirements/ci.txt
 	python3 -m venv $(VENV)
@@ -16,10 +17,25 @@ $(STAMP): pyproject.toml requirements/ci.txt
 
 setup: $(STAMP)
 
+# tests/browser runs JupyterLab in headless Chromium through Playwright, which cannot download its
+# own browser builds here: it launches Debian's chromium. Without root (or apt) nothing is
+# installed; the browser tests then skip with the install command, and fail under CI=true.
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+	    || [ -n "$$NBTUNE_CHROMIUM" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "make: installing chromium (apt-get) for tests/browser"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    chromium >/dev/null && chromium --version 2>/dev/null \
+	  || echo "make: apt-get could not install chromium: tests/browser will not run" >&2; \
+	else \
+	  echo "make: no chromium; tests/browser need it: sudo apt-get install chromium" >&2; \
+	fi
+
 demo: setup
 	$(VENV)/bin/nbtune demo
 
-test: setup
+test: setup browser
 	@$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

@@ -93,6 +93,7 @@ class PlannerWidget(W.VBox):
             self.badge, figure_box, self.advice, self.details,
             W.HBox([self.config_button]), self.config_text,
         ])
+        self.add_class("nbtune-planner")  # a stable hook for styling and for the browser tests
         self.update()
 
     # ------------------------------------------------------------------ planning
@@ -128,8 +129,11 @@ class PlannerWidget(W.VBox):
         for term in TERMS:
             fig.add_trace(go.Bar(name=term, legendgroup=term, y=["GPU memory"], x=[0.0], orientation="h",
                                  marker_color=COLORS[term], hovertemplate=f"{term}: %{{x:.2f}} GiB<extra></extra>"))
-        fig.update_layout(barmode="stack", height=230, margin=dict(l=10, r=10, t=40, b=10),
-                          xaxis_title="GiB", legend=dict(orientation="h", y=-0.45), template="plotly_white")
+        # the legend sits at the bottom of the figure (yref "container"), so however many rows it
+        # wraps to it never covers the axis title: the margin grows to fit it
+        fig.update_layout(barmode="stack", height=300, margin=dict(l=10, r=10, t=40, b=10), xaxis_title="GiB",
+                          legend=dict(orientation="h", yref="container", yanchor="bottom", y=0, x=0),
+                          template="plotly_white")
         return fig
 
     def _render(self):
