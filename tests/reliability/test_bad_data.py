@@ -1,0 +1,104 @@
+"""Bad training data (issue 8) is rejected with a message that names the file, the line or row and
+the field, and nothing is lost (``world.check()``). Structural problems fail before the model
+loads; problems only tokenizing reveals (every row too long or empty) fail before anything is
+written. Rows dropped from a run that goes ahead are counted, with the reason."""
+import json
+
+import pytest
+
+import nbtune
+from nbtune.train import DataError
+
+from .conftest import jsonl, one_line, rejected, run_cli
+
+DATA_CASES = {
+    "empty file": ("empty.jsonl", "", {}, ["empty.jsonl", "is empty"]),
+    "only blank lines": ("blank.jsonl", "\n\n  \n", {}, ["blank.jsonl", "is empty"]),
+    "malformed JSON on line 3": ("bad.jsonl", '{"text": "a"}\n{"text": "b"}\n{"text": oops}\n', {},
+                                 ["bad.jsonl line 3", "malformed JSON"]),
+    "malformed JSON array, line 2": ("arr.json", '[{"text": "a"},\n {"text": }]', {},
+                                     ["arr.json line 2", "malformed JSON"]),
+    "not UTF-8": ("latin1.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', {}, ["latin1.jsonl line 2", "not UTF-8"]),
+    "missing columns": ("cols.jsonl", jsonl([{"q": "x", "a": "y"}]), {},
+                        ["cannot tell the format", "prompt, completion", "data.format", "data.columns"]),
+    "missing column on row 2": ("qa.jsonl", jsonl([{"question": "q", "answer": "a"}, {"question": "q2"}]),
+                                {"format": "qa"}, ["row 2", "missing column 'answer'"]),
+    "column that is not text": ("num.jsonl", jsonl([{"prompt": "q", "completion": "a"},
+                                                    {"prompt": 7, "completion": "b"}]),
+                                {}, ["row 2", "column 'prompt' must be text", "int"]),
+    "wrong chat role": ("roles.jsonl", jsonl([{"messages": [{"role": "user", "content": "q"},
+                                                            {"role": "wizard", "content": "a"}]}]), {},
+                        ["row 1", "'wizard'", "allowed roles: system, user, assistant"]),
+    "chat turn without content": ("turns.jsonl", jsonl([{"messages": [{"role": "user"},
+                                                                      {"role": "assistant", "content": "a"}]}]), {},
+                                  ["row 1", "turn 0 content must be text"]),
+    "no assistant turn": ("user.jsonl", jsonl([{"messages": [{"role": "user", "content": "q"}]}]), {},
+                          ["row 1", "no assistant turn"]),
+    "row not an object": ("rows.jsonl", '{"text": "a"}\n[1, 2]\n', {}, ["rows.jsonl row 2", "expected an object"]),
+    "JSON that is not a list": ("d.json", json.dumps({"text": "a"}), {}, ["d.json", "expected a JSON list"]),
+    "unsupported file type": ("notes.txt", "hello\n", {}, ["notes.txt", "unsupported file type", ".jsonl"]),
+    "column mapping to a missing column": ("map.jsonl", jsonl([{"q": "x", "a": "y"}]),
+                                           {"format": "prompt_completion", "columns": {"prompt": "q",
+                                                                                       "completion": "answer"}},
+                                           ["row 1", "missing column 'completion'"]),
+}
+
+
+@pytest.mark.parametrize("case", list(DATA_CASES))
+def test_bad_data_is_rejected_before_anything_loads(case, world, monkeypatch):
+    import transformers
+
+    name, content, data_cfg, needles = DATA_CASES[case]
+    path = world.write(name, **({"raw": content} if isinstance(content, bytes) else {"text": content}))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("the model was loaded for bad data"))
+    msg = rejected(world, world.config(data={"source": str(path), **data_cfg}))
+    for needle in needles:
+        assert needle in msg, msg
+
+
+def test_data_source_that_is_a_folder(world):
+    folder = world.root / "my-data"
+    folder.mkdir()
+    msg = rejected(world, world.config(data={"source": str(folder)}))
+    assert "data.source" in msg and "is a folder" in msg and ".jsonl" in msg
+
+
+def test_all_rows_too_long_says_how_many_and_why(world, capsys):
+    rows = [{"prompt": "word " * 200, "completion": "a"}] * 3
+    path = world.write("long.jsonl", jsonl(rows))
+    cfg = world.config(data={"source": str(path)})
+    with pytest.raises(DataError) as info:  # the dry run (tokenizer only) ...
+        nbtune.finetune(cfg, dry_run=True)
+    assert "all 3 rows were dropped" in str(info.value) and "max_seq_length=64" in str(info.value)
+    world.check()
+    msg = rejected(world, cfg)  # ... and the run itself (tiny model loaded), which writes nothing
+    assert "all 3 rows were dropped" in msg and "raise model.max_seq_length" in msg
+    code, err = run_cli(world, cfg, capsys=capsys)
+    errors = [line for line in err.splitlines() if "nbtune: error" in line]  # (after the model's load bar)
+    assert code == 2 and len(errors) == 1 and "all 3 rows were dropped" in errors[0]
+    world.check()
+
+
+def test_all_rows_empty_after_filtering_says_how_many_and_why(world):
+    rows = [{"prompt": "q1", "completion": ""}, {"prompt": "q2", "completion": "   "}]
+    path = world.write("empty-replies.jsonl", jsonl(rows))
+    msg = rejected(world, world.config(data={"source": str(path)}))
+    assert "all 2 rows were dropped (2 empty assistant reply)" in msg and "check the data" in msg
+    assert "max_seq_length" not in msg  # not the advice for empty rows
+    text = world.write("empty-text.jsonl", jsonl([{"text": ""}, {"text": " \n"}]))
+    msg = rejected(world, world.config(data={"source": str(text)}))
+    assert "all 2 rows were dropped (2 empty text)" in msg
+
+
+def test_an_unknown_data_name_suggests_the_embedded_one(world):
+    msg = rejected(world, world.config(data={"source": "gsm9k"}))
+    assert "data.source 'gsm9k'" in msg and "did you mean 'gsm8k'" in msg
+
+
+def test_one_line_per_cli_error_for_bad_data(world, capsys):
+    path = world.write("bad.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": \n')
+    code, err = run_cli(world, world.config(data={"source": str(path)}), capsys=capsys)
+    line = one_line(err)
+    assert code == 2 and "bad.jsonl line 2" in line and "malformed JSON" in line
+    world.check()

@@ -1,0 +1,139 @@
+"""Security (issue 8): weights are written only as safetensors; ``trust_remote_code`` is off unless
+the config asks, and then reaches transformers as asked; config values are data, never code
+(YAML tags that build Python objects are refused, text that looks like code stays text); the
+pickled states of a checkpoint are read back with ``weights_only=True``, so a tampered one cannot
+run code on resume."""
+import pickle
+
+import pytest
+import yaml
+
+import nbtune
+from nbtune.train import ConfigError, build_config
+from nbtune.train.checkpoint import complete_checkpoints
+
+from .conftest import one_line, run_cli, tiny_config
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir, tiny_data):
+    out = tmp_path_factory.mktemp("secure") / "run"
+    cfg = tiny_config(tiny_model_dir, tiny_data, out, max_steps=2, save_steps=1)
+    cfg["output"]["export"] = ["adapter", "merged"]
+    return cfg, nbtune.finetune(cfg, dashboard=False, progress=False, reuse_model=False)
+
+
+def test_weights_are_safetensors_only(finished_run):
+    """The adapter and the merged model are safetensors; a checkpoint's only pickles are the
+    trainer's optimizer / scheduler / RNG states (read back with weights_only=True, see below)."""
+    _cfg, result = finished_run
+    out = result.output_dir
+    for folder in (result.adapter_dir, result.merged_dir):
+        names = {p.name for p in folder.iterdir()}
+        assert any(n.endswith(".safetensors") for n in names), names
+        assert not [n for n in names if n.endswith(PICKLE_SUFFIXES)], names
+    checkpoints = complete_checkpoints(out)
+    assert checkpoints
+    for ckpt in checkpoints:
+        assert (ckpt / "adapter_model.safetensors").is_file()
+        pickles = {p.name for p in ckpt.iterdir() if p.name.endswith(PICKLE_SUFFIXES)}
+        assert pickles <= {"optimizer.pt", "scheduler.pt", "rng_state.pth", "scaler.pt", "training_args.bin"}, pickles
+    outside = [p for p in out.rglob("*") if p.is_file() and p.name.endswith(PICKLE_SUFFIXES)
+               and "checkpoints" not in p.parts]
+    assert not outside, outside
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))  # creating the file proves the pickle ran code
+
+
+def test_a_tampered_checkpoint_cannot_run_code_on_resume(finished_run, tmp_path):
+    cfg, result = finished_run
+    ckpt = complete_checkpoints(result.output_dir)[-1]
+    marker = tmp_path / "pwned"
+    original = (ckpt / "optimizer.pt").read_bytes()
+    (ckpt / "optimizer.pt").write_bytes(pickle.dumps(_Exploit(marker)))
+    try:
+        with pytest.raises(Exception) as info:
+            nbtune.finetune(cfg, resume=True, dashboard=False, progress=False, reuse_model=False,
+                            train={**cfg["train"], "max_steps": 4})
+        assert not marker.exists()
+        assert "weights_only" in str(info.value) or "Unpickl" in type(info.value).__name__, info.value
+    finally:
+        (ckpt / "optimizer.pt").write_bytes(original)
+
+
+def test_trust_remote_code_is_off_all_the_way_to_from_pretrained(world, monkeypatch):
+    import transformers
+
+    from nbtune.models import load_model
+
+    assert build_config().model.trust_remote_code is False
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def record_and_stop(*args, **kwargs):
+        calls.append(kwargs)
+        raise Stop
+
+    with monkeypatch.context() as m:
+        m.setattr(transformers.AutoModelForCausalLM, "from_pretrained", record_and_stop)
+        with pytest.raises(Stop):
+            nbtune.finetune(world.config(), dashboard=False, progress=False, reuse_model=False)
+        with pytest.raises(Stop):  # ... and exactly as asked when the config says so
+            nbtune.finetune(world.config(model={"trust_remote_code": True}), dashboard=False, progress=False,
+                            reuse_model=False)
+    assert [c["trust_remote_code"] for c in calls] == [False, True]
+    world.check()  # a crash while loading the model leaves the previous run alone too
+
+    seen = []
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        real = cls.from_pretrained
+
+        def spy(*args, _real=real, **kwargs):
+            seen.append(kwargs.get("trust_remote_code"))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", spy)
+    load_model(str(world.model_dir), max_seq_length=64)
+    assert seen == [False, False]
+
+
+@pytest.mark.parametrize("text", [
+    "model: !!python/object/apply:os.system ['touch {marker}']\n",
+    "train: !!python/object/new:subprocess.Popen [['touch', '{marker}']]\n",
+    "data: !!python/name:os.system\n",
+])
+def test_yaml_tags_that_build_objects_are_refused(text, world, capsys):
+    from nbtune.ui.cli import main as cli_main
+
+    marker = world.root / "pwned"
+    path = world.write("evil.yaml", text.format(marker=marker))
+    code = cli_main(["finetune", str(path)])
+    assert code == 2 and "not valid YAML" in one_line(capsys.readouterr().err) and not marker.exists()
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        build_config(text.format(marker=marker))
+    assert not marker.exists()
+    world.check()
+
+
+def test_text_that_looks_like_code_stays_text(world, capsys):
+    marker = world.root / "pwned"
+    code_text = f"__import__('os').system('touch {marker}')"
+    cfg = build_config(yaml.safe_dump({"data": {"system_prompt": code_text}, "model": {"name": code_text}}))
+    assert cfg.data.system_prompt == code_text and cfg.model.name == code_text and not marker.exists()
+    code, err = run_cli(world, world.config(train={"lr": code_text}), capsys=capsys)
+    assert code == 2 and "train.lr" in one_line(err) and not marker.exists()
+    code, err = run_cli(world, world.config(), "--set", f"train.lr={code_text}", capsys=capsys)
+    assert code == 2 and "train.lr" in one_line(err) and not marker.exists()
+    world.check()
