@@ -12,6 +12,8 @@
 #                          ROWS: ids, globs or aliases (main, t4, all), comma-separated (default all);
 #                          PEERS: e.g. nbtune,unsloth (default hf,unsloth,nbtune)
 #                          -> $OUT/models-<stamp>.json, $OUT/models.log, $OUT/RESULTS.md
+#   multigpu[:STAGES]      python3 benchmarks/multi_gpu.py --stages STAGES (losses,throughput; needs 2 GPUs:
+#                          the 2 x H200 machine) -> $OUT/multi_gpu.json
 # Before them (always): carried wheels .whl/*.whl -> /tmp/site (on PYTHONPATH), .whl/peer/*.whl ->
 # /tmp/site_peer (first on PYTHONPATH of the unsloth process only), and nbtune itself
 # (pip install --no-deps -e ., else a copy of nbtune/ + kernels/ on PYTHONPATH).
@@ -146,6 +148,11 @@ stage_profile() {
     > >(tee "$OUT/$name")
 }
 
+stage_multigpu() {
+  local stages=${1:-losses,throughput}
+  run_stage "multigpu:$stages" $PY benchmarks/multi_gpu.py --out "$OUT" --stages "$stages"
+}
+
 main() {
   echo "# nbtune gpu suite: stages ${*:-tests kernels models}, budget ${BUDGET}s, OUT=$OUT, CKPT_ROOT=$CKPT_ROOT"
   setup
@@ -162,7 +169,9 @@ main() {
       models|models:*)
         IFS=: read -r _ rows peers <<<"$stage"
         stage_models "${rows:-all}" "${peers:-hf,unsloth,nbtune}" ;;
-      *) note "$stage" "UNKNOWN stage (tests, kernels, profile, models)" 0 ;;
+      multigpu) stage_multigpu "" ;;
+      multigpu:*) stage_multigpu "${stage#multigpu:}" ;;
+      *) note "$stage" "UNKNOWN stage (tests, kernels, profile, models, multigpu)" 0 ;;
     esac
   done
   echo; echo "===== summary (${SECONDS}s of ${BUDGET}s)"

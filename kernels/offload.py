@@ -93,6 +93,16 @@ machinery on CPU tensors too (copies into unpinned host buffers, no streams): th
 exercises the handles, the registry, the prefetch and the pool. ``NBTUNE_KERNELS=reference``
 turns offloading off everywhere.
 
+Data parallel (DDP)
+-------------------
+Each rank offloads on its own GPU (the side stream, the events and the pool are per device or per
+process); nothing here talks to another rank or waits on the host beyond what one GPU already
+does. The checkpoint is torch's non-reentrant one, which DDP supports with
+``find_unused_parameters=False`` (what nbtune's trainer asks for): the recompute runs inside the
+backward, each LoRA parameter's gradient is accumulated once per backward, and DDP's per-parameter
+hooks fire once, in the order its buckets expect. The reentrant checkpoint would run a nested
+backward per layer, which DDP only accepts with ``static_graph=True``.
+
 Using it with transformers
 --------------------------
 ``enable_offloaded_checkpointing(model)`` (a ``PreTrainedModel`` or a peft ``PeftModel``) turns

@@ -115,25 +115,46 @@ def require_bitsandbytes(why: str = "4-bit loading") -> None:
         raise bitsandbytes_error(e, why) from None
 
 
-def auto_dtype(device: torch.device) -> torch.dtype:
+def choose_dtype(requested, capability: tuple[int, int] | None) -> tuple[torch.dtype, str | None]:
+    """The compute dtype for ``requested`` ("auto", a name or a torch dtype) on a device of CUDA
+    compute ``capability`` (None: a CPU), and a note when it is not what was asked for.
+
+    "auto": fp32 on a CPU, fp16 below compute capability 8.0 (T4: no bf16), bf16 from 8.0 on.
+    bf16 asked for on a GPU below 8.0 falls back to fp16 (trained with loss scaling), with a note.
+    """
+    if requested in (None, "auto"):
+        if capability is None:
+            return torch.float32, None
+        return (torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16), None
+    if isinstance(requested, torch.dtype):
+        chosen = requested
+    elif str(requested) in DTYPES:
+        chosen = DTYPES[str(requested)]
+    else:
+        raise ModelLoadError(f"model.dtype: {requested!r} is not one of auto, float16, bfloat16, float32")
+    if chosen == torch.bfloat16 and capability is not None and tuple(capability) < (8, 0):
+        major, minor = capability
+        return torch.float16, (f"model.dtype: bfloat16 was asked for, but this GPU (compute capability {major}.{minor}) "
+                               "has no bf16; training in float16 with loss scaling instead")
+    return chosen, None
+
+
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """(major, minor) CUDA compute capability of ``device``; None for a CPU."""
     if device.type != "cuda":
-        return torch.float32
-    major, _ = torch.cuda.get_device_capability(device)
-    return torch.bfloat16 if major >= 8 else torch.float16
+        return None
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def auto_dtype(device: torch.device) -> torch.dtype:
+    return choose_dtype("auto", device_capability(device))[0]
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    if dtype in (None, "auto"):
-        return auto_dtype(device)
-    if isinstance(dtype, torch.dtype):
-        chosen = dtype
-    elif str(dtype) in DTYPES:
-        chosen = DTYPES[str(dtype)]
-    else:
-        raise ModelLoadError(f"model.dtype: {dtype!r} is not one of auto, float16, bfloat16, float32")
-    if chosen == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        print("nbtune: this GPU has no bf16; using fp16 instead", file=sys.stderr)
-        return torch.float16
+    """:func:`choose_dtype` for ``device``; its note, if any, goes to stderr."""
+    chosen, note = choose_dtype(dtype, device_capability(device))
+    if note:
+        print(f"nbtune: {note}", file=sys.stderr)
     return chosen
 
 
@@ -188,7 +209,8 @@ def load_model(
             bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=torch.uint8,
         )
     if device.type == "cuda":
-        kwargs["device_map"] = {"": device.index or 0}
+        # "cuda" without an index is the current device: cuda:LOCAL_RANK in a data-parallel run
+        kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if device.type != "cuda" and not prequantized:
         model.to(device)

@@ -7,9 +7,10 @@ the fused kernels of ``nbtune.kernels.lora``; the result is still an ordinary ``
 as usual; whatever the fused path does not cover runs through peft's own layers).
 
 LoRA parameter dtype: fp32, whatever the base dtype (peft's ``autocast_adapter_dtype`` default,
-enforced here). On fp16 models this is required: the Trainer's fp16 loss scaling refuses fp16
-trainable parameters ("Attempting to unscale FP16 gradients"), and fp32 master weights keep small
-updates from rounding away. The kernels cast A and B to the compute dtype for each matmul and
+enforced here by :func:`trainable_to_fp32`, and again by nbtune's trainer once TRL has cast them).
+On fp16 models this is required: the Trainer's fp16 loss scaling refuses fp16 trainable parameters
+("Attempting to unscale FP16 gradients") and bf16 ones (its unscale kernel has no bf16), and fp32
+master weights keep small updates from rounding away. The kernels cast A and B to the compute dtype for each matmul and
 return their gradients in fp32. The adapters of an 8B model at r=16 weigh ~160 MiB in fp32.
 """
 from __future__ import annotations
@@ -67,12 +68,25 @@ def add_lora(
     if mode != "off":
         enable_checkpointing(model, mode)
     peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
-    for p in peft_model.parameters():
-        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
-            p.data = p.data.float()
+    trainable_to_fp32(peft_model)
     _patch_if_enabled(peft_model, patch)
     peft_model.train()
     return peft_model
+
+
+def trainable_to_fp32(model) -> int:
+    """Cast every trainable fp16/bf16 parameter of ``model`` to fp32 in place (the same Parameter
+    objects, so whatever holds them sees the change); returns how many were cast.
+
+    ``add_lora`` calls it, and so does nbtune's trainer after TRL's ``SFTTrainer.__init__``, which
+    casts the trainable parameters of a 4-bit/8-bit model to bf16 whatever the run's precision
+    (TRL's QLoRA recipe): bf16 gradients break fp16 loss scaling, and bf16 adapters lose small updates."""
+    cast = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
+            cast += 1
+    return cast
 
 
 def enable_checkpointing(model, mode: str) -> None:

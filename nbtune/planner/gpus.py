@@ -89,15 +89,18 @@ def _match_device_name(device_name: str, total_gib: float | None = None) -> GPU 
     return None
 
 
-def detect_gpu(device: int = 0) -> GPU:
-    """The GPU this process sees (torch is imported here, and only here), with its measured
-    total memory and the memory held outside torch's allocator (context, other processes)."""
+def detect_gpu(device: int | None = None) -> GPU:
+    """The GPU this process uses (torch is imported here, and only here; default: the current
+    device, which is cuda:LOCAL_RANK in a data-parallel run), with its measured total memory and
+    the memory held outside torch's allocator (context, other processes)."""
     try:
         import torch
     except ImportError:
         raise PlannerError("gpu='auto' needs torch to find the GPU; name one instead (e.g. gpu='T4')") from None
     if not torch.cuda.is_available():
         raise PlannerError("gpu='auto': no CUDA GPU is visible here; name one instead, e.g. gpu='T4'")
+    if device is None:
+        device = torch.cuda.current_device()
     props = torch.cuda.get_device_properties(device)
     total = props.total_memory / 2**30
     known = _match_device_name(props.name, total)

@@ -35,7 +35,8 @@ Terms (bytes); their sum is torch's reserved peak, and the CUDA context comes on
                        16-bit: P_lin * b;  plus norms/biases and any vision tower at b bytes
     embedding + head   V * h * (1 if tied else 2) * b            (4 bytes with embeddings_fp32)
     LoRA parameters    P_lora * LORA_PARAM_BYTES
-    LoRA gradients     P_lora * LORA_GRAD_BYTES
+    LoRA gradients     P_lora * LORA_GRAD_BYTES * (2 when world_size > 1: DDP all-reduces the gradients
+                       through flat bucket buffers that hold a second copy)
     optimizer states   P_lora * {adamw_8bit: ADAM8_BYTES_PER_PARAM, adamw: ADAM32_BYTES_PER_PARAM, sgd: 0}
     activations        act_scale * (common + layer_extra), where per token
                          saved(layer) = u*s*(saved_h*h + saved_q*q + saved_kv*kv + saved_i*i + saved_heads*heads)
@@ -223,8 +224,11 @@ class Settings:
     embeddings_fp32: bool = False
     patched: bool = True  # nbtune.models.patches applies to this model type
     attention: str = "efficient"  # SDPA kernel: "efficient" (T4; repeats k/v for GQA) or "flash"
+    world_size: int = 1  # data-parallel processes (one GPU each); every figure is per GPU
 
     def __post_init__(self):
+        if self.world_size < 1:
+            raise PlannerError(f"world_size must be at least 1 (got {self.world_size})")
         if self.seq_len <= 0 or self.batch_size <= 0 or self.lora_rank <= 0:
             raise PlannerError(f"seq_len, batch_size and lora_rank must be positive (got {self.seq_len}, "
                                f"{self.batch_size}, {self.lora_rank})")
@@ -296,7 +300,7 @@ def estimate(shape: ModelShape, st: Settings, context_gib: float = 0.0, c: Coeff
 
     # -- LoRA and optimizer --
     lora_params = p_lora * LORA_PARAM_BYTES
-    lora_grads = p_lora * LORA_GRAD_BYTES
+    lora_grads = p_lora * LORA_GRAD_BYTES * (2 if st.world_size > 1 else 1)  # + DDP's bucket copy
     optimizer = p_lora * OPTIMIZER_BYTES[st.optimizer]
 
     # -- activations --

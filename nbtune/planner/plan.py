@@ -56,6 +56,8 @@ class Plan:
     ``reserved_gib``: torch's reserved peak (what ``torch.cuda.max_memory_reserved()`` shows);
     ``peak_gib``: that plus the CUDA context (what the GPU holds); ``capacity_gib``: the GPU's
     total; ``margin_gib``: capacity - peak; ``fits``: the margin is at least ``required_margin_gib``.
+    Every figure is per GPU: in a data-parallel run (``world_size`` > 1) each GPU holds all of
+    it, and ``global_batch`` rows (batch x grad_accum x world_size) make one optimizer step.
     """
 
     def __init__(self, shape: ModelShape, gpu: GPU, settings: Settings, *, model_ref: str | None = None,
@@ -114,6 +116,23 @@ class Plan:
     @property
     def fits(self) -> bool:
         return self.margin_gib >= self.required_margin_gib and self.settings.seq_len <= self.model.max_positions
+
+    @property
+    def world_size(self) -> int:
+        return self.settings.world_size
+
+    @property
+    def global_batch(self) -> int:
+        """Rows per optimizer step over all GPUs: batch_size x grad_accum x world_size."""
+        return self.settings.batch_size * (self.grad_accum or 1) * self.settings.world_size
+
+    def parallel_line(self) -> str | None:
+        """'data parallel: 2 GPUs, global batch 16 rows (...); figures per GPU', or None on one GPU."""
+        if self.world_size <= 1:
+            return None
+        return (f"data parallel: {self.world_size} GPUs, global batch {self.global_batch} rows (batch "
+                f"{self.settings.batch_size} x grad_accum {self.grad_accum or 1} x {self.world_size} GPUs); "
+                "every figure here is per GPU")
 
     @property
     def lora_params(self) -> int:
@@ -219,6 +238,8 @@ class Plan:
     def __repr__(self) -> str:
         width = 40
         lines = [f"nbtune plan: {self.model.name} on {self.gpu.describe()}", f"  {self.settings_line()}"]
+        if self.parallel_line():
+            lines.append(f"  {self.parallel_line()}")
         for term, gib in self.breakdown.items():
             if term == "CUDA context":
                 lines.append("  " + "-" * (width + 10))
@@ -228,7 +249,7 @@ class Plan:
                      f"  -> {self.verdict()}")
         tps = self.tokens_per_s
         if tps:
-            lines.append(f"  speed (rough roofline): ~{_round_sig(tps)} tokens/s")
+            lines.append(f"  speed (rough roofline): ~{_round_sig(tps)} tokens/s" + (" per GPU" if self.world_size > 1 else ""))
         lines.append(f"  coefficients: {self.coefficients.source}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -251,7 +272,8 @@ class Plan:
             f"<span style='background:{color};color:white;border-radius:4px;padding:1px 6px;margin-left:6px'>"
             f"{html.escape(self.verdict())}</span></div>"
             f"<div style='color:#57606a'>{html.escape(self.settings_line())}</div>"
-            f"<table style='border-collapse:collapse;margin-top:4px'>{rows}"
+            + (f"<div style='color:#57606a'>{html.escape(self.parallel_line())}</div>" if self.parallel_line() else "")
+            + f"<table style='border-collapse:collapse;margin-top:4px'>{rows}"
             f"<tr style='border-top:1px solid #999'><td style='text-align:left;padding:1px 8px'><b>peak on the GPU</b></td>"
             f"<td style='text-align:right;padding:1px 8px'><b>{self.peak_gib:.2f} GiB</b> of {self.capacity_gib:.2f}</td></tr>"
             f"</table>"
@@ -267,6 +289,7 @@ class Plan:
             peak_gib=self.peak_gib, capacity_gib=self.capacity_gib, margin_gib=self.margin_gib, fits=self.fits,
             required_margin_gib=self.required_margin_gib, tokens_per_s=self.tokens_per_s,
             lora_params=self.lora_params, coefficients=self.coefficients.source, notes=self.notes,
+            world_size=self.world_size, global_batch=self.global_batch,
         )
 
 
@@ -430,7 +453,8 @@ def plan(model, gpu="T4", seq_len: int = 2048, batch_size: int = 2, lora_rank: i
          gradient_checkpointing="offload", optimizer: str = "adamw_8bit", loss: str = "auto",
          embeddings_fp32: bool = False, margin_gib: float | None = None, grad_accum: int | None = None,
          lora_alpha: float | None = None, coefficients: Coefficients | None = None,
-         base_config: dict | None = None, patch: bool | None = None, attention: str = "auto") -> Plan:
+         base_config: dict | None = None, patch: bool | None = None, attention: str = "auto",
+         world_size: int = 1) -> Plan:
     """Plan a LoRA/QLoRA fine-tune's GPU memory.
 
     model: a catalog name ("llama-3.1-8b"; see ``nbtune.planner.catalog_names()``), a hub id
@@ -447,6 +471,8 @@ def plan(model, gpu="T4", seq_len: int = 2048, batch_size: int = 2, lora_rank: i
     (the SDPA kernel: a T4 has only the memory-efficient one).
     embeddings_fp32: embedding and head upcast to fp32 (what peft's prepare_model_for_kbit_training does).
     margin_gib: headroom a plan needs to count as fitting (default: max(0.3 GiB, 3 % of the peak)).
+    world_size: data-parallel GPUs (DDP): the figures stay per GPU (plus DDP's gradient buckets);
+    the plan reports the global batch.
     """
     shape = resolve_shape(model)
     g = resolve_gpu(gpu)
@@ -479,7 +505,7 @@ def plan(model, gpu="T4", seq_len: int = 2048, batch_size: int = 2, lora_rank: i
         dtype=resolved, load_in_4bit=four_bit,
         gradient_checkpointing=_norm_choice(gradient_checkpointing, CHECKPOINTING_ALIASES, "gradient_checkpointing"),
         optimizer=_norm_choice(optimizer, OPTIMIZER_ALIASES, "optimizer"), loss=loss_path,
-        embeddings_fp32=bool(embeddings_fp32), patched=patched, attention=attention,
+        embeddings_fp32=bool(embeddings_fp32), patched=patched, attention=attention, world_size=int(world_size),
     )
     shape.lora_targets(lora_targets)  # raises on targets that match nothing
     return Plan(shape, g, st, model_ref=model_ref, dtype_requested=requested, grad_accum=grad_accum,
@@ -495,10 +521,11 @@ def _config_dict(config) -> dict:
     raise PlannerError(f"plan_from_config takes an nbtune Config or a config dict, not {type(config).__name__}")
 
 
-def plan_from_config(config, gpu="auto", **overrides) -> Plan:
+def plan_from_config(config, gpu="auto", world_size: int | None = None, **overrides) -> Plan:
     """The plan for an nbtune ``Config`` (or its dict form): model.name / max_seq_length / dtype /
     load_in_4bit, lora.r / targets, train.batch_size / grad_accum / gradient_checkpointing /
-    optimizer. Keyword arguments override ``plan()``'s arguments."""
+    optimizer. ``world_size``: data-parallel GPUs (default: the launcher's ``WORLD_SIZE``, else 1).
+    Keyword arguments override ``plan()``'s arguments."""
     cfg = _config_dict(config)
     m, lo, t = cfg.get("model") or {}, cfg.get("lora") or {}, cfg.get("train") or {}
     if isinstance(m, str):
@@ -509,9 +536,19 @@ def plan_from_config(config, gpu="auto", **overrides) -> Plan:
         dtype=m.get("dtype", "auto"), load_in_4bit=m.get("load_in_4bit"),
         gradient_checkpointing=t.get("gradient_checkpointing", "offload"), optimizer=t.get("optimizer", "adamw_8bit"),
         grad_accum=t.get("grad_accum"), lora_alpha=lo.get("alpha"), base_config=cfg,
+        world_size=world_size if world_size is not None else _launcher_world_size(),
     )
     from_cfg.update(overrides)
     return plan(**from_cfg)
+
+
+def _launcher_world_size() -> int:
+    """WORLD_SIZE as torchrun / accelerate launch set it (1 outside a launcher)."""
+    value = os.environ.get("WORLD_SIZE", "").strip()
+    try:
+        return max(1, int(value)) if value else 1
+    except ValueError:
+        raise PlannerError(f"environment variable WORLD_SIZE={value!r} is not an integer") from None
 
 
 class DoesNotFitError(PlannerError):

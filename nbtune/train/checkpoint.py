@@ -13,6 +13,19 @@ Checkpoints: ``<output.dir>/checkpoints/checkpoint-<step>/`` with what transform
 (the adapter, optimizer, scheduler, grad scaler, RNG states and ``trainer_state.json``). Each is
 written under a temporary name and renamed into place once complete, with a ``nbtune.json``
 marker inside, so a half-written checkpoint (a crash, a dead kernel) is never resumed from.
+A crash during a save (disk full, killed kernel) leaves at most a staging folder, which the next
+save removes; the complete checkpoints before it stay as they were.
+
+What is pickled: a checkpoint's weights (the adapter) are safetensors; the optimizer, scheduler,
+grad-scaler and RNG states are torch files (``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``,
+``rng_state.pth``), written by transformers' Trainer, which reads them back on resume with
+``torch.load(..., weights_only=True)``: tensors and plain containers only, never code.
+
+Data parallel (torchrun / accelerate launch): every rank writes its own RNG state into the same
+staging folder (``.staging-step<N>``), the ranks meet at a barrier before and after, and rank 0
+alone marks, renames and prunes. An interrupt on any rank stops every rank at the same step: the
+ranks agree on it (one tiny all-reduce) at each logging step, so with ``logging_steps > 1`` the
+stop comes at the next logging step.
 """
 from __future__ import annotations
 
@@ -27,6 +40,8 @@ import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+
+from . import distributed
 
 MARKER = "nbtune.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -68,26 +83,39 @@ class StagedCheckpoints:
     def _save_checkpoint(self, model, trial):
         real = self.args.output_dir
         root = Path(real)
-        staging = root / f".staging-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
+        parallel = self.args.world_size > 1
+        main = self.args.process_index == 0
+        # data parallel: one folder that every rank writes its RNG state into
+        staging = root / (f".staging-step{self.state.global_step}" if parallel else f".staging-{os.getpid()}")
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+        distributed.barrier()  # nobody writes into the staging folder before rank 0 has cleared it
         self.args.output_dir = str(staging)
         try:
             super()._save_checkpoint(model, trial)
         except BaseException:  # a crash mid-save: drop the half-written copy, keep the last complete one
-            shutil.rmtree(staging, ignore_errors=True)
+            if main:
+                shutil.rmtree(staging, ignore_errors=True)
             raise
         finally:
             self.args.output_dir = real
+        distributed.barrier()  # every rank's files are in
         name = f"checkpoint-{self.state.global_step}"
+        if not main:
+            self.nbtune_last_checkpoint = root / name
+            return
         interrupt = getattr(self, "nbtune_interrupt", None)
         reason = "interrupt" if interrupt is not None and interrupt.requested else self.nbtune_checkpoint_reason
         (staging / name / MARKER).write_text(json.dumps(dict(
             step=self.state.global_step, max_steps=self.state.max_steps, reason=reason,
             time=round(time.time(), 3))))
         final = root / name
-        if final.exists():
-            shutil.rmtree(final)
+        replaced = root / f".replaced-{name}-{os.getpid()}"
+        if final.exists():  # a save of the same step again (an interrupt right after a scheduled save)
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)  # moved aside, not deleted, until the new copy is in place
         os.replace(staging / name, final)
+        shutil.rmtree(replaced, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
         for old in complete_checkpoints(root.parent)[: -self.nbtune_keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
@@ -112,10 +140,18 @@ class InterruptCallback(TrainerCallback):
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
+        if args.world_size > 1:
+            if state.global_step % max(1, args.logging_steps):
+                return control  # ranks agree on a stop at logging steps only
+            if distributed.any_rank(self.requested):  # every rank calls it at the same step
+                self.requested = True
         return self._stop(state, control)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        # an interrupt that arrived while this step was being logged (e.g. from a listener)
+        # an interrupt that arrived while this step was being logged (e.g. from a listener); in a
+        # data-parallel run the ranks settle it together at the next step's end instead
+        if args.world_size > 1:
+            return control
         if "loss" in (logs or {}) or "eval_loss" in (logs or {}):
             return self._stop(state, control)
         return control
@@ -158,6 +194,10 @@ def save_after_keyboard_interrupt(trainer) -> Path | None:
     """Best effort after a ``KeyboardInterrupt`` escaped mid-step: drop the partial gradients and
     save the state of the last completed optimizer step."""
     if trainer.state.global_step <= 0 or getattr(trainer, "optimizer", None) is None:
+        return None
+    if trainer.args.world_size > 1:  # the other ranks are not saving: a checkpoint's barriers would hang
+        print("nbtune: data-parallel run stopped mid-step: no checkpoint saved now; resume from the last one",
+              file=sys.stderr)
         return None
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.nbtune_checkpoint_reason = "keyboard_interrupt"

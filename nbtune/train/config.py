@@ -17,7 +17,7 @@ Sections (``Config.reference()`` prints every key with its default and allowed v
 - ``lora``: r, alpha, dropout, targets;
 - ``train``: max_steps or epochs, batch_size, grad_accum, lr, scheduler, warmup_steps, optimizer
   (8-bit AdamW by default), weight_decay, seed, logging / eval / save steps, force (skip the
-  memory check);
+  memory check), max_nonfinite_steps (NaN/inf steps in a row before the run stops);
 - ``output``: dir, export (``adapter`` and/or ``merged``), keep_checkpoints.
 """
 from __future__ import annotations
@@ -40,6 +40,15 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, v, info):
+        # pydantic reads true/false as 1/0 for a number; in a config that is a mistake, not a number
+        ann = cls.model_fields[info.field_name].annotation
+        if isinstance(v, bool) and _numeric_not_bool(ann):
+            raise ValueError(f"expected a number, not {str(v).lower()}; allowed: {_describe_type(ann)}")
+        return v
 
 
 class ModelConfig(_Section):
@@ -107,6 +116,9 @@ class TrainConfig(_Section):
     gradient_checkpointing: Literal["offload", "plain", "off"] = "offload"
     eval_batch_size: Union[int, None] = Field(None, gt=0)
     force: bool = Field(False, description="train even when the planner predicts the run will not fit")
+    max_nonfinite_steps: int = Field(
+        3, gt=0, description="stop after this many optimizer steps in a row with a NaN/inf loss or gradients "
+                             "(each is skipped, not trained on; the last good checkpoint is kept)")
 
     @model_validator(mode="before")
     @classmethod
@@ -345,9 +357,20 @@ def parse_yaml(text: str) -> dict:
     return data
 
 
+def _numeric_not_bool(ann) -> bool:
+    """A field that takes a number (int / float, maybe also text or null) and not a bool."""
+    import typing
+
+    args = typing.get_args(ann) if typing.get_origin(ann) in (Union, getattr(__import__("types"), "UnionType", Union)) \
+        else (ann,)
+    return bool(set(args) & {int, float}) and bool not in args
+
+
 def _describe_type(ann) -> str:
     import typing
 
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return "a mapping of " + ", ".join(ann.model_fields)
     origin = typing.get_origin(ann)
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(ann))

@@ -53,6 +53,8 @@ def load_rows(cfg: DataConfig, split: str) -> tuple[list[dict], str]:
         return read_file(path), f"{source}:{split}"
     path = Path(source).expanduser()
     if path.suffix.lower() in (".json", ".jsonl", ".csv", ".parquet") or path.exists():
+        if path.is_dir():
+            raise DataError(f"data.source: {str(path)!r} is a folder; give a .jsonl, .json, .csv or .parquet file")
         if not path.is_file():
             raise DataError(f"data.source: file {str(path)!r} does not exist")
         return read_file(path), str(path)
@@ -113,9 +115,13 @@ def _load_hub(source: str, split: str) -> list[dict]:
     try:
         return datasets.load_dataset(source, split=split).to_list()
     except Exception as e:
+        import difflib
+
+        close = difflib.get_close_matches(source, list(DATASETS), n=1)
         raise DataError(
-            f"data.source {source!r} is not an embedded name ({', '.join(DATASETS)}), not a local file, "
-            f"and could not be loaded from the hub: {e}"
+            f"data.source {source!r} is not an embedded name ({', '.join(DATASETS)})"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f", not a local file, and could not be loaded from the hub: {e}"
         ) from None
 
 
@@ -228,6 +234,10 @@ def tokenize_rows(rows, tokenizer, cfg: DataConfig, max_len: int, where: str, fm
     out_ids, out_labels, dropped = [], [], {}
     for n, row in enumerate(rows, 1):
         messages = to_messages(row, fmt, f"{where} row {n}", cfg.system_prompt)
+        empty = _empty_reason(messages, cfg.responses_only)
+        if empty:
+            dropped[empty] = dropped.get(empty, 0) + 1
+            continue
         ids, labels = tokenize_example(messages, tokenizer, max_len, cfg.responses_only)
         if not ids:
             dropped["empty"] = dropped.get("empty", 0) + 1
@@ -239,12 +249,23 @@ def tokenize_rows(rows, tokenizer, cfg: DataConfig, max_len: int, where: str, fm
         out_ids.append(ids)
         out_labels.append(labels)
     if not out_ids:
+        fixes = (["raise model.max_seq_length"] if any("max_seq_length" in r for r in dropped) else []) + [
+            "check the data"]
         raise DataError(
             f"{where}: all {len(rows)} rows were dropped ("
             + ", ".join(f"{c} {r}" for r, c in dropped.items())
-            + "); raise model.max_seq_length or check the data"
+            + "); " + " or ".join(fixes)
         )
     return datasets.Dataset.from_dict({"input_ids": out_ids, "labels": out_labels}), dropped
+
+
+def _empty_reason(messages, responses_only: bool) -> str | None:
+    """Why a row has nothing to learn from before tokenizing (empty text / empty replies), or None."""
+    if isinstance(messages, str):
+        return None if messages.strip() else "empty text"
+    if responses_only and not any(m["content"].strip() for m in messages if m["role"] == "assistant"):
+        return "empty assistant reply"
+    return None
 
 
 def prepare_data(cfg: DataConfig, tokenizer, max_len: int) -> TokenizedData:

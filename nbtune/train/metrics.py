@@ -2,12 +2,15 @@
 
 A record holds: event, step, max_steps, loss, eval_loss (on evaluation steps), lr, grad_norm,
 tokens seen, tokens/s since the last record, VRAM allocated / reserved / peak (GiB, CUDA only),
-elapsed seconds and ETA. Events: ``start`` (with the GPU's capacity ``vram_total_gib`` and, on a
+elapsed seconds and ETA. Events: ``start`` (with the GPU's capacity ``vram_total_gib``, the
+number of processes ``world_size`` and the ``global_batch`` in rows per optimizer step and, on a
 resumed run, ``resumed_from``), ``train``, ``eval``, ``summary`` (transformers' end-of-training
-totals), ``interrupted`` (a stop asked for by the user,
-with the checkpoint it saved) and ``end``. Listeners (the dashboard, the terminal progress line)
-receive each record as it is written; a listener that raises is reported once and dropped, so a
-display problem never stops training.
+totals), ``interrupted`` (a stop asked for by the user, with the checkpoint it saved), ``end``
+and, in a data-parallel run, ``distributed`` (whether the ranks' LoRA weights agree at the end).
+In a data-parallel run only rank 0 writes the file and has listeners; its losses and token
+counts are gathered over all ranks by the Trainer, its VRAM figures are its own GPU's.
+Listeners (the dashboard, the terminal progress line) receive each record as it is written; a
+listener that raises is reported once and dropped, so a display problem never stops training.
 """
 from __future__ import annotations
 
@@ -46,11 +49,14 @@ def gpu_capacity() -> dict:
 class MetricsStream(TrainerCallback):
     """transformers callback writing one JSON record per log event and fanning it out to listeners."""
 
-    def __init__(self, path: str | Path, listeners: list[Callable[[dict], None]] | None = None, append: bool = False):
+    def __init__(self, path: str | Path, listeners: list[Callable[[dict], None]] | None = None, append: bool = False,
+                 write: bool = True):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not append:
-            self.path.write_text("")
+        self.write = write  # False on the ranks other than 0: records are kept in memory only
+        if write:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not append:
+                self.path.write_text("")
         self.listeners = list(listeners or [])
         self.records: list[dict] = []
         self._t0 = None
@@ -65,7 +71,9 @@ class MetricsStream(TrainerCallback):
         self._t0 = now
         self._step0 = self.resumed_from or 0
         self._last = None  # set at the first step, once a resumed run's state is restored
-        rec = dict(event="start", step=self._step0, max_steps=state.max_steps, **gpu_capacity())
+        rec = dict(event="start", step=self._step0, max_steps=state.max_steps, **gpu_capacity(),
+                   world_size=args.world_size,
+                   global_batch=args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size)
         if self.resumed_from:
             rec["resumed_from"] = self.resumed_from
         self.emit(rec)
@@ -108,6 +116,8 @@ class MetricsStream(TrainerCallback):
         rec = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
         rec["time"] = round(time.time(), 3)
         self.records.append(rec)
+        if not self.write:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
         for listener in list(self.listeners):

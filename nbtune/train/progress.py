@@ -21,13 +21,20 @@ class TerminalProgress:
         event = rec.get("event")
         if event == "start":
             resumed = f", resuming from step {rec['resumed_from']}" if rec.get("resumed_from") else ""
-            self._print(f"training: {rec.get('max_steps')} steps{resumed}")
+            world = rec.get("world_size") or 1
+            parallel = f" on {world} processes, global batch {rec.get('global_batch')} rows" if world > 1 else ""
+            self._print(f"training: {rec.get('max_steps')} steps{parallel}{resumed}")
+            return
+        if event == "distributed":
+            verdict = ("identical on every rank" if rec.get("replicas_identical")
+                       else "DIFFERENT between ranks (the replicas drifted apart)")
+            self._print(f"data parallel: LoRA weights {verdict} ({rec.get('world_size')} ranks)")
             return
         if event == "end":
             peak = f", peak VRAM {rec['vram_peak_gib']:.2f} GiB" if "vram_peak_gib" in rec else ""
             self._print(f"training done at step {rec.get('step')}{peak}")
             return
-        if event == "summary":  # transformers' end-of-training totals: the summary says it better
+        if event in ("summary", "skipped", "diverged"):  # said better by the summary / the run's own notes
             return
         if event == "interrupted":
             self._print(f"interrupted at step {rec.get('step')}/{rec.get('max_steps')}; checkpoint: "

@@ -30,14 +30,18 @@ from typing import Callable
 import torch
 
 from ..models import add_lora, load_model
-from . import session
+from ..models.lora import trainable_to_fp32
+from . import distributed, session
 from .checkpoint import (InterruptCallback, StagedCheckpoints, checkpoint_step, checkpoints_dir, complete_checkpoints,
                          latest_checkpoint,
                          save_after_keyboard_interrupt, sigint_stops)
 from .config import Config, ConfigError, build_config, output_dir
 from .data import apply_chat_template_choice, prepare_data
+from .environment import check_bitsandbytes, cpu_note
 from .metrics import MetricsStream, mean_train_loss, read_log, truncate_log
+from .oom import released_on_oom
 from .progress import TerminalProgress
+from .stability import NonFiniteGuard, RecordsStepLoss, stop_diverged
 
 
 @dataclasses.dataclass
@@ -63,6 +67,9 @@ class FinetuneResult:
     resumed_from: int | None = None
     merged_dir: Path | None = None
     plan: object = dataclasses.field(repr=False, default=None)
+    world_size: int = 1
+    global_batch: int | None = None
+    replicas_identical: bool | None = None
     _generation: int = dataclasses.field(repr=False, default=0)
 
     def summary(self) -> str:
@@ -71,6 +78,10 @@ class FinetuneResult:
                  f"adapter: {self.adapter_dir}", f"log: {self.log_path}"]
         if self.merged_dir:
             lines.append(f"merged: {self.merged_dir}")
+        if self.world_size > 1:
+            agree = {True: "LoRA weights identical on every rank", False: "LoRA weights DIFFER between ranks",
+                     None: "replicas not compared"}[self.replicas_identical]
+            lines.append(f"data parallel: {self.world_size} processes, global batch {self.global_batch} rows; {agree}")
         if self.train_loss is not None:
             lines.insert(1, f"train loss (mean): {self.train_loss:.4f}")
         if self.eval_loss_before is not None and self.eval_loss_after is not None:
@@ -155,6 +166,7 @@ class DryRunReport:
     epochs: float
     resume_from: Path | None
     sample: str
+    world_size: int = 1
 
     def summary(self) -> str:
         t = self.config.train
@@ -166,8 +178,8 @@ class DryRunReport:
             f"  eval rows: {self.eval_rows}",
             f"  tokens: {self.train_tokens:,} ({self.trainable_tokens:,} trained on), longest row {self.longest} "
             f"of max_seq_length {self.config.model.max_seq_length}",
-            f"  steps: {self.steps} x {t.batch_size * t.grad_accum} rows (batch {t.batch_size} x grad_accum "
-            f"{t.grad_accum}) = {self.epochs:.2f} epochs",
+            f"  steps: {self.steps} x {distributed.batch_description(self.config, self.world_size)} = "
+            f"{self.epochs:.2f} epochs" + (" (global batch; memory per GPU)" if self.world_size > 1 else ""),
             f"  output: {self.config.output.dir}"
             + (f" (would resume from {self.resume_from.name})" if self.resume_from else ""),
         ]
@@ -231,12 +243,18 @@ def sft_args(cfg: Config, out: Path, model, has_eval: bool):
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
         dataset_num_proc=None,
+        # DDP (a torchrun / accelerate launch): every LoRA weight is used in every forward, so DDP need
+        # not search the graph for unused ones (that search also breaks with checkpointing); no buffer
+        # changes during training, so none is broadcast before each forward
+        ddp_find_unused_parameters=False,
+        ddp_broadcast_buffers=False,
     )
 
 
-def memory_plan(cfg: Config, gpu=None):
+def memory_plan(cfg: Config, gpu=None, world_size: int | None = None):
     """The planner's plan for this config: on this GPU, or (no GPU here) on ``gpu`` (default T4).
-    None, with a warning, when the planner is not available."""
+    Its figures are per GPU; ``world_size`` (default: the launcher's WORLD_SIZE) sets the global
+    batch it reports. None, with a warning, when the planner is not available."""
     try:
         from ..planner import plan_from_config
     except ImportError as e:  # pragma: no cover - the planner ships with nbtune
@@ -244,7 +262,7 @@ def memory_plan(cfg: Config, gpu=None):
         return None
     if gpu is None:
         gpu = "auto" if torch.cuda.is_available() else "T4"
-    plan = plan_from_config(cfg, gpu=gpu)
+    plan = plan_from_config(cfg, gpu=gpu, world_size=world_size or distributed.world_size())
     if gpu == "T4" and not torch.cuda.is_available():
         plan.notes.append("no GPU here: planned for a T4 (pass gpu= / --gpu to plan for another)")
     return plan
@@ -288,7 +306,8 @@ def check_output_dir(out: Path) -> None:
 def check_inputs(cfg: Config) -> None:
     """The cheap checks of a run, before any model is loaded and before anything is written: the
     output folder can be written, the model name resolves, max_seq_length is within a local
-    model's limit, and the data source exists and its rows parse into conversations."""
+    model's limit, bitsandbytes imports where the config needs it (on a GPU), and the data source
+    exists and its rows parse into conversations."""
     from ..assets import DATASETS, MODELS, is_pulled, model_dir
     from ..models.loader import check_model_name, check_seq_length, read_config
     from .data import _rename, detect_format, load_rows, to_messages
@@ -299,6 +318,7 @@ def check_inputs(cfg: Config) -> None:
     local = model_dir(name) if name in MODELS and is_pulled(name) else Path(os.path.expanduser(name))
     if (local / "config.json").is_file():
         check_seq_length(cfg.model.max_seq_length, read_config(str(local)), where=repr(name))
+    check_bitsandbytes(cfg, torch.cuda.is_available())
     source = Path(cfg.data.source).expanduser()
     if cfg.data.source in DATASETS or source.suffix.lower() in (".json", ".jsonl", ".csv", ".parquet") \
             or source.exists():
@@ -366,25 +386,35 @@ class _quiet_datasets:
 def _trainer_class():
     from trl import SFTTrainer
 
-    class NbtuneSFTTrainer(StagedCheckpoints, SFTTrainer):
-        """TRL's SFTTrainer whose checkpoints are written under a temporary name and renamed."""
+    class NbtuneSFTTrainer(StagedCheckpoints, RecordsStepLoss, SFTTrainer):
+        """TRL's SFTTrainer whose checkpoints are written under a temporary name and renamed, and
+        whose step losses go to the NaN/inf guard (``nbtune_guard``). Its LoRA weights stay fp32:
+        TRL casts a 4-bit/8-bit model's trainable parameters to bf16 whatever the precision (so an
+        fp16 run's loss scaler would meet bf16 gradients); they go back to fp32 before any
+        optimizer is built on them."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            trainable_to_fp32(self.model)
 
     return NbtuneSFTTrainer
 
 
 # ---------------------------------------------------------------------------- entry points
-def dry_run_report(config=None, gpu=None, resume=False, **overrides) -> DryRunReport:
+def dry_run_report(config=None, gpu=None, resume=False, world_size: int | None = None, **overrides) -> DryRunReport:
     """Everything a run checks before training, without loading the model: config, plan,
-    tokenizer and data (rows, tokens, steps)."""
+    tokenizer and data (rows, tokens, steps). ``world_size``: the number of GPUs the run will
+    use (default: the launcher's WORLD_SIZE), for the global batch and the steps per epoch."""
     cfg = build_config(config, **overrides)
+    world = world_size or distributed.world_size()
     check_inputs(cfg)
-    plan = memory_plan(cfg, gpu)
+    plan = memory_plan(cfg, gpu, world)
     tokenizer = _load_tokenizer(cfg)
     apply_chat_template_choice(tokenizer, cfg.data.chat_template)
     data = prepare_data(cfg.data, tokenizer, cfg.model.max_seq_length)
     lengths = [len(ids) for ids in data.train["input_ids"]]
     trained = sum(sum(1 for lab in labels if lab != -100) for labels in data.train["labels"])
-    rows_per_step = cfg.train.batch_size * cfg.train.grad_accum
+    rows_per_step = distributed.global_batch(cfg, world)
     if cfg.train.max_steps:
         steps = cfg.train.max_steps
     else:
@@ -396,13 +426,14 @@ def dry_run_report(config=None, gpu=None, resume=False, **overrides) -> DryRunRe
         eval_rows=0 if data.eval is None else data.eval.num_rows, dropped=data.dropped,
         train_tokens=sum(lengths), trainable_tokens=trained, longest=max(lengths), steps=steps,
         epochs=steps * rows_per_step / len(lengths), resume_from=_resume_point(output_dir(cfg), resume) if resume else None,
-        sample=sample,
+        sample=sample, world_size=world,
     )
 
 
+@released_on_oom  # out of GPU memory: the run's memory is released, the error carries the planner's advice
 def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=False, force: bool = False,
              gpu=None, listeners: list[Callable[[dict], None]] | None = None, model=None, tokenizer=None,
-             progress: bool = True, reuse_model: bool = True, **overrides):
+             progress: bool = True, reuse_model: bool = True, world_size: int | None = None, **overrides):
     """Run one fine-tune. ``config``: a Config, dict, YAML text or .yaml path; kwargs override sections.
 
     ``plan``: return the memory plan only. ``dry_run``: return a :class:`DryRunReport`.
@@ -411,13 +442,23 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
     ``listeners``: callables receiving each metrics record (the dashboard is one).
     ``model``/``tokenizer``: an already loaded (base) model to use instead of loading one; by default
     the model of the previous run in this process is reused when the config names the same one.
+    ``world_size``: with ``plan``/``dry_run``, the number of GPUs to report the global batch for.
+
+    Under torchrun / accelerate launch each process runs this on its own GPU (data parallel; see
+    :mod:`nbtune.train.distributed`): listeners, progress and every file are rank 0's alone.
     """
     cfg = build_config(config, **overrides)
     if plan:
-        return memory_plan(cfg, gpu)
+        return memory_plan(cfg, gpu, world_size)
     if dry_run:
-        return dry_run_report(cfg, gpu=gpu, resume=resume)
+        return dry_run_report(cfg, gpu=gpu, resume=resume, world_size=world_size)
+    distributed.setup_device()  # cuda:LOCAL_RANK before anything touches the GPU
+    main = distributed.is_main_process()
+    if not main:  # rank 0 alone shows and writes the run
+        listeners, progress = [], False
     check_inputs(cfg)  # bad inputs fail here: nothing loaded, nothing written
+    if main and not torch.cuda.is_available():
+        print(cpu_note(cfg), file=sys.stderr)
     the_plan = check_fits(cfg, force)
     out = output_dir(cfg)
     resume_from = _resume_point(out, resume)
@@ -430,14 +471,15 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
     data = prepare_data(cfg.data, tokenizer, cfg.model.max_seq_length)
     # only now, with the model loaded and the data tokenized, is anything in the output folder touched
     out.mkdir(parents=True, exist_ok=True)
-    if resume_from is None and checkpoints_dir(out).is_dir():
+    if main and resume_from is None and checkpoints_dir(out).is_dir():
         old = complete_checkpoints(out)
         if old:
             print(f"nbtune: a fresh run in {out}: removing the checkpoints of the previous run there "
                   f"({', '.join(p.name for p in old)}); use resume to continue it instead", file=sys.stderr)
         shutil.rmtree(checkpoints_dir(out))  # they would mislead a later resume
-    (out / "run.yaml").write_text(cfg.to_yaml())
-    if data.dropped:
+    if main:
+        (out / "run.yaml").write_text(cfg.to_yaml())
+    if data.dropped and main:
         print("nbtune: dropped train rows: " + ", ".join(f"{n} ({why})" for why, n in data.dropped.items()), file=sys.stderr)
     peft_model = add_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=cfg.lora.targets,
                           gradient_checkpointing=cfg.train.gradient_checkpointing, seed=cfg.train.seed)
@@ -447,22 +489,24 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
         listeners.append(TerminalProgress())
     before = None
     start_step = checkpoint_step(resume_from) if resume_from is not None else None
-    if resume_from is not None:
+    if resume_from is not None and main:
         kept = truncate_log(out / "metrics.jsonl", start_step)
         before = next((r["eval_loss"] for r in kept if r.get("event") == "eval" and r.get("step") == 0), None)
-    stream = MetricsStream(out / "metrics.jsonl", listeners, append=resume_from is not None)
+    stream = MetricsStream(out / "metrics.jsonl", listeners, append=resume_from is not None, write=main)
     stream.resumed_from = start_step
     interrupt = InterruptCallback()
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, notify=stream.emit)
     with _quiet_datasets():
         trainer = _trainer_class()(model=peft_model, args=sft_args(cfg, out, peft_model, data.eval is not None),
                                    train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
-                                   callbacks=[stream, interrupt])
+                                   callbacks=[stream, interrupt, guard])
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     for noisy in (PrinterCallback, ProgressCallback):  # nbtune's own views show the metrics
         trainer.remove_callback(noisy)
     trainer.nbtune_keep_checkpoints = cfg.output.keep_checkpoints
     trainer.nbtune_interrupt = interrupt
+    trainer.nbtune_guard = guard
     if data.eval is not None and resume_from is None:
         before = trainer.evaluate()["eval_loss"]
     checkpoint = None
@@ -476,13 +520,15 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
         checkpoint = save_after_keyboard_interrupt(trainer)
         interrupt.stopped_at = trainer.state.global_step
         print(f"nbtune: interrupted at step {trainer.state.global_step}", file=sys.stderr)
+    if guard.stopped_at is not None:  # NaN/inf steps in a row: keep the last good state, say why
+        raise stop_diverged(guard, cfg, peft_model, tokenizer, out, latest_checkpoint(out), stream.emit, save=main)
     interrupted = interrupt.stopped_at is not None
     if interrupted and checkpoint is None:
         checkpoint = getattr(trainer, "nbtune_last_checkpoint", None) or latest_checkpoint(out)
     if interrupted:
         stream.emit(dict(event="interrupted", step=trainer.state.global_step, max_steps=trainer.state.max_steps,
                          checkpoint=str(checkpoint) if checkpoint else None))
-    train_loss = mean_train_loss(read_log(stream.path))
+    train_loss = mean_train_loss(read_log(stream.path) if main else stream.records)
     after = None
     if data.eval is not None and not interrupted:
         try:
@@ -491,15 +537,33 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
             print("nbtune: held-out evaluation interrupted; saving the adapter", file=sys.stderr)
     from .generate import save_adapter
 
-    adapter_dir = save_adapter(peft_model, tokenizer, out / "adapter")
+    world, identical = distributed.world_size(), None
+    if world > 1:  # every rank takes part; rank 0 records whether the replicas agree
+        ranks = distributed.rank_reports(peft_model)
+        digests = [r["digest"] for r in ranks]
+        identical = len(set(digests)) == 1
+        stream.emit(dict(event="distributed", step=trainer.state.global_step, world_size=world,
+                         global_batch=distributed.global_batch(cfg, world), replicas_identical=identical,
+                         digests=digests, devices=[r["device"] for r in ranks],
+                         peak_reserved_gib=[r["peak_reserved_gib"] for r in ranks]))
+        if not identical and main:
+            warnings.warn(f"nbtune: the LoRA weights differ between the {world} ranks after training (digests "
+                          f"{digests}); the data-parallel run did not keep its replicas in step", RuntimeWarning,
+                          stacklevel=2)
+    adapter_dir = out / "adapter"
+    if main:
+        adapter_dir = save_adapter(peft_model, tokenizer, adapter_dir)
+    distributed.barrier()  # the adapter is on disk when any rank returns
     result = FinetuneResult(
         config=cfg, output_dir=out, adapter_dir=adapter_dir, log_path=stream.path,
         eval_loss_before=before, eval_loss_after=after, train_loss=train_loss,
         steps=trainer.state.global_step, seconds=time.perf_counter() - t_start,
-        metrics=read_log(stream.path), model=peft_model, tokenizer=tokenizer, interrupted=interrupted,
-        checkpoint=checkpoint, resumed_from=start_step, plan=the_plan, _generation=session.generation(),
+        metrics=read_log(stream.path) if main else list(stream.records), model=peft_model, tokenizer=tokenizer,
+        interrupted=interrupted, checkpoint=checkpoint, resumed_from=start_step, plan=the_plan,
+        world_size=world, global_batch=distributed.global_batch(cfg, world), replicas_identical=identical,
+        _generation=session.generation(),
     )
-    if cfg.output.save_merged and not interrupted:
+    if cfg.output.save_merged and not interrupted and main:
         result.save_merged()
     return result
 

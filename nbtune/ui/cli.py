@@ -5,6 +5,13 @@
     nbtune finetune RUN.yaml [--set k=v] [--plan] [--dry-run] [--resume] [--force]
                                             run a config file (the same config as %%finetune)
     nbtune plan MODEL [--gpu T4 ...]        will it fit? memory breakdown and advice (no GPU needed)
+
+Several GPUs (data parallel, DDP): start the same command under a standard launcher; every process
+trains on its own GPU, and rank 0 alone prints, logs and saves. ``train.batch_size`` is per GPU;
+the global batch is batch_size x grad_accum x GPUs.
+
+    torchrun --nproc_per_node 2 -m nbtune.ui.cli finetune run.yaml
+    accelerate launch --multi_gpu --num_processes 2 -m nbtune.ui.cli finetune run.yaml
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ def cmd_finetune(args) -> int:
     """The CLI door: the same config and the same run as %%finetune and nbtune.finetune()."""
     from ..planner import PlannerError
     from ..train import build_config
+    from ..train.distributed import is_main_process
     from .api import finetune
 
     cfg = build_config(args.config)
@@ -51,6 +59,8 @@ def cmd_finetune(args) -> int:
     except PlannerError as e:  # includes "predicted not to fit", with the plan's advice
         print(f"nbtune: error: {e}", file=sys.stderr)
         return 2
+    if not is_main_process():  # data parallel: rank 0 reports for all
+        return 130 if getattr(result, "interrupted", False) else 0
     if args.plan or args.dry_run:
         print(result if result is not None else "nbtune: no plan (the planner is not available)")
         return 0
@@ -66,7 +76,8 @@ def cmd_plan(args) -> int:
     targets = args.targets if "," not in args.targets else [t.strip() for t in args.targets.split(",") if t.strip()]
     p = plan(args.model, gpu=args.gpu, seq_len=args.seq_len, batch_size=args.batch_size, lora_rank=args.rank,
              lora_targets=targets, dtype=args.dtype, load_in_4bit=not args.no_4bit,
-             gradient_checkpointing=args.checkpointing, optimizer=args.optimizer, loss=args.loss)
+             gradient_checkpointing=args.checkpointing, optimizer=args.optimizer, loss=args.loss,
+             world_size=args.num_gpus)
     if args.json:
         print(json.dumps(p.to_dict(), indent=1))
         return 0
@@ -101,7 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pull", help="fetch embedded models / data sets into the cache")
     p.add_argument("names", nargs="*", help="names to fetch (default: all)")
     p.set_defaults(func=cmd_pull)
-    p = sub.add_parser("finetune", help="run a YAML config (the same schema as %%finetune)")
+    p = sub.add_parser(
+        "finetune", help="run a YAML config (the same schema as %%finetune)",
+        description="Run a YAML config (the same schema as %%finetune and nbtune.finetune()).",
+        epilog="Several GPUs (data parallel): torchrun --nproc_per_node N -m nbtune.ui.cli finetune run.yaml, or "
+               "accelerate launch --multi_gpu --num_processes N -m nbtune.ui.cli finetune run.yaml. Each process "
+               "loads the model on its own GPU; train.batch_size is per GPU and the global batch is batch_size x "
+               "grad_accum x N; rank 0 alone prints, logs and saves.")
     p.add_argument("config", help="path to a .yaml config")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config value")
     p.add_argument("--plan", action="store_true", help="show the memory plan only (nothing is loaded)")
@@ -122,11 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpointing", default="offload", choices=["offload", "plain", "off"])
     p.add_argument("--optimizer", default="adamw_8bit", choices=["adamw_8bit", "paged_adamw_8bit", "adamw", "sgd"])
     p.add_argument("--loss", default="auto", choices=["auto", "fused", "unfused"])
+    p.add_argument("--num-gpus", type=int, default=1,
+                   help="data-parallel GPUs: figures stay per GPU, the plan states the global batch")
     p.add_argument("--suggest", action="store_true", help="also print the largest batch / seq_len that fit")
     p.add_argument("--yaml", action="store_true", help="also print the matching %%%%finetune cell")
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead")
     p.set_defaults(func=cmd_plan)
     return ap
+
+
+def run_failures() -> tuple:
+    """The errors a run ends with after it started (not bad input): their messages say what to change."""
+    from ..train.oom import GPUOutOfMemoryError
+    from ..train.stability import TrainingDivergedError
+
+    return GPUOutOfMemoryError, TrainingDivergedError
 
 
 def main(argv=None) -> int:
@@ -151,6 +178,9 @@ def main(argv=None) -> int:
         text = lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "")
         print(f"nbtune: error: {text}", file=sys.stderr)
         return 2
+    except run_failures() as e:  # out of GPU memory, NaN/inf: the run's own message, which says what to change
+        print(f"nbtune: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("nbtune: interrupted", file=sys.stderr)
         return 130

@@ -15,6 +15,9 @@ last update always lands), with each curve downsampled to at most ``max_points``
 output is a MIME bundle with the figure both as ``application/vnd.plotly.v1+json`` (JupyterLab,
 VS Code and saved notebooks render it without a network) and as ``text/html`` that loads
 plotly.js from its CDN (Colab and any HTML viewer), so no widget manager is needed anywhere.
+Outside Colab each redraw is two updates of the handle, a text-only one (the header) and then the
+figure: JupyterLab's Plotly renderer ignores updates of an output it has drawn, and a change of
+MIME type makes Lab build a fresh renderer (tests/browser checks the redraws in real Lab).
 ``mode="widget"`` is the opt-in upgrade: a ``plotly.graph_objects.FigureWidget`` updated in place
 (needs ``anywidget``, plotly's widget base).
 """
@@ -150,6 +153,8 @@ class Dashboard:
                 self.capacity_gib = rec["vram_total_gib"]
             if rec.get("gpu"):
                 st["gpu"] = rec["gpu"]
+            if (rec.get("world_size") or 1) > 1:  # data parallel: losses are global, VRAM is rank 0's GPU
+                st["world_size"] = rec["world_size"]
             resumed = rec.get("resumed_from")
             if resumed is not None:  # a resumed run: forget what came after its checkpoint
                 for xs, ys in self.series.values():
@@ -251,7 +256,9 @@ class Dashboard:
         peaks = self.series["vram_peak_gib"][1]
         if peaks:
             cap = f" / {self.capacity_gib:.2f}" if self.capacity_gib else ""
-            parts.append(f"peak VRAM {max(peaks):.2f}{cap} GiB")
+            parts.append(f"peak VRAM {max(peaks):.2f}{cap} GiB" + (" (GPU 0)" if st.get("world_size") else ""))
+        if st.get("world_size"):
+            parts.append(f"data parallel x{st['world_size']}")
         text = " · ".join(parts)
         return f"{self.title} — {text}" if self.title else text
 
@@ -295,8 +302,14 @@ class Dashboard:
         bundle = self.mimebundle()
         if self._handle is None:
             self._handle = display(bundle, raw=True, display_id=True)
-        else:
-            self._handle.update(bundle, raw=True)
+            return
+        if _redraw_needs_new_renderer():
+            # JupyterLab (and Notebook 7) keep an output's renderer when an update has the same
+            # preferred MIME type, and Plotly's renderer draws once and ignores later models
+            # (plotly/plotly.py#3053): the figure would stay at its first frame. Lab builds a new
+            # renderer when the MIME type changes, so pass through a text-only update first.
+            self._handle.update({"text/plain": bundle["text/plain"]}, raw=True)
+        self._handle.update(bundle, raw=True)
 
     def figure_dict(self) -> dict:
         return json.loads(self.figure.to_json())
@@ -332,6 +345,13 @@ class Dashboard:
             dash._ingest(rec)
         dash.render()
         return dash
+
+
+def _redraw_needs_new_renderer() -> bool:
+    """False in Colab, which shows the ``text/html`` part and re-renders it on every update."""
+    import sys
+
+    return "google.colab" not in sys.modules
 
 
 def _records(log) -> list[dict]:

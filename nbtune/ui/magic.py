@@ -2,8 +2,9 @@
 
 Parses the line and the cell body, then calls :func:`nbtune.ui.api.finetune`, the same function
 behind ``nbtune.finetune(...)`` and ``nbtune finetune run.yaml``. Errors the user can fix (a bad
-config, unusable data, a run that will not fit) are raised as IPython ``UsageError``s with the
-message alone; the original exception is their ``__cause__``.
+config, unusable data, a run that will not fit, ran out of GPU memory or stayed NaN/inf) are
+raised as IPython ``UsageError``s with the message alone; the original exception is their
+``__cause__``.
 """
 from __future__ import annotations
 
@@ -14,6 +15,19 @@ from IPython.core.magic_arguments import argument, kwds, magic_arguments, parse_
 from ..train.config import ConfigError, build_config, config_reference
 
 DEFAULT_VAR = "finetune_result"
+# errors the user fixes: shown as a UsageError with the message alone. Matched by class name (nbtune's
+# own classes only), so that checking needs no import: a --gpus launch must keep the training stack
+# (and with it bitsandbytes) out of the kernel.
+FIXABLE = {"ConfigError", "DataError", "AssetError", "PlannerError", "GPUOutOfMemoryError", "TrainingDivergedError",
+           "ModelLoadError"}
+
+
+def is_fixable(error: BaseException) -> bool:
+    """True for the nbtune errors a user fixes (config, data, model, memory plan, OOM, divergence), and
+    for a launch that cannot start or whose ranks hit one of them."""
+    if type(error).__name__ == "LaunchError":
+        return bool(getattr(error, "fixable", False))
+    return any(c.__name__ in FIXABLE and c.__module__.startswith("nbtune.") for c in type(error).__mro__)
 
 EXAMPLE = """\
 Fine-tune with the config in the cell body (YAML; the same schema as `nbtune finetune run.yaml`
@@ -33,6 +47,9 @@ or `%finetune cfg --resume` (IPython refuses a `%%` cell whose body is empty).
 (`%%finetune --set train.lr={lr} --out {var}`). Interrupting the kernel stops after the current
 step and saves a checkpoint; `--resume` continues from it. A model already loaded by an earlier
 run in this kernel is reused when the config names the same one.
+`--gpus N` trains the same config data-parallel on N GPUs (one process per GPU, started by
+accelerate's notebook_launcher; the dashboard shows rank 0's metrics). It forks the kernel, so run
+it in a fresh kernel, before any cell touches the GPU or runs a single-GPU fine-tune.
 """
 
 
@@ -56,29 +73,24 @@ class FinetuneMagics(Magics):
     @argument("--gpu", default=None, help="GPU to plan for (default: this one, or T4 without a GPU)")
     @argument("--widget", action="store_true", help="live FigureWidget dashboard instead of the HTML one")
     @argument("--no-dashboard", action="store_true", help="progress lines instead of the dashboard")
+    @argument("--gpus", type=int, default=None, metavar="N",
+              help="train data-parallel on N GPUs of this machine (accelerate's notebook_launcher forks the "
+                   "kernel: run it before anything touches the GPU); the dashboard shows rank 0; train.batch_size "
+                   "is per GPU, the global batch is batch_size x grad_accum x N")
     def finetune(self, line, cell=None):
         """Fine-tune a model with LoRA/QLoRA from a YAML config: %%finetune [--plan] [--dry-run] [--resume] [--out VAR]"""
         args = parse_argstring(self.finetune, line)
         cfg = self._config(args, cell)
-        from ..train.data import DataError
-        from ..assets import AssetError
-        from ..planner import PlannerError
-
-        fixable = (ConfigError, DataError, AssetError, PlannerError)
-        try:
-            from ..models import ModelLoadError
-
-            fixable += (ModelLoadError,)
-        except ImportError:  # pragma: no cover
-            pass
         from .api import finetune
 
         dashboard = False if args.no_dashboard else ("widget" if args.widget else True)
         try:
             result = finetune(cfg, plan=args.plan, dry_run=args.dry_run, resume=args.resume, force=args.force,
-                              gpu=args.gpu, dashboard=dashboard)
-        except fixable as e:
-            raise UsageError(f"%%finetune: {e}") from e
+                              gpu=args.gpu, dashboard=dashboard, gpus=args.gpus, _gpus_flag="--gpus")
+        except Exception as e:
+            if is_fixable(e):
+                raise UsageError(f"%%finetune: {e}") from e
+            raise
         if args.out:
             self.shell.user_ns[args.out] = result
         return result

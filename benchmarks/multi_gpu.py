@@ -1,0 +1,303 @@
+"""Data parallel on the 2-GPU machine: the same nbtune config on 1 GPU and on 2 GPUs (torchrun, DDP).
+
+    python benchmarks/multi_gpu.py [--out DIR] [--stages losses,throughput] [--steps 10] [--warmup 3]
+
+Both stages run ``nbtune finetune run.yaml`` itself (1 GPU: ``CUDA_VISIBLE_DEVICES=0 python -m
+nbtune.ui.cli finetune``; 2 GPUs: ``torchrun --nproc_per_node 2 -m nbtune.ui.cli finetune``), the
+same global batch on both: the 2-GPU run halves grad_accum, so each rank's micro-batch is one of
+the 1-GPU run's micro-batches.
+
+- ``losses``: a small random Llama (hidden 1024, 8 layers, 8192-word vocabulary, 4-bit NF4, bf16)
+  on word sequences with a learnable pattern, 30 steps: the two loss curves agree within
+  LOSS_RTOL at every step, the same rows are read at every step (equal token counts), and the
+  ranks' LoRA weights are identical at the end.
+- ``throughput``: llama3-8b QLoRA (the peers' random-weight checkpoint from
+  peers/bench_common.py, r=16 on the seven projections, offloaded checkpointing, 8-bit AdamW),
+  2 x 2048 tokens per GPU per micro-batch: tokens/s of the whole run (rank 0's metrics stream:
+  global tokens over wall time per step, median over the steps after the warm-up) on 2 GPUs
+  over 1 GPU; target >= 1.85x. Also each rank's peak reserved memory against the planner's
+  per-GPU figure for world_size 2.
+
+No network: the checkpoints are built locally (CKPT_ROOT, default /tmp/ckpt); the tokenizers are
+whitespace word-level tokenizers ("w<i>" is token i), so the data are text rows of those words.
+Writes ``multi_gpu.json`` to --out (default $OUT, else /tmp/nbtune-multi-gpu; a failed run's log
+tail is in it); the runs' outputs and logs stay in --work (/tmp/nbtune-multi-gpu-work). Exits 1
+when a run fails or a target is missed, 2 without 2 GPUs. About 5-7 minutes on 2 x H200 (the 8B checkpoint
+build, ~1-2 minutes, is skipped when CKPT_ROOT already has it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(HERE, "peers"))
+from bench_common import LORA_TARGETS, SHAPES, build_checkpoint, checkpoint_path  # noqa: E402
+
+TARGET_SPEEDUP = 1.85
+LOSS_RTOL = 1e-2
+WORLD = 2
+
+
+# ---------------------------------------------------------------------------- inputs
+SPECIALS = ("<pad>", "<unk>", "</s>")  # ids 0, 1, 2; no word contains them (transformers splits on them)
+
+
+def word_tokenizer(path: str, vocab: int) -> None:
+    """A whitespace word-level tokenizer of ``vocab`` tokens at ``path``: "w<i>" is token i (i >= 3)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {name: i for i, name in enumerate(SPECIALS)} | {f"w{i}": i for i in range(len(SPECIALS), vocab)}
+    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                            eos_token="</s>").save_pretrained(path)
+
+
+def word_view(checkpoint: str, vocab: int) -> str:
+    """A sibling folder whose weight and config files link to ``checkpoint``'s, with a word tokenizer."""
+    view = f"{checkpoint.rstrip('/')}@words"
+    if os.path.isfile(os.path.join(view, "tokenizer.json")):
+        return view
+    os.makedirs(view, exist_ok=True)
+    for name in os.listdir(checkpoint):
+        if name.startswith("tokenizer") or name == "special_tokens_map.json":
+            continue
+        link = os.path.join(view, name)
+        if not os.path.lexists(link):
+            os.symlink(os.path.join(os.path.abspath(checkpoint), name), link)
+    word_tokenizer(view, vocab)
+    return view
+
+
+def small_checkpoint(path: str, vocab: int) -> str:
+    """A random Llama of ~130M parameters (bf16) with a word tokenizer."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                      num_key_value_heads=4, vocab_size=vocab, max_position_embeddings=1024, pad_token_id=0,
+                      bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+    word_tokenizer(path, vocab)
+    return path
+
+
+def write_rows(path: str, rows: list[str]) -> str:
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"text": r}) + "\n" for r in rows)
+    return path
+
+
+def pattern_rows(n: int, vocab: int, lengths: tuple[int, int], seed: int = 0) -> list[str]:
+    """Word cycles of 16 from a random start (a model can learn them), of random lengths."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        start, length = rng.randrange(3, vocab - 16), rng.randrange(*lengths)
+        out.append(" ".join(f"w{start + k % 16}" for k in range(length)))
+    return out
+
+
+def random_rows(n: int, vocab: int, words: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(f"w{rng.randrange(3, vocab)}" for _ in range(words)) for _ in range(n)]
+
+
+def run_config(model: str, data: str, seq: int, train: dict, lora: dict, out: str) -> dict:
+    return {
+        "model": {"name": model, "max_seq_length": seq, "load_in_4bit": True, "dtype": "bfloat16"},
+        "data": {"source": data, "format": "text", "responses_only": False, "eval_split": None},
+        "lora": lora,
+        "train": {"warmup_steps": 0, "optimizer": "adamw_8bit", "gradient_checkpointing": "offload", "seed": 1,
+                  "logging_steps": 1, "save_steps": None, "force": True, **train},
+        "output": {"dir": out},
+    }
+
+
+# ---------------------------------------------------------------------------- runs
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def finetune(cfg: dict, gpus: int, name: str, work: str, timeout: int) -> dict:
+    """Run ``nbtune finetune`` on 1 GPU or under torchrun on ``gpus``; the metrics log and how it went."""
+    import yaml
+
+    shutil.rmtree(cfg["output"]["dir"], ignore_errors=True)
+    path = os.path.join(work, f"{name}.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    if gpus == 1:
+        env["CUDA_VISIBLE_DEVICES"] = "0"
+        cmd = [sys.executable, "-m", "nbtune.ui.cli", "finetune", path]
+    else:
+        env.pop("CUDA_VISIBLE_DEVICES", None)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus), "--master_addr",
+               "127.0.0.1", "--master_port", free_port(), "-m", "nbtune.ui.cli", "finetune", path]
+    t0 = time.time()
+    with open(os.path.join(work, f"{name}.log"), "w") as log:
+        try:
+            rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, cwd=REPO).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    metrics = os.path.join(cfg["output"]["dir"], "metrics.jsonl")
+    records = [json.loads(line) for line in open(metrics) if line.strip()] if os.path.isfile(metrics) else []
+    with open(os.path.join(work, f"{name}.log")) as f:
+        tail = f.read()[-3000:]
+    print(f"# {name}: rc={rc} in {time.time() - t0:.0f} s", flush=True)
+    return dict(name=name, gpus=gpus, rc=rc, seconds=round(time.time() - t0, 1), records=records,
+                log_tail=tail if rc != 0 else None)
+
+
+def train_records(run: dict) -> list[dict]:
+    return [r for r in run["records"] if r.get("event") == "train" and r.get("loss") is not None]
+
+
+def compare_losses(one: dict, two: dict) -> dict:
+    a, b = train_records(one), train_records(two)
+    worst = max((abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(a, b)), default=None)
+    dist = next((r for r in two["records"] if r.get("event") == "distributed"), {})
+    return dict(steps=[len(a), len(b)], losses_1gpu=[round(r["loss"], 5) for r in a],
+                losses_2gpu=[round(r["loss"], 5) for r in b], max_rel_diff=worst,
+                same_rows=[r["tokens"] for r in a] == [r["tokens"] for r in b],
+                replicas_identical=dist.get("replicas_identical"), devices=dist.get("devices"),
+                ok=bool(a) and len(a) == len(b) and worst is not None and worst <= LOSS_RTOL
+                and dist.get("replicas_identical") is True)
+
+
+def speed(run: dict, warmup: int) -> dict:
+    recs = [r for r in train_records(run) if r["step"] > warmup and r.get("tokens_per_s")]
+    steps = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(train_records(run), train_records(run)[1:])
+             if b["step"] > warmup]
+    end = next((r for r in run["records"] if r.get("event") == "end"), {})
+    dist = next((r for r in run["records"] if r.get("event") == "distributed"), {})
+    return dict(tokens_per_s=statistics.median(r["tokens_per_s"] for r in recs) if recs else None,
+                step_s=round(statistics.median(steps), 4) if steps else None, timed_steps=len(recs),
+                peak_reserved_gib=dist.get("peak_reserved_gib") or end.get("vram_peak_gib"))
+
+
+# ---------------------------------------------------------------------------- stages
+def stage_losses(work: str, root: str) -> dict:
+    vocab, seq, steps = 8192, 512, 30
+    model = small_checkpoint(os.path.join(root, "llama-130m-words"), vocab)
+    data = write_rows(os.path.join(work, "patterns.jsonl"), pattern_rows(16 * steps, vocab, (64, 512)))
+    lora = {"r": 16, "alpha": 16, "targets": list(LORA_TARGETS)}
+    base = dict(max_steps=steps, batch_size=4, lr=1e-3)
+    one = finetune(run_config(model, data, seq, dict(base, grad_accum=4), lora, os.path.join(work, "losses-1gpu")),
+                   1, "losses-1gpu", work, 300)
+    two = finetune(run_config(model, data, seq, dict(base, grad_accum=2), lora, os.path.join(work, "losses-2gpu")),
+                   WORLD, "losses-2gpu", work, 300)
+    result = dict(model="random llama 130M (hidden 1024, 8 layers), 4-bit NF4, bf16", global_batch=16,
+                  runs=[{k: v for k, v in r.items() if k != "records"} for r in (one, two)],
+                  **compare_losses(one, two))
+    result["ok"] = result["ok"] and one["rc"] == 0 and two["rc"] == 0
+    return result
+
+
+def stage_throughput(work: str, root: str, steps: int, warmup: int, two_gpu_grad_accum: int = 1) -> dict:
+    shape = "llama3-8b"
+    path = checkpoint_path(shape, root)
+    t0 = time.time()
+    build_checkpoint(shape, path)
+    build_s = round(time.time() - t0, 1)
+    vocab = SHAPES[shape]["vocab_size"]
+    model = word_view(path, vocab)
+    total = warmup + steps
+    data = write_rows(os.path.join(work, "random-2048.jsonl"),
+                      random_rows(2 * WORLD * two_gpu_grad_accum * total, vocab, 2100))
+    lora = {"r": 16, "alpha": 16, "targets": list(LORA_TARGETS)}
+    base = dict(max_steps=total, batch_size=2, lr=2e-4)
+    one = finetune(run_config(model, data, 2048, dict(base, grad_accum=2), lora, os.path.join(work, "8b-1gpu")),
+                   1, "8b-1gpu", work, 420)
+    two = finetune(run_config(model, data, 2048, dict(base, grad_accum=two_gpu_grad_accum), lora,
+                              os.path.join(work, "8b-2gpu")), WORLD, "8b-2gpu", work, 420)
+    s1, s2 = speed(one, warmup), speed(two, warmup)
+    ratio = s2["tokens_per_s"] / s1["tokens_per_s"] if s1["tokens_per_s"] and s2["tokens_per_s"] else None
+    planned = None
+    try:
+        sys.path.insert(0, REPO)
+        from nbtune.planner import plan_from_config
+
+        p = plan_from_config(run_config(model, data, 2048, dict(base, grad_accum=1), lora, ""), gpu="H200",
+                             world_size=WORLD)
+        planned = round(p.peak_gib, 2)
+    except Exception as e:  # noqa: BLE001 - the plan is context, not the measurement
+        planned = f"no plan: {e}"
+    same_global = two_gpu_grad_accum == 1
+    return dict(shape=shape, per_gpu_micro_batch="2x2048", global_batch_rows=[4, 2 * WORLD * two_gpu_grad_accum],
+                grad_accum=[2, two_gpu_grad_accum], checkpoint_build_s=build_s,
+                one_gpu=s1, two_gpus=s2, speedup=round(ratio, 3) if ratio else None, target=TARGET_SPEEDUP,
+                planner_peak_gib_per_gpu=planned, losses=compare_losses(one, two) if same_global else None,
+                runs=[{k: v for k, v in r.items() if k != "records"} for r in (one, two)],
+                ok=bool(ratio and ratio >= TARGET_SPEEDUP and one["rc"] == 0 and two["rc"] == 0))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT") or "/tmp/nbtune-multi-gpu")
+    ap.add_argument("--work", default="/tmp/nbtune-multi-gpu-work", help="runs' outputs and logs (large)")
+    ap.add_argument("--stages", default="losses,throughput")
+    ap.add_argument("--steps", type=int, default=int(os.environ.get("STEPS", 10)))
+    ap.add_argument("--warmup", type=int, default=int(os.environ.get("WARMUP", 3)))
+    ap.add_argument("--two-gpu-grad-accum", type=int, default=1,
+                    help="throughput: grad_accum of the 2-GPU run (1: the 1-GPU run's global batch, the default; "
+                         "2: the 1-GPU run's per-GPU schedule, twice its global batch)")
+    args = ap.parse_args(argv)
+    import torch
+
+    if torch.cuda.device_count() < WORLD:
+        print(f"multi_gpu.py needs {WORLD} GPUs; this machine shows {torch.cuda.device_count()}", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    work = args.work
+    os.makedirs(work, exist_ok=True)
+    root = os.environ.get("CKPT_ROOT", "/tmp/ckpt")
+    os.makedirs(root, exist_ok=True)
+    result = dict(gpus=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+                  torch=torch.__version__, stages={})
+    out_json = os.path.join(args.out, "multi_gpu.json")
+    for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
+        t0 = time.time()
+        if stage == "losses":
+            result["stages"][stage] = stage_losses(work, root)
+        elif stage == "throughput":
+            result["stages"][stage] = stage_throughput(work, root, args.steps, args.warmup, args.two_gpu_grad_accum)
+        else:
+            raise SystemExit(f"unknown stage {stage!r}: losses, throughput")
+        result["stages"][stage]["stage_s"] = round(time.time() - t0, 1)
+        with open(out_json, "w") as f:
+            json.dump(result, f, indent=1)
+    for name, st in result["stages"].items():
+        if name == "losses":
+            print(f"losses: max rel diff {st['max_rel_diff']} (tol {LOSS_RTOL}), same rows {st['same_rows']}, "
+                  f"replicas identical {st['replicas_identical']} -> {'PASS' if st['ok'] else 'FAIL'}")
+        else:
+            print(f"throughput {st['shape']} {st['per_gpu_micro_batch']}: 1 GPU {st['one_gpu']['tokens_per_s']} tok/s, "
+                  f"2 GPUs {st['two_gpus']['tokens_per_s']} tok/s -> {st['speedup']}x (target {TARGET_SPEEDUP}x) "
+                  f"{'PASS' if st['ok'] else 'FAIL'}; peak per GPU {st['two_gpus']['peak_reserved_gib']} GiB "
+                  f"(planner {st['planner_peak_gib_per_gpu']})"
+                  + (f"; losses max rel diff {st['losses']['max_rel_diff']}" if st["losses"] else ""))
+    print(f"# wrote {out_json}")
+    return 0 if all(st["ok"] for st in result["stages"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""benchmarks/multi_gpu.py without a GPU: its data (word rows that the word tokenizer reads back
+token for token), its loss-curve and speed arithmetic on real metrics records, and its refusal to
+run without 2 GPUs."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(REPO, "benchmarks", "multi_gpu.py")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("multi_gpu_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_word_rows_tokenize_to_the_planned_lengths(bench, tmp_path):
+    from transformers import AutoTokenizer
+
+    bench.word_tokenizer(str(tmp_path), 1000)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    row = bench.random_rows(1, 1000, 2100)[0]
+    ids = tok(row)["input_ids"]
+    assert len(ids) == 2100 and tok.unk_token_id not in ids  # truncated to 2048 by max_seq_length
+    assert tok.convert_ids_to_tokens(ids[:3]) == row.split()[:3]
+    pattern = bench.pattern_rows(3, 1000, (64, 65))
+    assert all(len(tok(r)["input_ids"]) == 64 and tok.unk_token_id not in tok(r)["input_ids"] for r in pattern)
+    assert bench.pattern_rows(3, 1000, (64, 512)) == bench.pattern_rows(3, 1000, (64, 512))  # seeded
+
+
+def test_word_view_links_the_weights_and_adds_a_tokenizer(bench, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    (ckpt / "tokenizer.json").write_text("{}")
+    view = bench.word_view(str(ckpt), 50)
+    assert os.path.islink(os.path.join(view, "model.safetensors")) and os.path.islink(os.path.join(view, "config.json"))
+    assert not os.path.islink(os.path.join(view, "tokenizer.json"))
+
+
+def _run(tokens_per_s, losses, elapsed, identical=True, world=1):
+    recs = [{"event": "start", "step": 0, "world_size": world}]
+    for i, (t, l, e) in enumerate(zip(tokens_per_s, losses, elapsed), 1):
+        recs.append({"event": "train", "step": i, "loss": l, "tokens_per_s": t, "tokens": 4096 * i, "elapsed_s": e})
+    recs.append({"event": "end", "step": len(losses), "vram_peak_gib": 7.0})
+    if world > 1:
+        recs.append({"event": "distributed", "replicas_identical": identical, "devices": ["cuda:0", "cuda:1"],
+                     "peak_reserved_gib": [7.1, 7.0]})
+    return {"records": recs}
+
+
+def test_losses_and_speed_arithmetic(bench):
+    one = _run([900, 1000, 1000, 1010], [11.0, 10.5, 10.0, 9.5], [1.0, 2.0, 3.0, 4.0])
+    two = _run([1800, 1950, 1960, 1990], [11.0, 10.52, 10.0, 9.5], [0.5, 1.0, 1.5, 2.0], world=2)
+    cmp = bench.compare_losses(one, two)
+    assert cmp["ok"] and cmp["same_rows"] and cmp["max_rel_diff"] == pytest.approx(0.02 / 10.5)
+    drifted = _run([1800] * 4, [11.0, 12.0, 10.0, 9.5], [0.5, 1.0, 1.5, 2.0], world=2)
+    assert not bench.compare_losses(one, drifted)["ok"]
+    apart = _run([1800] * 4, [11.0, 10.5, 10.0, 9.5], [0.5, 1.0, 1.5, 2.0], identical=False, world=2)
+    assert not bench.compare_losses(one, apart)["ok"]
+    s1, s2 = bench.speed(one, warmup=1), bench.speed(two, warmup=1)
+    assert s1["tokens_per_s"] == 1000 and s2["tokens_per_s"] == 1960 and s1["timed_steps"] == 3
+    assert s1["step_s"] == pytest.approx(1.0) and s2["step_s"] == pytest.approx(0.5)
+    assert s1["peak_reserved_gib"] == 7.0 and s2["peak_reserved_gib"] == [7.1, 7.0]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.device_count() >= 2, reason="checks the refusal without 2 GPUs")
+def test_refuses_without_two_gpus(tmp_path):
+    proc = subprocess.run([sys.executable, SCRIPT, "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "needs 2 GPUs" in proc.stderr
+    assert not (tmp_path / "multi_gpu.json").exists()
