@@ -17,10 +17,7 @@ What the hand-written backward saves, compared with peft over bitsandbytes under
   llama3-8b sizes (4096 tokens, bf16) that is 32 + 2 x 112 MiB per MLP, where peft over bnb keeps
   X, gate, up, act(gate) and h (32 + 4 x 112 MiB) plus its LoRA intermediates;
 - dX of several projections reading the same X (Q/K/V; gate/up) is accumulated in one buffer
-  with in-place ``addmm_``; the scalings ride on the GEMMs' alpha instead of separate passes, and
-  each output (Y, dX, dh) is first written by its r-wide LoRA GEMM and then accumulated onto by
-  the compute-bound base GEMM, whose read of it hides under its main loop (adding the LoRA term
-  last would read and write the whole output once more: ~55 µs per 4096 x 14336 output on an H200).
+  with in-place ``addmm_``; the scalings ride on the GEMMs' alpha instead of separate passes.
 
 Matmuls are cuBLAS (``torch.mm``/``addmm``/``addmm_``); Triton runs the GLU (``kernels/glu.py``).
 
@@ -145,14 +142,11 @@ def _project(X, W, A, B, scaling, bias, lead_shape=None):
     n_out = W.shape[0]
     Y = torch.empty(*(lead_shape if lead_shape is not None else X.shape[:1]), n_out, device=X.device, dtype=X.dtype)
     Y2 = Y.view(-1, n_out)
-    # The r-wide LoRA term first: its GEMM only writes Y (beta=0 ignores the empty buffer). The
-    # compute-bound base GEMM then accumulates onto it, where reading Y hides under its main loop;
-    # adding the LoRA term afterwards would read and write all of Y once more.
     if bias is None:
-        Y2.addmm_(XA, B.t(), beta=0.0, alpha=scaling)
+        torch.mm(X, W.t(), out=Y2)
     else:
-        torch.addmm(bias, XA, B.t(), alpha=scaling, out=Y2)
-    Y2.addmm_(X, W.t())
+        torch.addmm(bias, X, W.t(), out=Y2)
+    Y2.addmm_(XA, B.t(), alpha=scaling)
     return Y, XA
 
 
@@ -219,14 +213,14 @@ class _LoRAProjections(torch.autograd.Function):
             dA = dB = dbias = None
             if need_x or need_A:
                 GB = torch.mm(G, B_c)
-                if need_x:  # LoRA term first, base GEMM accumulating onto it (see _project)
-                    if dX is None:
-                        dX = _mm_scaled(GB, A_c, s)
-                    else:
-                        dX.addmm_(GB, A_c, alpha=s)
+                if need_x:
                     W = _weight(ctx.bases[i], dtype)
-                    dX.addmm_(G, W)
+                    if dX is None:
+                        dX = torch.mm(G, W)
+                    else:
+                        dX.addmm_(G, W)
                     del W
+                    dX.addmm_(GB, A_c, alpha=s)
                 if need_A:
                     dA = _mm_scaled(GB.t(), X, s).to(A_dtype)
             if need_B:
@@ -311,10 +305,10 @@ class _LoRAMLP(torch.autograd.Function):
         G = G if G.dtype == dtype else G.to(dtype)
         # down projection: dh = G W_d + (s_d G B_d) A_d, its LoRA grads
         GBd = torch.mm(G, down_B)
-        dh = _mm_scaled(GBd, down_A, s_d)  # LoRA term first, base GEMM accumulating onto it
         W = _weight(down_base, dtype)
-        dh.addmm_(G, W)
+        dh = torch.mm(G, W)
         del W
+        dh.addmm_(GBd, down_A, alpha=s_d)
         grad_down_B = _mm_scaled(G.t(), HAd, s_d).to(dB_dtype) if need_dB else None
         grad_down_bias = G.sum(0).to(dbias_dtype) if need_dbias else None
 
@@ -334,13 +328,13 @@ class _LoRAMLP(torch.autograd.Function):
             if need_x or need_A:
                 GB = torch.mm(dZ, B)
                 if need_x:
-                    if dX is None:
-                        dX = _mm_scaled(GB, A, s)
-                    else:
-                        dX.addmm_(GB, A, alpha=s)
                     W = _weight(base, dtype)
-                    dX.addmm_(dZ, W)
+                    if dX is None:
+                        dX = torch.mm(dZ, W)
+                    else:
+                        dX.addmm_(dZ, W)
                     del W
+                    dX.addmm_(GB, A, alpha=s)
                 if need_A:
                     grad_A = _mm_scaled(GB.t(), X, s).to(dtypes[0])
             if need_B:
