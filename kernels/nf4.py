@@ -203,6 +203,20 @@ def _launch_config(n_elements: int, blocksize: int) -> tuple[int, int]:
     return rows, num_warps
 
 
+def _second_level(quant_state, device) -> tuple[tuple, int]:
+    """The kernel's (absmax2, code2, offset) arguments and blocksize2 for a nested (double-quantized)
+    state; for a plain one, placeholders the kernel never reads and blocksize2 = 1."""
+    if not quant_state.nested:
+        return (quant_state.absmax.contiguous(),) * 3, 1
+    state2 = quant_state.state2
+    offset = quant_state.offset
+    if torch.is_tensor(offset):
+        offset = offset.to(device=device, dtype=torch.float32)  # a no-op for bnb's own states
+    else:
+        offset = torch.tensor(float(offset), dtype=torch.float32, device=device)
+    return (state2.absmax.contiguous(), state2.code.contiguous(), offset.reshape(1).contiguous()), int(state2.blocksize)
+
+
 def _nf4_dequantize_triton(packed: torch.Tensor, quant_state, out: torch.Tensor) -> torch.Tensor:
     """Launch the kernel into ``out`` (contiguous). Odd sizes or an ``out`` not aligned to a
     word of two values go through an even-sized buffer (rare: both weight dims odd)."""
@@ -217,18 +231,7 @@ def _nf4_dequantize_triton(packed: torch.Tensor, quant_state, out: torch.Tensor)
     blocksize = int(quant_state.blocksize)
     n_blocks = -(-n // blocksize)
     device = packed.device
-    if quant_state.nested:
-        state2 = quant_state.state2
-        offset = quant_state.offset
-        if torch.is_tensor(offset):
-            offset = offset.to(device=device, dtype=torch.float32)  # a no-op for bnb's own states
-        else:
-            offset = torch.tensor(float(offset), dtype=torch.float32, device=device)
-        extra = (state2.absmax, state2.code, offset.reshape(1))
-        blocksize2 = int(state2.blocksize)
-    else:
-        extra = (quant_state.absmax,) * 3  # placeholders, never read
-        blocksize2 = 1
+    extra, blocksize2 = _second_level(quant_state, device)
     rows, num_warps = _launch_config(n, blocksize)
     grid = (triton.cdiv(n_blocks, rows),)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
@@ -236,7 +239,7 @@ def _nf4_dequantize_triton(packed: torch.Tensor, quant_state, out: torch.Tensor)
             _nf4_dequantize_kernel, grid,
             packed,
             quant_state.absmax.contiguous(),
-            *(t.contiguous() for t in extra),
+            *extra,
             _nf4_table(device),
             target.view(word_dtype),
             n_pairs,
@@ -431,16 +434,7 @@ class _LaunchPlan:
         blocksize = int(quant_state.blocksize)
         n_blocks = -(-n // blocksize)
         device = packed.device
-        if quant_state.nested:
-            state2 = quant_state.state2
-            offset = quant_state.offset
-            offset = (offset.to(device=device, dtype=torch.float32) if torch.is_tensor(offset)
-                      else torch.tensor(float(offset), dtype=torch.float32, device=device))
-            extra = (state2.absmax.contiguous(), state2.code.contiguous(), offset.reshape(1).contiguous())
-            blocksize2 = int(state2.blocksize)
-        else:
-            extra = (quant_state.absmax.contiguous(),) * 3
-            blocksize2 = 1
+        extra, blocksize2 = _second_level(quant_state, device)
         rows, num_warps = _launch_config(n, blocksize)
         self.args = (packed, quant_state.absmax.contiguous(), *extra, _nf4_table(device))
         self.grid = (triton.cdiv(n_blocks, rows),)

@@ -41,24 +41,16 @@ from .environment import check_bitsandbytes, cpu_note
 from .metrics import MetricsStream, mean_train_loss, read_log, truncate_log
 from .oom import released_on_oom
 from .progress import TerminalProgress
+from .outcome import RunOutcome
 from .stability import NonFiniteGuard, RecordsStepLoss, stop_diverged
 
 
 @dataclasses.dataclass
-class FinetuneResult:
+class FinetuneResult(RunOutcome):
     """What a run leaves: paths, losses, the metrics stream, and the trained model (``model`` is
     the live ``PeftModel``; ``chat()``/``generate()`` use it, or the saved adapter once the base
     has been reused by a later run)."""
 
-    config: Config
-    output_dir: Path
-    adapter_dir: Path
-    log_path: Path
-    eval_loss_before: float | None
-    eval_loss_after: float | None
-    train_loss: float | None
-    steps: int
-    seconds: float
     metrics: list
     model: object = dataclasses.field(repr=False, default=None)
     tokenizer: object = dataclasses.field(repr=False, default=None)
@@ -90,16 +82,6 @@ class FinetuneResult:
             lines.insert(0, f"interrupted at step {self.steps}; checkpoint: {self.checkpoint} "
                             "(run again with --resume / resume=True to continue)")
         return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.summary()
-
-    def _repr_html_(self) -> str:
-        rows = "".join(f"<div>{html.escape(line)}</div>" for line in self.summary().splitlines())
-        color = "#9a6700" if self.interrupted else "#1a7f37"
-        title = "nbtune run interrupted" if self.interrupted else "nbtune run done"
-        return (f"<div style='font-family:system-ui,sans-serif;font-size:13px'>"
-                f"<b style='color:{color}'>{title}</b>{rows}</div>")
 
     # ---------------------------------------------------------------- after training
     def live_model(self):

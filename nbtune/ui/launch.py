@@ -46,6 +46,7 @@ import traceback
 from pathlib import Path
 
 from ..train.config import Config, ConfigError, build_config
+from ..train.outcome import RunOutcome
 
 FEED = "metrics.jsonl"
 RESULT = "result.json"
@@ -174,21 +175,12 @@ def rank_main(config: dict, options: dict, folder: str, kernel_pid: int) -> None
 
 # ---------------------------------------------------------------------------- the kernel side
 @dataclasses.dataclass
-class LaunchResult:
+class LaunchResult(RunOutcome):
     """A data-parallel run seen from the notebook: rank 0's paths, losses and metrics. The model
     lives in the (finished) rank processes; :meth:`load` brings the trained adapter into this
     kernel (after which another ``--gpus`` run needs a restarted kernel: it imports the training
     stack)."""
 
-    config: Config
-    output_dir: Path
-    adapter_dir: Path
-    log_path: Path
-    eval_loss_before: float | None
-    eval_loss_after: float | None
-    train_loss: float | None
-    steps: int
-    seconds: float
     interrupted: bool
     checkpoint: Path | None
     resumed_from: int | None
@@ -217,15 +209,6 @@ class LaunchResult:
             lines.insert(0, f"interrupted at step {self.steps}; checkpoint: {self.checkpoint} "
                             "(run again with --resume / resume=True to continue)")
         return "\n".join(lines)
-
-    __str__ = summary
-
-    def _repr_html_(self) -> str:
-        rows = "".join(f"<div>{html.escape(line)}</div>" for line in self.summary().splitlines())
-        color = "#9a6700" if self.interrupted else "#1a7f37"
-        title = "nbtune run interrupted" if self.interrupted else "nbtune run done"
-        return (f"<div style='font-family:system-ui,sans-serif;font-size:13px'>"
-                f"<b style='color:{color}'>{title}</b>{rows}</div>")
 
     def load(self):
         """A :class:`~nbtune.train.run.FinetuneResult` in this kernel for the trained adapter (its

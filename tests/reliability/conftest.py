@@ -21,6 +21,19 @@ from nbtune.ui.cli import main as cli_main
 BAD = (ConfigError, DataError, ModelLoadError)
 
 
+class RaiseInForward:
+    """Forward hook raising ``make_error()`` inside the ``at``-th training forward (mid-step)."""
+
+    def __init__(self, at: int, make_error):
+        self.at, self.calls, self.make_error = at, 0, make_error
+
+    def __call__(self, module, args, output):
+        if module.training:
+            self.calls += 1
+            if self.calls == self.at:
+                raise self.make_error()
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "sums.jsonl"

@@ -14,26 +14,13 @@ import pytest
 import nbtune
 from nbtune.train.checkpoint import MARKER, checkpoints_dir, complete_checkpoints, latest_checkpoint
 
-from .conftest import snapshot, tiny_config
+from .conftest import RaiseInForward, snapshot, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 def train_losses(records) -> dict:
     return {r["step"]: r["loss"] for r in records if r.get("event") == "train" and r.get("loss") is not None}
-
-
-class InterruptInForward:
-    """Forward hook raising KeyboardInterrupt inside the ``at``-th training forward (mid-step)."""
-
-    def __init__(self, at: int):
-        self.at, self.calls = at, 0
-
-    def __call__(self, module, args, output):
-        if module.training:
-            self.calls += 1
-            if self.calls == self.at:
-                raise KeyboardInterrupt
 
 
 def test_keyboard_interrupt_mid_step_keeps_the_checkpoints_and_resume_matches(tiny_model_dir, tiny_data, tmp_path):
@@ -43,7 +30,7 @@ def test_keyboard_interrupt_mid_step_keeps_the_checkpoints_and_resume_matches(ti
 
     out = tmp_path / "cut"
     model, tok = nbtune.load_model(str(tiny_model_dir), max_seq_length=64)
-    hook = model.model.layers[0].register_forward_hook(InterruptInForward(2 * 3 + 2))  # 2nd micro-batch of step 4
+    hook = model.model.layers[0].register_forward_hook(RaiseInForward(2 * 3 + 2, KeyboardInterrupt))  # 2nd micro-batch of step 4
     seen = {}
 
     def keep_checkpoint_2(rec):

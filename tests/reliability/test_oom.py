@@ -18,7 +18,7 @@ from nbtune.train import build_config, session
 from nbtune.train.checkpoint import complete_checkpoints
 from nbtune.train.oom import GPUOutOfMemoryError, is_cuda_oom, needed_gib, oom_advice
 
-from .conftest import jsonl, tiny_config
+from .conftest import RaiseInForward, jsonl, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -26,17 +26,9 @@ TORCH_TEXT = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total
               "1.23 GiB is free. Including non-PyTorch memory, this process has 13.51 GiB memory in use.")
 
 
-class OOMAt:
+def oom_at(at: int) -> RaiseInForward:
     """Forward hook raising torch's CUDA OOM error at the ``at``-th training forward."""
-
-    def __init__(self, at: int):
-        self.at, self.calls = at, 0
-
-    def __call__(self, module, args, output):
-        if module.training:
-            self.calls += 1
-            if self.calls == self.at:
-                raise torch.cuda.OutOfMemoryError(TORCH_TEXT)
+    return RaiseInForward(at, lambda: torch.cuda.OutOfMemoryError(TORCH_TEXT))
 
 
 def test_an_oom_during_training_is_caught_cleaned_up_and_explained(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
@@ -53,7 +45,7 @@ def test_an_oom_during_training_is_caught_cleaned_up_and_explained(tiny_model_di
     def on_start(rec):  # the run has loaded (and cached) its base and added LoRA: fault and watch them
         if rec.get("event") == "start":
             base = session._SLOT["model"]
-            hooks.append(base.model.layers[0].register_forward_hook(OOMAt(3)))
+            hooks.append(base.model.layers[0].register_forward_hook(oom_at(3)))
             weights.extend(weakref.ref(p) for p in session._SLOT["peft"].parameters() if p.requires_grad)
 
     monkeypatch.setattr(transformers.Trainer, "__init__", tracked_init)
