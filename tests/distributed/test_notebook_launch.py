@@ -97,7 +97,9 @@ def test_rank_0_metrics_reach_the_notebook_live(launched):
     assert events[0] == "start" and events.count("train") == 4 and "distributed" in events
     assert recs[0]["world_size"] == WORLD and recs[0]["global_batch"] == 8
     # the train records arrived while the ranks were still running (tailed, not read at the end)
-    assert all(r["alive"] for r in recs if r["event"] == "train")
+    # (the last one may be read after the ranks exit: the tailer polls, and the run ends right after it)
+    alive = [r["alive"] for r in recs if r["event"] == "train"]
+    assert alive[0] and sum(alive) >= len(alive) - 1
     header = launched["report"]["header"]
     assert header.startswith("step 4/4 (100%)") and "data parallel x2" in header
 
