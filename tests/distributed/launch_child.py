@@ -35,6 +35,12 @@ def main(config_path: str, out_path: str, device: str = "cpu") -> None:
 
     cfg["output"]["dir"] += "-interrupted"
     cfg["train"]["save_steps"] = None
+    # room to stop in: the interrupt reaches the ranks a poll (0.5 s) and a logging step after step 1,
+    # which on a loaded 2-core machine can be more than the first run's 4 steps
+    if cfg["train"].get("max_steps"):
+        cfg["train"]["max_steps"] *= 10
+    else:
+        cfg["train"]["epochs"] = 10 * (cfg["train"].get("epochs") or 1)
 
     def stop_at_first_step(rec):
         if rec.get("event") == "train" and rec.get("step") == 1:
