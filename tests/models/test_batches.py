@@ -6,33 +6,14 @@ packed loss), a right-padded batch gives the unpadded losses.
 from __future__ import annotations
 
 import torch
-from tiny_models import WINDOW, assert_grads_match, lora_pair, random_batch
-
-LOSS_RTOL = 1e-4
-
-
-def rel(a, b) -> float:
-    a, b = (float(x.detach()) if torch.is_tensor(x) else float(x) for x in (a, b))
-    return abs(a - b) / abs(b)
-
+from tiny_models import LOSS_RTOL, WINDOW, assert_grads_match, lora_pair, random_batch, rel, sgd_step
 
 # ----------------------------------------------------------------------------- generation
-def _train_step(model, ids, labels, lr=0.5):
-    loss = model(input_ids=ids, labels=labels).loss
-    loss.backward()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p -= lr * p.grad
-                p.grad = None
-    return loss
-
-
 def test_generation_after_training_matches_transformers(family):
     ours, ref = lora_pair(family)
     ids, labels = random_batch()
     before = {n: p.detach().clone() for n, p in ours.named_parameters() if p.requires_grad}
-    _train_step(ours, ids, labels)
+    sgd_step(ours, ids, labels)
     trained = {n: p.detach().clone() for n, p in ours.named_parameters() if p.requires_grad}
     assert all((trained[n] != before[n]).any() for n in trained), "the training step left a LoRA weight unchanged"
     with torch.no_grad():

@@ -10,19 +10,12 @@ import collections
 
 import pytest
 import torch
-from tiny_models import FAMILIES, WINDOW, assert_grads_match, lora_pair, random_batch, tiny_model
+from tiny_models import (FAMILIES, LOSS_RTOL, WINDOW, assert_loss_and_grads_match, lora_pair, random_batch, rel,
+                         sgd_step, tiny_model)
 
 import nbtune
 from nbtune.models import patches
 from nbtune.models.patches import common
-
-LOSS_RTOL = 1e-4
-
-
-def rel(a, b) -> float:
-    a, b = (float(x.detach()) if torch.is_tensor(x) else float(x) for x in (a, b))
-    return abs(a - b) / abs(b)
-
 
 @pytest.fixture
 def calls(monkeypatch):
@@ -45,12 +38,7 @@ def test_loss_and_lora_grads_match_transformers(family, calls):
     ours, ref = lora_pair(family)
     assert patches.is_patched(ours) and not patches.is_patched(ref)
     ids, labels = random_batch(length=3 * WINDOW)  # longer than the sliding window: the band path runs
-    loss = ours(input_ids=ids, labels=labels).loss
-    ref_loss = ref(input_ids=ids, labels=labels).loss
-    assert rel(loss, ref_loss) < LOSS_RTOL, (loss.item(), ref_loss.item())
-    loss.backward()
-    ref_loss.backward()
-    assert_grads_match(ours, ref)
+    assert_loss_and_grads_match(ours, ref, ids, labels)
     # the fused paths really ran: fused QKV/MLP (Phi-3: fused qkv_proj/gate_up_proj as single LoRA
     # linears), the plan-driven attention, the fused loss
     assert calls["attend"] >= 2 and calls["fused_linear_cross_entropy"] == 1 and calls["build_plan"] == 1
@@ -88,24 +76,8 @@ def test_triton_kernels_under_interpreter(kind, kernel_mode, calls):
     kernel_mode("triton")
     ours, ref = lora_pair(kind)
     ids, labels = random_batch(length=2 * WINDOW + 3)
-    loss = ours(input_ids=ids, labels=labels).loss
-    ref_loss = ref(input_ids=ids, labels=labels).loss
-    assert rel(loss, ref_loss) < LOSS_RTOL, (loss.item(), ref_loss.item())
-    loss.backward()
-    ref_loss.backward()
-    assert_grads_match(ours, ref)
+    assert_loss_and_grads_match(ours, ref, ids, labels)
     assert calls["lora_mlp"] >= 2 and calls["rms_norm"] >= 5
-
-
-def _train_step(model, ids, labels, lr=0.5):
-    loss = model(input_ids=ids, labels=labels).loss
-    loss.backward()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p -= lr * p.grad
-                p.grad = None
-    return loss
 
 
 # ----------------------------------------------------------------------------- switches and fallbacks
@@ -131,7 +103,7 @@ def test_unsupported_architecture_warns_and_still_trains():
         peft_model = nbtune.add_lora(model, r=4, alpha=8)
     assert not patches.is_patched(peft_model)
     ids, labels = random_batch()
-    before = _train_step(peft_model, ids, labels, lr=1.0)
+    before = sgd_step(peft_model, ids, labels, lr=1.0)
     after = peft_model(input_ids=ids, labels=labels).loss
     assert torch.isfinite(before) and after < before
 
@@ -178,12 +150,7 @@ def test_lora_dropout_and_disabled_adapters_fall_back_to_peft(calls):
 
 def test_partial_targets_mix_fused_and_plain_projections(calls):
     ours, ref = lora_pair("qwen3", targets=["q_proj", "v_proj", "down_proj"])
-    ids, labels = random_batch()
-    loss, ref_loss = ours(input_ids=ids, labels=labels).loss, ref(input_ids=ids, labels=labels).loss
-    assert rel(loss, ref_loss) < LOSS_RTOL
-    loss.backward()
-    ref_loss.backward()
-    assert_grads_match(ours, ref)
+    assert_loss_and_grads_match(ours, ref, *random_batch())
     assert calls["lora_qkv"] == 0 and calls["lora_linear"] >= 6  # q, v, down per layer
 
 
@@ -211,12 +178,7 @@ def test_bnb_4bit_base_on_cpu(tmp_path, calls):
     ref = nbtune.add_lora(ref_base, r=4, alpha=8, seed=1, patch=False, gradient_checkpointing="off")
     randomize_lora_b(ours)
     randomize_lora_b(ref)
-    ids, labels = random_batch()
-    loss, ref_loss = ours(input_ids=ids, labels=labels).loss, ref(input_ids=ids, labels=labels).loss
-    assert rel(loss, ref_loss) < LOSS_RTOL
-    loss.backward()
-    ref_loss.backward()
-    assert_grads_match(ours, ref)
+    assert_loss_and_grads_match(ours, ref, *random_batch())
     assert calls["lora_qkv"] >= 2 and calls["lora_mlp"] >= 2
 
 

@@ -115,6 +115,37 @@ def assert_grads_match(ours, ref, min_cosine=0.999):
         assert c >= min_cosine, f"{name}: cosine {c:.6f}"
 
 
+LOSS_RTOL = 1e-4  # patched vs transformers, fp32 on the CPU
+
+
+def rel(a, b) -> float:
+    a, b = (float(x.detach()) if torch.is_tensor(x) else float(x) for x in (a, b))
+    return abs(a - b) / abs(b)
+
+
+def assert_loss_and_grads_match(ours, ref, ids, labels):
+    """The same loss (within LOSS_RTOL) and LoRA gradients (cosine) from the patched and the plain
+    model on one batch."""
+    loss = ours(input_ids=ids, labels=labels).loss
+    ref_loss = ref(input_ids=ids, labels=labels).loss
+    assert rel(loss, ref_loss) < LOSS_RTOL, (loss.item(), ref_loss.item())
+    loss.backward()
+    ref_loss.backward()
+    assert_grads_match(ours, ref)
+
+
+def sgd_step(model, ids, labels, lr=0.5):
+    """One plain SGD step on the trainable parameters; returns the loss before it."""
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p -= lr * p.grad
+                p.grad = None
+    return loss
+
+
 def random_batch(batch=2, length=24, seed=3, vocab=128):
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab - 4, (batch, length), generator=generator)
