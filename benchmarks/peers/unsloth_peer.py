@@ -1,31 +1,21 @@
 """Peer: Unsloth on the same random-weight checkpoints and the same loop as hf_qlora_baseline.py.
 
 nbtune's copy of /work/shared/peers/unsloth_peer.py. Changes: NBTUNE_BENCH_SDPA (T4 emulation)
-is applied before unsloth is imported; the JSON line also carries first_loss_exact.
+is applied before unsloth is imported; the JSON line also carries first_loss_exact; its word-level
+tokenizer comes from bench_common.ensure_tokenizer (the same function, shared with nbtune_peer.py).
 """
 import os, sys, json, time, gc
 os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # nbtune copy: NBTUNE_BENCH_SDPA (T4 emulation) must take effect before unsloth is imported.
-from bench_common import apply_sdpa_backend_from_env
+from bench_common import apply_sdpa_backend_from_env, ensure_tokenizer
 apply_sdpa_backend_from_env()
 import unsloth
 from unsloth import FastLanguageModel
 import torch, bitsandbytes as bnb
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hf_qlora_baseline import build_checkpoint
-
-def ensure_tokenizer(path, vocab_size):
-    """Unsloth loads a tokenizer with the model: give the random checkpoint a word-level one of its vocab size."""
-    if os.path.exists(os.path.join(path, "tokenizer.json")):
-        return
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-    vocab = {f"t{i}": i for i in range(vocab_size)}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0")),
-                                  bos_token="t1", eos_token="t2", pad_token="t0", unk_token="t0")
-    tok.save_pretrained(path)
 
 def run(shape, path, batch, seqlen, dtype, steps=int(os.environ.get("STEPS", 8)), warmup=int(os.environ.get("WARMUP", 3)), rank=16):
     torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()

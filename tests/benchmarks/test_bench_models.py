@@ -4,27 +4,11 @@ crash, a hung process, the time budget)."""
 import json
 import os
 import subprocess
-import sys
 import textwrap
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def load_script(name, path):
-    """Import a benchmark script under a name of its own (benchmarks/ is no package, and a
-    top-level ``models`` or ``kernels`` on sys.path would shadow other imports)."""
-    import importlib.util
-
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
+from bench_scripts import REPO, load_script
 
 models = load_script("nbtune_bench_models", os.path.join(REPO, "benchmarks", "models.py"))
 

@@ -15,21 +15,10 @@ BENCH = os.path.join(REPO, "benchmarks")
 PEERS_DIR = os.path.join(BENCH, "peers")
 sys.path.insert(0, PEERS_DIR)  # what the peer scripts themselves do
 import bench_common  # noqa: E402
+from bench_scripts import load_script  # noqa: E402
 
 
-def _load(name, path):
-    import importlib.util
-
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-nbtune_peer = _load("nbtune_bench_peer", os.path.join(BENCH, "nbtune_peer.py"))
+nbtune_peer = load_script("nbtune_bench_peer", os.path.join(BENCH, "nbtune_peer.py"))
 
 PEER_SCRIPTS = [os.path.join(PEERS_DIR, "hf_qlora_baseline.py"), os.path.join(PEERS_DIR, "unsloth_peer.py")]
 

@@ -1,12 +1,12 @@
 """benchmarks/multi_gpu.py without a GPU: its data (word rows that the word tokenizer reads back
 token for token), its loss-curve and speed arithmetic on real metrics records, and its refusal to
 run without 2 GPUs."""
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
+from bench_scripts import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "benchmarks", "multi_gpu.py")
@@ -14,10 +14,7 @@ SCRIPT = os.path.join(REPO, "benchmarks", "multi_gpu.py")
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("multi_gpu_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("multi_gpu_bench", SCRIPT)
 
 
 def test_word_rows_tokenize_to_the_planned_lengths(bench, tmp_path):
