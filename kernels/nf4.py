@@ -465,26 +465,23 @@ def _launch_plan(data: torch.Tensor, quant_state, out_dtype) -> _LaunchPlan | No
             return plan if kernel_mode() != "reference" else None
     if not (data.is_cuda and data.dtype == torch.uint8 and data.is_contiguous()) or interpreting():
         return None
+    # no plan yet for this (weight, dtype, device): check once what the general path would refuse
     absmax = quant_state.absmax
+    if not use_triton(data, absmax) or out_dtype not in _OUT_DTYPES or data.dim() == 0:
+        return None
+    if data.dim() >= 1 and data.shape[0] == 1 and len(tuple(quant_state.shape)) <= 2:
+        return None  # bnb's old transposed packing: the general path returns out.t()
+    _prepare(data.detach(), quant_state, None)  # validates: raises on what the kernel does not read
+    n = prod(tuple(quant_state.shape))
+    nested_fp32 = not quant_state.nested or quant_state.state2.dtype in (None, torch.float32)
+    if n == 0 or n % 2 or not nested_fp32 or data.device.index != torch.cuda.current_device():
+        return None
     key = (out_dtype, data.data_ptr(), absmax.data_ptr(), torch.cuda.current_device())
     cache = quant_state.__dict__.setdefault("_nbtune_plans", {})
-    plan = cache.get(key)
-    if plan is None:
-        if not use_triton(data, absmax) or out_dtype not in _OUT_DTYPES or data.dim() == 0:
-            return None
-        if data.dim() >= 1 and data.shape[0] == 1 and len(tuple(quant_state.shape)) <= 2:
-            return None  # bnb's old transposed packing: the general path returns out.t()
-        _prepare(data.detach(), quant_state, None)  # validates: raises on what the kernel does not read
-        n = prod(tuple(quant_state.shape))
-        nested_fp32 = not quant_state.nested or quant_state.state2.dtype in (None, torch.float32)
-        if n == 0 or n % 2 or not nested_fp32 or data.device.index != torch.cuda.current_device():
-            return None
-        for stale in [k for k in cache if k[1:] != key[1:]]:  # the weight moved: drop its old tensors
-            del cache[stale]
-        flat = (data.data if isinstance(data, torch.nn.Parameter) else data).reshape(-1)
-        plan = cache[key] = _LaunchPlan(flat, quant_state, out_dtype)
-    elif not use_triton(data):  # NBTUNE_KERNELS may change between calls
-        return None
+    for stale in [k for k in cache if k[1:] != key[1:]]:  # the weight moved: drop its old tensors
+        del cache[stale]
+    flat = (data.data if isinstance(data, torch.nn.Parameter) else data).reshape(-1)
+    plan = cache[key] = _LaunchPlan(flat, quant_state, out_dtype)
     return plan
 
 
