@@ -115,6 +115,7 @@ mask, position embeddings: shared by all layers) stay in the partial.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import threading
 import warnings
@@ -435,11 +436,73 @@ def _resolve_reentrant(use_reentrant) -> bool:
     return False if use_reentrant is None else bool(use_reentrant)
 
 
+# ----------------------------------------------------------------------------- checkpoint phase
+CheckpointPhase = collections.namedtuple("CheckpointPhase", ["name", "owner"])
+CheckpointPhase.__doc__ = """Where a checkpointed function is running: ``name`` is "forward" (its first run,
+nothing saved) or "recompute" (its rerun inside the backward, which rebuilds the saved tensors and
+whose outputs are thrown away); ``owner`` is the module whose bound method was checkpointed (a
+transformers decoder layer), or None."""
+
+_PHASE = threading.local()  # the recompute runs on autograd's device thread: one value per thread
+
+
+def checkpoint_phase() -> CheckpointPhase | None:
+    """The innermost checkpointed function this thread is running (None outside any), for kernels
+    that may skip work whose result the recompute throws away (``lora_mlp(checkpointed_tail=True)``).
+    Known for torch's non-reentrant checkpoint as run by ``offloaded_checkpoint`` and
+    ``offloaded_checkpoint_reference``; the reentrant one reports None."""
+    return getattr(_PHASE, "value", None)
+
+
+class _InPhase:
+    """Context manager that sets ``checkpoint_phase()`` around ``inner``; reusable (a second
+    backward through the same graph recomputes again)."""
+
+    def __init__(self, phase: CheckpointPhase, inner):
+        self.phase, self.inner, self.previous = phase, inner, []
+
+    def __enter__(self):
+        self.previous.append(getattr(_PHASE, "value", None))
+        _PHASE.value = self.phase
+        return self.inner.__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return self.inner.__exit__(*exc)
+        finally:
+            _PHASE.value = self.previous.pop()
+
+
+def _owner(function):
+    """The object a (possibly ``functools.partial``-wrapped) bound method belongs to, else None."""
+    while isinstance(function, functools.partial):
+        function = function.func
+    return getattr(function, "__self__", None)
+
+
+def _with_phases(function, use_reentrant: bool, kwargs: dict) -> dict:
+    """kwargs for torch's checkpoint with a ``context_fn`` that marks the forward and the recompute
+    (wrapping the caller's own ``context_fn``, if any). Reentrant checkpointing has no context_fn."""
+    if use_reentrant:
+        return kwargs
+    user_context_fn = kwargs.get("context_fn")
+    owner = _owner(function)
+
+    def context_fn():
+        forward_ctx, recompute_ctx = user_context_fn() if user_context_fn is not None else (
+            contextlib.nullcontext(), contextlib.nullcontext())
+        return (_InPhase(CheckpointPhase("forward", owner), forward_ctx),
+                _InPhase(CheckpointPhase("recompute", owner), recompute_ctx))
+
+    return {**kwargs, "context_fn": context_fn}
+
+
 def offloaded_checkpoint_reference(function, *args, use_reentrant=None, **kwargs):
     """Plain recomputation checkpointing (``torch.utils.checkpoint.checkpoint``), nothing
     offloaded: what ``offloaded_checkpoint`` computes, and what it runs on CPU tensors.
     ``use_reentrant=None`` means False (torch's recommended implementation)."""
-    return _torch_checkpoint(function, *args, use_reentrant=_resolve_reentrant(use_reentrant), **kwargs)
+    reentrant = _resolve_reentrant(use_reentrant)
+    return _torch_checkpoint(function, *args, use_reentrant=reentrant, **_with_phases(function, reentrant, kwargs))
 
 
 def offloaded_checkpoint(function, *args, use_reentrant=None, **kwargs):
@@ -474,10 +537,9 @@ def offloaded_checkpoint(function, *args, use_reentrant=None, **kwargs):
     _STATS.add("calls")
     hooks = _InputOffloadHooks(target)
     del target
+    reentrant = _resolve_reentrant(use_reentrant)
     with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
-        outputs = _torch_checkpoint(
-            function, *args, use_reentrant=_resolve_reentrant(use_reentrant), **kwargs
-        )
+        outputs = _torch_checkpoint(function, *args, use_reentrant=reentrant, **_with_phases(function, reentrant, kwargs))
     if not hooks.seen:
         _STATS.add("not_seen")
         hooks.target = None

@@ -6,13 +6,18 @@
     result = nbtune.finetune({"model": "smollm2-135m-instruct", "train": {"max_steps": 30}})
 
 In a notebook: ``%load_ext nbtune`` then a ``%%finetune`` cell. Names load lazily, so importing
-nbtune does not import torch.
+nbtune does not import torch. It does ask torch's CUDA allocator for expandable segments unless
+the allocator is configured already (``nbtune/_allocator.py``; ``NBTUNE_ALLOCATOR=default`` opts out).
 """
 from __future__ import annotations
 
 import importlib
 
+from ._allocator import configure_allocator as _configure_allocator
+
 __version__ = "0.1.0"
+
+_configure_allocator()  # expandable segments, unless the user set the allocator up (see _allocator.py)
 
 _PUBLIC = {
     "load_model": "nbtune.models",

@@ -494,7 +494,7 @@ def measure(out: str | Path, budget_s: float = 360.0, only: str | None = None, c
         schema=1, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         gpu=gpu_name, gpu_total_gib=round(total / GiB, 3),
         context_gib=round((total - free - _on_cuda(device, "memory_reserved")) / GiB, 3), versions=_versions(),
-        alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),  # expandable_segments etc. change reserved memory
+        alloc_conf=os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),  # changes reserved
         protocol=("random-weight checkpoints of real shapes reloaded with nbtune.load_model; nbtune.add_lora (all "
                   f"linear, alpha=r); {steps} steps on random tokens under autocast; SDPA memory-efficient only; "
                   "peak = torch.cuda.max_memory_reserved() after empty_cache + reset, base model loaded"),

@@ -390,7 +390,7 @@ def test_warns_when_torch_does_not_save_inputs_through_hooks(kernel_mode, monkey
     layers = make_stack(n_layers=2, seed=59)
     x = torch.randn(2, 4, 24, requires_grad=True)
     expected = run_stack(layers, x)
-    monkeypatch.setattr(offload, "_torch_checkpoint", lambda fn, *a, use_reentrant, **k: fn(*a, **k))
+    monkeypatch.setattr(offload, "_torch_checkpoint", lambda fn, *a, use_reentrant, context_fn=None, **k: fn(*a, **k))
     monkeypatch.setattr(offload, "_WARNED", set())
     with pytest.warns(RuntimeWarning, match="did not save its inputs"):
         got = run_stack(layers, x, offloaded_checkpoint)
@@ -651,3 +651,47 @@ def test_gpu_peak_memory_below_torch_checkpoint_and_pinned_reuse():
     assert stats["pool_bytes"] == first_step_pool["pool_bytes"] >= n * state_bytes
     assert stats["pool_reuses"] == n
     assert all(slab.is_pinned() for slab in offload._POOL._slabs)
+
+
+# ----------------------------------------------------------------------------- checkpoint phase
+class _PhaseRecorder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(offload.checkpoint_phase())
+        return self.lin(x).tanh()
+
+
+@pytest.mark.parametrize("checkpoint", [offloaded_checkpoint, offload.offloaded_checkpoint_reference])
+def test_checkpoint_phase_names_forward_recompute_and_owner(kernel_mode, checkpoint):
+    """Inside the first run "forward", inside the backward's rerun "recompute", with the module whose
+    bound method was checkpointed (through functools.partial, as transformers calls it); None outside
+    and with the reentrant implementation. A caller's own context_fn still runs."""
+    kernel_mode("triton")
+    layer = _PhaseRecorder()
+    x = torch.randn(3, 4, requires_grad=True)
+    entered = []
+
+    class Marker:
+        def __init__(self, name):
+            self.name = name
+
+        def __enter__(self):
+            entered.append((self.name, offload.checkpoint_phase().name))
+
+        def __exit__(self, *exc):
+            return False
+
+    out = checkpoint(functools.partial(layer.__call__), x, context_fn=lambda: (Marker("f"), Marker("r")))
+    assert offload.checkpoint_phase() is None
+    out.sum().backward()
+    assert [(p.name, p.owner) for p in layer.seen] == [("forward", layer), ("recompute", layer)]
+    assert entered == [("f", "forward"), ("r", "recompute")]
+    assert offload.checkpoint_phase() is None
+
+    layer.seen.clear()
+    checkpoint(layer, x, use_reentrant=True).sum().backward()
+    assert layer.seen == [None, None]

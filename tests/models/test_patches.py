@@ -69,15 +69,30 @@ def test_labels_give_no_logits_and_no_labels_give_transformers_logits():
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma3_text"])
-def test_triton_kernels_under_interpreter(kind, kernel_mode, calls):
+@pytest.mark.parametrize("kind,tail", [("llama", True), ("qwen3", True), ("gemma3_text", False), ("gemma2", False)])
+def test_triton_kernels_under_interpreter(kind, tail, kernel_mode, calls, monkeypatch):
     """NBTUNE_KERNELS=triton: every kernel (RMSNorm, RoPE, LoRA QKV/MLP with the GLU kernels,
-    fused cross-entropy, offloaded checkpointing machinery) runs its Triton path on CPU tensors."""
+    fused cross-entropy, offloaded checkpointing machinery) runs its Triton path on CPU tensors.
+    Under checkpointing the MLP runs as the layer's checkpointed tail (nothing in the recompute)
+    where the output is only summed, and never where a post-MLP norm saves it (Gemma 2/3)."""
+    from nbtune.kernels import lora as lora_kernels
+
     kernel_mode("triton")
+    tails = collections.Counter()
+    original = lora_kernels.lora_mlp
+
+    def spy(*args, checkpointed_tail=False, **kwargs):
+        tails[checkpointed_tail] += 1
+        return original(*args, checkpointed_tail=checkpointed_tail, **kwargs)
+
+    monkeypatch.setattr(common, "lora_mlp", spy)
     ours, ref = lora_pair(kind)
     ids, labels = random_batch(length=2 * WINDOW + 3)
     assert_loss_and_grads_match(ours, ref, ids, labels)
-    assert calls["lora_mlp"] >= 2 and calls["rms_norm"] >= 5
+    assert calls["rms_norm"] >= 5
+    n_layers = ours.config.num_hidden_layers
+    # forward + recompute per layer, all as tails or none
+    assert tails == ({True: 2 * n_layers} if tail else {False: 2 * n_layers})
 
 
 # ----------------------------------------------------------------------------- switches and fallbacks

@@ -15,7 +15,8 @@ forward computes, in the same order, with nbtune.kernels where they apply:
     attention function with the mask it built (generation, KV cache, left padding: the original
     semantics, so the kernels change nothing there), then ``o_proj``.
 ``mlp_forward``
-    ``lora_mlp`` (gate, up, down fused, SwiGLU or GeGLU) when the three projections are fusable;
+    ``lora_mlp`` (gate, up, down fused, SwiGLU or GeGLU) when the three projections are fusable
+    (as the checkpointed tail of its decoder layer where the family allows: nothing in the recompute);
     otherwise the projections one by one and ``swiglu``/``geglu``. Phi-3's fused ``gate_up_proj``
     is one ``lora_linear`` whose output is split.
 ``model_forward`` (``LlamaModel`` & co.)
@@ -42,6 +43,7 @@ import torch.nn as nn
 from nbtune.kernels.cross_entropy import fused_linear_cross_entropy
 from nbtune.kernels.glu import geglu, swiglu
 from nbtune.kernels.lora import LoRAProjection, lora_linear, lora_mlp, lora_parts, lora_qkv
+from nbtune.kernels.offload import checkpoint_phase
 from nbtune.kernels.rms_norm import rms_norm
 from nbtune.kernels.rope import apply_rope
 
@@ -194,6 +196,17 @@ def glu(gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- norms and MLP
+def _checkpointed_tail(mlp) -> bool:
+    """Whether this MLP call is the tail of a checkpointed decoder layer: the layer being checkpointed
+    owns it as ``.mlp`` and the family adds the MLP's output straight to the residual stream (no
+    post-MLP norm, which would save that output for its backward). Then ``lora_mlp`` may skip it
+    in the recompute (see nbtune.kernels.lora._LoRAMLPCheckpointed)."""
+    if not mlp._nbtune.output_summed:
+        return False
+    phase = checkpoint_phase()
+    return phase is not None and getattr(phase.owner, "mlp", None) is mlp
+
+
 def norm_forward(self, hidden_states):
     if _passthrough(self):
         return _original(self, hidden_states)
@@ -213,7 +226,7 @@ def mlp_forward(self, x):
         return linear(self.down_proj, glu(gate, up, kind))
     parts = [lora_projection(m) for m in (self.gate_proj, self.up_proj, self.down_proj)]
     if all(p is not None for p in parts):
-        return lora_mlp(x, *parts, activation=kind)
+        return lora_mlp(x, *parts, activation=kind, checkpointed_tail=_checkpointed_tail(self))
     gate = linear(self.gate_proj, x)
     up = linear(self.up_proj, x)
     return linear(self.down_proj, glu(gate, up, kind))

@@ -48,6 +48,7 @@ class Family:
     qk_norm: bool = False  # Qwen3, Gemma 3
     fused_qkv: bool = False  # Phi-3
     fused_gate_up: bool = False  # Phi-3
+    post_mlp_norm: bool = False  # Gemma 2/3: a norm after the MLP saves its output (no checkpointed-tail MLP)
     attn_softcap: bool = False  # Gemma 2: config.attn_logit_softcapping
     window: Callable = no_window
     passes_window: bool = False  # whether transformers passes sliding_window= to its attention function
@@ -82,7 +83,7 @@ class Family:
                 )
             elif name == f"{p}MLP" and activation is not None:
                 installed += common.install(module, common.mlp_forward, activation=activation,
-                                            fused_gate_up=self.fused_gate_up)
+                                            fused_gate_up=self.fused_gate_up, output_summed=not self.post_mlp_norm)
             elif name == f"{p}Model" and name not in self.extra or name in self.text_model_names:
                 installed += common.install(module, common.model_forward, rope_per_layer_type=self.rope_per_layer_type)
             elif name == f"{p}ForCausalLM" or name in self.causal_lm_names:
