@@ -15,6 +15,8 @@ return their gradients in fp32. The adapters of an 8B model at r=16 weigh ~160 M
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -99,6 +101,14 @@ def enable_checkpointing(model, mode: str) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model.config.use_cache = False
+    # torch's non-reentrant checkpoint, through nbtune's wrapper so that kernels see the checkpoint
+    # phase (the fused MLP skips its work in the recompute); nothing is offloaded
+    from nbtune.kernels.offload import offloaded_checkpoint_reference
+
+    function = functools.partial(offloaded_checkpoint_reference, use_reentrant=False)
+    for module in model.modules():
+        if hasattr(module, "gradient_checkpointing"):
+            module._gradient_checkpointing_func = function
 
 
 def load_adapter(model, adapter_dir, is_trainable: bool = False, patch: bool | None = None):

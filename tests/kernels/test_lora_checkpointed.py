@@ -170,3 +170,49 @@ def test_llama3_8b_sizes_chunk_as_documented():
     assert len(lora.mlp_token_chunks(8192, 14336, 2)) == 2
     chunks = lora.mlp_token_chunks(49152, 14336, 2)
     assert len(chunks) == 11 and chunks[0] == (0, 4480)
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tokens", [4096, 8200])
+def test_gpu_llama3_8b_tail_matches_reference(dtype, tokens):
+    """llama3-8b MLP (4096 -> 14336, r=16, NF4, fp32 adapters) as the checkpointed tail under
+    offloaded_checkpoint, one chunk (4096 tokens) and two (8200: 4160 + 4040): output and all
+    grads against the fp32 reference."""
+    from test_lora import llama_projections
+
+    gen = torch.Generator().manual_seed(seed_of("gpu-tail", dtype, tokens))
+    projections = list(llama_projections("4bit", dtype, 4096, 14336, 16, gen, adapter_dtype=torch.float32))
+    x = (torch.randn(1, tokens, 4096, generator=gen) * 0.5).to("cuda", dtype)
+    grad_out = torch.randn(1, tokens, 4096, generator=gen).to("cuda", dtype)
+    out, grads = _run(_Layer(projections, "swiglu", tail=True), x, grad_out, offloaded_checkpoint)
+    ref_out, ref_grads = _reference(projections, "swiglu", x, grad_out)
+    assert_close(out, ref_out, tol(dtype), "output")
+    for i, (g, rg) in enumerate(zip(grads, ref_grads)):
+        assert_close(g, rg, tol(dtype), f"grad {i}")
+
+
+@pytest.mark.gpu
+def test_gpu_tail_peak_memory_is_one_chunk():
+    """At 16,384 tokens (4 chunks) the checkpointed step's peak over its input state is well below
+    the plain fused MLP's, which holds g, u and dh for all tokens (3 x 448 MiB in bf16)."""
+    from test_lora import llama_projections
+
+    gen = torch.Generator().manual_seed(12)
+    projections = list(llama_projections("4bit", torch.bfloat16, 4096, 14336, 16, gen, adapter_dtype=torch.float32))
+    x = (torch.randn(1, 16384, 4096, generator=gen) * 0.5).to("cuda", torch.bfloat16)
+    grad_out = torch.randn(1, 16384, 4096, generator=gen).to("cuda", torch.bfloat16)
+
+    def peak(tail):
+        layer = _Layer(projections, "swiglu", tail=tail)
+        _run(layer, x, grad_out, offloaded_checkpoint)  # warm-up: kernels compiled, pools filled
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        _run(layer, x, grad_out, offloaded_checkpoint)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+    tail, plain = peak(True), peak(False)
+    assert tail < plain - 700, f"tail {tail:.0f} MiB vs plain fused {plain:.0f} MiB"
