@@ -16,12 +16,18 @@ their last sequence's final eighth padded (attention_mask 0, labels -100), as pa
 have, so transformers builds its attention mask as in real training. Recorded per configuration:
 ``torch.cuda.max_memory_reserved()`` over the 3 steps (after ``empty_cache()`` and a peak reset,
 the base model already loaded), the allocated peak, the memory after loading, the step time,
-which loss path ran (a forward hook on the LM head sees full logits only on the unfused path)
-whether layer inputs were offloaded and whether nbtune's architecture patches were active. The base model is loaded once per (shape, dtype,
+which loss path ran (a forward hook on the LM head sees full logits only on the unfused path),
+whether layer inputs were offloaded, whether nbtune's architecture patches were active, and
+whether the LoRA MLP ran as its layer's checkpointed tail (``mlp_tail``: forward hooks on the
+MLPs see the autograd node of their output). The base model is loaded once per (shape, dtype,
 4-bit) group and the LoRA adapter is removed again (``unload()``) between configurations.
 
 Results go to the JSON file after every configuration (a run cut short keeps what it measured),
-with the date, the GPU and the library versions. A time budget (``--budget-s``) skips what would
+with the date, the GPU, the library versions and the CUDA allocator setting the run had
+(``alloc_conf``: "default" or the PYTORCH_ALLOC_CONF value; ``import nbtune`` asks for expandable
+segments; files from before recorded null for torch's default). A record without ``mlp_tail``
+was measured before the checkpointed-tail MLP existed and is predicted with the old MLP schedule
+(``memory.Settings.mlp_tail=False``), so old and new measurements can be checked and fitted. A time budget (``--budget-s``) skips what would
 not finish in time. ``fit`` finds the coefficients in ``memory.FITTED_FIELDS`` that minimise the
 squared error relative to the acceptance tolerance (max(5 %, 0.3 GiB)) over all records (a small
 Nelder-Mead search; pure Python) and stores them under ``"fit"``; ``memory.coefficients()`` then
@@ -110,12 +116,20 @@ def shape_of(record: dict) -> ModelShape:
 
 
 def predict(record: dict, coeffs: Coefficients | None = None, gpu=T4):
-    """The planner's plan for a measured record (same shape, settings and loss path), on ``gpu``."""
-    return plan(shape_of(record), gpu=gpu, seq_len=record["seq_len"], batch_size=record["batch_size"],
-                lora_rank=record["lora_rank"], dtype=record["dtype"], load_in_4bit=record["load_in_4bit"],
-                gradient_checkpointing=record["gradient_checkpointing"], optimizer=record["optimizer"],
-                loss=record.get("loss_path") or "auto", patch=record.get("patched"),
-                attention=record.get("attention") or "efficient", coefficients=coeffs)
+    """The planner's plan for a measured record (same shape, settings, loss path and MLP schedule), on
+    ``gpu``. A record without ``mlp_tail`` predates the checkpointed-tail MLP: the old schedule."""
+    p = plan(shape_of(record), gpu=gpu, seq_len=record["seq_len"], batch_size=record["batch_size"],
+             lora_rank=record["lora_rank"], dtype=record["dtype"], load_in_4bit=record["load_in_4bit"],
+             gradient_checkpointing=record["gradient_checkpointing"], optimizer=record["optimizer"],
+             loss=record.get("loss_path") or "auto", patch=record.get("patched"),
+             attention=record.get("attention") or "efficient", coefficients=coeffs)
+    return p if record.get("mlp_tail", False) else p.replace(mlp_tail=False)
+
+
+def tail_expected(record: dict) -> bool:
+    """Whether the planner expects today's code to run this record's LoRA MLP as the checkpointed tail."""
+    p = predict(dict(record, mlp_tail=True), memory.DEFAULT_COEFFICIENTS)
+    return bool(p.estimate.details["mlp_checkpointed_tail"])
 
 
 def tolerance_gib(measured_gib: float) -> float:
@@ -151,7 +165,9 @@ def check(path=None, coeffs: Coefficients | None = None) -> list[dict]:
             measured_gib=meas, predicted_gib=p.reserved_gib, error_gib=err, rel_error=err / meas,
             tolerance_gib=tolerance_gib(meas), within=abs(err) <= tolerance_gib(meas),
             t4_measured_fits=meas + T4.context_gib <= T4.total_gib, t4_predicted_fits=p.fits,
-            loss_path=r.get("loss_path")))
+            loss_path=r.get("loss_path"),
+            # a record measured with the tail-capable code whose MLP schedule is not the one the planner assumes
+            mlp_tail_differs="mlp_tail" in r and bool(r["mlp_tail"]) != tail_expected(r)))
     return rows
 
 
@@ -159,8 +175,10 @@ def _coeffs_from(data: dict) -> Coefficients:
     values = (data.get("fit") or {}).get("coefficients") or {}
     if not values:
         return memory.DEFAULT_COEFFICIENTS
+    alloc = memory.measured_alloc_conf(data)
     return memory.DEFAULT_COEFFICIENTS.replace(**{k: float(v) for k, v in values.items() if k in memory.FITTED_FIELDS},
-                                              source="fitted (calibration.json)")
+                                              source=f"fitted (calibration.json, {memory.describe_alloc_conf(alloc)})",
+                                              alloc_conf=alloc)
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -171,6 +189,8 @@ def format_rows(rows: list[dict]) -> str:
         t4 = f"{'yes' if r['t4_measured_fits'] else 'no'}/{'yes' if r['t4_predicted_fits'] else 'no'}"
         if r["t4_measured_fits"] != r["t4_predicted_fits"]:
             mark += "  <-- T4 verdict differs"
+        if r.get("mlp_tail_differs"):
+            mark += "  <-- MLP schedule differs from the planner's"
         lines.append(f"{r['label']:<58}{r['measured_gib']:9.2f}{r['predicted_gib']:10.2f}{100 * r['rel_error']:+7.1f}%  "
                      f"{t4:<20}{mark}")
     return "\n".join(lines)
@@ -394,6 +414,7 @@ def run_point(base, point: GridPoint, vocab_size: int, steps: int = STEPS, devic
     head_calls = []
     head = model.get_output_embeddings()
     hook = head.register_forward_hook(lambda m, i, o: head_calls.append(tuple(o.shape)))
+    mlp_nodes, mlp_hooks = _watch_mlp_outputs(model)
     reset_offload_stats()
     gc.collect()
     _on_cuda(device, "empty_cache")
@@ -431,6 +452,8 @@ def run_point(base, point: GridPoint, vocab_size: int, steps: int = STEPS, devic
     peak_alloc = _on_cuda(device, "max_memory_allocated") / GiB
     stats = offload_stats()
     hook.remove()
+    for handle in mlp_hooks:
+        handle.remove()
     full_logits = any(len(s) >= 2 and s[-1] == head.weight.shape[0] and math.prod(s[:-1]) >= B * S - B
                       for s in head_calls)
     del opt, params
@@ -440,6 +463,7 @@ def run_point(base, point: GridPoint, vocab_size: int, steps: int = STEPS, devic
     gc.collect()
     _on_cuda(device, "empty_cache")
     measured = error is None and device == "cuda"  # a CPU smoke run measures nothing
+    tail_node = _tail_node_name()
     record = dict(
         measured_reserved_gib=round(peak_reserved, 4) if measured else None,
         measured_allocated_gib=round(peak_alloc, 4) if measured else None,
@@ -449,9 +473,34 @@ def run_point(base, point: GridPoint, vocab_size: int, steps: int = STEPS, devic
         first_loss=round(losses[0], 4) if losses else None,
         loss_path="unfused" if full_logits else "fused",  # fused: the head's module is never called
         offloaded_inputs=stats.get("offloaded", 0), patched=patched, attention="efficient", error=error,
-        device=device,
+        device=device, mlp_tail=tail_node is not None and mlp_nodes.get(tail_node, 0) > 0,
+        mlp_output_nodes={str(k): v for k, v in mlp_nodes.items()},  # autograd node of each MLP call's output
     )
     return record, base
+
+
+def _tail_node_name() -> str | None:
+    """The autograd node name of the checkpointed-tail LoRA MLP's output (torch names a custom
+    Function's node ``<class name>Backward``); None with a kernels package that has no such MLP."""
+    try:
+        from nbtune.kernels.lora import _LoRAMLPCheckpointed
+    except ImportError:
+        return None
+    return _LoRAMLPCheckpointed.__name__ + "Backward"
+
+
+def _watch_mlp_outputs(model):
+    """Forward hooks on every decoder MLP (``*MLP`` modules) counting the autograd node types of
+    their outputs: (counts by node name, hook handles)."""
+    counts: dict = {}
+
+    def note(module, args, output):
+        fn = getattr(output, "grad_fn", None)
+        name = type(fn).__name__ if fn is not None else None
+        counts[name] = counts.get(name, 0) + 1
+
+    handles = [m.register_forward_hook(note) for m in model.modules() if type(m).__name__.endswith("MLP")]
+    return counts, handles
 
 
 def measure(out: str | Path, budget_s: float = 360.0, only: str | None = None, ckpt_root: str | None = None,
@@ -494,7 +543,7 @@ def measure(out: str | Path, budget_s: float = 360.0, only: str | None = None, c
         schema=1, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         gpu=gpu_name, gpu_total_gib=round(total / GiB, 3),
         context_gib=round((total - free - _on_cuda(device, "memory_reserved")) / GiB, 3), versions=_versions(),
-        alloc_conf=os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),  # changes reserved
+        alloc_conf=memory.allocator_setting(),  # the reserved-minus-allocated gap depends on it
         protocol=("random-weight checkpoints of real shapes reloaded with nbtune.load_model; nbtune.add_lora (all "
                   f"linear, alpha=r); {steps} steps on random tokens under autocast; SDPA memory-efficient only; "
                   "peak = torch.cuda.max_memory_reserved() after empty_cache + reset, base model loaded"),

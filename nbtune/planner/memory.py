@@ -11,10 +11,18 @@ an out-of-memory error sees, less the CUDA context) for nbtune's recipe:
   CPU memory; ~``offload_resident_inputs`` of them are on the GPU at a time), ``plain`` (every
   layer's input stays on the GPU) or ``off`` (every layer keeps all it saves);
 - the patched layers of ``nbtune.models.patches`` (``patched``): RMSNorm, fused LoRA QKV and
-  LoRA MLP kernels (the MLP saves x, gate and up; act(gate) and act(gate)*up are recomputed),
-  in-place RoPE, SDPA with no mask tensor; unpatched model types run transformers' modules,
-  which save more (``unpatched_activation_factor``) and build a (B, 1, S, S) mask for padded
-  batches;
+  LoRA MLP kernels, in-place RoPE, SDPA with no mask tensor; unpatched model types run
+  transformers' modules, which save more (``unpatched_activation_factor``) and build a
+  (B, 1, S, S) mask for padded batches;
+- the fused LoRA MLP in one of two schedules (``kernels/lora.py``). As the *checkpointed tail*
+  of its decoder layer (``mlp_checkpointed_tail``: a patched model type whose MLP output only
+  goes into the residual stream, ``MLP_TAIL_MODEL_TYPES``; checkpointing ``offload`` or ``plain``,
+  both through nbtune's wrapper that exposes the checkpoint phase; LoRA on gate, up and down) it
+  saves only its input x, rebuilds gate/up inside the backward one token chunk at a time
+  (``mlp_chunk_rows``, as ``mlp_token_chunks`` cuts them) and dequantizes one base weight at a
+  time. Otherwise (gemma2/gemma3 with their post-feedforward norm, phi3's fused gate_up_proj,
+  checkpointing ``off``, unpatched types, LoRA not on all three) it saves x, gate and up for the
+  whole micro-batch, with act(gate) and act(gate)*up recomputed, as before;
 - attention: SDPA's memory-efficient kernel (``attention="efficient"``, all a T4 runs; it has no
   GQA, so k and v are repeated to the query heads before it) or flash (sm80+, GQA native);
   O(S) memory either way, never S x S scores;
@@ -38,11 +46,18 @@ Terms (bytes); their sum is torch's reserved peak, and the CUDA context comes on
     LoRA gradients     P_lora * LORA_GRAD_BYTES * (2 when world_size > 1: DDP all-reduces the gradients
                        through flat bucket buffers that hold a second copy)
     optimizer states   P_lora * {adamw_8bit: ADAM8_BYTES_PER_PARAM, adamw: ADAM32_BYTES_PER_PARAM, sgd: 0}
-    activations        act_scale * (common + layer_extra), where per token
-                         saved(layer) = u*s*(saved_h*h + saved_q*q + saved_kv*kv + saved_i*i + saved_heads*heads)
-                                        + saved_lora * s * r * (#LoRA modules per layer)
-                         work(layer)  = saved + u*s*(transient_h*h + transient_i*i)
+    activations        act_scale * (common + layer_extra) + mlp_chunk, where per token
+                         saved(layer) = u*s*(saved_h*h + saved_q*q + saved_kv*kv + saved_i*i' + saved_heads*heads)
+                                        + saved_lora * s * r * (#LoRA modules per layer that save x A^T)
+                         work(layer)  = saved + u*s*(transient_h*h + transient_i*i')
                          outer        = s * outer_h * h          (embedding output, final norm, grad stream)
+                       with, for the MLP's schedule,
+                         checkpointed tail: i' = 0 (nothing (tokens x i) is saved or held for the whole
+                                  micro-batch); the MLP's three LoRA modules save no x A^T;
+                                  mlp_chunk = mlp_chunk_buffers * rows * i * b, rows = mlp_chunk_rows(T, i, b)
+                                  (g, u, h of one chunk in the forward; g, u, dh in the backward): bounded
+                                  by MLP_CHUNK_BYTES per buffer, independent of T beyond one chunk
+                         otherwise: i' = i (gate and up saved, dh transient, for all T tokens); mlp_chunk = 0
                        and
                          offload: common = T*(min(L, offload_resident_inputs)*h*b + outer) + mask
                                   layer_extra = T*work + dequant
@@ -51,16 +66,21 @@ Terms (bytes); their sum is torch's reserved peak, and the CUDA context comes on
                                   layer_extra = T*(work - saved) + dequant
                        mask    = unpatched only: B * S^2 * mask_bytes * (#masks) when the batch is padded
                                  (B > 1) or a sliding window is shorter than S
-                       dequant = dequant_copies * (largest linear) * b   (4-bit: the 16-bit copy of W
-                                 that each matmul dequantizes, forward and input-gradient)
-    loss chunk         max(0, loss_scale * loss_buffers - act_scale * layer_extra): the loss runs
-                       after the last layer's forward and before the first layer's backward, so only
-                       what it needs beyond the layers' own peak adds to the peak;
+                       dequant = copies * (largest linear) * b   (4-bit: the 16-bit copy of W that each
+                                 matmul dequantizes; copies = dequant_copies, as the MLP without the tail holds
+                                 gate's and up's at once, or dequant_copies_tail when every base weight is
+                                 dequantized for one GEMM at a time)
+    loss chunk         max(0, loss_scale * loss_buffers - layer_peak), layer_peak = act_scale * layer_extra
+                       + mlp_chunk: the loss runs after the last layer's forward and before the first
+                       layer's backward, so only what it needs beyond the layers' own peak adds to the peak;
                          fused:   rows * V * b + T * h * b + 4 * T
                                   (rows as kernels/cross_entropy.py's _chunk_rows chooses them)
                          unfused: T * V * unfused_bytes_per_logit + T * h * b
     allocator overhead overhead_fixed + overhead_fraction * (activations + loss)
-                       + overhead_per_tensor * (#linear tensors)   (block rounding, fragmentation)
+                       + overhead_per_tensor * (#linear tensors)   (block rounding, fragmentation; they
+                       depend on the allocator's setting: ``Coefficients.alloc_conf`` says which one a fit
+                       measured, ``allocator_setting()`` which one training runs with, ``allocator_note``
+                       says when the two differ)
     CUDA context       the GPU's context_gib (not part of torch's reserved memory)
 
 STATUS OF THE COEFFICIENTS: until ``python -m nbtune.planner.calibration measure`` has run on a
@@ -70,14 +90,31 @@ patched forward and kernel keeps for backward (their docstrings) and, for the un
 from counting transformers' Llama decoder layer with peft LoRA under bf16 autocast with
 saved-tensor hooks on a CPU; the fixed terms come from the formats' definitions; the overheads
 are round guesses. Against the peer figures in BENCHMARKS.md the defaults predict, for llama3-8b
-with 4-bit, offloaded checkpointing and fp16 on a T4: 6.75 GiB at 1x2048 (Unsloth measures 6.50
-GiB, nbtune's target is at most 0.95x that) and ~0.28 MiB per further token of context (Unsloth:
-~0.25-0.28 MiB). ``coefficients()`` returns the fitted set when calibration.json holds one.
+with 4-bit, offloaded checkpointing and fp16 on a T4: 6.57 GiB at 1x2048 (Unsloth measures 6.50
+GiB, nbtune's target is at most 0.95x that) and ~0.17 MiB per further token of context once the
+MLP runs in more than one token chunk (beyond ~4.7k tokens; Unsloth: ~0.25-0.28 MiB); before the
+checkpointed-tail MLP they predicted 6.75 GiB and ~0.28 MiB. ``coefficients()`` returns the
+fitted set when calibration.json holds one.
+
+WHAT THE FITTED SCALES APPLY TO. ``act_scale`` scales the per-token terms and the dequantized
+weight, as it did when it was fitted; the MLP's chunk buffers (``mlp_chunk``) are an exact count of
+what the kernel allocates (three (rows x i) tensors) and are added unscaled: act_scale was fitted
+to formulas without them. The calibration.json fit of 2026-11-30 was measured before the
+checkpointed tail (its records carry no ``mlp_tail``; ``calibration.predict`` replays them with
+``Settings.mlp_tail=False``, the old schedule), so its act_scale (0.67) was fitted to formulas in
+which the MLP's (tokens x i) tensors were 8*i bytes per token and layer. Applied to the new
+formula it is kept as it is: at the calibration's llama-3.1-8b offload points the measured
+allocated peak grows by ~185 KB per token, of which the full-T g, u, dh the old code held are
+~86 KB; the remaining ~99 KB is ~0.60 of the ~164 KB per token that the new formula counts, so
+0.67 over-predicts long contexts by ~10 % of the per-token activations (~0.5 GiB at 48k tokens on
+llama-3.1-8b) -- the safe side -- until ``calibration measure`` + ``fit`` are re-run with the new
+code (its records then carry ``mlp_tail``: True, and the fit needs no change).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -105,9 +142,20 @@ OPTIMIZER_BYTES = {"adamw_8bit": ADAM8_BYTES_PER_PARAM, "paged_adamw_8bit": ADAM
 CE_MAX_CHUNK_BYTES = 256 * MiB
 CE_UNFUSED_FRACTION = 8
 CE_MIN_CHUNK_ROWS = 128
+# The checkpointed-tail LoRA MLP cuts its (tokens x intermediate) buffers into token chunks of at
+# most this many bytes, rows rounded up to a multiple of this: kernels/lora.py's MLP_CHUNK_BYTES and
+# mlp_token_chunks, repeated here (a test checks that they agree).
+MLP_CHUNK_BYTES = 128 * MiB
+MLP_CHUNK_ROW_MULTIPLE = 64
 # Model types that nbtune.models.patches patches (kernels, no mask tensor, fused loss); a test
 # checks this against patches.SUPPORTED_MODEL_TYPES. Others run transformers' modules and loss.
 PATCHED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3")
+# Of those, the ones whose fused LoRA MLP can run as its layer's checkpointed tail: the MLP's output
+# is only added to the residual (no post-feedforward norm, as gemma2/gemma3 have) and gate/up are
+# separate LoRA projections (phi3's fused gate_up_proj does not go through lora_mlp). A test checks
+# this against the patch families (post_mlp_norm, fused_gate_up).
+MLP_TAIL_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # The environment variable that turns the patches off (NBTUNE_PATCH=0), as in nbtune.models.patches.
 PATCH_ENV = "NBTUNE_PATCH"
 # A plan "fits" when the predicted peak leaves at least this much of the GPU free: the larger of
@@ -136,12 +184,18 @@ class Coefficients:
     #                       normed MLP input (lora_mlp's x); the layer input itself is the checkpoint's
     saved_q: float = 6.0  # roped q, SDPA's output, o_proj's contiguous input
     saved_kv: float = 4.0  # roped k and v (repeated to the query heads for the efficient kernel)
-    saved_i: float = 4.0  # gate and up (act(gate) and act(gate)*up are recomputed by the GLU kernel)
+    saved_i: float = 4.0  # gate and up (act(gate) and act(gate)*up are recomputed by the GLU kernel);
+    #                       0 for an MLP that runs as the checkpointed tail (it saves only x)
     saved_heads: float = 4.0  # fp32 logsumexp per head
     saved_lora: float = 2.0  # s * x @ A^T per LoRA module (tokens x r, 16-bit)
     # -- backward temporaries of one layer on top of what it saved --
     transient_h: float = 6.0  # dY, dX accumulator and the residual's gradient
-    transient_i: float = 4.0  # dh (the recomputed h is written over it; dgate/dup overwrite gate/up)
+    transient_i: float = 4.0  # dh (the recomputed h is written over it; dgate/dup overwrite gate/up);
+    #                           0 for the checkpointed tail, whose buffers are mlp_chunk_buffers per chunk
+    # -- the checkpointed-tail MLP: (chunk rows x i) buffers alive at once, bytes = count * rows * i * b
+    #    (forward: g, u, h; backward: g, u, dh, with dg/du/h written over them in place). An exact count,
+    #    not scaled by act_scale --
+    mlp_chunk_buffers: float = 3.0
     # -- transformers' own modules (unpatched model types) save more: fp32 RMSNorm inputs,
     #    act(gate) and act*up, per-projection inputs. Ratio of the two enumerations at llama3-8b's
     #    shape (HF: 12h + 6q + 4kv + 8i saved, 6h + 6i transient) --
@@ -157,7 +211,9 @@ class Coefficients:
     mask_bytes: float = 1.0
     # -- 4-bit: bitsandbytes dequantizes W to a 16-bit temporary for each matmul (forward and
     #    input-gradient); copies of the largest linear layer alive at once --
-    dequant_copies: float = 2.0
+    dequant_copies: float = 2.0  # the MLP without the tail: gate's W is still alive while up's is made
+    # -- with the checkpointed-tail MLP every base weight is dequantized for one GEMM at a time --
+    dequant_copies_tail: float = 1.0
     # -- transformers' unfused loss: 16-bit logits, fp32 copy, fp32 log-softmax, fp32 gradients
     #    (bytes per logit at the loss's peak; the trainer drops the output logits before backward) --
     unfused_bytes_per_logit: float = 12.0
@@ -174,6 +230,9 @@ class Coefficients:
     mfu: float = 0.45
 
     source: str = "first-principles estimate (not yet calibrated)"
+    # the CUDA allocator setting the overhead terms were measured with: "default" (torch's own) or a
+    # PYTORCH_ALLOC_CONF value; None when not measured (the first-principles guesses)
+    alloc_conf: str | None = None
 
     def replace(self, **changes) -> "Coefficients":
         return dataclasses.replace(self, **changes)
@@ -196,16 +255,76 @@ def _fitted(path: str) -> Coefficients | None:
     values = fit.get("coefficients") or {}
     if not values:
         return None
-    known = {f.name for f in dataclasses.fields(Coefficients)}
-    clean = {k: float(v) for k, v in values.items() if k in known and k != "source"}
+    known = {f.name for f in dataclasses.fields(Coefficients) if f.type in ("float", float)}
+    clean = {k: float(v) for k, v in values.items() if k in known}
+    alloc = measured_alloc_conf(data)
     return DEFAULT_COEFFICIENTS.replace(
-        **clean, source=f"fitted to {fit.get('n_records', '?')} measurements ({data.get('date', 'undated')}, "
-                        f"{data.get('gpu', 'GPU')})")
+        **clean, alloc_conf=alloc,
+        source=f"fitted to {fit.get('n_records', '?')} measurements ({data.get('date', 'undated')}, "
+               f"{data.get('gpu', 'GPU')}, {describe_alloc_conf(alloc)})")
 
 
 def coefficients(path: str | Path | None = None) -> Coefficients:
     """The fitted coefficients from calibration.json when it holds a fit, else the defaults."""
     return _fitted(str(path or CALIBRATION_FILE)) or DEFAULT_COEFFICIENTS
+
+
+# ---------------------------------------------------------------------------- allocator setting
+def _normal_alloc_conf(value: str | None) -> str:
+    """A setting in a comparable form: "default" for none, else its options lower-cased and sorted."""
+    if not value or value.strip().lower() == "default":
+        return "default"
+    return ",".join(sorted(part.strip().lower() for part in value.split(",") if part.strip()))
+
+
+def describe_alloc_conf(value: str | None) -> str:
+    if _normal_alloc_conf(value) == "default":
+        return "torch's default allocator"
+    return f"allocator {value}"
+
+
+def measured_alloc_conf(data: dict) -> str:
+    """The allocator setting a calibration file's records were measured with ("default" when the file
+    recorded none: ``measure`` writes null when neither PYTORCH_ALLOC_CONF nor its older name was set)."""
+    value = data.get("alloc_conf")
+    return "default" if _normal_alloc_conf(value) == "default" else str(value)
+
+
+def allocator_setting(environ=None) -> str:
+    """The CUDA allocator setting a training run in this environment gets: the user's
+    PYTORCH_ALLOC_CONF / PYTORCH_CUDA_ALLOC_CONF (where ``import nbtune`` also puts its own), else what
+    ``import nbtune`` applies (``nbtune._allocator``: expandable segments), or "default" where nbtune
+    leaves torch's own (``NBTUNE_ALLOCATOR=default``, Windows, WSL)."""
+    from .. import _allocator
+
+    env = os.environ if environ is None else environ
+    for name in _allocator._USER_VARIABLES:
+        if env.get(name):
+            return env[name].strip()
+    if env.get(_allocator.ENV, "").strip().lower() == "default" or _allocator._unsupported_platform():
+        return "default"
+    return _allocator.SETTING
+
+
+def allocator_note(c: Coefficients, environ=None) -> str | None:
+    """A note for a plan whose allocator-overhead coefficients were measured with another allocator
+    setting than training here runs with; None when they agree or were never measured."""
+    if c.alloc_conf is None:
+        return None
+    now = allocator_setting(environ)
+    then_n, now_n = _normal_alloc_conf(c.alloc_conf), _normal_alloc_conf(now)
+    if then_n == now_n:
+        return None
+    expandable = "expandable_segments:true"
+    if expandable in now_n.split(",") and expandable not in then_n.split(","):
+        direction = ", which leaves less reserved-but-unused memory: that term is likely too high"
+    elif expandable in then_n.split(",") and expandable not in now_n.split(","):
+        direction = ", which leaves more reserved-but-unused memory: that term is likely too low"
+    else:
+        direction = ""
+    return (f"allocator overhead was calibrated with {describe_alloc_conf(c.alloc_conf)}; training here uses "
+            f"{describe_alloc_conf(now)}{direction} until `python -m nbtune.planner.calibration measure` and "
+            "`fit` are re-run")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +344,9 @@ class Settings:
     patched: bool = True  # nbtune.models.patches applies to this model type
     attention: str = "efficient"  # SDPA kernel: "efficient" (T4; repeats k/v for GQA) or "flash"
     world_size: int = 1  # data-parallel processes (one GPU each); every figure is per GPU
+    # the fused LoRA MLP may run as its layer's checkpointed tail where nbtune does that
+    # (``mlp_checkpointed_tail``); False models the code before it (calibration records measured then)
+    mlp_tail: bool = True
 
     def __post_init__(self):
         if self.world_size < 1:
@@ -256,6 +378,29 @@ def chunk_rows(n_tokens: int, n_vocab: int, elem_bytes: int) -> int:
         rows = rows // 64 * 64
     rows = max(rows, CE_MIN_CHUNK_ROWS)
     return max(1, min(rows, n_tokens))
+
+
+def mlp_chunk_rows(n_tokens: int, intermediate: int, elem_bytes: int) -> int:
+    """Rows of the largest token chunk of the checkpointed-tail MLP: kernels/lora.py's
+    ``mlp_token_chunks`` in pure Python (near-equal chunks whose (rows x intermediate) buffers stay
+    under MLP_CHUNK_BYTES, rows rounded up to a multiple of 64; one chunk when everything fits)."""
+    n = max(1, -(-n_tokens * intermediate * elem_bytes // MLP_CHUNK_BYTES))
+    rows = -(-n_tokens // n)
+    rows = max(MLP_CHUNK_ROW_MULTIPLE, -(-rows // MLP_CHUNK_ROW_MULTIPLE) * MLP_CHUNK_ROW_MULTIPLE)
+    return max(1, min(rows, n_tokens))
+
+
+def mlp_checkpointed_tail(shape: ModelShape, st: Settings) -> bool:
+    """Whether nbtune runs the LoRA MLP of ``shape`` as the checkpointed tail of its decoder layer
+    (``lora_mlp(checkpointed_tail=True)``): a patched model type whose MLP output is only added to the
+    residual (MLP_TAIL_MODEL_TYPES), checkpointing through nbtune's wrapper (offload or plain: the
+    kernel needs the checkpoint phase), and LoRA on gate, up and down (else the MLP is not the fused
+    ``lora_mlp`` but its projections one by one)."""
+    if not (st.mlp_tail and st.patched and shape.model_type in MLP_TAIL_MODEL_TYPES):
+        return False
+    if st.gradient_checkpointing not in ("offload", "plain") or shape.num_experts or not shape.gated_mlp:
+        return False
+    return set(MLP_PROJECTIONS) <= {name for name, *_ in shape.lora_targets(st.lora_targets)}
 
 
 @dataclasses.dataclass
@@ -306,9 +451,15 @@ def estimate(shape: ModelShape, st: Settings, context_gib: float = 0.0, c: Coeff
     # -- activations --
     u = 1.0 if st.patched else c.unpatched_activation_factor
     kv_width = shape.q_dim if (st.attention == "efficient" or not st.patched) else shape.kv_dim
-    saved = (u * s * (c.saved_h * h + c.saved_q * shape.q_dim + c.saved_kv * kv_width + c.saved_i * i
-                      + c.saved_heads * shape.num_heads) + c.saved_lora * s * st.lora_rank * lora_modules)
-    work = saved + u * s * (c.transient_h * h + c.transient_i * i)
+    tail = mlp_checkpointed_tail(shape, st)
+    # the MLP's (tokens x i) terms per token, and the LoRA modules that save an r-wide x A^T
+    i_tokens = 0.0 if tail else i
+    saving_lora = lora_modules - (len(MLP_PROJECTIONS) if tail else 0)
+    saved = (u * s * (c.saved_h * h + c.saved_q * shape.q_dim + c.saved_kv * kv_width + c.saved_i * i_tokens
+                      + c.saved_heads * shape.num_heads) + c.saved_lora * s * st.lora_rank * saving_lora)
+    work = saved + u * s * (c.transient_h * h + c.transient_i * i_tokens)
+    mlp_rows = mlp_chunk_rows(T, shape.intermediate_size, b) if tail else 0
+    mlp_chunk = c.mlp_chunk_buffers * mlp_rows * shape.intermediate_size * b
     outer = s * c.outer_h * h
     n_masks = 0
     if not st.patched:  # the patched path builds no mask tensor
@@ -317,7 +468,8 @@ def estimate(shape: ModelShape, st: Settings, context_gib: float = 0.0, c: Coeff
         if shape.sliding_window and st.seq_len > shape.sliding_window:
             n_masks = 2  # transformers builds one for the global and one for the local layers
     mask = st.batch_size * st.seq_len**2 * c.mask_bytes * n_masks
-    dequant = c.dequant_copies * shape.largest_linear * b if st.load_in_4bit else 0.0
+    copies = c.dequant_copies_tail if tail else c.dequant_copies
+    dequant = copies * shape.largest_linear * b if st.load_in_4bit else 0.0
     if st.gradient_checkpointing == "offload":
         common = T * (min(L, c.offload_resident_inputs) * h * b + outer) + mask
         layer_extra = T * work + dequant
@@ -327,7 +479,8 @@ def estimate(shape: ModelShape, st: Settings, context_gib: float = 0.0, c: Coeff
     else:
         common = T * (L * saved * c.saved_scale + outer) + mask
         layer_extra = T * (work - saved) + dequant
-    activations = c.act_scale * (common + layer_extra)
+    activations = c.act_scale * (common + layer_extra) + mlp_chunk
+    layer_peak = c.act_scale * layer_extra + mlp_chunk
 
     # -- loss --
     if st.loss == "fused":
@@ -336,7 +489,7 @@ def estimate(shape: ModelShape, st: Settings, context_gib: float = 0.0, c: Coeff
     else:
         rows = T
         loss_buffers = T * V * c.unfused_bytes_per_logit + T * h * b
-    loss = max(0.0, c.loss_scale * loss_buffers - c.act_scale * layer_extra)
+    loss = max(0.0, c.loss_scale * loss_buffers - layer_peak)
 
     # -- allocator overhead --
     overhead = (c.overhead_fixed_gib * GiB + c.overhead_fraction * (activations + loss)
@@ -349,8 +502,9 @@ def estimate(shape: ModelShape, st: Settings, context_gib: float = 0.0, c: Coeff
         saved_per_token_layer=saved, work_per_token_layer=work, checkpoint_inputs_on_gpu=(
             min(L, c.offload_resident_inputs) if st.gradient_checkpointing == "offload"
             else L if st.gradient_checkpointing == "plain" else 0),
-        mask_bytes=mask, dequant_scratch_bytes=dequant, layer_peak_bytes=c.act_scale * layer_extra,
+        mask_bytes=mask, dequant_scratch_bytes=dequant, layer_peak_bytes=layer_peak,
         loss_buffer_bytes=c.loss_scale * loss_buffers, loss_chunk_rows=rows,
+        mlp_checkpointed_tail=tail, mlp_chunk_rows=mlp_rows, mlp_chunk_bytes=mlp_chunk,
     )
     return Estimate(terms=terms, details=details)
 

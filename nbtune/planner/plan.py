@@ -147,7 +147,8 @@ class Plan:
     # ------------------------------------------------------------------ variations
     def replace(self, **changes) -> "Plan":
         """The same plan with some settings changed: seq_len, batch_size, lora_rank, lora_targets,
-        dtype, load_in_4bit, gradient_checkpointing, optimizer, loss, embeddings_fp32, gpu, grad_accum."""
+        dtype, load_in_4bit, gradient_checkpointing, optimizer, loss, embeddings_fp32, gpu, grad_accum
+        (and mlp_tail=False: the LoRA MLP's schedule before the checkpointed tail, for old measurements)."""
         gpu = resolve_gpu(changes.pop("gpu")) if "gpu" in changes else self.gpu
         grad_accum = changes.pop("grad_accum", self.grad_accum)
         st = dataclasses.replace(self.settings, **changes)
@@ -508,6 +509,9 @@ def plan(model, gpu="T4", seq_len: int = 2048, batch_size: int = 2, lora_rank: i
         embeddings_fp32=bool(embeddings_fp32), patched=patched, attention=attention, world_size=int(world_size),
     )
     shape.lora_targets(lora_targets)  # raises on targets that match nothing
+    allocator = memory.allocator_note(coefficients or memory.coefficients())
+    if allocator:
+        notes.append(allocator)
     return Plan(shape, g, st, model_ref=model_ref, dtype_requested=requested, grad_accum=grad_accum,
                 lora_alpha=lora_alpha, margin_gib=margin_gib, coefficients=coefficients, base_config=base_config,
                 notes=notes)

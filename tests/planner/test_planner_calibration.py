@@ -55,18 +55,21 @@ def test_grid_t4_verdicts_are_not_borderline_and_both_occur():
     assert any(verdicts) and not all(verdicts)
 
 
-def _synthetic(tmp_path, truth: memory.Coefficients):
+def _synthetic(tmp_path, truth: memory.Coefficients, alloc_conf="expandable_segments:True"):
+    """Records as today's ``measure`` writes them (``mlp_tail`` where the code takes the tail), with
+    the peak the model predicts under ``truth``."""
     records = []
     for p in GRID:
         rec = dict(label=p.label(), **dataclasses.asdict(p), shape_dims=dataclasses.asdict(CATALOG[p.shape]),
                    loss_path="fused", patched=True, attention="efficient")
+        rec["mlp_tail"] = calibration.tail_expected(rec)
         rec["measured_reserved_gib"] = calibration.predict(rec, truth).reserved_gib
         records.append(rec)
     records.append(dict(label="skipped one", **dataclasses.asdict(GRID[0]), measured_reserved_gib=None,
                         error="skipped (time budget)"))
     path = tmp_path / "calibration.json"
     path.write_text(json.dumps({"schema": 1, "date": "2026-01-01", "gpu": "test", "versions": {"torch": "x"},
-                                "records": records}))
+                                "alloc_conf": alloc_conf, "records": records}))
     return path
 
 
@@ -85,8 +88,37 @@ def test_fit_recovers_the_coefficients_it_was_made_with(tmp_path):
     assert data["fit"]["coefficients"] == got and data["records"]  # stored next to the records
     fitted = memory.coefficients(path)
     assert fitted.act_scale == got["act_scale"] and "fitted to" in fitted.source
+    assert fitted.alloc_conf == "expandable_segments:True" and "expandable_segments:True" in fitted.source
     for row in check(path):
         assert abs(row["error_gib"]) <= 0.05 * tolerance_gib(row["measured_gib"]) + 0.02
+        assert not row["mlp_tail_differs"]
+
+
+def test_records_without_mlp_tail_replay_the_old_mlp_schedule():
+    """calibration.json's records from before the checkpointed-tail MLP carry no ``mlp_tail``: they are
+    predicted with the MLP saving gate/up (what that code ran); new records say which schedule ran."""
+    point = next(p for p in GRID if p.shape == "llama-3.1-8b" and p.seq_len == 16384)
+    rec = dict(label=point.label(), **dataclasses.asdict(point), shape_dims=dataclasses.asdict(CATALOG[point.shape]),
+               loss_path="fused", patched=True, attention="efficient")
+    old = calibration.predict(rec, memory.DEFAULT_COEFFICIENTS)
+    new = calibration.predict(dict(rec, mlp_tail=True), memory.DEFAULT_COEFFICIENTS)
+    assert not old.estimate.details["mlp_checkpointed_tail"] and new.estimate.details["mlp_checkpointed_tail"]
+    assert old.reserved_gib > new.reserved_gib + 0.5  # 16k tokens of gate, up and dh per layer, against one chunk
+    assert calibration.tail_expected(rec)
+    off = next(p for p in GRID if p.gradient_checkpointing == "off")
+    off_rec = dict(label=off.label(), **dataclasses.asdict(off), shape_dims=dataclasses.asdict(CATALOG[off.shape]))
+    assert not calibration.tail_expected(off_rec)
+
+
+def test_check_flags_a_record_whose_mlp_schedule_the_planner_does_not_expect(tmp_path):
+    path = _synthetic(tmp_path, memory.DEFAULT_COEFFICIENTS)
+    data = json.loads(path.read_text())
+    flipped = next(r for r in data["records"] if r.get("mlp_tail"))
+    flipped["mlp_tail"] = False  # e.g. the kernel fell back to the old MLP where the planner assumes the tail
+    path.write_text(json.dumps(data))
+    rows = check(path, memory.DEFAULT_COEFFICIENTS)
+    assert [r["label"] for r in rows if r["mlp_tail_differs"]] == [flipped["label"]]
+    assert "MLP schedule differs" in calibration.format_rows(rows)
 
 
 def test_check_and_cli_on_files(tmp_path, capsys):
@@ -113,11 +145,13 @@ def test_measure_needs_cuda(tmp_path):
         calibration.measure(tmp_path / "out.json")
 
 
-def test_measure_smoke_run_on_cpu(tmp_path):
+def test_measure_smoke_run_on_cpu(tmp_path, kernel_mode):
     """The measurement code path end to end on CPU at a tiny size: random checkpoint with a tokenizer,
     nbtune.load_model, nbtune.add_lora in two checkpointing modes with the adapter stripped in between,
-    AdamW 8-bit and fp32, the loss-path and patch detection, the JSON (with no memory figures)."""
+    AdamW 8-bit and fp32, the loss-path, patch and MLP-schedule detection, the JSON (with no memory
+    figures). The fused kernels run (Triton's interpreter on a CPU), as on a GPU."""
     pytest.importorskip("torch")
+    kernel_mode("triton")
     pytest.importorskip("peft")
     pytest.importorskip("bitsandbytes")
     tiny = dataclasses.replace(CATALOG["llama-3.1-8b"], name="tiny-llama", num_layers=2, vocab_size=300,
@@ -126,7 +160,7 @@ def test_measure_smoke_run_on_cpu(tmp_path):
     grid = [calibration.GridPoint("tiny-llama", 2, 32, "bfloat16", 4, False, "offload", "adamw_8bit"),
             calibration.GridPoint("tiny-llama", 1, 32, "bfloat16", 8, False, "off", "adamw")]
     out = tmp_path / "smoke.json"
-    data = calibration.measure(out, budget_s=300, device="cpu", grid=grid, shapes={"tiny-llama": tiny},
+    data = calibration.measure(out, budget_s=300, device="cpu", grid=grid, shapes={"tiny-llama": tiny}, steps=1,
                                ckpt_root=str(tmp_path / "ckpt"))
     saved = json.loads(out.read_text())
     assert saved["records"] == data["records"] and len(saved["records"]) == 2
@@ -135,6 +169,11 @@ def test_measure_smoke_run_on_cpu(tmp_path):
         assert rec["measured_reserved_gib"] is None  # nothing measured on a CPU: never a calibration record
         assert rec["first_loss"] > 0 and rec["patched"] is True and rec["loss_path"] == "fused"
         assert rec["shape_dims"]["hidden_size"] == 64
+        # forward hooks saw every MLP call (2 layers, 1 step); the checkpointed-tail MLP ran under
+        # offloaded checkpointing, the MLP that saves gate/up without checkpointing
+        assert sum(rec["mlp_output_nodes"].values()) >= 2
+        assert rec["mlp_tail"] is (point.gradient_checkpointing == "offload"), rec["mlp_output_nodes"]
+    assert saved["alloc_conf"] == memory.allocator_setting()
     assert saved["versions"]["torch"] and saved["date"]
     assert not (tmp_path / "ckpt" / "tiny-llama").exists()  # the checkpoint is removed after its last group
     assert measured_records(saved) == []

@@ -281,6 +281,158 @@ def test_fused_loss_chunking_matches_the_kernel():
         assert memory.chunk_rows(n, v, b) == ce._chunk_rows(n, v, b)
 
 
+# ----------------------------------------------------------------------------- the checkpointed-tail MLP
+def test_mlp_chunking_matches_the_kernel():
+    pytest.importorskip("torch")
+    from nbtune.kernels import lora
+
+    assert (memory.MLP_CHUNK_BYTES, memory.MLP_CHUNK_ROW_MULTIPLE) == (lora.MLP_CHUNK_BYTES, lora._CHUNK_ROW_MULTIPLE)
+    for n, i, b in [(4096, 14336, 2), (49152, 14336, 2), (40960, 14336, 2), (16384, 11008, 2), (2048, 18944, 2),
+                    (100, 1536, 2), (7, 8192, 4), (65536, 18944, 4), (32768, 8192, 2), (4681, 14336, 2)]:
+        chunks = lora.mlp_token_chunks(n, i, b)
+        assert memory.mlp_chunk_rows(n, i, b) == max(stop - start for start, stop in chunks), (n, i, b)
+    # the lead's reference points: llama3-8b bf16 4096 tokens in one chunk, 49152 in 11 chunks of 4480 rows
+    assert memory.mlp_chunk_rows(4096, 14336, 2) == 4096 and len(lora.mlp_token_chunks(4096, 14336, 2)) == 1
+    assert memory.mlp_chunk_rows(49152, 14336, 2) == 4480 and len(lora.mlp_token_chunks(49152, 14336, 2)) == 11
+
+
+def test_mlp_tail_model_types_match_the_patch_families():
+    """The planner's tail types are the patched families whose MLP output only goes into the residual
+    (no post-feedforward norm) and whose gate/up are separate LoRA projections (not phi3's gate_up_proj)."""
+    pytest.importorskip("torch")
+    from nbtune.models.patches import REGISTRY
+
+    tail = {t for t, family in REGISTRY.items() if not family.post_mlp_norm and not family.fused_gate_up}
+    assert set(memory.MLP_TAIL_MODEL_TYPES) == tail
+    assert set(memory.MLP_TAIL_MODEL_TYPES) <= set(memory.PATCHED_MODEL_TYPES)
+
+
+def _tail(model="llama-3.1-8b", **kw):
+    p = _plan(model, **kw)
+    return p, p.estimate.details["mlp_checkpointed_tail"]
+
+
+@pytest.mark.parametrize("model", ["llama-3.1-8b", "mistral-7b-v0.3", "qwen2.5-7b", "qwen3-8b", "smollm2-135m"])
+@pytest.mark.parametrize("mode", ["offload", "plain"])
+@pytest.mark.parametrize("four_bit", [True, False])
+def test_checkpointed_tail_mlp_terms(model, mode, four_bit):
+    """Where the tail applies: no (tokens x i) tensor is saved or held for the whole micro-batch, the
+    MLP's LoRA modules save no x A^T, the i-buffers are mlp_chunk_buffers chunks of mlp_chunk_rows,
+    and one dequantized weight is alive at a time; everything else is the old formula."""
+    c = DEFAULT_COEFFICIENTS
+    shape = CATALOG[model]
+    for seq in (2048, 49152):
+        kw = dict(gpu="H200", seq_len=seq, batch_size=1, gradient_checkpointing=mode, load_in_4bit=four_bit)
+        new, tail = _tail(model, **kw)
+        old = new.replace(mlp_tail=False)
+        assert tail and not old.estimate.details["mlp_checkpointed_tail"]
+        d, o = new.estimate.details, old.estimate.details
+        i, r, s = shape.intermediate_size, 16, 1.0
+        assert o["saved_per_token_layer"] - d["saved_per_token_layer"] == pytest.approx(
+            s * c.saved_i * i + 3 * c.saved_lora * s * r)
+        assert (o["work_per_token_layer"] - o["saved_per_token_layer"]) - (
+            d["work_per_token_layer"] - d["saved_per_token_layer"]) == pytest.approx(s * c.transient_i * i)
+        rows = memory.mlp_chunk_rows(seq, i, 2)
+        assert d["mlp_chunk_rows"] == rows and o["mlp_chunk_rows"] == 0
+        assert d["mlp_chunk_bytes"] == c.mlp_chunk_buffers * rows * i * 2
+        if four_bit:
+            assert d["dequant_scratch_bytes"] == c.dequant_copies_tail * shape.largest_linear * 2
+            assert o["dequant_scratch_bytes"] == c.dequant_copies * shape.largest_linear * 2
+        else:
+            assert d["dequant_scratch_bytes"] == o["dequant_scratch_bytes"] == 0
+        layer = c.act_scale * (seq * d["work_per_token_layer"] + d["dequant_scratch_bytes"]) + d["mlp_chunk_bytes"]
+        assert d["layer_peak_bytes"] == pytest.approx(layer)
+        assert new.breakdown["activations"] < old.breakdown["activations"]
+        for term in ("base weights", "embedding + LM head", "LoRA parameters", "LoRA gradients", "optimizer states"):
+            assert new.breakdown[term] == old.breakdown[term]
+
+
+def test_checkpointed_tail_mlp_stops_growing_with_tokens_beyond_one_chunk():
+    """Beyond one chunk the MLP adds nothing per token: the activation slope is the non-MLP terms'."""
+    c = DEFAULT_COEFFICIENTS
+    a, b = (_plan(gpu="T4", seq_len=s, batch_size=1) for s in (32768, 49152))
+    da, db = a.estimate.details, b.estimate.details
+    per_token = 3 * 4096 * 2 + c.outer_h * 4096 + da["work_per_token_layer"]  # resident inputs + outer + layer
+    slope = (b.estimate.terms["activations"] - db["mlp_chunk_bytes"]) - (a.estimate.terms["activations"]
+                                                                          - da["mlp_chunk_bytes"])
+    assert slope == pytest.approx(c.act_scale * 16384 * per_token)
+    assert abs(db["mlp_chunk_bytes"] - da["mlp_chunk_bytes"]) < 0.1 * db["mlp_chunk_bytes"]  # ~constant
+    old = [p.replace(mlp_tail=False).estimate.terms["activations"] for p in (a, b)]
+    assert old[1] - old[0] > 1.5 * slope  # the old schedule held gate, up and dh for every token
+
+
+@pytest.mark.parametrize("model, kw", [
+    ("gemma-2-9b", {}), ("gemma-3-4b", {}), ("phi-3-mini", {}),  # post-feedforward norm / fused gate_up_proj
+    ("llama-3.1-8b", dict(gradient_checkpointing="off")),  # no checkpoint phase: no tail
+    ("llama-3.1-8b", dict(patch=False)),  # transformers' modules
+    ("llama-3.1-8b", dict(lora_targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"])),
+])
+def test_old_mlp_formula_where_the_tail_does_not_apply(model, kw):
+    p, tail = _tail(model, gpu="T4", seq_len=8192, batch_size=1, **kw)
+    assert not tail
+    assert p.estimate.details["mlp_chunk_bytes"] == 0
+    assert p.estimate.terms == p.replace(mlp_tail=False).estimate.terms
+
+
+def test_gemma_one_takes_the_tail_and_gemma_two_does_not():
+    import dataclasses
+
+    g2 = CATALOG["gemma-2-9b"]
+    g1 = dataclasses.replace(g2, name="gemma-like", model_type="gemma", norms_per_layer=2, logit_softcap=None,
+                             sliding_window=None)
+    assert plan(g1, coefficients=DEFAULT_COEFFICIENTS).estimate.details["mlp_checkpointed_tail"]
+    assert not plan(g2, coefficients=DEFAULT_COEFFICIENTS).estimate.details["mlp_checkpointed_tail"]
+
+
+# ----------------------------------------------------------------------------- allocator setting
+def test_allocator_setting_follows_nbtunes_rule(monkeypatch):
+    from nbtune import _allocator
+
+    monkeypatch.setattr(_allocator, "_unsupported_platform", lambda: False)
+    assert memory.allocator_setting({}) == _allocator.SETTING == "expandable_segments:True"
+    assert memory.allocator_setting({"PYTORCH_ALLOC_CONF": "max_split_size_mb:128"}) == "max_split_size_mb:128"
+    assert memory.allocator_setting({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}) == (
+        "expandable_segments:False")
+    assert memory.allocator_setting({"NBTUNE_ALLOCATOR": "default"}) == "default"
+    monkeypatch.setattr(_allocator, "_unsupported_platform", lambda: True)
+    assert memory.allocator_setting({}) == "default"
+
+
+def test_plan_notes_overheads_measured_with_another_allocator(monkeypatch, tmp_path):
+    default_fit = DEFAULT_COEFFICIENTS.replace(alloc_conf="default", source="fitted (test)")
+    expandable_fit = DEFAULT_COEFFICIENTS.replace(alloc_conf="expandable_segments:True", source="fitted (test)")
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+    note = memory.allocator_note(default_fit)
+    assert "torch's default allocator" in note and "likely too high" in note and "calibration" in note
+    assert memory.allocator_note(expandable_fit) is None
+    assert memory.allocator_note(DEFAULT_COEFFICIENTS) is None  # never measured: nothing to compare
+    assert note in plan("llama-3.1-8b", coefficients=default_fit).notes
+    assert not any("allocator" in n for n in plan("llama-3.1-8b", coefficients=expandable_fit).notes)
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:128")
+    other = memory.allocator_note(default_fit)
+    assert "max_split_size_mb:128" in other and "likely" not in other  # differs, direction unknown
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF")
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.setenv("NBTUNE_ALLOCATOR", "default")
+    assert "likely too low" in memory.allocator_note(expandable_fit)
+    assert memory.allocator_note(default_fit) is None
+
+
+def test_fitted_coefficients_say_which_allocator_they_were_measured_with(tmp_path):
+    data = json.loads(Path(memory.CALIBRATION_FILE).read_text())
+    fitted = memory.coefficients()
+    if not (data.get("fit") or {}).get("coefficients"):
+        pytest.skip("calibration.json holds no fit")
+    expected = "default" if data.get("alloc_conf") in (None, "default") else data["alloc_conf"]
+    assert fitted.alloc_conf == expected and memory.describe_alloc_conf(expected) in fitted.source
+    data["alloc_conf"] = "expandable_segments:True"
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(data))
+    again = memory.coefficients(path)
+    assert again.alloc_conf == "expandable_segments:True" and "allocator expandable_segments:True" in again.source
+    assert again.act_scale == fitted.act_scale
+
+
 def test_patched_model_types_match_the_patch_registry():
     pytest.importorskip("torch")
     from nbtune.models.patches import SUPPORTED_MODEL_TYPES
@@ -342,7 +494,7 @@ def test_suggest_when_it_fits_gives_the_largest_batch_and_seq_len():
 @pytest.mark.parametrize("kw, expected", [
     (dict(load_in_4bit=False, batch_size=1), {"load_in_4bit": True}),
     (dict(gradient_checkpointing="off", seq_len=4096, batch_size=1), {"gradient_checkpointing": "offload"}),
-    (dict(seq_len=4096, batch_size=16, grad_accum=2), {"batch_size": 4, "grad_accum": 8}),
+    (dict(seq_len=4096, batch_size=16, grad_accum=2), {"batch_size": 8, "grad_accum": 4}),
     (dict(seq_len=60000, batch_size=1), "seq_len"),
 ])
 def test_suggest_finds_the_smallest_change_that_fits(kw, expected):
@@ -456,7 +608,10 @@ def test_coefficients_come_from_one_place():
     assert set(memory.FITTED_FIELDS) <= fields
     c = DEFAULT_COEFFICIENTS.replace(act_scale=2.0)
     p1, p2 = _plan(batch_size=4), _plan(batch_size=4, coefficients=c)
-    assert p2.breakdown["activations"] == pytest.approx(2 * p1.breakdown["activations"])
+    # act_scale scales everything but the checkpointed-tail MLP's chunk buffers (an exact count)
+    chunk = p1.estimate.details["mlp_chunk_bytes"] / 2**30
+    assert chunk > 0 and p2.estimate.details["mlp_chunk_bytes"] / 2**30 == chunk
+    assert p2.breakdown["activations"] - chunk == pytest.approx(2 * (p1.breakdown["activations"] - chunk))
     assert p1.breakdown["base weights"] == p2.breakdown["base weights"]
     assert "not yet calibrated" in DEFAULT_COEFFICIENTS.source
     assert os.path.isfile(memory.CALIBRATION_FILE)
