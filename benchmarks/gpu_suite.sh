@@ -20,7 +20,7 @@
 #
 # Environment: OUT (results folder; default /tmp/nbtune-suite-out), SUITE_BUDGET_S (seconds for
 # everything, default 560: one 10-minute command with room to copy), MODELS_ARGS / KERNELS_ARGS /
-# PYTEST_ARGS (extra arguments), CKPT_ROOT (/tmp/ckpt), PYTHON (python3).
+# PYTEST_ARGS / MULTIGPU_ARGS (extra arguments), CKPT_ROOT (/tmp/ckpt), PYTHON (python3).
 # At most 8 files come back from $OUT: one models stage per call keeps it there.
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -150,7 +150,8 @@ stage_profile() {
 
 stage_multigpu() {
   local stages=${1:-losses,throughput}
-  run_stage "multigpu:$stages" $PY benchmarks/multi_gpu.py --out "$OUT" --stages "$stages"
+  # shellcheck disable=SC2086
+  run_stage "multigpu:$stages" $PY benchmarks/multi_gpu.py --out "$OUT" --stages "$stages" ${MULTIGPU_ARGS:-}
 }
 
 main() {

@@ -4,8 +4,8 @@
 
 Both stages run ``nbtune finetune run.yaml`` itself (1 GPU: ``CUDA_VISIBLE_DEVICES=0 python -m
 nbtune.ui.cli finetune``; 2 GPUs: ``torchrun --nproc_per_node 2 -m nbtune.ui.cli finetune``), the
-same global batch on both: the 2-GPU run halves grad_accum, so each rank's micro-batch is one of
-the 1-GPU run's micro-batches.
+same global batch on both: the 2-GPU run halves grad_accum (--one-gpu-grad-accum, default 2), so each
+rank's micro-batch is one of the 1-GPU run's micro-batches.
 
 - ``losses``: a small random Llama (hidden 1024, 8 layers, 8192-word vocabulary, 4-bit NF4, bf16)
   on word sequences with a learnable pattern, 30 steps: the two loss curves agree within
@@ -212,7 +212,8 @@ def stage_losses(work: str, root: str) -> dict:
     return result
 
 
-def stage_throughput(work: str, root: str, steps: int, warmup: int, two_gpu_grad_accum: int = 1) -> dict:
+def stage_throughput(work: str, root: str, steps: int, warmup: int, one_gpu_grad_accum: int = 2,
+                     two_gpu_grad_accum: int | None = None) -> dict:
     shape = "llama3-8b"
     path = checkpoint_path(shape, root)
     t0 = time.time()
@@ -220,12 +221,15 @@ def stage_throughput(work: str, root: str, steps: int, warmup: int, two_gpu_grad
     build_s = round(time.time() - t0, 1)
     vocab = SHAPES[shape]["vocab_size"]
     model = word_view(path, vocab)
+    if two_gpu_grad_accum is None:  # the same global batch
+        two_gpu_grad_accum = max(1, one_gpu_grad_accum // WORLD)
     total = warmup + steps
     data = write_rows(os.path.join(work, "random-2048.jsonl"),
-                      random_rows(2 * WORLD * two_gpu_grad_accum * total, vocab, 2100))
+                      random_rows(2 * max(one_gpu_grad_accum, WORLD * two_gpu_grad_accum) * total, vocab, 2100))
     lora = {"r": 16, "alpha": 16, "targets": list(LORA_TARGETS)}
     base = dict(max_steps=total, batch_size=2, lr=2e-4)
-    one = finetune(run_config(model, data, 2048, dict(base, grad_accum=2), lora, os.path.join(work, "8b-1gpu")),
+    one = finetune(run_config(model, data, 2048, dict(base, grad_accum=one_gpu_grad_accum), lora,
+                              os.path.join(work, "8b-1gpu")),
                    1, "8b-1gpu", work, 420)
     two = finetune(run_config(model, data, 2048, dict(base, grad_accum=two_gpu_grad_accum), lora,
                               os.path.join(work, "8b-2gpu")), WORLD, "8b-2gpu", work, 420)
@@ -241,9 +245,10 @@ def stage_throughput(work: str, root: str, steps: int, warmup: int, two_gpu_grad
         planned = round(p.peak_gib, 2)
     except Exception as e:  # noqa: BLE001 - the plan is context, not the measurement
         planned = f"no plan: {e}"
-    same_global = two_gpu_grad_accum == 1
-    return dict(shape=shape, per_gpu_micro_batch="2x2048", global_batch_rows=[4, 2 * WORLD * two_gpu_grad_accum],
-                grad_accum=[2, two_gpu_grad_accum], checkpoint_build_s=build_s,
+    same_global = one_gpu_grad_accum == WORLD * two_gpu_grad_accum
+    return dict(shape=shape, per_gpu_micro_batch="2x2048",
+                global_batch_rows=[2 * one_gpu_grad_accum, 2 * WORLD * two_gpu_grad_accum],
+                grad_accum=[one_gpu_grad_accum, two_gpu_grad_accum], checkpoint_build_s=build_s,
                 one_gpu=s1, two_gpus=s2, speedup=round(ratio, 3) if ratio else None, target=TARGET_SPEEDUP,
                 planner_peak_gib_per_gpu=planned, losses=compare_losses(one, two) if same_global else None,
                 runs=[{k: v for k, v in r.items() if k != "records"} for r in (one, two)],
@@ -257,9 +262,11 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", default="losses,throughput")
     ap.add_argument("--steps", type=int, default=int(os.environ.get("STEPS", 10)))
     ap.add_argument("--warmup", type=int, default=int(os.environ.get("WARMUP", 3)))
-    ap.add_argument("--two-gpu-grad-accum", type=int, default=1,
-                    help="throughput: grad_accum of the 2-GPU run (1: the 1-GPU run's global batch, the default; "
-                         "2: the 1-GPU run's per-GPU schedule, twice its global batch)")
+    ap.add_argument("--one-gpu-grad-accum", type=int, default=2,
+                    help="throughput: grad_accum of the 1-GPU run (global batch 2 x this rows of 2048 tokens)")
+    ap.add_argument("--two-gpu-grad-accum", type=int, default=None,
+                    help="throughput: grad_accum of the 2-GPU run (default: half the 1-GPU run's, the same global "
+                         "batch; equal to it: the 1-GPU run's per-GPU schedule, twice its global batch)")
     args = ap.parse_args(argv)
     import torch
 
@@ -279,7 +286,8 @@ def main(argv=None) -> int:
         if stage == "losses":
             result["stages"][stage] = stage_losses(work, root)
         elif stage == "throughput":
-            result["stages"][stage] = stage_throughput(work, root, args.steps, args.warmup, args.two_gpu_grad_accum)
+            result["stages"][stage] = stage_throughput(work, root, args.steps, args.warmup, args.one_gpu_grad_accum,
+                                                       args.two_gpu_grad_accum)
         else:
             raise SystemExit(f"unknown stage {stage!r}: losses, throughput")
         result["stages"][stage]["stage_s"] = round(time.time() - t0, 1)

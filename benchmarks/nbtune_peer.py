@@ -6,7 +6,8 @@ One JSON line per config, in the peers' format, with ``peer="nbtune-<version>"``
 peers' loop: 3 warm-up + 8 timed steps (WARMUP / STEPS override, as in unsloth_peer.py), median
 step time, tokens/s = batch x seq / median, ``torch.cuda.max_memory_reserved()`` from after the
 optimizer is made; random tokens from a CUDA generator seeded 1, one ``randint`` per step, labels =
-inputs; AdamW 8-bit (bitsandbytes), lr 2e-4; LoRA r=16, alpha=16, dropout 0 on the seven
+inputs; AdamW 8-bit (bitsandbytes' kernels and states, stepped as nbtune's trainer steps it: without
+bitsandbytes' device synchronization after every parameter, nbtune/train/optimizer.py), lr 2e-4; LoRA r=16, alpha=16, dropout 0 on the seven
 projections; NF4 double-quant 4-bit through nbtune's public API only::
 
     model, tok = nbtune.load_model(path, max_seq_length=seq, load_in_4bit=True, dtype=dtype)
@@ -140,6 +141,7 @@ def run(shape, path, batch, seqlen, dtype, steps=int(os.environ.get("STEPS", 8))
         warmup=int(os.environ.get("WARMUP", 3)), rank=16):
     import bitsandbytes as bnb
     import nbtune
+    from nbtune.train.optimizer import sync_free
 
     torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
     load_path, ctx_view_from = checkpoint_for_context(path, seqlen)
@@ -150,7 +152,7 @@ def run(shape, path, batch, seqlen, dtype, steps=int(os.environ.get("STEPS", 8))
     load_s = time.time() - t0
     model.train()
     gc_layers = assert_checkpointing(model)
-    opt = bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    opt = sync_free(bnb.optim.AdamW8bit)([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     after_load = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     V = model.config.vocab_size

@@ -40,6 +40,7 @@ from .data import apply_chat_template_choice, prepare_data
 from .environment import check_bitsandbytes, cpu_note
 from .metrics import MetricsStream, mean_train_loss, read_log, truncate_log
 from .oom import released_on_oom
+from .optimizer import register_embedding_overrides, sync_free
 from .progress import TerminalProgress
 from .outcome import RunOutcome
 from .stability import NonFiniteGuard, RecordsStepLoss, stop_diverged
@@ -378,6 +379,18 @@ def _trainer_class():
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             trainable_to_fp32(self.model)
+
+        @staticmethod
+        def get_optimizer_cls_and_kwargs(args, model=None):
+            """transformers' choice, with bitsandbytes' optimizers stepping without a device
+            synchronization per parameter (nbtune/train/optimizer.py)."""
+            cls, kwargs = SFTTrainer.get_optimizer_cls_and_kwargs(args, model)
+            return sync_free(cls), kwargs
+
+        def create_optimizer(self, *args, **kwargs):
+            optimizer = super().create_optimizer(*args, **kwargs)
+            register_embedding_overrides(self.model, optimizer)
+            return optimizer
 
     return NbtuneSFTTrainer
 
