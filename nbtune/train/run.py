@@ -41,6 +41,8 @@ from .environment import check_bitsandbytes, cpu_note
 from .metrics import MetricsStream, mean_train_loss, read_log, truncate_log
 from .oom import released_on_oom
 from .optimizer import register_embedding_overrides, sync_free
+from .fused_loss import PatchedModelLoss
+from .token_count import TokensSeenOnDevice
 from .progress import TerminalProgress
 from .outcome import RunOutcome
 from .stability import NonFiniteGuard, RecordsStepLoss, stop_diverged
@@ -223,7 +225,11 @@ def sft_args(cfg: Config, out: Path, model, has_eval: bool):
         use_cpu=device.type != "cuda",
         dataloader_pin_memory=device.type == "cuda",
         gradient_checkpointing=False,  # set up by nbtune.add_lora
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen="non_padding",  # counted on the device, read when logging
+        # transformers' filter tests every micro-batch's loss with a Python `or` of two tensors: a device
+        # sync per micro-batch. nbtune's NonFiniteGuard (stability.py) judges the loss and the gradients
+        # once per optimizer step and skips bad steps; a non-finite loss is logged as what it is.
+        logging_nan_inf_filter=False,
         remove_unused_columns=False,
         dataset_num_proc=None,
         # DDP (a torchrun / accelerate launch): every LoRA weight is used in every forward, so DDP need
@@ -369,9 +375,11 @@ class _quiet_datasets:
 def _trainer_class():
     from trl import SFTTrainer
 
-    class NbtuneSFTTrainer(StagedCheckpoints, RecordsStepLoss, SFTTrainer):
-        """TRL's SFTTrainer whose checkpoints are written under a temporary name and renamed, and
-        whose step losses go to the NaN/inf guard (``nbtune_guard``). Its LoRA weights stay fp32:
+    class NbtuneSFTTrainer(TokensSeenOnDevice, PatchedModelLoss, StagedCheckpoints, RecordsStepLoss, SFTTrainer):
+        """TRL's SFTTrainer whose checkpoints are written under a temporary name and renamed, whose
+        step losses go to the NaN/inf guard (``nbtune_guard``), whose patched models compute their
+        own fused loss (fused_loss.py) and whose count of tokens seen stays on the device between
+        logging steps (token_count.py): no device sync per micro-batch. Its LoRA weights stay fp32:
         TRL casts a 4-bit/8-bit model's trainable parameters to bf16 whatever the precision (so an
         fp16 run's loss scaler would meet bf16 gradients); they go back to fp32 before any
         optimizer is built on them."""
