@@ -14,7 +14,8 @@
 #                          -> $OUT/models-<stamp>.json, $OUT/models.log, $OUT/RESULTS.md
 #   multigpu[:STAGES]      python3 benchmarks/multi_gpu.py --stages STAGES (losses,throughput; needs 2 GPUs:
 #                          the 2 x H200 machine) -> $OUT/multi_gpu.json
-# Before them (always): carried wheels .whl/*.whl -> /tmp/site (on PYTHONPATH), .whl/peer/*.whl ->
+# Before them (always): carried wheels .whl/*.whl (from ../shared/device/fetch-wheels.sh [--peer] and
+# benchmarks/fetch_extra_wheels.sh) -> /tmp/site (on PYTHONPATH), .whl/peer/*.whl ->
 # /tmp/site_peer (first on PYTHONPATH of the unsloth process only), and nbtune itself
 # (pip install --no-deps -e ., else a copy of nbtune/ + kernels/ on PYTHONPATH).
 #
