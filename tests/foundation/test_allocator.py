@@ -51,3 +51,17 @@ def test_configure_allocator_on_a_given_environment(monkeypatch):
     monkeypatch.setattr(_allocator, "_unsupported_platform", lambda: True)
     env = {}
     assert _allocator.configure_allocator(env) is None and env == {}
+
+
+def test_cuda_already_in_use_gets_the_setting_at_run_time(monkeypatch):
+    """torch imported and CUDA initialised before nbtune: the environment is too late, so the setting
+    goes through torch's allocator-settings call (which applies to the segments made from then on)."""
+    import torch
+
+    monkeypatch.setattr(_allocator, "_unsupported_platform", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    calls = []
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", calls.append, raising=False)
+    env = {}
+    assert _allocator.configure_allocator(env) == "runtime"
+    assert calls == ["expandable_segments:True"] and env == {}
