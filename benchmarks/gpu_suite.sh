@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_suite.sh [STAGE ...]          (default: tests kernels models)
 #
 # Stages run in the order given; a failing stage is reported and the next still runs.
-#   tests                  pytest -m gpu -q (GPU_TEST_PATHS)    -> $OUT/pytest-gpu.xml
+#   tests                  pytest -m gpu -q (GPU_TEST_PATHS; tests/distributed's need 2 GPUs) -> $OUT/pytest-gpu.xml
 #   kernels[:ONLY]         python3 benchmarks/kernels.py [--only ONLY]   -> $OUT/kernels-<gpu>.{json,md}
 #   profile[:SPEC]         python3 benchmarks/profile_step.py SPEC --host (GPU kernels + host time)
 #                          -> $OUT/profile-<spec>.txt (SPEC default llama3-8b:2:2048:bfloat16)
@@ -102,7 +102,7 @@ stage_tests() {
   # shellcheck disable=SC2086
   # the folders that hold GPU tests (the others import notebook-only packages the GPU image lacks)
   local d paths=()
-  for d in ${GPU_TEST_PATHS:-tests/kernels tests/models tests/reliability tests/multi_gpu}; do
+  for d in ${GPU_TEST_PATHS:-tests/kernels tests/models tests/reliability tests/distributed tests/finetune/test_optimizer.py tests/finetune/test_no_sync_gpu.py}; do
     [[ -e $d ]] && paths+=("$d")
   done
   # shellcheck disable=SC2086
