@@ -103,6 +103,16 @@ backward, each LoRA parameter's gradient is accumulated once per backward, and D
 hooks fire once, in the order its buckets expect. The reentrant checkpoint would run a nested
 backward per layer, which DDP only accepts with ``static_graph=True``.
 
+Checkpoint phase
+----------------
+``offloaded_checkpoint`` and ``offloaded_checkpoint_reference`` pass torch's checkpoint a
+``context_fn`` (wrapping the caller's own) that marks the first run of the function as "forward"
+and its rerun inside the backward as "recompute", with the module whose bound method was
+checkpointed; ``checkpoint_phase()`` reads it. Kernels use it to skip work whose result the
+recompute throws away: the LoRA MLP at the end of a decoder layer computes nothing there
+(``lora_mlp(checkpointed_tail=True)``). The reentrant implementation has no ``context_fn``: there
+the phase is None and nothing is skipped.
+
 Using it with transformers
 --------------------------
 ``enable_offloaded_checkpointing(model)`` (a ``PreTrainedModel`` or a peft ``PeftModel``) turns
