@@ -164,6 +164,11 @@ def _cast(t, dtype):
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+def _in_dtypes(grads, dtypes):
+    """Each grad in its parameter's dtype (None stays None)."""
+    return tuple(None if g is None else g.to(d) for g, d in zip(grads, dtypes))
+
+
 # ----------------------------------------------------------------------------- projections sharing X
 class _LoRAProjections(torch.autograd.Function):
     """Y_i = X W_i^T (+ b_i) + s_i (X A_i^T) B_i^T for projections i sharing one input X.
@@ -208,7 +213,7 @@ class _LoRAProjections(torch.autograd.Function):
             ctx.needs_input_grad[0], needs)
         flat_grads = []
         for grads_i, dtypes_i in zip(lora_grads, ctx.grad_dtypes):
-            flat_grads += [None, *(None if g is None else g.to(d) for g, d in zip(grads_i, dtypes_i))]
+            flat_grads += [None, *_in_dtypes(grads_i, dtypes_i)]
         if dX is not None:
             dX = _cast(dX.view(ctx.x_shape), ctx.x_dtype)
         return (dX, None, *flat_grads)
@@ -315,8 +320,7 @@ class _LoRAMLP(torch.autograd.Function):
         del W, h
 
         ctx.save_for_backward(X, g, u, XAg, XAu, HAd, *loras)
-        ctx.grad_dtypes = [None if t is None else t.dtype for t in
-                           (gate_A, gate_B, gate_bias, up_A, up_B, up_bias, down_A, down_B, down_bias)]
+        ctx.grad_dtypes = _mlp_grad_dtypes(flat)
         ctx.bases = (gate_base, up_base, down_base)
         ctx.activation, ctx.scalings, ctx.dtype = activation, scalings, dtype
         ctx.consumed = False
@@ -332,36 +336,37 @@ class _LoRAMLP(torch.autograd.Function):
             )
         ctx.consumed = True
         X, g, u, XAg, XAu, HAd, gate_A, gate_B, up_A, up_B, down_A, down_B = ctx.saved_tensors
-        (gA_dtype, gB_dtype, gbias_dtype, uA_dtype, uB_dtype, ubias_dtype,
-         dA_dtype, dB_dtype, dbias_dtype) = ctx.grad_dtypes
         gate_base, up_base, down_base = ctx.bases
         s_g, s_u, s_d = ctx.scalings
-        dtype = ctx.dtype
-        need = ctx.needs_input_grad
+        dtype, need = ctx.dtype, ctx.needs_input_grad
         need_x = need[0]
         # flat inputs start at index 3: gate (3..6), up (7..10), down (11..14); 4 each: base, A, B, bias
-        need_gA, need_gB, need_gbias = need[4:7]
-        need_uA, need_uB, need_ubias = need[8:11]
-        need_dA, need_dB, need_dbias = need[12:15]
+        need_gate, need_up, need_down = need[4:7], need[8:11], need[12:15]
 
         G = _cast(dy.reshape(-1, dy.shape[-1]), dtype)
-        dg, du, (grad_down_A, grad_down_B, grad_down_bias) = _down_and_glu_backward(
-            G, g, u, HAd, down_base, down_A, down_B, s_d, ctx.activation, dtype, (need_dA, need_dB, need_dbias))
-        grad_down_A, grad_down_B, grad_down_bias = (
-            None if t is None else t.to(d) for t, d in zip((grad_down_A, grad_down_B, grad_down_bias),
-                                                           (dA_dtype, dB_dtype, dbias_dtype)))
-
+        dg, du, down_grads = _down_and_glu_backward(
+            G, g, u, HAd, down_base, down_A, down_B, s_d, ctx.activation, dtype, need_down)
         # gate and up projections: dX accumulates in one buffer
         dX, (gate_grads, up_grads) = _backward_through_projections(
             (dg, du), X, (XAg, XAu), (gate_base, up_base), (gate_A, up_A), (gate_B, up_B), (s_g, s_u), dtype,
-            need_x, ((need_gA, need_gB, need_gbias), (need_uA, need_uB, need_ubias)))
-        grads = []
-        for grads_i, dtypes_i in ((gate_grads, (gA_dtype, gB_dtype, gbias_dtype)),
-                                  (up_grads, (uA_dtype, uB_dtype, ubias_dtype))):
-            grads += [None, *(None if g is None else g.to(d) for g, d in zip(grads_i, dtypes_i))]
+            need_x, (need_gate, need_up))
         if dX is not None:
             dX = _cast(dX.view(ctx.x_shape), ctx.x_dtype)
-        return (dX, None, None, *grads, None, grad_down_A, grad_down_B, grad_down_bias)
+        return _mlp_input_grads(dX, _in_dtypes((*gate_grads, *up_grads, *down_grads), ctx.grad_dtypes))
+
+
+def _mlp_grad_dtypes(flat):
+    """The dtypes of the 9 trainable inputs (A, B, bias of gate, up, down) in the MLP Functions' flat
+    arguments (base, A, B, bias per projection); None for an absent bias."""
+    return [None if t is None else t.dtype for i in range(3) for t in flat[4 * i + 1: 4 * i + 4]]
+
+
+def _mlp_input_grads(dX, lora_grads):
+    """The MLP Functions' backward result for apply(x, activation, scalings, gate base, A, B, bias,
+    up ..., down ...): ``lora_grads`` are the 9 grads (A, B, bias of gate, up, down); none for the
+    activation, the scalings and the frozen bases."""
+    g = lora_grads
+    return (dX, None, None, None, *g[0:3], None, *g[3:6], None, *g[6:9])
 
 
 # ----------------------------------------------------------------------------- MLP as a checkpointed tail
@@ -396,9 +401,6 @@ class _GradSums:
             self.sums[i] = grad.float() if self.fp32 else grad
         else:
             self.sums[i].add_(grad)
-
-    def result(self, i: int, dtype):
-        return None if self.sums[i] is None else self.sums[i].to(dtype)
 
 
 class _LoRAMLPCheckpointed(torch.autograd.Function):
@@ -449,7 +451,7 @@ class _LoRAMLPCheckpointed(torch.autograd.Function):
                 _project(h, _weight(bases[2], dtype), dA, dB, s_d, biases[2], out=y2[a:b])
                 del h
         ctx.save_for_backward(X, *loras)
-        ctx.grad_dtypes = [None if t is None else t.dtype for i in range(3) for t in flat[4 * i + 1: 4 * i + 4]]
+        ctx.grad_dtypes = _mlp_grad_dtypes(flat)
         ctx.bases, ctx.biases = bases, biases
         ctx.activation, ctx.scalings, ctx.dtype = activation, scalings, dtype
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
@@ -480,10 +482,9 @@ class _LoRAMLPCheckpointed(torch.autograd.Function):
             del g, u, dg, du, XAg, XAu
             for k, grad in enumerate((*gate_grads, *up_grads, *down_grads)):
                 sums.add(k, grad)
-        grads = [sums.result(k, d) for k, d in enumerate(ctx.grad_dtypes)]
         if dX is not None:
             dX = _cast(dX.view(ctx.x_shape), ctx.x_dtype)
-        return (dX, None, None, None, *grads[0:3], None, *grads[3:6], None, *grads[6:9])
+        return _mlp_input_grads(dX, _in_dtypes(sums.sums, ctx.grad_dtypes))
 
 
 # ----------------------------------------------------------------------------- references
