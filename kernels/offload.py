@@ -593,6 +593,15 @@ def release_pinned_memory():
     _POOL.clear()
 
 
+def use_checkpoint_function(model, function) -> None:
+    """Make every module of ``model`` that transformers checkpoints (those with a
+    ``gradient_checkpointing`` flag: the rule transformers itself uses) call ``function`` as its
+    checkpoint, e.g. ``offloaded_checkpoint`` or ``offloaded_checkpoint_reference``."""
+    for module in model.modules():
+        if hasattr(module, "gradient_checkpointing"):
+            module._gradient_checkpointing_func = function
+
+
 def enable_offloaded_checkpointing(model, *, use_reentrant: bool = False, every_n_layers: int = 1):
     """Turn on gradient checkpointing with ``offloaded_checkpoint`` for a transformers model.
 
@@ -613,10 +622,7 @@ def enable_offloaded_checkpointing(model, *, use_reentrant: bool = False, every_
     if every_n_layers != 1:
         options["every_n_layers"] = every_n_layers
     base.gradient_checkpointing_enable(**options)
-    function = functools.partial(offloaded_checkpoint, use_reentrant=use_reentrant)
-    for module in base.modules():
-        if hasattr(module, "gradient_checkpointing"):  # the rule transformers itself uses
-            module._gradient_checkpointing_func = function
+    use_checkpoint_function(base, functools.partial(offloaded_checkpoint, use_reentrant=use_reentrant))
     has_input_grad_hooks = bool(getattr(base, "_require_grads_hooks", None))
     if use_reentrant and not has_input_grad_hooks and hasattr(base, "enable_input_require_grads"):
         base.enable_input_require_grads()

@@ -146,10 +146,6 @@ def device_capability(device: torch.device) -> tuple[int, int] | None:
     return tuple(torch.cuda.get_device_capability(device))
 
 
-def auto_dtype(device: torch.device) -> torch.dtype:
-    return choose_dtype("auto", device_capability(device))[0]
-
-
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     """:func:`choose_dtype` for ``device``; its note, if any, goes to stderr."""
     chosen, note = choose_dtype(dtype, device_capability(device))

@@ -103,12 +103,9 @@ def enable_checkpointing(model, mode: str) -> None:
     model.config.use_cache = False
     # torch's non-reentrant checkpoint, through nbtune's wrapper so that kernels see the checkpoint
     # phase (the fused MLP skips its work in the recompute); nothing is offloaded
-    from nbtune.kernels.offload import offloaded_checkpoint_reference
+    from nbtune.kernels.offload import offloaded_checkpoint_reference, use_checkpoint_function
 
-    function = functools.partial(offloaded_checkpoint_reference, use_reentrant=False)
-    for module in model.modules():
-        if hasattr(module, "gradient_checkpointing"):
-            module._gradient_checkpointing_func = function
+    use_checkpoint_function(model, functools.partial(offloaded_checkpoint_reference, use_reentrant=False))
 
 
 def load_adapter(model, adapter_dir, is_trainable: bool = False, patch: bool | None = None):
