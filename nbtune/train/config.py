@@ -25,6 +25,8 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -359,16 +361,11 @@ def parse_yaml(text: str) -> dict:
 
 def _numeric_not_bool(ann) -> bool:
     """A field that takes a number (int / float, maybe also text or null) and not a bool."""
-    import typing
-
-    args = typing.get_args(ann) if typing.get_origin(ann) in (Union, getattr(__import__("types"), "UnionType", Union)) \
-        else (ann,)
+    args = typing.get_args(ann) if typing.get_origin(ann) in (Union, types.UnionType) else (ann,)
     return bool(set(args) & {int, float}) and bool not in args
 
 
 def _describe_type(ann) -> str:
-    import typing
-
     if isinstance(ann, type) and issubclass(ann, BaseModel):
         return "a mapping of " + ", ".join(ann.model_fields)
     origin = typing.get_origin(ann)
