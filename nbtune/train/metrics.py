@@ -112,6 +112,11 @@ class MetricsStream(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self.emit(dict(event="end", step=state.global_step, max_steps=state.max_steps, **gpu_memory()))
 
+    def history(self) -> list[dict]:
+        """Every record of the run: the file where this process writes one (a resumed run appends to
+        it, so it holds the steps before the resume too), else the records of this session."""
+        return read_log(self.path) if self.write else list(self.records)
+
     def emit(self, rec: dict) -> None:
         rec = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
         rec["time"] = round(time.time(), 3)

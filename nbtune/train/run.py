@@ -38,7 +38,7 @@ from .checkpoint import (InterruptCallback, StagedCheckpoints, checkpoint_step, 
 from .config import Config, ConfigError, build_config, output_dir
 from .data import apply_chat_template_choice, prepare_data
 from .environment import check_bitsandbytes, cpu_note
-from .metrics import MetricsStream, mean_train_loss, read_log, truncate_log
+from .metrics import MetricsStream, mean_train_loss, truncate_log
 from .oom import released_on_oom
 from .optimizer import register_embedding_overrides, sync_free
 from .fused_loss import PatchedModelLoss
@@ -531,7 +531,7 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
     if interrupted:
         stream.emit(dict(event="interrupted", step=trainer.state.global_step, max_steps=trainer.state.max_steps,
                          checkpoint=str(checkpoint) if checkpoint else None))
-    train_loss = mean_train_loss(read_log(stream.path) if main else stream.records)
+    train_loss = mean_train_loss(stream.history())
     after = None
     if data.eval is not None and not interrupted:
         try:
@@ -561,7 +561,7 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
         config=cfg, output_dir=out, adapter_dir=adapter_dir, log_path=stream.path,
         eval_loss_before=before, eval_loss_after=after, train_loss=train_loss,
         steps=trainer.state.global_step, seconds=time.perf_counter() - t_start,
-        metrics=read_log(stream.path) if main else list(stream.records), model=peft_model, tokenizer=tokenizer,
+        metrics=stream.history(), model=peft_model, tokenizer=tokenizer,
         interrupted=interrupted, checkpoint=checkpoint, resumed_from=start_step, plan=the_plan,
         world_size=world, global_batch=distributed.global_batch(cfg, world), replicas_identical=identical,
         _generation=session.generation(),
