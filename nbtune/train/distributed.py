@@ -154,16 +154,24 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_reduce_(tensor, op: str):
+    """``tensor`` reduced in place over the ranks with ``op`` ("min", "max", "sum"); unchanged outside
+    a distributed run. All ranks must call it together, with the tensor on the backend's device."""
+    if _initialized():
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op={"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}[op])
+    return tensor
+
+
 def any_rank(flag: bool) -> bool:
     """True when ``flag`` is true on at least one rank (all ranks must call it together)."""
     if not _initialized():
         return bool(flag)
     import torch
-    import torch.distributed as dist
 
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return bool(all_reduce_(t, "max").item())
 
 
 def trainable_digest(model) -> str:

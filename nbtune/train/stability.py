@@ -32,6 +32,8 @@ from typing import Callable
 import torch
 from transformers import TrainerCallback
 
+from . import distributed
+
 MIN_LOSS_SCALE = 1.0
 
 
@@ -106,8 +108,7 @@ class NonFiniteGuard(TrainerCallback):
         device = known[-1].device if known else torch.device("cpu")
         flags = torch.stack([(x if x is not None else torch.tensor(True)).to(device, torch.float32)
                              for x in (self._loss_finite, grads_finite)])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)  # every rank judges alike
+        distributed.all_reduce_(flags, "min")  # every rank judges alike
         loss_ok, grads_ok = (x > 0.5 for x in flags.tolist())  # one device sync per optimizer step
         step = state.global_step + 1
         if loss_ok and grads_ok:
