@@ -23,7 +23,27 @@ class RunOutcome:
     steps: int
     seconds: float
 
-    # Subclasses add ``interrupted`` (a field of their own: its default differs) and ``summary()``.
+    # Subclasses add ``interrupted``, ``checkpoint``, ``resumed_from``, ``merged_dir``, ``world_size``,
+    # ``global_batch`` and ``replicas_identical`` (fields of their own: their defaults differ).
+
+    def summary(self) -> str:
+        lines = [f"steps: {self.steps}/{self.config.train.max_steps or '?'} in {self.seconds:.0f} s"
+                 + (f" (resumed from step {self.resumed_from})" if self.resumed_from else "")]
+        if self.eval_loss_before is not None and self.eval_loss_after is not None:
+            lines.append(f"held-out loss: {self.eval_loss_before:.4f} before -> {self.eval_loss_after:.4f} after")
+        if self.train_loss is not None:
+            lines.append(f"train loss (mean): {self.train_loss:.4f}")
+        lines += [f"adapter: {self.adapter_dir}", f"log: {self.log_path}"]
+        if self.merged_dir:
+            lines.append(f"merged: {self.merged_dir}")
+        if self.world_size > 1:
+            agree = {True: "LoRA weights identical on every rank", False: "LoRA weights DIFFER between ranks",
+                     None: "replicas not compared"}[self.replicas_identical]
+            lines.append(f"data parallel: {self.world_size} processes, global batch {self.global_batch} rows; {agree}")
+        if self.interrupted:
+            lines.insert(0, f"interrupted at step {self.steps}; checkpoint: {self.checkpoint} "
+                            "(run again with --resume / resume=True to continue)")
+        return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.summary()

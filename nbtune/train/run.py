@@ -67,25 +67,6 @@ class FinetuneResult(RunOutcome):
     replicas_identical: bool | None = None
     _generation: int = dataclasses.field(repr=False, default=0)
 
-    def summary(self) -> str:
-        lines = [f"steps: {self.steps}/{self.config.train.max_steps or '?'} in {self.seconds:.0f} s"
-                 + (f" (resumed from step {self.resumed_from})" if self.resumed_from else ""),
-                 f"adapter: {self.adapter_dir}", f"log: {self.log_path}"]
-        if self.merged_dir:
-            lines.append(f"merged: {self.merged_dir}")
-        if self.world_size > 1:
-            agree = {True: "LoRA weights identical on every rank", False: "LoRA weights DIFFER between ranks",
-                     None: "replicas not compared"}[self.replicas_identical]
-            lines.append(f"data parallel: {self.world_size} processes, global batch {self.global_batch} rows; {agree}")
-        if self.train_loss is not None:
-            lines.insert(1, f"train loss (mean): {self.train_loss:.4f}")
-        if self.eval_loss_before is not None and self.eval_loss_after is not None:
-            lines.insert(1, f"held-out loss: {self.eval_loss_before:.4f} before -> {self.eval_loss_after:.4f} after")
-        if self.interrupted:
-            lines.insert(0, f"interrupted at step {self.steps}; checkpoint: {self.checkpoint} "
-                            "(run again with --resume / resume=True to continue)")
-        return "\n".join(lines)
-
     # ---------------------------------------------------------------- after training
     def live_model(self):
         """(model, tokenizer) with this run's adapter: the live model while its base has not been
@@ -154,7 +135,6 @@ class DryRunReport:
     world_size: int = 1
 
     def summary(self) -> str:
-        t = self.config.train
         lines = [
             f"dry run: {self.config.model.name} on {self.config.data.source} ({self.format} format)",
             f"  train rows: {self.train_rows}" + (f" ({sum(self.dropped.values())} dropped: "

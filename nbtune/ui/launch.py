@@ -45,7 +45,7 @@ import time
 import traceback
 from pathlib import Path
 
-from ..train.config import Config, ConfigError, build_config
+from ..train.config import ConfigError, build_config
 from ..train.outcome import RunOutcome
 
 FEED = "metrics.jsonl"
@@ -66,14 +66,18 @@ class LaunchError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------- checks in the kernel
+def _shown(flag: str, processes) -> str:
+    """The option as the caller spelled it: "gpus=2" (Python) or "--gpus 2" (the magic)."""
+    return f"{flag}{'' if flag.endswith('=') else ' '}{processes}"
+
+
 def check_launch(processes, flag: str = "gpus=", device: str = "cuda") -> None:
     """Raise :class:`LaunchError` unless ``processes`` ranks can be forked from this process onto
     ``device`` ("cuda": one GPU each; "cpu": gloo processes, for tests and CPU-only machines).
     ``flag`` is how the caller spelled the option (``--gpus`` in the magic), for the message."""
     if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
-        raise LaunchError(f"{flag}{'' if flag.endswith('=') else ' '}{processes!r}: give a whole number of "
-                          "GPUs, at least 1", fixable=True)
-    shown = f"{flag}{'' if flag.endswith('=') else ' '}{processes}"
+        raise LaunchError(f"{_shown(flag, repr(processes))}: give a whole number of GPUs, at least 1", fixable=True)
+    shown = _shown(flag, processes)
     if device == "cuda":
         import torch
 
@@ -192,24 +196,6 @@ class LaunchResult(RunOutcome):
     dashboard: object = dataclasses.field(repr=False, default=None)
     _loaded: object = dataclasses.field(repr=False, default=None)
 
-    def summary(self) -> str:
-        lines = [f"steps: {self.steps}/{self.config.train.max_steps or '?'} in {self.seconds:.0f} s"
-                 + (f" (resumed from step {self.resumed_from})" if self.resumed_from else "")]
-        if self.eval_loss_before is not None and self.eval_loss_after is not None:
-            lines.append(f"held-out loss: {self.eval_loss_before:.4f} before -> {self.eval_loss_after:.4f} after")
-        if self.train_loss is not None:
-            lines.append(f"train loss (mean): {self.train_loss:.4f}")
-        agree = {True: "LoRA weights identical on every rank", False: "LoRA weights DIFFER between ranks",
-                 None: "replicas not compared"}[self.replicas_identical]
-        lines.append(f"data parallel: {self.world_size} processes, global batch {self.global_batch} rows; {agree}")
-        lines += [f"adapter: {self.adapter_dir}", f"log: {self.log_path}"]
-        if self.merged_dir:
-            lines.append(f"merged: {self.merged_dir}")
-        if self.interrupted:
-            lines.insert(0, f"interrupted at step {self.steps}; checkpoint: {self.checkpoint} "
-                            "(run again with --resume / resume=True to continue)")
-        return "\n".join(lines)
-
     def load(self):
         """A :class:`~nbtune.train.run.FinetuneResult` in this kernel for the trained adapter (its
         ``chat()``, ``generate()``, ``save_merged()`` load the base model and the adapter here)."""
@@ -316,7 +302,7 @@ def launch_finetune(config, processes: int, *, resume=False, force: bool = False
     cfg = build_config(config)
     check_launch(processes, flag=flag, device=device)
     if processes < 2:
-        raise LaunchError(f"{flag}{'' if flag.endswith('=') else ' '}{processes}: one process trains in this kernel "
+        raise LaunchError(f"{_shown(flag, processes)}: one process trains in this kernel "
                           "(nbtune.finetune without gpus); a launch starts 2 or more", fixable=True)
     folder = Path(tempfile.mkdtemp(prefix="nbtune-launch-"))
     (folder / FEED).touch()
