@@ -61,18 +61,17 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
             from ..train.progress import TerminalProgress
 
             listeners.append(TerminalProgress())
-        try:
-            result = launch_finetune(build_kwargs_config(config, kwargs), gpus, resume=resume, force=force, gpu=gpu,
-                                     listeners=listeners, flag=_gpus_flag, device=launch_device)
-        finally:
-            if dash is not None:
-                dash.flush()
-        result.dashboard = dash
-        return result
-    from ..train import finetune as run  # the training stack: never imported by a launching kernel
 
+        def start():
+            return launch_finetune(build_kwargs_config(config, kwargs), gpus, resume=resume, force=force, gpu=gpu,
+                                   listeners=listeners, flag=_gpus_flag, device=launch_device)
+    else:
+        from ..train import finetune as run  # the training stack: never imported by a launching kernel
+
+        def start():
+            return run(config, resume=resume, force=force, gpu=gpu, listeners=listeners, progress=progress, **kwargs)
     try:
-        result = run(config, resume=resume, force=force, gpu=gpu, listeners=listeners, progress=progress, **kwargs)
+        result = start()
     finally:
         if dash is not None:
             dash.flush()
