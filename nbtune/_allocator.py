@@ -42,12 +42,29 @@ def _torch_reads_unified_variable() -> bool:
     return (major, minor) >= (2, 10)
 
 
+def _user_setting(environ) -> str | None:
+    """The allocator setting the user gave (PYTORCH_ALLOC_CONF, else its older name), or None."""
+    return next((environ[name].strip() for name in _USER_VARIABLES if environ.get(name)), None)
+
+
+def _left_to_torch(environ) -> bool:
+    """nbtune leaves torch's default: opted out (NBTUNE_ALLOCATOR=default) or Windows / WSL."""
+    return environ.get(ENV, "").strip().lower() == "default" or _unsupported_platform()
+
+
+def effective_setting(environ=os.environ) -> str:
+    """The allocator setting a run in this environment gets: the user's, else nbtune's expandable
+    segments, else "default" (torch's own) where nbtune leaves it alone."""
+    user = _user_setting(environ)
+    if user is not None:
+        return user
+    return "default" if _left_to_torch(environ) else SETTING
+
+
 def configure_allocator(environ=os.environ) -> str | None:
     """Ask torch for expandable segments unless the user configured the allocator or opted out.
     Returns how it was applied ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "runtime") or None."""
-    if environ.get(ENV, "").strip().lower() == "default" or _unsupported_platform():
-        return None
-    if any(environ.get(name) for name in _USER_VARIABLES):
+    if _left_to_torch(environ) or _user_setting(environ) is not None:
         return None
     torch = sys.modules.get("torch")
     if torch is not None and getattr(torch.cuda, "is_initialized", lambda: False)():

@@ -295,15 +295,9 @@ def allocator_setting(environ=None) -> str:
     PYTORCH_ALLOC_CONF / PYTORCH_CUDA_ALLOC_CONF (where ``import nbtune`` also puts its own), else what
     ``import nbtune`` applies (``nbtune._allocator``: expandable segments), or "default" where nbtune
     leaves torch's own (``NBTUNE_ALLOCATOR=default``, Windows, WSL)."""
-    from .. import _allocator
+    from .._allocator import effective_setting
 
-    env = os.environ if environ is None else environ
-    for name in _allocator._USER_VARIABLES:
-        if env.get(name):
-            return env[name].strip()
-    if env.get(_allocator.ENV, "").strip().lower() == "default" or _allocator._unsupported_platform():
-        return "default"
-    return _allocator.SETTING
+    return effective_setting(os.environ if environ is None else environ)
 
 
 def allocator_note(c: Coefficients, environ=None) -> str | None:
