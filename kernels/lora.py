@@ -338,10 +338,8 @@ class _LoRAMLP(torch.autograd.Function):
         X, g, u, XAg, XAu, HAd, gate_A, gate_B, up_A, up_B, down_A, down_B = ctx.saved_tensors
         gate_base, up_base, down_base = ctx.bases
         s_g, s_u, s_d = ctx.scalings
-        dtype, need = ctx.dtype, ctx.needs_input_grad
-        need_x = need[0]
-        # flat inputs start at index 3: gate (3..6), up (7..10), down (11..14); 4 each: base, A, B, bias
-        need_gate, need_up, need_down = need[4:7], need[8:11], need[12:15]
+        dtype = ctx.dtype
+        need_x, need_gate, need_up, need_down = _mlp_needs(ctx)
 
         G = _cast(dy.reshape(-1, dy.shape[-1]), dtype)
         dg, du, down_grads = _down_and_glu_backward(
@@ -359,6 +357,13 @@ def _mlp_grad_dtypes(flat):
     """The dtypes of the 9 trainable inputs (A, B, bias of gate, up, down) in the MLP Functions' flat
     arguments (base, A, B, bias per projection); None for an absent bias."""
     return [None if t is None else t.dtype for i in range(3) for t in flat[4 * i + 1: 4 * i + 4]]
+
+
+def _mlp_needs(ctx):
+    """(need_x, gate's, up's and down's (need_A, need_B, need_bias)) of the MLP Functions, whose inputs
+    are (x, activation, scalings, then base, A, B, bias for gate (3..6), up (7..10), down (11..14))."""
+    need = ctx.needs_input_grad
+    return need[0], need[4:7], need[8:11], need[12:15]
 
 
 def _mlp_input_grads(dX, lora_grads):
@@ -462,10 +467,8 @@ class _LoRAMLPCheckpointed(torch.autograd.Function):
         X, gA, gB, uA, uB, dA, dB = ctx.saved_tensors
         gate_base, up_base, down_base = ctx.bases
         s_g, s_u, s_d = ctx.scalings
-        dtype, need = ctx.dtype, ctx.needs_input_grad
-        need_x = need[0]
-        # flat inputs start at index 3: gate (3..6), up (7..10), down (11..14); 4 each: base, A, B, bias
-        need_gate, need_up, need_down = need[4:7], need[8:11], need[12:15]
+        dtype = ctx.dtype
+        need_x, need_gate, need_up, need_down = _mlp_needs(ctx)
         G = _cast(dy.reshape(-1, dy.shape[-1]), dtype)
         dX = torch.empty_like(X) if need_x else None
         chunks = mlp_token_chunks(X.shape[0], gB.shape[0], X.element_size())
