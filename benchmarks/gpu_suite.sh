@@ -37,13 +37,21 @@ declare -a SUMMARY=()
 note() { SUMMARY+=("$(printf '%-22s %-34s %5ss' "$1" "$2" "$3")"); }
 remaining() { echo $(( BUDGET - SECONDS )); }
 
+# newest_wheels DIR: one wheel per distribution (the highest version), so that two fetches that left
+# two versions of a package behind do not make pip refuse the whole set
+newest_wheels() {
+  ls "$1"/*.whl | awk -F/ '{print $NF}' | sort -t- -k1,1 -k2,2V \
+    | awk -F- '{k=tolower($1)} k!=prev && prev!="" {print last} {prev=k; last=$0} END {if (last!="") print last}' \
+    | sed "s|^|$1/|"
+}
+
 setup() {
   local t0=$SECONDS site=/tmp/site peer=/tmp/site_peer stamp
   if compgen -G ".whl/*.whl" >/dev/null; then
     stamp=$(stat -c "%n %s" .whl/*.whl | md5sum | cut -c1-32)
     if [[ -f $site/.nbtune-wheels && $(cat $site/.nbtune-wheels) == "$stamp" ]]; then
       echo "# wheels already in $site"
-    elif $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl; then
+    elif $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" $(newest_wheels .whl); then
       echo "$stamp" > "$site/.nbtune-wheels"
     else
       note setup:wheels "FAILED (pip install .whl)" $((SECONDS - t0))

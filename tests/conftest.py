@@ -71,3 +71,41 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
         LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+WORD_VOCAB = 512
+WORD_ROWS = 64
+
+
+@pytest.fixture(scope="session")
+def word_model(tmp_path_factory):
+    """A random 4-layer Llama (hidden 256) and a whitespace word tokenizer: word "w<i>" is id i (i >= 3;
+    the special tokens are spelled so that no word contains one: transformers splits text on them), and
+    64 rows of word sequences with a learnable pattern (``data``). Needs neither a hub nor the embedded
+    model, so it serves the GPU tests on machines that reach no package index."""
+    import json
+    import random
+
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("word-llama")
+    words = {"<pad>": 0, "<unk>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, WORD_VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                            eos_token="</s>").save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=WORD_VOCAB, max_position_embeddings=256, pad_token_id=0,
+                      bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    rng = random.Random(0)
+    rows = []
+    for _ in range(WORD_ROWS):  # a cycle of 16 words from a random start: learnable, lengths 24..96
+        start, n = rng.randrange(3, WORD_VOCAB - 16), rng.randrange(24, 97)
+        rows.append({"text": " ".join(f"w{start + (k % 16)}" for k in range(n))})
+    data = path / "words.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, data

@@ -2,14 +2,13 @@
 4-bit NF4 base on each rank's own GPU, Triton kernels, offloaded checkpointing, 8-bit AdamW.
 
 Run on the 2-GPU machine (``pytest -m gpu tests/distributed``; skipped with fewer than 2 GPUs).
-The model is a small random Llama with a 512-word tokenizer (no hub, no embedded model needed);
-the data are word sequences with a learnable pattern, of different lengths. The 1-GPU reference
+The model is tests/conftest.py's word_model: a small random Llama with a 512-word tokenizer (no hub,
+no embedded model needed); the data are word sequences with a learnable pattern, of different lengths. The 1-GPU reference
 runs the same global batch (grad_accum doubled); its micro-batches are the ranks' micro-batches
 (same rows, same shapes), so each micro-batch's loss is computed by the same kernels on the same
 bits, and only the gradient sums' order differs: losses agree to 1e-2 relative.
 """
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +23,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore"),
               pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
                                  reason="needs 2 CUDA GPUs")]
 HERE = Path(__file__).parent
-VOCAB = 512
-ROWS = 64
+ROWS = 64  # rows of the word model's data (tests/conftest.py word_model)
 
 
 def _needs_notebook_packages():
@@ -44,34 +42,6 @@ def gpu_env() -> dict:
     for name in ("CUDA_VISIBLE_DEVICES", "NBTUNE_GPU", "TRITON_INTERPRET", "NBTUNE_KERNELS"):
         env.pop(name, None)
     return env
-
-
-@pytest.fixture(scope="module")
-def word_model(tmp_path_factory):
-    """A random 4-layer Llama (hidden 256) and a whitespace word tokenizer: word "w<i>" is id i (i >= 3;
-    the special tokens are spelled so that no word contains one: transformers splits text on them)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("word-llama")
-    words = {"<pad>": 0, "<unk>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, VOCAB)}
-    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                            eos_token="</s>").save_pretrained(path)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=0,
-                      bos_token_id=1, eos_token_id=2)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    rng = random.Random(0)
-    rows = []
-    for _ in range(ROWS):  # a cycle of 16 words from a random start: learnable, lengths 24..96
-        start, n = rng.randrange(3, VOCAB - 16), rng.randrange(24, 97)
-        rows.append({"text": " ".join(f"w{start + (k % 16)}" for k in range(n))})
-    data = path / "words.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path, data
 
 
 def config(word_model, out, **train) -> dict:

@@ -1,7 +1,8 @@
 """GPU: the trainer's micro-batches run without a device synchronization.
 
-torch's CUDA sync-debug mode warns at every synchronizing call. Two real runs of the tiny model on
-the GPU, 2 optimizer steps each, with 2 and with 6 micro-batches per step: everything but the
+torch's CUDA sync-debug mode warns at every synchronizing call. Two real runs of the word model
+(tests/conftest.py: no hub, no embedded model) in 4-bit with offloaded checkpointing and 8-bit AdamW
+on the GPU, 2 optimizer steps each, with 2 and with 6 micro-batches per step: everything but the
 micro-batches is the same in both (loading, the optimizer steps, logging, the final evaluation), so
 equal counts of synchronizing calls mean the micro-batches add none (TRL's per-micro-batch metrics,
 transformers' token count and NaN filter used to add three or more each).
@@ -13,7 +14,6 @@ import torch
 
 import nbtune
 
-from .conftest import tiny_config
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -30,12 +30,24 @@ def _synchronizing_calls(config) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def test_micro_batches_add_no_synchronization(tiny_model_dir, tiny_data, tmp_path):
+def _config(word_model, out, **train) -> dict:
+    model_dir, data = word_model
+    return {
+        "model": {"name": str(model_dir), "max_seq_length": 128, "load_in_4bit": True},
+        "data": {"source": str(data), "format": "text", "responses_only": False, "eval_split": None},
+        "lora": {"r": 8, "alpha": 16},
+        "train": {"batch_size": 2, "lr": 5e-3, "warmup_steps": 0, "optimizer": "adamw_8bit",
+                  "gradient_checkpointing": "offload", "seed": 1, **train},
+        "output": {"dir": str(out)},
+    }
+
+
+def test_micro_batches_add_no_synchronization(word_model, tmp_path):
     # a first run compiles the Triton kernels (and would count any first-call work)
-    nbtune.finetune(tiny_config(tiny_model_dir, tiny_data, tmp_path / "warm-up", max_steps=1,
-                                gradient_checkpointing="offload"), dashboard=False, progress=False)
-    counts = {accum: _synchronizing_calls(tiny_config(tiny_model_dir, tiny_data, tmp_path / f"accum{accum}",
-                                                      max_steps=2, grad_accum=accum, gradient_checkpointing="offload"))
+    nbtune.finetune(_config(word_model, tmp_path / "warm-up", max_steps=1, grad_accum=2),
+                    dashboard=False, progress=False)
+    counts = {accum: _synchronizing_calls(_config(word_model, tmp_path / f"accum{accum}", max_steps=2,
+                                                  grad_accum=accum))
               for accum in (2, 6)}
     assert counts[2] > 0  # the mode is on: loading and the optimizer steps do synchronize
     assert counts[6] == counts[2], counts
