@@ -46,7 +46,7 @@ Dtypes: everything is computed in the compute dtype, that of x (or the autocast 
 autocast is on). LoRA parameters kept in fp32 next to a 16-bit base (as peft does) are cast to
 it for the matmuls once per forward (the backward reuses the 16-bit copies it saved: r x (in + out)
 values per projection, a few MiB per layer), and their gradients are returned in the parameter's
-own dtype. Frozen means
+own dtype (on CUDA written in fp32 by the gradient GEMM itself, see ``_mm_scaled``). Frozen means
 frozen: even a base whose weight requires grad gets none. LoRA dropout is not supported: callers
 take this path only when dropout is 0 (``lora_parts`` refuses a layer with dropout). The fused
 MLP backward may run once per forward: it overwrites its saved buffers, so a second backward
@@ -54,6 +54,7 @@ through the same graph (``retain_graph=True``) raises instead of returning wrong
 """
 from __future__ import annotations
 
+import warnings
 from collections import namedtuple
 
 import torch
@@ -127,9 +128,36 @@ def _check_shapes(x: torch.Tensor, p: LoRAProjection, what: str):
         )
 
 
-def _mm_scaled(a, b, scaling):
-    """scaling * (a @ b) in one GEMM (alpha), into a fresh tensor (beta=0: its contents are ignored)."""
-    return torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device).addmm_(a, b, beta=0.0, alpha=scaling)
+def _mm_scaled(a, b, scaling, dtype=None):
+    """scaling * (a @ b) in one GEMM (alpha), into a fresh tensor of ``dtype`` (default a's; beta=0: its
+    contents are ignored).
+
+    A LoRA gradient wanted in fp32 from 16-bit operands (fp32 adapters over a 16-bit compute dtype,
+    peft's default) comes straight out of the GEMM's fp32 accumulator on CUDA (cuBLAS with a wide
+    output: ``addmm``'s ``out_dtype``): no rounding to 16 bits and no cast kernel after it, one
+    host op instead of two per gradient (448 casts per step for LoRA on a 32-layer model's seven
+    projections). Elsewhere the GEMM runs in a's dtype and the result is cast.
+    """
+    if dtype is None or dtype == a.dtype:
+        return torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device).addmm_(a, b, beta=0.0, alpha=scaling)
+    if _wide_gemm_ok(a, dtype):
+        out = torch.empty((a.shape[0], b.shape[1]), dtype=dtype, device=a.device)
+        try:
+            return torch.addmm(out, a, b, dtype, beta=0.0, alpha=scaling, out=out)
+        except (RuntimeError, TypeError) as e:  # a torch / cuBLAS without the wide-output GEMM
+            _WIDE_GEMM["ok"] = False
+            warnings.warn(f"nbtune.kernels: fp32-output GEMM unavailable ({e}); LoRA grads are cast instead",
+                          RuntimeWarning, stacklevel=2)
+    return _mm_scaled(a, b, scaling).to(dtype)
+
+
+_WIDE_GEMM = {"ok": True}  # set False once if this torch / GPU refuses addmm's out_dtype
+
+
+def _wide_gemm_ok(a, dtype) -> bool:
+    """Can cuBLAS write a (16-bit x 16-bit) GEMM straight into ``dtype``? (CUDA, fp32 out, fp16/bf16 in.)"""
+    return (_WIDE_GEMM["ok"] and a.is_cuda and dtype == torch.float32
+            and a.dtype in (torch.float16, torch.bfloat16))
 
 
 def _project(X, W, A, B, scaling, bias, lead_shape=None, out=None):
@@ -210,7 +238,7 @@ class _LoRAProjections(torch.autograd.Function):
         needs = [ctx.needs_input_grad[2 + 4 * i + 1: 2 + 4 * i + 4] for i in range(n)]
         dX, lora_grads = _backward_through_projections(
             dZs, X, saved_xa, ctx.bases, params[0::2], params[1::2], ctx.scalings, dtype,
-            ctx.needs_input_grad[0], needs)
+            ctx.needs_input_grad[0], needs, [d[:2] for d in ctx.grad_dtypes])
         flat_grads = []
         for grads_i, dtypes_i in zip(lora_grads, ctx.grad_dtypes):
             flat_grads += [None, *_in_dtypes(grads_i, dtypes_i)]
@@ -219,20 +247,23 @@ class _LoRAProjections(torch.autograd.Function):
         return (dX, None, *flat_grads)
 
 
-def _backward_through_projections(dZs, X, XAs, bases, As, Bs, scalings, dtype, need_x, needs, dX=None):
+def _backward_through_projections(dZs, X, XAs, bases, As, Bs, scalings, dtype, need_x, needs, grad_dtypes,
+                                  dX=None):
     """Backward of projections i sharing the input X, given dZ_i = dL/dY_i (compute dtype):
 
         dX   = sum_i dZ_i W_i + s_i (dZ_i B_i) A_i      (W_i dequantized again, one at a time)
         dA_i = s_i (dZ_i B_i)^T X,  dB_i = s_i dZ_i^T XA_i,  dbias_i = sum_tokens dZ_i
 
-    ``needs[i]`` = (need_A, need_B, need_bias). dX is accumulated in one buffer: a fresh one, or
-    ``dX`` (a contiguous 2-D buffer, overwritten) when given. Returns (dX or None, [(dA, dB, dbias)
-    per projection, each None when not needed]), the grads still in the compute dtype.
+    ``needs[i]`` = (need_A, need_B, need_bias); ``grad_dtypes[i]`` = the dtypes wanted for (dA_i,
+    dB_i) (``_mm_scaled``). dX is accumulated in one buffer: a fresh one, or ``dX`` (a contiguous
+    2-D buffer, overwritten) when given. Returns (dX or None, [(dA, dB, dbias) per projection, each
+    None when not needed]); dbias in the compute dtype.
     """
     fresh = dX is None
     started = False
     grads = []
-    for dZ, base, A, B, XA, s, (need_A, need_B, need_bias) in zip(dZs, bases, As, Bs, XAs, scalings, needs):
+    for dZ, base, A, B, XA, s, (need_A, need_B, need_bias), (dtype_A, dtype_B) in zip(
+            dZs, bases, As, Bs, XAs, scalings, needs, grad_dtypes):
         grad_A = grad_B = grad_bias = None
         if need_x or need_A:
             GB = torch.mm(dZ, B)
@@ -248,9 +279,9 @@ def _backward_through_projections(dZs, X, XAs, bases, As, Bs, scalings, dtype, n
                 del W
                 dX.addmm_(GB, A, alpha=s)
             if need_A:
-                grad_A = _mm_scaled(GB.t(), X, s)
+                grad_A = _mm_scaled(GB.t(), X, s, dtype_A)
         if need_B:
-            grad_B = _mm_scaled(dZ.t(), XA, s)
+            grad_B = _mm_scaled(dZ.t(), XA, s, dtype_B)
         if need_bias:
             grad_bias = dZ.sum(0)
         grads.append((grad_A, grad_B, grad_bias))
@@ -265,7 +296,7 @@ def _apply_projections(x, projections):
     return _LoRAProjections.apply(x, scalings, *flat)
 
 
-def _down_and_glu_backward(G, g, u, HA, base, A, B, s, activation, dtype, needs):
+def _down_and_glu_backward(G, g, u, HA, base, A, B, s, activation, dtype, needs, grad_dtypes):
     """Backward of ``y = down(h)``, ``h = act(g) * u`` down to dg, du, given G = dL/dy:
 
         dh   = G W_d + s (G B_d) A_d
@@ -273,21 +304,23 @@ def _down_and_glu_backward(G, g, u, HA, base, A, B, s, activation, dtype, needs)
         dg   = dh * u * act'(g),  du = dh * act(g)        [Triton, in place: g <- dg, u <- du, dh <- h]
         dA_d = s (G B_d)^T h,  dbias_d = sum_tokens G
 
-    ``needs`` = (need_A, need_B, need_bias) of the down projection. Returns (dg, du, (dA_d, dB_d,
-    dbias_d)) with the grads in the compute dtype (None where not needed).
+    ``needs`` = (need_A, need_B, need_bias) of the down projection, ``grad_dtypes`` the dtypes wanted
+    for (dA_d, dB_d). Returns (dg, du, (dA_d, dB_d, dbias_d)), None where not needed; dbias_d in the
+    compute dtype.
     """
     need_A, need_B, need_bias = needs
+    dtype_A, dtype_B = grad_dtypes
     GB = torch.mm(G, B)
     W = _weight(base, dtype)
     dh = torch.mm(G, W)
     del W
     dh.addmm_(GB, A, alpha=s)
-    grad_B = _mm_scaled(G.t(), HA, s) if need_B and HA is not None else None
+    grad_B = _mm_scaled(G.t(), HA, s, dtype_B) if need_B and HA is not None else None
     grad_bias = G.sum(0) if need_bias else None
     dg, du, h = glu_backward_inplace(dh, g, u, activation, store_h=need_A or (need_B and HA is None))
     if need_B and HA is None:
-        grad_B = _mm_scaled(G.t(), torch.mm(h, A.t()), s)
-    grad_A = _mm_scaled(GB.t(), h, s) if need_A else None
+        grad_B = _mm_scaled(G.t(), torch.mm(h, A.t()), s, dtype_B)
+    grad_A = _mm_scaled(GB.t(), h, s, dtype_A) if need_A else None
     return dg, du, (grad_A, grad_B, grad_bias)
 
 
@@ -342,12 +375,13 @@ class _LoRAMLP(torch.autograd.Function):
         need_x, need_gate, need_up, need_down = _mlp_needs(ctx)
 
         G = _cast(dy.reshape(-1, dy.shape[-1]), dtype)
+        gd = ctx.grad_dtypes
         dg, du, down_grads = _down_and_glu_backward(
-            G, g, u, HAd, down_base, down_A, down_B, s_d, ctx.activation, dtype, need_down)
+            G, g, u, HAd, down_base, down_A, down_B, s_d, ctx.activation, dtype, need_down, gd[6:8])
         # gate and up projections: dX accumulates in one buffer
         dX, (gate_grads, up_grads) = _backward_through_projections(
             (dg, du), X, (XAg, XAu), (gate_base, up_base), (gate_A, up_A), (gate_B, up_B), (s_g, s_u), dtype,
-            need_x, (need_gate, need_up))
+            need_x, (need_gate, need_up), (gd[0:2], gd[3:5]))
         if dX is not None:
             dX = _cast(dX.view(ctx.x_shape), ctx.x_dtype)
         return _mlp_input_grads(dX, _in_dtypes((*gate_grads, *up_grads, *down_grads), ctx.grad_dtypes))
@@ -393,8 +427,9 @@ def mlp_token_chunks(tokens: int, intermediate: int, element_size: int, budget: 
 
 
 class _GradSums:
-    """LoRA grads summed over token chunks: one chunk keeps its compute-dtype grad, several add
-    into fp32 (r x features each: small), so chunking adds no rounding of its own."""
+    """LoRA grads summed over token chunks: one chunk keeps its grad as it comes (in the
+    parameter's dtype, or the compute dtype), several add into fp32 (r x features each: small), so
+    chunking adds no rounding of its own."""
 
     def __init__(self, n: int, chunks: int):
         self.sums, self.fp32 = [None] * n, chunks > 1
@@ -472,16 +507,17 @@ class _LoRAMLPCheckpointed(torch.autograd.Function):
         G = _cast(dy.reshape(-1, dy.shape[-1]), dtype)
         dX = torch.empty_like(X) if need_x else None
         chunks = mlp_token_chunks(X.shape[0], gB.shape[0], X.element_size())
+        gd = ctx.grad_dtypes
         sums = _GradSums(9, len(chunks))  # gate A, B, bias, up A, B, bias, down A, B, bias
         for a, b in chunks:
             X_c, G_c = X[a:b], G[a:b]
             g, XAg = _project(X_c, _weight(gate_base, dtype), gA, gB, s_g, ctx.biases[0])
             u, XAu = _project(X_c, _weight(up_base, dtype), uA, uB, s_u, ctx.biases[1])
             dg, du, down_grads = _down_and_glu_backward(
-                G_c, g, u, None, down_base, dA, dB, s_d, ctx.activation, dtype, need_down)
+                G_c, g, u, None, down_base, dA, dB, s_d, ctx.activation, dtype, need_down, gd[6:8])
             _, (gate_grads, up_grads) = _backward_through_projections(
                 (dg, du), X_c, (XAg, XAu), (gate_base, up_base), (gA, uA), (gB, uB), (s_g, s_u), dtype,
-                need_x, (need_gate, need_up), dX=None if dX is None else dX[a:b])
+                need_x, (need_gate, need_up), (gd[0:2], gd[3:5]), dX=None if dX is None else dX[a:b])
             del g, u, dg, du, XAg, XAu
             for k, grad in enumerate((*gate_grads, *up_grads, *down_grads)):
                 sums.add(k, grad)

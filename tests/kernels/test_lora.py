@@ -608,3 +608,29 @@ def test_lora_linear_gpu_bias_odd_sizes(dtype):
         lambda t: lora.lora_linear_reference(t, *rp), x.detach().double().requires_grad_(), leaves([rp]),
         gen, tol(dtype),
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fp32_adapter_grads_come_from_wide_gemms_gpu(dtype):
+    """fp32 adapters (peft's default) over a 16-bit NF4 base: the LoRA grads are written in fp32 by
+    cuBLAS (``addmm``'s out_dtype) rather than rounded to 16 bits and cast; they match the fp32
+    reference at the 16-bit tolerance, odd sizes included (Q/K/V-like projections and the MLP)."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (make_projection("4bit", n, 1031, dtype, False, gen, r=8, adapter_dtype=torch.float32, device="cuda")
+               for n in (1031, 259, 259))
+    mlp = llama_projections("4bit", dtype, 1031, 2819, 8, gen, adapter_dtype=torch.float32)
+    x = torch.randn(3, 333, 1031, generator=gen).to("cuda", dtype).requires_grad_()
+    ref_qkv, ref_mlp = [upcast(p) for p in (q, k, v)], [upcast(p) for p in mlp]
+    compare(
+        lambda t: lora.lora_qkv(t, q, k, v), x, leaves([q, k, v]),
+        lambda t: lora.lora_qkv_reference(t, *ref_qkv), x.detach().double().requires_grad_(), leaves(ref_qkv),
+        gen, tol(dtype),
+    )
+    compare(
+        lambda t: lora.lora_mlp(t, *mlp), x, leaves(mlp),
+        lambda t: lora.lora_mlp_reference(t, *ref_mlp), x.detach().double().requires_grad_(), leaves(ref_mlp),
+        gen, tol(dtype),
+    )
+    assert all(p.grad.dtype == torch.float32 for p in leaves([q, k, v, *mlp]))
+    assert lora._WIDE_GEMM["ok"], "the fp32-output GEMM was refused on this GPU: grads fell back to casts"
