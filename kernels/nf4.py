@@ -50,7 +50,7 @@ from math import prod
 import torch
 
 from ._backend import HAS_TRITON, interpreting, kernel_mode, use_triton
-from ._launch import launch
+from ._launch import Relauncher, launch
 
 if HAS_TRITON:
     import triton
@@ -427,7 +427,7 @@ class _LaunchPlan:
     the output and launches.
     """
 
-    __slots__ = ("args", "grid", "meta", "shape", "dtype", "device", "word_dtype")
+    __slots__ = ("relaunch", "shape", "dtype", "device", "word_dtype")
 
     def __init__(self, packed, quant_state, out_dtype):
         n = prod(tuple(quant_state.shape))
@@ -436,20 +436,19 @@ class _LaunchPlan:
         device = packed.device
         extra, blocksize2 = _second_level(quant_state, device)
         rows, num_warps = _launch_config(n, blocksize)
-        self.args = (packed, quant_state.absmax.contiguous(), *extra, _nf4_table(device))
-        self.grid = (triton.cdiv(n_blocks, rows),)
-        self.meta = (n // 2, n_blocks, blocksize2, dict(
-            BLOCKSIZE=blocksize, ROWS=rows, NESTED=bool(quant_state.nested),
-            ROUND_DTYPE=_TL_DTYPES[quant_state.dtype], OUT_DTYPE=_TL_DTYPES[out_dtype],
-            BF16_BY_BITS=False, num_warps=num_warps, enable_fp_fusion=False))
+        fixed = (packed, quant_state.absmax.contiguous(), *extra, _nf4_table(device))
+        # the output (a fresh buffer each time) is the one argument that changes between launches
+        self.relaunch = Relauncher(
+            _nf4_dequantize_kernel, (triton.cdiv(n_blocks, rows),), (*fixed, None, n // 2, n_blocks, blocksize2),
+            len(fixed), dict(BLOCKSIZE=blocksize, ROWS=rows, NESTED=bool(quant_state.nested),
+                             ROUND_DTYPE=_TL_DTYPES[quant_state.dtype], OUT_DTYPE=_TL_DTYPES[out_dtype],
+                             BF16_BY_BITS=False, num_warps=num_warps, enable_fp_fusion=False))
         self.shape, self.dtype, self.device = tuple(quant_state.shape), out_dtype, device
         self.word_dtype = torch.int64 if out_dtype == torch.float32 else torch.int32
 
     def run(self) -> torch.Tensor:
         out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-        n_pairs, n_blocks, blocksize2, meta = self.meta
-        launch(_nf4_dequantize_kernel, self.grid, *self.args, out.view(-1).view(self.word_dtype),
-               n_pairs, n_blocks, blocksize2, **meta)
+        self.relaunch(out.view(-1).view(self.word_dtype))
         return out
 
 
