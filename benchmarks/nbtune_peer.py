@@ -7,7 +7,8 @@ peers' loop: 3 warm-up + 8 timed steps (WARMUP / STEPS override, as in unsloth_p
 step time, tokens/s = batch x seq / median, ``torch.cuda.max_memory_reserved()`` from after the
 optimizer is made; random tokens from a CUDA generator seeded 1, one ``randint`` per step, labels =
 inputs; AdamW 8-bit (bitsandbytes' kernels and states, stepped as nbtune's trainer steps it: without
-bitsandbytes' device synchronization after every parameter, nbtune/train/optimizer.py), lr 2e-4; LoRA r=16, alpha=16, dropout 0 on the seven
+bitsandbytes' device synchronization after every parameter, one update call per bucket chunk of
+parameters instead of one per parameter, same bits; nbtune/train/optimizer.py), lr 2e-4; LoRA r=16, alpha=16, dropout 0 on the seven
 projections; NF4 double-quant 4-bit through nbtune's public API only::
 
     model, tok = nbtune.load_model(path, max_seq_length=seq, load_in_4bit=True, dtype=dtype)
@@ -17,7 +18,7 @@ Gradient checkpointing is asserted twice: structurally (train mode, ``is_gradien
 checkpointed decoder layers) and at run time (the layers' checkpoint function is called during
 the first step's forward; NBTUNE_BENCH_GC_CHECK=structural skips the run-time count).
 
-Environment: CKPT_ROOT (/tmp/ckpt), MEM_CAP_GIB (T4 emulation: allocator cap, set after the
+Environment: CKPT_ROOT (/tmp/ckpt), NBTUNE_BENCH_GC (checkpointing mode, default ``offload``), MEM_CAP_GIB (T4 emulation: allocator cap, set after the
 checkpoint is built), NBTUNE_BENCH_SDPA (e.g. ``efficient``: the only SDPA backend allowed).
 
 The random checkpoints say max_position_embeddings=8192 (as the peers build them) and
@@ -148,7 +149,7 @@ def run(shape, path, batch, seqlen, dtype, steps=int(os.environ.get("STEPS", 8))
     t0 = time.time()
     model, tok = nbtune.load_model(load_path, max_seq_length=seqlen, load_in_4bit=True, dtype=dtype)
     model = nbtune.add_lora(model, r=rank, alpha=rank, dropout=0.0, targets=list(LORA_TARGETS),
-                            gradient_checkpointing="offload")
+                            gradient_checkpointing=os.environ.get("NBTUNE_BENCH_GC", "offload"))
     load_s = time.time() - t0
     model.train()
     gc_layers = assert_checkpointing(model)

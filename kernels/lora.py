@@ -17,7 +17,11 @@ What the hand-written backward saves, compared with peft over bitsandbytes under
   llama3-8b sizes (4096 tokens, bf16) that is 32 + 2 x 112 MiB per MLP, where peft over bnb keeps
   X, gate, up, act(gate) and h (32 + 4 x 112 MiB) plus its LoRA intermediates;
 - dX of several projections reading the same X (Q/K/V; gate/up) is accumulated in one buffer
-  with in-place ``addmm_``; the scalings ride on the GEMMs' alpha instead of separate passes.
+  with in-place ``addmm_``; the scalings ride on the GEMMs' alpha instead of separate passes;
+- the A matrices of projections reading the same X are stacked ([A_q; A_k; A_v], made with the
+  cast to the compute dtype by one multi-tensor copy), so their r-wide GEMMs run as one: X A^T in
+  the forward, (dZ B) A and (dZ B)^T X in the backward -- 3 GEMMs instead of 9 for Q/K/V per
+  forward + backward, fewer launches and saved tensors for a host-bound step.
 
 Matmuls are cuBLAS (``torch.mm``/``addmm``/``addmm_``); Triton runs the GLU (``kernels/glu.py``).
 
@@ -169,6 +173,11 @@ def _project(X, W, A, B, scaling, bias, lead_shape=None, out=None):
     With ``out`` (a contiguous 2-D (tokens, out) buffer) the GEMMs write there and Y is ``out``.
     """
     XA = torch.mm(X, A.t())
+    return _project_with_xa(X, W, XA, B, scaling, bias, lead_shape, out), XA
+
+
+def _project_with_xa(X, W, XA, B, scaling, bias, lead_shape=None, out=None):
+    """Y = X W^T (+ bias) + s XA B^T for a given XA = X A^T (``_project``'s output allocation)."""
     n_out = W.shape[0]
     if out is None:
         Y = torch.empty(*(lead_shape if lead_shape is not None else X.shape[:1]), n_out, device=X.device, dtype=X.dtype)
@@ -180,7 +189,42 @@ def _project(X, W, A, B, scaling, bias, lead_shape=None, out=None):
     else:
         torch.addmm(bias, X, W.t(), out=Y2)
     Y2.addmm_(XA, B.t(), alpha=scaling)
-    return Y, XA
+    return Y
+
+
+def _cast_group(As, others, dtype):
+    """(A_all, others_c): the A matrices of projections sharing one input stacked into one
+    (sum r, in) tensor, and ``others`` (B matrices, ...) alongside, all in ``dtype``: one buffer,
+    filled by one multi-tensor copy (which also casts fp32 adapters to the compute dtype), instead
+    of a cast per tensor. ``A_all`` lets the r-wide GEMMs of the group run as one: X A_all^T in
+    the forward, (dZ B)_all A_all and (dZ B)_all^T X in the backward."""
+    tensors = [*As, *others]
+    if all(t.dtype == dtype for t in tensors):  # nothing to cast: stack the As only
+        return (As[0] if len(As) == 1 else torch.cat(As)), list(others)
+    flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=As[0].device)
+    views = [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+    torch._foreach_copy_(views, tensors)
+    return flat[: sum(a.numel() for a in As)].view(-1, As[0].shape[1]), views[len(As):]
+
+
+def _spans(Bs):
+    """The (start, stop) rows of each projection's A in the stacked A_all (its rank r = B.shape[1])."""
+    spans, start = [], 0
+    for B in Bs:
+        spans.append((start, start + B.shape[1]))
+        start += B.shape[1]
+    return spans
+
+
+def _project_group(X, Ws, A_all, Bs, scalings, biases, lead_shape=None):
+    """([Y_i], XA_all): Y_i = X W_i^T (+ b_i) + s_i (X A_i^T) B_i^T with one X A_all^T GEMM for the
+    group (its columns are the X A_i^T); ``Ws`` yields each dense W_i when asked (one at a time)."""
+    XA_all = torch.mm(X, A_all.t())
+    outs = []
+    for (a, b), W, B, s, bias in zip(_spans(Bs), Ws, Bs, scalings, biases):
+        outs.append(_project_with_xa(X, W, XA_all[:, a:b], B, s, bias, lead_shape))
+        del W
+    return outs, XA_all
 
 
 def _cast(t, dtype):
@@ -211,33 +255,26 @@ class _LoRAProjections(torch.autograd.Function):
         dtype = _compute_dtype(x)
         n_in = x.shape[-1]
         X = _cast(x.reshape(-1, n_in), dtype)
-        outputs, saved_xa, saved_params, grad_dtypes = [], [], [], []
-        for i, s in enumerate(scalings):
-            base, A, B, bias = flat[4 * i: 4 * i + 4]
-            A_c, B_c = _cast(A, dtype), _cast(B, dtype)
-            W = _weight(base, dtype)
-            Y, XA = _project(X, W, A_c, B_c, s, _cast(bias, dtype), lead_shape=x.shape[:-1])
-            del W
-            outputs.append(Y)
-            saved_xa.append(XA)
-            saved_params += [A_c, B_c]
-            grad_dtypes.append((A.dtype, B.dtype, None if bias is None else bias.dtype))
-        ctx.save_for_backward(X, *saved_xa, *saved_params)  # cast once: the backward reuses them
-        ctx.bases = [flat[4 * i] for i in range(len(scalings))]
-        ctx.grad_dtypes = grad_dtypes
+        n = len(scalings)
+        bases, As, Bs, biases = flat[0::4], flat[1::4], flat[2::4], flat[3::4]
+        A_all, Bs_c = _cast_group(As, Bs, dtype)
+        outputs, XA_all = _project_group(X, (_weight(base, dtype) for base in bases), A_all, Bs_c, scalings,
+                                         [_cast(b, dtype) for b in biases], lead_shape=x.shape[:-1])
+        ctx.save_for_backward(X, XA_all, A_all, *Bs_c)  # cast once: the backward reuses them
+        ctx.bases = bases
+        ctx.grad_dtypes = [(As[i].dtype, Bs[i].dtype, None if biases[i] is None else biases[i].dtype)
+                           for i in range(n)]
         ctx.scalings, ctx.dtype, ctx.x_shape, ctx.x_dtype = scalings, dtype, x.shape, x.dtype
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx, *grads):
-        n = len(ctx.scalings)
-        saved = ctx.saved_tensors
-        X, saved_xa, params = saved[0], saved[1: 1 + n], saved[1 + n:]
+        X, XA_all, A_all, *Bs = ctx.saved_tensors
         dtype = ctx.dtype
         dZs = [_cast(g.reshape(-1, g.shape[-1]), dtype) for g in grads]
-        needs = [ctx.needs_input_grad[2 + 4 * i + 1: 2 + 4 * i + 4] for i in range(n)]
+        needs = [ctx.needs_input_grad[2 + 4 * i + 1: 2 + 4 * i + 4] for i in range(len(Bs))]
         dX, lora_grads = _backward_through_projections(
-            dZs, X, saved_xa, ctx.bases, params[0::2], params[1::2], ctx.scalings, dtype,
+            dZs, X, XA_all, ctx.bases, A_all, Bs, ctx.scalings, dtype,
             ctx.needs_input_grad[0], needs, [d[:2] for d in ctx.grad_dtypes])
         flat_grads = []
         for grads_i, dtypes_i in zip(lora_grads, ctx.grad_dtypes):
@@ -247,43 +284,58 @@ class _LoRAProjections(torch.autograd.Function):
         return (dX, None, *flat_grads)
 
 
-def _backward_through_projections(dZs, X, XAs, bases, As, Bs, scalings, dtype, need_x, needs, grad_dtypes,
+def _backward_through_projections(dZs, X, XA_all, bases, A_all, Bs, scalings, dtype, need_x, needs, grad_dtypes,
                                   dX=None):
-    """Backward of projections i sharing the input X, given dZ_i = dL/dY_i (compute dtype):
+    """Backward of projections i sharing the input X, given dZ_i = dL/dY_i (compute dtype), their A
+    matrices stacked in ``A_all`` (``_cast_group``) and ``XA_all = X A_all^T`` (saved):
 
-        dX   = sum_i dZ_i W_i + s_i (dZ_i B_i) A_i      (W_i dequantized again, one at a time)
-        dA_i = s_i (dZ_i B_i)^T X,  dB_i = s_i dZ_i^T XA_i,  dbias_i = sum_tokens dZ_i
+        GB_all = [dZ_0 B_0 | dZ_1 B_1 | ...]            (tokens x sum r; kept transposed)
+        dX     = sum_i dZ_i W_i + s GB_all A_all        (W_i dequantized again, one at a time)
+        dA_all = s GB_all^T X,  dB_i = s_i dZ_i^T XA_i,  dbias_i = sum_tokens dZ_i
 
-    ``needs[i]`` = (need_A, need_B, need_bias); ``grad_dtypes[i]`` = the dtypes wanted for (dA_i,
-    dB_i) (``_mm_scaled``). dX is accumulated in one buffer: a fresh one, or ``dX`` (a contiguous
-    2-D buffer, overwritten) when given. Returns (dX or None, [(dA, dB, dbias) per projection, each
-    None when not needed]); dbias in the compute dtype.
+    With one scaling s for the whole group (peft's usual case) the group's r-wide GEMMs run as
+    one each; with different scalings they run per projection. ``needs[i]`` = (need_A, need_B,
+    need_bias); ``grad_dtypes[i]`` = the dtypes wanted for (dA_i, dB_i) (``_mm_scaled``); dA_i
+    are row blocks of one dA_all when it is computed whole. dX is accumulated in one buffer: a
+    fresh one, or ``dX`` (a contiguous 2-D buffer, overwritten) when given. Returns (dX or None,
+    [(dA, dB, dbias) per projection, each None when not needed]); dbias in the compute dtype.
     """
-    fresh = dX is None
-    started = False
-    grads = []
-    for dZ, base, A, B, XA, s, (need_A, need_B, need_bias), (dtype_A, dtype_B) in zip(
-            dZs, bases, As, Bs, XAs, scalings, needs, grad_dtypes):
-        grad_A = grad_B = grad_bias = None
-        if need_x or need_A:
-            GB = torch.mm(dZ, B)
-            if need_x:
-                W = _weight(base, dtype)
-                if started:
-                    dX.addmm_(dZ, W)
-                elif fresh:
-                    dX = torch.mm(dZ, W)
-                else:
-                    torch.mm(dZ, W, out=dX)
-                started = True
-                del W
-                dX.addmm_(GB, A, alpha=s)
+    spans = _spans(Bs)
+    shared_s = all(s == scalings[0] for s in scalings)
+    need_As = [nd[0] for nd in needs]
+    GBt = None
+    if need_x or any(need_As):
+        GBt = torch.empty((A_all.shape[0], X.shape[0]), dtype=dtype, device=X.device)
+        for (a, b), dZ, B in zip(spans, dZs, Bs):
+            torch.mm(B.t(), dZ.t(), out=GBt[a:b])
+    if need_x:
+        for i, (dZ, base) in enumerate(zip(dZs, bases)):
+            W = _weight(base, dtype)
+            if i:
+                dX.addmm_(dZ, W)
+            elif dX is None:
+                dX = torch.mm(dZ, W)
+            else:
+                torch.mm(dZ, W, out=dX)
+            del W
+        if shared_s:
+            dX.addmm_(GBt.t(), A_all, alpha=scalings[0])
+        else:
+            for (a, b), s in zip(spans, scalings):
+                dX.addmm_(GBt[a:b].t(), A_all[a:b], alpha=s)
+    grad_As = [None] * len(Bs)
+    if all(need_As) and shared_s and len({d[0] for d in grad_dtypes}) == 1:
+        dA_all = _mm_scaled(GBt, X, scalings[0], grad_dtypes[0][0])
+        grad_As = [dA_all[a:b] for a, b in spans]
+    else:
+        for i, ((a, b), s, need_A, (dtype_A, _)) in enumerate(zip(spans, scalings, need_As, grad_dtypes)):
             if need_A:
-                grad_A = _mm_scaled(GB.t(), X, s, dtype_A)
-        if need_B:
-            grad_B = _mm_scaled(dZ.t(), XA, s, dtype_B)
-        if need_bias:
-            grad_bias = dZ.sum(0)
+                grad_As[i] = _mm_scaled(GBt[a:b], X, s, dtype_A)
+    grads = []
+    for (a, b), dZ, s, grad_A, (_, need_B, need_bias), (_, dtype_B) in zip(
+            spans, dZs, scalings, grad_As, needs, grad_dtypes):
+        grad_B = _mm_scaled(dZ.t(), XA_all[:, a:b], s, dtype_B) if need_B else None
+        grad_bias = dZ.sum(0) if need_bias else None
         grads.append((grad_A, grad_B, grad_bias))
     return (dX if need_x else None), grads
 
@@ -340,19 +392,16 @@ class _LoRAMLP(torch.autograd.Function):
          down_base, down_A, down_B, down_bias) = flat
         s_g, s_u, s_d = scalings
 
-        loras = [_cast(t, dtype) for t in (gate_A, gate_B, up_A, up_B, down_A, down_B)]
-        gate_Ac, gate_Bc, up_Ac, up_Bc, down_Ac, down_Bc = loras
-        W = _weight(gate_base, dtype)
-        g, XAg = _project(X, W, gate_Ac, gate_Bc, s_g, _cast(gate_bias, dtype))
-        W = _weight(up_base, dtype)
-        u, XAu = _project(X, W, up_Ac, up_Bc, s_u, _cast(up_bias, dtype))
-        del W
+        A_gu, loras = _cast_group((gate_A, up_A), (gate_B, up_B, down_A, down_B), dtype)
+        gate_Bc, up_Bc, down_Ac, down_Bc = loras
+        (g, u), XA_gu = _project_group(X, (_weight(b, dtype) for b in (gate_base, up_base)), A_gu, (gate_Bc, up_Bc),
+                                       (s_g, s_u), (_cast(gate_bias, dtype), _cast(up_bias, dtype)))
         h = glu_forward_2d(g, u, activation)
         W = _weight(down_base, dtype)
         y, HAd = _project(h, W, down_Ac, down_Bc, s_d, _cast(down_bias, dtype), lead_shape=x.shape[:-1])
         del W, h
 
-        ctx.save_for_backward(X, g, u, XAg, XAu, HAd, *loras)
+        ctx.save_for_backward(X, g, u, XA_gu, HAd, A_gu, *loras)
         ctx.grad_dtypes = _mlp_grad_dtypes(flat)
         ctx.bases = (gate_base, up_base, down_base)
         ctx.activation, ctx.scalings, ctx.dtype = activation, scalings, dtype
@@ -368,7 +417,7 @@ class _LoRAMLP(torch.autograd.Function):
                 "gate/up buffers were overwritten in place by the first backward. Run the forward again."
             )
         ctx.consumed = True
-        X, g, u, XAg, XAu, HAd, gate_A, gate_B, up_A, up_B, down_A, down_B = ctx.saved_tensors
+        X, g, u, XA_gu, HAd, A_gu, gate_B, up_B, down_A, down_B = ctx.saved_tensors
         gate_base, up_base, down_base = ctx.bases
         s_g, s_u, s_d = ctx.scalings
         dtype = ctx.dtype
@@ -380,7 +429,7 @@ class _LoRAMLP(torch.autograd.Function):
             G, g, u, HAd, down_base, down_A, down_B, s_d, ctx.activation, dtype, need_down, gd[6:8])
         # gate and up projections: dX accumulates in one buffer
         dX, (gate_grads, up_grads) = _backward_through_projections(
-            (dg, du), X, (XAg, XAu), (gate_base, up_base), (gate_A, up_A), (gate_B, up_B), (s_g, s_u), dtype,
+            (dg, du), X, XA_gu, (gate_base, up_base), A_gu, (gate_B, up_B), (s_g, s_u), dtype,
             need_x, (need_gate, need_up), (gd[0:2], gd[3:5]))
         if dX is not None:
             dX = _cast(dX.view(ctx.x_shape), ctx.x_dtype)
@@ -475,22 +524,22 @@ class _LoRAMLPCheckpointed(torch.autograd.Function):
         dtype = _compute_dtype(x)
         X = _cast(x.reshape(-1, x.shape[-1]), dtype)
         bases, biases = flat[0::4], [_cast(b, dtype) for b in flat[3::4]]
-        loras = [_cast(t, dtype) for i in range(3) for t in flat[4 * i + 1: 4 * i + 3]]
-        n_out = loras[5].shape[0]
+        A_gu, loras = _cast_group(flat[1:6:4], (flat[2], flat[6], flat[9], flat[10]), dtype)
+        n_out = loras[3].shape[0]
         y = torch.empty(*x.shape[:-1], n_out, device=x.device, dtype=dtype)
         phase = checkpoint_phase()
         if phase is None or phase.name != "recompute":
             y2 = y.view(-1, n_out)
-            (s_g, s_u, s_d), (gA, gB, uA, uB, dA, dB) = scalings, loras
+            (s_g, s_u, s_d), (gB, uB, dA, dB) = scalings, loras
             for a, b in mlp_token_chunks(X.shape[0], gB.shape[0], X.element_size()):
                 X_c = X[a:b]
-                g, _ = _project(X_c, _weight(bases[0], dtype), gA, gB, s_g, biases[0])
-                u, _ = _project(X_c, _weight(bases[1], dtype), uA, uB, s_u, biases[1])
+                (g, u), _ = _project_group(X_c, (_weight(w, dtype) for w in bases[:2]), A_gu, (gB, uB),
+                                           (s_g, s_u), biases[:2])
                 h = glu_forward_2d(g, u, activation)
                 del g, u
                 _project(h, _weight(bases[2], dtype), dA, dB, s_d, biases[2], out=y2[a:b])
                 del h
-        ctx.save_for_backward(X, *loras)
+        ctx.save_for_backward(X, A_gu, *loras)
         ctx.grad_dtypes = _mlp_grad_dtypes(flat)
         ctx.bases, ctx.biases = bases, biases
         ctx.activation, ctx.scalings, ctx.dtype = activation, scalings, dtype
@@ -499,7 +548,7 @@ class _LoRAMLPCheckpointed(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        X, gA, gB, uA, uB, dA, dB = ctx.saved_tensors
+        X, A_gu, gB, uB, dA, dB = ctx.saved_tensors
         gate_base, up_base, down_base = ctx.bases
         s_g, s_u, s_d = ctx.scalings
         dtype = ctx.dtype
@@ -511,14 +560,14 @@ class _LoRAMLPCheckpointed(torch.autograd.Function):
         sums = _GradSums(9, len(chunks))  # gate A, B, bias, up A, B, bias, down A, B, bias
         for a, b in chunks:
             X_c, G_c = X[a:b], G[a:b]
-            g, XAg = _project(X_c, _weight(gate_base, dtype), gA, gB, s_g, ctx.biases[0])
-            u, XAu = _project(X_c, _weight(up_base, dtype), uA, uB, s_u, ctx.biases[1])
+            (g, u), XA_gu = _project_group(X_c, (_weight(w, dtype) for w in (gate_base, up_base)), A_gu, (gB, uB),
+                                           (s_g, s_u), ctx.biases[:2])
             dg, du, down_grads = _down_and_glu_backward(
                 G_c, g, u, None, down_base, dA, dB, s_d, ctx.activation, dtype, need_down, gd[6:8])
             _, (gate_grads, up_grads) = _backward_through_projections(
-                (dg, du), X_c, (XAg, XAu), (gate_base, up_base), (gA, uA), (gB, uB), (s_g, s_u), dtype,
+                (dg, du), X_c, XA_gu, (gate_base, up_base), A_gu, (gB, uB), (s_g, s_u), dtype,
                 need_x, (need_gate, need_up), (gd[0:2], gd[3:5]), dX=None if dX is None else dX[a:b])
-            del g, u, dg, du, XAg, XAu
+            del g, u, dg, du, XA_gu
             for k, grad in enumerate((*gate_grads, *up_grads, *down_grads)):
                 sums.add(k, grad)
         if dX is not None:

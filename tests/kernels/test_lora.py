@@ -378,7 +378,8 @@ def saved_numels(fn, x, params):
 
 
 def test_saved_tensors_are_x_gate_up_and_r_wide(kernel_mode):
-    """The MLP saves X, g, u and three (tokens x r) tensors: no h, no act(g), no dequantized W."""
+    """The MLP saves X, g, u, the r-wide X [A_g; A_u]^T and h A_d^T, and the stacked [A_g; A_u] (a
+    copy: r x in): no h, no act(g), no dequantized W. Q/K/V: X, X [A_q; A_k; A_v]^T, the stacked As."""
     kernel_mode("triton")
     gen = torch.Generator().manual_seed(3)
     T, H, inter, r = 10, 24, 56, 4
@@ -386,12 +387,12 @@ def test_saved_tensors_are_x_gate_up_and_r_wide(kernel_mode):
     projections.append(make_projection("4bit", H, inter, torch.float32, False, gen, r=r))
     x = torch.randn(T, H, generator=gen, requires_grad=True)
     sizes = saved_numels(lambda t: lora.lora_mlp(t, *projections), x, leaves(projections))
-    assert sorted(sizes) == sorted([T * H, T * inter, T * inter, T * r, T * r, T * r])
+    assert sorted(sizes) == sorted([T * H, T * inter, T * inter, T * 2 * r, T * r, 2 * r * H])
 
     qkv = [make_projection("4bit", 32, H, torch.float32, False, gen, r=r)] + \
           [make_projection("4bit", 8, H, torch.float32, False, gen, r=r) for _ in range(2)]
     sizes = saved_numels(lambda t: lora.lora_qkv(t, *qkv), x, leaves(qkv))
-    assert sorted(sizes) == sorted([T * H, T * r, T * r, T * r])
+    assert sorted(sizes) == sorted([T * H, T * 3 * r, 3 * r * H])
 
 
 def test_training_steps_see_updated_lora_weights(kernel_mode):
