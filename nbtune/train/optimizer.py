@@ -41,7 +41,7 @@ first parameter's.
 
 Memory. States take what bitsandbytes' take (the flat buffers hold exactly the per-parameter states,
 which are views). Per chunk the step allocates a flat copy of the gradients and of the parameters,
-at most ``max_chunk_numel`` elements each (4 M by default: 32 MiB for fp32 LoRA weights), released
+at most ``max_chunk_numel`` elements each (4 M by default: 16 MiB each for fp32 LoRA weights), released
 before the next chunk; the caching allocator hands the same blocks back. When the bucket layout
 changes, the states are copied into fresh buffers, so for that step they briefly exist twice.
 
