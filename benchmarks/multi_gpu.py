@@ -117,12 +117,13 @@ def random_rows(n: int, vocab: int, words: int, seed: int = 0) -> list[str]:
     return [" ".join(f"w{rng.randrange(3, vocab)}" for _ in range(words)) for _ in range(n)]
 
 
-def run_config(model: str, data: str, seq: int, train: dict, lora: dict, out: str) -> dict:
+def run_config(model: str, data: str, seq: int, train: dict, lora: dict, out: str,
+               checkpointing: str = "offload") -> dict:
     return {
         "model": {"name": model, "max_seq_length": seq, "load_in_4bit": True, "dtype": "bfloat16"},
         "data": {"source": data, "format": "text", "responses_only": False, "eval_split": None},
         "lora": lora,
-        "train": {"warmup_steps": 0, "optimizer": "adamw_8bit", "gradient_checkpointing": "offload", "seed": 1,
+        "train": {"warmup_steps": 0, "optimizer": "adamw_8bit", "gradient_checkpointing": checkpointing, "seed": 1,
                   "logging_steps": 1, "save_steps": None, "force": True, **train},
         "output": {"dir": out},
     }
@@ -213,7 +214,7 @@ def stage_losses(work: str, root: str) -> dict:
 
 
 def stage_throughput(work: str, root: str, steps: int, warmup: int, one_gpu_grad_accum: int = 2,
-                     two_gpu_grad_accum: int | None = None) -> dict:
+                     two_gpu_grad_accum: int | None = None, checkpointing: str = "auto") -> dict:
     shape = "llama3-8b"
     path = checkpoint_path(shape, root)
     t0 = time.time()
@@ -229,10 +230,10 @@ def stage_throughput(work: str, root: str, steps: int, warmup: int, one_gpu_grad
     lora = {"r": 16, "alpha": 16, "targets": list(LORA_TARGETS)}
     base = dict(max_steps=total, batch_size=2, lr=2e-4)
     one = finetune(run_config(model, data, 2048, dict(base, grad_accum=one_gpu_grad_accum), lora,
-                              os.path.join(work, "8b-1gpu")),
+                              os.path.join(work, "8b-1gpu"), checkpointing),
                    1, "8b-1gpu", work, 420)
     two = finetune(run_config(model, data, 2048, dict(base, grad_accum=two_gpu_grad_accum), lora,
-                              os.path.join(work, "8b-2gpu")), WORLD, "8b-2gpu", work, 420)
+                              os.path.join(work, "8b-2gpu"), checkpointing), WORLD, "8b-2gpu", work, 420)
     s1, s2 = speed(one, warmup), speed(two, warmup)
     ratio = s2["tokens_per_s"] / s1["tokens_per_s"] if s1["tokens_per_s"] and s2["tokens_per_s"] else None
     planned = None
@@ -240,13 +241,13 @@ def stage_throughput(work: str, root: str, steps: int, warmup: int, one_gpu_grad
         sys.path.insert(0, REPO)
         from nbtune.planner import plan_from_config
 
-        p = plan_from_config(run_config(model, data, 2048, dict(base, grad_accum=1), lora, ""), gpu="H200",
+        p = plan_from_config(run_config(model, data, 2048, dict(base, grad_accum=1), lora, "", checkpointing), gpu="H200",
                              world_size=WORLD)
         planned = round(p.peak_gib, 2)
     except Exception as e:  # noqa: BLE001 - the plan is context, not the measurement
         planned = f"no plan: {e}"
     same_global = one_gpu_grad_accum == WORLD * two_gpu_grad_accum
-    return dict(shape=shape, per_gpu_micro_batch="2x2048",
+    return dict(shape=shape, per_gpu_micro_batch="2x2048", checkpointing=checkpointing,
                 global_batch_rows=[2 * one_gpu_grad_accum, 2 * WORLD * two_gpu_grad_accum],
                 grad_accum=[one_gpu_grad_accum, two_gpu_grad_accum], checkpoint_build_s=build_s,
                 one_gpu=s1, two_gpus=s2, speedup=round(ratio, 3) if ratio else None, target=TARGET_SPEEDUP,
@@ -267,6 +268,9 @@ def main(argv=None) -> int:
     ap.add_argument("--two-gpu-grad-accum", type=int, default=None,
                     help="throughput: grad_accum of the 2-GPU run (default: half the 1-GPU run's, the same global "
                          "batch; equal to it: the 1-GPU run's per-GPU schedule, twice its global batch)")
+    ap.add_argument("--checkpointing", default="auto",
+                    help="throughput: train.gradient_checkpointing of both runs (default auto, the config's "
+                         "default: offload on one GPU, plain under DDP where it fits)")
     args = ap.parse_args(argv)
     import torch
 
@@ -287,7 +291,7 @@ def main(argv=None) -> int:
             result["stages"][stage] = stage_losses(work, root)
         elif stage == "throughput":
             result["stages"][stage] = stage_throughput(work, root, args.steps, args.warmup, args.one_gpu_grad_accum,
-                                                       args.two_gpu_grad_accum)
+                                                       args.two_gpu_grad_accum, args.checkpointing)
         else:
             raise SystemExit(f"unknown stage {stage!r}: losses, throughput")
         result["stages"][stage]["stage_s"] = round(time.time() - t0, 1)

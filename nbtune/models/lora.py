@@ -66,7 +66,9 @@ def add_lora(
     )
     mode = {True: "plain", False: "off", None: "off"}.get(gradient_checkpointing, gradient_checkpointing)
     if mode not in ("offload", "plain", "off"):
-        raise ValueError(f"gradient_checkpointing must be offload, plain or off, not {gradient_checkpointing!r}")
+        hint = (" ('auto' is the config's value: nbtune.finetune resolves it, see nbtune.planner.choose_checkpointing)"
+                if mode == "auto" else "")
+        raise ValueError(f"gradient_checkpointing must be offload, plain or off, not {gradient_checkpointing!r}{hint}")
     if mode != "off":
         enable_checkpointing(model, mode)
     peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)

@@ -17,7 +17,8 @@ Sections (``Config.reference()`` prints every key with its default and allowed v
 - ``lora``: r, alpha, dropout, targets;
 - ``train``: max_steps or epochs, batch_size, grad_accum, lr, scheduler, warmup_steps, optimizer
   (8-bit AdamW by default), weight_decay, seed, logging / eval / save steps, force (skip the
-  memory check), max_nonfinite_steps (NaN/inf steps in a row before the run stops);
+  memory check), max_nonfinite_steps (NaN/inf steps in a row before the run stops),
+  gradient_checkpointing (``auto`` by default: see :func:`nbtune.planner.choose_checkpointing`);
 - ``output``: dir, export (``adapter`` and/or ``merged``), keep_checkpoints.
 """
 from __future__ import annotations
@@ -115,7 +116,10 @@ class TrainConfig(_Section):
     logging_steps: int = Field(1, gt=0)
     eval_steps: Union[int, None] = Field(None, gt=0)
     save_steps: Union[int, None] = Field(None, gt=0)
-    gradient_checkpointing: Literal["offload", "plain", "off"] = "offload"
+    gradient_checkpointing: Literal["auto", "offload", "plain", "off"] = Field(
+        "auto", description="'auto': offload on one GPU; data parallel (several GPUs): plain where the planner says "
+                            "it fits, else offload. 'offload': saved hidden states in pinned CPU memory (least "
+                            "GPU memory); 'plain': recompute only; 'off'")
     eval_batch_size: Union[int, None] = Field(None, gt=0)
     force: bool = Field(False, description="train even when the planner predicts the run will not fit")
     max_nonfinite_steps: int = Field(

@@ -18,6 +18,9 @@ same config on 1 GPU and on 2 GPUs with ``grad_accum`` halved sees the same rows
 
 At the end of a distributed run every rank hashes its LoRA weights; rank 0 records whether the
 replicas agree (they must, bit for bit: DDP applies the same averaged gradient everywhere).
+
+Without a launcher a run is one process on one GPU, however many the machine shows
+(:func:`one_gpu_per_process`: transformers would otherwise use ``nn.DataParallel``).
 """
 from __future__ import annotations
 
@@ -108,6 +111,34 @@ def setup_device() -> None:
             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at most {count} "
             "processes per machine (torchrun --nproc_per_node, accelerate launch --num_processes)")
     torch.cuda.set_device(local_rank())
+
+
+def one_gpu_per_process(args, model=None) -> None:
+    """A run outside a launcher trains on one GPU, however many this process sees.
+
+    transformers' ``TrainingArguments``, in a process no launcher started, counts every visible GPU
+    (``_setup_devices``: ``n_gpu = torch.cuda.device_count()``, device ``cuda:0``), and its Trainer
+    then wraps the model in ``nn.DataParallel``, which TRL's SFTTrainer refuses ("does not support
+    `nn.DataParallel`") and which nbtune's 4-bit kernels would not run under anyway. nbtune runs one
+    process per GPU: in-process on one GPU, data parallel under a launcher (``%%finetune --gpus N``,
+    torchrun, accelerate launch), where ``n_gpu`` is 1 already. The arguments have no public
+    setting for it (``n_gpu`` is a read-only property over the private ``_n_gpu``), so this sets
+    ``_n_gpu`` to 1, as the Trainer itself does for a model placed with ``device_map``. It stays 1:
+    ``_setup_devices`` is a cached property that ``TrainingArguments.__post_init__`` has already run.
+
+    ``model``: the model to train; on a GPU other than the arguments' device (outside a launcher
+    that is ``cuda:0``, the first visible GPU) it is a :class:`DistributedSetupError` here, not a
+    device mismatch in the first forward."""
+    if args is None:
+        return
+    if args.n_gpu > 1:
+        args._n_gpu = 1
+    device = next((p.device for p in model.parameters()), None) if model is not None else None
+    if device is not None and device.type == "cuda" and device != args.device:
+        raise DistributedSetupError(
+            f"the model is on {device}, but outside a launcher transformers' Trainer trains on {args.device} (the "
+            "first visible GPU): load it there, choose the GPU with CUDA_VISIBLE_DEVICES before CUDA starts, or "
+            "train on several GPUs with %%finetune --gpus N / torchrun / accelerate launch")
 
 
 def global_batch(cfg, world: int | None = None) -> int:

@@ -3,8 +3,9 @@
 A record holds: event, step, max_steps, loss, eval_loss (on evaluation steps), lr, grad_norm,
 tokens seen, tokens/s since the last record, VRAM allocated / reserved / peak (GiB, CUDA only),
 elapsed seconds and ETA. Events: ``start`` (with the GPU's capacity ``vram_total_gib``, the
-number of processes ``world_size`` and the ``global_batch`` in rows per optimizer step and, on a
-resumed run, ``resumed_from``), ``train``, ``eval``, ``summary`` (transformers' end-of-training
+number of processes ``world_size``, the ``global_batch`` in rows per optimizer step, the
+``gradient_checkpointing`` mode the run uses with its ``checkpointing_reason`` and, on a resumed
+run, ``resumed_from``), ``train``, ``eval``, ``summary`` (transformers' end-of-training
 totals), ``interrupted`` (a stop asked for by the user, with the checkpoint it saved), ``end``
 and, in a data-parallel run, ``distributed`` (whether the ranks' LoRA weights agree at the end).
 In a data-parallel run only rank 0 writes the file and has listeners; its losses and token
@@ -63,6 +64,7 @@ class MetricsStream(TrainerCallback):
         self._step0 = 0  # the step this session started from (> 0 when resumed)
         self._last = None  # (time, tokens) at the previous record
         self.resumed_from: int | None = None
+        self.start_fields: dict = {}  # the run's own facts for the start record (e.g. its checkpointing mode)
 
     def on_train_begin(self, args, state, control, **kwargs):
         # on a resumed run transformers restores state.global_step after this event; the run
@@ -76,6 +78,7 @@ class MetricsStream(TrainerCallback):
                    global_batch=args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size)
         if self.resumed_from:
             rec["resumed_from"] = self.resumed_from
+        rec.update(self.start_fields)
         self.emit(rec)
 
     def on_step_begin(self, args, state, control, **kwargs):

@@ -32,7 +32,7 @@ GiB = 2**30
 _SIZE = r"([\d.]+)\s*(KiB|MiB|GiB|TiB)"
 _UNITS = {"KiB": 2**-20, "MiB": 2**-10, "GiB": 1.0, "TiB": 2**10}
 FALLBACK_ADVICE = ("lower train.batch_size (raise train.grad_accum to keep the rows per step), lower "
-                   "model.max_seq_length, keep train.gradient_checkpointing: offload and model.load_in_4bit: true")
+                   "model.max_seq_length, use train.gradient_checkpointing: offload and keep model.load_in_4bit: true")
 
 
 class GPUOutOfMemoryError(RuntimeError):
@@ -124,7 +124,9 @@ def oom_advice(cfg, detail: str = "", gpu=None) -> str:
         share = plan.reserved_gib * plan.peak_gib / needed
         found = dataclasses.replace(plan.gpu, name=f"{plan.gpu.name} (as this run found it)",
                                     total_gib=plan.gpu.context_gib + share + plan.required_margin_gib)
-        advice = plan.replace(gpu=found).suggest().message
+        # the checkpointing the run used, by name: "auto" would pick again for the smaller GPU, and
+        # the advice must say so when the mode has to change
+        advice = plan.replace(gpu=found, gradient_checkpointing=plan.settings.gradient_checkpointing).suggest().message
         return (f"the planner expected a peak of {plan.peak_gib:.2f} GiB and the run needed about {needed:.2f} GiB "
                 f"(another process on the GPU, fragmentation, or longer rows than planned); planned for the "
                 f"memory it found: {advice}")

@@ -24,7 +24,8 @@ class RunOutcome:
     seconds: float
 
     # Subclasses add ``interrupted``, ``checkpoint``, ``resumed_from``, ``merged_dir``, ``world_size``,
-    # ``global_batch`` and ``replicas_identical`` (fields of their own: their defaults differ).
+    # ``global_batch``, ``replicas_identical``, ``gradient_checkpointing`` and ``checkpointing_reason``
+    # (fields of their own: their defaults differ).
 
     def summary(self) -> str:
         lines = [f"steps: {self.steps}/{self.config.train.max_steps or '?'} in {self.seconds:.0f} s"
@@ -40,6 +41,9 @@ class RunOutcome:
             agree = {True: "LoRA weights identical on every rank", False: "LoRA weights DIFFER between ranks",
                      None: "replicas not compared"}[self.replicas_identical]
             lines.append(f"data parallel: {self.world_size} processes, global batch {self.global_batch} rows; {agree}")
+        mode = getattr(self, "gradient_checkpointing", None)
+        if mode and self.config.train.gradient_checkpointing == "auto":
+            lines.append(f"gradient checkpointing: auto -> {mode} ({self.checkpointing_reason})")
         if self.interrupted:
             lines.insert(0, f"interrupted at step {self.steps}; checkpoint: {self.checkpoint} "
                             "(run again with --resume / resume=True to continue)")

@@ -13,7 +13,9 @@ Modes (the same flags on every door): ``plan=True`` returns the memory plan only
 without loading the model or training; ``resume=True`` continues from the latest complete
 checkpoint in ``output.dir``. Before a real run on a GPU the planner is asked whether the run fits;
 when it predicts it does not, the run stops with the plan's advice (``train.force: true`` or
-``force=True`` runs it anyway).
+``force=True`` runs it anyway). Gradient checkpointing "auto" (the default) is resolved then too
+(:func:`checkpointing_mode`: offload on one GPU, plain under data parallelism where it fits), and
+the run says which mode it took and why (stderr, the ``start`` record, the result's summary).
 """
 from __future__ import annotations
 
@@ -65,6 +67,8 @@ class FinetuneResult(RunOutcome):
     world_size: int = 1
     global_batch: int | None = None
     replicas_identical: bool | None = None
+    gradient_checkpointing: str | None = None  # the mode the run used ("auto" resolved)
+    checkpointing_reason: str | None = None  # why (one line)
     _generation: int = dataclasses.field(repr=False, default=0)
 
     # ---------------------------------------------------------------- after training
@@ -151,6 +155,8 @@ class DryRunReport:
         if self.plan is not None:
             lines.append(f"  memory: {self.plan.peak_gib:.2f} GiB of {self.plan.capacity_gib:.2f} GiB on "
                          f"{self.plan.gpu.name} -> {self.plan.verdict()}")
+            if self.plan.checkpointing_line():
+                lines.append(f"  {self.plan.checkpointing_line()}")
         lines.append("  first example: " + self.sample[:300].replace("\n", "\\n"))
         return "\n".join(lines)
 
@@ -252,6 +258,29 @@ def check_fits(cfg: Config, force: bool = False):
                       RuntimeWarning, stacklevel=2)
         return None
     return preflight(cfg, gpu="auto", override_hint="train.force: true (--force on the magic / CLI, force=True)")
+
+
+def checkpointing_mode(cfg: Config) -> tuple[str, str]:
+    """The gradient checkpointing this run uses and why (one line), for ``nbtune.add_lora``.
+
+    A mode the config names is used as it is. "auto" (the default): with no GPU here (and none
+    planned through ``NBTUNE_GPU``) "offload", as before "auto" existed (on CPU tensors it is plain
+    recomputation: nothing is offloaded); on a GPU the planner's choice for this GPU and the
+    launcher's world size (:func:`nbtune.planner.choose_checkpointing`: offload on one GPU; under
+    data parallelism plain where it fits, else offload); "offload" when the planner cannot size
+    the model (e.g. an uncatalogued hub id offline)."""
+    if cfg.train.gradient_checkpointing != "auto":
+        return cfg.train.gradient_checkpointing, "train.gradient_checkpointing in the config"
+    if not (torch.cuda.is_available() or os.environ.get("NBTUNE_GPU", "").strip()):
+        return "offload", "no GPU: on the CPU offloaded checkpointing is plain recomputation"
+    try:
+        from ..planner import PlannerError, choose_checkpointing
+    except ImportError:  # pragma: no cover - the planner ships with nbtune
+        return "offload", "the planner is not available: offloaded checkpointing, the least GPU memory"
+    try:
+        return choose_checkpointing(cfg, gpu="auto", world_size=distributed.world_size())
+    except PlannerError as e:
+        return "offload", f"the planner cannot size this run ({e}): offloaded checkpointing, the least GPU memory"
 
 
 def check_output_dir(out: Path) -> None:
@@ -362,9 +391,11 @@ def _trainer_class():
         logging steps (token_count.py): no device sync per micro-batch. Its LoRA weights stay fp32:
         TRL casts a 4-bit/8-bit model's trainable parameters to bf16 whatever the precision (so an
         fp16 run's loss scaler would meet bf16 gradients); they go back to fp32 before any
-        optimizer is built on them."""
+        optimizer is built on them. It trains on one GPU per process, never through
+        ``nn.DataParallel`` (:func:`~nbtune.train.distributed.one_gpu_per_process`)."""
 
         def __init__(self, *args, **kwargs):
+            distributed.one_gpu_per_process(kwargs.get("args"), kwargs.get("model"))  # no nn.DataParallel
             super().__init__(*args, **kwargs)
             trainable_to_fp32(self.model)
 
@@ -443,6 +474,9 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
     if main and not torch.cuda.is_available():
         print(cpu_note(cfg), file=sys.stderr)
     the_plan = check_fits(cfg, force)
+    checkpointing, checkpointing_why = checkpointing_mode(cfg)
+    if main and cfg.train.gradient_checkpointing == "auto":
+        print(f"nbtune: gradient checkpointing auto -> {checkpointing} ({checkpointing_why})", file=sys.stderr)
     out = output_dir(cfg)
     resume_from = _resume_point(out, resume)
     t_start = time.perf_counter()
@@ -465,7 +499,7 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
     if data.dropped and main:
         print("nbtune: dropped train rows: " + ", ".join(f"{n} ({why})" for why, n in data.dropped.items()), file=sys.stderr)
     peft_model = add_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=cfg.lora.targets,
-                          gradient_checkpointing=cfg.train.gradient_checkpointing, seed=cfg.train.seed)
+                          gradient_checkpointing=checkpointing, seed=cfg.train.seed)
     session.attach(peft_model)
     listeners = list(listeners or [])
     if progress:
@@ -477,6 +511,7 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
         before = next((r["eval_loss"] for r in kept if r.get("event") == "eval" and r.get("step") == 0), None)
     stream = MetricsStream(out / "metrics.jsonl", listeners, append=resume_from is not None, write=main)
     stream.resumed_from = start_step
+    stream.start_fields = dict(gradient_checkpointing=checkpointing, checkpointing_reason=checkpointing_why)
     interrupt = InterruptCallback()
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, notify=stream.emit)
     with _quiet_datasets():
@@ -543,6 +578,7 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
         steps=trainer.state.global_step, seconds=time.perf_counter() - t_start,
         metrics=stream.history(), model=peft_model, tokenizer=tokenizer,
         interrupted=interrupted, checkpoint=checkpoint, resumed_from=start_step, plan=the_plan,
+        gradient_checkpointing=checkpointing, checkpointing_reason=checkpointing_why,
         world_size=world, global_batch=distributed.global_batch(cfg, world), replicas_identical=identical,
         _generation=session.generation(),
     )

@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", default="all-linear", help="LoRA target modules: all-linear or a comma list")
     p.add_argument("--dtype", default="auto", help="auto, float16, bfloat16, float32")
     p.add_argument("--no-4bit", action="store_true", help="16-bit base weights instead of 4-bit NF4")
-    p.add_argument("--checkpointing", default="offload", choices=["offload", "plain", "off"])
+    p.add_argument("--checkpointing", default="auto", choices=["auto", "offload", "plain", "off"],
+                   help="gradient checkpointing; auto: offload on one GPU, with --num-gpus > 1 plain where it fits")
     p.add_argument("--optimizer", default="adamw_8bit", choices=["adamw_8bit", "paged_adamw_8bit", "adamw", "sgd"])
     p.add_argument("--loss", default="auto", choices=["auto", "fused", "unfused"])
     p.add_argument("--num-gpus", type=int, default=1,

@@ -44,7 +44,7 @@ class PlannerWidget(W.VBox):
 
     def __init__(self, model: str = "llama-3.1-8b", gpu: str = "T4", seq_len: int = 2048, batch_size: int = 2,
                  lora_rank: int = 16, dtype: str = "auto", load_in_4bit: bool = True,
-                 gradient_checkpointing: str = "offload", optimizer: str = "adamw_8bit", figure: str = "auto"):
+                 gradient_checkpointing: str = "auto", optimizer: str = "adamw_8bit", figure: str = "auto"):
         names = catalog_names()
         custom = model not in names
         self.model = W.Dropdown(options=names, value=names[0] if custom else model, description="model",
@@ -62,7 +62,9 @@ class PlannerWidget(W.VBox):
                                 style=_STYLE, layout=W.Layout(width="170px"))
         self.load_in_4bit = W.Checkbox(value=load_in_4bit, description="4-bit NF4 base", indent=False,
                                        layout=W.Layout(width="130px"))
-        self.checkpointing = W.Dropdown(options=[("offloaded (nbtune)", "offload"), ("plain", "plain"), ("off", "off")],
+        # "auto" on one GPU is offloaded; the cell it makes keeps "auto", so a --gpus N run picks for itself
+        self.checkpointing = W.Dropdown(options=[("auto (offloaded on 1 GPU)", "auto"), ("offloaded (nbtune)", "offload"),
+                                                 ("plain", "plain"), ("off", "off")],
                                         value=gradient_checkpointing, description="checkpointing", style=_STYLE)
         self.optimizer = W.Dropdown(options=[("AdamW 8-bit", "adamw_8bit"), ("AdamW fp32", "adamw"),
                                              ("paged AdamW 8-bit", "paged_adamw_8bit"), ("SGD", "sgd")],

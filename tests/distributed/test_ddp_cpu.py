@@ -49,6 +49,9 @@ def test_torchrun_exits_0_and_only_rank_0_writes(runs):
 def test_global_batch_is_reported(runs):
     start = read_jsonl(runs["log2"])[0]
     assert start["event"] == "start" and start["world_size"] == WORLD and start["global_batch"] == 2 * 2 * WORLD
+    # the config names its checkpointing: kept under data parallelism too ("auto" would choose)
+    assert start["gradient_checkpointing"] == "offload"
+    assert start["checkpointing_reason"] == "train.gradient_checkpointing in the config"
     assert "training: 4 steps on 2 processes, global batch 8 rows" in runs["two"].stderr
     assert "data parallel: 2 processes, global batch 8 rows" in runs["two"].stdout
 

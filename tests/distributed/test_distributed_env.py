@@ -100,7 +100,10 @@ def test_trainable_digest_tells_lora_weights_apart():
 
 
 def test_planner_figures_are_per_gpu(launcher_env):
-    cfg = {"model": {"name": "llama-3.1-8b"}, "train": {"batch_size": 2, "grad_accum": 4}}
+    # one checkpointing mode for both ("auto", the default, would take plain on 2 GPUs: its own test
+    # is tests/planner/test_checkpointing_choice.py)
+    cfg = {"model": {"name": "llama-3.1-8b"}, "train": {"batch_size": 2, "grad_accum": 4,
+                                                         "gradient_checkpointing": "offload"}}
     one = plan_from_config(cfg, gpu="H100", world_size=1)
     two = plan_from_config(cfg, gpu="H100", world_size=2)
     assert (one.global_batch, two.global_batch) == (8, 16)

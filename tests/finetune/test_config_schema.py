@@ -25,6 +25,9 @@ def test_numbers_from_every_door_agree():
     ({"train": {"scheduler": "cos"}}, ["train.scheduler", "'linear'", "'cosine'", "'constant_with_warmup'"]),
     ({"train": {"optimizer": "adam9"}}, ["train.optimizer", "'adamw_8bit'", "'sgd'"]),
     ({"model": {"dtype": "fp8"}}, ["model.dtype", "'float16'", "'bfloat16'"]),
+    ({"train": {"gradient_checkpointing": "sometimes"}},
+     ["train.gradient_checkpointing", "'auto'", "'offload'", "'plain'", "'off'", "'sometimes'"]),
+    ({"train": {"gradient_checkpointing": True}}, ["train.gradient_checkpointing", "'auto'"]),
     ({"data": {"format": "chat"}}, ["data.format", "'messages'", "'prompt_completion'", "'text'"]),
     ({"output": {"export": ["gguf"]}}, ["output.export", "'adapter'", "'merged'"]),
     ({"lora": {"targets": 5}}, ["lora.targets", "str | list[str]"]),
@@ -49,8 +52,9 @@ def test_sections_and_reference_cover_the_issue():
                 "chat_template:", "responses_only:", "packing:", "eval_split:", "r:", "alpha:", "dropout:",
                 "targets:", "max_steps:", "epochs:", "batch_size:", "grad_accum:", "lr:", "scheduler:",
                 "warmup_steps:", "optimizer:", "weight_decay:", "seed:", "logging_steps:", "eval_steps:",
-                "save_steps:", "force:", "dir:", "export:"):
+                "save_steps:", "force:", "dir:", "export:", "gradient_checkpointing:"):
         assert f"  {key}" in ref, key
+    assert "gradient_checkpointing: 'auto' | 'offload' | 'plain' | 'off' = 'auto'" in ref
     assert Config.reference() == ref
 
 

@@ -20,8 +20,11 @@ def test_yaml_text_dict_and_kwargs_agree(tmp_path):
 def test_defaults_are_the_t4_recipe():
     cfg = Config()
     assert cfg.model.name == "smollm2-135m-instruct"
-    assert cfg.train.optimizer == "adamw_8bit" and cfg.train.gradient_checkpointing == "offload"
+    # "auto": offloaded on one GPU (the T4 recipe), plain under data parallelism where it fits
+    assert cfg.train.optimizer == "adamw_8bit" and cfg.train.gradient_checkpointing == "auto"
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (16, 16, 0.0)
+    for mode in ("auto", "offload", "plain", "off"):
+        assert build_config(train={"gradient_checkpointing": mode}).train.gradient_checkpointing == mode
 
 
 @pytest.mark.parametrize("cfg, needle", [

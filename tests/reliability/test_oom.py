@@ -130,6 +130,19 @@ def test_the_advice_is_the_planners():
     assert "Smallest change that fits" in advice
 
 
+def test_advice_for_auto_names_the_mode_the_run_used(monkeypatch):
+    """Data parallel, "auto" took plain checkpointing; the GPU had less memory than planned: the
+    advice for the memory found is to name offloaded checkpointing (auto would pick plain again)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = build_config(model={"name": "llama-3.1-8b", "max_seq_length": 2048}, train={"batch_size": 2})
+    plan = nbtune.plan_from_config(cfg, gpu="H200")
+    assert plan.settings.gradient_checkpointing == "plain" and plan.checkpointing_auto
+    needed = plan.peak_gib * 1.08  # found: less than plain needs, more than offloading does
+    advice = oom_advice(cfg, f"CUDA out of memory. Tried to allocate 1.00 GiB. GPU 0 has a total capacity of "
+                             f"139.81 GiB of which {139.81 - needed + 1:.2f} GiB is free.", gpu="H200")
+    assert "Smallest change that fits: gradient_checkpointing: plain -> offload" in advice, advice
+
+
 def test_no_plan_still_gives_concrete_advice(tmp_path):
     odd = tmp_path / "odd-model"
     odd.mkdir()
