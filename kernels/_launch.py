@@ -141,8 +141,10 @@ class Relauncher:
         compiled = launch(self.kernel, self.grid, *args, **self.meta)
         if self.compiled is None and FAST_PATH and not _INTERPRETING and tensor.data_ptr() % 16 == 0:
             names = _param_names(self.kernel, len(args), self.meta)
-            if names is not None:  # bind: the positional arguments, then the constexprs in order
-                self.bound = args + tuple(self.meta[name] for name in names)
+            if names is not None:  # bind: the positional arguments, then the constexprs in order; the
+                # varying slot is left empty: holding this call's tensor would keep it alive (for NF4,
+                # one dequantized weight per weight, for the life of the model)
+                self.bound = self.args + tuple(self.meta[name] for name in names)
                 self.compiled, self.device, self.dtype = compiled, torch.cuda.current_device(), tensor.dtype
         return compiled
 

@@ -208,7 +208,9 @@ class _HostBufferPool:
             if getattr(buffer, "_nbtune_used", False):
                 self.reuses += 1
             buffer._nbtune_used = True
-        if busy_until is not None:
+        # the host waits only for a copy still in flight: in steady state the last copy through this
+        # buffer (the previous micro-batch's reload) finished long ago, and a query is not a sync
+        if busy_until is not None and not busy_until.query():
             busy_until.synchronize()
         return buffer
 

@@ -1,4 +1,6 @@
 """kernels/_launch.py: the cached Triton launch path must run exactly what ``kernel[grid]`` runs."""
+import weakref
+
 import pytest
 import torch
 
@@ -94,6 +96,12 @@ def test_relauncher_binds_after_the_first_launch_and_falls_back_on_a_new_special
     _launch.clear_cache()
     relaunch, gate, up, expected = _relaunch_matches_reference("cuda", dtype)
     assert relaunch.compiled is not None and relaunch.dtype == dtype
+    # the bound arguments keep no output alive: a relaunched buffer is freed when its owner drops it
+    out = torch.empty(5, 70, device="cuda", dtype=dtype)
+    relaunch(out)
+    alive = weakref.ref(out)
+    del out
+    assert alive() is None and relaunch.bound[2] is None
     # a 2-byte-offset output is another specialization for Triton: it takes launch(), still right
     big = torch.empty(5 * 70 + 1, device="cuda", dtype=dtype)
     shifted = big[1:].view(5, 70)
