@@ -73,6 +73,28 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
     return path
 
 
+
+@pytest.fixture
+def count_calls(monkeypatch):
+    """``count_calls(module, names)`` -> {key: calls so far}: each ``module.<name>`` is wrapped for the
+    test (it still runs) and its calls counted under its name (``names`` a list) or under
+    ``names[name]`` (a dict name -> key). Keys start at 0."""
+
+    def install(module, names):
+        keys = names if isinstance(names, dict) else {name: name for name in names}
+        counts = dict.fromkeys(keys.values(), 0)
+        for name, key in keys.items():
+            original = getattr(module, name)
+
+            def counted(*args, _key=key, _original=original, **kwargs):
+                counts[_key] += 1
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(module, name, counted)
+        return counts
+
+    return install
+
 WORD_VOCAB = 512
 WORD_ROWS = 64
 

@@ -202,20 +202,11 @@ def _same_bits(ours, theirs, groups_ours, groups_theirs):
                     assert sa[key].shape == sb[key].shape and torch.equal(sa[key], sb[key]), key
 
 
-def _count_update_calls(monkeypatch):
+def _count_update_calls(count_calls):
     """Counts of bitsandbytes' update kernels called (8-bit blockwise, 32-bit), since the last reset."""
     import bitsandbytes.functional as F
 
-    calls = {"8bit": 0, "32bit": 0}
-    for name, counter in (("optimizer_update_8bit_blockwise", "8bit"), ("optimizer_update_32bit", "32bit")):
-        original = getattr(F, name)
-
-        def counted(*args, _original=original, _counter=counter, **kwargs):
-            calls[_counter] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(F, name, counted)
-    return calls
+    return count_calls(F, {"optimizer_update_8bit_blockwise": "8bit", "optimizer_update_32bit": "32bit"})
 
 
 # update calls per step, 8-bit (batched chunks + per-parameter) and 32-bit:
@@ -227,9 +218,9 @@ EXPECTED_CALLS = [(4, 1), (4, 1), (5, 1), (5, 1)]
 BNB_CALLS = [(8, 1), (7, 1), (8, 1), (8, 1)]
 
 
-def _check_mix(device, dtype, monkeypatch, cls=bnb.optim.AdamW8bit, **kwargs):
+def _check_mix(device, dtype, monkeypatch, count_calls, cls=bnb.optim.AdamW8bit, **kwargs):
     monkeypatch.setattr(sync_free(cls), "max_chunk_numel", CHUNK)
-    calls = _count_update_calls(monkeypatch)
+    calls = _count_update_calls(count_calls)
     grads = _mix_grads(4, device, dtype)
     ours_groups, theirs_groups = _mix_params(device, dtype), _mix_params(device, dtype)
     ours = _mix_optimizer(sync_free(cls), ours_groups, **kwargs)
@@ -256,13 +247,13 @@ def _check_mix(device, dtype, monkeypatch, cls=bnb.optim.AdamW8bit, **kwargs):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_batched_step_gives_bitsandbytes_bits_with_one_call_per_chunk(dtype, monkeypatch):
-    _check_mix("cpu", dtype, monkeypatch)
+def test_batched_step_gives_bitsandbytes_bits_with_one_call_per_chunk(dtype, monkeypatch, count_calls):
+    _check_mix("cpu", dtype, monkeypatch, count_calls)
 
 
-def test_batched_step_for_the_trainers_adamw_with_8_bit_states(monkeypatch):
+def test_batched_step_for_the_trainers_adamw_with_8_bit_states(monkeypatch, count_calls):
     """transformers' ``adamw_bnb_8bit`` is ``bnb.optim.AdamW(optim_bits=8)``: batched the same way."""
-    _check_mix("cpu", torch.float32, monkeypatch, bnb.optim.AdamW, optim_bits=8)
+    _check_mix("cpu", torch.float32, monkeypatch, count_calls, bnb.optim.AdamW, optim_bits=8)
 
 
 def test_learning_rate_and_betas_changes_keep_the_layout(monkeypatch):
@@ -341,11 +332,11 @@ def test_loading_a_state_dict_drops_the_layout_and_repacks(monkeypatch):
     _same_bits(ours, ref, groups, ref_groups)
 
 
-def test_fallbacks_one_state_and_unorm_optimizers_step_per_parameter(monkeypatch):
+def test_fallbacks_one_state_and_unorm_optimizers_step_per_parameter(count_calls):
     """No buckets where the update is not the two-state 8-bit blockwise one: Lion (one state) and
     LAMB (max_unorm > 0: a norm per tensor) make bitsandbytes' calls, one per parameter, and give
     its bits."""
-    calls = _count_update_calls(monkeypatch)
+    calls = _count_update_calls(count_calls)
     grads = _mix_grads(2, "cpu", torch.float32)
     for cls in (bnb.optim.Lion8bit, bnb.optim.LAMB8bit):
         ours_params = sum(_mix_params("cpu", torch.float32), [])
@@ -371,10 +362,10 @@ def test_fallbacks_one_state_and_unorm_optimizers_step_per_parameter(monkeypatch
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_batched_step_bits_calls_and_no_sync(dtype, monkeypatch):
+def test_gpu_batched_step_bits_calls_and_no_sync(dtype, monkeypatch, count_calls):
     """On CUDA: bitsandbytes' bits and the expected number of update calls with batching, and steps
     (a re-pack included) that never synchronize the device."""
-    _check_mix("cuda", dtype, monkeypatch)
+    _check_mix("cuda", dtype, monkeypatch, count_calls)
 
     monkeypatch.setattr(sync_free(bnb.optim.AdamW8bit), "max_chunk_numel", CHUNK)
     grads = _mix_grads(4, "cuda", dtype)

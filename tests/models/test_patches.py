@@ -18,19 +18,10 @@ from nbtune.models import patches
 from nbtune.models.patches import common
 
 @pytest.fixture
-def calls(monkeypatch):
+def calls(count_calls):
     """Counts of the kernel entry points the patched forwards call (names as in common.py)."""
-    counts = collections.Counter()
-    for name in ("lora_qkv", "lora_mlp", "lora_linear", "rms_norm", "apply_rope", "attend",
-                 "fused_linear_cross_entropy", "build_plan"):
-        original = getattr(common, name)
-
-        def counted(*args, _name=name, _original=original, **kwargs):
-            counts[_name] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(common, name, counted)
-    return counts
+    return count_calls(common, ("lora_qkv", "lora_mlp", "lora_linear", "rms_norm", "apply_rope", "attend",
+                                "fused_linear_cross_entropy", "build_plan"))
 
 
 # ----------------------------------------------------------------------------- loss and gradients
