@@ -92,15 +92,19 @@ def launch(kernel, grid, *args, **meta):
             _compiled[key] = (compiled, tuple(meta[name] for name in names))
         return compiled
     compiled, tail = entry
-    bound = args + tail
-    g0 = grid[0]
-    g1 = grid[1] if len(grid) > 1 else 1
-    g2 = grid[2] if len(grid) > 2 else 1
-    stream = torch._C._cuda_getCurrentRawStream(key[1])
+    _run(compiled, grid, key[1], args + tail)
+    return compiled
+
+
+def _run(compiled, grid, device: int, bound):
+    """Launch ``compiled`` over ``grid`` (1 to 3 entries) on ``device``'s current stream with the
+    arguments ``bound`` (positional ones, then the constexprs), as Triton's own ``JITFunction.run``
+    does (launch hooks see the grid as given)."""
+    stream = torch._C._cuda_getCurrentRawStream(device)
     enter, exit_ = _hook(_RUNTIME_KNOBS.launch_enter_hook), _hook(_RUNTIME_KNOBS.launch_exit_hook)
     metadata = compiled.launch_metadata(grid, stream, *bound) if enter is not None else None
+    g0, g1, g2 = tuple(grid) + (1,) * (3 - len(grid))
     compiled.run(g0, g1, g2, stream, compiled.function, compiled.packed_metadata, metadata, enter, exit_, *bound)
-    return compiled
 
 
 class Relauncher:
@@ -119,8 +123,7 @@ class Relauncher:
     __slots__ = ("kernel", "grid", "args", "slot", "meta", "bound", "compiled", "device", "dtype")
 
     def __init__(self, kernel, grid, args, slot: int, meta: dict):
-        self.kernel, self.grid, self.args, self.slot, self.meta = kernel, tuple(grid) + (1,) * (3 - len(grid)), \
-            tuple(args), slot, meta
+        self.kernel, self.grid, self.args, self.slot, self.meta = kernel, tuple(grid), tuple(args), slot, meta
         self.bound = self.compiled = self.device = self.dtype = None
 
     def __call__(self, tensor: torch.Tensor):
@@ -129,11 +132,7 @@ class Relauncher:
             return self._launch(tensor)
         bound = list(self.bound)
         bound[self.slot] = tensor
-        enter, exit_ = _hook(_RUNTIME_KNOBS.launch_enter_hook), _hook(_RUNTIME_KNOBS.launch_exit_hook)
-        stream = torch._C._cuda_getCurrentRawStream(self.device)
-        metadata = compiled.launch_metadata(self.grid, stream, *bound) if enter is not None else None
-        g0, g1, g2 = self.grid
-        compiled.run(g0, g1, g2, stream, compiled.function, compiled.packed_metadata, metadata, enter, exit_, *bound)
+        _run(compiled, self.grid, self.device, bound)
         return compiled
 
     def _launch(self, tensor):
