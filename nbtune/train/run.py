@@ -260,7 +260,7 @@ def check_fits(cfg: Config, force: bool = False):
     return preflight(cfg, gpu="auto", override_hint="train.force: true (--force on the magic / CLI, force=True)")
 
 
-def checkpointing_mode(cfg: Config) -> tuple[str, str]:
+def checkpointing_mode(cfg: Config, plan=None) -> tuple[str, str]:
     """The gradient checkpointing this run uses and why (one line), for ``nbtune.add_lora``.
 
     A mode the config names is used as it is. "auto" (the default): with no GPU here (and none
@@ -268,9 +268,12 @@ def checkpointing_mode(cfg: Config) -> tuple[str, str]:
     recomputation: nothing is offloaded); on a GPU the planner's choice for this GPU and the
     launcher's world size (:func:`nbtune.planner.choose_checkpointing`: offload on one GPU; under
     data parallelism plain where it fits, else offload); "offload" when the planner cannot size
-    the model (e.g. an uncatalogued hub id offline)."""
+    the model (e.g. an uncatalogued hub id offline). ``plan``: the pre-flight plan of this config
+    (:func:`check_fits`), which has resolved "auto" already: its choice is taken, not made again."""
     if cfg.train.gradient_checkpointing != "auto":
         return cfg.train.gradient_checkpointing, "train.gradient_checkpointing in the config"
+    if plan is not None and plan.checkpointing_auto:
+        return plan.settings.gradient_checkpointing, plan.checkpointing_reason
     if not (torch.cuda.is_available() or os.environ.get("NBTUNE_GPU", "").strip()):
         return "offload", "no GPU: on the CPU offloaded checkpointing is plain recomputation"
     try:
@@ -474,7 +477,7 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
     if main and not torch.cuda.is_available():
         print(cpu_note(cfg), file=sys.stderr)
     the_plan = check_fits(cfg, force)
-    checkpointing, checkpointing_why = checkpointing_mode(cfg)
+    checkpointing, checkpointing_why = checkpointing_mode(cfg, the_plan)
     if main and cfg.train.gradient_checkpointing == "auto":
         print(f"nbtune: gradient checkpointing auto -> {checkpointing} ({checkpointing_why})", file=sys.stderr)
     out = output_dir(cfg)

@@ -40,6 +40,17 @@ def test_data_parallel_on_a_gpu_where_plain_fits_trains_plain(rank_of_two, monke
     assert mode == "plain" and "data parallel on 2 GPUs" in why and "H200" in why
 
 
+@pytest.mark.parametrize("gpu,seq_len,batch_size", [("H200", 2048, 2), ("T4", 32768, 1)])
+def test_the_preflight_plans_choice_is_the_choice(gpu, seq_len, batch_size, rank_of_two, monkeypatch):
+    """The trainer hands check_fits' plan (which resolved "auto" already) to checkpointing_mode: the
+    mode and reason it takes from the plan are those it would work out itself."""
+    monkeypatch.setenv("NBTUNE_GPU", gpu)
+    cfg = _llama8b(seq_len=seq_len, batch_size=batch_size)
+    preflight_plan = run.check_fits(cfg, force=False) if gpu == "H200" else run.memory_plan(cfg)
+    assert preflight_plan.checkpointing_auto
+    assert run.checkpointing_mode(cfg, preflight_plan) == run.checkpointing_mode(cfg)
+
+
 def test_data_parallel_where_plain_does_not_fit_offloads(rank_of_two, monkeypatch):
     monkeypatch.setenv("NBTUNE_GPU", "T4")
     mode, why = run.checkpointing_mode(_llama8b(seq_len=32768, batch_size=1))
