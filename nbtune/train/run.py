@@ -40,6 +40,7 @@ from .checkpoint import (InterruptCallback, StagedCheckpoints, checkpoint_step, 
 from .config import Config, ConfigError, build_config, output_dir
 from .data import apply_chat_template_choice, prepare_data
 from .environment import check_bitsandbytes, cpu_note
+from .host_plan import HostPlannedCollator
 from .metrics import MetricsStream, mean_train_loss, truncate_log
 from .oom import released_on_oom
 from .optimizer import register_embedding_overrides, sync_free
@@ -401,6 +402,8 @@ def _trainer_class():
             distributed.one_gpu_per_process(kwargs.get("args"), kwargs.get("model"))  # no nn.DataParallel
             super().__init__(*args, **kwargs)
             trainable_to_fp32(self.model)
+            if self._model_is_patched():  # the patched forward takes a plan built on the host
+                self.data_collator = HostPlannedCollator(self.data_collator)
 
         @staticmethod
         def get_optimizer_cls_and_kwargs(args, model=None):

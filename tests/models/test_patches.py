@@ -132,6 +132,30 @@ def test_patch_switches(monkeypatch):
     assert "forward" not in attn.__dict__ and not patches.is_patched(peft_model)
 
 
+def test_patch_inside_a_wrapper_comes_back_on_repatching(count_calls):
+    """TRL wraps the causal LM's (patched) forward with its fused LM head; unpatching leaves that
+    wrapper and turns the patch inside into a pass-through. Patching the same base again (a
+    notebook's second run on the reused model) must switch it back on, fused loss included."""
+    import functools
+
+    from nbtune.models.patches import common
+
+    peft_model = nbtune.add_lora(tiny_model("llama"), r=4)
+    lm = peft_model.get_base_model()
+    inner = lm.forward
+    lm.forward = functools.wraps(inner)(lambda *a, **k: inner(*a, **k))  # a wrapper around the patch
+    patches.unpatch_model(peft_model)
+    assert not patches.is_patched(peft_model) and lm._nbtune.passthrough
+    calls = count_calls(common, ["fused_linear_cross_entropy"])
+    ids, labels = random_batch()
+    unpatched_loss = peft_model(input_ids=ids, labels=labels).loss
+    assert calls["fused_linear_cross_entropy"] == 0
+    patches.patch_model(peft_model)
+    assert patches.is_patched(peft_model) and not lm._nbtune.passthrough
+    assert rel(peft_model(input_ids=ids, labels=labels).loss, unpatched_loss) < LOSS_RTOL
+    assert calls["fused_linear_cross_entropy"] == 1
+
+
 def test_unpatch_restores_transformers_numbers():
     ours, ref = lora_pair("gemma3_text")
     ids, labels = random_batch()

@@ -98,12 +98,45 @@ def _pieces_from_starts(starts: list[int], length: int) -> tuple:
     return tuple(pieces)
 
 
+# The batch key under which a data collator hands the model a plan it built on the host
+# (:func:`plan_batch`); the patched model forward takes it instead of building one from device tensors.
+PLAN_KEY = "nbtune_attention_plan"
+
+
+def plan_batch(batch: dict) -> dict:
+    """Add ``batch[PLAN_KEY]``: the plan of a collated batch, built from its host tensors.
+
+    :func:`build_plan` reads the mask and the positions; on CUDA tensors each read is a device
+    synchronization (up to four per micro-batch with padded or packed rows). A collator's output is
+    still on the host, where the same reads cost nothing. The batch is returned as it was when it
+    has no ``input_ids`` or its tensors are not on the CPU.
+    """
+    ids = batch.get("input_ids")
+    tensors = [batch.get(k) for k in ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q")]
+    if not torch.is_tensor(ids) or ids.dim() != 2 or any(torch.is_tensor(t) and t.device.type != "cpu"
+                                                          for t in tensors):
+        return batch
+    batch[PLAN_KEY] = build_plan(ids.shape[0], ids.shape[1], batch.get("attention_mask"), batch.get("position_ids"),
+                                 batch.get("cu_seq_lens_q"))
+    return batch
+
+
+def plan_fits(plan: AttentionPlan | None, batch: int, length: int) -> bool:
+    """Whether a plan handed in with the batch describes rows of this shape (pieces cover each row)."""
+    if plan is None or plan.pieces is None:
+        return True
+    if not plan.shared and len(plan.pieces) != batch:
+        return False
+    return all(row[-1][1] == length for row in plan.pieces)
+
+
 def build_plan(batch: int, length: int, attention_mask=None, position_ids=None, cu_seq_lens=None):
     """An :class:`AttentionPlan` for these inputs, or None when the fast path would not be exact
     (left padding, holes in the mask, a 4D mask): the caller then runs transformers' own path.
 
-    Costs at most two small device-to-host copies per step (the mask's shape check, the sequence
-    starts), never per layer.
+    On device tensors this reads the mask and the sequence starts back to the host (a few small
+    copies per forward, never per layer); :func:`plan_batch` builds it from the collator's host
+    tensors instead.
     """
     if attention_mask is not None:
         if not torch.is_tensor(attention_mask) or attention_mask.dim() != 2 or attention_mask.shape[-1] != length:

@@ -47,7 +47,7 @@ from nbtune.kernels.offload import checkpoint_phase
 from nbtune.kernels.rms_norm import rms_norm
 from nbtune.kernels.rope import apply_rope
 
-from .attention import AttentionPlan, attend, build_plan
+from .attention import PLAN_KEY, AttentionPlan, attend, build_plan, plan_fits
 
 try:  # bitsandbytes is a dependency, but the patches must not need it to import
     import bitsandbytes as _bnb
@@ -75,9 +75,17 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def install(module: nn.Module, forward, **options) -> bool:
     """Point ``module.forward`` at ``forward`` (bound to the module) with ``options`` readable as
     ``module._nbtune.<name>``; the forward it replaces stays reachable as ``module._nbtune.original``.
-    A module already patched is left as it is (returns False)."""
-    if "_nbtune" in module.__dict__:
-        return False
+    A module already patched is left as it is (returns False). A module whose patch was undone while
+    a wrapper around it stayed (:func:`uninstall`: TRL's fused LM head) gets the same patch switched
+    back on inside that wrapper (a notebook's second run on the reused base model)."""
+    state = module.__dict__.get("_nbtune")
+    if state is not None:
+        if not getattr(state, "passthrough", False) or state.patched.__func__ is not forward:
+            return False
+        state.passthrough = False
+        for name, value in options.items():
+            setattr(state, name, value)
+        return True
     had_instance_forward = module.__dict__.get("forward")
     state = types.SimpleNamespace(original=module.forward, had_instance_forward=had_instance_forward, **options)
     patched = types.MethodType(forward, module)
@@ -289,8 +297,13 @@ def _flag(config, kwargs, name) -> bool:
     return bool(value)
 
 
-def fast_path_plan(model, input_ids, inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, kwargs):
-    """The AttentionPlan for this call, or None when transformers' own forward must run."""
+_UNPLANNED = object()
+
+
+def fast_path_plan(model, input_ids, inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, kwargs,
+                   planned=_UNPLANNED):
+    """The AttentionPlan for this call, or None when transformers' own forward must run.
+    ``planned``: the plan the collator built on the host (``PLAN_KEY``), used when it fits the rows."""
     if past_key_values is not None:
         return None
     config = model.config
@@ -304,6 +317,8 @@ def fast_path_plan(model, input_ids, inputs_embeds, attention_mask, position_ids
         return None
     shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
     batch, length = shape[0], shape[1]
+    if planned is not _UNPLANNED and plan_fits(planned, batch, length):
+        return planned
     cu_seq_lens = kwargs.get("cu_seq_lens_q")
     return build_plan(batch, length, attention_mask, position_ids, cu_seq_lens)
 
@@ -312,10 +327,11 @@ def model_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
                   inputs_embeds=None, use_cache=None, **kwargs):
     args = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+    planned = kwargs.pop(PLAN_KEY, _UNPLANNED)
     if _passthrough(self) or (input_ids is None) == (inputs_embeds is None):
         return _original(self, **args, **kwargs)
     plan = fast_path_plan(self, input_ids, inputs_embeds, attention_mask, position_ids, past_key_values, use_cache,
-                          kwargs)
+                          kwargs, planned)
     if plan is None:
         return _original(self, **args, **kwargs)
     from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -353,6 +369,7 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
     shift_labels = kwargs.get("shift_labels")
     if (_passthrough(self) or (labels is None and shift_labels is None) or type(head) is not nn.Linear
             or head.weight.dtype not in _FLOAT_DTYPES):
+        kwargs.pop(PLAN_KEY, None)  # transformers' own forward takes no nbtune plan
         return _original(self, labels=labels, logits_to_keep=logits_to_keep, **args, **kwargs)
     if use_cache is None:  # a loss needs no KV cache; without one an eval-mode call keeps the fast path
         args["use_cache"] = False

@@ -1,0 +1,33 @@
+"""Attention plans built on the host, by the data collator, for the patched model's forward.
+
+The patched forward of a model nbtune supports attends through an ``AttentionPlan`` (no padding,
+right padding or padding-free packing: nbtune/models/patches/attention.py). Built inside the
+forward, the plan reads the attention mask and the position ids back from the GPU: up to four
+device synchronizations per micro-batch (a padded batch has both, and TRL's collator always sends
+position ids). Each one drains the queue of launched kernels, so the host can no longer run ahead
+of the GPU. The collator's batch is still on the host: the same reads there cost a few
+microseconds and no synchronization. The plan travels with the batch (the trainer and accelerate
+move tensors to the GPU and pass other objects through) and the forward takes it when it fits
+the rows.
+"""
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+
+from ..models.patches.attention import plan_batch
+
+
+class HostPlannedCollator:
+    """A data collator whose batches carry their attention plan (``PLAN_KEY``), built on the host."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        return plan_batch(batch) if isinstance(batch, MutableMapping) else batch
+
+    def __getattr__(self, name):  # the wrapped collator's own attributes (TRL reads some)
+        if name == "collator":
+            raise AttributeError(name)
+        return getattr(self.collator, name)
