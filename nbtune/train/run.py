@@ -211,6 +211,9 @@ def sft_args(cfg: Config, out: Path, model, has_eval: bool):
         bf16=device.type == "cuda" and dtype == torch.bfloat16,
         use_cpu=device.type != "cuda",
         dataloader_pin_memory=device.type == "cuda",
+        # the batches (pinned) go to the GPU with non-blocking copies: a blocking copy waits for the
+        # device, three times per micro-batch (input ids, labels, mask)
+        accelerator_config={"non_blocking": device.type == "cuda"},
         gradient_checkpointing=False,  # set up by nbtune.add_lora
         include_num_input_tokens_seen="non_padding",  # counted on the device, read when logging
         # transformers' filter tests every micro-batch's loss with a Python `or` of two tensors: a device

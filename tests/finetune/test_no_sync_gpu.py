@@ -4,8 +4,9 @@ torch's CUDA sync-debug mode warns at every synchronizing call. Two real runs of
 (tests/conftest.py: no hub, no embedded model) in 4-bit with offloaded checkpointing and 8-bit AdamW
 on the GPU, 2 optimizer steps each, with 2 and with 6 micro-batches per step: everything but the
 micro-batches is the same in both (loading, the optimizer steps, logging, the final evaluation), so
-equal counts of synchronizing calls mean the micro-batches add none (TRL's per-micro-batch metrics,
-transformers' token count and NaN filter used to add three or more each).
+no line of code synchronizing more often in the second run means the micro-batches add none (TRL's
+per-micro-batch metrics, transformers' token count and NaN filter, the attention plan read from the
+GPU and blocking batch copies each used to add some).
 """
 import collections
 import warnings
@@ -52,5 +53,7 @@ def test_micro_batches_add_no_synchronization(word_model, tmp_path):
                                                   grad_accum=accum))
               for accum in (2, 6)}
     assert counts[2].total() > 0  # the mode is on: loading and the optimizer steps do synchronize
-    added = counts[6] - counts[2]  # the lines that synchronize more often with more micro-batches
-    assert counts[6].total() == counts[2].total(), (counts[2].total(), counts[6].total(), dict(added))
+    # no line synchronizes more often with 6 micro-batches per step than with 2 (a line may sync once
+    # more or less between two runs, e.g. where the pinned-memory pool first grows: not per micro-batch)
+    added = counts[6] - counts[2]
+    assert not added, (counts[2].total(), counts[6].total(), dict(added))
