@@ -47,15 +47,12 @@ from pathlib import Path
 
 from ..train.config import ConfigError, build_config
 from ..train.outcome import RunOutcome
+from .fixable import is_fixable
 
 FEED = "metrics.jsonl"
 RESULT = "result.json"
 STOP, ABORT = "stop", "abort"
 # exception types a user fixes in the config / data / model choice (raised in the kernel as they are)
-FIXABLE = {"ConfigError", "DataError", "AssetError", "ModelLoadError", "PlannerError", "DoesNotFitError",
-           "DistributedSetupError"}
-
-
 class LaunchError(RuntimeError):
     """A data-parallel launch that cannot start, or whose ranks failed; ``fixable`` when the cause
     is the config, the data or the model (the message alone says what to change)."""
@@ -173,7 +170,7 @@ def rank_main(config: dict, options: dict, folder: str, kernel_pid: int) -> None
             _write_json(where / RESULT, _result_fields(result))
     except BaseException as e:
         _write_json(where / f"error-rank{me}.json", dict(rank=me, type=type(e).__name__, message=str(e),
-                                                         traceback=traceback.format_exc()))
+                                                         fixable=is_fixable(e), traceback=traceback.format_exc()))
         raise
 
 
@@ -284,8 +281,8 @@ def _ranks_failed(folder: Path, launcher_error: BaseException | None) -> LaunchE
     if not errors:
         return LaunchError(f"the data-parallel run failed before any rank reported: {launcher_error!r}")
     reports = [json.loads(p.read_text(encoding="utf-8")) for p in errors]
-    first = next((r for r in reports if r["type"] in FIXABLE), None) or reports[0]
-    if first["type"] in FIXABLE:
+    first = next((r for r in reports if r.get("fixable")), None) or reports[0]
+    if first.get("fixable"):
         return LaunchError(first["message"], fixable=True)
     tail = "\n".join(first["traceback"].rstrip().splitlines()[-12:])
     return LaunchError(f"rank {first['rank']} of the data-parallel run failed: {first['type']}: {first['message']}"

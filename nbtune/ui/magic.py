@@ -13,22 +13,9 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, kwds, magic_arguments, parse_argstring
 
 from ..train.config import ConfigError, build_config, config_reference
+from .fixable import is_fixable
 
 DEFAULT_VAR = "finetune_result"
-# errors the user fixes: shown as a UsageError with the message alone. Matched by class name (nbtune's
-# own classes only), so that checking needs no import: a --gpus launch must keep the training stack
-# (and with it bitsandbytes) out of the kernel.
-FIXABLE = {"ConfigError", "DataError", "AssetError", "PlannerError", "GPUOutOfMemoryError", "TrainingDivergedError",
-           "ModelLoadError"}
-
-
-def is_fixable(error: BaseException) -> bool:
-    """True for the nbtune errors a user fixes (config, data, model, memory plan, OOM, divergence), and
-    for a launch that cannot start or whose ranks hit one of them."""
-    if type(error).__name__ == "LaunchError":
-        return bool(getattr(error, "fixable", False))
-    return any(c.__name__ in FIXABLE and c.__module__.startswith("nbtune.") for c in type(error).__mro__)
-
 EXAMPLE = """\
 Fine-tune with the config in the cell body (YAML; the same schema as `nbtune finetune run.yaml`
 and `nbtune.finetune(...)`):
