@@ -52,7 +52,8 @@ from .fixable import is_fixable
 FEED = "metrics.jsonl"
 RESULT = "result.json"
 STOP, ABORT = "stop", "abort"
-# exception types a user fixes in the config / data / model choice (raised in the kernel as they are)
+
+
 class LaunchError(RuntimeError):
     """A data-parallel launch that cannot start, or whose ranks failed; ``fixable`` when the cause
     is the config, the data or the model (the message alone says what to change)."""
