@@ -3,6 +3,7 @@
     python benchmarks/models.py                                  # every row, every peer
     python benchmarks/models.py --rows main --peers nbtune,unsloth --time-budget 540
     python benchmarks/models.py --rows t4                        # T4 emulation: longest context
+    python benchmarks/models.py --rows llama2-7b-1x2048-fp16 --peers nbtune,unsloth --rounds 3
     python benchmarks/models.py --rows 'llama2*,mistral-7b-1x2048-bf16'   # globs, any SHAPES row
     python benchmarks/models.py --list                           # rows and what they run
     python benchmarks/models.py --from-json                      # RESULTS.md from results/*.json, no GPU
@@ -10,6 +11,9 @@
 Every (row, peer) runs in its own process (peers/hf_qlora_baseline.py, peers/unsloth_peer.py,
 nbtune_peer.py), one after the other, on random-weight checkpoints built once under CKPT_ROOT.
 The protocol is BENCHMARKS.md's (3 warm-up + 8 timed steps, median; peak reserved memory).
+``--rounds N`` runs each peer of a speed row N times, the peers' order alternating between rounds,
+and keeps each peer's median run: the lent hosts' speed drifts by 10-25% between runs (session 5
+notes), more than some of the ratios measured.
 
 Rows: ``<shape>-<batch>x<seq>-<bf16|fp16>`` for any shape of peers/bench_common.py's SHAPES
 (BENCHMARKS.md's six are the ``main`` alias), and ``t4-<shape>``: the T4 emulation (fp16, batch 1,
@@ -156,6 +160,12 @@ def parse_steps(text: str) -> tuple[int, int]:
     return int(m[1]), int(m[2])
 
 
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -163,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--peers", default="hf,unsloth,nbtune", help="which peers, in run order (hf, unsloth, nbtune)")
     ap.add_argument("--time-budget", type=float, default=0, help="seconds for the whole run (0: none); "
                     "rows that would start after it are reported as not reached")
+    ap.add_argument("--rounds", type=_positive_int, default=1,
+                    help="runs per peer in speed rows, the peers' order alternating between rounds (A B, B A, "
+                         "A B, ...); each peer's result is its median run (the lower middle one for an even "
+                         "count). The hosts are noisy: use 3 where a ratio is near 1.0")
     ap.add_argument("--row-timeout", type=float, default=420, help="seconds one peer process may take")
     ap.add_argument("--min-job-s", type=float, default=45,
                     help="do not start a peer process with less than this (or 0.8x that peer's last time) left")
@@ -483,6 +497,17 @@ def row_status(results: dict[str, dict], check: dict | None) -> str:
     return "ok"
 
 
+def median_job(jobs: list[dict]) -> dict:
+    """A peer's result over several rounds: its run with the median tokens/s (the lower middle one for
+    an even count: the same rule for every peer), with every round's figures under ``rounds``. Before
+    any round succeeded, the latest run."""
+    ok = sorted((j for j in jobs if j.get("status") == "ok" and j.get("line")), key=lambda j: j["line"]["tokens_per_s"])
+    chosen = dict(ok[(len(ok) - 1) // 2] if ok else jobs[-1])
+    chosen["rounds"] = [dict(status=j.get("status"), tokens_per_s=(j.get("line") or {}).get("tokens_per_s"),
+                             peak_reserved_gib=(j.get("line") or {}).get("peak_reserved_gib")) for j in jobs]
+    return chosen
+
+
 def t4_summary(attempts: list[dict]) -> dict:
     """Longest context that fitted, the first that did not, and why the search stopped."""
     fitted = [a for a in attempts if a["status"] == "ok"]
@@ -515,7 +540,7 @@ class Runner:
         self.doc = dict(meta=dict(started=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                                   argv=sys.argv[1:], peers=peers, rows=[r.id for r in rows],
                                   time_budget_s=args.time_budget, row_timeout_s=args.row_timeout,
-                                  tag=args.tag, loss_tol=LOSS_TOL,
+                                  tag=args.tag, loss_tol=LOSS_TOL, rounds=max(1, args.rounds),
                                   targets=dict(speed=SPEED_TARGET, memory=MEMORY_TARGET,
                                                t4_context=T4_CONTEXT_TARGET),
                                   t4=dict(cap_gib=args.t4_cap_gib, sdpa=args.t4_sdpa,
@@ -580,11 +605,16 @@ class Runner:
         rec = dict(id=row.id, kind="speed", shape=row.shape, batch=row.batch, seq=row.seq, dtype=row.dtype,
                    label=row.label(), results={})
         self.doc["rows"].append(rec)
-        for peer in self.peers:
-            rec["results"][peer] = dict(status="pending", row=row.id, peer=peer, spec=row.spec, line=None)
-            rec["results"][peer] = asdict(self.run_job(row, peer, row.spec))
-            self.finish_speed_row(rec)
-            self.save()
+        rounds = max(1, self.args.rounds)
+        runs: dict[str, list] = {peer: [] for peer in self.peers}
+        for r in range(rounds):
+            for peer in (self.peers if r % 2 == 0 else self.peers[::-1]):
+                if not runs[peer]:
+                    rec["results"][peer] = dict(status="pending", row=row.id, peer=peer, spec=row.spec, line=None)
+                runs[peer].append(asdict(self.run_job(row, peer, row.spec)))
+                rec["results"][peer] = median_job(runs[peer]) if rounds > 1 else runs[peer][0]
+                self.finish_speed_row(rec)
+                self.save()
         return rec
 
     def finish_speed_row(self, rec: dict):
@@ -777,6 +807,8 @@ def meta_line(doc: dict) -> str:
     t4 = m.get("t4") or {}
     if t4.get("steps"):
         parts.append(f"T4 search with {t4['steps'][0]} warm-up + {t4['steps'][1]} timed steps")
+    if (m.get("rounds") or 1) > 1:
+        parts.append(f"speed rows: median of {m['rounds']} runs per peer, order alternating")
     if m.get("tag"):
         parts.append(f"tag: {m['tag']}")
     return ", ".join(parts)
@@ -906,7 +938,8 @@ def main(argv=None) -> int:
                 print(f"{row.id:<26} {row.label()}: peers {','.join(t4p)}, contexts {contexts[0]}..{contexts[-1]} "
                       f"until the first OOM (MEM_CAP_GIB={args.t4_cap_gib} NBTUNE_BENCH_SDPA={args.t4_sdpa})")
             else:
-                print(f"{row.id:<26} {row.label()}: {','.join(peers)} on {row.spec}")
+                times = f", {args.rounds} rounds (order alternating)" if args.rounds > 1 else ""
+                print(f"{row.id:<26} {row.label()}: {','.join(peers)} on {row.spec}{times}")
         return 0
     signal.signal(signal.SIGTERM, _on_sigterm)
     runner = Runner(args, rows, peers)

@@ -255,8 +255,15 @@ FAKE_PEER = textwrap.dedent('''
             print(json.dumps(dict(peer=name, shape=shape, batch=str(b), seqlen=str(s), error="OOM")), flush=True)
             continue
         print("a banner line that is not JSON")
+        tps = int(os.environ.get("FAKE_TPS_" + name, 1000))
+        if os.environ.get("FAKE_TPS_SEQ_" + name):  # one value per run, in run order (counted in a file)
+            counter = os.environ["FAKE_COUNTER"] + "." + name
+            done = open(counter).read().count("x") if os.path.exists(counter) else 0
+            open(counter, "a").write("x")
+            open(os.environ["FAKE_COUNTER"] + ".order", "a").write(name + " ")
+            tps = int(os.environ["FAKE_TPS_SEQ_" + name].split(",")[done])
         print(json.dumps(dict(peer=name + "-9", shape=shape, batch=b, seqlen=s, dtype=dt,
-                              tokens_per_s=int(os.environ.get("FAKE_TPS_" + name, 1000)),
+                              tokens_per_s=tps,
                               peak_reserved_gib=round(float(os.environ.get("FAKE_GIB_" + name, 5)) + s / 1e6, 3),
                               first_loss=11.9, first_loss_exact=11.9 + float(os.environ.get("FAKE_DLOSS_" + name, 0)),
                               cap_gib=float(os.environ.get("MEM_CAP_GIB", 0)),
@@ -313,6 +320,25 @@ def test_driver_missing_peer_is_skipped_and_oom_is_a_result(fake_peers, monkeypa
     assert "unsloth (not installed: nbtune_bench_no_such_module)" in md
     logs = [p for p in os.listdir(fake_peers["out"]) if p.endswith(".log")]
     assert logs and "===== llama2-7b-1x2048-fp16 · nbtune" in (fake_peers["out"] / logs[0]).read_text()
+
+
+def test_driver_rounds_alternate_the_peers_and_take_each_ones_median_run(fake_peers, monkeypatch, tmp_path):
+    monkeypatch.setenv("FAKE_COUNTER", str(tmp_path / "runs"))
+    monkeypatch.setenv("FAKE_TPS_SEQ_nbtune", "1100,900,1300")
+    monkeypatch.setenv("FAKE_TPS_SEQ_unsloth", "1000,500,1000")
+    rc = models.main(fake_peers["base"] + ["--rows", "llama3-8b-1x2048-fp16", "--peers", "unsloth,nbtune",
+                                           "--rounds", "3"])
+    assert rc == 0
+    assert (tmp_path / "runs.order").read_text().split() == ["unsloth", "nbtune", "nbtune", "unsloth", "unsloth",
+                                                             "nbtune"]
+    (row,) = read_run(fake_peers["out"])["rows"]
+    nb, un = row["results"]["nbtune"], row["results"]["unsloth"]
+    assert nb["line"]["tokens_per_s"] == 1100 and un["line"]["tokens_per_s"] == 1000  # the medians
+    assert [r["tokens_per_s"] for r in nb["rounds"]] == [1100, 900, 1300]
+    assert row["ratios"]["speed_vs_unsloth"] == 1.1
+    assert "median of 3 runs per peer" in fake_peers["md"].read_text()
+    with pytest.raises(SystemExit):
+        models.build_parser().parse_args(["--rounds", "0"])
 
 
 def test_driver_marks_first_loss_mismatch_and_crash_as_failed(fake_peers, monkeypatch):
