@@ -120,3 +120,19 @@ def test_second_run_on_the_reused_model_keeps_the_fused_loss_and_host_plans(tiny
                     progress=False)
     assert calls["fused_linear_cross_entropy"] >= 4  # 2 steps x 2 micro-batches
     assert calls["build_plan"] == 0
+
+
+def test_packed_rows_get_their_sequence_pieces_from_the_host(tiny_model_dir, tiny_data, tmp_path, count_calls,
+                                                            monkeypatch):
+    """data.packing: TRL's padding-free collator packs a step's rows into one row with restarting
+    positions and cu_seq_lens: the host plan cuts it at the sequence starts, the forward uses it."""
+    plans = []
+    original = host_plan.plan_batch
+    monkeypatch.setattr(host_plan, "plan_batch", lambda batch: plans.append(original(batch)[PLAN_KEY]) or batch)
+    built = count_calls(common, ["build_plan"])
+    cfg = tiny_config(tiny_model_dir, tiny_data, tmp_path / "out", max_steps=2, batch_size=2)
+    cfg["data"].update(packing=True, responses_only=False)
+    nbtune.finetune(cfg, dashboard=False, progress=False)
+    assert built["build_plan"] == 0
+    train_plans = [p for p in plans if p is not None and p.packed]
+    assert train_plans and all(len(p.pieces) == 1 and len(p.pieces[0]) == 2 for p in train_plans)  # 2 rows, 1 row
