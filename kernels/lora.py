@@ -58,6 +58,7 @@ through the same graph (``retain_graph=True``) raises instead of returning wrong
 """
 from __future__ import annotations
 
+import os
 import warnings
 from collections import namedtuple
 
@@ -140,7 +141,8 @@ def _mm_scaled(a, b, scaling, dtype=None):
     peft's default) comes straight out of the GEMM's fp32 accumulator on CUDA (cuBLAS with a wide
     output: ``addmm``'s ``out_dtype``): no rounding to 16 bits and no cast kernel after it, one
     host op instead of two per gradient (448 casts per step for LoRA on a 32-layer model's seven
-    projections). Elsewhere the GEMM runs in a's dtype and the result is cast.
+    projections). Elsewhere the GEMM runs in a's dtype and the result is cast (also everywhere with
+    ``NBTUNE_WIDE_GEMM=0``).
     """
     if dtype is None or dtype == a.dtype:
         return torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device).addmm_(a, b, beta=0.0, alpha=scaling)
@@ -155,7 +157,9 @@ def _mm_scaled(a, b, scaling, dtype=None):
     return _mm_scaled(a, b, scaling).to(dtype)
 
 
-_WIDE_GEMM = {"ok": True}  # set False once if this torch / GPU refuses addmm's out_dtype
+# False once this torch / GPU refuses addmm's out_dtype; NBTUNE_WIDE_GEMM=0 turns the wide GEMM off from
+# the start (16-bit GEMM plus a cast, the path before it), to compare the two on one machine
+_WIDE_GEMM = {"ok": os.environ.get("NBTUNE_WIDE_GEMM", "1").strip() not in ("0", "false", "no", "off")}
 
 
 def _wide_gemm_ok(a, dtype) -> bool:
