@@ -115,10 +115,11 @@ def test_second_run_on_the_reused_model_keeps_the_fused_loss_and_host_plans(tiny
     the plan from the host), as the first run did."""
     nbtune.finetune(tiny_config(tiny_model_dir, tiny_data, tmp_path / "first", max_steps=1), dashboard=False,
                     progress=False)
-    calls = count_calls(common, ["build_plan", "fused_linear_cross_entropy"])
+    calls = count_calls(common, ["build_plan", "fused_linear_cross_entropy", "lora_qkv", "lora_mlp", "rms_norm"])
     nbtune.finetune(tiny_config(tiny_model_dir, tiny_data, tmp_path / "second", max_steps=2), dashboard=False,
                     progress=False)
     assert calls["fused_linear_cross_entropy"] >= 4  # 2 steps x 2 micro-batches
+    assert calls["lora_qkv"] >= 8 and calls["lora_mlp"] >= 8 and calls["rms_norm"] >= 20  # 2 layers each time
     assert calls["build_plan"] == 0
 
 
