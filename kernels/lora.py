@@ -396,7 +396,7 @@ class _LoRAMLP(torch.autograd.Function):
          down_base, down_A, down_B, down_bias) = flat
         s_g, s_u, s_d = scalings
 
-        A_gu, loras = _cast_group((gate_A, up_A), (gate_B, up_B, down_A, down_B), dtype)
+        A_gu, loras = _mlp_loras(flat, dtype)
         gate_Bc, up_Bc, down_Ac, down_Bc = loras
         (g, u), XA_gu = _project_group(X, (_weight(b, dtype) for b in (gate_base, up_base)), A_gu, (gate_Bc, up_Bc),
                                        (s_g, s_u), (_cast(gate_bias, dtype), _cast(up_bias, dtype)))
@@ -438,6 +438,14 @@ class _LoRAMLP(torch.autograd.Function):
         if dX is not None:
             dX = _cast(dX.view(ctx.x_shape), ctx.x_dtype)
         return _mlp_input_grads(dX, _in_dtypes((*gate_grads, *up_grads, *down_grads), ctx.grad_dtypes))
+
+
+def _mlp_loras(flat, dtype):
+    """(A_gu, (gate_B, up_B, down_A, down_B)) in ``dtype`` from the MLP Functions' flat arguments
+    (base, A, B, bias per projection: gate, up, down): [gate_A; up_A] stacked (they share X), all
+    cast by one multi-tensor copy (``_cast_group``)."""
+    _, gate_A, gate_B, _, _, up_A, up_B, _, _, down_A, down_B, _ = flat
+    return _cast_group((gate_A, up_A), (gate_B, up_B, down_A, down_B), dtype)
 
 
 def _mlp_grad_dtypes(flat):
@@ -528,7 +536,7 @@ class _LoRAMLPCheckpointed(torch.autograd.Function):
         dtype = _compute_dtype(x)
         X = _cast(x.reshape(-1, x.shape[-1]), dtype)
         bases, biases = flat[0::4], [_cast(b, dtype) for b in flat[3::4]]
-        A_gu, loras = _cast_group(flat[1:6:4], (flat[2], flat[6], flat[9], flat[10]), dtype)
+        A_gu, loras = _mlp_loras(flat, dtype)
         n_out = loras[3].shape[0]
         y = torch.empty(*x.shape[:-1], n_out, device=x.device, dtype=dtype)
         phase = checkpoint_phase()
