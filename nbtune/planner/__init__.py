@@ -18,6 +18,6 @@ from .shapes import ModelShape, PlannerError, catalog_names, resolve_shape, shap
 
 __all__ = [
     "GPU", "GPUS", "MODELS", "TERMS", "Coefficients", "DoesNotFitError", "ModelShape", "Plan", "PlannerError",
-    "Suggestion", "auto_checkpointing", "catalog_names", "choose_checkpointing", "coefficients", "detect_gpu", "gpu_names", "plan", "plan_from_config",
-    "preflight", "resolve_gpu", "resolve_shape", "shape_from_config",
+    "Suggestion", "auto_checkpointing", "catalog_names", "choose_checkpointing", "coefficients", "detect_gpu",
+    "gpu_names", "plan", "plan_from_config", "preflight", "resolve_gpu", "resolve_shape", "shape_from_config",
 ]

@@ -32,9 +32,9 @@ OPTIMIZER_ALIASES = {"adamw_8bit": "adamw_8bit", "adamw8bit": "adamw_8bit", "ada
                      "8bit": "adamw_8bit", "adamw_bnb_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit",
                      "adamw": "adamw", "adamw_torch": "adamw", "fp32": "adamw", "adamw_fp32": "adamw",
                      "sgd": "sgd"}
-CHECKPOINTING_ALIASES = {"auto": "auto", "offload": "offload", "offloaded": "offload", "nbtune": "offload", "plain": "plain",
-                         True: "plain", "true": "plain", "on": "plain", "off": "off", False: "off", "false": "off",
-                         "none": "off", None: "off"}
+CHECKPOINTING_ALIASES = {"auto": "auto", "offload": "offload", "offloaded": "offload", "nbtune": "offload",
+                         "plain": "plain", True: "plain", "true": "plain", "on": "plain",
+                         "off": "off", False: "off", "false": "off", "none": "off", None: "off"}
 LABELS = {"offload": "offloaded checkpointing", "plain": "plain checkpointing", "off": "no checkpointing",
           "adamw_8bit": "AdamW 8-bit", "paged_adamw_8bit": "paged AdamW 8-bit", "adamw": "AdamW fp32", "sgd": "SGD",
           "fused": "fused loss", "unfused": "unfused loss", "float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
