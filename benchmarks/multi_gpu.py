@@ -136,8 +136,10 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def finetune(cfg: dict, gpus: int, name: str, work: str, timeout: int) -> dict:
-    """Run ``nbtune finetune`` on 1 GPU or under torchrun on ``gpus``; the metrics log and how it went."""
+def finetune(cfg: dict, gpus: int, name: str, work: str, timeout: int, entry: list[str] | None = None) -> dict:
+    """Run ``nbtune finetune`` on 1 GPU or under torchrun on ``gpus``; the metrics log and how it went.
+
+    ``entry``: a script and its arguments to run instead of the CLI (the config's path is appended)."""
     import yaml
 
     shutil.rmtree(cfg["output"]["dir"], ignore_errors=True)
@@ -146,13 +148,14 @@ def finetune(cfg: dict, gpus: int, name: str, work: str, timeout: int) -> dict:
         yaml.safe_dump(cfg, f)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    program = [*entry, path] if entry else ["-m", "nbtune.ui.cli", "finetune", path]
     if gpus == 1:
         env["CUDA_VISIBLE_DEVICES"] = "0"
-        cmd = [sys.executable, "-m", "nbtune.ui.cli", "finetune", path]
+        cmd = [sys.executable, *program]
     else:
         env.pop("CUDA_VISIBLE_DEVICES", None)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus), "--master_addr",
-               "127.0.0.1", "--master_port", free_port(), "-m", "nbtune.ui.cli", "finetune", path]
+               "127.0.0.1", "--master_port", free_port(), *program]
     t0 = time.time()
     with open(os.path.join(work, f"{name}.log"), "w") as log:
         try:
@@ -256,6 +259,34 @@ def stage_throughput(work: str, root: str, steps: int, warmup: int, one_gpu_grad
                 ok=bool(ratio and ratio >= TARGET_SPEEDUP and one["rc"] == 0 and two["rc"] == 0))
 
 
+def stage_profile(work: str, root: str, out: str, one_gpu_grad_accum: int = 8, checkpointing: str = "plain") -> dict:
+    """llama3-8b 2x2048 per GPU under benchmarks/ddp_profile.py: the same micro-batches (one optimizer
+    step's worth of the 2-GPU run, its all-reduce included) profiled on 1 GPU and on each rank."""
+    shape, two_gpu_grad_accum = "llama3-8b", max(1, one_gpu_grad_accum // WORLD)
+    path = checkpoint_path(shape, root)
+    build_checkpoint(shape, path)
+    vocab = SHAPES[shape]["vocab_size"]
+    model = word_view(path, vocab)
+    steps = 3  # the window: micro-batches of the 2-GPU run's third step (compiling and the first steps done)
+    data = write_rows(os.path.join(work, "random-2048-profile.jsonl"),
+                      random_rows(2 * one_gpu_grad_accum * steps, vocab, 2100))
+    lora = {"r": 16, "alpha": 16, "targets": list(LORA_TARGETS)}
+    base = dict(max_steps=steps, batch_size=2, lr=2e-4)
+    window = ["--skip", str(2 * two_gpu_grad_accum), "--active", str(two_gpu_grad_accum)]
+    entry = [os.path.join(HERE, "ddp_profile.py"), "--out", out, *window]
+    runs = [finetune(run_config(model, data, 2048, dict(base, grad_accum=accum), lora,
+                                os.path.join(work, f"profile-{gpus}gpu"), checkpointing),
+                     gpus, f"profile-{gpus}gpu", work, 420, entry)
+            for gpus, accum in ((1, one_gpu_grad_accum), (WORLD, two_gpu_grad_accum))]
+    files = sorted(f for f in os.listdir(out) if f.startswith("profile-") and f.endswith(".txt"))
+    for f in files:
+        with open(os.path.join(out, f)) as fh:
+            print(f"# {f}: {fh.readline().strip()}")
+    return dict(shape=shape, checkpointing=checkpointing, window=window, files=files,
+                runs=[{k: v for k, v in r.items() if k != "records"} for r in runs],
+                ok=all(r["rc"] == 0 for r in runs))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT") or "/tmp/nbtune-multi-gpu")
@@ -292,13 +323,19 @@ def main(argv=None) -> int:
         elif stage == "throughput":
             result["stages"][stage] = stage_throughput(work, root, args.steps, args.warmup, args.one_gpu_grad_accum,
                                                        args.two_gpu_grad_accum, args.checkpointing)
+        elif stage == "profile":
+            result["stages"][stage] = stage_profile(work, root, args.out, args.one_gpu_grad_accum,
+                                                    "plain" if args.checkpointing == "auto" else args.checkpointing)
         else:
-            raise SystemExit(f"unknown stage {stage!r}: losses, throughput")
+            raise SystemExit(f"unknown stage {stage!r}: losses, throughput, profile")
         result["stages"][stage]["stage_s"] = round(time.time() - t0, 1)
         with open(out_json, "w") as f:
             json.dump(result, f, indent=1)
     for name, st in result["stages"].items():
-        if name == "losses":
+        if name == "profile":
+            print(f"profile ({st['checkpointing']} checkpointing): {st['files']} in {args.out} -> "
+                  f"{'ok' if st['ok'] else 'FAIL'}")
+        elif name == "losses":
             print(f"losses: max rel diff {st['max_rel_diff']} (tol {LOSS_RTOL}), same rows {st['same_rows']}, "
                   f"replicas identical {st['replicas_identical']} -> {'PASS' if st['ok'] else 'FAIL'}")
         else:

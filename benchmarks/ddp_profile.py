@@ -1,0 +1,168 @@
+"""Where one micro-batch of ``nbtune finetune`` spends its time, on one GPU or on each DDP rank.
+
+    python benchmarks/ddp_profile.py run.yaml --out DIR [--skip 10] [--active 4]
+    torchrun --nproc_per_node 2 benchmarks/ddp_profile.py run.yaml --out DIR [...]
+
+Runs the CLI's ``finetune`` on the config unchanged, with the trainer's ``training_step`` wrapped:
+micro-batches ``skip+1 .. skip+active`` of every rank run under torch.profiler (CPU and CUDA), with
+one device synchronization before and after the window so its wall time is exact, and under
+torch's CUDA sync-debug mode, which names each Python line that synchronizes. Per rank it writes
+``DIR/profile-<world>gpu-rank<r>.txt``:
+
+- wall time per micro-batch in the window, and the GPU's busy time in it (the union of kernel
+  intervals: wall minus busy is time the GPU waited on the host, on a peer rank or on a copy);
+- the CUDA runtime calls that block the host (stream/event/device synchronize, blocking copies),
+  with count and time, and the Python lines that synchronized;
+- the top CUDA kernels by total time (NCCL's all-reduces among them under DDP) and the top CPU
+  ops by self time.
+
+The one-GPU run of the same config and micro-batch shape is the baseline: whatever a DDP rank
+spends beyond it per micro-batch is the cost of data parallelism.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import time
+import warnings
+
+import torch
+
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy ",
+              "cudaMemcpy", "cudaStreamWaitEvent")
+
+
+def _busy_us(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals (microseconds)."""
+    total, end = 0.0, None
+    for s, e in sorted(intervals):
+        if end is None or s > end:
+            total += e - s
+            end = e
+        elif e > end:
+            total += e - end
+            end = e
+    return total
+
+
+def summarize(prof, wall_s: float, micro_batches: int, sync_lines: collections.Counter, rank: int, world: int,
+              top: int = 20) -> str:
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_s = _busy_us([(e.time_range.start, e.time_range.end) for e in kernels]) / 1e6
+    lines = [f"# rank {rank} of {world}: {micro_batches} micro-batches, wall {wall_s:.3f} s "
+             f"({wall_s / micro_batches * 1e3:.1f} ms each), GPU busy {busy_s:.3f} s "
+             f"({busy_s / wall_s:.1%}; idle {(wall_s - busy_s) / micro_batches * 1e3:.1f} ms per micro-batch)"]
+    runtime = collections.defaultdict(lambda: [0, 0.0])
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("cuda"):
+            runtime[e.name][0] += 1
+            runtime[e.name][1] += e.time_range.elapsed_us()
+    lines.append("\n## CUDA runtime calls (count, total ms, per micro-batch)")
+    for name, (n, us) in sorted(runtime.items(), key=lambda kv: -kv[1][1])[:top]:
+        mark = "  <- blocks the host" if any(name.startswith(s.strip()) for s in SYNC_CALLS[:3]) else ""
+        lines.append(f"{name:<40} {n:>7} {us / 1e3:>10.2f} ms {n / micro_batches:>8.1f}{mark}")
+    lines.append("\n## Python lines that synchronized (sync-debug mode)")
+    lines += [f"{n:>5}  {where}" for where, n in sync_lines.most_common(top)] or ["(none)"]
+    by_kernel = collections.defaultdict(lambda: [0, 0.0])
+    for e in kernels:
+        by_kernel[e.name][0] += 1
+        by_kernel[e.name][1] += e.time_range.elapsed_us()
+    lines.append("\n## top CUDA kernels (count, total ms, share of busy)")
+    for name, (n, us) in sorted(by_kernel.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"{name[:90]:<90} {n:>6} {us / 1e3:>9.2f} ms {us / 1e6 / max(busy_s, 1e-9):>6.1%}")
+    nccl = sum(us for name, (n, us) in by_kernel.items() if "nccl" in name.lower())
+    lines.append(f"NCCL kernels: {nccl / 1e3:.2f} ms in all")
+    lines.append("\n## top CPU ops by self time")
+    lines.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60))
+    return "\n".join(lines)
+
+
+def _synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class MicroBatchProfiler:
+    """Wraps a trainer class's ``training_step``: profiles micro-batches skip+1 .. skip+active."""
+
+    def __init__(self, out: str, skip: int, active: int):
+        self.out, self.skip, self.active = out, skip, active
+        self.calls = 0
+        self.prof = None
+        self.t0 = 0.0
+        self.sync_lines: collections.Counter = collections.Counter()
+        self._warnings = None
+
+    def before(self):
+        if self.calls == self.skip:
+            _synchronize()
+            self._warnings = warnings.catch_warnings(record=True)
+            self._caught = self._warnings.__enter__()
+            warnings.simplefilter("always")
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                torch.cuda.set_sync_debug_mode("warn")
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.prof = torch.profiler.profile(activities=activities)
+            self.prof.__enter__()
+            self.t0 = time.perf_counter()
+
+    def after(self):
+        self.calls += 1
+        if self.prof is not None and self.calls == self.skip + self.active:
+            _synchronize()
+            wall = time.perf_counter() - self.t0
+            self.prof.__exit__(None, None, None)
+            if torch.cuda.is_available():
+                torch.cuda.set_sync_debug_mode(0)
+            self.sync_lines.update(f"{w.filename}:{w.lineno}" for w in self._caught if "synchroniz" in str(w.message))
+            self._warnings.__exit__(None, None, None)
+            rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+            text = summarize(self.prof, wall, self.active, self.sync_lines, rank, world)
+            os.makedirs(self.out, exist_ok=True)
+            with open(os.path.join(self.out, f"profile-{world}gpu-rank{rank}.txt"), "w") as f:
+                f.write(text + "\n")
+            print(text.split("\n", 1)[0], file=sys.stderr, flush=True)
+            self.prof = None
+
+    def install(self, cls):
+        original = cls.training_step
+        hook = self
+
+        def training_step(self, *args, **kwargs):
+            hook.before()
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                hook.after()
+
+        cls.training_step = training_step
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("config")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--skip", type=int, default=10, help="micro-batches run before the window (compile, first steps)")
+    ap.add_argument("--active", type=int, default=4, help="micro-batches profiled")
+    a = ap.parse_args(argv)
+    import transformers
+
+    # the SFT trainer's own training_step calls the base class's: wrap the outermost one only
+    try:
+        import trl
+
+        cls = trl.SFTTrainer if "training_step" in vars(trl.SFTTrainer) else transformers.Trainer
+    except ImportError:
+        cls = transformers.Trainer
+    MicroBatchProfiler(a.out, a.skip, a.active).install(cls)
+    from nbtune.ui.cli import main as cli
+
+    return cli(["finetune", a.config])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""benchmarks/ddp_profile.py: the wrapped training_step profiles exactly the asked micro-batches of a
+real ``nbtune finetune`` (CPU here; the GPU run adds the CUDA kernels and the synchronizing lines)."""
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import ddp_profile  # noqa: E402
+
+
+def test_busy_time_is_the_union_of_intervals():
+    assert ddp_profile._busy_us([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17
+    assert ddp_profile._busy_us([]) == 0
+
+
+def test_profiles_the_window_of_a_real_finetune(word_model, tmp_path, monkeypatch):
+    import transformers
+    import trl
+
+    # the wrapper replaces the trainer class's training_step for the process: restore it after
+    for cls in (trl.SFTTrainer, transformers.Trainer):
+        if "training_step" in vars(cls):
+            monkeypatch.setattr(cls, "training_step", vars(cls)["training_step"])
+    model_dir, data = word_model
+    cfg = {"model": {"name": str(model_dir), "max_seq_length": 64, "load_in_4bit": False, "dtype": "float32"},
+           "data": {"source": str(data), "format": "text", "responses_only": False, "eval_split": None},
+           "lora": {"r": 4, "alpha": 8},
+           "train": {"max_steps": 3, "batch_size": 2, "grad_accum": 2, "lr": 1e-3, "warmup_steps": 0,
+                     "gradient_checkpointing": "plain", "seed": 1, "save_steps": None, "force": True},
+           "output": {"dir": str(tmp_path / "run")}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "profile"
+    assert ddp_profile.main([str(path), "--out", str(out), "--skip", "2", "--active", "3"]) == 0
+    text = (out / "profile-1gpu-rank0.txt").read_text()
+    head = text.splitlines()[0]
+    assert re.match(r"# rank 0 of 1: 3 micro-batches, wall [0-9.]+ s", head), head
+    assert "## top CPU ops by self time" in text and "aten::" in text
