@@ -50,7 +50,9 @@ def _busy_us(intervals: list[tuple[float, float]]) -> float:
 def summarize(prof, wall_s: float, micro_batches: int, sync_lines: collections.Counter, rank: int, world: int,
               top: int = 20) -> str:
     events = prof.events()
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    # device-side events that are kernels or copies (not the GPU ranges of annotations such as DDP's forward)
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+               and not getattr(e, "is_user_annotation", False) and not e.name.startswith(("nccl:", "DistributedDataParallel"))]
     busy_s = _busy_us([(e.time_range.start, e.time_range.end) for e in kernels]) / 1e6
     lines = [f"# rank {rank} of {world}: {micro_batches} micro-batches, wall {wall_s:.3f} s "
              f"({wall_s / micro_batches * 1e3:.1f} ms each), GPU busy {busy_s:.3f} s "
@@ -92,11 +94,13 @@ class MicroBatchProfiler:
         self.out, self.skip, self.active = out, skip, active
         self.calls = 0
         self.prof = None
+        self.marks: list[tuple[float, float]] = []  # (start, end) host time of every training_step call
         self.t0 = 0.0
         self.sync_lines: collections.Counter = collections.Counter()
         self._warnings = None
 
     def before(self):
+        self.marks.append((time.perf_counter(), 0.0))
         if self.calls == self.skip:
             _synchronize()
             self._warnings = warnings.catch_warnings(record=True)
@@ -111,6 +115,7 @@ class MicroBatchProfiler:
             self.t0 = time.perf_counter()
 
     def after(self):
+        self.marks[-1] = (self.marks[-1][0], time.perf_counter())
         self.calls += 1
         if self.prof is not None and self.calls == self.skip + self.active:
             _synchronize()
@@ -122,17 +127,84 @@ class MicroBatchProfiler:
             self._warnings.__exit__(None, None, None)
             rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
             text = summarize(self.prof, wall, self.active, self.sync_lines, rank, world)
-            os.makedirs(self.out, exist_ok=True)
-            with open(os.path.join(self.out, f"profile-{world}gpu-rank{rank}.txt"), "w") as f:
-                f.write(text + "\n")
+            self.text = text
             print(text.split("\n", 1)[0], file=sys.stderr, flush=True)
             self.prof = None
 
+    def write(self):
+        """The window's summary, the timeline of every call and the loop's phases: one file per rank."""
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        os.makedirs(self.out, exist_ok=True)
+        with open(os.path.join(self.out, f"profile-{world}gpu-rank{rank}.txt"), "w") as f:
+            f.write("\n\n".join([getattr(self, "text", "# the window was not reached"), self.phases(),
+                                  self.timeline()]) + "\n")
+
+    def timeline(self) -> str:
+        """Host time in each training_step call and in the gap before it (optimizer step, logging, data):
+        under asynchronous execution a call that returns fast queued its kernels; a long gap or call
+        waited on the GPU (a synchronization) or on host work."""
+        rows = ["## host timeline (ms): call, gap before it (up to the window's end)"]
+        prev_end = None
+        for i, (start, end) in enumerate(self.marks):
+            gap = (start - prev_end) * 1e3 if prev_end is not None else float("nan")
+            rows.append(f"{i:>4} call {(end - start) * 1e3:>8.1f}  gap {gap:>8.1f}"
+                        + ("   <- profiled" if self.skip <= i < self.skip + self.active else ""))
+            prev_end = end
+        return "\n".join(rows)
+
+    def phases(self) -> str:
+        """Host time of each phase of the loop (fetching the step's batches, clipping, the callbacks'
+        events, logging) per step: where the time between two steps' micro-batches goes."""
+        rows = ["## loop phases (ms of host time; step = the trainer's global step when it began)"]
+        per = collections.defaultdict(lambda: collections.defaultdict(float))
+        for step, name, ms in self.events:
+            per[step][name] += ms
+        for step in sorted(per):
+            rows.append(f"step {step}: " + ", ".join(f"{k} {v:.1f}" for k, v in per[step].items() if v >= 0.5))
+        gc_rows = ", ".join(f"gen{g}: {n} collections {t * 1e3:.1f} ms" for g, (n, t) in sorted(self.gc.items()))
+        rows.append(f"## garbage collector over the run: {gc_rows or 'none'}")
+        return "\n".join(rows)
+
+    def _gc_callback(self, phase, info):
+        if phase == "start":
+            self._gc_t0 = time.perf_counter()
+        else:
+            n, t = self.gc.get(info["generation"], (0, 0.0))
+            self.gc[info["generation"]] = (n + 1, t + time.perf_counter() - self._gc_t0)
+
+    def time_method(self, owner, name: str, label: str | None = None, key=None):
+        """Record the host time of every call of ``owner.name`` (with the trainer's global step)."""
+        original = getattr(owner, name)
+        hook = self
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                tag = label or (key(args) if key else name)
+                hook.events.append((hook.step, tag, (time.perf_counter() - t0) * 1e3))
+
+        setattr(owner, name, timed)
+
     def install(self, cls):
+        import gc
+
+        from transformers import trainer_callback
+
+        self.events: list[tuple[int, str, float]] = []
+        self.gc: dict[int, tuple[int, float]] = {}
+        self.step = 0
+        gc.callbacks.append(self._gc_callback)
+        for name in ("get_batch_samples", "_clip_grad_norm", "_maybe_log_save_evaluate"):
+            if hasattr(cls, name):
+                self.time_method(cls, name)
+        self.time_method(trainer_callback.CallbackHandler, "call_event", key=lambda args: args[1])
         original = cls.training_step
         hook = self
 
         def training_step(self, *args, **kwargs):
+            hook.step = self.state.global_step
             hook.before()
             try:
                 return original(self, *args, **kwargs)
@@ -158,10 +230,14 @@ def main(argv=None) -> int:
         cls = trl.SFTTrainer if "training_step" in vars(trl.SFTTrainer) else transformers.Trainer
     except ImportError:
         cls = transformers.Trainer
-    MicroBatchProfiler(a.out, a.skip, a.active).install(cls)
+    profiler = MicroBatchProfiler(a.out, a.skip, a.active)
+    profiler.install(cls)
     from nbtune.ui.cli import main as cli
 
-    return cli(["finetune", a.config])
+    try:
+        return cli(["finetune", a.config])
+    finally:
+        profiler.write()
 
 
 if __name__ == "__main__":

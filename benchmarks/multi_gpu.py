@@ -260,29 +260,32 @@ def stage_throughput(work: str, root: str, steps: int, warmup: int, one_gpu_grad
 
 
 def stage_profile(work: str, root: str, out: str, one_gpu_grad_accum: int = 8, checkpointing: str = "plain") -> dict:
-    """llama3-8b 2x2048 per GPU under benchmarks/ddp_profile.py: the same micro-batches (one optimizer
-    step's worth of the 2-GPU run, its all-reduce included) profiled on 1 GPU and on each rank."""
+    """llama3-8b 2x2048 per GPU under benchmarks/ddp_profile.py, on 1 GPU and on each rank: four
+    micro-batches around the boundary of steps 2 and 3 (the all-reduce and the optimizer step between)."""
     shape, two_gpu_grad_accum = "llama3-8b", max(1, one_gpu_grad_accum // WORLD)
     path = checkpoint_path(shape, root)
     build_checkpoint(shape, path)
     vocab = SHAPES[shape]["vocab_size"]
     model = word_view(path, vocab)
-    steps = 3  # the window: micro-batches of the 2-GPU run's third step (compiling and the first steps done)
+    steps = 3
     data = write_rows(os.path.join(work, "random-2048-profile.jsonl"),
                       random_rows(2 * one_gpu_grad_accum * steps, vocab, 2100))
     lora = {"r": 16, "alpha": 16, "targets": list(LORA_TARGETS)}
     base = dict(max_steps=steps, batch_size=2, lr=2e-4)
-    window = ["--skip", str(2 * two_gpu_grad_accum), "--active", str(two_gpu_grad_accum)]
-    entry = [os.path.join(HERE, "ddp_profile.py"), "--out", out, *window]
-    runs = [finetune(run_config(model, data, 2048, dict(base, grad_accum=accum), lora,
-                                os.path.join(work, f"profile-{gpus}gpu"), checkpointing),
-                     gpus, f"profile-{gpus}gpu", work, 420, entry)
-            for gpus, accum in ((1, one_gpu_grad_accum), (WORLD, two_gpu_grad_accum))]
+    runs, windows = [], {}
+    for gpus, accum in ((1, one_gpu_grad_accum), (WORLD, two_gpu_grad_accum)):
+        # the last two micro-batches of step 2 and the first two of step 3: the boundary between them
+        # (all-reduce, clipping, optimizer step, logging) in the window
+        windows[gpus] = ["--skip", str(2 * accum - 2), "--active", "4"]
+        entry = [os.path.join(HERE, "ddp_profile.py"), "--out", out, *windows[gpus]]
+        runs.append(finetune(run_config(model, data, 2048, dict(base, grad_accum=accum), lora,
+                                        os.path.join(work, f"profile-{gpus}gpu"), checkpointing),
+                             gpus, f"profile-{gpus}gpu", work, 420, entry))
     files = sorted(f for f in os.listdir(out) if f.startswith("profile-") and f.endswith(".txt"))
     for f in files:
         with open(os.path.join(out, f)) as fh:
             print(f"# {f}: {fh.readline().strip()}")
-    return dict(shape=shape, checkpointing=checkpointing, window=window, files=files,
+    return dict(shape=shape, checkpointing=checkpointing, windows=windows, files=files,
                 runs=[{k: v for k, v in r.items() if k != "records"} for r in runs],
                 ok=all(r["rc"] == 0 for r in runs))
 
