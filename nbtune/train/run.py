@@ -41,6 +41,7 @@ from .config import Config, ConfigError, build_config, output_dir
 from .data import apply_chat_template_choice, prepare_data
 from .environment import check_bitsandbytes, cpu_note
 from .host_plan import HostPlannedCollator
+from .flops import ParameterCountOnce
 from .frozen_heap import frozen_heap
 from .metrics import MetricsStream, mean_train_loss, truncate_log
 from .oom import released_on_oom
@@ -392,11 +393,13 @@ class _quiet_datasets:
 def _trainer_class():
     from trl import SFTTrainer
 
-    class NbtuneSFTTrainer(TokensSeenOnDevice, PatchedModelLoss, StagedCheckpoints, RecordsStepLoss, SFTTrainer):
+    class NbtuneSFTTrainer(ParameterCountOnce, TokensSeenOnDevice, PatchedModelLoss, StagedCheckpoints, RecordsStepLoss,
+                           SFTTrainer):
         """TRL's SFTTrainer whose checkpoints are written under a temporary name and renamed, whose
         step losses go to the NaN/inf guard (``nbtune_guard``), whose patched models compute their
         own fused loss (fused_loss.py) and whose count of tokens seen stays on the device between
-        logging steps (token_count.py): no device sync per micro-batch. Its LoRA weights stay fp32:
+        logging steps (token_count.py): no device sync per micro-batch. The model's parameter count
+        for the FLOPs of each micro-batch is taken once (flops.py). Its LoRA weights stay fp32:
         TRL casts a 4-bit/8-bit model's trainable parameters to bf16 whatever the precision (so an
         fp16 run's loss scaler would meet bf16 gradients); they go back to fp32 before any
         optimizer is built on them. It trains on one GPU per process, never through
