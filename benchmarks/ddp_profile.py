@@ -161,16 +161,18 @@ class MicroBatchProfiler:
             per[step][name] += ms
         for step in sorted(per):
             rows.append(f"step {step}: " + ", ".join(f"{k} {v:.1f}" for k, v in per[step].items() if v >= 0.5))
-        gc_rows = ", ".join(f"gen{g}: {n} collections {t * 1e3:.1f} ms" for g, (n, t) in sorted(self.gc.items()))
+        gc_rows = ", ".join(f"{when} gen{g}: {n} collections {t * 1e3:.1f} ms"
+                            for (when, g), (n, t) in sorted(self.gc.items()))
         rows.append(f"## garbage collector over the run: {gc_rows or 'none'}")
         return "\n".join(rows)
 
     def _gc_callback(self, phase, info):
         if phase == "start":
             self._gc_t0 = time.perf_counter()
-        else:
-            n, t = self.gc.get(info["generation"], (0, 0.0))
-            self.gc[info["generation"]] = (n + 1, t + time.perf_counter() - self._gc_t0)
+        else:  # keyed by when: before the first micro-batch (loading) or from it on (training)
+            key = ("training" if self.calls or self.marks else "loading", info["generation"])
+            n, t = self.gc.get(key, (0, 0.0))
+            self.gc[key] = (n + 1, t + time.perf_counter() - self._gc_t0)
 
     def time_method(self, owner, name: str, label: str | None = None, key=None):
         """Record the host time of every call of ``owner.name`` (with the trainer's global step)."""
@@ -193,7 +195,7 @@ class MicroBatchProfiler:
         from transformers import trainer_callback
 
         self.events: list[tuple[int, str, float]] = []
-        self.gc: dict[int, tuple[int, float]] = {}
+        self.gc: dict[tuple[str, int], tuple[int, float]] = {}
         self.step = 0
         gc.callbacks.append(self._gc_callback)
         for name in ("get_batch_samples", "_clip_grad_norm", "_maybe_log_save_evaluate"):

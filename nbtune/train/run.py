@@ -42,7 +42,6 @@ from .data import apply_chat_template_choice, prepare_data
 from .environment import check_bitsandbytes, cpu_note
 from .host_plan import HostPlannedCollator
 from .flops import ParameterCountOnce
-from .frozen_heap import frozen_heap
 from .metrics import MetricsStream, mean_train_loss, truncate_log
 from .oom import released_on_oom
 from .optimizer import register_embedding_overrides, sync_free
@@ -543,7 +542,7 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
     checkpoint = None
     message = "nbtune: interrupt received; stopping after this step and saving a checkpoint (interrupt again to abort)"
     try:
-        with sigint_stops(interrupt, message), frozen_heap():
+        with sigint_stops(interrupt, message):
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     except KeyboardInterrupt:
         if interrupt.requested:  # the second interrupt: abort without saving
