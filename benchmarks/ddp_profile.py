@@ -130,6 +130,7 @@ class MicroBatchProfiler:
             self.text = text
             print(text.split("\n", 1)[0], file=sys.stderr, flush=True)
             self.prof = None
+            self.write()  # now too: a run killed later (a time limit) still leaves the figures
 
     def write(self):
         """The window's summary, the timeline of every call and the loop's phases: one file per rank."""
@@ -157,8 +158,16 @@ class MicroBatchProfiler:
         events, logging) per step: where the time between two steps' micro-batches goes."""
         rows = ["## loop phases (ms of host time; step = the trainer's global step when it began)"]
         per = collections.defaultdict(lambda: collections.defaultdict(float))
-        for step, name, ms in self.events:
-            per[step][name] += ms
+        last_end: dict[str, float] = {}
+        for step, name, t0, t1 in self.events:
+            per[step][name] += (t1 - t0) * 1e3
+            # the untimed spans between the callbacks' events: the optimizer's step, then the
+            # learning-rate scheduler and zero_grad
+            for span, after, before in (("optimizer.step", "on_pre_optimizer_step", "on_optimizer_step"),
+                                        ("scheduler+zero_grad", "on_optimizer_step", "on_step_end")):
+                if name == before and after in last_end:
+                    per[step][span] += (t0 - last_end.pop(after)) * 1e3
+            last_end[name] = t1
         for step in sorted(per):
             rows.append(f"step {step}: " + ", ".join(f"{k} {v:.1f}" for k, v in per[step].items() if v >= 0.5))
         gc_rows = ", ".join(f"{when} gen{g}: {n} collections {t * 1e3:.1f} ms"
@@ -185,7 +194,7 @@ class MicroBatchProfiler:
                 return original(*args, **kwargs)
             finally:
                 tag = label or (key(args) if key else name)
-                hook.events.append((hook.step, tag, (time.perf_counter() - t0) * 1e3))
+                hook.events.append((hook.step, tag, t0, time.perf_counter()))
 
         setattr(owner, name, timed)
 
@@ -194,7 +203,7 @@ class MicroBatchProfiler:
 
         from transformers import trainer_callback
 
-        self.events: list[tuple[int, str, float]] = []
+        self.events: list[tuple[int, str, float, float]] = []  # (step, phase, start, end)
         self.gc: dict[tuple[str, int], tuple[int, float]] = {}
         self.step = 0
         gc.callbacks.append(self._gc_callback)

@@ -1,6 +1,6 @@
 """Data parallel on the 2-GPU machine: the same nbtune config on 1 GPU and on 2 GPUs (torchrun, DDP).
 
-    python benchmarks/multi_gpu.py [--out DIR] [--stages losses,throughput] [--steps 10] [--warmup 3]
+    python benchmarks/multi_gpu.py [--out DIR] [--stages losses,throughput,profile] [--steps 10] [--warmup 3]
 
 Both stages run ``nbtune finetune run.yaml`` itself (1 GPU: ``CUDA_VISIBLE_DEVICES=0 python -m
 nbtune.ui.cli finetune``; 2 GPUs: ``torchrun --nproc_per_node 2 -m nbtune.ui.cli finetune``), the
@@ -17,6 +17,11 @@ rank's micro-batch is one of the 1-GPU run's micro-batches.
   global tokens over wall time per step, median over the steps after the warm-up) on 2 GPUs
   over 1 GPU; target >= 1.85x. Also each rank's peak reserved memory against the planner's
   per-GPU figure for world_size 2.
+- ``profile``: the throughput stage's model and micro-batches under benchmarks/ddp_profile.py, on
+  1 GPU and on each rank of the 2-GPU run (``--profile-worlds``): per rank a text file with the
+  host timeline of every micro-batch, the loop's phases per step (clipping, the optimizer step,
+  logging, fetching batches), the garbage collections, and a torch.profiler window around the last
+  step boundary. Plain checkpointing unless ``--checkpointing`` names another mode.
 
 No network: the checkpoints are built locally (CKPT_ROOT, default /tmp/ckpt); the tokenizers are
 whitespace word-level tokenizers ("w<i>" is token i), so the data are text rows of those words.
@@ -259,24 +264,26 @@ def stage_throughput(work: str, root: str, steps: int, warmup: int, one_gpu_grad
                 ok=bool(ratio and ratio >= TARGET_SPEEDUP and one["rc"] == 0 and two["rc"] == 0))
 
 
-def stage_profile(work: str, root: str, out: str, one_gpu_grad_accum: int = 8, checkpointing: str = "plain") -> dict:
-    """llama3-8b 2x2048 per GPU under benchmarks/ddp_profile.py, on 1 GPU and on each rank: four
-    micro-batches around the boundary of steps 2 and 3 (the all-reduce and the optimizer step between)."""
+def stage_profile(work: str, root: str, out: str, one_gpu_grad_accum: int = 8, checkpointing: str = "plain",
+                  worlds: tuple = (1, WORLD), steps: int = 4) -> dict:
+    """llama3-8b 2x2048 per GPU under benchmarks/ddp_profile.py, on 1 GPU and on each rank (``worlds``):
+    the host timeline of every micro-batch and the loop's phases per step, unprofiled, then four
+    micro-batches under torch.profiler around the last step boundary (the all-reduce, clipping, the
+    optimizer step and logging between): the window comes last so that it perturbs nothing before."""
     shape, two_gpu_grad_accum = "llama3-8b", max(1, one_gpu_grad_accum // WORLD)
     path = checkpoint_path(shape, root)
     build_checkpoint(shape, path)
     vocab = SHAPES[shape]["vocab_size"]
     model = word_view(path, vocab)
-    steps = 3
     data = write_rows(os.path.join(work, "random-2048-profile.jsonl"),
                       random_rows(2 * one_gpu_grad_accum * steps, vocab, 2100))
     lora = {"r": 16, "alpha": 16, "targets": list(LORA_TARGETS)}
     base = dict(max_steps=steps, batch_size=2, lr=2e-4)
     runs, windows = [], {}
-    for gpus, accum in ((1, one_gpu_grad_accum), (WORLD, two_gpu_grad_accum)):
-        # the last two micro-batches of step 2 and the first two of step 3: the boundary between them
-        # (all-reduce, clipping, optimizer step, logging) in the window
-        windows[gpus] = ["--skip", str(2 * accum - 2), "--active", "4"]
+    for gpus in worlds:
+        accum = one_gpu_grad_accum if gpus == 1 else two_gpu_grad_accum
+        # the last two micro-batches of the second-to-last step and the first two of the last one
+        windows[gpus] = ["--skip", str((steps - 1) * accum - 2), "--active", "4"]
         entry = [os.path.join(HERE, "ddp_profile.py"), "--out", out, *windows[gpus]]
         runs.append(finetune(run_config(model, data, 2048, dict(base, grad_accum=accum), lora,
                                         os.path.join(work, f"profile-{gpus}gpu"), checkpointing),
@@ -305,6 +312,8 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpointing", default="auto",
                     help="throughput: train.gradient_checkpointing of both runs (default auto, the config's "
                          "default: offload on one GPU, plain under DDP where it fits)")
+    ap.add_argument("--profile-worlds", default=f"1,{WORLD}",
+                    help="profile: the runs to profile, by number of GPUs (e.g. 2: the data-parallel run only)")
     args = ap.parse_args(argv)
     import torch
 
@@ -328,7 +337,8 @@ def main(argv=None) -> int:
                                                        args.two_gpu_grad_accum, args.checkpointing)
         elif stage == "profile":
             result["stages"][stage] = stage_profile(work, root, args.out, args.one_gpu_grad_accum,
-                                                    "plain" if args.checkpointing == "auto" else args.checkpointing)
+                                                    "plain" if args.checkpointing == "auto" else args.checkpointing,
+                                                    tuple(int(n) for n in args.profile_worlds.split(",")))
         else:
             raise SystemExit(f"unknown stage {stage!r}: losses, throughput, profile")
         result["stages"][stage]["stage_s"] = round(time.time() - t0, 1)

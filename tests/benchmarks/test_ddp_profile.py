@@ -38,6 +38,6 @@ def test_profiles_the_window_of_a_real_finetune(word_model, tmp_path, monkeypatc
     head = text.splitlines()[0]
     assert re.match(r"# rank 0 of 1: 3 micro-batches, wall [0-9.]+ s", head), head
     assert "## top CPU ops by self time" in text and "aten::" in text
-    assert "## loop phases" in text and "get_batch_samples" in text and "on_pre_optimizer_step" in text
+    assert "## loop phases" in text and "get_batch_samples" in text and "on_pre_optimizer_step" in text and "optimizer.step" in text
     assert re.search(r"## garbage collector over the run: .*training gen0: [0-9]+ collections", text)
     assert len(re.findall(r"<- profiled", text)) == 3
