@@ -14,7 +14,13 @@ torch's CUDA sync-debug mode, which names each Python line that synchronizes. Pe
 - the CUDA runtime calls that block the host (stream/event/device synchronize, blocking copies),
   with count and time, and the Python lines that synchronized;
 - the top CUDA kernels by total time (NCCL's all-reduces among them under DDP) and the top CPU
-  ops by self time.
+  ops by self time;
+- the loop's phases per optimizer step, host time (fetching the step's batches, clipping, the
+  callbacks' events, the optimizer step and scheduler+zero_grad between them, logging), and the
+  garbage collections, before training and during it;
+- the host timeline of every training_step call and of the gap before it: under asynchronous
+  execution a call that returns fast only queued its kernels, a long call or gap waited on the
+  GPU (a synchronization), on another rank or on host work.
 
 The one-GPU run of the same config and micro-batch shape is the baseline: whatever a DDP rank
 spends beyond it per micro-batch is the cost of data parallelism.
@@ -30,8 +36,7 @@ import warnings
 
 import torch
 
-SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy ",
-              "cudaMemcpy", "cudaStreamWaitEvent")
+BLOCKING_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
 def _busy_us(intervals: list[tuple[float, float]]) -> float:
@@ -52,7 +57,8 @@ def summarize(prof, wall_s: float, micro_batches: int, sync_lines: collections.C
     events = prof.events()
     # device-side events that are kernels or copies (not the GPU ranges of annotations such as DDP's forward)
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
-               and not getattr(e, "is_user_annotation", False) and not e.name.startswith(("nccl:", "DistributedDataParallel"))]
+               and not getattr(e, "is_user_annotation", False)
+               and not e.name.startswith(("nccl:", "DistributedDataParallel"))]
     busy_s = _busy_us([(e.time_range.start, e.time_range.end) for e in kernels]) / 1e6
     lines = [f"# rank {rank} of {world}: {micro_batches} micro-batches, wall {wall_s:.3f} s "
              f"({wall_s / micro_batches * 1e3:.1f} ms each), GPU busy {busy_s:.3f} s "
@@ -64,7 +70,7 @@ def summarize(prof, wall_s: float, micro_batches: int, sync_lines: collections.C
             runtime[e.name][1] += e.time_range.elapsed_us()
     lines.append("\n## CUDA runtime calls (count, total ms, per micro-batch)")
     for name, (n, us) in sorted(runtime.items(), key=lambda kv: -kv[1][1])[:top]:
-        mark = "  <- blocks the host" if any(name.startswith(s.strip()) for s in SYNC_CALLS[:3]) else ""
+        mark = "  <- blocks the host" if name.startswith(BLOCKING_CALLS) else ""
         lines.append(f"{name:<40} {n:>7} {us / 1e3:>10.2f} ms {n / micro_batches:>8.1f}{mark}")
     lines.append("\n## Python lines that synchronized (sync-debug mode)")
     lines += [f"{n:>5}  {where}" for where, n in sync_lines.most_common(top)] or ["(none)"]
@@ -186,6 +192,7 @@ class MicroBatchProfiler:
     def time_method(self, owner, name: str, label: str | None = None, key=None):
         """Record the host time of every call of ``owner.name`` (with the trainer's global step)."""
         original = getattr(owner, name)
+        self.replaced.append((owner, name, vars(owner).get(name)))
         hook = self
 
         def timed(*args, **kwargs):
@@ -203,6 +210,7 @@ class MicroBatchProfiler:
 
         from transformers import trainer_callback
 
+        self.replaced: list = []  # (owner, name, what its class dict held) to restore
         self.events: list[tuple[int, str, float, float]] = []  # (step, phase, start, end)
         self.gc: dict[tuple[str, int], tuple[int, float]] = {}
         self.step = 0
@@ -212,6 +220,7 @@ class MicroBatchProfiler:
                 self.time_method(cls, name)
         self.time_method(trainer_callback.CallbackHandler, "call_event", key=lambda args: args[1])
         original = cls.training_step
+        self.replaced.append((cls, "training_step", vars(cls).get("training_step")))
         hook = self
 
         def training_step(self, *args, **kwargs):
@@ -223,6 +232,19 @@ class MicroBatchProfiler:
                 hook.after()
 
         cls.training_step = training_step
+
+    def uninstall(self):
+        """The wrapped methods back as they were, the collector's callback removed."""
+        import gc
+
+        for owner, name, held in reversed(self.replaced):
+            if held is None:
+                delattr(owner, name)  # it was inherited: the base class's shows through again
+            else:
+                setattr(owner, name, held)
+        self.replaced = []
+        if self._gc_callback in gc.callbacks:
+            gc.callbacks.remove(self._gc_callback)
 
 
 def main(argv=None) -> int:
@@ -249,6 +271,7 @@ def main(argv=None) -> int:
         return cli(["finetune", a.config])
     finally:
         profiler.write()
+        profiler.uninstall()
 
 
 if __name__ == "__main__":

@@ -15,14 +15,19 @@ def test_busy_time_is_the_union_of_intervals():
     assert ddp_profile._busy_us([]) == 0
 
 
-def test_profiles_the_window_of_a_real_finetune(word_model, tmp_path, monkeypatch):
+def _patched_methods():
+    import gc
+
     import transformers
     import trl
+    from transformers import trainer_callback
 
-    # the wrapper replaces the trainer class's training_step for the process: restore it after
-    for cls in (trl.SFTTrainer, transformers.Trainer):
-        if "training_step" in vars(cls):
-            monkeypatch.setattr(cls, "training_step", vars(cls)["training_step"])
+    owners = (trl.SFTTrainer, transformers.Trainer, trainer_callback.CallbackHandler)
+    return {(o.__name__, k): v for o in owners for k, v in vars(o).items() if callable(v)}, list(gc.callbacks)
+
+
+def test_profiles_the_window_of_a_real_finetune(word_model, tmp_path):
+    before = _patched_methods()
     model_dir, data = word_model
     cfg = {"model": {"name": str(model_dir), "max_seq_length": 64, "load_in_4bit": False, "dtype": "float32"},
            "data": {"source": str(data), "format": "text", "responses_only": False, "eval_split": None},
@@ -38,6 +43,8 @@ def test_profiles_the_window_of_a_real_finetune(word_model, tmp_path, monkeypatc
     head = text.splitlines()[0]
     assert re.match(r"# rank 0 of 1: 3 micro-batches, wall [0-9.]+ s", head), head
     assert "## top CPU ops by self time" in text and "aten::" in text
-    assert "## loop phases" in text and "get_batch_samples" in text and "on_pre_optimizer_step" in text and "optimizer.step" in text
+    phases = text[text.index("## loop phases"):]
+    assert all(name in phases for name in ("get_batch_samples", "on_pre_optimizer_step", "optimizer.step"))
     assert re.search(r"## garbage collector over the run: .*training gen0: [0-9]+ collections", text)
     assert len(re.findall(r"<- profiled", text)) == 3
+    assert _patched_methods() == before  # the trainer's methods and the collector's callbacks as they were
