@@ -15,19 +15,29 @@ from __future__ import annotations
 from collections.abc import MutableMapping
 
 from ..models.patches.attention import plan_batch
+from ..models.patches.host_facts import TEXT_ONLY_KEY
 
 
 class HostPlannedCollator:
-    """A data collator whose batches carry their attention plan (``PLAN_KEY``), built on the host."""
+    """A data collator whose batches carry their attention plan (``PLAN_KEY``), built on the host,
+    and, given a multimodal model's ``text_only_check``, whether they are text only
+    (``TEXT_ONLY_KEY``: nbtune/models/patches/host_facts.py)."""
 
-    def __init__(self, collator):
+    def __init__(self, collator, text_only_check=None):
         self.collator = collator
+        self.text_only_check = text_only_check
 
     def __call__(self, features):
         batch = self.collator(features)
-        return plan_batch(batch) if isinstance(batch, MutableMapping) else batch
+        if not isinstance(batch, MutableMapping):
+            return batch
+        if self.text_only_check is not None:
+            verdict = self.text_only_check(batch)
+            if verdict is not None:
+                batch[TEXT_ONLY_KEY] = verdict
+        return plan_batch(batch)
 
     def __getattr__(self, name):  # the wrapped collator's own attributes (TRL reads some)
-        if name == "collator":
+        if name in ("collator", "text_only_check"):
             raise AttributeError(name)
         return getattr(self.collator, name)

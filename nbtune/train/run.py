@@ -33,6 +33,7 @@ import torch
 
 from ..models import add_lora, load_model
 from ..models.lora import trainable_to_fp32
+from ..models.patches.host_facts import text_only_check
 from . import distributed, session
 from .checkpoint import (InterruptCallback, StagedCheckpoints, checkpoint_step, checkpoints_dir, complete_checkpoints,
                          latest_checkpoint,
@@ -408,8 +409,8 @@ def _trainer_class():
             distributed.one_gpu_per_process(kwargs.get("args"), kwargs.get("model"))  # no nn.DataParallel
             super().__init__(*args, **kwargs)
             trainable_to_fp32(self.model)
-            if self._model_is_patched():  # the patched forward takes a plan built on the host
-                self.data_collator = HostPlannedCollator(self.data_collator)
+            if self._model_is_patched():  # the patched forward takes a plan (and facts) built on the host
+                self.data_collator = HostPlannedCollator(self.data_collator, text_only_check(self.model))
 
         @staticmethod
         def get_optimizer_cls_and_kwargs(args, model=None):

@@ -14,13 +14,15 @@ Multimodal checkpoints: the language model's layers are patched like the text mo
 without images (no ``pixel_values``, no image ``token_type_ids``) goes from ``Gemma3Model`` straight
 to the patched language model with its 2-D mask (so the fast path applies); a batch with images
 runs transformers' forward (bidirectional attention over image blocks needs its masks), through the
-patched norms, MLPs and projections. Bidirectional configs (``use_bidirectional_attention``) are
+patched norms, MLPs and projections. The trainer's collator tells which batches are text only from
+their host tensors (``host_facts.TEXT_ONLY_KEY``), so the choice costs no device synchronization. Bidirectional configs (``use_bidirectional_attention``) are
 not patched at all.
 """
 from __future__ import annotations
 
 from . import common
 from .attention import PLAN_KEY
+from .host_facts import TEXT_ONLY_KEY
 from .family import Family, final_softcap_from_config, no_final_softcap, window_from_module
 
 
@@ -30,14 +32,16 @@ def multimodal_model_forward(self, input_ids=None, pixel_values=None, attention_
     args = dict(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                 position_ids=position_ids, past_key_values=past_key_values, token_type_ids=token_type_ids,
                 inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache)
+    on_host = lm_kwargs.pop(TEXT_ONLY_KEY, None)  # the collator's verdict, from the host tensors
     text_only = (
         not common._passthrough(self)
         and pixel_values is None
         and not isinstance(attention_mask, dict)
         and (input_ids is None) != (inputs_embeds is None)
-        and (token_type_ids is None or not bool(token_type_ids.any()))
-        and (input_ids is None or self.config.image_token_id < self.vocab_size
-             or not bool((input_ids == self.config.image_token_id).any()))
+        and (on_host if on_host is not None else (  # else read from the GPU: two synchronizations
+            (token_type_ids is None or not bool(token_type_ids.any()))
+            and (input_ids is None or self.config.image_token_id < self.vocab_size
+                 or not bool((input_ids == self.config.image_token_id).any()))))
     )
     if not text_only:
         lm_kwargs.pop(PLAN_KEY, None)  # transformers' own forward takes no nbtune plan
