@@ -3,8 +3,8 @@
 transformers' Trainer adds ``6 * tokens * model.num_parameters(exclude_embeddings=True)`` to
 ``current_flos`` after every micro-batch. ``num_parameters`` walks every module (to find the
 embeddings) and every parameter each time: ~6 ms of host time per micro-batch for llama3-8b with
-LoRA on the seven projections (2,665 modules, 739 parameter tensors; measured on a CPU), spent between
-two micro-batches while the GPU waits for the host to queue the next one. The parameters of a
+LoRA on the seven projections (2,665 modules, 739 parameter tensors; measured on a CPU), spent
+between two micro-batches while the GPU waits for the host to queue the next one. The parameters of a
 model do not change while it trains (only their values do), so the count is taken once per model;
 the figure is transformers' own.
 """

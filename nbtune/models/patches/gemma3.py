@@ -15,8 +15,8 @@ without images (no ``pixel_values``, no image ``token_type_ids``) goes from ``Ge
 to the patched language model with its 2-D mask (so the fast path applies); a batch with images
 runs transformers' forward (bidirectional attention over image blocks needs its masks), through the
 patched norms, MLPs and projections. The trainer's collator tells which batches are text only from
-their host tensors (``host_facts.TEXT_ONLY_KEY``), so the choice costs no device synchronization. Bidirectional configs (``use_bidirectional_attention``) are
-not patched at all.
+their host tensors (``host_facts.TEXT_ONLY_KEY``), so the choice costs no device synchronization.
+Bidirectional configs (``use_bidirectional_attention``) are not patched at all.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def multimodal_model_forward(self, input_ids=None, pixel_values=None, attention_
         and pixel_values is None
         and not isinstance(attention_mask, dict)
         and (input_ids is None) != (inputs_embeds is None)
-        and (on_host if on_host is not None else (  # else read from the GPU: two synchronizations
+        and (on_host if on_host is not None else (  # else read from the GPU: up to two syncs
             (token_type_ids is None or not bool(token_type_ids.any()))
             and (input_ids is None or self.config.image_token_id < self.vocab_size
                  or not bool((input_ids == self.config.image_token_id).any()))))

@@ -3,10 +3,12 @@ the data collator from the batch's host tensors and handed to the forward under 
 
 ``PLAN_KEY`` (attention.py) carries the attention plan. ``TEXT_ONLY_KEY`` carries, for multimodal
 Gemma 3, whether the batch is text only: no ``pixel_values``, no image ``token_type_ids`` and no
-image token among the ids (where the backbone would have to look for one). The patched ``Gemma3Model`` forward sends such a batch straight to the
-patched language model; deciding that from the GPU tensors costs two device synchronizations per
-micro-batch (``token_type_ids.any()`` and ``(input_ids == image_token_id).any()``), each of which
-drains the queue of launched kernels. On the host the same reads cost microseconds.
+image token among the ids (where the backbone would have to look for one). The patched
+``Gemma3Model`` forward sends such a batch straight to the patched language model; deciding that
+from the GPU tensors costs up to two device synchronizations per micro-batch
+(``token_type_ids.any()``; ``(input_ids == image_token_id).any()`` for an image token outside the
+text vocabulary), each of which drains the queue of launched kernels. On the host the same reads
+cost microseconds.
 """
 from __future__ import annotations
 
