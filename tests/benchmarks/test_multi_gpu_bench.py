@@ -74,3 +74,30 @@ def test_refuses_without_two_gpus(tmp_path):
                           timeout=120)
     assert proc.returncode == 2 and "needs 2 GPUs" in proc.stderr
     assert not (tmp_path / "multi_gpu.json").exists()
+
+
+def test_profile_stage_runs_ddp_profile_with_its_window_at_the_last_boundary(bench, tmp_path, monkeypatch):
+    launched = []
+
+    def fake_run(cmd, env=None, stdout=None, stderr=None, timeout=None, cwd=None):
+        launched.append((cmd, env.get("CUDA_VISIBLE_DEVICES")))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(bench, "build_checkpoint", lambda shape, path: None)
+    monkeypatch.setattr(bench, "word_view", lambda path, vocab: str(tmp_path / "model"))
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = bench.stage_profile(str(tmp_path), str(tmp_path / "ckpt"), str(out), one_gpu_grad_accum=8, steps=4)
+    assert result["ok"] and result["windows"] == {1: ["--skip", "22", "--active", "4"],
+                                                  2: ["--skip", "10", "--active", "4"]}
+    (one, one_gpus), (two, two_gpus) = launched
+    profile = os.path.join(REPO, "benchmarks", "ddp_profile.py")
+    assert one[1:] == [profile, "--out", str(out), "--skip", "22", "--active", "4", one[-1]] and one_gpus == "0"
+    assert one[-1].endswith("profile-1gpu.yaml")
+    assert "torch.distributed.run" in two and two[two.index(profile):][1:7] == ["--out", str(out), "--skip", "10",
+                                                                              "--active", "4"]
+    assert two_gpus is None
+    launched.clear()
+    assert list(bench.stage_profile(str(tmp_path), str(tmp_path / "ckpt"), str(out), worlds=(2,))["windows"]) == [2]
+    assert len(launched) == 1
