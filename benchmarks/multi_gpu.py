@@ -16,7 +16,8 @@ rank's micro-batch is one of the 1-GPU run's micro-batches.
   2 x 2048 tokens per GPU per micro-batch: tokens/s of the whole run (rank 0's metrics stream:
   global tokens over wall time per step, median over the steps after the warm-up) on 2 GPUs
   over 1 GPU; target >= 1.85x. Also each rank's peak reserved memory against the planner's
-  per-GPU figure for world_size 2.
+  per-GPU figure for world_size 2. ``--rounds N`` runs each side N times in alternating order and
+  compares the median runs.
 - ``profile``: the throughput stage's model and micro-batches under benchmarks/ddp_profile.py, on
   1 GPU and on each rank of the 2-GPU run (``--profile-worlds``): per rank a text file with the
   host timeline of every micro-batch, the loop's phases per step (clipping, the optimizer step,
@@ -203,6 +204,14 @@ def speed(run: dict, warmup: int) -> dict:
                 peak_reserved_gib=dist.get("peak_reserved_gib") or end.get("vram_peak_gib"))
 
 
+def median_run(runs: list[dict], warmup: int) -> tuple[dict, dict]:
+    """Of several runs of one side, the one with the median tokens/s (the lower middle one of an
+    even count) and its speed: a whole run, so that its step time and memory go with its speed."""
+    timed = sorted(((speed(r, warmup), r) for r in runs), key=lambda sr: sr[0]["tokens_per_s"] or 0.0)
+    s, r = timed[(len(timed) - 1) // 2]
+    return r, s
+
+
 # ---------------------------------------------------------------------------- stages
 def stage_losses(work: str, root: str) -> dict:
     vocab, seq, steps = 8192, 512, 30
@@ -222,7 +231,7 @@ def stage_losses(work: str, root: str) -> dict:
 
 
 def stage_throughput(work: str, root: str, steps: int, warmup: int, one_gpu_grad_accum: int = 2,
-                     two_gpu_grad_accum: int | None = None, checkpointing: str = "auto") -> dict:
+                     two_gpu_grad_accum: int | None = None, checkpointing: str = "auto", rounds: int = 1) -> dict:
     shape = "llama3-8b"
     path = checkpoint_path(shape, root)
     t0 = time.time()
@@ -237,12 +246,14 @@ def stage_throughput(work: str, root: str, steps: int, warmup: int, one_gpu_grad
                       random_rows(2 * max(one_gpu_grad_accum, WORLD * two_gpu_grad_accum) * total, vocab, 2100))
     lora = {"r": 16, "alpha": 16, "targets": list(LORA_TARGETS)}
     base = dict(max_steps=total, batch_size=2, lr=2e-4)
-    one = finetune(run_config(model, data, 2048, dict(base, grad_accum=one_gpu_grad_accum), lora,
-                              os.path.join(work, "8b-1gpu"), checkpointing),
-                   1, "8b-1gpu", work, 420)
-    two = finetune(run_config(model, data, 2048, dict(base, grad_accum=two_gpu_grad_accum), lora,
-                              os.path.join(work, "8b-2gpu"), checkpointing), WORLD, "8b-2gpu", work, 420)
-    s1, s2 = speed(one, warmup), speed(two, warmup)
+    runs = {1: [], WORLD: []}
+    for r in range(rounds):  # alternating order: a host that drifts during the call favours neither side
+        for gpus in ((1, WORLD) if r % 2 == 0 else (WORLD, 1)):
+            accum = one_gpu_grad_accum if gpus == 1 else two_gpu_grad_accum
+            name = f"8b-{gpus}gpu" + (f"-r{r + 1}" if rounds > 1 else "")
+            runs[gpus].append(finetune(run_config(model, data, 2048, dict(base, grad_accum=accum), lora,
+                                                  os.path.join(work, name), checkpointing), gpus, name, work, 420))
+    (one, s1), (two, s2) = median_run(runs[1], warmup), median_run(runs[WORLD], warmup)
     ratio = s2["tokens_per_s"] / s1["tokens_per_s"] if s1["tokens_per_s"] and s2["tokens_per_s"] else None
     planned = None
     try:
@@ -260,8 +271,11 @@ def stage_throughput(work: str, root: str, steps: int, warmup: int, one_gpu_grad
                 grad_accum=[one_gpu_grad_accum, two_gpu_grad_accum], checkpoint_build_s=build_s,
                 one_gpu=s1, two_gpus=s2, speedup=round(ratio, 3) if ratio else None, target=TARGET_SPEEDUP,
                 planner_peak_gib_per_gpu=planned, losses=compare_losses(one, two) if same_global else None,
-                runs=[{k: v for k, v in r.items() if k != "records"} for r in (one, two)],
-                ok=bool(ratio and ratio >= TARGET_SPEEDUP and one["rc"] == 0 and two["rc"] == 0))
+                rounds=rounds, tokens_per_s_per_round=[[speed(r, warmup)["tokens_per_s"] for r in runs[g]]
+                                                       for g in (1, WORLD)],
+                runs=[{k: v for k, v in r.items() if k != "records"} for r in runs[1] + runs[WORLD]],
+                ok=bool(ratio and ratio >= TARGET_SPEEDUP
+                        and all(r["rc"] == 0 for r in runs[1] + runs[WORLD])))
 
 
 def stage_profile(work: str, root: str, out: str, one_gpu_grad_accum: int = 8, checkpointing: str = "plain",
@@ -312,6 +326,9 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpointing", default="auto",
                     help="throughput: train.gradient_checkpointing of both runs (default auto, the config's "
                          "default: offload on one GPU, plain under DDP where it fits)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="throughput: run each side this many times, alternating the order; the median run of "
+                         "each side counts")
     ap.add_argument("--profile-worlds", default=f"1,{WORLD}",
                     help="profile: the runs to profile, by number of GPUs (e.g. 2: the data-parallel run only)")
     args = ap.parse_args(argv)
@@ -334,7 +351,7 @@ def main(argv=None) -> int:
             result["stages"][stage] = stage_losses(work, root)
         elif stage == "throughput":
             result["stages"][stage] = stage_throughput(work, root, args.steps, args.warmup, args.one_gpu_grad_accum,
-                                                       args.two_gpu_grad_accum, args.checkpointing)
+                                                       args.two_gpu_grad_accum, args.checkpointing, args.rounds)
         elif stage == "profile":
             result["stages"][stage] = stage_profile(work, root, args.out, args.one_gpu_grad_accum,
                                                     "plain" if args.checkpointing == "auto" else args.checkpointing,

@@ -101,3 +101,24 @@ def test_profile_stage_runs_ddp_profile_with_its_window_at_the_last_boundary(ben
     launched.clear()
     assert list(bench.stage_profile(str(tmp_path), str(tmp_path / "ckpt"), str(out), worlds=(2,))["windows"]) == [2]
     assert len(launched) == 1
+
+
+def test_throughput_rounds_alternate_and_compare_the_median_runs(bench, tmp_path, monkeypatch):
+    order, speeds = [], {1: iter([1000, 1200, 900]), 2: iter([1900, 2100, 2000])}
+
+    def fake_finetune(cfg, gpus, name, work, timeout, entry=None):
+        order.append(gpus)
+        tok = next(speeds[gpus])
+        run = _run([tok] * 3, [11.0, 10.5, 10.0], [1.0, 2.0, 3.0], world=gpus)
+        return dict(run, name=name, gpus=gpus, rc=0, seconds=1.0, log_tail=None)
+
+    monkeypatch.setattr(bench, "build_checkpoint", lambda shape, path: None)
+    monkeypatch.setattr(bench, "word_view", lambda path, vocab: str(tmp_path / "model"))
+    monkeypatch.setattr(bench, "finetune", fake_finetune)
+    result = bench.stage_throughput(str(tmp_path), str(tmp_path / "ckpt"), steps=2, warmup=1, one_gpu_grad_accum=8,
+                                    checkpointing="plain", rounds=3)
+    assert order == [1, 2, 2, 1, 1, 2]
+    assert result["tokens_per_s_per_round"] == [[1000, 1200, 900], [1900, 2100, 2000]]
+    assert result["one_gpu"]["tokens_per_s"] == 1000 and result["two_gpus"]["tokens_per_s"] == 2000
+    assert result["speedup"] == 2.0 and result["ok"] and len(result["runs"]) == 6
+    assert result["losses"]["ok"]
