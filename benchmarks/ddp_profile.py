@@ -88,6 +88,10 @@ def summarize(prof, wall_s: float, micro_batches: int, sync_lines: collections.C
     return "\n".join(lines)
 
 
+def _rank_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
 def _synchronize():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -100,10 +104,15 @@ class MicroBatchProfiler:
         self.out, self.skip, self.active = out, skip, active
         self.calls = 0
         self.prof = None
+        self.text = "# the window was not reached"
         self.marks: list[tuple[float, float]] = []  # (start, end) host time of every training_step call
         self.t0 = 0.0
         self.sync_lines: collections.Counter = collections.Counter()
         self._warnings = None
+        self.replaced: list = []  # (owner, name, what its class dict held) to restore
+        self.events: list[tuple[int, str, float, float]] = []  # (step, phase, start, end)
+        self.gc: dict[tuple[str, int], tuple[int, float]] = {}
+        self.step = 0
 
     def before(self):
         self.marks.append((time.perf_counter(), 0.0))
@@ -131,20 +140,17 @@ class MicroBatchProfiler:
                 torch.cuda.set_sync_debug_mode(0)
             self.sync_lines.update(f"{w.filename}:{w.lineno}" for w in self._caught if "synchroniz" in str(w.message))
             self._warnings.__exit__(None, None, None)
-            rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-            text = summarize(self.prof, wall, self.active, self.sync_lines, rank, world)
-            self.text = text
-            print(text.split("\n", 1)[0], file=sys.stderr, flush=True)
+            self.text = summarize(self.prof, wall, self.active, self.sync_lines, *_rank_world())
+            print(self.text.split("\n", 1)[0], file=sys.stderr, flush=True)
             self.prof = None
             self.write()  # now too: a run killed later (a time limit) still leaves the figures
 
     def write(self):
         """The window's summary, the timeline of every call and the loop's phases: one file per rank."""
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        rank, world = _rank_world()
         os.makedirs(self.out, exist_ok=True)
         with open(os.path.join(self.out, f"profile-{world}gpu-rank{rank}.txt"), "w") as f:
-            f.write("\n\n".join([getattr(self, "text", "# the window was not reached"), self.phases(),
-                                  self.timeline()]) + "\n")
+            f.write("\n\n".join([self.text, self.phases(), self.timeline()]) + "\n")
 
     def timeline(self) -> str:
         """Host time in each training_step call and in the gap before it (optimizer step, logging, data):
@@ -185,12 +191,13 @@ class MicroBatchProfiler:
         if phase == "start":
             self._gc_t0 = time.perf_counter()
         else:  # keyed by when: before the first micro-batch (loading) or from it on (training)
-            key = ("training" if self.calls or self.marks else "loading", info["generation"])
+            key = ("training" if self.marks else "loading", info["generation"])
             n, t = self.gc.get(key, (0, 0.0))
             self.gc[key] = (n + 1, t + time.perf_counter() - self._gc_t0)
 
-    def time_method(self, owner, name: str, label: str | None = None, key=None):
-        """Record the host time of every call of ``owner.name`` (with the trainer's global step)."""
+    def time_method(self, owner, name: str, key=None):
+        """Record the host time of every call of ``owner.name`` (with the trainer's global step), under
+        its name or ``key(args)``."""
         original = getattr(owner, name)
         self.replaced.append((owner, name, vars(owner).get(name)))
         hook = self
@@ -200,8 +207,7 @@ class MicroBatchProfiler:
             try:
                 return original(*args, **kwargs)
             finally:
-                tag = label or (key(args) if key else name)
-                hook.events.append((hook.step, tag, t0, time.perf_counter()))
+                hook.events.append((hook.step, key(args) if key else name, t0, time.perf_counter()))
 
         setattr(owner, name, timed)
 
@@ -210,10 +216,6 @@ class MicroBatchProfiler:
 
         from transformers import trainer_callback
 
-        self.replaced: list = []  # (owner, name, what its class dict held) to restore
-        self.events: list[tuple[int, str, float, float]] = []  # (step, phase, start, end)
-        self.gc: dict[tuple[str, int], tuple[int, float]] = {}
-        self.step = 0
         gc.callbacks.append(self._gc_callback)
         for name in ("get_batch_samples", "_clip_grad_norm", "_maybe_log_save_evaluate"):
             if hasattr(cls, name):
