@@ -212,19 +212,38 @@ def median_run(runs: list[dict], warmup: int) -> tuple[dict, dict]:
     return r, s
 
 
+def without_records(run: dict) -> dict:
+    """A run as the result JSON keeps it: how it went, not its metrics records."""
+    return {k: v for k, v in run.items() if k != "records"}
+
+
 # ---------------------------------------------------------------------------- stages
+LORA = {"r": 16, "alpha": 16, "targets": list(LORA_TARGETS)}
+THROUGHPUT_TRAIN = dict(batch_size=2, lr=2e-4)  # 2 x 2048 tokens per GPU per micro-batch
+
+
+def llama3_8b_words(root: str) -> tuple[str, int, float]:
+    """The peers' random-weight llama3-8b checkpoint (built once under ``root``) seen with the word
+    tokenizer: (model folder, vocabulary size, seconds the build took)."""
+    shape = "llama3-8b"
+    path = checkpoint_path(shape, root)
+    t0 = time.time()
+    build_checkpoint(shape, path)
+    build_s = round(time.time() - t0, 1)
+    vocab = SHAPES[shape]["vocab_size"]
+    return word_view(path, vocab), vocab, build_s
+
 def stage_losses(work: str, root: str) -> dict:
     vocab, seq, steps = 8192, 512, 30
     model = small_checkpoint(os.path.join(root, "llama-130m-words"), vocab)
     data = write_rows(os.path.join(work, "patterns.jsonl"), pattern_rows(16 * steps, vocab, (64, 512)))
-    lora = {"r": 16, "alpha": 16, "targets": list(LORA_TARGETS)}
     base = dict(max_steps=steps, batch_size=4, lr=1e-3)
-    one = finetune(run_config(model, data, seq, dict(base, grad_accum=4), lora, os.path.join(work, "losses-1gpu")),
+    one = finetune(run_config(model, data, seq, dict(base, grad_accum=4), LORA, os.path.join(work, "losses-1gpu")),
                    1, "losses-1gpu", work, 300)
-    two = finetune(run_config(model, data, seq, dict(base, grad_accum=2), lora, os.path.join(work, "losses-2gpu")),
+    two = finetune(run_config(model, data, seq, dict(base, grad_accum=2), LORA, os.path.join(work, "losses-2gpu")),
                    WORLD, "losses-2gpu", work, 300)
     result = dict(model="random llama 130M (hidden 1024, 8 layers), 4-bit NF4, bf16", global_batch=16,
-                  runs=[{k: v for k, v in r.items() if k != "records"} for r in (one, two)],
+                  runs=[without_records(r) for r in (one, two)],
                   **compare_losses(one, two))
     result["ok"] = result["ok"] and one["rc"] == 0 and two["rc"] == 0
     return result
@@ -233,25 +252,19 @@ def stage_losses(work: str, root: str) -> dict:
 def stage_throughput(work: str, root: str, steps: int, warmup: int, one_gpu_grad_accum: int = 2,
                      two_gpu_grad_accum: int | None = None, checkpointing: str = "auto", rounds: int = 1) -> dict:
     shape = "llama3-8b"
-    path = checkpoint_path(shape, root)
-    t0 = time.time()
-    build_checkpoint(shape, path)
-    build_s = round(time.time() - t0, 1)
-    vocab = SHAPES[shape]["vocab_size"]
-    model = word_view(path, vocab)
+    model, vocab, build_s = llama3_8b_words(root)
     if two_gpu_grad_accum is None:  # the same global batch
         two_gpu_grad_accum = max(1, one_gpu_grad_accum // WORLD)
     total = warmup + steps
     data = write_rows(os.path.join(work, "random-2048.jsonl"),
                       random_rows(2 * max(one_gpu_grad_accum, WORLD * two_gpu_grad_accum) * total, vocab, 2100))
-    lora = {"r": 16, "alpha": 16, "targets": list(LORA_TARGETS)}
-    base = dict(max_steps=total, batch_size=2, lr=2e-4)
+    base = dict(THROUGHPUT_TRAIN, max_steps=total)
     runs = {1: [], WORLD: []}
     for r in range(rounds):  # alternating order: a host that drifts during the call favours neither side
         for gpus in ((1, WORLD) if r % 2 == 0 else (WORLD, 1)):
             accum = one_gpu_grad_accum if gpus == 1 else two_gpu_grad_accum
             name = f"8b-{gpus}gpu" + (f"-r{r + 1}" if rounds > 1 else "")
-            runs[gpus].append(finetune(run_config(model, data, 2048, dict(base, grad_accum=accum), lora,
+            runs[gpus].append(finetune(run_config(model, data, 2048, dict(base, grad_accum=accum), LORA,
                                                   os.path.join(work, name), checkpointing), gpus, name, work, 420))
     (one, s1), (two, s2) = median_run(runs[1], warmup), median_run(runs[WORLD], warmup)
     ratio = s2["tokens_per_s"] / s1["tokens_per_s"] if s1["tokens_per_s"] and s2["tokens_per_s"] else None
@@ -260,7 +273,7 @@ def stage_throughput(work: str, root: str, steps: int, warmup: int, one_gpu_grad
         sys.path.insert(0, REPO)
         from nbtune.planner import plan_from_config
 
-        p = plan_from_config(run_config(model, data, 2048, dict(base, grad_accum=1), lora, "", checkpointing), gpu="H200",
+        p = plan_from_config(run_config(model, data, 2048, dict(base, grad_accum=1), LORA, "", checkpointing), gpu="H200",
                              world_size=WORLD)
         planned = round(p.peak_gib, 2)
     except Exception as e:  # noqa: BLE001 - the plan is context, not the measurement
@@ -273,7 +286,7 @@ def stage_throughput(work: str, root: str, steps: int, warmup: int, one_gpu_grad
                 planner_peak_gib_per_gpu=planned, losses=compare_losses(one, two) if same_global else None,
                 rounds=rounds, tokens_per_s_per_round=[[speed(r, warmup)["tokens_per_s"] for r in runs[g]]
                                                        for g in (1, WORLD)],
-                runs=[{k: v for k, v in r.items() if k != "records"} for r in runs[1] + runs[WORLD]],
+                runs=[without_records(r) for r in runs[1] + runs[WORLD]],
                 ok=bool(ratio and ratio >= TARGET_SPEEDUP
                         and all(r["rc"] == 0 for r in runs[1] + runs[WORLD])))
 
@@ -285,21 +298,17 @@ def stage_profile(work: str, root: str, out: str, one_gpu_grad_accum: int = 8, c
     micro-batches under torch.profiler around the last step boundary (the all-reduce, clipping, the
     optimizer step and logging between): the window comes last so that it perturbs nothing before."""
     shape, two_gpu_grad_accum = "llama3-8b", max(1, one_gpu_grad_accum // WORLD)
-    path = checkpoint_path(shape, root)
-    build_checkpoint(shape, path)
-    vocab = SHAPES[shape]["vocab_size"]
-    model = word_view(path, vocab)
+    model, vocab, _ = llama3_8b_words(root)
     data = write_rows(os.path.join(work, "random-2048-profile.jsonl"),
                       random_rows(2 * one_gpu_grad_accum * steps, vocab, 2100))
-    lora = {"r": 16, "alpha": 16, "targets": list(LORA_TARGETS)}
-    base = dict(max_steps=steps, batch_size=2, lr=2e-4)
+    base = dict(THROUGHPUT_TRAIN, max_steps=steps)
     runs, windows = [], {}
     for gpus in worlds:
         accum = one_gpu_grad_accum if gpus == 1 else two_gpu_grad_accum
         # the last two micro-batches of the second-to-last step and the first two of the last one
         windows[gpus] = ["--skip", str((steps - 1) * accum - 2), "--active", "4"]
         entry = [os.path.join(HERE, "ddp_profile.py"), "--out", out, *windows[gpus]]
-        runs.append(finetune(run_config(model, data, 2048, dict(base, grad_accum=accum), lora,
+        runs.append(finetune(run_config(model, data, 2048, dict(base, grad_accum=accum), LORA,
                                         os.path.join(work, f"profile-{gpus}gpu"), checkpointing),
                              gpus, f"profile-{gpus}gpu", work, 420, entry))
     files = sorted(f for f in os.listdir(out) if f.startswith("profile-") and f.endswith(".txt"))
@@ -307,7 +316,7 @@ def stage_profile(work: str, root: str, out: str, one_gpu_grad_accum: int = 8, c
         with open(os.path.join(out, f)) as fh:
             print(f"# {f}: {fh.readline().strip()}")
     return dict(shape=shape, checkpointing=checkpointing, windows=windows, files=files,
-                runs=[{k: v for k, v in r.items() if k != "records"} for r in runs],
+                runs=[without_records(r) for r in runs],
                 ok=all(r["rc"] == 0 for r in runs))
 
 
