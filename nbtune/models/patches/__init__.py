@@ -22,7 +22,7 @@ import warnings
 
 from . import gemma, gemma2, gemma3, llama, phi3, qwen3
 from .attention import AttentionPlan, attend, build_plan
-from .common import lora_projection, uninstall
+from .common import lora_projection, patch_on, uninstall
 from .family import Family
 
 PATCH_ENV = "NBTUNE_PATCH"
@@ -89,7 +89,7 @@ def unpatch_model(model) -> int:
 
 
 def is_patched(model) -> bool:
-    return any("_nbtune" in m.__dict__ and not getattr(m._nbtune, "passthrough", False) for m in _base(model).modules())
+    return any(patch_on(m) for m in _base(model).modules())
 
 
 __all__ = [

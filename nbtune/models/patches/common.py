@@ -118,6 +118,12 @@ def _original(self, *args, **kwargs):
     return self._nbtune.original(*args, **kwargs)
 
 
+def patch_on(module: nn.Module) -> bool:
+    """Whether ``module`` carries an nbtune patch that is switched on (installed, not undone)."""
+    state = module.__dict__.get("_nbtune")
+    return state is not None and not getattr(state, "passthrough", False)
+
+
 def _passthrough(self) -> bool:
     return getattr(self._nbtune, "passthrough", False)
 

@@ -47,10 +47,10 @@ class TextOnlyCheck:
 def text_only_check(model) -> TextOnlyCheck | None:
     """The check for the patched multimodal Gemma 3 backbone in ``model`` (peft wrappers included),
     with the backbone's own rule for the image token; None when there is none."""
+    from .common import patch_on  # here: common imports this module's key
+
     for module in model.modules():
-        state = module.__dict__.get("_nbtune")
-        if (type(module).__name__ == "Gemma3Model" and state is not None
-                and not getattr(state, "passthrough", False)):
+        if type(module).__name__ == "Gemma3Model" and patch_on(module):
             image = module.config.image_token_id
             return TextOnlyCheck(image if image >= module.vocab_size else None)
     return None
