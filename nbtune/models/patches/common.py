@@ -48,7 +48,7 @@ from nbtune.kernels.rms_norm import rms_norm
 from nbtune.kernels.rope import apply_rope
 
 from .attention import PLAN_KEY, AttentionPlan, attend, build_plan, plan_fits
-from .host_facts import TEXT_ONLY_KEY
+from .host_facts import drop_host_facts
 
 try:  # bitsandbytes is a dependency, but the patches must not need it to import
     import bitsandbytes as _bnb
@@ -376,9 +376,7 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
     shift_labels = kwargs.get("shift_labels")
     if (_passthrough(self) or (labels is None and shift_labels is None) or type(head) is not nn.Linear
             or head.weight.dtype not in _FLOAT_DTYPES):
-        kwargs.pop(PLAN_KEY, None)  # transformers' own forward takes no nbtune plan, no host facts
-        kwargs.pop(TEXT_ONLY_KEY, None)
-        return _original(self, labels=labels, logits_to_keep=logits_to_keep, **args, **kwargs)
+        return _original(self, labels=labels, logits_to_keep=logits_to_keep, **args, **drop_host_facts(kwargs))
     if use_cache is None:  # a loss needs no KV cache; without one an eval-mode call keeps the fast path
         args["use_cache"] = False
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)

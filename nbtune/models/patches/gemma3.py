@@ -21,8 +21,7 @@ Bidirectional configs (``use_bidirectional_attention``) are not patched at all.
 from __future__ import annotations
 
 from . import common
-from .attention import PLAN_KEY
-from .host_facts import TEXT_ONLY_KEY
+from .host_facts import TEXT_ONLY_KEY, drop_host_facts
 from .family import Family, final_softcap_from_config, no_final_softcap, window_from_module
 
 
@@ -44,8 +43,7 @@ def multimodal_model_forward(self, input_ids=None, pixel_values=None, attention_
                  or not bool((input_ids == self.config.image_token_id).any()))))
     )
     if not text_only:
-        lm_kwargs.pop(PLAN_KEY, None)  # transformers' own forward takes no nbtune plan
-        return common._original(self, **args, **lm_kwargs)
+        return common._original(self, **args, **drop_host_facts(lm_kwargs))
     from transformers.models.gemma3.modeling_gemma3 import Gemma3ModelOutputWithPast
 
     lm_kwargs.pop("return_dict", None)

@@ -16,7 +16,17 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention import PLAN_KEY
+
 TEXT_ONLY_KEY = "nbtune_text_only"
+
+
+def drop_host_facts(kwargs: dict) -> dict:
+    """``kwargs`` without the keys the collator added (the plan, the text-only verdict): for a call
+    into transformers' own forward, which takes none of them."""
+    for key in (PLAN_KEY, TEXT_ONLY_KEY):
+        kwargs.pop(key, None)
+    return kwargs
 
 
 @dataclass(frozen=True)
