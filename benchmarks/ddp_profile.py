@@ -106,6 +106,8 @@ class MicroBatchProfiler:
         self.prof = None
         self.text = "# the window was not reached"
         self.marks: list[tuple[float, float]] = []  # (start, end) host time of every training_step call
+        self.gpu_marks: list[list] = []  # (start, end) CUDA events of every call, on the current stream
+        self.gpu_ref = None  # (host time, CUDA event) recorded together, the queue empty: the clocks' offset
         self.t0 = 0.0
         self.sync_lines: collections.Counter = collections.Counter()
         self._warnings = None
@@ -114,8 +116,22 @@ class MicroBatchProfiler:
         self.gc: dict[tuple[str, int], tuple[int, float]] = {}
         self.step = 0
 
+    def _gpu_mark(self):
+        """A timed CUDA event on the current stream, or None without CUDA."""
+        if not torch.cuda.is_available():
+            return None
+        if self.gpu_ref is None:
+            _synchronize()
+            ref = torch.cuda.Event(enable_timing=True)
+            ref.record()
+            self.gpu_ref = (time.perf_counter(), ref)
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
     def before(self):
         self.marks.append((time.perf_counter(), 0.0))
+        self.gpu_marks.append([self._gpu_mark(), None])
         if self.calls == self.skip:
             _synchronize()
             self._warnings = warnings.catch_warnings(record=True)
@@ -131,6 +147,7 @@ class MicroBatchProfiler:
 
     def after(self):
         self.marks[-1] = (self.marks[-1][0], time.perf_counter())
+        self.gpu_marks[-1][1] = self._gpu_mark()
         self.calls += 1
         if self.prof is not None and self.calls == self.skip + self.active:
             _synchronize()
@@ -156,14 +173,32 @@ class MicroBatchProfiler:
         """Host time in each training_step call and in the gap before it (optimizer step, logging, data):
         under asynchronous execution a call that returns fast queued its kernels; a long gap or call
         waited on the GPU (a synchronization) or on host work."""
-        rows = ["## host timeline (ms): call, gap before it (up to the window's end)"]
+        rows = ["## host timeline (ms): call, gap before it (up to the window's end); on the GPU: the span from "
+                "reaching the call's first work to finishing its last, and the lag, how long after the host "
+                "returned from the call the GPU finished its work (~0: the GPU kept up with the host, which was "
+                "the bottleneck; large: the host ran ahead of a busy GPU)"]
+        gpu = self.gpu_times()
         prev_end = None
         for i, (start, end) in enumerate(self.marks):
             gap = (start - prev_end) * 1e3 if prev_end is not None else float("nan")
-            rows.append(f"{i:>4} call {(end - start) * 1e3:>8.1f}  gap {gap:>8.1f}"
+            on_gpu = ""
+            if gpu[i] is not None:
+                g0, g1 = gpu[i]
+                on_gpu = f"  gpu span {(g1 - g0) * 1e3:>8.1f}  lag {(g1 - end) * 1e3:>8.1f}"
+            rows.append(f"{i:>4} call {(end - start) * 1e3:>8.1f}  gap {gap:>8.1f}{on_gpu}"
                         + ("   <- profiled" if self.skip <= i < self.skip + self.active else ""))
             prev_end = end
         return "\n".join(rows)
+
+    def gpu_times(self) -> list:
+        """Per call, the host-clock times at which the GPU reached its start and end events (None
+        where not recorded): the reference event was recorded on an empty queue at a known host time."""
+        if self.gpu_ref is None:
+            return [None] * len(self.marks)
+        _synchronize()
+        t_ref, ref = self.gpu_ref
+        return [(t_ref + ref.elapsed_time(a) / 1e3, t_ref + ref.elapsed_time(b) / 1e3) if a is not None and b is not None
+                else None for a, b in self.gpu_marks]
 
     def phases(self) -> str:
         """Host time of each phase of the loop (fetching the step's batches, clipping, the callbacks'

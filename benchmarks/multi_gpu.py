@@ -1,6 +1,6 @@
 """Data parallel on the 2-GPU machine: the same nbtune config on 1 GPU and on 2 GPUs (torchrun, DDP).
 
-    python benchmarks/multi_gpu.py [--out DIR] [--stages losses,throughput,profile] [--steps 10] [--warmup 3]
+    python benchmarks/multi_gpu.py [--out DIR] [--stages losses,throughput,contention,profile] [--steps 10] [--warmup 3]
 
 Both stages run ``nbtune finetune run.yaml`` itself (1 GPU: ``CUDA_VISIBLE_DEVICES=0 python -m
 nbtune.ui.cli finetune``; 2 GPUs: ``torchrun --nproc_per_node 2 -m nbtune.ui.cli finetune``), the
@@ -18,6 +18,11 @@ rank's micro-batch is one of the 1-GPU run's micro-batches.
   over 1 GPU; target >= 1.85x. Also each rank's peak reserved memory against the planner's
   per-GPU figure for world_size 2. ``--rounds N`` runs each side N times in alternating order and
   compares the median runs.
+  ``--cpu-affinity MODE`` sets NBTUNE_CPU_AFFINITY for both sides (nbtune/train/cpu_affinity.py).
+- ``contention``: whether one GPU's run slows down when another runs beside it: the one-GPU run
+  alone, then one on each GPU at once (independent processes, no DDP), then that pair with each
+  process held to its own cores next to its GPU; tokens/s of each against the solo run, and the
+  host's CPU/NUMA layout.
 - ``profile``: the throughput stage's model and micro-batches under benchmarks/ddp_profile.py, on
   1 GPU and on each rank of the 2-GPU run (``--profile-worlds``): per rank a text file with the
   host timeline of every micro-batch, the loop's phases per step (clipping, the optimizer step,
@@ -142,10 +147,13 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def finetune(cfg: dict, gpus: int, name: str, work: str, timeout: int, entry: list[str] | None = None) -> dict:
-    """Run ``nbtune finetune`` on 1 GPU or under torchrun on ``gpus``; the metrics log and how it went.
+def start_finetune(cfg: dict, gpus: int, name: str, work: str, entry: list[str] | None = None, gpu: int = 0,
+                   cpus: list[int] | None = None, env_extra: dict | None = None) -> dict:
+    """Start ``nbtune finetune`` on one GPU (``gpu``) or under torchrun on ``gpus``; returns the job
+    for :func:`finish_finetune`.
 
-    ``entry``: a script and its arguments to run instead of the CLI (the config's path is appended)."""
+    ``entry``: a script and its arguments to run instead of the CLI (the config's path is appended);
+    ``cpus``: the CPUs the process may run on (a one-GPU run); ``env_extra``: more environment."""
     import yaml
 
     shutil.rmtree(cfg["output"]["dir"], ignore_errors=True)
@@ -153,28 +161,47 @@ def finetune(cfg: dict, gpus: int, name: str, work: str, timeout: int, entry: li
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", **(env_extra or {}))
     program = [*entry, path] if entry else ["-m", "nbtune.ui.cli", "finetune", path]
     if gpus == 1:
-        env["CUDA_VISIBLE_DEVICES"] = "0"
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
         cmd = [sys.executable, *program]
     else:
         env.pop("CUDA_VISIBLE_DEVICES", None)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus), "--master_addr",
                "127.0.0.1", "--master_port", free_port(), *program]
-    t0 = time.time()
-    with open(os.path.join(work, f"{name}.log"), "w") as log:
-        try:
-            rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, cwd=REPO).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-    metrics = os.path.join(cfg["output"]["dir"], "metrics.jsonl")
+    log_path = os.path.join(work, f"{name}.log")
+    log = open(log_path, "w")
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, preexec_fn=pin)
+    return dict(proc=proc, log=log, log_path=log_path, cfg=cfg, name=name, gpus=gpus, t0=time.time())
+
+
+def finish_finetune(job: dict, timeout: float) -> dict:
+    """Wait for a started run (killed past ``timeout`` seconds from its start); its metrics log and
+    how it went."""
+    proc = job["proc"]
+    try:
+        rc = proc.wait(timeout=max(1.0, timeout - (time.time() - job["t0"])))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        rc = "timeout"
+    job["log"].close()
+    metrics = os.path.join(job["cfg"]["output"]["dir"], "metrics.jsonl")
     records = [json.loads(line) for line in open(metrics) if line.strip()] if os.path.isfile(metrics) else []
-    with open(os.path.join(work, f"{name}.log")) as f:
+    with open(job["log_path"]) as f:
         tail = f.read()[-3000:]
-    print(f"# {name}: rc={rc} in {time.time() - t0:.0f} s", flush=True)
-    return dict(name=name, gpus=gpus, rc=rc, seconds=round(time.time() - t0, 1), records=records,
+    seconds = round(time.time() - job["t0"], 1)
+    print(f"# {job['name']}: rc={rc} in {seconds:.0f} s", flush=True)
+    return dict(name=job["name"], gpus=job["gpus"], rc=rc, seconds=seconds, records=records,
                 log_tail=tail if rc != 0 else None)
+
+
+def finetune(cfg: dict, gpus: int, name: str, work: str, timeout: int, entry: list[str] | None = None,
+             **options) -> dict:
+    """Run ``nbtune finetune`` to the end (:func:`start_finetune`'s options); its metrics log and how it went."""
+    return finish_finetune(start_finetune(cfg, gpus, name, work, entry, **options), timeout)
 
 
 def train_records(run: dict) -> list[dict]:
@@ -250,7 +277,8 @@ def stage_losses(work: str, root: str) -> dict:
 
 
 def stage_throughput(work: str, root: str, steps: int, warmup: int, one_gpu_grad_accum: int = 2,
-                     two_gpu_grad_accum: int | None = None, checkpointing: str = "auto", rounds: int = 1) -> dict:
+                     two_gpu_grad_accum: int | None = None, checkpointing: str = "auto", rounds: int = 1,
+                     cpu_affinity: str = "off") -> dict:
     shape = "llama3-8b"
     model, vocab, build_s = llama3_8b_words(root)
     if two_gpu_grad_accum is None:  # the same global batch
@@ -265,7 +293,8 @@ def stage_throughput(work: str, root: str, steps: int, warmup: int, one_gpu_grad
             accum = one_gpu_grad_accum if gpus == 1 else two_gpu_grad_accum
             name = f"8b-{gpus}gpu" + (f"-r{r + 1}" if rounds > 1 else "")
             runs[gpus].append(finetune(run_config(model, data, 2048, dict(base, grad_accum=accum), LORA,
-                                                  os.path.join(work, name), checkpointing), gpus, name, work, 420))
+                                                  os.path.join(work, name), checkpointing), gpus, name, work, 420,
+                                          env_extra={"NBTUNE_CPU_AFFINITY": cpu_affinity}))
     (one, s1), (two, s2) = median_run(runs[1], warmup), median_run(runs[WORLD], warmup)
     ratio = s2["tokens_per_s"] / s1["tokens_per_s"] if s1["tokens_per_s"] and s2["tokens_per_s"] else None
     planned = None
@@ -279,7 +308,7 @@ def stage_throughput(work: str, root: str, steps: int, warmup: int, one_gpu_grad
     except Exception as e:  # noqa: BLE001 - the plan is context, not the measurement
         planned = f"no plan: {e}"
     same_global = one_gpu_grad_accum == WORLD * two_gpu_grad_accum
-    return dict(shape=shape, per_gpu_micro_batch="2x2048", checkpointing=checkpointing,
+    return dict(shape=shape, per_gpu_micro_batch="2x2048", checkpointing=checkpointing, cpu_affinity=cpu_affinity,
                 global_batch_rows=[2 * one_gpu_grad_accum, 2 * WORLD * two_gpu_grad_accum],
                 grad_accum=[one_gpu_grad_accum, two_gpu_grad_accum], checkpoint_build_s=build_s,
                 one_gpu=s1, two_gpus=s2, speedup=round(ratio, 3) if ratio else None, target=TARGET_SPEEDUP,
@@ -289,6 +318,63 @@ def stage_throughput(work: str, root: str, steps: int, warmup: int, one_gpu_grad
                 runs=[without_records(r) for r in runs[1] + runs[WORLD]],
                 ok=bool(ratio and ratio >= TARGET_SPEEDUP
                         and all(r["rc"] == 0 for r in runs[1] + runs[WORLD])))
+
+
+def host_topology() -> dict:
+    """What the host's CPUs are and where the GPUs hang off them (for reading the contention stage)."""
+    sys.path.insert(0, REPO)
+    from nbtune.train.cpu_affinity import _as_cpulist, gpu_pci_address, local_cpus
+
+    keep = ("Model name", "Socket(s)", "Core(s) per socket", "Thread(s) per core", "NUMA node", "CPU max MHz", "CPU(s)")
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=30).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        lscpu = []
+    gpus = []
+    for i in range(WORLD):
+        address = gpu_pci_address(i)
+        cpus = local_cpus(address) if address else None
+        gpus.append(dict(index=i, pci=address, local_cpus=_as_cpulist(cpus) if cpus else None))
+    return dict(lscpu=[line for line in lscpu if line.split(":")[0].strip().startswith(keep)], gpus=gpus,
+                allowed_cpus=_as_cpulist(sorted(os.sched_getaffinity(0))))
+
+
+def stage_contention(work: str, root: str, steps: int, warmup: int, grad_accum: int = 8,
+                     checkpointing: str = "plain") -> dict:
+    """Is a one-GPU run slower when another runs beside it? The throughput stage's one-GPU run
+    alone on GPU 0, then one on each GPU at the same time (independent processes, no DDP), then the
+    same pair with each process held to its own physical cores next to its GPU (the ``exclusive``
+    mode of nbtune/train/cpu_affinity.py). A run whose micro-batches are launched from Python
+    slows down beside another when the two share host resources (cores, hyperthreads, memory)."""
+    sys.path.insert(0, REPO)
+    from nbtune.train.cpu_affinity import gpu_pci_address, local_cpus, rank_cpus
+
+    model, vocab, build_s = llama3_8b_words(root)
+    data = write_rows(os.path.join(work, "random-2048.jsonl"), random_rows(2 * grad_accum * (warmup + steps), vocab, 2100))
+    train = dict(THROUGHPUT_TRAIN, max_steps=warmup + steps, grad_accum=grad_accum)
+
+    def config(name):
+        return run_config(model, data, 2048, train, LORA, os.path.join(work, name), checkpointing)
+
+    nodes = [local_cpus(a) if (a := gpu_pci_address(i)) else None for i in range(WORLD)]
+    shares = [rank_cpus(i, nodes, "exclusive") for i in range(WORLD)]
+    solo = finetune(config("solo"), 1, "solo", work, 420)
+    variants = {"solo": [solo]}
+    for label, cpus in (("pair", [None] * WORLD), ("pair-pinned", shares)):
+        jobs = [start_finetune(config(f"{label}-gpu{i}"), 1, f"{label}-gpu{i}", work, gpu=i, cpus=cpus[i])
+                for i in range(WORLD)]
+        variants[label] = [finish_finetune(job, 420) for job in jobs]
+    speeds = {label: [speed(r, warmup) for r in runs] for label, runs in variants.items()}
+    base = speeds["solo"][0]["tokens_per_s"]
+    return dict(shape="llama3-8b", per_gpu_micro_batch="2x2048", grad_accum=grad_accum, checkpointing=checkpointing,
+                checkpoint_build_s=build_s, topology=host_topology(),
+                pinned_cpus=[sorted(c) if c else None for c in shares],
+                tokens_per_s={label: [s["tokens_per_s"] for s in ss] for label, ss in speeds.items()},
+                step_s={label: [s["step_s"] for s in ss] for label, ss in speeds.items()},
+                vs_solo={label: [round(s["tokens_per_s"] / base, 3) if base and s["tokens_per_s"] else None for s in ss]
+                         for label, ss in speeds.items() if label != "solo"},
+                runs=[without_records(r) for runs in variants.values() for r in runs],
+                ok=all(r["rc"] == 0 for runs in variants.values() for r in runs))
 
 
 def stage_profile(work: str, root: str, out: str, one_gpu_grad_accum: int = 8, checkpointing: str = "plain",
@@ -338,6 +424,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="throughput: run each side this many times, alternating the order; the median run of "
                          "each side counts")
+    ap.add_argument("--cpu-affinity", default="off", choices=("off", "node", "exclusive"),
+                    help="throughput: NBTUNE_CPU_AFFINITY of both sides' runs (nbtune/train/cpu_affinity.py)")
     ap.add_argument("--profile-worlds", default=f"1,{WORLD}",
                     help="profile: the runs to profile, by number of GPUs (e.g. 2: the data-parallel run only)")
     args = ap.parse_args(argv)
@@ -360,13 +448,17 @@ def main(argv=None) -> int:
             result["stages"][stage] = stage_losses(work, root)
         elif stage == "throughput":
             result["stages"][stage] = stage_throughput(work, root, args.steps, args.warmup, args.one_gpu_grad_accum,
-                                                       args.two_gpu_grad_accum, args.checkpointing, args.rounds)
+                                                       args.two_gpu_grad_accum, args.checkpointing, args.rounds,
+                                                       args.cpu_affinity)
+        elif stage == "contention":
+            result["stages"][stage] = stage_contention(work, root, args.steps, args.warmup, args.one_gpu_grad_accum,
+                                                       "plain" if args.checkpointing == "auto" else args.checkpointing)
         elif stage == "profile":
             result["stages"][stage] = stage_profile(work, root, args.out, args.one_gpu_grad_accum,
                                                     "plain" if args.checkpointing == "auto" else args.checkpointing,
-                                                    tuple(int(n) for n in args.profile_worlds.split(",")))
+                                                    tuple(int(n) for n in args.profile_worlds.split(",")), args.steps)
         else:
-            raise SystemExit(f"unknown stage {stage!r}: losses, throughput, profile")
+            raise SystemExit(f"unknown stage {stage!r}: losses, throughput, contention, profile")
         result["stages"][stage]["stage_s"] = round(time.time() - t0, 1)
         with open(out_json, "w") as f:
             json.dump(result, f, indent=1)
@@ -374,6 +466,9 @@ def main(argv=None) -> int:
         if name == "profile":
             print(f"profile ({st['checkpointing']} checkpointing): {st['files']} in {args.out} -> "
                   f"{'ok' if st['ok'] else 'FAIL'}")
+        elif name == "contention":
+            print(f"contention ({st['checkpointing']} checkpointing): tokens/s {st['tokens_per_s']}; vs solo "
+                  f"{st['vs_solo']}; topology {st['topology']}")
         elif name == "losses":
             print(f"losses: max rel diff {st['max_rel_diff']} (tol {LOSS_RTOL}), same rows {st['same_rows']}, "
                   f"replicas identical {st['replicas_identical']} -> {'PASS' if st['ok'] else 'FAIL'}")

@@ -187,7 +187,9 @@ class _HostBufferPool:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._free: dict[tuple[int, bool], list] = collections.defaultdict(list)
+        # per size, the free buffers in the order they were given back: take() hands out the one
+        # given back longest ago, whose last copy is the likeliest to have finished
+        self._free: dict[tuple[int, bool], collections.deque] = collections.defaultdict(collections.deque)
         self._slabs: list[torch.Tensor] = []
         self._generation = 0  # bumped by clear(): buffers of older slabs are not taken back
         self.slab_bytes = 0
@@ -202,14 +204,20 @@ class _HostBufferPool:
             fresh = not free
             if fresh:
                 self._grow(nbytes, pinned, free)
-            buffer, busy_until = free.pop()
+            buffer, busy_until = free.popleft()
             self.takes += 1
             # A buffer is "reused" when it already held data for an earlier handle.
             if getattr(buffer, "_nbtune_used", False):
                 self.reuses += 1
             buffer._nbtune_used = True
-        # the host waits only for a copy still in flight: in steady state the last copy through this
-        # buffer (the previous micro-batch's reload) finished long ago, and a query is not a sync
+        # The host waits only for a copy still in flight. First in, first out is what keeps that
+        # wait away: the backward gives buffers back in backward order (last layer first), and the
+        # next forward takes them again from its first layer on. The oldest free buffer was reloaded
+        # at the start of the previous backward, long done on the GPU; the newest one (last in,
+        # first out) was reloaded for that backward's last layer, which the GPU, running ~50 ms
+        # behind the host, has often not copied yet: waiting for it drained the queue of launched
+        # work at every micro-batch and left the GPU waiting on the host (session 7 profile).
+        # A query is not a synchronization.
         if busy_until is not None and not busy_until.query():
             busy_until.synchronize()
         return buffer
@@ -219,15 +227,14 @@ class _HostBufferPool:
             if getattr(buffer, "_nbtune_generation", None) == self._generation:
                 self._free[(buffer.numel(), pinned)].append((buffer, busy_until))
 
-    def _grow(self, nbytes: int, pinned: bool, free: list):
+    def _grow(self, nbytes: int, pinned: bool, free: collections.deque):
         stride = _round_up(nbytes, BUFFER_ALIGN)
         count = max(1, _next_power_of_2(stride * SLAB_MIN_BUFFERS) // stride)
         slab = torch.empty(stride * count, dtype=torch.uint8, pin_memory=pinned)
         self._slabs.append(slab)
         self.slab_bytes += slab.numel()
         self.buffers += count
-        # Reversed so that pop() hands out the lowest addresses first.
-        for k in reversed(range(count)):
+        for k in range(count):  # lowest addresses first
             buffer = slab[k * stride : k * stride + nbytes]
             buffer._nbtune_generation = self._generation
             free.append((buffer, None))

@@ -15,6 +15,30 @@ def test_busy_time_is_the_union_of_intervals():
     assert ddp_profile._busy_us([]) == 0
 
 
+class _TimedEvent:
+    """Stands in for a timed CUDA event: the GPU reached it ``at_ms`` after the reference event."""
+
+    def __init__(self, at_ms):
+        self.at_ms = at_ms
+
+    def elapsed_time(self, other):
+        return other.at_ms - self.at_ms
+
+
+def test_gpu_span_and_lag_put_the_gpu_events_on_the_host_clock():
+    prof = ddp_profile.MicroBatchProfiler("/tmp", skip=5, active=1)
+    prof.gpu_ref = (100.0, _TimedEvent(0.0))  # recorded on an empty queue at host time 100 s
+    prof.marks = [(100.0, 100.3), (100.31, 100.6)]  # host: two calls of 300 and 290 ms
+    prof.gpu_marks = [[_TimedEvent(1.0), _TimedEvent(330.0)], [_TimedEvent(330.0), _TimedEvent(650.0)]]
+    (a0, a1), (b0, b1) = prof.gpu_times()
+    assert (a0, a1, b0, b1) == (100.001, 100.33, 100.33, 100.65)
+    rows = prof.timeline().splitlines()[1:]
+    assert re.search(r"gpu span\s+329\.0\s+lag\s+30\.0", rows[0])  # the GPU finished 30 ms after the host
+    assert re.search(r"gpu span\s+320\.0\s+lag\s+50\.0", rows[1])
+    prof.gpu_marks[1][1] = None  # a call whose end was not recorded has no GPU columns
+    assert "gpu span" not in prof.timeline().splitlines()[2]
+
+
 def _patched_methods():
     import gc
 

@@ -79,13 +79,16 @@ def test_refuses_without_two_gpus(tmp_path):
 def test_profile_stage_runs_ddp_profile_with_its_window_at_the_last_boundary(bench, tmp_path, monkeypatch):
     launched = []
 
-    def fake_run(cmd, env=None, stdout=None, stderr=None, timeout=None, cwd=None):
-        launched.append((cmd, env.get("CUDA_VISIBLE_DEVICES")))
-        return subprocess.CompletedProcess(cmd, 0)
+    class FakePopen:
+        def __init__(self, cmd, env=None, stdout=None, stderr=None, cwd=None, preexec_fn=None):
+            launched.append((cmd, env.get("CUDA_VISIBLE_DEVICES")))
+
+        def wait(self, timeout=None):
+            return 0
 
     monkeypatch.setattr(bench, "build_checkpoint", lambda shape, path: None)
     monkeypatch.setattr(bench, "word_view", lambda path, vocab: str(tmp_path / "model"))
-    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.setattr(bench.subprocess, "Popen", FakePopen)
     out = tmp_path / "out"
     out.mkdir()
     result = bench.stage_profile(str(tmp_path), str(tmp_path / "ckpt"), str(out), one_gpu_grad_accum=8, steps=4)
@@ -106,7 +109,7 @@ def test_profile_stage_runs_ddp_profile_with_its_window_at_the_last_boundary(ben
 def test_throughput_rounds_alternate_and_compare_the_median_runs(bench, tmp_path, monkeypatch):
     order, speeds = [], {1: iter([1000, 1200, 900]), 2: iter([1900, 2100, 2000])}
 
-    def fake_finetune(cfg, gpus, name, work, timeout, entry=None):
+    def fake_finetune(cfg, gpus, name, work, timeout, entry=None, env_extra=None):
         order.append(gpus)
         tok = next(speeds[gpus])
         run = _run([tok] * 3, [11.0, 10.5, 10.0], [1.0, 2.0, 3.0], world=gpus)
@@ -122,3 +125,34 @@ def test_throughput_rounds_alternate_and_compare_the_median_runs(bench, tmp_path
     assert result["one_gpu"]["tokens_per_s"] == 1000 and result["two_gpus"]["tokens_per_s"] == 2000
     assert result["speedup"] == 2.0 and result["ok"] and len(result["runs"]) == 6
     assert result["losses"]["ok"]
+
+
+def test_contention_stage_runs_solo_then_pairs_with_and_without_own_cores(bench, tmp_path, monkeypatch):
+    from nbtune.train import cpu_affinity
+
+    started, speeds = [], iter([1000, 980, 1010, 1000, 1000])
+
+    def fake_start(cfg, gpus, name, work, entry=None, gpu=0, cpus=None, env_extra=None):
+        started.append((name, gpu, cpus))
+        return dict(name=name, gpus=gpus)
+
+    def fake_finish(job, timeout):
+        run = _run([next(speeds)] * 3, [11.0, 10.5, 10.0], [1.0, 2.0, 3.0])
+        return dict(run, name=job["name"], gpus=1, rc=0, seconds=1.0, log_tail=None)
+
+    monkeypatch.setattr(bench, "build_checkpoint", lambda shape, path: None)
+    monkeypatch.setattr(bench, "word_view", lambda path, vocab: str(tmp_path / "model"))
+    monkeypatch.setattr(bench, "start_finetune", fake_start)
+    monkeypatch.setattr(bench, "finish_finetune", fake_finish)
+    monkeypatch.setattr(bench, "finetune", lambda cfg, gpus, name, work, timeout, **kw: fake_finish(
+        fake_start(cfg, gpus, name, work, **kw), timeout))
+    monkeypatch.setattr(cpu_affinity, "gpu_pci_address", lambda i: f"0000:0{i}:00.0")
+    monkeypatch.setattr(cpu_affinity, "local_cpus", lambda address: [0, 1, 2, 3])  # both GPUs on one node
+    monkeypatch.setattr(cpu_affinity, "physical_core", lambda cpu: ("cpu", cpu))
+    result = bench.stage_contention(str(tmp_path), str(tmp_path / "ckpt"), steps=2, warmup=1)
+    assert [(n, g) for n, g, _ in started] == [("solo", 0), ("pair-gpu0", 0), ("pair-gpu1", 1),
+                                               ("pair-pinned-gpu0", 0), ("pair-pinned-gpu1", 1)]
+    assert [c for _, _, c in started] == [None, None, None, [0, 1], [2, 3]]  # own cores, split evenly
+    assert result["tokens_per_s"] == {"solo": [1000], "pair": [980, 1010], "pair-pinned": [1000, 1000]}
+    assert result["vs_solo"] == {"pair": [0.98, 1.01], "pair-pinned": [1.0, 1.0]} and result["ok"]
+    assert result["topology"]["gpus"][1] == {"index": 1, "pci": "0000:01:00.0", "local_cpus": "0-3"}
