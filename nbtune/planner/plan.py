@@ -587,8 +587,12 @@ def plan_from_config(config, gpu="auto", world_size: int | None = None, **overri
 def auto_checkpointing(world_size: int, plain_plan: Callable[[], Plan]) -> tuple[str, str]:
     """The rule behind gradient checkpointing "auto", the config's default: (mode, one-line reason).
 
-    One process on one GPU: "offload", the least GPU memory (what lets a 7-8B model fit a free T4);
-    it costs nothing there, the copies run on the copy engines behind the compute. Data parallel
+    One process on one GPU: "offload", the least GPU memory (what lets a 7-8B model fit a free T4).
+    Its copies run on the copy engines behind the compute, but on a large GPU it has cost speed:
+    llama3-8b QLoRA 2x2048 on one H200 ran 10,366 tok/s against 11,608 with plain checkpointing
+    (median of three runs each, benchmarks/NOTES.md session 7). The session 7 profile found one
+    host wait per micro-batch in the offload path (its host-buffer pool), since removed; the
+    difference has not been measured again. Data parallel
     (``world_size`` > 1): every rank moves every layer's saved hidden state to pinned host memory and
     back through the same host, and the ranks slow each other down (2 x H200, llama3-8b QLoRA 2x2048,
     one process per GPU: 11,479 tok/s alone; 9,741 + 8,460 with offloading on both GPUs at once;
