@@ -108,6 +108,7 @@ class MicroBatchProfiler:
         self.marks: list[tuple[float, float]] = []  # (start, end) host time of every training_step call
         self.gpu_marks: list[list] = []  # (start, end) CUDA events of every call, on the current stream
         self.gpu_ref = None  # (host time, CUDA event) recorded together, the queue empty: the clocks' offset
+        self.call_steps: list[int] = []  # the trainer's global step at every call
         self.t0 = 0.0
         self.sync_lines: collections.Counter = collections.Counter()
         self._warnings = None
@@ -130,6 +131,7 @@ class MicroBatchProfiler:
         return event
 
     def before(self):
+        self.call_steps.append(self.step)
         self.marks.append((time.perf_counter(), 0.0))
         self.gpu_marks.append([self._gpu_mark(), None])
         if self.calls == self.skip:
@@ -167,7 +169,7 @@ class MicroBatchProfiler:
         rank, world = _rank_world()
         os.makedirs(self.out, exist_ok=True)
         with open(os.path.join(self.out, f"profile-{world}gpu-rank{rank}.txt"), "w") as f:
-            f.write("\n\n".join([self.text, self.phases(), self.timeline()]) + "\n")
+            f.write("\n\n".join([self.text, self.phases(), self.steps(), self.timeline()]) + "\n")
 
     def timeline(self) -> str:
         """Host time in each training_step call and in the gap before it (optimizer step, logging, data):
@@ -188,6 +190,25 @@ class MicroBatchProfiler:
             rows.append(f"{i:>4} call {(end - start) * 1e3:>8.1f}  gap {gap:>8.1f}{on_gpu}"
                         + ("   <- profiled" if self.skip <= i < self.skip + self.active else ""))
             prev_end = end
+        return "\n".join(rows)
+
+    def steps(self) -> str:
+        """Per optimizer step, from its first call to the next step's first call: the host's time
+        and the GPU's (reaching the first call's work to reaching the next step's), the mean lag at
+        the end of its calls; a step that holds profiled calls is marked."""
+        rows = ["## optimizer steps (ms): host and GPU time from the step's first call to the next step's, "
+                "mean lag at its calls' ends"]
+        gpu = self.gpu_times()
+        firsts = [i for i, step in enumerate(self.call_steps) if i == 0 or step != self.call_steps[i - 1]]
+        for a, b in zip(firsts, firsts[1:]):
+            host = (self.marks[b][0] - self.marks[a][0]) * 1e3
+            row = f"step {self.call_steps[a]:>3}: {b - a} calls, host {host:>8.1f}"
+            if gpu[a] is not None and gpu[b] is not None:
+                lags = [(gpu[i][1] - self.marks[i][1]) * 1e3 for i in range(a, b) if gpu[i] is not None]
+                row += f"  gpu {(gpu[b][0] - gpu[a][0]) * 1e3:>8.1f}  lag {sum(lags) / len(lags):>6.1f}"
+            if any(self.skip <= i < self.skip + self.active for i in range(a, b)):
+                row += "   (holds profiled calls)"
+            rows.append(row)
         return "\n".join(rows)
 
     def gpu_times(self) -> list:

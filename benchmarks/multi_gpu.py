@@ -378,30 +378,36 @@ def stage_contention(work: str, root: str, steps: int, warmup: int, grad_accum: 
 
 
 def stage_profile(work: str, root: str, out: str, one_gpu_grad_accum: int = 8, checkpointing: str = "plain",
-                  worlds: tuple = (1, WORLD), steps: int = 4) -> dict:
+                  worlds: tuple = (1, WORLD), steps: int = 4, repeats: int = 1) -> dict:
     """llama3-8b 2x2048 per GPU under benchmarks/ddp_profile.py, on 1 GPU and on each rank (``worlds``):
     the host timeline of every micro-batch and the loop's phases per step, unprofiled, then four
     micro-batches under torch.profiler around the last step boundary (the all-reduce, clipping, the
-    optimizer step and logging between): the window comes last so that it perturbs nothing before."""
+    optimizer step and logging between): the window comes last so that it perturbs nothing before.
+    ``repeats`` > 1 profiles each run that many times, into ``out/r1``, ``out/r2``, ...: runs of one
+    config differ from one another (NOTES.md, session 7), and one profile may not catch a slow one."""
     shape, two_gpu_grad_accum = "llama3-8b", max(1, one_gpu_grad_accum // WORLD)
     model, vocab, _ = llama3_8b_words(root)
     data = write_rows(os.path.join(work, "random-2048-profile.jsonl"),
                       random_rows(2 * one_gpu_grad_accum * steps, vocab, 2100))
     base = dict(THROUGHPUT_TRAIN, max_steps=steps)
-    runs, windows = [], {}
-    for gpus in worlds:
-        accum = one_gpu_grad_accum if gpus == 1 else two_gpu_grad_accum
-        # the last two micro-batches of the second-to-last step and the first two of the last one
-        windows[gpus] = ["--skip", str((steps - 1) * accum - 2), "--active", "4"]
-        entry = [os.path.join(HERE, "ddp_profile.py"), "--out", out, *windows[gpus]]
-        runs.append(finetune(run_config(model, data, 2048, dict(base, grad_accum=accum), LORA,
-                                        os.path.join(work, f"profile-{gpus}gpu"), checkpointing),
-                             gpus, f"profile-{gpus}gpu", work, 420, entry))
-    files = sorted(f for f in os.listdir(out) if f.startswith("profile-") and f.endswith(".txt"))
+    runs, windows, files = [], {}, []
+    for repeat in range(1, repeats + 1):
+        into = os.path.join(out, f"r{repeat}") if repeats > 1 else out
+        for gpus in worlds:
+            accum = one_gpu_grad_accum if gpus == 1 else two_gpu_grad_accum
+            # the last two micro-batches of the second-to-last step and the first two of the last one
+            windows[gpus] = ["--skip", str((steps - 1) * accum - 2), "--active", "4"]
+            entry = [os.path.join(HERE, "ddp_profile.py"), "--out", into, *windows[gpus]]
+            name = f"profile-{gpus}gpu" + (f"-r{repeat}" if repeats > 1 else "")
+            runs.append(finetune(run_config(model, data, 2048, dict(base, grad_accum=accum), LORA,
+                                            os.path.join(work, name), checkpointing), gpus, name, work, 420, entry))
+        if os.path.isdir(into):
+            files += sorted(os.path.relpath(os.path.join(into, f), out) for f in os.listdir(into)
+                            if f.startswith("profile-") and f.endswith(".txt"))
     for f in files:
         with open(os.path.join(out, f)) as fh:
             print(f"# {f}: {fh.readline().strip()}")
-    return dict(shape=shape, checkpointing=checkpointing, windows=windows, files=files,
+    return dict(shape=shape, checkpointing=checkpointing, windows=windows, files=files, repeats=repeats,
                 runs=[without_records(r) for r in runs],
                 ok=all(r["rc"] == 0 for r in runs))
 
@@ -428,6 +434,8 @@ def main(argv=None) -> int:
                     help="throughput: NBTUNE_CPU_AFFINITY of both sides' runs (nbtune/train/cpu_affinity.py)")
     ap.add_argument("--profile-worlds", default=f"1,{WORLD}",
                     help="profile: the runs to profile, by number of GPUs (e.g. 2: the data-parallel run only)")
+    ap.add_argument("--profile-repeats", type=int, default=1,
+                    help="profile: profile each run this many times (into OUT/r1, OUT/r2, ...)")
     args = ap.parse_args(argv)
     import torch
 
@@ -456,7 +464,8 @@ def main(argv=None) -> int:
         elif stage == "profile":
             result["stages"][stage] = stage_profile(work, root, args.out, args.one_gpu_grad_accum,
                                                     "plain" if args.checkpointing == "auto" else args.checkpointing,
-                                                    tuple(int(n) for n in args.profile_worlds.split(",")), args.steps)
+                                                    tuple(int(n) for n in args.profile_worlds.split(",")), args.steps,
+                                                    args.profile_repeats)
         else:
             raise SystemExit(f"unknown stage {stage!r}: losses, throughput, contention, profile")
         result["stages"][stage]["stage_s"] = round(time.time() - t0, 1)

@@ -35,6 +35,12 @@ def test_gpu_span_and_lag_put_the_gpu_events_on_the_host_clock():
     rows = prof.timeline().splitlines()[1:]
     assert re.search(r"gpu span\s+329\.0\s+lag\s+30\.0", rows[0])  # the GPU finished 30 ms after the host
     assert re.search(r"gpu span\s+320\.0\s+lag\s+50\.0", rows[1])
+    prof.call_steps = [0, 1]
+    prof.marks.append((100.7, 100.9))
+    prof.gpu_marks.append([_TimedEvent(700.0), _TimedEvent(900.0)])
+    prof.call_steps.append(1)
+    steps = prof.steps().splitlines()[1:]
+    assert len(steps) == 1 and re.search(r"step\s+0: 1 calls, host\s+310\.0\s+gpu\s+329\.0\s+lag\s+30\.0", steps[0])
     prof.gpu_marks[1][1] = None  # a call whose end was not recorded has no GPU columns
     assert "gpu span" not in prof.timeline().splitlines()[2]
 

@@ -104,6 +104,10 @@ def test_profile_stage_runs_ddp_profile_with_its_window_at_the_last_boundary(ben
     launched.clear()
     assert list(bench.stage_profile(str(tmp_path), str(tmp_path / "ckpt"), str(out), worlds=(2,))["windows"]) == [2]
     assert len(launched) == 1
+    launched.clear()
+    bench.stage_profile(str(tmp_path), str(tmp_path / "ckpt"), str(out), worlds=(2,), repeats=2)
+    outs = [cmd[cmd.index("--out") + 1] for cmd, _ in launched]
+    assert outs == [str(out / "r1"), str(out / "r2")]  # each repeat into its own folder
 
 
 def test_throughput_rounds_alternate_and_compare_the_median_runs(bench, tmp_path, monkeypatch):
