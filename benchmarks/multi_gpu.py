@@ -323,7 +323,7 @@ def stage_throughput(work: str, root: str, steps: int, warmup: int, one_gpu_grad
 def host_topology() -> dict:
     """What the host's CPUs are and where the GPUs hang off them (for reading the contention stage)."""
     sys.path.insert(0, REPO)
-    from nbtune.train.cpu_affinity import _as_cpulist, gpu_pci_address, local_cpus
+    from nbtune.train.cpu_affinity import format_cpulist, gpu_pci_address, local_cpus
 
     keep = ("Model name", "Socket(s)", "Core(s) per socket", "Thread(s) per core", "NUMA node", "CPU max MHz", "CPU(s)")
     try:
@@ -334,9 +334,9 @@ def host_topology() -> dict:
     for i in range(WORLD):
         address = gpu_pci_address(i)
         cpus = local_cpus(address) if address else None
-        gpus.append(dict(index=i, pci=address, local_cpus=_as_cpulist(cpus) if cpus else None))
+        gpus.append(dict(index=i, pci=address, local_cpus=format_cpulist(cpus) if cpus else None))
     return dict(lscpu=[line for line in lscpu if line.split(":")[0].strip().startswith(keep)], gpus=gpus,
-                allowed_cpus=_as_cpulist(sorted(os.sched_getaffinity(0))))
+                allowed_cpus=format_cpulist(sorted(os.sched_getaffinity(0))))
 
 
 def stage_contention(work: str, root: str, steps: int, warmup: int, grad_accum: int = 8,

@@ -1,11 +1,18 @@
 """Keeping each rank's host threads on the CPU cores next to its GPU.
 
-A QLoRA micro-batch of a 7-8B model is launched from Python: thousands of kernel launches whose host
-time is close to the GPU time of the kernels themselves (benchmarks/NOTES.md, session 7). A rank's
-main thread therefore runs flat out all step, and under data parallel two or more such threads
-share the machine. Left to the scheduler they move between cores, between NUMA nodes (away from
-the GPU they drive and from the memory they allocated), and onto the hyperthread sibling of the
-other rank's busy core, where each runs slower.
+A QLoRA micro-batch of a 7-8B model is launched from Python: thousands of kernel launches, whose
+host time comes close to the GPU time of the kernels themselves. A rank's main thread runs flat out
+all step, and under data parallel several such threads share the machine. On a host with several
+NUMA nodes the scheduler may move them away from the GPU they drive and from the memory they
+allocated. On a host with hyperthreads it may put one onto the sibling of another rank's busy core.
+Either makes a thread slower.
+
+Measured on the lent 2 x H200 host (one NUMA node, one thread per core), there was nothing to gain:
+two one-GPU runs side by side made 0.99x and 1.01x one alone, and 0.98x and 1.01x when pinned
+(benchmarks/NOTES.md, session 7). So this stays off unless asked for (``NBTUNE_CPU_AFFINITY``,
+read by nbtune/train/distributed.py). It is meant for multi-socket hosts and for
+``%%finetune --gpus N``, where no launcher flag (torchrun's ``--numa-binding``, accelerate's NUMA
+affinity) can be given.
 
 ``pin_this_rank(local_rank, mode)`` restricts this process to:
 
@@ -115,10 +122,11 @@ def pin_this_rank(local_rank: int, mode: str) -> str:
     if not chosen:
         return f"cpu affinity: not applied (sysfs gives no CPUs for GPU {local_rank} within the allowed ones)"
     os.sched_setaffinity(0, chosen)
-    return f"cpu affinity ({mode}): GPU {local_rank} -> {len(chosen)} CPUs {_as_cpulist(chosen)}"
+    return f"cpu affinity ({mode}): GPU {local_rank} -> {len(chosen)} CPUs {format_cpulist(chosen)}"
 
 
-def _as_cpulist(cpus: list[int]) -> str:
+def format_cpulist(cpus: list[int]) -> str:
+    """``[0, 1, 2, 3, 8, 10, 11]`` -> ``"0-3,8,10-11"`` (the inverse of :func:`parse_cpulist`)."""
     runs, start, prev = [], None, None
     for cpu in cpus:
         if start is None:

@@ -10,7 +10,7 @@ from nbtune.train import cpu_affinity as ca
 def test_parse_cpulist():
     assert ca.parse_cpulist("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
     assert ca.parse_cpulist("5") == [5] and ca.parse_cpulist("") == []
-    assert ca._as_cpulist([0, 1, 2, 3, 8, 10, 11]) == "0-3,8,10-11"
+    assert ca.format_cpulist([0, 1, 2, 3, 8, 10, 11]) == "0-3,8,10-11"
 
 
 def _smt_core(cpu):  # 16 cores, 2 threads each: cpu i and i + 16 are siblings (Linux's usual numbering)
