@@ -315,7 +315,8 @@ def test_host_buffers_reused_across_steps(kernel_mode):
     after_second = offload_stats()
     assert after_second["pool_slabs"] == after_first["pool_slabs"], "no new buffers in step 2"
     assert after_second["pool_bytes"] == after_first["pool_bytes"]
-    assert after_second["pool_reuses"] == n
+    # first in, first out: buffers never used yet are handed out before the ones step 1 gave back
+    assert after_second["pool_reuses"] == max(0, 2 * n - after_second["pool_buffers"])
     assert_same_step(first, second, rtol=0, atol=0)
     offload.release_pinned_memory()
     assert offload_stats()["pool_bytes"] == 0
@@ -678,7 +679,7 @@ def test_gpu_peak_memory_below_torch_checkpoint_and_pinned_reuse():
     assert first_step_pool["pool_reuses"] == 0
     assert stats["pool_slabs"] == first_step_pool["pool_slabs"]
     assert stats["pool_bytes"] == first_step_pool["pool_bytes"] >= n * state_bytes
-    assert stats["pool_reuses"] == n
+    assert stats["pool_reuses"] == max(0, 2 * n - stats["pool_buffers"])  # first in, first out
     assert all(slab.is_pinned() for slab in offload._POOL._slabs)
 
 
