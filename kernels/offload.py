@@ -501,7 +501,12 @@ def _owner(function):
 
 def _with_phases(function, use_reentrant: bool, kwargs: dict) -> dict:
     """kwargs for torch's checkpoint with a ``context_fn`` that marks the forward and the recompute
-    (wrapping the caller's own ``context_fn``, if any). Reentrant checkpointing has no context_fn."""
+    (wrapping the caller's own ``context_fn``, if any), and ``determinism_check="none"`` unless the
+    caller gives one. torch's default check records every saved tensor's shape, dtype and device in
+    the forward and compares the recomputed ones: host time per saved tensor, ~4% of a patched
+    layer's host time in a step (CPU, launches stubbed: 3.70 -> 3.55 ms per layer), for a recompute
+    that the tests prove exact (loss and gradients against unpatched transformers). Reentrant
+    checkpointing has neither."""
     if use_reentrant:
         return kwargs
     user_context_fn = kwargs.get("context_fn")
@@ -513,7 +518,7 @@ def _with_phases(function, use_reentrant: bool, kwargs: dict) -> dict:
         return (_InPhase(CheckpointPhase("forward", owner), forward_ctx),
                 _InPhase(CheckpointPhase("recompute", owner), recompute_ctx))
 
-    return {**kwargs, "context_fn": context_fn}
+    return {"determinism_check": "none", **kwargs, "context_fn": context_fn}
 
 
 def offloaded_checkpoint_reference(function, *args, use_reentrant=None, **kwargs):

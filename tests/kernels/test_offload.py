@@ -420,12 +420,32 @@ def test_warns_when_torch_does_not_save_inputs_through_hooks(kernel_mode, monkey
     layers = make_stack(n_layers=2, seed=59)
     x = torch.randn(2, 4, 24, requires_grad=True)
     expected = run_stack(layers, x)
-    monkeypatch.setattr(offload, "_torch_checkpoint", lambda fn, *a, use_reentrant, context_fn=None, **k: fn(*a, **k))
+    monkeypatch.setattr(offload, "_torch_checkpoint",
+                        lambda fn, *a, use_reentrant, context_fn=None, determinism_check=None, **k: fn(*a, **k))
     monkeypatch.setattr(offload, "_WARNED", set())
     with pytest.warns(RuntimeWarning, match="did not save its inputs"):
         got = run_stack(layers, x, offloaded_checkpoint)
     assert_same_step(got, expected, **FP32_TOL)
     assert offload_stats()["not_seen"] == 2
+
+
+def test_torch_checkpoint_runs_without_its_recompute_metadata_check(kernel_mode, monkeypatch):
+    """torch's checkpoint compares every recomputed tensor's shape, dtype and device with the
+    forward's (``determinism_check="default"``): host time per saved tensor and layer, for a
+    recompute whose gradients the tests prove exact. nbtune asks for "none" unless told otherwise."""
+    kernel_mode("triton")
+    seen = []
+
+    def spy(fn, *a, use_reentrant, **k):
+        seen.append(k.get("determinism_check"))
+        return fn(*a)
+
+    monkeypatch.setattr(offload, "_torch_checkpoint", spy)
+    x = torch.randn(2, 4, 6, requires_grad=True)
+    offloaded_checkpoint(torch.tanh, x)
+    offloaded_checkpoint_reference(torch.tanh, x)
+    offloaded_checkpoint(torch.tanh, x, determinism_check="default")
+    assert seen == ["none", "none", "default"]
 
 
 def test_same_tensor_passed_twice(kernel_mode):
