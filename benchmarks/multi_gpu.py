@@ -228,6 +228,7 @@ def speed(run: dict, warmup: int) -> dict:
     dist = next((r for r in run["records"] if r.get("event") == "distributed"), {})
     return dict(tokens_per_s=statistics.median(r["tokens_per_s"] for r in recs) if recs else None,
                 step_s=round(statistics.median(steps), 4) if steps else None, timed_steps=len(recs),
+                step_s_each=[round(x, 4) for x in steps],  # a slow run: every step, or some?
                 peak_reserved_gib=dist.get("peak_reserved_gib") or end.get("vram_peak_gib"))
 
 

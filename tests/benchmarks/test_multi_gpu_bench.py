@@ -65,6 +65,7 @@ def test_losses_and_speed_arithmetic(bench):
     s1, s2 = bench.speed(one, warmup=1), bench.speed(two, warmup=1)
     assert s1["tokens_per_s"] == 1000 and s2["tokens_per_s"] == 1960 and s1["timed_steps"] == 3
     assert s1["step_s"] == pytest.approx(1.0) and s2["step_s"] == pytest.approx(0.5)
+    assert s1["step_s_each"] == [1.0, 1.0, 1.0] and s2["step_s_each"] == [0.5, 0.5, 0.5]
     assert s1["peak_reserved_gib"] == 7.0 and s2["peak_reserved_gib"] == [7.1, 7.0]
 
 
