@@ -22,6 +22,11 @@ torch's CUDA sync-debug mode, which names each Python line that synchronizes. Pe
   execution a call that returns fast only queued its kernels, a long call or gap waited on the
   GPU (a synchronization), on another rank or on host work.
 
+- on CUDA, per call, a timed event at its start and end put on the host clock: the GPU's span for
+  the call and its *lag*, how long after the host returned the GPU finished the call's work (a
+  steady lag of tens of ms: the GPU is the bottleneck and the host runs ahead; ~0: the GPU waited
+  on the host); and per optimizer step the host's and the GPU's time and the mean lag.
+
 The one-GPU run of the same config and micro-batch shape is the baseline: whatever a DDP rank
 spends beyond it per micro-batch is the cost of data parallelism.
 """
