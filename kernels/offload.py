@@ -504,7 +504,7 @@ def _with_phases(function, use_reentrant: bool, kwargs: dict) -> dict:
     (wrapping the caller's own ``context_fn``, if any), and ``determinism_check="none"`` unless the
     caller gives one. torch's default check records every saved tensor's shape, dtype and device in
     the forward and compares the recomputed ones: host time per saved tensor, ~4% of a patched
-    layer's host time in a step (CPU, launches stubbed: 3.70 -> 3.55 ms per layer), for a recompute
+    layer's host time in a step (benchmarks/host_time_cpu.py: 3.70 -> 3.55 ms per layer), for a recompute
     that the tests prove exact (loss and gradients against unpatched transformers). Reentrant
     checkpointing has neither."""
     if use_reentrant:
