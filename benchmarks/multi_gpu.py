@@ -324,7 +324,7 @@ def stage_throughput(work: str, root: str, steps: int, warmup: int, one_gpu_grad
 def host_topology() -> dict:
     """What the host's CPUs are and where the GPUs hang off them (for reading the contention stage)."""
     sys.path.insert(0, REPO)
-    from nbtune.train.cpu_affinity import format_cpulist, gpu_pci_address, local_cpus
+    from nbtune.train.cpu_affinity import format_cpulist, gpu_local_cpus, gpu_pci_address
 
     keep = ("Model name", "Socket(s)", "Core(s) per socket", "Thread(s) per core", "NUMA node", "CPU max MHz", "CPU(s)")
     try:
@@ -333,9 +333,8 @@ def host_topology() -> dict:
         lscpu = []
     gpus = []
     for i in range(WORLD):
-        address = gpu_pci_address(i)
-        cpus = local_cpus(address) if address else None
-        gpus.append(dict(index=i, pci=address, local_cpus=format_cpulist(cpus) if cpus else None))
+        cpus = gpu_local_cpus(i)
+        gpus.append(dict(index=i, pci=gpu_pci_address(i), local_cpus=format_cpulist(cpus) if cpus else None))
     return dict(lscpu=[line for line in lscpu if line.split(":")[0].strip().startswith(keep)], gpus=gpus,
                 allowed_cpus=format_cpulist(sorted(os.sched_getaffinity(0))))
 
@@ -348,7 +347,7 @@ def stage_contention(work: str, root: str, steps: int, warmup: int, grad_accum: 
     mode of nbtune/train/cpu_affinity.py). A run whose micro-batches are launched from Python
     slows down beside another when the two share host resources (cores, hyperthreads, memory)."""
     sys.path.insert(0, REPO)
-    from nbtune.train.cpu_affinity import gpu_pci_address, local_cpus, rank_cpus
+    from nbtune.train.cpu_affinity import gpu_local_cpus, rank_cpus
 
     model, vocab, build_s = llama3_8b_words(root)
     data = write_rows(os.path.join(work, "random-2048.jsonl"), random_rows(2 * grad_accum * (warmup + steps), vocab, 2100))
@@ -357,7 +356,7 @@ def stage_contention(work: str, root: str, steps: int, warmup: int, grad_accum: 
     def config(name):
         return run_config(model, data, 2048, train, LORA, os.path.join(work, name), checkpointing)
 
-    nodes = [local_cpus(a) if (a := gpu_pci_address(i)) else None for i in range(WORLD)]
+    nodes = [gpu_local_cpus(i) for i in range(WORLD)]
     shares = [rank_cpus(i, nodes, "exclusive") for i in range(WORLD)]
     solo = finetune(config("solo"), 1, "solo", work, 420)
     variants = {"solo": [solo]}

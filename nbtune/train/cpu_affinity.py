@@ -66,6 +66,12 @@ def local_cpus(pci_address: str, sysfs: str = SYSFS_PCI) -> list[int] | None:
     return cpus or None
 
 
+def gpu_local_cpus(index: int) -> list[int] | None:
+    """The CPUs of the NUMA node CUDA device ``index`` hangs off, or None when that is not known."""
+    address = gpu_pci_address(index)
+    return local_cpus(address) if address else None
+
+
 def physical_core(cpu: int, sysfs: str = SYSFS_CPU) -> tuple:
     """(package, core) of a logical CPU; the CPU itself where the topology is not readable."""
     base = os.path.join(sysfs, f"cpu{cpu}", "topology")
@@ -112,10 +118,7 @@ def pin_this_rank(local_rank: int, mode: str) -> str:
 
     if not torch.cuda.is_available() or not hasattr(os, "sched_setaffinity"):
         return "cpu affinity: not applied (no CUDA device or no sched_setaffinity)"
-    nodes = []
-    for index in range(torch.cuda.device_count()):
-        address = gpu_pci_address(index)
-        nodes.append(local_cpus(address) if address else None)
+    nodes = [gpu_local_cpus(index) for index in range(torch.cuda.device_count())]
     chosen = rank_cpus(local_rank, nodes, mode)
     allowed = os.sched_getaffinity(0)
     chosen = sorted(set(chosen or ()) & allowed)
