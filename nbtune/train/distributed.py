@@ -128,7 +128,11 @@ def _pin_cpus() -> None:
     if mode == "off":
         return
     index = local_rank() if is_distributed() else 0  # outside a launcher: the first visible GPU
-    print(f"nbtune rank {rank()}: {pin_this_rank(index, mode)}", file=sys.stderr)
+    try:
+        done = pin_this_rank(index, mode)
+    except ValueError as e:  # an unknown mode: name the variable it came from
+        raise DistributedSetupError(f"environment variable NBTUNE_CPU_AFFINITY: {e}") from None
+    print(f"nbtune rank {rank()}: {done}", file=sys.stderr)
 
 
 def one_gpu_per_process(args, model=None) -> None:

@@ -80,3 +80,17 @@ def test_a_run_pins_itself_only_when_asked(monkeypatch, capsys):
     monkeypatch.setenv("NBTUNE_CPU_AFFINITY", "Exclusive")
     distributed.setup_device()
     assert calls == [(0, "exclusive")] and "pinned exclusive" in capsys.readouterr().err
+
+
+def test_an_unknown_mode_names_the_variable(monkeypatch):
+    import torch
+
+    from nbtune.train import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NBTUNE_CPU_AFFINITY", "nodes")
+    with pytest.raises(distributed.DistributedSetupError, match=r"NBTUNE_CPU_AFFINITY: .*'nodes'.*off, node, exclusive"):
+        distributed.setup_device()
+
