@@ -589,7 +589,7 @@ def auto_checkpointing(world_size: int, plain_plan: Callable[[], Plan]) -> tuple
 
     One process on one GPU: "offload", the least GPU memory (what lets a 7-8B model fit a free T4).
     Its copies run on the copy engines behind the compute, but on a large GPU it has cost speed:
-    llama3-8b QLoRA 2x2048 on one H200 ran 10,366 tok/s against 11,608 with plain checkpointing
+    llama3-8b QLoRA 2x2048 on one H200 ran 10,367 tok/s against 11,608 with plain checkpointing
     (median of three runs each, benchmarks/NOTES.md session 7). The session 7 profile found one
     host wait per micro-batch in the offload path (its host-buffer pool), since removed; the
     difference has not been measured again. Data parallel
