@@ -174,9 +174,10 @@ class MicroBatchProfiler:
         rank, world = _rank_world()
         os.makedirs(self.out, exist_ok=True)
         with open(os.path.join(self.out, f"profile-{world}gpu-rank{rank}.txt"), "w") as f:
-            f.write("\n\n".join([self.text, self.phases(), self.steps(), self.timeline()]) + "\n")
+            gpu = self.gpu_times()  # one read of the events for both tables
+            f.write("\n\n".join([self.text, self.phases(), self.steps(gpu), self.timeline(gpu)]) + "\n")
 
-    def timeline(self) -> str:
+    def timeline(self, gpu: list | None = None) -> str:
         """Host time in each training_step call and in the gap before it (optimizer step, logging, data):
         under asynchronous execution a call that returns fast queued its kernels; a long gap or call
         waited on the GPU (a synchronization) or on host work."""
@@ -184,7 +185,7 @@ class MicroBatchProfiler:
                 "reaching the call's first work to finishing its last, and the lag, how long after the host "
                 "returned from the call the GPU finished its work (~0: the GPU kept up with the host, which was "
                 "the bottleneck; large: the host ran ahead of a busy GPU)"]
-        gpu = self.gpu_times()
+        gpu = self.gpu_times() if gpu is None else gpu
         prev_end = None
         for i, (start, end) in enumerate(self.marks):
             gap = (start - prev_end) * 1e3 if prev_end is not None else float("nan")
@@ -197,13 +198,13 @@ class MicroBatchProfiler:
             prev_end = end
         return "\n".join(rows)
 
-    def steps(self) -> str:
+    def steps(self, gpu: list | None = None) -> str:
         """Per optimizer step, from its first call to the next step's first call: the host's time
         and the GPU's (reaching the first call's work to reaching the next step's), the mean lag at
         the end of its calls; a step that holds profiled calls is marked."""
         rows = ["## optimizer steps (ms): host and GPU time from the step's first call to the next step's, "
                 "mean lag at its calls' ends"]
-        gpu = self.gpu_times()
+        gpu = self.gpu_times() if gpu is None else gpu
         firsts = [i for i, step in enumerate(self.call_steps) if i == 0 or step != self.call_steps[i - 1]]
         for a, b in zip(firsts, firsts[1:]):
             host = (self.marks[b][0] - self.marks[a][0]) * 1e3
