@@ -12,8 +12,8 @@
 #                          ROWS: ids, globs or aliases (main, t4, all), comma-separated (default all);
 #                          PEERS: e.g. nbtune,unsloth (default hf,unsloth,nbtune)
 #                          -> $OUT/models-<stamp>.json, $OUT/models.log, $OUT/RESULTS.md
-#   multigpu[:STAGES]      python3 benchmarks/multi_gpu.py --stages STAGES (losses,throughput,contention,profile; needs 2 GPUs:
-#                          the 2 x H200 machine) -> $OUT/multi_gpu.json
+#   multigpu[:STAGES]      python3 benchmarks/multi_gpu.py --stages STAGES (losses,throughput,contention,profile need 2 GPUs:
+#                          the 2 x H200 machine; checkpointing and profile --profile-worlds 1 need one) -> $OUT/multi_gpu.json
 # Before them (always): carried wheels .whl/*.whl (from ../shared/device/fetch-wheels.sh [--peer] and
 # benchmarks/fetch_extra_wheels.sh) -> /tmp/site (on PYTHONPATH), .whl/peer/*.whl ->
 # /tmp/site_peer (first on PYTHONPATH of the unsloth process only), and nbtune itself

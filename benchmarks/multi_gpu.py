@@ -28,12 +28,15 @@ rank's micro-batch is one of the 1-GPU run's micro-batches.
   host timeline of every micro-batch, the loop's phases per step (clipping, the optimizer step,
   logging, fetching batches), the garbage collections, and a torch.profiler window around the last
   step boundary. Plain checkpointing unless ``--checkpointing`` names another mode.
+- ``checkpointing`` (one GPU): the one-GPU run with plain and with offloaded checkpointing,
+  ``--rounds`` times each in alternating order: what offloading costs on one GPU, i.e. how far
+  the ``auto`` default's speed-up stands from the like-for-like one.
 
 No network: the checkpoints are built locally (CKPT_ROOT, default /tmp/ckpt); the tokenizers are
 whitespace word-level tokenizers ("w<i>" is token i), so the data are text rows of those words.
 Writes ``multi_gpu.json`` to --out (default $OUT, else /tmp/nbtune-multi-gpu; a failed run's log
 tail is in it); the runs' outputs and logs stay in --work (/tmp/nbtune-multi-gpu-work). Exits 1
-when a run fails or a target is missed, 2 without 2 GPUs. About 5-7 minutes on 2 x H200 (the 8B checkpoint
+when a run fails or a target is missed, 2 without the GPUs the stages need. About 5-7 minutes on 2 x H200 (the 8B checkpoint
 build, ~1-2 minutes, is skipped when CKPT_ROOT already has it).
 """
 from __future__ import annotations
@@ -377,6 +380,36 @@ def stage_contention(work: str, root: str, steps: int, warmup: int, grad_accum: 
                 ok=all(r["rc"] == 0 for runs in variants.values() for r in runs))
 
 
+def stage_checkpointing(work: str, root: str, steps: int, warmup: int, grad_accum: int = 8, rounds: int = 1) -> dict:
+    """What offloaded checkpointing costs on one GPU: the throughput stage's one-GPU run with
+    ``plain`` and with ``offload`` checkpointing, ``rounds`` times each in alternating order, the
+    median runs compared. It is the one-GPU half of the ``auto`` default (offload on one GPU, plain
+    under data parallelism), so it decides how far the default's speed-up differs from the
+    like-for-like one. Needs one GPU only."""
+    model, vocab, build_s = llama3_8b_words(root)
+    data = write_rows(os.path.join(work, "random-2048.jsonl"), random_rows(2 * grad_accum * (warmup + steps), vocab, 2100))
+    train = dict(THROUGHPUT_TRAIN, max_steps=warmup + steps, grad_accum=grad_accum)
+    modes = ("plain", "offload")
+    runs = {m: [] for m in modes}
+    for r in range(rounds):
+        for mode in (modes if r % 2 == 0 else modes[::-1]):
+            name = f"ckpt-{mode}" + (f"-r{r + 1}" if rounds > 1 else "")
+            runs[mode].append(finetune(run_config(model, data, 2048, train, LORA, os.path.join(work, name), mode),
+                                       1, name, work, 420))
+    medians = {m: median_run(runs[m], warmup)[1] for m in modes}
+    plain, offload = (medians[m]["tokens_per_s"] for m in modes)
+    return dict(shape="llama3-8b", per_gpu_micro_batch="2x2048", grad_accum=grad_accum, rounds=rounds,
+                checkpoint_build_s=build_s, median=medians,
+                tokens_per_s_per_round={m: [speed(r, warmup)["tokens_per_s"] for r in runs[m]] for m in modes},
+                offload_vs_plain=round(offload / plain, 3) if plain and offload else None,
+                runs=[without_records(r) for m in modes for r in runs[m]],
+                ok=all(r["rc"] == 0 for m in modes for r in runs[m]))
+
+
+# GPUs each stage needs (profile: the largest world it profiles)
+STAGE_GPUS = {"losses": WORLD, "throughput": WORLD, "contention": WORLD, "checkpointing": 1}
+
+
 def stage_profile(work: str, root: str, out: str, one_gpu_grad_accum: int = 8, checkpointing: str = "plain",
                   worlds: tuple = (1, WORLD), steps: int = 4, repeats: int = 1) -> dict:
     """llama3-8b 2x2048 per GPU under benchmarks/ddp_profile.py, on 1 GPU and on each rank (``worlds``):
@@ -416,7 +449,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT") or "/tmp/nbtune-multi-gpu")
     ap.add_argument("--work", default="/tmp/nbtune-multi-gpu-work", help="runs' outputs and logs (large)")
-    ap.add_argument("--stages", default="losses,throughput")
+    ap.add_argument("--stages", default="losses,throughput",
+                    help="comma-separated: losses, throughput, contention, profile (2 GPUs; profile with "
+                         "--profile-worlds 1 needs one), checkpointing (1 GPU)")
     ap.add_argument("--steps", type=int, default=int(os.environ.get("STEPS", 10)))
     ap.add_argument("--warmup", type=int, default=int(os.environ.get("WARMUP", 3)))
     ap.add_argument("--one-gpu-grad-accum", type=int, default=2,
@@ -428,7 +463,7 @@ def main(argv=None) -> int:
                     help="throughput: train.gradient_checkpointing of both runs (default auto, the config's "
                          "default: offload on one GPU, plain under DDP where it fits)")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="throughput: run each side this many times, alternating the order; the median run of "
+                    help="throughput, checkpointing: run each side this many times, alternating the order; the median run of "
                          "each side counts")
     ap.add_argument("--cpu-affinity", default="off", choices=("off", "node", "exclusive"),
                     help="throughput: NBTUNE_CPU_AFFINITY of both sides' runs (nbtune/train/cpu_affinity.py)")
@@ -439,8 +474,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    if torch.cuda.device_count() < WORLD:
-        print(f"multi_gpu.py needs {WORLD} GPUs; this machine shows {torch.cuda.device_count()}", file=sys.stderr)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    worlds = tuple(int(n) for n in args.profile_worlds.split(","))
+    need = max((max(worlds) if s == "profile" else STAGE_GPUS.get(s, 1)) for s in stages) if stages else 0
+    if torch.cuda.device_count() < need:
+        print(f"multi_gpu.py --stages {args.stages} needs {need} GPUs; this machine shows "
+              f"{torch.cuda.device_count()}", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
     work = args.work
@@ -450,7 +489,7 @@ def main(argv=None) -> int:
     result = dict(gpus=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
                   torch=torch.__version__, stages={})
     out_json = os.path.join(args.out, "multi_gpu.json")
-    for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
+    for stage in stages:
         t0 = time.time()
         if stage == "losses":
             result["stages"][stage] = stage_losses(work, root)
@@ -464,10 +503,12 @@ def main(argv=None) -> int:
         elif stage == "profile":
             result["stages"][stage] = stage_profile(work, root, args.out, args.one_gpu_grad_accum,
                                                     "plain" if args.checkpointing == "auto" else args.checkpointing,
-                                                    tuple(int(n) for n in args.profile_worlds.split(",")), args.steps,
-                                                    args.profile_repeats)
+                                                    worlds, args.steps, args.profile_repeats)
+        elif stage == "checkpointing":
+            result["stages"][stage] = stage_checkpointing(work, root, args.steps, args.warmup, args.one_gpu_grad_accum,
+                                                          args.rounds)
         else:
-            raise SystemExit(f"unknown stage {stage!r}: losses, throughput, contention, profile")
+            raise SystemExit(f"unknown stage {stage!r}: losses, throughput, contention, profile, checkpointing")
         result["stages"][stage]["stage_s"] = round(time.time() - t0, 1)
         with open(out_json, "w") as f:
             json.dump(result, f, indent=1)
@@ -478,6 +519,10 @@ def main(argv=None) -> int:
         elif name == "contention":
             print(f"contention ({st['checkpointing']} checkpointing): tokens/s {st['tokens_per_s']}; vs solo "
                   f"{st['vs_solo']}; topology {st['topology']}")
+        elif name == "checkpointing":
+            print(f"checkpointing on 1 GPU (median of {st['rounds']}): plain {st['median']['plain']['tokens_per_s']} "
+                  f"tok/s, offload {st['median']['offload']['tokens_per_s']} tok/s -> offload/plain "
+                  f"{st['offload_vs_plain']}; per round {st['tokens_per_s_per_round']}")
         elif name == "losses":
             print(f"losses: max rel diff {st['max_rel_diff']} (tol {LOSS_RTOL}), same rows {st['same_rows']}, "
                   f"replicas identical {st['replicas_identical']} -> {'PASS' if st['ok'] else 'FAIL'}")

@@ -57,8 +57,12 @@ MAX_BLOCK_N = 16384
 # Rows per program are chosen so a program handles about this many elements (narrow rows, e.g.
 # the per-head q/k norms of Qwen3 / Gemma3 with 128 columns, get many rows per program).
 TILE_ELEMENTS = 4096
-# Programs per SM for the backward when it accumulates dw (each writes one fp32 partial row).
+# The backward that accumulates dw runs persistent programs (each writes one fp32 partial row of
+# dw): this many per SM, each taking BWD_DW_ROWS rows per loop iteration with BWD_DW_WARPS warps
+# (None: the forward's rows and warps). Module-level so benchmarks/tune_rms_norm_bwd.py can sweep them.
 BWD_PROGRAMS_PER_SM = 2
+BWD_DW_ROWS = None
+BWD_DW_WARPS = None
 
 CASTINGS = ("llama", "gemma")
 
@@ -260,6 +264,19 @@ def _launch_config(n_cols: int) -> tuple[int, int, int, int]:
     return block_m, block_n, num_chunks, num_warps
 
 
+def _bwd_launch_config(n_cols: int, compute_dw: bool) -> tuple[int, int, int, int]:
+    """The backward's (BLOCK_M, BLOCK_N, NUM_CHUNKS, num_warps): the forward's, except that with dw
+    (persistent programs, few per SM) one-chunk rows may take BWD_DW_ROWS rows and BWD_DW_WARPS
+    warps per iteration, so that each program keeps more loads in flight."""
+    block_m, block_n, num_chunks, num_warps = _launch_config(n_cols)
+    if compute_dw and num_chunks == 1:
+        if BWD_DW_ROWS is not None:
+            block_m = max(block_m, next_power_of_2(BWD_DW_ROWS))  # tl.arange needs a power of 2
+        if BWD_DW_WARPS is not None:
+            num_warps = BWD_DW_WARPS
+    return block_m, block_n, num_chunks, num_warps
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -319,7 +336,7 @@ class _RMSNormFunction(torch.autograd.Function):
         compute_dx, compute_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n_rows, n_cols = x_rows.shape
         dy_rows = _as_rows(dy, n_cols)
-        block_m, block_n, num_chunks, num_warps = _launch_config(n_cols)
+        block_m, block_n, num_chunks, num_warps = _bwd_launch_config(n_cols, compute_dw)
         n_row_blocks = triton.cdiv(n_rows, block_m)
         n_programs = _n_programs_for_dw(x_rows, n_row_blocks) if compute_dw else n_row_blocks
         dx = torch.empty(ctx.x_shape, dtype=x_rows.dtype, device=x_rows.device) if compute_dx else None
@@ -401,6 +418,7 @@ def compile_specs():
             grads = [(True, True), (True, False)] + ([(False, True)] if x_t == w_t and llama else [])
             grads = grads if num_chunks == 1 else grads[:1]
             for compute_dx, compute_dw in grads:
+                block_m, block_n, num_chunks, _ = _bwd_launch_config(n_cols, compute_dw)
                 sig = {
                     "dy_ptr": f"*{y_t}", "x_ptr": f"*{x_t}", "w_ptr": f"*{w_t}", "rstd_ptr": "*fp32",
                     "dx_ptr": f"*{x_t}", "dw_partial_ptr": "*fp32", "row_dot_ptr": "*fp32",

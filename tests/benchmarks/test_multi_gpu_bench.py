@@ -77,6 +77,36 @@ def test_refuses_without_two_gpus(tmp_path):
     assert not (tmp_path / "multi_gpu.json").exists()
 
 
+@pytest.mark.skipif(__import__("torch").cuda.device_count() >= 1, reason="checks the refusal without a GPU")
+def test_one_gpu_stages_ask_for_one_gpu(tmp_path):
+    """The checkpointing stage and a one-GPU profile need one GPU, not two."""
+    for stages, extra in (("checkpointing", []), ("profile", ["--profile-worlds", "1"])):
+        proc = subprocess.run([sys.executable, SCRIPT, "--out", str(tmp_path), "--stages", stages, *extra],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "needs 1 GPUs" in proc.stderr, proc.stderr
+
+
+def test_checkpointing_stage_compares_plain_and_offload_on_one_gpu(bench, tmp_path, monkeypatch):
+    calls, speeds = [], {"plain": iter([1000, 1100, 1050]), "offload": iter([900, 1080, 1000])}
+
+    def fake_finetune(cfg, gpus, name, work, timeout, entry=None, env_extra=None):
+        mode = cfg["train"]["gradient_checkpointing"]
+        calls.append((gpus, mode, cfg["train"]["grad_accum"]))
+        run = _run([next(speeds[mode])] * 3, [11.0, 10.5, 10.0], [1.0, 2.0, 3.0])
+        return dict(run, name=name, gpus=gpus, rc=0, seconds=1.0, log_tail=None)
+
+    monkeypatch.setattr(bench, "build_checkpoint", lambda shape, path: None)
+    monkeypatch.setattr(bench, "word_view", lambda path, vocab: str(tmp_path / "model"))
+    monkeypatch.setattr(bench, "finetune", fake_finetune)
+    result = bench.stage_checkpointing(str(tmp_path), str(tmp_path / "ckpt"), steps=2, warmup=1, grad_accum=8,
+                                       rounds=3)
+    assert [c[1] for c in calls] == ["plain", "offload", "offload", "plain", "plain", "offload"]
+    assert {c[0] for c in calls} == {1} and {c[2] for c in calls} == {8}
+    assert result["tokens_per_s_per_round"] == {"plain": [1000, 1100, 1050], "offload": [900, 1080, 1000]}
+    assert result["median"]["plain"]["tokens_per_s"] == 1050 and result["median"]["offload"]["tokens_per_s"] == 1000
+    assert result["offload_vs_plain"] == pytest.approx(1000 / 1050, abs=1e-3) and result["ok"]
+
+
 def test_profile_stage_runs_ddp_profile_with_its_window_at_the_last_boundary(bench, tmp_path, monkeypatch):
     launched = []
 

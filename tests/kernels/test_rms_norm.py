@@ -231,6 +231,26 @@ def test_chunked_path_for_wide_rows(kernel_mode, monkeypatch, casting):
     torch.testing.assert_close(wg.grad.double(), dw64, **TOL[torch.float16])
 
 
+@pytest.mark.parametrize("rows,warps", [(2, 8), (4, 16), (3, None)])
+def test_dw_backward_with_several_rows_per_iteration(kernel_mode, monkeypatch, rows, warps):
+    """The dw backward's launch shape (BWD_DW_ROWS rows per iteration; benchmarks/tune_rms_norm_bwd.py
+    sweeps it) gives the same gradients, also where the row count is not a multiple of it, and
+    leaves the frozen-weight backward's launch alone."""
+    kernel_mode("triton")
+    monkeypatch.setattr(M, "TILE_ELEMENTS", 64)  # one row per iteration by default, as at hidden 4096
+    monkeypatch.setattr(M, "BWD_DW_ROWS", rows)
+    monkeypatch.setattr(M, "BWD_DW_WARPS", warps)
+    assert M._launch_config(100)[0] == 1 and M._bwd_launch_config(100, True)[0] == {3: 4}.get(rows, rows)
+    assert M._bwd_launch_config(100, False) == M._launch_config(100)
+    assert M._bwd_launch_config(100, True)[3] == (warps or M._launch_config(100)[3])
+    for shape in [(11, 100), (2, 9, 576)]:
+        x, w, dy = _inputs(shape, torch.float32, seed=13)
+        _, dx, dw = _run(x, w, dy, 1e-6, 0.0)
+        _, dx64, dw64 = _fp64_reference(x, w, dy, 1e-6, 0.0)
+        torch.testing.assert_close(dx.double(), dx64, **TOL[torch.float32])
+        torch.testing.assert_close(dw.double(), dw64, **TOL[torch.float32])
+
+
 def test_non_contiguous_inputs(kernel_mode):
     kernel_mode("triton")
     g = _gen("noncontig")
