@@ -31,6 +31,9 @@ rank's micro-batch is one of the 1-GPU run's micro-batches.
 - ``checkpointing`` (one GPU): the one-GPU run with plain and with offloaded checkpointing,
   ``--rounds`` times each in alternating order: what offloading costs on one GPU, i.e. how far
   the ``auto`` default's speed-up stands from the like-for-like one.
+- ``gc`` (one GPU): the one-GPU run with the garbage collector's heap frozen for training (the
+  default) and without (``NBTUNE_GC_FREEZE=0``), in rounds likewise. Every run's timed steps
+  report the collector's pauses (``gc_ms_each``, ``gc_full``).
 
 No network: the checkpoints are built locally (CKPT_ROOT, default /tmp/ckpt); the tokenizers are
 whitespace word-level tokenizers ("w<i>" is token i), so the data are text rows of those words.
@@ -232,6 +235,9 @@ def speed(run: dict, warmup: int) -> dict:
     return dict(tokens_per_s=statistics.median(r["tokens_per_s"] for r in recs) if recs else None,
                 step_s=round(statistics.median(steps), 4) if steps else None, timed_steps=len(recs),
                 step_s_each=[round(x, 4) for x in steps],  # a slow run: every step, or some?
+                # the garbage collector's pauses in the timed steps (nbtune/train/gc_pause.py)
+                gc_ms_each=[r.get("gc_ms") for r in recs], gc_full=sum(r.get("gc_full") or 0 for r in recs),
+                gc_ms_per_step=round(statistics.mean(r.get("gc_ms") or 0.0 for r in recs), 1) if recs else None,
                 peak_reserved_gib=dist.get("peak_reserved_gib") or end.get("vram_peak_gib"))
 
 
@@ -380,34 +386,54 @@ def stage_contention(work: str, root: str, steps: int, warmup: int, grad_accum: 
                 ok=all(r["rc"] == 0 for runs in variants.values() for r in runs))
 
 
-def stage_checkpointing(work: str, root: str, steps: int, warmup: int, grad_accum: int = 8, rounds: int = 1) -> dict:
-    """What offloaded checkpointing costs on one GPU: the throughput stage's one-GPU run with
-    ``plain`` and with ``offload`` checkpointing, ``rounds`` times each in alternating order, the
-    median runs compared. It is the one-GPU half of the ``auto`` default (offload on one GPU, plain
-    under data parallelism), so it decides how far the default's speed-up differs from the
-    like-for-like one. Needs one GPU only."""
+def one_gpu_variants(work: str, root: str, steps: int, warmup: int, grad_accum: int, rounds: int,
+                     variants: dict) -> dict:
+    """The throughput stage's one-GPU run under each of ``variants`` ({label: (checkpointing mode,
+    extra environment)}), ``rounds`` times each in alternating order; the median runs compared with
+    the first variant's. Needs one GPU only."""
     model, vocab, build_s = llama3_8b_words(root)
     data = write_rows(os.path.join(work, "random-2048.jsonl"), random_rows(2 * grad_accum * (warmup + steps), vocab, 2100))
     train = dict(THROUGHPUT_TRAIN, max_steps=warmup + steps, grad_accum=grad_accum)
-    modes = ("plain", "offload")
-    runs = {m: [] for m in modes}
+    labels = list(variants)
+    runs = {label: [] for label in labels}
     for r in range(rounds):
-        for mode in (modes if r % 2 == 0 else modes[::-1]):
-            name = f"ckpt-{mode}" + (f"-r{r + 1}" if rounds > 1 else "")
-            runs[mode].append(finetune(run_config(model, data, 2048, train, LORA, os.path.join(work, name), mode),
-                                       1, name, work, 420))
-    medians = {m: median_run(runs[m], warmup)[1] for m in modes}
-    plain, offload = (medians[m]["tokens_per_s"] for m in modes)
+        for label in (labels if r % 2 == 0 else labels[::-1]):
+            mode, env = variants[label]
+            name = f"1gpu-{label}" + (f"-r{r + 1}" if rounds > 1 else "")
+            runs[label].append(finetune(run_config(model, data, 2048, train, LORA, os.path.join(work, name), mode),
+                                        1, name, work, 420, env_extra=env))
+    medians = {label: median_run(runs[label], warmup)[1] for label in labels}
+    base = medians[labels[0]]["tokens_per_s"]
     return dict(shape="llama3-8b", per_gpu_micro_batch="2x2048", grad_accum=grad_accum, rounds=rounds,
-                checkpoint_build_s=build_s, median=medians,
-                tokens_per_s_per_round={m: [speed(r, warmup)["tokens_per_s"] for r in runs[m]] for m in modes},
-                offload_vs_plain=round(offload / plain, 3) if plain and offload else None,
-                runs=[without_records(r) for m in modes for r in runs[m]],
-                ok=all(r["rc"] == 0 for m in modes for r in runs[m]))
+                checkpoint_build_s=build_s, variants={k: dict(checkpointing=m, env=e) for k, (m, e) in variants.items()},
+                median=medians,
+                tokens_per_s_per_round={label: [speed(r, warmup)["tokens_per_s"] for r in runs[label]] for label in labels},
+                vs_first={label: round(m["tokens_per_s"] / base, 3) if base and m["tokens_per_s"] else None
+                          for label, m in medians.items()},
+                runs=[without_records(r) for label in labels for r in runs[label]],
+                ok=all(r["rc"] == 0 for label in labels for r in runs[label]))
+
+
+def stage_checkpointing(work: str, root: str, steps: int, warmup: int, grad_accum: int = 8, rounds: int = 1,
+                        env: dict | None = None) -> dict:
+    """What offloaded checkpointing costs on one GPU: ``plain`` against ``offload`` (one_gpu_variants).
+    It is the one-GPU half of the ``auto`` default (offload on one GPU, plain under data
+    parallelism), so it decides how far the default's speed-up differs from the like-for-like one."""
+    return one_gpu_variants(work, root, steps, warmup, grad_accum, rounds,
+                            {"plain": ("plain", env or {}), "offload": ("offload", env or {})})
+
+
+def stage_gc(work: str, root: str, steps: int, warmup: int, grad_accum: int = 8, rounds: int = 1,
+             checkpointing: str = "plain") -> dict:
+    """What the garbage collector's full collections cost on one GPU: the heap frozen for training
+    (nbtune/train/gc_pause.py, the default) against ``NBTUNE_GC_FREEZE=0`` (one_gpu_variants)."""
+    return one_gpu_variants(work, root, steps, warmup, grad_accum, rounds,
+                            {"gc-unfrozen": (checkpointing, {"NBTUNE_GC_FREEZE": "0"}),
+                             "gc-frozen": (checkpointing, {"NBTUNE_GC_FREEZE": "1"})})
 
 
 # GPUs each stage needs (profile: the largest world it profiles)
-STAGE_GPUS = {"losses": WORLD, "throughput": WORLD, "contention": WORLD, "checkpointing": 1}
+STAGE_GPUS = {"losses": WORLD, "throughput": WORLD, "contention": WORLD, "checkpointing": 1, "gc": 1}
 
 
 def stage_profile(work: str, root: str, out: str, one_gpu_grad_accum: int = 8, checkpointing: str = "plain",
@@ -451,7 +477,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="/tmp/nbtune-multi-gpu-work", help="runs' outputs and logs (large)")
     ap.add_argument("--stages", default="losses,throughput",
                     help="comma-separated: losses, throughput, contention, profile (2 GPUs; profile with "
-                         "--profile-worlds 1 needs one), checkpointing (1 GPU)")
+                         "--profile-worlds 1 needs one), checkpointing, gc (1 GPU)")
     ap.add_argument("--steps", type=int, default=int(os.environ.get("STEPS", 10)))
     ap.add_argument("--warmup", type=int, default=int(os.environ.get("WARMUP", 3)))
     ap.add_argument("--one-gpu-grad-accum", type=int, default=2,
@@ -463,7 +489,7 @@ def main(argv=None) -> int:
                     help="throughput: train.gradient_checkpointing of both runs (default auto, the config's "
                          "default: offload on one GPU, plain under DDP where it fits)")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="throughput, checkpointing: run each side this many times, alternating the order; the median run of "
+                    help="throughput, checkpointing, gc: run each side this many times, alternating the order; the median run of "
                          "each side counts")
     ap.add_argument("--cpu-affinity", default="off", choices=("off", "node", "exclusive"),
                     help="throughput: NBTUNE_CPU_AFFINITY of both sides' runs (nbtune/train/cpu_affinity.py)")
@@ -507,8 +533,11 @@ def main(argv=None) -> int:
         elif stage == "checkpointing":
             result["stages"][stage] = stage_checkpointing(work, root, args.steps, args.warmup, args.one_gpu_grad_accum,
                                                           args.rounds)
+        elif stage == "gc":
+            result["stages"][stage] = stage_gc(work, root, args.steps, args.warmup, args.one_gpu_grad_accum,
+                                               args.rounds, "plain" if args.checkpointing == "auto" else args.checkpointing)
         else:
-            raise SystemExit(f"unknown stage {stage!r}: losses, throughput, contention, profile, checkpointing")
+            raise SystemExit(f"unknown stage {stage!r}: losses, throughput, contention, profile, checkpointing, gc")
         result["stages"][stage]["stage_s"] = round(time.time() - t0, 1)
         with open(out_json, "w") as f:
             json.dump(result, f, indent=1)
@@ -519,10 +548,11 @@ def main(argv=None) -> int:
         elif name == "contention":
             print(f"contention ({st['checkpointing']} checkpointing): tokens/s {st['tokens_per_s']}; vs solo "
                   f"{st['vs_solo']}; topology {st['topology']}")
-        elif name == "checkpointing":
-            print(f"checkpointing on 1 GPU (median of {st['rounds']}): plain {st['median']['plain']['tokens_per_s']} "
-                  f"tok/s, offload {st['median']['offload']['tokens_per_s']} tok/s -> offload/plain "
-                  f"{st['offload_vs_plain']}; per round {st['tokens_per_s_per_round']}")
+        elif name in ("checkpointing", "gc"):
+            print(f"{name} on 1 GPU (median of {st['rounds']}): "
+                  + ", ".join(f"{k} {m['tokens_per_s']} tok/s (gc {m['gc_ms_per_step']} ms/step)"
+                              for k, m in st["median"].items())
+                  + f"; vs the first {st['vs_first']}; per round {st['tokens_per_s_per_round']}")
         elif name == "losses":
             print(f"losses: max rel diff {st['max_rel_diff']} (tol {LOSS_RTOL}), same rows {st['same_rows']}, "
                   f"replicas identical {st['replicas_identical']} -> {'PASS' if st['ok'] else 'FAIL'}")

@@ -2,7 +2,8 @@
 
 A record holds: event, step, max_steps, loss, eval_loss (on evaluation steps), lr, grad_norm,
 tokens seen, tokens/s since the last record, VRAM allocated / reserved / peak (GiB, CUDA only),
-elapsed seconds and ETA. Events: ``start`` (with the GPU's capacity ``vram_total_gib``, the
+elapsed seconds and ETA, and what the ``fields`` providers add to train records (the garbage
+collector's pauses since the previous record, ``gc_ms`` / ``gc_full``: gc_pause.py). Events: ``start`` (with the GPU's capacity ``vram_total_gib``, the
 number of processes ``world_size``, the ``global_batch`` in rows per optimizer step, the
 ``gradient_checkpointing`` mode the run uses with its ``checkpointing_reason`` and, on a resumed
 run, ``resumed_from``), ``train``, ``eval``, ``summary`` (transformers' end-of-training
@@ -65,6 +66,7 @@ class MetricsStream(TrainerCallback):
         self._last = None  # (time, tokens) at the previous record
         self.resumed_from: int | None = None
         self.start_fields: dict = {}  # the run's own facts for the start record (e.g. its checkpointing mode)
+        self.fields: list[Callable[[], dict]] = []  # more fields for each train record (each called once per record)
 
     def on_train_begin(self, args, state, control, **kwargs):
         # on a resumed run transformers restores state.global_step after this event; the run
@@ -102,6 +104,8 @@ class MetricsStream(TrainerCallback):
             if dt > 0 and tokens > self._last[1]:
                 rec["tokens_per_s"] = round((tokens - self._last[1]) / dt, 1)
             self._last = (now, tokens)
+            for provider in self.fields:
+                rec.update(provider())
         rec["tokens"] = tokens
         rec.update(gpu_memory())
         if self._t0 is not None:

@@ -43,6 +43,7 @@ from .data import apply_chat_template_choice, prepare_data
 from .environment import check_bitsandbytes, cpu_note
 from .host_plan import HostPlannedCollator
 from .flops import ParameterCountOnce
+from .gc_pause import CollectorPauses
 from .metrics import MetricsStream, mean_train_loss, truncate_log
 from .oom import released_on_oom
 from .optimizer import register_embedding_overrides, sync_free
@@ -525,12 +526,14 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
     stream = MetricsStream(out / "metrics.jsonl", listeners, append=resume_from is not None, write=main)
     stream.resumed_from = start_step
     stream.start_fields = dict(gradient_checkpointing=checkpointing, checkpointing_reason=checkpointing_why)
+    pauses = CollectorPauses()
+    stream.fields.append(pauses.record_fields)
     interrupt = InterruptCallback()
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, notify=stream.emit)
     with _quiet_datasets():
         trainer = _trainer_class()(model=peft_model, args=sft_args(cfg, out, peft_model, data.eval is not None),
                                    train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
-                                   callbacks=[stream, interrupt, guard])
+                                   callbacks=[pauses, stream, interrupt, guard])
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     for noisy in (PrinterCallback, ProgressCallback):  # nbtune's own views show the metrics
@@ -551,6 +554,8 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
         checkpoint = save_after_keyboard_interrupt(trainer)
         interrupt.stopped_at = trainer.state.global_step
         print(f"nbtune: interrupted at step {trainer.state.global_step}", file=sys.stderr)
+    finally:
+        pauses.close()  # the heap unfrozen however training ended
     if guard.stopped_at is not None:  # NaN/inf steps in a row: keep the last good state, say why
         raise stop_diverged(guard, cfg, peft_model, tokenizer, out, latest_checkpoint(out), stream.emit, save=main)
     interrupted = interrupt.stopped_at is not None

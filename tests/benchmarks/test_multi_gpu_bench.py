@@ -42,10 +42,12 @@ def test_word_view_links_the_weights_and_adds_a_tokenizer(bench, tmp_path):
     assert not os.path.islink(os.path.join(view, "tokenizer.json"))
 
 
-def _run(tokens_per_s, losses, elapsed, identical=True, world=1):
+def _run(tokens_per_s, losses, elapsed, identical=True, world=1, gc_ms=None):
     recs = [{"event": "start", "step": 0, "world_size": world}]
     for i, (t, l, e) in enumerate(zip(tokens_per_s, losses, elapsed), 1):
         recs.append({"event": "train", "step": i, "loss": l, "tokens_per_s": t, "tokens": 4096 * i, "elapsed_s": e})
+        if gc_ms is not None:  # nbtune/train/gc_pause.py's fields
+            recs[-1].update(gc_ms=gc_ms[i - 1], gc_full=int(gc_ms[i - 1] > 100))
     recs.append({"event": "end", "step": len(losses), "vram_peak_gib": 7.0})
     if world > 1:
         recs.append({"event": "distributed", "replicas_identical": identical, "devices": ["cuda:0", "cuda:1"],
@@ -54,7 +56,7 @@ def _run(tokens_per_s, losses, elapsed, identical=True, world=1):
 
 
 def test_losses_and_speed_arithmetic(bench):
-    one = _run([900, 1000, 1000, 1010], [11.0, 10.5, 10.0, 9.5], [1.0, 2.0, 3.0, 4.0])
+    one = _run([900, 1000, 1000, 1010], [11.0, 10.5, 10.0, 9.5], [1.0, 2.0, 3.0, 4.0], gc_ms=[500.0, 2.0, 450.0, 1.0])
     two = _run([1800, 1950, 1960, 1990], [11.0, 10.52, 10.0, 9.5], [0.5, 1.0, 1.5, 2.0], world=2)
     cmp = bench.compare_losses(one, two)
     assert cmp["ok"] and cmp["same_rows"] and cmp["max_rel_diff"] == pytest.approx(0.02 / 10.5)
@@ -65,6 +67,8 @@ def test_losses_and_speed_arithmetic(bench):
     s1, s2 = bench.speed(one, warmup=1), bench.speed(two, warmup=1)
     assert s1["tokens_per_s"] == 1000 and s2["tokens_per_s"] == 1960 and s1["timed_steps"] == 3
     assert s1["step_s"] == pytest.approx(1.0) and s2["step_s"] == pytest.approx(0.5)
+    assert s1["gc_ms_each"] == [2.0, 450.0, 1.0] and s1["gc_full"] == 1 and s1["gc_ms_per_step"] == 151.0
+    assert s2["gc_ms_each"] == [None] * 3 and s2["gc_full"] == 0  # records without the fields
     assert s1["step_s_each"] == [1.0, 1.0, 1.0] and s2["step_s_each"] == [0.5, 0.5, 0.5]
     assert s1["peak_reserved_gib"] == 7.0 and s2["peak_reserved_gib"] == [7.1, 7.0]
 
@@ -104,7 +108,27 @@ def test_checkpointing_stage_compares_plain_and_offload_on_one_gpu(bench, tmp_pa
     assert {c[0] for c in calls} == {1} and {c[2] for c in calls} == {8}
     assert result["tokens_per_s_per_round"] == {"plain": [1000, 1100, 1050], "offload": [900, 1080, 1000]}
     assert result["median"]["plain"]["tokens_per_s"] == 1050 and result["median"]["offload"]["tokens_per_s"] == 1000
-    assert result["offload_vs_plain"] == pytest.approx(1000 / 1050, abs=1e-3) and result["ok"]
+    assert result["vs_first"] == {"plain": 1.0, "offload": pytest.approx(1000 / 1050, abs=1e-3)} and result["ok"]
+
+
+def test_gc_stage_compares_the_frozen_heap_with_nbtune_gc_freeze_0(bench, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_finetune(cfg, gpus, name, work, timeout, entry=None, env_extra=None):
+        calls.append((cfg["train"]["gradient_checkpointing"], env_extra))
+        frozen = env_extra["NBTUNE_GC_FREEZE"] == "1"
+        run = _run([1100 if frozen else 1000] * 3, [11.0, 10.5, 10.0], [1.0, 2.0, 3.0],
+                   gc_ms=[3.0] * 3 if frozen else [3.0, 400.0, 3.0])
+        return dict(run, name=name, gpus=gpus, rc=0, seconds=1.0, log_tail=None)
+
+    monkeypatch.setattr(bench, "build_checkpoint", lambda shape, path: None)
+    monkeypatch.setattr(bench, "word_view", lambda path, vocab: str(tmp_path / "model"))
+    monkeypatch.setattr(bench, "finetune", fake_finetune)
+    result = bench.stage_gc(str(tmp_path), str(tmp_path / "ckpt"), steps=2, warmup=0, grad_accum=8, rounds=2)
+    assert calls == [("plain", {"NBTUNE_GC_FREEZE": "0"}), ("plain", {"NBTUNE_GC_FREEZE": "1"}),
+                     ("plain", {"NBTUNE_GC_FREEZE": "1"}), ("plain", {"NBTUNE_GC_FREEZE": "0"})]
+    assert result["vs_first"] == {"gc-unfrozen": 1.0, "gc-frozen": 1.1}
+    assert result["median"]["gc-unfrozen"]["gc_full"] == 1 and result["median"]["gc-frozen"]["gc_full"] == 0
 
 
 def test_profile_stage_runs_ddp_profile_with_its_window_at_the_last_boundary(bench, tmp_path, monkeypatch):
