@@ -288,7 +288,7 @@ def stage_losses(work: str, root: str) -> dict:
 
 def stage_throughput(work: str, root: str, steps: int, warmup: int, one_gpu_grad_accum: int = 2,
                      two_gpu_grad_accum: int | None = None, checkpointing: str = "auto", rounds: int = 1,
-                     cpu_affinity: str = "off") -> dict:
+                     cpu_affinity: str = "off", env: dict | None = None) -> dict:
     shape = "llama3-8b"
     model, vocab, build_s = llama3_8b_words(root)
     if two_gpu_grad_accum is None:  # the same global batch
@@ -304,7 +304,7 @@ def stage_throughput(work: str, root: str, steps: int, warmup: int, one_gpu_grad
             name = f"8b-{gpus}gpu" + (f"-r{r + 1}" if rounds > 1 else "")
             runs[gpus].append(finetune(run_config(model, data, 2048, dict(base, grad_accum=accum), LORA,
                                                   os.path.join(work, name), checkpointing), gpus, name, work, 420,
-                                          env_extra={"NBTUNE_CPU_AFFINITY": cpu_affinity}))
+                                          env_extra={"NBTUNE_CPU_AFFINITY": cpu_affinity, **(env or {})}))
     (one, s1), (two, s2) = median_run(runs[1], warmup), median_run(runs[WORLD], warmup)
     ratio = s2["tokens_per_s"] / s1["tokens_per_s"] if s1["tokens_per_s"] and s2["tokens_per_s"] else None
     planned = None
@@ -319,6 +319,7 @@ def stage_throughput(work: str, root: str, steps: int, warmup: int, one_gpu_grad
         planned = f"no plan: {e}"
     same_global = one_gpu_grad_accum == WORLD * two_gpu_grad_accum
     return dict(shape=shape, per_gpu_micro_batch="2x2048", checkpointing=checkpointing, cpu_affinity=cpu_affinity,
+                env=env or {},
                 global_batch_rows=[2 * one_gpu_grad_accum, 2 * WORLD * two_gpu_grad_accum],
                 grad_accum=[one_gpu_grad_accum, two_gpu_grad_accum], checkpoint_build_s=build_s,
                 one_gpu=s1, two_gpus=s2, speedup=round(ratio, 3) if ratio else None, target=TARGET_SPEEDUP,
@@ -493,11 +494,17 @@ def main(argv=None) -> int:
                          "each side counts")
     ap.add_argument("--cpu-affinity", default="off", choices=("off", "node", "exclusive"),
                     help="throughput: NBTUNE_CPU_AFFINITY of both sides' runs (nbtune/train/cpu_affinity.py)")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="throughput, checkpointing: more environment for every run (e.g. NBTUNE_GC_FREEZE=0)")
     ap.add_argument("--profile-worlds", default=f"1,{WORLD}",
                     help="profile: the runs to profile, by number of GPUs (e.g. 2: the data-parallel run only)")
     ap.add_argument("--profile-repeats", type=int, default=1,
                     help="profile: profile each run this many times (into OUT/r1, OUT/r2, ...)")
     args = ap.parse_args(argv)
+    bad = [e for e in args.env if "=" not in e]
+    if bad:
+        ap.error(f"--env takes KEY=VALUE, not {bad[0]!r}")
+    env = dict(e.split("=", 1) for e in args.env)
     import torch
 
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -522,7 +529,7 @@ def main(argv=None) -> int:
         elif stage == "throughput":
             result["stages"][stage] = stage_throughput(work, root, args.steps, args.warmup, args.one_gpu_grad_accum,
                                                        args.two_gpu_grad_accum, args.checkpointing, args.rounds,
-                                                       args.cpu_affinity)
+                                                       args.cpu_affinity, env)
         elif stage == "contention":
             result["stages"][stage] = stage_contention(work, root, args.steps, args.warmup, args.one_gpu_grad_accum,
                                                        "plain" if args.checkpointing == "auto" else args.checkpointing)
@@ -532,7 +539,7 @@ def main(argv=None) -> int:
                                                     worlds, args.steps, args.profile_repeats)
         elif stage == "checkpointing":
             result["stages"][stage] = stage_checkpointing(work, root, args.steps, args.warmup, args.one_gpu_grad_accum,
-                                                          args.rounds)
+                                                          args.rounds, env)
         elif stage == "gc":
             result["stages"][stage] = stage_gc(work, root, args.steps, args.warmup, args.one_gpu_grad_accum,
                                                args.rounds, "plain" if args.checkpointing == "auto" else args.checkpointing)
