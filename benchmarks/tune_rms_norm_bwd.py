@@ -4,7 +4,8 @@
 
 The dw path runs persistent programs that each accumulate an fp32 partial row of dw
 (kernels/rms_norm.py): how many per SM (BWD_PROGRAMS_PER_SM), how many rows each takes per loop
-iteration (BWD_DW_ROWS) and with how many warps (BWD_DW_WARPS) decide how many loads are in flight.
+iteration (BWD_DW_ROWS), with how many warps (BWD_DW_WARPS) and whether Triton pipelines the loop
+(BWD_DW_STAGES) decide how many loads are in flight.
 For each setting: the forward+backward's GPU time (CUDA-graph replay, as benchmarks/kernels.py
 times the "fwd+bwd trainable w" case), its share of the measured copy bandwidth for the same bytes,
 and dx/dw's largest error against the plain-torch reference in fp32 (every setting must give the
@@ -37,10 +38,11 @@ _BENCH = _kernel_bench()
 DTYPES, measure_copy_bandwidth = _BENCH.DTYPES, _BENCH.measure_copy_bandwidth
 
 
-def settings(programs=(1, 2), rows=(1, 4, 8, 16), warps=(4, 8, 16, 32)):
-    """(programs per SM, rows per iteration, warps) to time. (A first sweep on the H200 also had 4
-    programs per SM and 2 rows: never faster than 1 or 2 programs with 4 rows.)"""
-    return list(itertools.product(programs, rows, warps))
+def settings(programs=(1, 2), rows=(1, 2, 4), warps=(8,), stages=(1, 2, 3)):
+    """(programs per SM, rows per iteration, warps, pipeline stages) to time. (Earlier sweeps on the
+    H200 also had 4 programs per SM, 8 and 16 rows, 4, 16 and 32 warps: never faster than 1 program
+    with 4 rows and 8 warps; 16 warps within 1%.)"""
+    return list(itertools.product(programs, rows, warps, stages))
 
 
 def run(tokens: int, hidden: int, dtype: torch.dtype, grid=None) -> dict:
@@ -59,22 +61,23 @@ def run(tokens: int, hidden: int, dtype: torch.dtype, grid=None) -> dict:
     def step():
         return torch.autograd.grad(mod.rms_norm(x, w, 1e-5), (x, w), dy)
 
-    saved = (mod.BWD_PROGRAMS_PER_SM, mod.BWD_DW_ROWS, mod.BWD_DW_WARPS)
+    saved = (mod.BWD_PROGRAMS_PER_SM, mod.BWD_DW_ROWS, mod.BWD_DW_WARPS, mod.BWD_DW_STAGES)
     rows = []
     try:
-        for programs, block_rows, warps in grid or settings():
-            mod.BWD_PROGRAMS_PER_SM, mod.BWD_DW_ROWS, mod.BWD_DW_WARPS = programs, block_rows, warps
+        for programs, block_rows, warps, stages in grid or settings():
+            mod.BWD_PROGRAMS_PER_SM, mod.BWD_DW_ROWS, mod.BWD_DW_WARPS, mod.BWD_DW_STAGES = (programs, block_rows,
+                                                                                           warps, stages)
             dx, dw = step()
             err = [float(((a.float() - r).abs().max() / r.abs().max()).item()) for a, r in ((dx, ref[0]), (dw, ref[1]))]
             ms = triton.testing.do_bench_cudagraph(step, rep=100, return_mode="median")
             gbs = moved / (ms * 1e-3) / 1e9
-            rows.append(dict(programs_per_sm=programs, rows=block_rows, warps=warps, gpu_ms=round(ms, 4),
+            rows.append(dict(programs_per_sm=programs, rows=block_rows, warps=warps, stages=stages, gpu_ms=round(ms, 4),
                              pct_copy_bw=round(100 * gbs / copy_gbs, 1), dx_rel_err=err[0], dw_rel_err=err[1]))
     finally:
-        mod.BWD_PROGRAMS_PER_SM, mod.BWD_DW_ROWS, mod.BWD_DW_WARPS = saved
+        mod.BWD_PROGRAMS_PER_SM, mod.BWD_DW_ROWS, mod.BWD_DW_WARPS, mod.BWD_DW_STAGES = saved
     rows.sort(key=lambda r: r["gpu_ms"])
     return dict(gpu=torch.cuda.get_device_name(0), tokens=tokens, hidden=hidden, dtype=str(dtype).split(".")[-1],
-                copy_gb_s=round(copy_gbs), current=dict(zip(("programs_per_sm", "rows", "warps"), saved)), rows=rows)
+                copy_gb_s=round(copy_gbs), current=dict(zip(("programs_per_sm", "rows", "warps", "stages"), saved)), rows=rows)
 
 
 def main(argv=None) -> int:
@@ -87,10 +90,10 @@ def main(argv=None) -> int:
     result = run(args.tokens, args.hidden, DTYPES[args.dtype])
     print(f"# {result['gpu']} {args.tokens}x{args.hidden} {args.dtype}: copy {result['copy_gb_s']:,} GB/s; "
           f"module setting {result['current']}")
-    print("| programs/SM | rows | warps | GPU ms | % copy BW | dx err | dw err |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| programs/SM | rows | warps | stages | GPU ms | % copy BW | dx err | dw err |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in result["rows"]:
-        print(f"| {r['programs_per_sm']} | {r['rows']} | {r['warps']} | {r['gpu_ms']} | {r['pct_copy_bw']} | "
+        print(f"| {r['programs_per_sm']} | {r['rows']} | {r['warps']} | {r['stages']} | {r['gpu_ms']} | {r['pct_copy_bw']} | "
               f"{r['dx_rel_err']:.1e} | {r['dw_rel_err']:.1e} |")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "tune-rms-norm-bwd.json"), "w") as f:

@@ -60,10 +60,12 @@ TILE_ELEMENTS = 4096
 # The backward that accumulates dw runs persistent programs (each writes one fp32 partial row of
 # dw): this many per SM, each taking BWD_DW_ROWS rows per loop iteration with BWD_DW_WARPS warps
 # (None: the forward's rows and warps). Module-level so benchmarks/tune_rms_norm_bwd.py can sweep them.
-# H200, 4096 x 4096 bf16 fwd+bwd: 1 / 4 / 8 took 0.0573 ms, the previous 2 / (1) / (8) 0.0602 ms.
+# BWD_DW_STAGES > 1 software-pipelines the persistent loop. H200, 4096 x 4096 bf16 fwd+bwd: 1 / 4 / 8
+# took 0.0573-0.0576 ms in two sweeps, the previous 2 / (1) / (8) 0.0602-0.0607 ms.
 BWD_PROGRAMS_PER_SM = 1
 BWD_DW_ROWS = 4
 BWD_DW_WARPS = 8
+BWD_DW_STAGES = 1
 
 CASTINGS = ("llama", "gemma")
 
@@ -158,12 +160,14 @@ if HAS_TRITON:
         offset,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_CHUNKS: tl.constexpr,
         LLAMA_CASTING: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr,
+        NUM_STAGES: tl.constexpr = 1,
     ):
         """dx = rstd * (g - x_hat * mean(x_hat * g)), g = (w + offset) * dy; dw partials per program.
 
         A persistent loop: program p handles row blocks p, p + P, p + 2P, ... (P = programs) and,
         when COMPUTE_DW, sums dy * x_hat over them in fp32 registers, then writes one row of
-        ``dw_partial`` [P, n_cols]; the host sums the P rows. With COMPUTE_DW off the host launches
+        ``dw_partial`` [P, n_cols]; the host sums the P rows. NUM_STAGES > 1 asks Triton to pipeline
+        that loop (the next row block's loads issued while this one is computed). With COMPUTE_DW off the host launches
         one program per row block and no partials exist at all.
 
         NUM_CHUNKS > 1 (very wide rows): pass 1 computes mean(x_hat * g) per row into the fp32
@@ -180,7 +184,7 @@ if HAS_TRITON:
             col_mask = col_in_block < n_cols
             w = tl.load(w_ptr + col_in_block, mask=col_mask, other=0.0).to(tl.float32) + offset
             dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for row_block in range(pid, n_row_blocks, n_programs):
+            for row_block in tl.range(pid, n_row_blocks, n_programs, num_stages=NUM_STAGES):
                 rows = row_block * BLOCK_M + row_in_block
                 row_mask = rows < n_rows
                 rows64 = rows.to(tl.int64)[:, None]
@@ -356,6 +360,7 @@ class _RMSNormFunction(torch.autograd.Function):
             ctx.offset,
             BLOCK_M=block_m, BLOCK_N=block_n, NUM_CHUNKS=num_chunks,
             LLAMA_CASTING=ctx.llama_casting, COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw,
+            NUM_STAGES=BWD_DW_STAGES if compute_dw and num_chunks == 1 else 1,
             num_warps=num_warps,
         )
         dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
@@ -427,9 +432,11 @@ def compile_specs():
                     "dx_row_stride": "i32", "offset": "fp32",
                     "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "NUM_CHUNKS": "constexpr",
                     "LLAMA_CASTING": "constexpr", "COMPUTE_DX": "constexpr", "COMPUTE_DW": "constexpr",
+                    "NUM_STAGES": "constexpr",
                 }
                 cx = dict(BLOCK_M=block_m, BLOCK_N=block_n, NUM_CHUNKS=num_chunks, LLAMA_CASTING=llama,
-                          COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw)
+                          COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw,
+                          NUM_STAGES=BWD_DW_STAGES if compute_dw and num_chunks == 1 else 1)
                 specs.append(CompileSpec(f"rms_norm_bwd[{tag},N={n_cols},dx={int(compute_dx)},dw={int(compute_dw)}]",
                                          _rms_norm_bwd_kernel, sig, cx, targets))
     return specs

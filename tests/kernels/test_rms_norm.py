@@ -231,8 +231,8 @@ def test_chunked_path_for_wide_rows(kernel_mode, monkeypatch, casting):
     torch.testing.assert_close(wg.grad.double(), dw64, **TOL[torch.float16])
 
 
-@pytest.mark.parametrize("rows,warps", [(2, 8), (4, 16), (3, None)])
-def test_dw_backward_with_several_rows_per_iteration(kernel_mode, monkeypatch, rows, warps):
+@pytest.mark.parametrize("rows,warps,stages", [(2, 8, 1), (4, 16, 2), (3, None, 3)])
+def test_dw_backward_with_several_rows_per_iteration(kernel_mode, monkeypatch, rows, warps, stages):
     """The dw backward's launch shape (BWD_DW_ROWS rows per iteration; benchmarks/tune_rms_norm_bwd.py
     sweeps it) gives the same gradients, also where the row count is not a multiple of it, and
     leaves the frozen-weight backward's launch alone."""
@@ -240,6 +240,7 @@ def test_dw_backward_with_several_rows_per_iteration(kernel_mode, monkeypatch, r
     monkeypatch.setattr(M, "TILE_ELEMENTS", 64)  # one row per iteration by default, as at hidden 4096
     monkeypatch.setattr(M, "BWD_DW_ROWS", rows)
     monkeypatch.setattr(M, "BWD_DW_WARPS", warps)
+    monkeypatch.setattr(M, "BWD_DW_STAGES", stages)
     assert M._launch_config(100)[0] == 1 and M._bwd_launch_config(100, True)[0] == {3: 4}.get(rows, rows)
     assert M._bwd_launch_config(100, False) == M._launch_config(100)
     assert M._bwd_launch_config(100, True)[3] == (warps or M._launch_config(100)[3])
