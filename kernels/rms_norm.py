@@ -60,12 +60,13 @@ TILE_ELEMENTS = 4096
 # The backward that accumulates dw runs persistent programs (each writes one fp32 partial row of
 # dw): this many per SM, each taking BWD_DW_ROWS rows per loop iteration with BWD_DW_WARPS warps
 # (None: the forward's rows and warps). Module-level so benchmarks/tune_rms_norm_bwd.py can sweep them.
-# BWD_DW_STAGES > 1 software-pipelines the persistent loop. H200, 4096 x 4096 bf16 fwd+bwd: 1 / 4 / 8
-# took 0.0573-0.0576 ms in two sweeps, the previous 2 / (1) / (8) 0.0602-0.0607 ms.
+# BWD_DW_STAGES > 1 software-pipelines the persistent loop. H200, 4096 x 4096 bf16 fwd+bwd (GPU ms,
+# benchmarks/results/tune-rms-norm-bwd-*.json): 1 program / 2 rows / 8 warps / 3 stages 0.0529 (74%
+# of copy bandwidth); unpipelined, 1 / 4 / 8 took 0.0573-0.0576 and the earlier 2 / (1) / (8) 0.0602-0.0607.
 BWD_PROGRAMS_PER_SM = 1
-BWD_DW_ROWS = 4
+BWD_DW_ROWS = 2
 BWD_DW_WARPS = 8
-BWD_DW_STAGES = 1
+BWD_DW_STAGES = 3
 
 CASTINGS = ("llama", "gemma")
 
