@@ -31,8 +31,8 @@ rank's micro-batch is one of the 1-GPU run's micro-batches.
 - ``checkpointing`` (one GPU): the one-GPU run with plain and with offloaded checkpointing,
   ``--rounds`` times each in alternating order: what offloading costs on one GPU, i.e. how far
   the ``auto`` default's speed-up stands from the like-for-like one.
-- ``gc`` (one GPU): the one-GPU run with the garbage collector's heap frozen for training (the
-  default) and without (``NBTUNE_GC_FREEZE=0``), in rounds likewise. Every run's timed steps
+- ``gc`` (one GPU): the one-GPU run as it is (the default) and with the garbage collector's heap
+  frozen for training (``NBTUNE_GC_FREEZE=1``), in rounds likewise. Every run's timed steps
   report the collector's pauses (``gc_ms_each``, ``gc_full``).
 
 No network: the checkpoints are built locally (CKPT_ROOT, default /tmp/ckpt); the tokenizers are
@@ -426,8 +426,8 @@ def stage_checkpointing(work: str, root: str, steps: int, warmup: int, grad_accu
 
 def stage_gc(work: str, root: str, steps: int, warmup: int, grad_accum: int = 8, rounds: int = 1,
              checkpointing: str = "plain") -> dict:
-    """What the garbage collector's full collections cost on one GPU: the heap frozen for training
-    (nbtune/train/gc_pause.py, the default) against ``NBTUNE_GC_FREEZE=0`` (one_gpu_variants)."""
+    """What the garbage collector's full collections cost on one GPU: the default (``NBTUNE_GC_FREEZE=0``)
+    against the heap frozen for training (``=1``, nbtune/train/gc_pause.py) (one_gpu_variants)."""
     return one_gpu_variants(work, root, steps, warmup, grad_accum, rounds,
                             {"gc-unfrozen": (checkpointing, {"NBTUNE_GC_FREEZE": "0"}),
                              "gc-frozen": (checkpointing, {"NBTUNE_GC_FREEZE": "1"})})
