@@ -326,6 +326,7 @@ def stage_throughput(work: str, root: str, steps: int, warmup: int, one_gpu_grad
                 planner_peak_gib_per_gpu=planned, losses=compare_losses(one, two) if same_global else None,
                 rounds=rounds, tokens_per_s_per_round=[[speed(r, warmup)["tokens_per_s"] for r in runs[g]]
                                                        for g in (1, WORLD)],
+                gc_full_per_round=[[speed(r, warmup)["gc_full"] for r in runs[g]] for g in (1, WORLD)],
                 runs=[without_records(r) for r in runs[1] + runs[WORLD]],
                 ok=bool(ratio and ratio >= TARGET_SPEEDUP
                         and all(r["rc"] == 0 for r in runs[1] + runs[WORLD])))
@@ -409,6 +410,7 @@ def one_gpu_variants(work: str, root: str, steps: int, warmup: int, grad_accum: 
                 checkpoint_build_s=build_s, variants={k: dict(checkpointing=m, env=e) for k, (m, e) in variants.items()},
                 median=medians,
                 tokens_per_s_per_round={label: [speed(r, warmup)["tokens_per_s"] for r in runs[label]] for label in labels},
+                gc_full_per_round={label: [speed(r, warmup)["gc_full"] for r in runs[label]] for label in labels},
                 vs_first={label: round(m["tokens_per_s"] / base, 3) if base and m["tokens_per_s"] else None
                           for label, m in medians.items()},
                 runs=[without_records(r) for label in labels for r in runs[label]],

@@ -8,9 +8,9 @@ its backward, long enough to be promoted, so the collector's own thresholds star
 every few optimizer steps. A step that takes one would be longer by its length, and under data
 parallelism each rank's pause would hold up the other ranks at the next all-reduce.
 
-Measured, that does not happen in nbtune's runs (benchmarks/NOTES.md, session 8): no full
-collection in the timed steps of llama3-8b 8x2x2048 on an H200 (14-17 ms of young-generation
-collections per ~3 s step), nor in 80 steps of the embedded 135M model on a CPU. So:
+Measured, it did not happen in nbtune's runs (benchmarks/NOTES.md, session 8): no full collection in
+the timed steps of four llama3-8b 8x2x2048 runs on an H200 (13-17 ms of young-generation collections
+per ~3 s step), nor in 80 steps of the embedded 135M model on a CPU. So:
 
 - :class:`CollectorPauses` times every collection (``gc.callbacks``) and gives, for the metrics
   records, the pause time since the previous record (``gc_ms``) and the number of full collections

@@ -129,6 +129,7 @@ def test_gc_stage_compares_the_frozen_heap_with_nbtune_gc_freeze_0(bench, tmp_pa
                      ("plain", {"NBTUNE_GC_FREEZE": "1"}), ("plain", {"NBTUNE_GC_FREEZE": "0"})]
     assert result["vs_first"] == {"gc-unfrozen": 1.0, "gc-frozen": 1.1}
     assert result["median"]["gc-unfrozen"]["gc_full"] == 1 and result["median"]["gc-frozen"]["gc_full"] == 0
+    assert result["gc_full_per_round"] == {"gc-unfrozen": [1, 1], "gc-frozen": [0, 0]}  # every run, not the medians only
 
 
 def test_profile_stage_runs_ddp_profile_with_its_window_at_the_last_boundary(bench, tmp_path, monkeypatch):
