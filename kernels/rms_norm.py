@@ -168,8 +168,8 @@ if HAS_TRITON:
         A persistent loop: program p handles row blocks p, p + P, p + 2P, ... (P = programs) and,
         when COMPUTE_DW, sums dy * x_hat over them in fp32 registers, then writes one row of
         ``dw_partial`` [P, n_cols]; the host sums the P rows. NUM_STAGES > 1 asks Triton to pipeline
-        that loop (the next row block's loads issued while this one is computed). With COMPUTE_DW off the host launches
-        one program per row block and no partials exist at all.
+        that loop (the next row block's loads issued while this one is computed). With COMPUTE_DW
+        off the host launches one program per row block and no partials exist at all.
 
         NUM_CHUNKS > 1 (very wide rows): pass 1 computes mean(x_hat * g) per row into the fp32
         scratch ``row_dot``; pass 2 walks the columns chunk by chunk (outer) over the program's

@@ -1,12 +1,12 @@
 """Python's cyclic garbage collector during training: count its pauses, and (opt-in) keep full collections short.
 
 A full (generation 2) collection walks every container object the interpreter tracks. With torch,
-transformers, peft, TRL and datasets imported and a model loaded that is ~0.5 million objects and
-~0.25-0.45 s per collection (measured: 240 ms on the CI-class CPU after the imports alone). During
-training the autograd contexts and saved-tensor wrappers of each micro-batch live from its forward to
-its backward, long enough to be promoted, so the collector's own thresholds start full collections
-every few optimizer steps. A step that takes one would be longer by its length, and under data
-parallelism each rank's pause would hold up the other ranks at the next all-reduce.
+transformers, peft, TRL and datasets imported that is ~0.5 million objects: 240 ms per collection on
+the CI-class CPU, before any model is loaded. The autograd contexts and saved-tensor wrappers of a
+micro-batch live from its forward to its backward, long enough to be promoted, so the collector's
+own thresholds could start full collections during training. A step that took one would be longer
+by its length, and under data parallelism each rank's pause would hold up the other ranks at the
+next all-reduce.
 
 Measured, it did not happen in nbtune's runs (benchmarks/NOTES.md, session 8): no full collection in
 the timed steps of four llama3-8b 8x2x2048 runs on an H200 (13-17 ms of young-generation collections

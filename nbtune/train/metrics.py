@@ -3,10 +3,10 @@
 A record holds: event, step, max_steps, loss, eval_loss (on evaluation steps), lr, grad_norm,
 tokens seen, tokens/s since the last record, VRAM allocated / reserved / peak (GiB, CUDA only),
 elapsed seconds and ETA, and what the ``fields`` providers add to train records (the garbage
-collector's pauses since the previous record, ``gc_ms`` / ``gc_full``: gc_pause.py). Events: ``start`` (with the GPU's capacity ``vram_total_gib``, the
-number of processes ``world_size``, the ``global_batch`` in rows per optimizer step, the
-``gradient_checkpointing`` mode the run uses with its ``checkpointing_reason`` and, on a resumed
-run, ``resumed_from``), ``train``, ``eval``, ``summary`` (transformers' end-of-training
+collector's pauses since the previous record, ``gc_ms`` / ``gc_full``: gc_pause.py). Events:
+``start`` (with the GPU's capacity ``vram_total_gib``, the number of processes ``world_size``,
+the ``global_batch`` in rows per optimizer step, the ``gradient_checkpointing`` mode the run uses
+with its ``checkpointing_reason`` and, on a resumed run, ``resumed_from``), ``train``, ``eval``, ``summary`` (transformers' end-of-training
 totals), ``interrupted`` (a stop asked for by the user, with the checkpoint it saved), ``end``
 and, in a data-parallel run, ``distributed`` (whether the ranks' LoRA weights agree at the end).
 In a data-parallel run only rank 0 writes the file and has listeners; its losses and token
