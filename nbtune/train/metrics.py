@@ -8,7 +8,8 @@ collector's pauses since the previous record, ``gc_ms`` / ``gc_full``: gc_pause.
 the ``global_batch`` in rows per optimizer step, the ``gradient_checkpointing`` mode the run uses
 with its ``checkpointing_reason`` and, on a resumed run, ``resumed_from``), ``train``, ``eval``,
 ``summary`` (transformers' end-of-training totals), ``interrupted`` (a stop asked for by the user,
-with the checkpoint it saved), ``end`` and, in a data-parallel run, ``distributed`` (whether the ranks' LoRA weights agree at the end).
+with the checkpoint it saved), ``end`` and, in a data-parallel run, ``distributed`` (whether the
+ranks' LoRA weights agree at the end).
 In a data-parallel run only rank 0 writes the file and has listeners; its losses and token
 counts are gathered over all ranks by the Trainer, its VRAM figures are its own GPU's.
 Listeners (the dashboard, the terminal progress line) receive each record as it is written; a
