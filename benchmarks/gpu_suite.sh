@@ -12,6 +12,7 @@
 #                          ROWS: ids, globs or aliases (main, t4, all), comma-separated (default all);
 #                          PEERS: e.g. nbtune,unsloth (default hf,unsloth,nbtune)
 #                          -> $OUT/models-<stamp>.json, $OUT/models.log, $OUT/RESULTS.md
+#   tune                   python3 benchmarks/tune_rms_norm_bwd.py (RMSNorm dw backward's launch shape) -> $OUT/tune-rms-norm-bwd.json
 #   multigpu[:STAGES]      python3 benchmarks/multi_gpu.py --stages STAGES (losses,throughput,contention,profile need 2 GPUs:
 #                          the 2 x H200 machine; checkpointing and profile --profile-worlds 1 need one) -> $OUT/multi_gpu.json
 # Before them (always): carried wheels .whl/*.whl (from ../shared/device/fetch-wheels.sh [--peer] and
@@ -157,6 +158,10 @@ stage_profile() {
     > >(tee "$OUT/$name")
 }
 
+stage_tune() {
+  run_stage tune $PY benchmarks/tune_rms_norm_bwd.py --out "$OUT"
+}
+
 stage_multigpu() {
   local stages=${1:-losses,throughput}
   # shellcheck disable=SC2086
@@ -179,9 +184,10 @@ main() {
       models|models:*)
         IFS=: read -r _ rows peers <<<"$stage"
         stage_models "${rows:-all}" "${peers:-hf,unsloth,nbtune}" ;;
+      tune) stage_tune ;;
       multigpu) stage_multigpu "" ;;
       multigpu:*) stage_multigpu "${stage#multigpu:}" ;;
-      *) note "$stage" "UNKNOWN stage (tests, kernels, profile, models, multigpu)" 0 ;;
+      *) note "$stage" "UNKNOWN stage (tests, kernels, profile, models, tune, multigpu)" 0 ;;
     esac
   done
   echo; echo "===== summary (${SECONDS}s of ${BUDGET}s)"
