@@ -39,8 +39,8 @@ No network: the checkpoints are built locally (CKPT_ROOT, default /tmp/ckpt); th
 whitespace word-level tokenizers ("w<i>" is token i), so the data are text rows of those words.
 Writes ``multi_gpu.json`` to --out (default $OUT, else /tmp/nbtune-multi-gpu; a failed run's log
 tail is in it); the runs' outputs and logs stay in --work (/tmp/nbtune-multi-gpu-work). Exits 1
-when a run fails or a target is missed, 2 without the GPUs the stages need. About 5-7 minutes on 2 x H200 (the 8B checkpoint
-build, ~1-2 minutes, is skipped when CKPT_ROOT already has it).
+when a run fails or a target is missed, 2 without the GPUs the stages need. About 5-7 minutes on
+2 x H200 (the 8B checkpoint build, ~1-2 minutes, is skipped when CKPT_ROOT already has it).
 """
 from __future__ import annotations
 
@@ -492,12 +492,12 @@ def main(argv=None) -> int:
                     help="throughput: train.gradient_checkpointing of both runs (default auto, the config's "
                          "default: offload on one GPU, plain under DDP where it fits)")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="throughput, checkpointing, gc: run each side this many times, alternating the order; the median run of "
-                         "each side counts")
+                    help="throughput, checkpointing, gc: run each side this many times, alternating the order; "
+                         "the median run of each side counts")
     ap.add_argument("--cpu-affinity", default="off", choices=("off", "node", "exclusive"),
                     help="throughput: NBTUNE_CPU_AFFINITY of both sides' runs (nbtune/train/cpu_affinity.py)")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                    help="throughput, checkpointing: more environment for every run (e.g. NBTUNE_GC_FREEZE=0)")
+                    help="throughput, checkpointing: more environment for every run (e.g. NBTUNE_GC_FREEZE=1)")
     ap.add_argument("--profile-worlds", default=f"1,{WORLD}",
                     help="profile: the runs to profile, by number of GPUs (e.g. 2: the data-parallel run only)")
     ap.add_argument("--profile-repeats", type=int, default=1,
