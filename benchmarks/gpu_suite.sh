@@ -14,7 +14,7 @@
 #                          -> $OUT/models-<stamp>.json, $OUT/models.log, $OUT/RESULTS.md
 #   tune                   python3 benchmarks/tune_rms_norm_bwd.py (RMSNorm dw backward's launch shape) -> $OUT/tune-rms-norm-bwd.json
 #   multigpu[:STAGES]      python3 benchmarks/multi_gpu.py --stages STAGES (losses,throughput,contention,profile need 2 GPUs:
-#                          the 2 x H200 machine; checkpointing and profile --profile-worlds 1 need one) -> $OUT/multi_gpu.json
+#                          the 2 x H200 machine; checkpointing, gc and profile --profile-worlds 1 need one) -> $OUT/multi_gpu.json
 # Before them (always): carried wheels .whl/*.whl (from ../shared/device/fetch-wheels.sh [--peer] and
 # benchmarks/fetch_extra_wheels.sh) -> /tmp/site (on PYTHONPATH), .whl/peer/*.whl ->
 # /tmp/site_peer (first on PYTHONPATH of the unsloth process only), and nbtune itself

@@ -270,17 +270,20 @@ def _launch_config(n_cols: int) -> tuple[int, int, int, int]:
     return block_m, block_n, num_chunks, num_warps
 
 
-def _bwd_launch_config(n_cols: int, compute_dw: bool) -> tuple[int, int, int, int]:
-    """The backward's (BLOCK_M, BLOCK_N, NUM_CHUNKS, num_warps): the forward's, except that with dw
-    (persistent programs, few per SM) one-chunk rows may take BWD_DW_ROWS rows and BWD_DW_WARPS
-    warps per iteration, so that each program keeps more loads in flight."""
+def _bwd_launch_config(n_cols: int, compute_dw: bool) -> tuple[int, int, int, int, int]:
+    """The backward's (BLOCK_M, BLOCK_N, NUM_CHUNKS, num_warps, NUM_STAGES): the forward's and one
+    stage, except that with dw (persistent programs, few per SM) one-chunk rows may take
+    BWD_DW_ROWS rows and BWD_DW_WARPS warps per iteration in a loop pipelined in BWD_DW_STAGES
+    stages, so that each program keeps more loads in flight."""
     block_m, block_n, num_chunks, num_warps = _launch_config(n_cols)
+    num_stages = 1
     if compute_dw and num_chunks == 1:
         if BWD_DW_ROWS is not None:
             block_m = max(block_m, next_power_of_2(BWD_DW_ROWS))  # tl.arange needs a power of 2
         if BWD_DW_WARPS is not None:
             num_warps = BWD_DW_WARPS
-    return block_m, block_n, num_chunks, num_warps
+        num_stages = BWD_DW_STAGES
+    return block_m, block_n, num_chunks, num_warps, num_stages
 
 
 @functools.lru_cache(maxsize=None)
@@ -342,7 +345,7 @@ class _RMSNormFunction(torch.autograd.Function):
         compute_dx, compute_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n_rows, n_cols = x_rows.shape
         dy_rows = _as_rows(dy, n_cols)
-        block_m, block_n, num_chunks, num_warps = _bwd_launch_config(n_cols, compute_dw)
+        block_m, block_n, num_chunks, num_warps, num_stages = _bwd_launch_config(n_cols, compute_dw)
         n_row_blocks = triton.cdiv(n_rows, block_m)
         n_programs = _n_programs_for_dw(x_rows, n_row_blocks) if compute_dw else n_row_blocks
         dx = torch.empty(ctx.x_shape, dtype=x_rows.dtype, device=x_rows.device) if compute_dx else None
@@ -361,7 +364,7 @@ class _RMSNormFunction(torch.autograd.Function):
             ctx.offset,
             BLOCK_M=block_m, BLOCK_N=block_n, NUM_CHUNKS=num_chunks,
             LLAMA_CASTING=ctx.llama_casting, COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw,
-            NUM_STAGES=BWD_DW_STAGES if compute_dw and num_chunks == 1 else 1,
+            NUM_STAGES=num_stages,
             num_warps=num_warps,
         )
         dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
@@ -425,7 +428,7 @@ def compile_specs():
             grads = [(True, True), (True, False)] + ([(False, True)] if x_t == w_t and llama else [])
             grads = grads if num_chunks == 1 else grads[:1]
             for compute_dx, compute_dw in grads:
-                block_m, block_n, num_chunks, _ = _bwd_launch_config(n_cols, compute_dw)
+                block_m, block_n, num_chunks, _, num_stages = _bwd_launch_config(n_cols, compute_dw)
                 sig = {
                     "dy_ptr": f"*{y_t}", "x_ptr": f"*{x_t}", "w_ptr": f"*{w_t}", "rstd_ptr": "*fp32",
                     "dx_ptr": f"*{x_t}", "dw_partial_ptr": "*fp32", "row_dot_ptr": "*fp32",
@@ -436,8 +439,7 @@ def compile_specs():
                     "NUM_STAGES": "constexpr",
                 }
                 cx = dict(BLOCK_M=block_m, BLOCK_N=block_n, NUM_CHUNKS=num_chunks, LLAMA_CASTING=llama,
-                          COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw,
-                          NUM_STAGES=BWD_DW_STAGES if compute_dw and num_chunks == 1 else 1)
+                          COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw, NUM_STAGES=num_stages)
                 specs.append(CompileSpec(f"rms_norm_bwd[{tag},N={n_cols},dx={int(compute_dx)},dw={int(compute_dw)}]",
                                          _rms_norm_bwd_kernel, sig, cx, targets))
     return specs

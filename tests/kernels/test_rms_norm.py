@@ -242,8 +242,9 @@ def test_dw_backward_with_several_rows_per_iteration(kernel_mode, monkeypatch, r
     monkeypatch.setattr(M, "BWD_DW_WARPS", warps)
     monkeypatch.setattr(M, "BWD_DW_STAGES", stages)
     assert M._launch_config(100)[0] == 1 and M._bwd_launch_config(100, True)[0] == {3: 4}.get(rows, rows)
-    assert M._bwd_launch_config(100, False) == M._launch_config(100)
+    assert M._bwd_launch_config(100, False) == (*M._launch_config(100), 1)
     assert M._bwd_launch_config(100, True)[3] == (warps or M._launch_config(100)[3])
+    assert M._bwd_launch_config(100, True)[4] == stages
     for shape in [(11, 100), (2, 9, 576)]:
         x, w, dy = _inputs(shape, torch.float32, seed=13)
         _, dx, dw = _run(x, w, dy, 1e-6, 0.0)
