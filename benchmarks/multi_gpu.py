@@ -57,8 +57,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(HERE, "peers"))
+sys.path[:0] = [os.path.join(HERE, "peers"), HERE]
 from bench_common import LORA_TARGETS, SHAPES, build_checkpoint, checkpoint_path  # noqa: E402
+from gpu_sampler import GpuSampler  # noqa: E402
 
 TARGET_SPEEDUP = 1.85
 LOSS_RTOL = 1e-2
@@ -179,8 +180,11 @@ def start_finetune(cfg: dict, gpus: int, name: str, work: str, entry: list[str] 
     log_path = os.path.join(work, f"{name}.log")
     log = open(log_path, "w")
     pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    # the GPUs' clocks, power and slowdown reasons during the run (a slow rank or a throttled GPU)
+    sampler = GpuSampler(os.path.join(work, f"{name}.gpus.csv")).start()
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, preexec_fn=pin)
-    return dict(proc=proc, log=log, log_path=log_path, cfg=cfg, name=name, gpus=gpus, t0=time.time())
+    return dict(proc=proc, log=log, log_path=log_path, cfg=cfg, name=name, gpus=gpus, t0=time.time(),
+                sampler=sampler)
 
 
 def finish_finetune(job: dict, timeout: float) -> dict:
@@ -193,14 +197,18 @@ def finish_finetune(job: dict, timeout: float) -> dict:
         proc.kill()
         proc.wait()
         rc = "timeout"
+    job["sampler"].stop()
     job["log"].close()
     metrics = os.path.join(job["cfg"]["output"]["dir"], "metrics.jsonl")
     records = [json.loads(line) for line in open(metrics) if line.strip()] if os.path.isfile(metrics) else []
     with open(job["log_path"]) as f:
         tail = f.read()[-3000:]
     seconds = round(time.time() - job["t0"], 1)
-    print(f"# {job['name']}: rc={rc} in {seconds:.0f} s", flush=True)
-    return dict(name=job["name"], gpus=job["gpus"], rc=rc, seconds=seconds, records=records,
+    gpus = job["sampler"].summary()
+    busy = "; ".join(f"GPU {i} busy {g['busy_s']} s at {g['sm_mhz_median']} MHz (min {g['sm_mhz_min']}), "
+                     f"{g['power_w_median']} W, slowdowns {g['slowdowns']}" for i, g in gpus.items() if g["busy_s"])
+    print(f"# {job['name']}: rc={rc} in {seconds:.0f} s" + (f"; {busy}" if busy else ""), flush=True)
+    return dict(name=job["name"], gpus=job["gpus"], rc=rc, seconds=seconds, records=records, gpu_samples=gpus,
                 log_tail=tail if rc != 0 else None)
 
 
