@@ -592,9 +592,9 @@ def auto_checkpointing(world_size: int, plain_plan: Callable[[], Plan]) -> tuple
     llama3-8b QLoRA 2x2048 on one H200 ran 10,367 tok/s against 11,608 with plain checkpointing
     (median of three runs each, benchmarks/NOTES.md session 7). The host wait per micro-batch that
     session's profile found in the offload path is gone (session 8: the GPU's span per micro-batch
-    ~338 ms, as with plain checkpointing), yet runs still came out 2-12% slower than plain ones
-    (10,528 against 11,438 tok/s, median of two each), with step times varying by up to 0.5 s
-    within a run. Data parallel
+    ~338 ms, as with plain checkpointing), yet runs still came out ~10% slower than plain ones
+    (session 9: 9,498 against 10,616 tok/s, median of two each; the GPU drew less power at higher
+    clocks, i.e. it waited more), with step times varying by up to 0.6 s within a run. Data parallel
     (``world_size`` > 1): every rank moves every layer's saved hidden state to pinned host memory and
     back through the same host, and the ranks slow each other down (2 x H200, llama3-8b QLoRA 2x2048,
     one process per GPU: 11,479 tok/s alone; 9,741 + 8,460 with offloading on both GPUs at once;
