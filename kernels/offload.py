@@ -180,9 +180,9 @@ class _Timer:
 
     - ``copy_out`` / ``copy_in``: the device-to-host and host-to-device copies on the side stream
       (GPU time between CUDA events around each copy; host time on the CPU path), and their bytes;
-    - ``wait_forward``: how long the compute stream stood still waiting for a copy-out before a
-      device tensor leaving the window is freed (a copy falling more than ``DEVICE_WINDOW``
-      layers behind the forward);
+    - ``wait_forward``: how long the compute stream stood still waiting for a copy-out before the
+      input's device tensor is freed: in the forward when it leaves the window (a copy falling
+      more than ``DEVICE_WINDOW`` layers behind), in the backward for the window's own inputs;
     - ``wait_backward``: how long it stood still waiting for a copy-in before a recompute (a
       prefetch that was late, or an input fetched on demand);
     - ``host_wait``: host time the pool's ``take()`` blocked on a buffer's last copy.
