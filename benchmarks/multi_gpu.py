@@ -208,11 +208,11 @@ def finish_finetune(job: dict, timeout: float) -> dict:
     with open(job["log_path"]) as f:
         tail = f.read()[-3000:]
     seconds = round(time.time() - job["t0"], 1)
-    gpus = job["sampler"].summary()
+    samples = job["sampler"].summary()
     busy = "; ".join(f"GPU {i} busy {g['busy_s']} s at {g['sm_mhz_median']} MHz (min {g['sm_mhz_min']}), "
-                     f"{g['power_w_median']} W, slowdowns {g['slowdowns']}" for i, g in gpus.items() if g["busy_s"])
+                     f"{g['power_w_median']} W, slowdowns {g['slowdowns']}" for i, g in samples.items() if g["busy_s"])
     print(f"# {job['name']}: rc={rc} in {seconds:.0f} s" + (f"; {busy}" if busy else ""), flush=True)
-    return dict(name=job["name"], gpus=job["gpus"], rc=rc, seconds=seconds, records=records, gpu_samples=gpus,
+    return dict(name=job["name"], gpus=job["gpus"], rc=rc, seconds=seconds, records=records, gpu_samples=samples,
                 log_tail=tail if rc != 0 else None)
 
 

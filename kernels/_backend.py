@@ -33,6 +33,14 @@ def kernel_mode() -> str:
     return mode
 
 
+def env_flag(name: str, default: bool) -> bool:
+    """A yes/no environment variable. Unset, empty or unrecognised, it is ``default``. A variable
+    that defaults to on is off only for 0/false/no/off; one that defaults to off is on only for
+    1/true/yes/on. Case and surrounding spaces do not matter."""
+    value = os.environ.get(name, "").strip().lower()
+    return value not in ("0", "false", "no", "off") if default else value in ("1", "true", "yes", "on")
+
+
 def interpreting() -> bool:
     """True when Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

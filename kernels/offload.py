@@ -127,7 +127,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import os
 import threading
 import time
 import warnings
@@ -136,7 +135,7 @@ import weakref
 import torch
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
-from ._backend import kernel_mode
+from ._backend import env_flag, kernel_mode
 
 # On CUDA, inputs smaller than this stay on the GPU: a copy's fixed cost outweighs the bytes.
 MIN_OFFLOAD_BYTES = 256 * 1024
@@ -191,7 +190,7 @@ class _Timer:
     :meth:`collect` reads only the events already done and keeps the rest for its next call."""
 
     def __init__(self):
-        self.enabled = os.environ.get(TIMING_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+        self.enabled = env_flag(TIMING_ENV, default=False)
         self._lock = threading.Lock()
         self._pending: collections.deque = collections.deque()  # (kind, start, end, nbytes) of CUDA events
         self._done = self._zero()

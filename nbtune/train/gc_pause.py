@@ -25,17 +25,18 @@ per ~3 s step), nor in 80 steps of the embedded 135M model on a CPU. So:
 from __future__ import annotations
 
 import gc
-import os
 import time
 
 from transformers import TrainerCallback
+
+from nbtune.kernels._backend import env_flag
 
 FREEZE_ENV = "NBTUNE_GC_FREEZE"
 
 
 def freeze_wanted() -> bool:
     """True when NBTUNE_GC_FREEZE says 1/true/yes/on; False otherwise (the default)."""
-    return os.environ.get(FREEZE_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+    return env_flag(FREEZE_ENV, default=False)
 
 
 class CollectorPauses(TrainerCallback):

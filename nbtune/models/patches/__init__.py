@@ -17,8 +17,9 @@ patching off with ``NBTUNE_PATCH=0`` in the environment, ``load_model(..., patch
 """
 from __future__ import annotations
 
-import os
 import warnings
+
+from nbtune.kernels._backend import env_flag
 
 from . import gemma, gemma2, gemma3, llama, phi3, qwen3
 from .attention import AttentionPlan, attend, build_plan
@@ -40,7 +41,7 @@ def patching_enabled(patch: bool | None = None) -> bool:
     """``patch`` if given, else the ``NBTUNE_PATCH`` environment variable (default on)."""
     if patch is not None:
         return bool(patch)
-    return os.environ.get(PATCH_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_flag(PATCH_ENV, default=True)
 
 
 def _base(model):
