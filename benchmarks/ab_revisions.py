@@ -4,8 +4,7 @@
     python benchmarks/ab_revisions.py run SPEC [--rounds N]        # GPU machine: every tree in ab/
     python benchmarks/ab_revisions.py run llama2-7b:1:2048:float16 --rounds 2 --trees s3,head
 
-``prepare`` writes each revision's ``nbtune/`` with ``kernels/`` inside it as ``nbtune/kernels`` (the
-layout pyproject.toml's package-dir mapping installs) under ``ab/<name>/``, named ``NAME=REV`` or by
+``prepare`` writes each revision's ``nbtune/`` package under ``ab/<name>/``, named ``NAME=REV`` or by
 the revision; ``ab/`` is git-ignored but the device call carries it (``carry: ["ab", ...]``). The
 working tree itself (uncommitted changes included) is prepared as ``WORKTREE``.
 
@@ -13,13 +12,12 @@ working tree itself (uncommitted changes included) is prepared as ``WORKTREE``.
 once per tree per round, the trees in turn (A B C A B C ...), so that a drift of the host during
 the call hits every tree alike; it prints each run's line and a table of the median over rounds.
 ``python benchmarks/ab_revisions.py _child ab/<name> --where`` shows what a run would import.
-The hosts' noise is large (session 5: the same code 3,892 to 5,071 tok/s in one call): use
+The hosts' noise is large (the same code has measured 3,892 to 5,071 tok/s in one call): use
 several rounds and read differences under ~10% as noise.
 
 Each run imports nbtune from its tree alone: the child puts the tree first on ``sys.path``, drops
-setuptools' editable finders (gpu_suite.sh installs nbtune editable, and its finder maps
-``nbtune.kernels`` to the checkout's kernels/ whenever the checkout's ``nbtune`` is the one found,
-as it is for ``python -c`` run from the repository root), and checks where nbtune and
+setuptools' editable finders (gpu_suite.sh installs nbtune editable, and its finder would map
+``nbtune`` to the checkout), and checks where nbtune and
 nbtune.kernels came from: a run that imported them from elsewhere fails instead of measuring the
 wrong code.
 """
@@ -50,20 +48,17 @@ def _tree_name(arg: str) -> tuple[str, str]:
 def _unpack(rev: str, dest: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         archive = Path(tmp) / "tree.tar"
-        subprocess.run(["git", "-C", str(REPO), "archive", "-o", str(archive), rev, "nbtune", "kernels"], check=True)
+        subprocess.run(["git", "-C", str(REPO), "archive", "-o", str(archive), rev, "nbtune"], check=True)
         with tarfile.open(archive) as tar:
             tar.extractall(tmp, filter="data")
         _assemble(Path(tmp), dest)
 
 
 def _assemble(src: Path, dest: Path) -> None:
-    """``src/nbtune`` + ``src/kernels`` -> ``dest/nbtune`` with the kernels at ``dest/nbtune/kernels``."""
+    """``src/nbtune`` (the kernels inside it at ``nbtune/kernels``) -> ``dest/nbtune``."""
     if dest.exists():
         shutil.rmtree(dest)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    shutil.copytree(src / "nbtune", dest / "nbtune", ignore=ignore)
-    shutil.rmtree(dest / "nbtune" / "kernels", ignore_errors=True)
-    shutil.copytree(src / "kernels", dest / "nbtune" / "kernels", ignore=ignore)
+    shutil.copytree(src / "nbtune", dest / "nbtune", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
 
 
 def prepare(revs: list[str]) -> None:

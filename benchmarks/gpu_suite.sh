@@ -5,7 +5,7 @@
 #
 # Stages run in the order given; a failing stage is reported and the next still runs.
 #   tests                  pytest -m gpu -q (GPU_TEST_PATHS; tests/distributed's need 2 GPUs) -> $OUT/pytest-gpu.xml
-#   kernels[:ONLY]         python3 benchmarks/kernels.py [--only ONLY]   -> $OUT/kernels-<gpu>.{json,md}
+#   kernels[:ONLY]         python3 benchmarks/kernel_bench.py [--only ONLY]   -> $OUT/kernels-<gpu>.{json,md}
 #   profile[:SPEC]         python3 benchmarks/profile_step.py SPEC --host (GPU kernels + host time)
 #                          -> $OUT/profile-<spec>.txt (SPEC default llama3-8b:2:2048:bfloat16)
 #   models[:ROWS[:PEERS]]  python3 benchmarks/models.py --rows ROWS --peers PEERS
@@ -18,7 +18,7 @@
 # Before them (always): carried wheels .whl/*.whl (from ../shared/device/fetch-wheels.sh [--peer] and
 # benchmarks/fetch_extra_wheels.sh) -> /tmp/site (on PYTHONPATH), .whl/peer/*.whl ->
 # /tmp/site_peer (first on PYTHONPATH of the unsloth process only), and nbtune itself
-# (pip install --no-deps -e ., else a copy of nbtune/ + kernels/ on PYTHONPATH).
+# (pip install --no-deps -e ., else the checkout on PYTHONPATH).
 #
 # Environment: OUT (results folder; default /tmp/nbtune-suite-out), SUITE_BUDGET_S (seconds for
 # everything, default 560: one 10-minute command with room to copy), MODELS_ARGS / KERNELS_ARGS /
@@ -76,11 +76,9 @@ setup() {
   if ! $PY -c "import nbtune.kernels, nbtune.models" 2>/dev/null; then
     $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . >/tmp/nbtune-pip.log 2>&1 || true
     if ! $PY -c "import nbtune.kernels, nbtune.models" 2>/dev/null; then
-      echo "# editable install did not work (tail of its log below); using a copy on PYTHONPATH"
+      echo "# editable install did not work (tail of its log below); using the checkout on PYTHONPATH"
       tail -3 /tmp/nbtune-pip.log
-      rm -rf /tmp/nbtune-src && mkdir -p /tmp/nbtune-src && cp -r nbtune /tmp/nbtune-src/nbtune \
-        && cp -r kernels /tmp/nbtune-src/nbtune/kernels
-      export PYTHONPATH=/tmp/nbtune-src${PYTHONPATH:+:$PYTHONPATH}
+      export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
     fi
   fi
   if $PY -c "import nbtune, nbtune.kernels, nbtune.models; print('# nbtune', nbtune.__version__, 'from', nbtune.__file__)"; then
@@ -129,7 +127,7 @@ stage_kernels() {
   local only=$1 mark=/tmp/nbtune-suite.kernels.mark
   touch "$mark"
   # shellcheck disable=SC2086
-  run_stage kernels $PY benchmarks/kernels.py --out benchmarks/results ${only:+--only "$only"} ${KERNELS_ARGS:-}
+  run_stage kernels $PY benchmarks/kernel_bench.py --out benchmarks/results ${only:+--only "$only"} ${KERNELS_ARGS:-}
   find benchmarks/results -maxdepth 1 -name 'kernels-*' -newer "$mark" -exec cp {} "$OUT/" \;
 }
 

@@ -234,8 +234,7 @@ def peer_env(peer: str, args, extra: dict | None = None) -> dict:
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     if peer == "unsloth" and args.peer_site:
         paths = [p for p in args.peer_site.split(os.pathsep) if p] + paths
-    # nbtune itself must be installed (pip install -e ., or gpu_suite.sh's copy on PYTHONPATH): the
-    # repo root alone would not do, since nbtune.kernels lives in kernels/ (pyproject's package-dir).
+    # nbtune itself must be importable: installed (pip install -e .) or gpu_suite.sh's PYTHONPATH.
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env.update(extra or {})
     return env

@@ -3,10 +3,10 @@
     python benchmarks/tune_rms_norm_bwd.py [--tokens 4096] [--hidden 4096] [--dtype bf16] [--out DIR]
 
 The dw path runs persistent programs that each accumulate an fp32 partial row of dw
-(kernels/rms_norm.py): how many per SM (BWD_PROGRAMS_PER_SM), how many rows each takes per loop
+(nbtune/kernels/rms_norm.py): how many per SM (BWD_PROGRAMS_PER_SM), how many rows each takes per loop
 iteration (BWD_DW_ROWS), with how many warps (BWD_DW_WARPS) and whether Triton pipelines the loop
 (BWD_DW_STAGES) decide how many loads are in flight.
-For each setting: the forward+backward's GPU time (CUDA-graph replay, as benchmarks/kernels.py
+For each setting: the forward+backward's GPU time (CUDA-graph replay, as benchmarks/kernel_bench.py
 times the "fwd+bwd trainable w" case), its share of the measured copy bandwidth for the same bytes,
 and dx/dw's largest error against the plain-torch reference in fp32 (every setting must give the
 same gradients within rounding). Prints a table, best first, and writes tune-rms-norm-bwd.json.
@@ -27,8 +27,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _kernel_bench():
-    """benchmarks/kernels.py, by path (the repository's ``kernels`` package has the same name)."""
-    spec = importlib.util.spec_from_file_location("nbtune_kernel_bench", os.path.join(HERE, "kernels.py"))
+    """benchmarks/kernel_bench.py, by path (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("nbtune_kernel_bench", os.path.join(HERE, "kernel_bench.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -1,4 +1,4 @@
-"""Benchmark cases for nbtune.kernels, one module per kernel, run by ``benchmarks/kernels.py``.
+"""Benchmark cases for nbtune.kernels, one module per kernel, run by ``benchmarks/kernel_bench.py``.
 
 Each module defines ``cases(dtype) -> list[Case]`` at llama3-8b sizes (2x2048 tokens, hidden 4096,
 intermediate 14336, vocab 128256). A case holds a function that makes fresh CUDA inputs and the

@@ -273,24 +273,6 @@ def fit(path=None, write: bool = True) -> dict:
 
 
 # ============================================================================ measurement side (needs a GPU)
-def _ensure_nbtune_kernels():
-    """Make ``nbtune.kernels`` importable from a plain checkout (pyproject maps it to ./kernels)."""
-    try:
-        importlib.import_module("nbtune.kernels")
-        return
-    except ImportError:
-        pass
-    import nbtune
-
-    root = Path(nbtune.__file__).resolve().parent.parent / "kernels"
-    spec = importlib.util.spec_from_file_location("nbtune.kernels", root / "__init__.py",
-                                                  submodule_search_locations=[str(root)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["nbtune.kernels"] = module
-    spec.loader.exec_module(module)
-    nbtune.kernels = module
-
-
 def _versions() -> dict:
     out = {"python": platform.python_version()}
     for name in ("torch", "transformers", "peft", "bitsandbytes", "triton", "accelerate", "nbtune"):
@@ -518,7 +500,6 @@ def measure(out: str | Path, budget_s: float = 360.0, only: str | None = None, c
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("calibration measure needs a CUDA GPU")
     shapes = shapes or SHAPES
-    _ensure_nbtune_kernels()
     from nbtune.models import load_model
 
     if device == "cuda":

@@ -14,7 +14,7 @@ an out-of-memory error sees, less the CUDA context) for nbtune's recipe:
   LoRA MLP kernels, in-place RoPE, SDPA with no mask tensor; unpatched model types run
   transformers' modules, which save more (``unpatched_activation_factor``) and build a
   (B, 1, S, S) mask for padded batches;
-- the fused LoRA MLP in one of two schedules (``kernels/lora.py``). As the *checkpointed tail*
+- the fused LoRA MLP in one of two schedules (``nbtune/kernels/lora.py``). As the *checkpointed tail*
   of its decoder layer (``mlp_checkpointed_tail``: a patched model type whose MLP output only
   goes into the residual stream, ``MLP_TAIL_MODEL_TYPES``; checkpointing ``offload`` or ``plain``,
   both through nbtune's wrapper that exposes the checkpoint phase; LoRA on gate, up and down) it
@@ -74,7 +74,7 @@ Terms (bytes); their sum is torch's reserved peak, and the CUDA context comes on
                        + mlp_chunk: the loss runs after the last layer's forward and before the first
                        layer's backward, so only what it needs beyond the layers' own peak adds to the peak;
                          fused:   rows * V * b + T * h * b + 4 * T
-                                  (rows as kernels/cross_entropy.py's _chunk_rows chooses them)
+                                  (rows as nbtune/kernels/cross_entropy.py's _chunk_rows chooses them)
                          unfused: T * V * unfused_bytes_per_logit + T * h * b
     allocator overhead overhead_fixed + overhead_fraction * (activations + loss)
                        + overhead_per_tensor * (#linear tensors)   (block rounding, fragmentation; they
@@ -137,13 +137,13 @@ ADAM8_BYTES_PER_PARAM = 2 + 2 * 4 / 256
 ADAM32_BYTES_PER_PARAM = 8 + 4
 OPTIMIZER_BYTES = {"adamw_8bit": ADAM8_BYTES_PER_PARAM, "paged_adamw_8bit": ADAM8_BYTES_PER_PARAM,
                    "adamw": ADAM32_BYTES_PER_PARAM, "sgd": 0.0}
-# Fused linear + cross-entropy chunking: the same numbers as kernels/cross_entropy.py (a test
+# Fused linear + cross-entropy chunking: the same numbers as nbtune/kernels/cross_entropy.py (a test
 # checks that they agree; this module may not import torch, so they are repeated here).
 CE_MAX_CHUNK_BYTES = 256 * MiB
 CE_UNFUSED_FRACTION = 8
 CE_MIN_CHUNK_ROWS = 128
 # The checkpointed-tail LoRA MLP cuts its (tokens x intermediate) buffers into token chunks of at
-# most this many bytes, rows rounded up to a multiple of this: kernels/lora.py's MLP_CHUNK_BYTES and
+# most this many bytes, rows rounded up to a multiple of this: nbtune/kernels/lora.py's MLP_CHUNK_BYTES and
 # mlp_token_chunks, repeated here (a test checks that they agree).
 MLP_CHUNK_BYTES = 128 * MiB
 MLP_CHUNK_ROW_MULTIPLE = 64
@@ -204,7 +204,7 @@ class Coefficients:
     #    16-bit out), the hidden-state gradient stream and the last layer's output --
     outer_h: float = 12.0
     # -- offloaded checkpointing: layer inputs resident on the GPU at the backward's peak
-    #    (kernels/offload.py's DEVICE_WINDOW = 2, plus the prefetched and the current one) --
+    #    (nbtune/kernels/offload.py's DEVICE_WINDOW = 2, plus the prefetched and the current one) --
     offload_resident_inputs: float = 3.0
     # -- unpatched only: the mask transformers builds for padded batches / sliding windows,
     #    bytes per (query, key) (a bool mask) --
@@ -365,7 +365,7 @@ class Settings:
 
 
 def chunk_rows(n_tokens: int, n_vocab: int, elem_bytes: int) -> int:
-    """Tokens per chunk of the fused loss: kernels/cross_entropy.py's ``_chunk_rows``, in pure Python."""
+    """Tokens per chunk of the fused loss: nbtune/kernels/cross_entropy.py's ``_chunk_rows``, in pure Python."""
     budget = min(CE_MAX_CHUNK_BYTES, n_tokens * n_vocab * 4 // CE_UNFUSED_FRACTION)
     rows = budget // max(1, n_vocab * elem_bytes)
     if rows >= 64:
@@ -375,7 +375,7 @@ def chunk_rows(n_tokens: int, n_vocab: int, elem_bytes: int) -> int:
 
 
 def mlp_chunk_rows(n_tokens: int, intermediate: int, elem_bytes: int) -> int:
-    """Rows of the largest token chunk of the checkpointed-tail MLP: kernels/lora.py's
+    """Rows of the largest token chunk of the checkpointed-tail MLP: nbtune/kernels/lora.py's
     ``mlp_token_chunks`` in pure Python (near-equal chunks whose (rows x intermediate) buffers stay
     under MLP_CHUNK_BYTES, rows rounded up to a multiple of 64; one chunk when everything fits)."""
     n = max(1, -(-n_tokens * intermediate * elem_bytes // MLP_CHUNK_BYTES))

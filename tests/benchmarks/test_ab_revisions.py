@@ -17,7 +17,7 @@ def test_prepare_builds_installed_layout_from_a_revision_and_the_worktree(tmp_pa
         tree = tmp_path / name / "nbtune"
         assert (tree / "__init__.py").is_file() and (tree / "kernels" / "lora.py").is_file()
         assert not list(tree.rglob("__pycache__"))
-    committed = subprocess.run(["git", "-C", REPO, "show", "HEAD:kernels/lora.py"], capture_output=True, text=True,
+    committed = subprocess.run(["git", "-C", REPO, "show", "HEAD:nbtune/kernels/lora.py"], capture_output=True, text=True,
                                check=True).stdout
     assert (tmp_path / "head" / "nbtune" / "kernels" / "lora.py").read_text() == committed
 

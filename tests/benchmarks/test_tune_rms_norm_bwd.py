@@ -1,4 +1,4 @@
-"""benchmarks/tune_rms_norm_bwd.py without a GPU: its sweep includes the launch shape kernels/rms_norm.py
+"""benchmarks/tune_rms_norm_bwd.py without a GPU: its sweep includes the launch shape nbtune/kernels/rms_norm.py
 ships, and every setting it sweeps is one the kernel accepts (the gradients under the Triton
 interpreter match fp64 for each)."""
 import importlib

@@ -1,4 +1,4 @@
-"""The distribution ships nbtune and nbtune.kernels (from kernels/), editable and as a wheel."""
+"""The distribution ships nbtune and nbtune.kernels (nbtune/kernels/), editable and as a wheel."""
 import os
 import subprocess
 import sys
@@ -11,7 +11,7 @@ def test_editable_or_source_install_imports_kernels():
     import nbtune
     import nbtune.kernels as k
 
-    assert Path(k.__file__).resolve().parent == REPO / "kernels"
+    assert Path(k.__file__).resolve().parent == REPO / "nbtune" / "kernels"
     assert k.kernel_mode() in ("auto", "reference", "triton")
     assert callable(k.rms_norm) and callable(k.fused_linear_cross_entropy)
     assert nbtune.__version__

@@ -1,4 +1,4 @@
-"""kernels/_launch.py: the cached Triton launch path must run exactly what ``kernel[grid]`` runs."""
+"""nbtune/kernels/_launch.py: the cached Triton launch path must run exactly what ``kernel[grid]`` runs."""
 import weakref
 
 import pytest

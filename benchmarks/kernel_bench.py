@@ -1,6 +1,6 @@
 """Time every nbtune kernel against torch eager and torch.compile at llama3-8b sizes.
 
-    python benchmarks/kernels.py [--dtype bf16,fp16] [--only rms_norm,rope] [--out benchmarks/results]
+    python benchmarks/kernel_bench.py [--dtype bf16,fp16] [--only rms_norm,rope] [--out benchmarks/results]
 
 For each case: median time (triton.testing.do_bench), achieved GB/s against the GPU's measured
 copy bandwidth (a large device-to-device copy, bytes read + written), TFLOP/s where the case
@@ -153,7 +153,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        sys.exit("benchmarks/kernels.py needs a CUDA GPU")
+        sys.exit("benchmarks/kernel_bench.py needs a CUDA GPU")
     run(a.dtype.split(","), set(filter(None, a.only.split(","))), a.out)
 
 

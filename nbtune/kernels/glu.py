@@ -22,7 +22,7 @@ Backward math, with ``h = act(g) * u`` and ``dh`` the incoming gradient:
 (``1 + tanh(z) = 2 sigmoid(2z)``, so the tanh form needs no tanh intrinsic: it runs the same in
 the interpreter and on every GPU target.)
 
-The LoRA MLP (``kernels/lora.py``) uses two internal helpers that save memory further:
+The LoRA MLP (``nbtune/kernels/lora.py``) uses two internal helpers that save memory further:
 ``glu_forward_2d`` writes ``h`` into a given buffer, and ``glu_backward_inplace`` writes
 ``dgate`` over ``gate`` and ``dup`` over ``up`` (the saved buffers are dead after this point)
 and, optionally, the recomputed ``h`` over ``dh`` (also dead once read), so the backward of the

@@ -23,7 +23,7 @@ What the hand-written backward saves, compared with peft over bitsandbytes under
   the forward, (dZ B) A and (dZ B)^T X in the backward -- 3 GEMMs instead of 9 for Q/K/V per
   forward + backward, fewer launches and saved tensors for a host-bound step.
 
-Matmuls are cuBLAS (``torch.mm``/``addmm``/``addmm_``); Triton runs the GLU (``kernels/glu.py``).
+Matmuls are cuBLAS (``torch.mm``/``addmm``/``addmm_``); Triton runs the GLU (``nbtune/kernels/glu.py``).
 
 Backward of one projection, with ``G = dY`` (tokens x out) and ``XA = X A^T`` (saved):
 
@@ -668,5 +668,5 @@ def lora_mlp(x, gate, up, down, activation: str = "swiglu", *, checkpointed_tail
 
 
 def compile_specs():
-    """No @triton.jit function lives here: the MLP's GLU kernels are compiled with kernels/glu.py."""
+    """No @triton.jit function lives here: the MLP's GLU kernels are compiled with nbtune/kernels/glu.py."""
     return []
