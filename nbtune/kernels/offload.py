@@ -291,13 +291,10 @@ class _HostBufferPool:
             if getattr(buffer, "_nbtune_used", False):
                 self.reuses += 1
             buffer._nbtune_used = True
-        # The host waits only for a copy still in flight. First in, first out is what keeps that
-        # wait away: the backward gives buffers back in backward order (last layer first), and the
-        # next forward takes them again from its first layer on. The oldest free buffer was reloaded
-        # at the start of the previous backward, long done on the GPU; the newest one (last in,
-        # first out) was reloaded for that backward's last layer, which the GPU, running ~50 ms
-        # behind the host, has often not copied yet: waiting for it drained the queue of launched
-        # work at every micro-batch and left the GPU waiting on the host (session 7 profile).
+        # The host waits only for a copy still in flight. First in, first out keeps that wait away:
+        # the backward gives buffers back last layer first, and the oldest free buffer was reloaded
+        # at the start of the previous backward, long done on the GPU. The newest one may still be
+        # queued behind the host, and waiting for it would drain the launch queue every micro-batch.
         # A query is not a synchronization.
         if busy_until is not None and not busy_until.query():
             with _TIMER.span("host_wait"):

@@ -7,9 +7,9 @@ NUMA nodes the scheduler may move them away from the GPU they drive and from the
 allocated. On a host with hyperthreads it may put one onto the sibling of another rank's busy core.
 Either makes a thread slower.
 
-Measured on the lent 2 x H200 host (one NUMA node, one thread per core), there was nothing to gain:
-two one-GPU runs side by side made 0.99x and 1.01x one alone, and 0.98x and 1.01x when pinned
-(benchmarks/NOTES.md, session 7). So this stays off unless asked for (``NBTUNE_CPU_AFFINITY``,
+On a 2 x H200 host with one NUMA node and one thread per core there was nothing to gain (two runs
+side by side were as fast as one alone, pinned or not: benchmarks/NOTES.md, "Multi-GPU"). So this
+stays off unless asked for (``NBTUNE_CPU_AFFINITY``,
 read by nbtune/train/distributed.py). It is meant for multi-socket hosts and for
 ``%%finetune --gpus N``, where no launcher flag (torchrun's ``--numa-binding``, accelerate's NUMA
 affinity) can be given.

@@ -1,16 +1,10 @@
 """Python's cyclic garbage collector during training: count its pauses, and (opt-in) keep full collections short.
 
-A full (generation 2) collection walks every container object the interpreter tracks. With torch,
-transformers, peft, TRL and datasets imported that is ~0.5 million objects: 240 ms per collection on
-the CI-class CPU, before any model is loaded. The autograd contexts and saved-tensor wrappers of a
-micro-batch live from its forward to its backward, long enough to be promoted, so the collector's
-own thresholds could start full collections during training. A step that took one would be longer
-by its length, and under data parallelism each rank's pause would hold up the other ranks at the
-next all-reduce.
-
-Measured, it did not happen in nbtune's runs (benchmarks/NOTES.md, session 8): no full collection in
-the timed steps of four llama3-8b 8x2x2048 runs on an H200 (13-17 ms of young-generation collections
-per ~3 s step), nor in 80 steps of the embedded 135M model on a CPU. So:
+A full (generation 2) collection walks every object the interpreter tracks (~0.5 million with
+torch, transformers, peft, TRL and datasets imported: hundreds of ms). The autograd state of a
+micro-batch lives long enough to be promoted, so full collections could start during training,
+lengthen a step, and under data parallelism hold up the other ranks at the next all-reduce. In
+the measured runs none did (benchmarks/NOTES.md, "Measurement hygiene"). So:
 
 - :class:`CollectorPauses` times every collection (``gc.callbacks``) and gives, for the metrics
   records, the pause time since the previous record (``gc_ms``) and the number of full collections
@@ -19,8 +13,7 @@ per ~3 s step), nor in 80 steps of the embedded 135M model on a CPU. So:
   then ``gc.freeze()``: every object alive then moves to the permanent generation the collector
   never walks), so later full collections walk only what training created, and unfreezes it at the
   end. Cyclic garbage made during training is still collected; reference counting, which frees the
-  tensors, is not affected. Off by default: five alternating rounds on two H200 hosts gave 1.10x and
-  0.95x (medians), i.e. no effect beyond the hosts' noise.
+  tensors, is not affected. Off by default: measured, it made no difference beyond run-to-run noise.
 """
 from __future__ import annotations
 
