@@ -2,7 +2,7 @@
 
     python benchmarks/ab_revisions.py prepare REV [REV ...]        # here: ab/<name>/nbtune from git
     python benchmarks/ab_revisions.py run SPEC [--rounds N]        # GPU machine: every tree in ab/
-    python benchmarks/ab_revisions.py run llama2-7b:1:2048:float16 --rounds 2 --trees s3,head
+    python benchmarks/ab_revisions.py run llama2-7b:1:2048:float16 --rounds 2 --trees base,head
 
 ``prepare`` writes each revision's ``nbtune/`` package under ``ab/<name>/``, named ``NAME=REV`` or by
 the revision; ``ab/`` is git-ignored: copy it to the GPU machine with the checkout. The
