@@ -5,8 +5,8 @@
     p.fits, p.peak_gib, p.breakdown, p.suggest(), p.to_yaml(magic=True)
 
 Command line: ``nbtune plan llama-3.1-8b --gpu T4 --seq-len 2048 --batch-size 1``.
-The memory model and its coefficients: :mod:`nbtune.planner.memory`; calibration on a GPU:
-:mod:`nbtune.planner.calibration`.
+The memory model and its coefficients: :mod:`nbtune.planner.memory`; their fit to GPU measurements:
+:mod:`nbtune.planner.calibration` (the measuring harness: benchmarks/calibrate.py).
 """
 from .gpus import CATALOG as GPUS
 from .gpus import GPU, detect_gpu, gpu_names, resolve_gpu

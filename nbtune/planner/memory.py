@@ -83,8 +83,8 @@ Terms (bytes); their sum is torch's reserved peak, and the CUDA context comes on
                        says when the two differ)
     CUDA context       the GPU's context_gib (not part of torch's reserved memory)
 
-STATUS OF THE COEFFICIENTS: until ``python -m nbtune.planner.calibration measure`` has run on a
-GPU and ``... calibration fit`` has written fitted values into ``calibration.json``, the values in
+STATUS OF THE COEFFICIENTS: until ``python benchmarks/calibrate.py measure`` has run on a
+GPU and ``... calibrate.py fit`` has written fitted values into ``calibration.json``, the values in
 ``Coefficients`` are first-principles estimates: the saved-tensor counts come from what each
 patched forward and kernel keeps for backward (their docstrings) and, for the unpatched factor,
 from counting transformers' Llama decoder layer with peft LoRA under bf16 autocast with
@@ -107,7 +107,7 @@ formula it is kept as it is: at the calibration's llama-3.1-8b offload points th
 allocated peak grows by ~185 KB per token, of which the full-T g, u, dh the old code held are
 ~86 KB; the remaining ~99 KB is ~0.60 of the ~164 KB per token that the new formula counts, so
 0.67 over-predicts long contexts by ~10 % of the per-token activations (~0.5 GiB at 48k tokens on
-llama-3.1-8b) -- the safe side -- until ``calibration measure`` + ``fit`` are re-run with the new
+llama-3.1-8b) -- the safe side -- until ``calibrate.py measure`` + ``fit`` are re-run with the new
 code (its records then carry ``mlp_tail``: True, and the fit needs no change).
 """
 from __future__ import annotations
@@ -317,7 +317,7 @@ def allocator_note(c: Coefficients, environ=None) -> str | None:
     else:
         direction = ""
     return (f"allocator overhead was calibrated with {describe_alloc_conf(c.alloc_conf)}; training here uses "
-            f"{describe_alloc_conf(now)}{direction} until `python -m nbtune.planner.calibration measure` and "
+            f"{describe_alloc_conf(now)}{direction} until `python benchmarks/calibrate.py measure` and "
             "`fit` are re-run")
 
 

@@ -403,7 +403,7 @@ def test_plan_notes_overheads_measured_with_another_allocator(monkeypatch, tmp_p
     expandable_fit = DEFAULT_COEFFICIENTS.replace(alloc_conf="expandable_segments:True", source="fitted (test)")
     monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:True")
     note = memory.allocator_note(default_fit)
-    assert "torch's default allocator" in note and "likely too high" in note and "calibration" in note
+    assert "torch's default allocator" in note and "likely too high" in note and "benchmarks/calibrate.py measure" in note
     assert memory.allocator_note(expandable_fit) is None
     assert memory.allocator_note(DEFAULT_COEFFICIENTS) is None  # never measured: nothing to compare
     assert note in plan("llama-3.1-8b", coefficients=default_fit).notes
