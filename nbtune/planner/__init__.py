@@ -11,13 +11,13 @@ The memory model and its coefficients: :mod:`nbtune.planner.memory`; their fit t
 from .gpus import CATALOG as GPUS
 from .gpus import GPU, detect_gpu, gpu_names, resolve_gpu
 from .memory import TERMS, Coefficients, coefficients
-from .plan import (DoesNotFitError, Plan, Suggestion, auto_checkpointing, choose_checkpointing, plan, plan_from_config,
-                   preflight)
+from .plan import (DoesNotFitError, Plan, Suggestion, auto_checkpointing, checkpointing_for_run, choose_checkpointing,
+                   plan, plan_from_config, preflight)
 from .shapes import CATALOG as MODELS
 from .shapes import ModelShape, PlannerError, catalog_names, resolve_shape, shape_from_config
 
 __all__ = [
     "GPU", "GPUS", "MODELS", "TERMS", "Coefficients", "DoesNotFitError", "ModelShape", "Plan", "PlannerError",
-    "Suggestion", "auto_checkpointing", "catalog_names", "choose_checkpointing", "coefficients", "detect_gpu",
+    "Suggestion", "auto_checkpointing", "catalog_names", "checkpointing_for_run", "choose_checkpointing", "coefficients", "detect_gpu",
     "gpu_names", "plan", "plan_from_config", "preflight", "resolve_gpu", "resolve_shape", "shape_from_config",
 ]
