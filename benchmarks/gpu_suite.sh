@@ -13,6 +13,8 @@
 #                          PEERS: e.g. nbtune,unsloth (default hf,unsloth,nbtune)
 #                          -> $OUT/models-<stamp>.json, $OUT/models.log, $OUT/RESULTS.md
 #   tune                   python3 benchmarks/tune_rms_norm_bwd.py (RMSNorm dw backward's launch shape) -> $OUT/tune-rms-norm-bwd.json
+#   calibrate[:ONLY]       python3 benchmarks/calibrate.py measure [--only ONLY] (the planner's peak-memory grid)
+#                          -> $OUT/calibration.json (copy over nbtune/planner/calibration.json, then `fit`)
 #   multigpu[:STAGES]      python3 benchmarks/multi_gpu.py --stages STAGES (losses,throughput,contention,profile need 2 GPUs:
 #                          the 2 x H200 machine; checkpointing, gc and profile --profile-worlds 1 need one) -> $OUT/multi_gpu.json
 # Before them (always): the wheels in .whl/*.whl, downloaded beforehand on a machine with network
@@ -161,6 +163,13 @@ stage_tune() {
   run_stage tune $PY benchmarks/tune_rms_norm_bwd.py --out "$OUT"
 }
 
+stage_calibrate() {
+  local only=$1 left; left=$(remaining)
+  # shellcheck disable=SC2086
+  run_stage calibrate $PY benchmarks/calibrate.py measure --out "$OUT/calibration.json" --budget-s $(( left - 90 )) \
+    --ckpt-root "$CKPT_ROOT/calibration" ${only:+--only "$only"}
+}
+
 stage_multigpu() {
   local stages=${1:-losses,throughput}
   # shellcheck disable=SC2086
@@ -184,9 +193,11 @@ main() {
         IFS=: read -r _ rows peers <<<"$stage"
         stage_models "${rows:-all}" "${peers:-hf,unsloth,nbtune}" ;;
       tune) stage_tune ;;
+      calibrate) stage_calibrate "" ;;
+      calibrate:*) stage_calibrate "${stage#calibrate:}" ;;
       multigpu) stage_multigpu "" ;;
       multigpu:*) stage_multigpu "${stage#multigpu:}" ;;
-      *) note "$stage" "UNKNOWN stage (tests, kernels, profile, models, tune, multigpu)" 0 ;;
+      *) note "$stage" "UNKNOWN stage (tests, kernels, profile, models, tune, calibrate, multigpu)" 0 ;;
     esac
   done
   echo; echo "===== summary (${SECONDS}s of ${BUDGET}s)"

@@ -120,15 +120,19 @@ def detect_gpu(device: int | None = None) -> GPU:
     )
 
 
+def planned_gpu() -> str | None:
+    """The GPU ``NBTUNE_GPU`` names for "the GPU here" (None when unset, empty or "auto")."""
+    forced = os.environ.get("NBTUNE_GPU", "").strip()
+    return forced if forced and forced.lower() != "auto" else None
+
+
 def resolve_gpu(gpu="T4") -> GPU:
     """A :class:`GPU` for a GPU object, a catalog name (case-insensitive, loose), or 'auto'."""
     if isinstance(gpu, GPU):
         return gpu
     if gpu is None or str(gpu).strip().lower() == "auto":
-        forced = os.environ.get("NBTUNE_GPU", "").strip()
-        if forced and forced.lower() != "auto":
-            return resolve_gpu(forced)
-        return detect_gpu()
+        forced = planned_gpu()
+        return resolve_gpu(forced) if forced else detect_gpu()
     text = str(gpu).strip()
     if text in CATALOG:
         return CATALOG[text]

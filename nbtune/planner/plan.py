@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from . import memory
 from .gpus import CATALOG as GPU_CATALOG
-from .gpus import GPU, resolve_gpu
+from .gpus import GPU, planned_gpu, resolve_gpu
 from .memory import GiB, Coefficients, Settings
 from .shapes import ModelShape, PlannerError, find_in_catalog, resolve_shape
 
@@ -621,6 +621,31 @@ def choose_checkpointing(config, gpu="auto", world_size: int | None = None, **ov
     world = world_size if world_size is not None else _launcher_world_size()
     return auto_checkpointing(world, lambda: plan_from_config(
         cfg, gpu=gpu, world_size=world, **{**overrides, "gradient_checkpointing": "plain"}))
+
+
+def checkpointing_for_run(config, gpu_available: bool, plan: Plan | None = None,
+                          world_size: int | None = None) -> tuple[str, str]:
+    """The gradient checkpointing a training run uses and why (one line): what the trainer asks.
+
+    A mode the config names is used as it is. "auto": the pre-flight ``plan``'s resolution when
+    that plan resolved it; with no GPU here (``gpu_available`` False and none planned through
+    ``NBTUNE_GPU``) "offload", as before "auto" existed (on CPU tensors it is plain recomputation:
+    nothing is offloaded); on a GPU :func:`choose_checkpointing` for this GPU and ``world_size``
+    (offload on one GPU; under data parallelism plain where it fits, else offload); "offload",
+    the least GPU memory, when the planner cannot size the model (e.g. an uncatalogued hub id offline)."""
+    cfg = _config_dict(config)
+    requested = _norm_choice((cfg.get("train") or {}).get("gradient_checkpointing", "auto"), CHECKPOINTING_ALIASES,
+                             "gradient_checkpointing")
+    if requested != "auto":
+        return requested, "train.gradient_checkpointing in the config"
+    if plan is not None and plan.checkpointing_auto:
+        return plan.settings.gradient_checkpointing, plan.checkpointing_reason
+    if not (gpu_available or planned_gpu()):
+        return "offload", "no GPU: on the CPU offloaded checkpointing is plain recomputation"
+    try:
+        return choose_checkpointing(cfg, gpu="auto", world_size=world_size)
+    except PlannerError as e:
+        return "offload", f"the planner cannot size this run ({e}): offloaded checkpointing, the least GPU memory"
 
 
 def _launcher_world_size() -> int:

@@ -268,29 +268,14 @@ def check_fits(cfg: Config, force: bool = False):
 
 
 def checkpointing_mode(cfg: Config, plan=None) -> tuple[str, str]:
-    """The gradient checkpointing this run uses and why (one line), for ``nbtune.add_lora``.
+    """The gradient checkpointing this run uses and why (one line), for ``nbtune.add_lora``: the
+    planner's :func:`nbtune.planner.checkpointing_for_run` for this machine and the launcher's world
+    size. ``plan``: the pre-flight plan of this config (:func:`check_fits`), which has resolved
+    "auto" already: its choice is taken, not made again."""
+    from ..planner import checkpointing_for_run
 
-    A mode the config names is used as it is. "auto" (the default): with no GPU here (and none
-    planned through ``NBTUNE_GPU``) "offload", as before "auto" existed (on CPU tensors it is plain
-    recomputation: nothing is offloaded); on a GPU the planner's choice for this GPU and the
-    launcher's world size (:func:`nbtune.planner.choose_checkpointing`: offload on one GPU; under
-    data parallelism plain where it fits, else offload); "offload" when the planner cannot size
-    the model (e.g. an uncatalogued hub id offline). ``plan``: the pre-flight plan of this config
-    (:func:`check_fits`), which has resolved "auto" already: its choice is taken, not made again."""
-    if cfg.train.gradient_checkpointing != "auto":
-        return cfg.train.gradient_checkpointing, "train.gradient_checkpointing in the config"
-    if plan is not None and plan.checkpointing_auto:
-        return plan.settings.gradient_checkpointing, plan.checkpointing_reason
-    if not (torch.cuda.is_available() or os.environ.get("NBTUNE_GPU", "").strip()):
-        return "offload", "no GPU: on the CPU offloaded checkpointing is plain recomputation"
-    try:
-        from ..planner import PlannerError, choose_checkpointing
-    except ImportError:  # pragma: no cover - the planner ships with nbtune
-        return "offload", "the planner is not available: offloaded checkpointing, the least GPU memory"
-    try:
-        return choose_checkpointing(cfg, gpu="auto", world_size=distributed.world_size())
-    except PlannerError as e:
-        return "offload", f"the planner cannot size this run ({e}): offloaded checkpointing, the least GPU memory"
+    return checkpointing_for_run(cfg, gpu_available=torch.cuda.is_available(), plan=plan,
+                                 world_size=distributed.world_size())
 
 
 def check_output_dir(out: Path) -> None:
