@@ -29,7 +29,7 @@ import time
 
 from transformers import TrainerCallback
 
-from nbtune.kernels._backend import env_flag
+from nbtune._env import env_flag
 
 FREEZE_ENV = "NBTUNE_GC_FREEZE"
 

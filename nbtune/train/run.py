@@ -253,10 +253,9 @@ def memory_plan(cfg: Config, gpu=None, world_size: int | None = None):
 def check_fits(cfg: Config, force: bool = False):
     """Before loading anything on a GPU: the plan, or the planner's ``DoesNotFitError`` (with its
     advice) when the run is predicted not to fit. Skipped on a CPU and when forced."""
-    import os
+    from ..planner import planned_gpu
 
-    planned_gpu = os.environ.get("NBTUNE_GPU", "").strip()
-    if force or cfg.train.force or not (torch.cuda.is_available() or planned_gpu):
+    if force or cfg.train.force or not (torch.cuda.is_available() or planned_gpu()):
         return None
     try:
         from ..planner import preflight
