@@ -46,13 +46,10 @@ def cmd_demo(args) -> int:
 def cmd_finetune(args) -> int:
     """The CLI door: the same config and the same run as %%finetune and nbtune.finetune()."""
     from ..planner import PlannerError
-    from ..train import build_config
     from ..train.distributed import is_main_process
     from .api import finetune
 
-    cfg = build_config(args.config)
-    for item in args.set or []:
-        cfg = build_config(cfg, **_dotted_override(item))
+    cfg = config_from_args(args)
     try:
         result = finetune(cfg, plan=args.plan, dry_run=args.dry_run, resume=args.resume, force=args.force,
                           gpu=args.gpu, dashboard=False)
@@ -89,17 +86,11 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _dotted_override(item: str) -> dict:
-    """'train.lr=1e-4' -> {'train': {'lr': 1e-4}} (the value parsed as YAML, never evaluated)."""
-    import yaml
+def config_from_args(args):
+    """``nbtune finetune``'s config: the YAML file with each ``--set`` applied (as ``%%finetune`` does)."""
+    from .overrides import apply_overrides
 
-    if "=" not in item or "." not in item.split("=", 1)[0]:
-        from ..train import ConfigError
-
-        raise ConfigError(f"--set expects section.key=value (e.g. train.lr=1e-4), got {item!r}")
-    key, value = item.split("=", 1)
-    section, field = key.split(".", 1)
-    return {section: {field: yaml.safe_load(value)}}
+    return apply_overrides(args.config, args.set)
 
 
 def build_parser() -> argparse.ArgumentParser:
