@@ -33,7 +33,7 @@ import torch
 
 from ..models import add_lora, load_model
 from ..models.lora import trainable_to_fp32
-from ..models.patches.host_facts import text_only_check
+from ..models.patches.gemma3 import text_only_check
 from . import distributed, session
 from .checkpoint import (InterruptCallback, StagedCheckpoints, checkpoint_step, checkpoints_dir, complete_checkpoints,
                          latest_checkpoint,
