@@ -193,9 +193,7 @@ def test_throughput_rounds_alternate_and_compare_the_median_runs(bench, tmp_path
     assert result["losses"]["ok"]
 
 
-def test_contention_stage_runs_solo_then_pairs_with_and_without_own_cores(bench, tmp_path, monkeypatch):
-    from nbtune.train import cpu_affinity
-
+def test_contention_stage_runs_solo_then_pairs_with_and_without_their_own_cpus(bench, tmp_path, monkeypatch):
     started, speeds = [], iter([1000, 980, 1010, 1000, 1000])
 
     def fake_start(cfg, gpus, name, work, entry=None, gpu=0, cpus=None, env_extra=None):
@@ -212,13 +210,11 @@ def test_contention_stage_runs_solo_then_pairs_with_and_without_own_cores(bench,
     monkeypatch.setattr(bench, "finish_finetune", fake_finish)
     monkeypatch.setattr(bench, "finetune", lambda cfg, gpus, name, work, timeout, **kw: fake_finish(
         fake_start(cfg, gpus, name, work, **kw), timeout))
-    monkeypatch.setattr(cpu_affinity, "gpu_pci_address", lambda i: f"0000:0{i}:00.0")
-    monkeypatch.setattr(cpu_affinity, "local_cpus", lambda address: [0, 1, 2, 3])  # both GPUs on one node
-    monkeypatch.setattr(cpu_affinity, "physical_core", lambda cpu: ("cpu", cpu))
+    monkeypatch.setattr(bench.os, "sched_getaffinity", lambda pid: {3, 0, 2, 1})
     result = bench.stage_contention(str(tmp_path), str(tmp_path / "ckpt"), steps=2, warmup=1)
     assert [(n, g) for n, g, _ in started] == [("solo", 0), ("pair-gpu0", 0), ("pair-gpu1", 1),
                                                ("pair-pinned-gpu0", 0), ("pair-pinned-gpu1", 1)]
-    assert [c for _, _, c in started] == [None, None, None, [0, 1], [2, 3]]  # own cores, split evenly
+    assert [c for _, _, c in started] == [None, None, None, [0, 1], [2, 3]]  # own halves of the CPUs
     assert result["tokens_per_s"] == {"solo": [1000], "pair": [980, 1010], "pair-pinned": [1000, 1000]}
     assert result["vs_solo"] == {"pair": [0.98, 1.01], "pair-pinned": [1.0, 1.0]} and result["ok"]
-    assert result["topology"]["gpus"][1] == {"index": 1, "pci": "0000:01:00.0", "local_cpus": "0-3"}
+    assert result["topology"]["allowed_cpus"] == 4 and result["pinned_cpus"] == [[0, 1], [2, 3]]
