@@ -30,8 +30,6 @@ rank's micro-batch is one of the 1-GPU run's micro-batches.
 - ``checkpointing`` (one GPU): the one-GPU run with plain and with offloaded checkpointing,
   ``--rounds`` times each in alternating order: what offloading costs on one GPU, i.e. how far
   the ``auto`` default's speed-up stands from the like-for-like one.
-- ``gc`` (one GPU): the one-GPU run as it is (the default) and with the garbage collector's heap
-  frozen for training (``NBTUNE_GC_FREEZE=1``), in rounds likewise.
 
 Every run's timed steps report the collector's pauses (``gc_ms_each``, ``gc_full``); with ``--env
 NBTUNE_OFFLOAD_TIMING=1`` an offloading run's steps also report where offloading spent time
@@ -438,17 +436,8 @@ def stage_checkpointing(work: str, root: str, steps: int, warmup: int, grad_accu
                             {"plain": ("plain", env or {}), "offload": ("offload", env or {})})
 
 
-def stage_gc(work: str, root: str, steps: int, warmup: int, grad_accum: int = 8, rounds: int = 1,
-             checkpointing: str = "plain") -> dict:
-    """What the garbage collector's full collections cost on one GPU: the default (``NBTUNE_GC_FREEZE=0``)
-    against the heap frozen for training (``=1``, nbtune/train/gc_pause.py) (one_gpu_variants)."""
-    return one_gpu_variants(work, root, steps, warmup, grad_accum, rounds,
-                            {"gc-unfrozen": (checkpointing, {"NBTUNE_GC_FREEZE": "0"}),
-                             "gc-frozen": (checkpointing, {"NBTUNE_GC_FREEZE": "1"})})
-
-
 # GPUs each stage needs (profile: the largest world it profiles)
-STAGE_GPUS = {"losses": WORLD, "throughput": WORLD, "contention": WORLD, "checkpointing": 1, "gc": 1}
+STAGE_GPUS = {"losses": WORLD, "throughput": WORLD, "contention": WORLD, "checkpointing": 1}
 
 
 def stage_profile(work: str, root: str, out: str, one_gpu_grad_accum: int = 8, checkpointing: str = "plain",
@@ -492,7 +481,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="/tmp/nbtune-multi-gpu-work", help="runs' outputs and logs (large)")
     ap.add_argument("--stages", default="losses,throughput",
                     help="comma-separated: losses, throughput, contention, profile (2 GPUs; profile with "
-                         "--profile-worlds 1 needs one), checkpointing, gc (1 GPU)")
+                         "--profile-worlds 1 needs one), checkpointing (1 GPU)")
     ap.add_argument("--steps", type=int, default=int(os.environ.get("STEPS", 10)))
     ap.add_argument("--warmup", type=int, default=int(os.environ.get("WARMUP", 3)))
     ap.add_argument("--one-gpu-grad-accum", type=int, default=2,
@@ -504,10 +493,10 @@ def main(argv=None) -> int:
                     help="throughput: train.gradient_checkpointing of both runs (default auto, the config's "
                          "default: offload on one GPU, plain under DDP where it fits)")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="throughput, checkpointing, gc: run each side this many times, alternating the order; "
+                    help="throughput, checkpointing: run each side this many times, alternating the order; "
                          "the median run of each side counts")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                    help="throughput, checkpointing: more environment for every run (e.g. NBTUNE_GC_FREEZE=1)")
+                    help="throughput, checkpointing: more environment for every run (e.g. NBTUNE_KERNELS=reference)")
     ap.add_argument("--profile-worlds", default=f"1,{WORLD}",
                     help="profile: the runs to profile, by number of GPUs (e.g. 2: the data-parallel run only)")
     ap.add_argument("--profile-repeats", type=int, default=1,
@@ -552,11 +541,8 @@ def main(argv=None) -> int:
         elif stage == "checkpointing":
             result["stages"][stage] = stage_checkpointing(work, root, args.steps, args.warmup, args.one_gpu_grad_accum,
                                                           args.rounds, env)
-        elif stage == "gc":
-            result["stages"][stage] = stage_gc(work, root, args.steps, args.warmup, args.one_gpu_grad_accum,
-                                               args.rounds, "plain" if args.checkpointing == "auto" else args.checkpointing)
         else:
-            raise SystemExit(f"unknown stage {stage!r}: losses, throughput, contention, profile, checkpointing, gc")
+            raise SystemExit(f"unknown stage {stage!r}: losses, throughput, contention, profile, checkpointing")
         result["stages"][stage]["stage_s"] = round(time.time() - t0, 1)
         with open(out_json, "w") as f:
             json.dump(result, f, indent=1)
@@ -567,7 +553,7 @@ def main(argv=None) -> int:
         elif name == "contention":
             print(f"contention ({st['checkpointing']} checkpointing): tokens/s {st['tokens_per_s']}; vs solo "
                   f"{st['vs_solo']}; topology {st['topology']}")
-        elif name in ("checkpointing", "gc"):
+        elif name == "checkpointing":
             print(f"{name} on 1 GPU (median of {st['rounds']}): "
                   + ", ".join(f"{k} {m['tokens_per_s']} tok/s (gc {m['gc_ms_per_step']} ms/step)"
                               for k, m in st["median"].items())

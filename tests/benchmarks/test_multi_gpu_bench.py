@@ -117,27 +117,6 @@ def test_checkpointing_stage_compares_plain_and_offload_on_one_gpu(bench, tmp_pa
     assert result["vs_first"] == {"plain": 1.0, "offload": pytest.approx(1000 / 1050, abs=1e-3)} and result["ok"]
 
 
-def test_gc_stage_compares_the_frozen_heap_with_nbtune_gc_freeze_0(bench, tmp_path, monkeypatch):
-    calls = []
-
-    def fake_finetune(cfg, gpus, name, work, timeout, entry=None, env_extra=None):
-        calls.append((cfg["train"]["gradient_checkpointing"], env_extra))
-        frozen = env_extra["NBTUNE_GC_FREEZE"] == "1"
-        run = _run([1100 if frozen else 1000] * 3, [11.0, 10.5, 10.0], [1.0, 2.0, 3.0],
-                   gc_ms=[3.0] * 3 if frozen else [3.0, 400.0, 3.0])
-        return dict(run, name=name, gpus=gpus, rc=0, seconds=1.0, log_tail=None)
-
-    monkeypatch.setattr(bench, "build_checkpoint", lambda shape, path: None)
-    monkeypatch.setattr(bench, "word_view", lambda path, vocab: str(tmp_path / "model"))
-    monkeypatch.setattr(bench, "finetune", fake_finetune)
-    result = bench.stage_gc(str(tmp_path), str(tmp_path / "ckpt"), steps=2, warmup=0, grad_accum=8, rounds=2)
-    assert calls == [("plain", {"NBTUNE_GC_FREEZE": "0"}), ("plain", {"NBTUNE_GC_FREEZE": "1"}),
-                     ("plain", {"NBTUNE_GC_FREEZE": "1"}), ("plain", {"NBTUNE_GC_FREEZE": "0"})]
-    assert result["vs_first"] == {"gc-unfrozen": 1.0, "gc-frozen": 1.1}
-    assert result["median"]["gc-unfrozen"]["gc_full"] == 1 and result["median"]["gc-frozen"]["gc_full"] == 0
-    assert result["gc_full_per_round"] == {"gc-unfrozen": [1, 1], "gc-frozen": [0, 0]}  # every run, not the medians only
-
-
 def test_profile_stage_runs_ddp_profile_with_its_window_at_the_last_boundary(bench, tmp_path, monkeypatch):
     launched = []
 
