@@ -16,7 +16,7 @@
 #   calibrate[:ONLY]       python3 benchmarks/calibrate.py measure [--only ONLY] (the planner's peak-memory grid)
 #                          -> $OUT/calibration.json (copy over nbtune/planner/calibration.json, then `fit`)
 #   multigpu[:STAGES]      python3 benchmarks/multi_gpu.py --stages STAGES (losses,throughput,contention,profile need 2 GPUs:
-#                          the 2 x H200 machine; checkpointing, gc and profile --profile-worlds 1 need one) -> $OUT/multi_gpu.json
+#                          the 2 x H200 machine; checkpointing and profile --profile-worlds 1 need one) -> $OUT/multi_gpu.json
 # Before them (always): the wheels in .whl/*.whl, downloaded beforehand on a machine with network
 # (the GPU machine needs none; benchmarks/README.md lists them, benchmarks/fetch_extra_wheels.sh gets
 # nbtune's extras) -> /tmp/site (on PYTHONPATH), .whl/peer/*.whl (the Unsloth peer's set) ->

@@ -58,7 +58,6 @@ through the same graph (``retain_graph=True``) raises instead of returning wrong
 """
 from __future__ import annotations
 
-import os
 import warnings
 from collections import namedtuple
 
@@ -66,6 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from .._chunking import mlp_token_chunks
+from .._env import env_flag
 from ._backend import use_triton
 from .glu import ACTIVATIONS, glu_backward_inplace, glu_forward_2d, glu_reference
 from .nf4 import dequantize_base
@@ -160,7 +160,7 @@ def _mm_scaled(a, b, scaling, dtype=None):
 
 # False once this torch / GPU refuses addmm's out_dtype; NBTUNE_WIDE_GEMM=0 turns the wide GEMM off from
 # the start (16-bit GEMM plus a cast, the path before it), to compare the two on one machine
-_WIDE_GEMM = {"ok": os.environ.get("NBTUNE_WIDE_GEMM", "1").strip() not in ("0", "false", "no", "off")}
+_WIDE_GEMM = {"ok": env_flag("NBTUNE_WIDE_GEMM", default=True)}
 
 
 def _wide_gemm_ok(a, dtype) -> bool:

@@ -135,7 +135,8 @@ import weakref
 import torch
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
-from ._backend import env_flag, kernel_mode
+from .._env import env_flag
+from ._backend import kernel_mode
 
 # On CUDA, inputs smaller than this stay on the GPU: a copy's fixed cost outweighs the bytes.
 MIN_OFFLOAD_BYTES = 256 * 1024

@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import re
 
+from .._env import env_text
 from .shapes import PlannerError
+
+# Names the GPU to plan for instead of asking torch (how a T4 is emulated on a larger GPU).
+GPU_ENV = "NBTUNE_GPU"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +125,7 @@ def detect_gpu(device: int | None = None) -> GPU:
 
 def planned_gpu() -> str | None:
     """The GPU ``NBTUNE_GPU`` names for "the GPU here" (None when unset, empty or "auto")."""
-    forced = os.environ.get("NBTUNE_GPU", "").strip()
+    forced = env_text(GPU_ENV)
     return forced if forced and forced.lower() != "auto" else None
 
 

@@ -147,8 +147,6 @@ PATCHED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", 
 # this against the patch families (post_mlp_norm, fused_gate_up).
 MLP_TAIL_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-# The environment variable that turns the patches off (NBTUNE_PATCH=0), as in nbtune.models.patches.
-PATCH_ENV = "NBTUNE_PATCH"
 # A plan "fits" when the predicted peak leaves at least this much of the GPU free: the larger of
 # FIT_MARGIN_GIB and FIT_MARGIN_FRACTION of the reserved peak (the model's error band).
 FIT_MARGIN_GIB = 0.3

@@ -19,6 +19,7 @@ import os
 import warnings
 from typing import Any, Callable
 
+from .._env import PATCH_ENV, env_flag
 from . import memory
 from .gpus import CATALOG as GPU_CATALOG
 from .gpus import GPU, planned_gpu, resolve_gpu
@@ -524,7 +525,7 @@ def plan(model, gpu="T4", seq_len: int = 2048, batch_size: int = 2, lora_rank: i
         notes.append("the checkpoint is pre-quantized to 4-bit: it loads in 4-bit")
         four_bit = True
     if patch is None:
-        patch = os.environ.get(memory.PATCH_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+        patch = env_flag(PATCH_ENV, default=True)
     patched = bool(patch) and shape.model_type in memory.PATCHED_MODEL_TYPES
     if patch and not patched:
         notes.append(f"model type {shape.model_type!r} has no nbtune patch: transformers' modules and loss")

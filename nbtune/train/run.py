@@ -33,7 +33,7 @@ import torch
 
 from ..models import add_lora, load_model
 from ..models.lora import trainable_to_fp32
-from ..models.patches.host_facts import text_only_check
+from ..models.patches.gemma3 import text_only_check
 from . import distributed, session
 from .checkpoint import (InterruptCallback, StagedCheckpoints, checkpoint_step, checkpoints_dir, complete_checkpoints,
                          latest_checkpoint,
@@ -253,10 +253,9 @@ def memory_plan(cfg: Config, gpu=None, world_size: int | None = None):
 def check_fits(cfg: Config, force: bool = False):
     """Before loading anything on a GPU: the plan, or the planner's ``DoesNotFitError`` (with its
     advice) when the run is predicted not to fit. Skipped on a CPU and when forced."""
-    import os
+    from ..planner import planned_gpu
 
-    planned_gpu = os.environ.get("NBTUNE_GPU", "").strip()
-    if force or cfg.train.force or not (torch.cuda.is_available() or planned_gpu):
+    if force or cfg.train.force or not (torch.cuda.is_available() or planned_gpu()):
         return None
     try:
         from ..planner import preflight

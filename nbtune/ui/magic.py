@@ -14,6 +14,7 @@ from IPython.core.magic_arguments import argument, kwds, magic_arguments, parse_
 
 from ..train.config import ConfigError, build_config, config_reference
 from .fixable import is_fixable
+from .overrides import apply_overrides
 
 DEFAULT_VAR = "finetune_result"
 EXAMPLE = """\
@@ -97,22 +98,10 @@ class FinetuneMagics(Magics):
 
                 body = parse_yaml(cell)
                 cfg = build_config(cfg, **body) if source is not None else build_config(body)
-            for item in args.set or []:
-                cfg = build_config(cfg, **dotted_override(item))
+            cfg = apply_overrides(cfg, args.set)
         except ConfigError as e:
             raise UsageError(f"%%finetune: {e}") from e
         return cfg
-
-
-def dotted_override(item: str) -> dict:
-    """'train.lr=1e-4' -> {'train': {'lr': 1e-4}} (the value parsed as YAML, never evaluated)."""
-    from ..train.config import parse_yaml
-
-    if "=" not in item or "." not in item.split("=", 1)[0]:
-        raise ConfigError(f"--set expects section.key=value, got {item!r}")
-    key, value = item.split("=", 1)
-    section, field = key.strip().split(".", 1)
-    return {section: {field: parse_yaml(f"v: {value}")["v"]}}
 
 
 def load_ipython_extension(ipython) -> None:

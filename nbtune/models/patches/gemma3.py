@@ -21,8 +21,18 @@ Bidirectional configs (``use_bidirectional_attention``) are not patched at all.
 from __future__ import annotations
 
 from . import common
-from .host_facts import TEXT_ONLY_KEY, drop_host_facts
+from .host_facts import TEXT_ONLY_KEY, TextOnlyCheck, drop_host_facts
 from .family import Family, final_softcap_from_config, no_final_softcap, window_from_module
+
+
+def text_only_check(model) -> TextOnlyCheck | None:
+    """The collator's "text only" check for the patched multimodal Gemma 3 backbone in ``model``
+    (peft wrappers included), with the backbone's own rule for the image token; None when there is none."""
+    for module in model.modules():
+        if type(module).__name__ == "Gemma3Model" and common.patch_on(module):
+            image = module.config.image_token_id
+            return TextOnlyCheck(image if image >= module.vocab_size else None)
+    return None
 
 
 def multimodal_model_forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
