@@ -31,7 +31,7 @@ def cmd_demo(args) -> int:
     from ..train import finetune
     from ..train.demo import demo_config
 
-    overrides = {"train": {"max_steps": args.steps}} if args.steps else {}
+    overrides = {"train": {"max_steps": args.steps}} if args.steps is not None else {}
     cfg = demo_config(args.out, **overrides)
     print(f"nbtune demo: {cfg.model.name} on {cfg.data.source}, {cfg.train.max_steps} steps -> {cfg.output.dir}",
           file=sys.stderr)
