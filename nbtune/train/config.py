@@ -119,6 +119,9 @@ class TrainConfig(_Section):
     logging_steps: int = Field(1, gt=0)
     eval_steps: Union[int, None] = Field(None, gt=0)
     save_steps: Union[int, None] = Field(None, gt=0)
+    save_minutes: Union[float, None] = Field(
+        10.0, gt=0, description="a resumable checkpoint every this many minutes of training, and one at the end "
+                                "(null: only save_steps and the end)")
     gradient_checkpointing: Literal["auto", "offload", "plain", "off"] = Field(
         "auto", description="'auto': offload on one GPU; data parallel (several GPUs): plain where the planner says "
                             "it fits, else offload. 'offload': saved hidden states in pinned CPU memory (least "
