@@ -81,10 +81,17 @@ def remove_own_checkpoints(out: Path) -> None:
     root = checkpoints_dir(out)
     for p in complete_checkpoints(out):
         shutil.rmtree(p, ignore_errors=True)
-    for p in list(root.glob(".staging-*")) + list(root.glob(".replaced-checkpoint-*")):
-        shutil.rmtree(p, ignore_errors=True)
+    remove_stale_staging(out)
     if root.is_dir() and not any(root.iterdir()):
         root.rmdir()
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Staging folders of saves that a killed process never finished (the folder is locked by the
+    run about to write, so no live save owns them)."""
+    root = checkpoints_dir(out)
+    for p in list(root.glob(".staging-*")) + list(root.glob(".replaced-checkpoint-*")):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def _sha256(path: Path) -> str:

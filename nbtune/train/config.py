@@ -182,6 +182,8 @@ class OutputConfig(_Section):
         description="what to save after training: adapter (peft format) and/or merged (16-bit, adapter folded in)")
     merged_dtype: Literal["float16", "bfloat16"] = "float16"
     keep_checkpoints: int = Field(2, ge=1, description="resumable checkpoints kept in <dir>/checkpoints")
+    overwrite: bool = Field(False, description="a fresh run into a dir that holds a previous run replaces it (only "
+                                               "the files nbtune wrote there are deleted); false: refused")
 
     @model_validator(mode="before")
     @classmethod

@@ -34,9 +34,9 @@ import torch
 from ..models import add_lora, load_model
 from ..models.lora import trainable_to_fp32
 from ..models.patches.host_facts import text_only_check
-from . import distributed, session
+from . import distributed, run_folder, session
 from .checkpoint import (MARKER, AutoSave, InterruptCallback, StagedCheckpoints, checkpoint_problem, checkpoint_step,
-                         checkpoints_dir, complete_checkpoints, latest_checkpoint, remove_own_checkpoints,
+                         checkpoints_dir, complete_checkpoints, latest_checkpoint, remove_stale_staging,
                          resumable_checkpoint,
                          save_after_keyboard_interrupt, sigint_stops)
 from .config import Config, ConfigError, build_config, output_dir
@@ -117,7 +117,12 @@ class FinetuneResult(RunOutcome):
         """A merged 16-bit checkpoint (default ``<output.dir>/merged``); see :func:`~nbtune.train.generate.save_merged`."""
         from .generate import save_merged
 
-        path = Path(path) if path else self.output_dir / "merged"
+        if not path:
+            from .run_folder import record_written
+
+            path = self.output_dir / "merged"
+            record_written(self.output_dir, "merged")
+        path = Path(path)
         self.merged_dir = save_merged(self.adapter_dir, path, base=self.config.model.name,
                                       dtype=dtype or self.config.output.merged_dtype,
                                       trust_remote_code=self.config.model.trust_remote_code)
@@ -416,7 +421,7 @@ def check_resume(cfg: Config, out: Path, checkpoint: Path, say=None) -> None:
 RESUME_MAY_CHANGE = {
     "train": {"max_steps", "epochs", "logging_steps", "eval_steps", "save_steps", "save_minutes", "force",
               "max_nonfinite_steps", "eval_batch_size"},
-    "output": {"keep_checkpoints", "export", "merged_dtype"},
+    "output": {"keep_checkpoints", "export", "merged_dtype", "overwrite"},
 }
 
 
@@ -524,6 +529,7 @@ def dry_run_report(config=None, gpu=None, resume=False, world_size: int | None =
 
 
 @released_on_oom  # out of GPU memory: the run's memory is released, the error carries the planner's advice
+@run_folder.releases_locks
 def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=False, force: bool = False,
              gpu=None, listeners: list[Callable[[dict], None]] | None = None, model=None, tokenizer=None,
              progress: bool = True, reuse_model: bool = True, world_size: int | None = None, **overrides):
@@ -569,14 +575,14 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
     data = prepare_data(cfg.data, tokenizer, cfg.model.max_seq_length)
     # only now, with the model loaded and the data tokenized, is anything in the output folder touched
     out.mkdir(parents=True, exist_ok=True)
-    if main and resume_from is None and checkpoints_dir(out).is_dir():
-        old = complete_checkpoints(out)
-        if old:
-            print(f"nbtune: a fresh run in {out}: removing the checkpoints of the previous run there "
-                  f"({', '.join(p.name for p in old)}); use resume to continue it instead", file=sys.stderr)
-        remove_own_checkpoints(out)  # they would mislead a later resume; other files stay
     if main:
+        run_folder.lock(out)  # released when this call returns or raises
+        if resume_from is None:
+            run_folder.prepare_fresh(out, cfg.output.overwrite)
+        else:
+            remove_stale_staging(out)
         (out / "run.yaml").write_text(cfg.to_yaml())
+        run_folder.record_written(out, "run.yaml", "metrics.jsonl")
     if data.dropped and main:
         print("nbtune: dropped train rows: " + ", ".join(f"{n} ({why})" for why, n in data.dropped.items()), file=sys.stderr)
     peft_model = add_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=cfg.lora.targets,
@@ -666,6 +672,7 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
         raise collapsed_error(problem, cfg, latest_checkpoint(out))
     adapter_dir = out / "adapter"
     if main:
+        run_folder.record_written(out, "adapter")
         adapter_dir = save_adapter(peft_model, tokenizer, adapter_dir)
     distributed.barrier()  # the adapter is on disk when any rank returns
     result = FinetuneResult(

@@ -53,6 +53,8 @@ def cmd_finetune(args) -> int:
     cfg = build_config(args.config)
     for item in args.set or []:
         cfg = build_config(cfg, **_dotted_override(item))
+    if args.overwrite:
+        cfg = build_config(cfg, output={"overwrite": True})
     try:
         result = finetune(cfg, plan=args.plan, dry_run=args.dry_run, resume=args.resume, force=args.force,
                           gpu=args.gpu, dashboard=False)
@@ -125,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="check config, plan, tokenizer and data; no training")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output.dir")
     p.add_argument("--force", action="store_true", help="train even if the planner predicts it will not fit")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous run in output.dir (output.overwrite: true; only nbtune's files are deleted)")
     p.add_argument("--gpu", default=None, help="GPU to plan for (default: this one, or T4 without a GPU)")
     p.set_defaults(func=cmd_finetune)
     p = sub.add_parser("plan", help="predict GPU memory for a fine-tune: breakdown, fits or not, advice")

@@ -53,6 +53,8 @@ class FinetuneMagics(Magics):
               help="check config, plan, tokenizer and data (rows, tokens, steps) without loading the model")
     @argument("--resume", action="store_true", help="continue from the latest checkpoint in output.dir")
     @argument("--force", action="store_true", help="train even if the planner predicts it will not fit")
+    @argument("--overwrite", action="store_true",
+              help="replace a previous run in output.dir (output.overwrite: true; only nbtune's files are deleted)")
     @argument("--out", metavar="VAR", default=DEFAULT_VAR,
               help=f"variable that receives the result (default: {DEFAULT_VAR})")
     @argument("--set", action="append", metavar="SECTION.KEY=VALUE", default=None,
@@ -99,6 +101,8 @@ class FinetuneMagics(Magics):
                 cfg = build_config(cfg, **body) if source is not None else build_config(body)
             for item in args.set or []:
                 cfg = build_config(cfg, **dotted_override(item))
+            if args.overwrite:
+                cfg = build_config(cfg, output={"overwrite": True})
         except ConfigError as e:
             raise UsageError(f"%%finetune: {e}") from e
         return cfg

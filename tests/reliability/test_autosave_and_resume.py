@@ -89,9 +89,39 @@ def test_a_fresh_run_deletes_only_nbtunes_checkpoints(tiny_model_dir, tiny_data,
     other = out / "checkpoints" / "checkpoint-7"  # looks like one, but nbtune did not write it
     other.mkdir()
     (other / "weights.bin").write_bytes(b"\0" * 16)
+    with pytest.raises(ConfigError, match=r"holds a previous run \(run.yaml, metrics.jsonl, adapter, checkpoint-2\)"):
+        nbtune.finetune(cfg, **RUN)
+    first = (out / "metrics.jsonl").read_text()
+    cfg["output"]["overwrite"] = True
     nbtune.finetune(cfg, **RUN)
     assert mine.read_text() == "the user's own file\n" and (other / "weights.bin").is_file()
     assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-2"]
+    assert (out / "metrics.jsonl").read_text() != first
+
+
+def test_a_run_never_replaces_the_users_own_run_yaml(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.yaml").write_text("my: own notes\n")
+    cfg = tiny_config(tiny_model_dir, tiny_data, ".", max_steps=1)
+    with pytest.raises(ConfigError, match="holds run.yaml that nbtune did not write"):
+        nbtune.finetune(cfg, **RUN)
+    assert (tmp_path / "run.yaml").read_text() == "my: own notes\n"
+
+
+def test_two_writers_to_one_folder_are_refused(tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from nbtune.train import run_folder; "
+                               f"run_folder.lock({str(out)!r}); print('locked', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=rf"another nbtune run \(process {holder.pid}\) is writing to"):
+            nbtune.finetune(tiny_config(tiny_model_dir, tiny_data, out, max_steps=1), **RUN)
+    finally:
+        holder.communicate("")
+    nbtune.finetune(tiny_config(tiny_model_dir, tiny_data, out, max_steps=1), **RUN)  # its lock died with it
+    nbtune.finetune(tiny_config(tiny_model_dir, tiny_data, out, max_steps=2), resume=True, **RUN)  # and ours too
 
 
 def test_a_collapsed_run_fails_instead_of_saving(tiny_model_dir, tiny_data, tmp_path):
