@@ -33,7 +33,7 @@ def cmd_demo(args) -> int:
     from ..train import finetune
     from ..train.demo import demo_config
 
-    overrides = {"train": {"max_steps": args.steps}} if args.steps else {}
+    overrides = {"train": {"max_steps": args.steps}} if args.steps is not None else {}
     cfg = demo_config(args.out, **overrides)
     print(f"nbtune demo: {cfg.model.name} on {cfg.data.source}, {cfg.train.max_steps} steps -> {cfg.output.dir}",
           file=sys.stderr)
@@ -84,10 +84,11 @@ def cmd_plan(args) -> int:
 
 
 def config_from_args(args):
-    """``nbtune finetune``'s config: the YAML file with each ``--set`` applied (as ``%%finetune`` does)."""
+    """``nbtune finetune``'s config: the YAML file with each ``--set`` applied (as ``%%finetune`` does),
+    and ``--overwrite`` as ``output.overwrite: true``."""
     from .overrides import apply_overrides
 
-    return apply_overrides(args.config, args.set)
+    return apply_overrides(args.config, [*(args.set or []), *(["output.overwrite=true"] if args.overwrite else [])])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="check config, plan, tokenizer and data; no training")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output.dir")
     p.add_argument("--force", action="store_true", help="train even if the planner predicts it will not fit")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous run in output.dir (output.overwrite: true; only nbtune's files are deleted)")
     p.add_argument("--gpu", default=None, help="GPU to plan for (default: this one, or T4 without a GPU)")
     p.set_defaults(func=cmd_finetune)
     p = sub.add_parser("plan", help="predict GPU memory for a fine-tune: breakdown, fits or not, advice")

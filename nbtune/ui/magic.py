@@ -54,6 +54,8 @@ class FinetuneMagics(Magics):
               help="check config, plan, tokenizer and data (rows, tokens, steps) without loading the model")
     @argument("--resume", action="store_true", help="continue from the latest checkpoint in output.dir")
     @argument("--force", action="store_true", help="train even if the planner predicts it will not fit")
+    @argument("--overwrite", action="store_true",
+              help="replace a previous run in output.dir (output.overwrite: true; only nbtune's files are deleted)")
     @argument("--out", metavar="VAR", default=DEFAULT_VAR,
               help=f"variable that receives the result (default: {DEFAULT_VAR})")
     @argument("--set", action="append", metavar="SECTION.KEY=VALUE", default=None,
@@ -98,7 +100,7 @@ class FinetuneMagics(Magics):
 
                 body = parse_yaml(cell)
                 cfg = build_config(cfg, **body) if source is not None else build_config(body)
-            cfg = apply_overrides(cfg, args.set)
+            cfg = apply_overrides(cfg, [*(args.set or []), *(["output.overwrite=true"] if args.overwrite else [])])
         except ConfigError as e:
             raise UsageError(f"%%finetune: {e}") from e
         return cfg
