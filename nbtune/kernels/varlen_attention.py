@@ -498,26 +498,28 @@ def _signature(kernel, dtype: str) -> dict:
 
 
 def compile_specs():
-    """Every kernel at each head_dim's tiles, fp16 (sm_75/80/90) and bf16 (sm_80/90), with the
-    window / softcap variants Mistral and Gemma 2 launch; compile_check also checks that each
-    fits the target's shared memory."""
+    """Every kernel at each head_dim's tiles as the host launches them: fp16 for sm_75/80/90 (plain
+    causal, and window + softcap, the variant with the most code), bf16 for sm_80/90 at head_dim
+    128. compile_check also checks that each fits the target's shared memory (T4: 64 KiB)."""
     from .compile_check import CompileSpec
 
     specs = []
-    variants = [(False, False), (True, False), (True, True)]  # (WINDOW, SOFTCAP)
     kernels = (("fwd", _fwd_kernel), ("dkdv", _bwd_dkdv_kernel), ("dq", _bwd_dq_kernel))
-    for dtype, classes in (("fp16", (("sm75", (75,)), ("sm80", (80, 90)))), ("bf16", (("sm80", (80, 90)),))):
-        for gpu_class, targets in classes:
-            for block_d, groups in ((64, 3), (128, 4), (256, 2)):
-                for window, softcap in (variants if block_d != 64 else variants[:1]):
-                    tag = f"{dtype},{gpu_class},D={block_d},w={int(window)},c={int(softcap)}"
-                    for name, kernel in kernels:
-                        block_m, block_n, warps, stages = CONFIGS[(gpu_class, block_d)][name]
-                        cx = dict(GROUPS=groups, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SOFTCAP=softcap,
-                                  WINDOW=window, PRECISION="tf32")
-                        specs.append(CompileSpec(f"varlen_attn_{name}[{tag}]", kernel, _signature(kernel, dtype), cx,
-                                                 targets, dict(num_warps=warps, num_stages=stages)))
-            specs.append(CompileSpec(f"varlen_attn_bwd_pre[{dtype},{gpu_class}]", _bwd_preprocess_kernel,
-                                     _signature(_bwd_preprocess_kernel, dtype), dict(BLOCK_M=64, BLOCK_D=256),
-                                     targets, dict(num_warps=4)))
+    # (dtype, GPU class, targets, padded head_dim, GQA groups, WINDOW and SOFTCAP)
+    variants = [(dtype, gpu_class, targets, block_d, groups, flags)
+                for dtype, gpu_class, targets in (("fp16", "sm75", (75,)), ("fp16", "sm80", (80, 90)))
+                for block_d, groups, flags in ((64, 3, False), (128, 4, False), (128, 4, True), (256, 2, True))]
+    variants.append(("bf16", "sm80", (80, 90), 128, 4, False))
+    for dtype, gpu_class, targets, block_d, groups, flags in variants:
+        tag = f"{dtype},{gpu_class},D={block_d}{',window,softcap' if flags else ''}"
+        for name, kernel in kernels:
+            block_m, block_n, warps, stages = CONFIGS[(gpu_class, block_d)][name]
+            cx = dict(GROUPS=groups, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SOFTCAP=flags, WINDOW=flags,
+                      PRECISION="tf32")
+            specs.append(CompileSpec(f"varlen_attn_{name}[{tag}]", kernel, _signature(kernel, dtype), cx, targets,
+                                     dict(num_warps=warps, num_stages=stages)))
+    for dtype, targets in (("fp16", (75, 80, 90)), ("bf16", (80, 90))):
+        specs.append(CompileSpec(f"varlen_attn_bwd_pre[{dtype}]", _bwd_preprocess_kernel,
+                                 _signature(_bwd_preprocess_kernel, dtype), dict(BLOCK_M=64, BLOCK_D=256), targets,
+                                 dict(num_warps=4)))
     return specs
