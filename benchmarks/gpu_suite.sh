@@ -12,6 +12,8 @@
 #                          ROWS: ids, globs or aliases (main, t4, all), comma-separated (default all);
 #                          PEERS: e.g. nbtune,unsloth (default hf,unsloth,nbtune)
 #                          -> $OUT/models-<stamp>.json, $OUT/models.log, $OUT/RESULTS.md
+#   packedattn             python3 benchmarks/packed_attention.py (packed-row attention by backend, fwd+bwd)
+#                          -> $OUT/packed-attention-<gpu>.{json,md}
 #   tune                   python3 benchmarks/tune_rms_norm_bwd.py (RMSNorm dw backward's launch shape) -> $OUT/tune-rms-norm-bwd.json
 #   multigpu[:STAGES]      python3 benchmarks/multi_gpu.py --stages STAGES (losses,throughput,contention,profile need 2 GPUs:
 #                          the 2 x H200 machine; checkpointing, gc and profile --profile-worlds 1 need one) -> $OUT/multi_gpu.json
@@ -156,6 +158,10 @@ stage_profile() {
     > >(tee "$OUT/$name")
 }
 
+stage_packedattn() {
+  run_stage packedattn $PY benchmarks/packed_attention.py --out "$OUT"
+}
+
 stage_tune() {
   run_stage tune $PY benchmarks/tune_rms_norm_bwd.py --out "$OUT"
 }
@@ -183,9 +189,10 @@ main() {
         IFS=: read -r _ rows peers <<<"$stage"
         stage_models "${rows:-all}" "${peers:-hf,unsloth,nbtune}" ;;
       tune) stage_tune ;;
+      packedattn) stage_packedattn ;;
       multigpu) stage_multigpu "" ;;
       multigpu:*) stage_multigpu "${stage#multigpu:}" ;;
-      *) note "$stage" "UNKNOWN stage (tests, kernels, profile, models, tune, multigpu)" 0 ;;
+      *) note "$stage" "UNKNOWN stage (tests, kernels, profile, models, packedattn, tune, multigpu)" 0 ;;
     esac
   done
   echo; echo "===== summary (${SECONDS}s of ${BUDGET}s)"
