@@ -12,6 +12,8 @@
 #                          ROWS: ids, globs or aliases (main, t4, all), comma-separated (default all);
 #                          PEERS: e.g. nbtune,unsloth (default hf,unsloth,nbtune)
 #                          -> $OUT/models-<stamp>.json, $OUT/models.log, $OUT/RESULTS.md
+#   packedattn             python3 benchmarks/packed_attention.py (packed-row attention by backend, fwd+bwd)
+#                          -> $OUT/packed-attention-<gpu>.{json,md}
 #   tune                   python3 benchmarks/tune_rms_norm_bwd.py (RMSNorm dw backward's launch shape) -> $OUT/tune-rms-norm-bwd.json
 #   calibrate[:ONLY]       python3 benchmarks/calibrate.py measure [--only ONLY] (the planner's peak-memory grid)
 #                          -> $OUT/calibration.json (copy over nbtune/planner/calibration.json, then `fit`)
@@ -159,6 +161,10 @@ stage_profile() {
     > >(tee "$OUT/$name")
 }
 
+stage_packedattn() {
+  run_stage packedattn $PY benchmarks/packed_attention.py --out "$OUT"
+}
+
 stage_tune() {
   run_stage tune $PY benchmarks/tune_rms_norm_bwd.py --out "$OUT"
 }
@@ -195,9 +201,10 @@ main() {
       tune) stage_tune ;;
       calibrate) stage_calibrate "" ;;
       calibrate:*) stage_calibrate "${stage#calibrate:}" ;;
+      packedattn) stage_packedattn ;;
       multigpu) stage_multigpu "" ;;
       multigpu:*) stage_multigpu "${stage#multigpu:}" ;;
-      *) note "$stage" "UNKNOWN stage (tests, kernels, profile, models, tune, calibrate, multigpu)" 0 ;;
+      *) note "$stage" "UNKNOWN stage (tests, kernels, profile, models, packedattn, tune, calibrate, multigpu)" 0 ;;
     esac
   done
   echo; echo "===== summary (${SECONDS}s of ${BUDGET}s)"
