@@ -11,7 +11,7 @@ packaged nbtune/planner/calibration.json. ``fit`` and ``check`` are the planner'
 (:mod:`nbtune.planner.calibration`, pure Python); this script is the measuring harness, which
 imports torch, nbtune.models and nbtune.kernels.
 
-``measure`` follows BENCHMARKS.md's protocol: for each model shape it builds a random-weight
+``measure`` follows the protocol of benchmarks/README.md: for each model shape it builds a random-weight
 checkpoint of the real dimensions (``from_config`` on the GPU, ``save_pretrained``, a tiny word-level
 tokenizer next to it), reloads it through ``nbtune.load_model`` (4-bit NF4 double-quant, or
 16-bit), then for every configuration of that shape: ``nbtune.add_lora`` (all linear layers,
@@ -314,7 +314,7 @@ def measure(out: str | Path, budget_s: float = 360.0, only: str | None = None, c
     from nbtune.models import load_model
 
     if device == "cuda":
-        # What a T4 runs (BENCHMARKS.md's T4 emulation): SDPA's memory-efficient backend only.
+        # What a T4 runs (the T4 emulation of benchmarks/README.md): SDPA's memory-efficient backend only.
         torch.backends.cuda.enable_flash_sdp(False)
         torch.backends.cuda.enable_math_sdp(False)
         try:

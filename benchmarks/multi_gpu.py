@@ -440,7 +440,7 @@ def stage_profile(work: str, root: str, out: str, one_gpu_grad_accum: int = 8, c
     micro-batches under torch.profiler around the last step boundary (the all-reduce, clipping, the
     optimizer step and logging between): the window comes last so that it perturbs nothing before.
     ``repeats`` > 1 profiles each run that many times, into ``out/r1``, ``out/r2``, ...: runs of one
-    config differ from one another (NOTES.md, session 7), and one profile may not catch a slow one."""
+    config differ from one another (benchmarks/NOTES.md, "Multi-GPU"), and one profile may not catch a slow one."""
     shape, two_gpu_grad_accum = "llama3-8b", max(1, one_gpu_grad_accum // WORLD)
     model, vocab, _ = llama3_8b_words(root)
     data = write_rows(os.path.join(work, "random-2048-profile.jsonl"),

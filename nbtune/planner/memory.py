@@ -89,7 +89,7 @@ GPU and ``... calibrate.py fit`` has written fitted values into ``calibration.js
 patched forward and kernel keeps for backward (their docstrings) and, for the unpatched factor,
 from counting transformers' Llama decoder layer with peft LoRA under bf16 autocast with
 saved-tensor hooks on a CPU; the fixed terms come from the formats' definitions; the overheads
-are round guesses. Against the peer figures in BENCHMARKS.md the defaults predict, for llama3-8b
+are round guesses. Against the peer figures in benchmarks/README.md the defaults predict, for llama3-8b
 with 4-bit, offloaded checkpointing and fp16 on a T4: 6.57 GiB at 1x2048 (Unsloth measures 6.50
 GiB, nbtune's target is at most 0.95x that) and ~0.17 MiB per further token of context once the
 MLP runs in more than one token chunk (beyond ~4.7k tokens; Unsloth: ~0.25-0.28 MiB); before the

@@ -588,19 +588,12 @@ def plan_from_config(config, gpu="auto", world_size: int | None = None, **overri
 def auto_checkpointing(world_size: int, plain_plan: Callable[[], Plan]) -> tuple[str, str]:
     """The rule behind gradient checkpointing "auto", the config's default: (mode, one-line reason).
 
-    One process on one GPU: "offload", the least GPU memory (what lets a 7-8B model fit a free T4).
-    Its copies run on the copy engines behind the compute, but on a large GPU it has cost speed:
-    llama3-8b QLoRA 2x2048 on one H200 ran 10,367 tok/s against 11,608 with plain checkpointing
-    (median of three runs each, benchmarks/NOTES.md session 7). The host wait per micro-batch that
-    session's profile found in the offload path is gone (session 8: the GPU's span per micro-batch
-    ~338 ms, as with plain checkpointing), yet runs still came out ~10% slower than plain ones
-    (session 9: 9,498 against 10,616 tok/s, median of two each; the GPU drew less power at higher
-    clocks, i.e. it waited more), with step times varying by up to 0.6 s within a run. Data parallel
-    (``world_size`` > 1): every rank moves every layer's saved hidden state to pinned host memory and
-    back through the same host, and the ranks slow each other down (2 x H200, llama3-8b QLoRA 2x2048,
-    one process per GPU: 11,479 tok/s alone; 9,741 + 8,460 with offloading on both GPUs at once;
-    11,802 + 11,128 with plain checkpointing, at 7.57 instead of 6.67 GiB per GPU). So "plain" where
-    plain checkpointing fits this GPU with the headroom :attr:`Plan.fits` asks for, else "offload".
+    One process on one GPU: "offload", the least GPU memory (what lets a 7-8B model fit a free T4),
+    at some speed on a large GPU (~10% on an H200). Data parallel (``world_size`` > 1): every rank
+    moves every layer's saved hidden state through the same host, and offloading ranks slow each
+    other down, so "plain" where plain checkpointing fits this GPU with the headroom
+    :attr:`Plan.fits` asks for, else "offload". The measurements behind both: benchmarks/NOTES.md,
+    "Offloaded checkpointing" and "Multi-GPU".
     ``plain_plan``: returns the plan of the set-up with plain checkpointing (called only when
     ``world_size`` > 1)."""
     if world_size <= 1:

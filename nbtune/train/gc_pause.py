@@ -1,20 +1,14 @@
 """Python's cyclic garbage collector during training: its pauses, counted.
 
-A full (generation 2) collection walks every container object the interpreter tracks. With torch,
-transformers, peft, TRL and datasets imported that is ~0.5 million objects: 240 ms per collection on
-the CI-class CPU, before any model is loaded. The autograd contexts and saved-tensor wrappers of a
-micro-batch live from its forward to its backward, long enough to be promoted, so the collector's
-own thresholds could start full collections during training. A step that took one would be longer
-by its length, and under data parallelism each rank's pause would hold up the other ranks at the
-next all-reduce.
-
-Measured, it did not happen in nbtune's runs (benchmarks/NOTES.md, sessions 8 and 9): no full
-collection in the timed steps of the llama3-8b 8x2x2048 runs on H200s (13-17 ms of young-generation
-collections per ~3 s step), nor in 80 steps of the embedded 135M model on a CPU; freezing the heap
-for training (``gc.freeze()``) made no difference beyond the hosts' noise (1.10x and 0.95x) and was
-removed. :class:`CollectorPauses` times every collection (``gc.callbacks``) and gives, for the
-metrics records, the pause time since the previous record (``gc_ms``) and the number of full
-collections among them (``gc_full``): a slow step can be checked against the collector at once.
+A full (generation 2) collection walks every object the interpreter tracks (~0.5 million with
+torch, transformers, peft, TRL and datasets imported: hundreds of ms). The autograd state of a
+micro-batch lives long enough to be promoted, so full collections could start during training,
+lengthen a step, and under data parallelism hold up the other ranks at the next all-reduce. In
+the measured runs none did, and freezing the heap for training made no difference beyond
+run-to-run noise (benchmarks/NOTES.md, "Measurement hygiene"). So :class:`CollectorPauses` only
+times every collection (``gc.callbacks``) and gives, for the metrics records, the pause time since
+the previous record (``gc_ms``) and the number of full collections among them (``gc_full``): a
+slow step can be checked against the collector at once.
 """
 from __future__ import annotations
 

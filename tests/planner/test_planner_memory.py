@@ -421,7 +421,7 @@ def test_patched_model_types_match_the_patch_registry():
 def test_t4_llama3_8b_fits_easily_with_nbtune_and_not_in_16_bit():
     p = _plan(gpu="T4", seq_len=2048, batch_size=1)  # 4-bit, offload, fp16, fused loss
     assert p.fits and p.margin_gib > 5.0
-    # BENCHMARKS.md: Unsloth measures 6.50 GiB here, and nbtune's target is below that
+    # benchmarks/README.md: Unsloth measures 6.50 GiB here, and nbtune's target is below that
     assert 0.85 * 6.50 < p.reserved_gib < 1.15 * 6.50
     sixteen = _plan(gpu="T4", seq_len=2048, batch_size=1, load_in_4bit=False)
     assert not sixteen.fits and sixteen.margin_gib < -1.0
@@ -435,7 +435,7 @@ def test_t4_llama3_8b_fits_easily_with_nbtune_and_not_in_16_bit():
     ("llama-2-7b", 2048, 1, "fp16", 4.82),
 ])
 def test_defaults_land_near_the_peer_figures(model, seq, batch, dtype, unsloth_gib):
-    """Sanity anchors, not the calibration: within ±20 % of what Unsloth measured (BENCHMARKS.md)."""
+    """Sanity anchors, not the calibration: within ±20 % of what Unsloth measured (benchmarks/README.md)."""
     p = _plan(model, gpu="H200", seq_len=seq, batch_size=batch, dtype=dtype)
     assert 0.8 * unsloth_gib < p.reserved_gib < 1.2 * unsloth_gib
 
