@@ -31,9 +31,7 @@ rank's micro-batch is one of the 1-GPU run's micro-batches.
   ``--rounds`` times each in alternating order: what offloading costs on one GPU, i.e. how far
   the ``auto`` default's speed-up stands from the like-for-like one.
 
-Every run's timed steps report the collector's pauses (``gc_ms_each``, ``gc_full``); with ``--env
-NBTUNE_OFFLOAD_TIMING=1`` an offloading run's steps also report where offloading spent time
-(``offload_each``: the compute stream's waits on the copies, the copies' GB/s). Every run samples
+Every run's timed steps report the collector's pauses (``gc_ms_each``, ``gc_full``). Every run samples
 the GPUs (clock, power, slowdown reasons: benchmarks/gpu_sampler.py) into its ``gpu_samples``.
 
 No network: the checkpoints are built locally (CKPT_ROOT, default /tmp/ckpt); the tokenizers are
@@ -235,7 +233,6 @@ def compare_losses(one: dict, two: dict) -> dict:
                 and dist.get("replicas_identical") is True)
 
 
-OFFLOAD_FIELDS = ("wait_forward_ms", "wait_backward_ms", "host_wait_ms", "copy_out_gbps", "copy_in_gbps")
 
 
 def speed(run: dict, warmup: int) -> dict:
@@ -250,10 +247,6 @@ def speed(run: dict, warmup: int) -> dict:
                 # the garbage collector's pauses in the timed steps (nbtune/train/gc_pause.py)
                 gc_ms_each=[r.get("gc_ms") for r in recs], gc_full=sum(r.get("gc_full") or 0 for r in recs),
                 gc_ms_per_step=round(statistics.mean(r.get("gc_ms") or 0.0 for r in recs), 1) if recs else None,
-                # with NBTUNE_OFFLOAD_TIMING=1: per timed step, the compute stream's waits on the
-                # offload copies and the copies' rates (nbtune.kernels.offload.offload_timing)
-                offload_each=[{k: r.get(f"offload_{k}") for k in OFFLOAD_FIELDS} for r in recs]
-                if any("offload_copy_out_n" in r for r in recs) else None,
                 peak_reserved_gib=dist.get("peak_reserved_gib") or end.get("vram_peak_gib"))
 
 

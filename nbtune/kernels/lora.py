@@ -65,7 +65,6 @@ import torch
 import torch.nn.functional as F
 
 from .._chunking import mlp_token_chunks
-from .._env import env_flag
 from ._backend import use_triton
 from .glu import ACTIVATIONS, glu_backward_inplace, glu_forward_2d, glu_reference
 from .nf4 import dequantize_base
@@ -142,8 +141,7 @@ def _mm_scaled(a, b, scaling, dtype=None):
     peft's default) comes straight out of the GEMM's fp32 accumulator on CUDA (cuBLAS with a wide
     output: ``addmm``'s ``out_dtype``): no rounding to 16 bits and no cast kernel after it, one
     host op instead of two per gradient (448 casts per step for LoRA on a 32-layer model's seven
-    projections). Elsewhere the GEMM runs in a's dtype and the result is cast (also everywhere with
-    ``NBTUNE_WIDE_GEMM=0``).
+    projections). Elsewhere the GEMM runs in a's dtype and the result is cast.
     """
     if dtype is None or dtype == a.dtype:
         return torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device).addmm_(a, b, beta=0.0, alpha=scaling)
@@ -158,9 +156,8 @@ def _mm_scaled(a, b, scaling, dtype=None):
     return _mm_scaled(a, b, scaling).to(dtype)
 
 
-# False once this torch / GPU refuses addmm's out_dtype; NBTUNE_WIDE_GEMM=0 turns the wide GEMM off from
-# the start (16-bit GEMM plus a cast, the path before it), to compare the two on one machine
-_WIDE_GEMM = {"ok": env_flag("NBTUNE_WIDE_GEMM", default=True)}
+# False once this torch / GPU refuses addmm's out_dtype (then the 16-bit GEMM plus a cast)
+_WIDE_GEMM = {"ok": True}
 
 
 def _wide_gemm_ok(a, dtype) -> bool:

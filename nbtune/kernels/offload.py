@@ -130,14 +130,12 @@ import collections
 import contextlib
 import functools
 import threading
-import time
 import warnings
 import weakref
 
 import torch
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
-from .._env import env_flag
 from ._backend import kernel_mode
 
 # On CUDA, inputs smaller than this stay on the GPU: a copy's fixed cost outweighs the bytes.
@@ -172,86 +170,6 @@ class _Stats:
 
 
 _STATS = _Stats()
-
-TIMING_ENV = "NBTUNE_OFFLOAD_TIMING"
-_TIMING_KINDS = ("copy_out", "copy_in", "wait_forward", "wait_backward", "host_wait")
-
-
-class _Timer:
-    """Where offloading spends time, opt-in (``NBTUNE_OFFLOAD_TIMING=1`` or ``set_offload_timing``):
-
-    - ``copy_out`` / ``copy_in``: the device-to-host and host-to-device copies on the side stream
-      (GPU time between CUDA events around each copy; host time on the CPU path), and their bytes;
-    - ``wait_forward``: how long the compute stream stood still waiting for a copy-out before the
-      input's device tensor is freed: in the forward when it leaves the window (a copy falling
-      more than ``DEVICE_WINDOW`` layers behind), in the backward for the window's own inputs;
-    - ``wait_backward``: how long it stood still waiting for a copy-in before a recompute (a
-      prefetch that was late, or an input fetched on demand);
-    - ``host_wait``: host time the pool's ``take()`` blocked on a buffer's last copy.
-
-    The GPU figures come from timing events recorded around each copy or wait: no synchronization;
-    :meth:`collect` reads only the events already done and keeps the rest for its next call."""
-
-    def __init__(self):
-        self.enabled = env_flag(TIMING_ENV, default=False)
-        self._lock = threading.Lock()
-        self._pending: collections.deque = collections.deque()  # (kind, start, end, nbytes) of CUDA events
-        self._done = self._zero()
-
-    @staticmethod
-    def _zero() -> dict:
-        return {kind: [0.0, 0, 0] for kind in _TIMING_KINDS}  # ms, count, bytes
-
-    @contextlib.contextmanager
-    def span(self, kind: str, stream=None, nbytes: int = 0):
-        """Time what the block queues on ``stream`` (a CUDA stream), or the block itself on the host."""
-        if not self.enabled:
-            yield
-            return
-        if stream is None:
-            t0 = time.perf_counter()
-            yield
-            self.add(kind, (time.perf_counter() - t0) * 1e3, nbytes)
-            return
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record(stream)
-        yield
-        end.record(stream)
-        with self._lock:
-            self._pending.append((kind, start, end, nbytes))
-
-    def add(self, kind: str, ms: float, nbytes: int = 0):
-        with self._lock:
-            acc = self._done[kind]
-            acc[0] += ms
-            acc[1] += 1
-            acc[2] += nbytes
-
-    def collect(self) -> dict:
-        """Totals since the last call: ``<kind>_ms`` and ``<kind>_n`` for every kind, ``copy_out_gbps``
-        and ``copy_in_gbps`` (GB/s over the copies' own time), and ``pending`` (spans whose events
-        the GPU has not reached yet: counted in a later call)."""
-        with self._lock:
-            while self._pending and self._pending[0][2].query():
-                kind, start, end, nbytes = self._pending.popleft()
-                acc = self._done[kind]
-                acc[0] += start.elapsed_time(end)
-                acc[1] += 1
-                acc[2] += nbytes
-            done, self._done = self._done, self._zero()
-            pending = len(self._pending)
-        out = {}
-        for kind, (ms, n, nbytes) in done.items():
-            out[f"{kind}_ms"] = round(ms, 3)
-            out[f"{kind}_n"] = n
-            if kind.startswith("copy_"):
-                out[f"{kind}_gbps"] = round(nbytes / ms / 1e6, 2) if ms > 0 else None
-        out["pending"] = pending
-        return out
-
-
-_TIMER = _Timer()
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -300,8 +218,7 @@ class _HostBufferPool:
         # queued behind the host, and waiting for it would drain the launch queue every micro-batch.
         # A query is not a synchronization.
         if busy_until is not None and not busy_until.query():
-            with _TIMER.span("host_wait"):
-                busy_until.synchronize()
+            busy_until.synchronize()
         return buffer
 
     def give(self, buffer: torch.Tensor, busy_until, pinned: bool):
@@ -413,15 +330,14 @@ class _OffloadedInput:
             self.compute_stream = torch.cuda.current_stream(self.device)
             side = _SIDE_STREAMS.get(self.device)
             side.wait_stream(self.compute_stream)  # the tensor is written by queued compute work
-            with torch.cuda.stream(side), _TIMER.span("copy_out", side, self.nbytes):
+            with torch.cuda.stream(side):
                 self.host.copy_(tensor, non_blocking=True)
             self.copied_out = side.record_event()
             self.host_busy_until = self.copied_out
         else:
             self.compute_stream = None
             self.copied_out = None
-            with _TIMER.span("copy_out", None, self.nbytes):
-                self.host.copy_(tensor)
+            self.host.copy_(tensor)
         # Kept until the handle leaves the device window (or is unpacked first).
         self.device_tensor = tensor
         for old in _ORDER.register(self):
@@ -433,21 +349,19 @@ class _OffloadedInput:
         later use of its memory on the compute stream."""
         tensor, self.device_tensor = self.device_tensor, None
         if tensor is not None and self.is_cuda:
-            with _TIMER.span("wait_forward", self.compute_stream):
-                self.compute_stream.wait_event(self.copied_out)
+            self.compute_stream.wait_event(self.copied_out)
         del tensor
 
     def _copy_in(self, stream) -> tuple:
         """Start a host-to-device copy; return (device tensor, event after which it is ready)."""
         if not self.is_cuda:
-            with _TIMER.span("copy_in", None, self.nbytes):
-                return self.host.clone(), None
+            return self.host.clone(), None
         with torch.cuda.stream(stream):  # allocate on the stream that will use the tensor
             device_tensor = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         side = _SIDE_STREAMS.get(self.device)
         # The allocator may have recycled memory that kernels queued on `stream` still use.
         side.wait_stream(stream)
-        with torch.cuda.stream(side), _TIMER.span("copy_in", side, self.nbytes):
+        with torch.cuda.stream(side):
             device_tensor.copy_(self.host, non_blocking=True)
         ready = side.record_event()
         self.host_busy_until = ready
@@ -478,8 +392,7 @@ class _OffloadedInput:
         if previous is not None:
             previous.prefetch(stream)
         if ready is not None:
-            with _TIMER.span("wait_backward", stream):
-                stream.wait_event(ready)
+            stream.wait_event(ready)
         return result
 
     def __del__(self):
@@ -697,26 +610,6 @@ def reset_offload_stats():
     with _STATS.lock:
         for name in _STAT_NAMES:
             _STATS.counts[name] = 0
-
-
-def set_offload_timing(enabled: bool) -> None:
-    """Turn the offload path's timing on or off (default: ``NBTUNE_OFFLOAD_TIMING`` at import,
-    off unless 1/true/yes/on). Timing records two CUDA timing events per copy and per wait of the
-    compute stream on a copy: a diagnostic, not for every run."""
-    _TIMER.enabled = bool(enabled)
-
-
-def offload_timing_enabled() -> bool:
-    return _TIMER.enabled
-
-
-def offload_timing() -> dict:
-    """Where offloading spent time since the last call (see ``_Timer``): ``copy_out_ms``,
-    ``copy_in_ms`` (side-stream time of the copies) with their counts ``_n`` and rates ``_gbps``,
-    ``wait_forward_ms`` / ``wait_backward_ms`` (the compute stream standing still on a copy: the
-    time offloading adds to a step), ``host_wait_ms`` and ``pending``. Nothing synchronizes:
-    spans the GPU has not finished are counted in a later call. All zero while timing is off."""
-    return _TIMER.collect()
 
 
 def release_pinned_memory():

@@ -585,12 +585,6 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
     stream.start_fields = dict(gradient_checkpointing=checkpointing, checkpointing_reason=checkpointing_why)
     pauses = CollectorPauses()
     stream.fields.append(pauses.record_fields)
-    if checkpointing == "offload":
-        from nbtune.kernels.offload import offload_timing, offload_timing_enabled
-
-        if offload_timing_enabled():  # NBTUNE_OFFLOAD_TIMING=1: where offloading spent each step's time
-            offload_timing()  # start from this run's first step
-            stream.fields.append(lambda: {f"offload_{k}": v for k, v in offload_timing().items()})
     interrupt = InterruptCallback()
     autosave = AutoSave(cfg.train.save_minutes)
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, notify=stream.emit)

@@ -98,11 +98,10 @@ def test_dry_run_reports_the_global_batch_for_n_gpus(tiny_model_dir, ddp_data, t
 def test_fused_kernels_and_offloaded_checkpointing_under_ddp(runs, tiny_model_dir, ddp_data, tmp_path):
     """The Triton kernels (in Triton's interpreter) and the offloaded checkpointing under 2-process
     DDP: no hang, the same first-step loss and gradient norm as the reference kernels' 2-process run
-    (the backward's gradients, all-reduced), and identical replicas after the optimizer step; the
-    offload timing's fields in the train record show the inputs did go through host buffers."""
+    (the backward's gradients, all-reduced), and identical replicas after the optimizer step."""
     cfg = ddp_config(tiny_model_dir, ddp_data, tmp_path / "fused", max_steps=1, epochs=None, save_steps=None)
     (tmp_path / "fused.yaml").write_text(yaml.safe_dump(cfg))
-    env = cpu_env() | {"NBTUNE_KERNELS": "triton", "TRITON_INTERPRET": "1", "NBTUNE_OFFLOAD_TIMING": "1"}
+    env = cpu_env() | {"NBTUNE_KERNELS": "triton", "TRITON_INTERPRET": "1"}
     run = torchrun(["-m", "nbtune.ui.cli", "finetune", str(tmp_path / "fused.yaml")], env=env, timeout=400)
     assert run.returncode == 0, run.stderr[-3000:]
     records = read_jsonl(tmp_path / "fused" / "metrics.jsonl")
@@ -110,8 +109,5 @@ def test_fused_kernels_and_offloaded_checkpointing_under_ddp(runs, tiny_model_di
     assert fused["step"] == reference["step"] == 1
     assert fused["loss"] == pytest.approx(reference["loss"], rel=1e-4)
     assert fused["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-3)
-    # the layers' inputs went through the offload path (NBTUNE_OFFLOAD_TIMING=1 counts the copies;
-    # the tiny model's layers all fit the device window, so none had to come back from the host)
-    assert fused["offload_copy_out_n"] > 0 and fused["offload_pending"] == 0
     (dist,) = [r for r in records if r["event"] == "distributed"]
     assert dist["replicas_identical"] and len(set(dist["digests"])) == 1
