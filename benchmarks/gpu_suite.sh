@@ -12,6 +12,11 @@
 #                          ROWS: ids, globs or aliases (main, t4, all), comma-separated (default all);
 #                          PEERS: e.g. nbtune,unsloth (default hf,unsloth,nbtune)
 #                          -> $OUT/models-<stamp>.json, $OUT/models.log, $OUT/RESULTS.md
+#   trainer[:ROWS[:PEERS]] python3 benchmarks/trainer.py --rows ROWS --peers PEERS: the user's path, nbtune.finetune vs
+#                          Unsloth + TRL vs TRL + peft + bnb on real token counts (ROWS default quick; PEERS default
+#                          nbtune,unsloth,trl; --assets .bench-assets when that folder was carried: make it here with
+#                          `python benchmarks/trainer_data.py export .bench-assets`)
+#                          -> $OUT/trainer-<stamp>.{json,md}, $OUT/trainer.log, $OUT/RESULTS.md
 #   tune                   python3 benchmarks/tune_rms_norm_bwd.py (RMSNorm dw backward's launch shape) -> $OUT/tune-rms-norm-bwd.json
 #   multigpu[:STAGES]      python3 benchmarks/multi_gpu.py --stages STAGES (losses,throughput,contention,profile need 2 GPUs:
 #                          the 2 x H200 machine; checkpointing, gc and profile --profile-worlds 1 need one) -> $OUT/multi_gpu.json
@@ -22,7 +27,7 @@
 #
 # Environment: OUT (results folder; default /tmp/nbtune-suite-out), SUITE_BUDGET_S (seconds for
 # everything, default 560: one 10-minute command with room to copy), MODELS_ARGS / KERNELS_ARGS /
-# PYTEST_ARGS / MULTIGPU_ARGS (extra arguments), CKPT_ROOT (/tmp/ckpt), PYTHON (python3).
+# PYTEST_ARGS / MULTIGPU_ARGS / TRAINER_ARGS (extra arguments), CKPT_ROOT (/tmp/ckpt), PYTHON (python3).
 # At most 8 files come back from $OUT: one models stage per call keeps it there.
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -148,6 +153,25 @@ stage_models() {
   [[ -f benchmarks/RESULTS.md ]] && cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
 }
 
+stage_trainer() {
+  local rows=${1:-quick} peers=${2:-nbtune,unsloth,trl} mark=/tmp/nbtune-suite.trainer.mark
+  local -a assets=()
+  [[ -d .bench-assets ]] && assets=(--assets .bench-assets)
+  touch "$mark"; sleep 1
+  local left; left=$(remaining)
+  # shellcheck disable=SC2086
+  run_stage "trainer:$rows" $PY benchmarks/trainer.py --rows "$rows" --peers "$peers" --time-budget $(( left - 40 )) \
+    ${assets[@]+"${assets[@]}"} ${NBTUNE_BENCH_PEER_SITE:+--peer-site "$NBTUNE_BENCH_PEER_SITE"} ${TRAINER_ARGS:-}
+  local f
+  for f in $(find benchmarks/results -maxdepth 1 -name 'trainer-*' -newer "$mark"); do
+    case $f in
+      *.json|*.md) cp "$f" "$OUT/" ;;
+      *.log) cat "$f" >> "$OUT/trainer.log" ;;
+    esac
+  done
+  [[ -f benchmarks/RESULTS.md ]] && cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
+}
+
 stage_profile() {
   local spec=${1:-llama3-8b:2:2048:bfloat16} name
   name=profile-$(tr ':' '-' <<<"$spec").txt
@@ -182,10 +206,13 @@ main() {
       models|models:*)
         IFS=: read -r _ rows peers <<<"$stage"
         stage_models "${rows:-all}" "${peers:-hf,unsloth,nbtune}" ;;
+      trainer|trainer:*)
+        IFS=: read -r _ rows peers <<<"$stage"
+        stage_trainer "${rows:-quick}" "${peers:-nbtune,unsloth,trl}" ;;
       tune) stage_tune ;;
       multigpu) stage_multigpu "" ;;
       multigpu:*) stage_multigpu "${stage#multigpu:}" ;;
-      *) note "$stage" "UNKNOWN stage (tests, kernels, profile, models, tune, multigpu)" 0 ;;
+      *) note "$stage" "UNKNOWN stage (tests, kernels, profile, models, trainer, tune, multigpu)" 0 ;;
     esac
   done
   echo; echo "===== summary (${SECONDS}s of ${BUDGET}s)"
