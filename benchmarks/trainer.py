@@ -69,7 +69,7 @@ RESULTS_MD = os.path.join(HERE, "RESULTS.md")
 PEERS_DIR = os.path.join(HERE, "peers")
 PEERS = {  # name -> command (after the interpreter), modules it needs
     "nbtune": dict(cmd=[os.path.join(PEERS_DIR, "trainer_nbtune.py")],
-                   needs=["torch", "nbtune", "trl", "bitsandbytes", "plotly"]),
+                   needs=["torch", "nbtune", "trl", "bitsandbytes"]),
     "unsloth": dict(cmd=[os.path.join(PEERS_DIR, "trainer_trl.py"), "--peer", "unsloth"],
                     needs=["torch", "unsloth", "trl", "bitsandbytes"]),
     "trl": dict(cmd=[os.path.join(PEERS_DIR, "trainer_trl.py"), "--peer", "trl"],
@@ -265,14 +265,25 @@ def classify(rc, lines: list[dict], stderr: str, timed_out: bool, seconds: float
                 line=line)
 
 
-def same_tokens(results: dict) -> dict:
-    """Per peer: whether its steps saw the token counts nbtune's did (same rows in the same order)."""
-    def counts(peer):
+def row_checks(results: dict) -> dict:
+    """Per peer against nbtune: whether its steps saw the same token counts (same rows in the same
+    order), and how far its first loss is (same weights and first batch: the same loss up to
+    4-bit and summation-order rounding)."""
+    def line(peer):
         job = results.get(peer) or {}
-        return (job.get("line") or {}).get("tokens_each") if job.get("status") == "ok" else None
+        return (job.get("line") or {}) if job.get("status") == "ok" else {}
 
-    ref = counts("nbtune")
-    return {p: counts(p) == ref for p in results if p != "nbtune" and ref and counts(p)}
+    ref = line("nbtune")
+    same, diff = {}, {}
+    for peer in results:
+        other = line(peer)
+        if peer == "nbtune" or not ref or not other:
+            continue
+        if ref.get("tokens_each") and other.get("tokens_each"):
+            same[peer] = ref["tokens_each"] == other["tokens_each"]
+        if ref.get("first_loss") is not None and other.get("first_loss") is not None:
+            diff[peer] = round(abs(ref["first_loss"] - other["first_loss"]), 6)
+    return dict(same_tokens=same, first_loss_diff=diff)
 
 
 class Runner:
@@ -415,7 +426,7 @@ class Runner:
                     rec["results"][peer] = dict(peer=peer, status="pending", line=None)
                 for peer in self.peers:
                     rec["results"][peer] = self.run_job(row, peer)
-                    rec["checks"] = dict(same_tokens=same_tokens(rec["results"]))
+                    rec["checks"] = row_checks(rec["results"])
                     self.save()
         except (models.Terminated, KeyboardInterrupt):
             print("# stopped from outside (SIGTERM/interrupt): results so far are kept", flush=True)

@@ -15,17 +15,19 @@ PEER_LABELS = {"nbtune": "nbtune.finetune", "unsloth": "Unsloth + TRL SFTTrainer
                "trl": "TRL SFTTrainer + peft + bnb"}
 PEER_ORDER = ["nbtune", "unsloth", "trl"]
 MEASURED = ("ok", "oom")
+FIRST_LOSS_NOTE = 1e-2  # same weights, same first batch: a larger gap means another batch or another computation
 
 PROTOCOL = (
     "Each peer trains in its own process through its trainer, as a user runs it: nbtune.finetune (metrics "
-    "stream and dashboard on), Unsloth's FastLanguageModel + TRL's SFTTrainer, and TRL's SFTTrainer + peft + "
-    "bitsandbytes. Same checkpoint (llama3-8b dimensions, random weights, SmolLM2's tokenizer and 49,152-token "
-    "vocabulary), same rows (text: plain-text rows of 1,024-2,048 tokens; gsm8k: GSM8K question + answer "
-    "conversations), same settings (4-bit NF4, LoRA r=16 on the seven projections, AdamW 8-bit, lr 2e-4, one "
-    "micro-batch per step, logging every step). Real tokens are the trainer's own count of non-padding input "
-    "tokens; s/step is the median after the warm-up steps, real tokens/s their tokens over their time; fill = "
-    "real tokens per step / (batch × seq); memory = peak reserved during training. T4 emulation: fp16, the "
-    "allocator capped at 14.3 GiB, SDPA's memory-efficient backend only. Ratios compare peers of the same run only."
+    "stream and notebook dashboard on), Unsloth's FastLanguageModel + TRL's SFTTrainer, and TRL's SFTTrainer + "
+    "peft + bitsandbytes. Same checkpoint (by default llama3-8b dimensions, random weights, SmolLM2's tokenizer "
+    "and vocabulary), same rows (text: plain-text rows of GSM8K passages, 1,024-2,048 tokens by default; gsm8k: "
+    "GSM8K question + answer conversations), same settings (4-bit NF4, LoRA r=16 on the seven projections, "
+    "AdamW 8-bit, lr 2e-4, one micro-batch per step, logging every step). Real tokens are the trainer's own "
+    "count of non-padding input tokens; s/step is the median after the warm-up steps, real tokens/s their "
+    "tokens over their time; fill = real tokens per step / (batch × seq); memory = peak reserved during "
+    "training. T4 emulation: fp16, the allocator capped at 14.3 GiB, SDPA's memory-efficient backend only. "
+    "Ratios compare peers of the same run only; the run's line below says what it trained on."
 )
 
 
@@ -123,11 +125,18 @@ def notes(doc: dict) -> list[str]:
         for peer, job in rec.get("results", {}).items():
             if job.get("status") not in ("ok", "oom") and job.get("detail"):
                 out.append(f"- {rec.get('id')} · {peer}: {job['status']}: {job['detail']}")
-        same = (rec.get("checks") or {}).get("same_tokens")
-        for peer, ok in (same or {}).items():
+        checks = rec.get("checks") or {}
+        for peer, ok in (checks.get("same_tokens") or {}).items():
             if ok is False:
                 out.append(f"- {rec.get('id')} · {peer}: its steps saw other token counts than nbtune's "
                            "(another row order or tokenization)")
+        for peer, diff in (checks.get("first_loss_diff") or {}).items():
+            if diff is not None and diff > FIRST_LOSS_NOTE:
+                out.append(f"- {rec.get('id')} · {peer}: first loss {diff:.3g} away from nbtune's")
+        for peer, job in rec.get("results", {}).items():
+            dash = (job.get("line") or {}).get("dashboard")
+            if dash and dash != "on":
+                out.append(f"- {rec.get('id')} · {peer}: dashboard {dash}")
     return out
 
 
@@ -140,9 +149,15 @@ def run_markdown(doc: dict, label: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+DATA_ORDER = {"text": 0, "gsm8k": 1}
+DTYPE_ORDER = {"bfloat16": 0, "float16": 1, "float32": 2}
+
+
 def row_key(rec: dict):
-    return (bool(rec.get("t4")), rec.get("data", ""), -int(rec.get("batch") or 0), int(rec.get("seq") or 0),
-            rec.get("dtype", ""), not rec.get("packing"))
+    """benchmarks/trainer.py's order: T4 rows last; text, then gsm8k; bf16 2x2048 before fp16 1x2048; packed first."""
+    return (bool(rec.get("t4")), DATA_ORDER.get(rec.get("data"), 9), rec.get("data", ""),
+            DTYPE_ORDER.get(rec.get("dtype"), 9), -int(rec.get("batch") or 0), int(rec.get("seq") or 0),
+            not rec.get("packing"))
 
 
 def run_label(path: str) -> str:

@@ -11,7 +11,9 @@ token (TRL's default for these rows, and what packing needs).
 
 The dashboard is nbtune's :class:`~nbtune.ui.dashboard.Dashboard` in its notebook mode: each
 redraw (at most one a second) builds the figure's MIME bundle and serializes it to JSON, which is
-what a notebook kernel does before sending it to the browser; only the sending is left out.
+what a notebook kernel does before sending it to the browser; only the sending is left out. Where
+plotly is not installed the run goes on with the terminal progress lines (the door without a
+notebook) and its line says ``dashboard: off``.
 Prints one JSON line (trainer_common.py).
 """
 from __future__ import annotations
@@ -43,7 +45,12 @@ def finetune_config(args, fmt: str) -> dict:
 
 
 def notebook_dashboard():
-    """nbtune's Dashboard whose display step costs what a kernel's does, minus the sending."""
+    """nbtune's Dashboard whose display step costs what a kernel's does, minus the sending; None
+    where plotly (the dashboard's one extra package) is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("plotly") is None:
+        return None
     from nbtune.ui.dashboard import Dashboard
 
     class KernelCostDashboard(Dashboard):
@@ -81,12 +88,16 @@ def main(argv=None) -> int:
             apply_mem_cap(mem_cap_gib())
         clock = tc.StepClock()
         dash = notebook_dashboard()
-        result = nbtune.finetune(finetune_config(args, fmt), dashboard=dash, listeners=[ClockListener(clock)])
+        if dash is None:
+            base["dashboard"] = "off: plotly is not installed here"
+        result = nbtune.finetune(finetune_config(args, fmt), dashboard=dash or False, progress=dash is None,
+                                 listeners=[ClockListener(clock)])
         peak = tc.peak_reserved_gib()
         line = dict(base, **tc.summarize(clock, args.warmup, args.batch, args.seq), peak_reserved_gib=peak,
-                    gradient_checkpointing=result.gradient_checkpointing, dashboard_renders=dash.renders,
-                    dashboard_bytes=dash.shown_bytes, metrics_records=len(result.metrics),
+                    gradient_checkpointing=result.gradient_checkpointing, metrics_records=len(result.metrics),
                     total_s=round(time.perf_counter() - t0, 1))
+        if dash is not None:
+            line.update(dashboard="on", dashboard_renders=dash.renders, dashboard_bytes=dash.shown_bytes)
     except Exception as exc:  # noqa: BLE001 - the line says what failed; the traceback goes to stderr
         import traceback
 
