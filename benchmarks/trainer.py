@@ -25,7 +25,9 @@ per step / (batch x seq)), peak reserved GiB during training, and what went wron
 run here (e.g. unsloth not importable) is reported as skipped with the reason; a job the time budget
 does not reach, as not reached. Output: <out-dir>/trainer-<date>-<time>.json (rewritten after every
 job), .md (this run's table) and .log (the peers' output); RESULTS.md regenerated, led by the latest
-trainer-path table. About 45-60 s per job on one H100 plus ~1-2 min for the checkpoint the first time.
+trainer-path table. Every job loads the 4-bit model afresh; with ``--time-budget`` (gpu_suite.sh passes
+what is left of its own) a job that would start too late is reported as not reached, so a budget
+holds whatever the rows: ``--rows`` and ``--steps`` choose what a budget covers.
 """
 from __future__ import annotations
 
