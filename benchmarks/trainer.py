@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=parse_steps, default=(2, 5), metavar="W:S",
                     help="warm-up steps (left out) and timed steps per job (default 2:5)")
     ap.add_argument("--time-budget", type=float, default=0,
-                    help="seconds for the whole run (0: none); jobs that would start after it are reported as not reached")
+                    help="seconds for the whole run (0: none); jobs that would start after it are reported as "
+                         "not reached")
     ap.add_argument("--row-timeout", type=float, default=300, help="seconds one peer process may take")
     ap.add_argument("--min-job-s", type=float, default=45,
                     help="do not start a peer process with less than this (or 0.8x that peer's last time) left")
@@ -364,13 +365,16 @@ class Runner:
         left = self.remaining()
         need = max(self.args.min_job_s, 0.8 * self.last_seconds.get(peer, 0))
         if left < need:
-            return dict(job, status="not_reached", detail=f"time budget: {max(left, 0):.0f} s left, ~{need:.0f} s needed")
+            return dict(job, status="not_reached",
+                        detail=f"time budget: {max(left, 0):.0f} s left, ~{need:.0f} s needed")
         timeout = min(self.args.row_timeout, left)
         out_dir = os.path.join(self.args.work, "runs", f"{row.id}-{peer}")
         warmup, steps = self.args.steps
         cmd = [self.args.python, *PEERS[peer]["cmd"], "--model", self.model, "--data", self.data[row.data]["path"],
                "--row", row.id, "--batch", str(row.batch), "--seq", str(row.seq), "--dtype", row.dtype,
-               "--warmup", str(warmup), "--steps", str(steps), "--out", out_dir] + (["--packing"] if row.packing else [])
+               "--warmup", str(warmup), "--steps", str(steps), "--out", out_dir]
+        if row.packing:
+            cmd.append("--packing")
         env = {"MEM_CAP_GIB": str(self.args.t4_cap_gib), "NBTUNE_BENCH_SDPA": self.args.t4_sdpa} if row.t4 else {}
         cwd = REPO
         if peer == "unsloth":  # unsloth writes unsloth_compiled_cache/ into its working directory

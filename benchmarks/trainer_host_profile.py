@@ -206,9 +206,10 @@ def main(argv=None) -> int:
     n = window.steps
     stats = pstats.Stats(window.profile)
     lora = sum(1 for name, _ in result.model.named_parameters() if "lora_" in name)
+    listening = "metrics stream only" if args.no_dashboard else "dashboard + metrics stream"
     print(f"# nbtune.finetune on the CPU: {args.layers} layers (hidden 64, {lora} LoRA matrices), batch {args.batch} x "
-          f"seq {args.seq}, gsm8k unpacked, {'metrics stream only' if args.no_dashboard else 'dashboard + metrics stream'},"
-          f" {n} profiled steps after {warmup} warm-up; gradient checkpointing {result.gradient_checkpointing}")
+          f"seq {args.seq}, gsm8k unpacked, {listening}, {n} profiled steps after {warmup} warm-up; gradient "
+          f"checkpointing {result.gradient_checkpointing}")
     if dash:
         print(f"# dashboard: {dash.renders} redraws in the run, {dash.shown_bytes / max(dash.renders, 1) / 1e3:.0f} kB "
               "of JSON per redraw")

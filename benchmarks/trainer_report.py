@@ -90,7 +90,8 @@ def table(rows: list[tuple[str | None, dict]]) -> list[str]:
     for run, rec in rows:
         results = rec.get("results", {})
         for peer in ordered_peers(results):
-            cells = [rec.get("label", rec.get("id", "?"))] + ([run or ""] if with_run else []) + peer_cells(results, peer)
+            cells = [rec.get("label", rec.get("id", "?"))] + ([run or ""] if with_run else [])
+            cells += peer_cells(results, peer)
             out.append("| " + " | ".join(cells) + " |")
     return out
 

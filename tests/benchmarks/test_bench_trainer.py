@@ -234,7 +234,8 @@ def test_results_md_leads_with_the_latest_trainer_measurement(tmp_path):
     assert first_section.startswith("Trainer path: nbtune.finetune vs Unsloth + TRL")
     lead = [l for l in first_section.splitlines() if l.startswith("| ")]
     # text first (the newest run did not reach it: the older measurement stays), then gsm8k from the newest
-    assert lead[0] == "| row | run | peer | real tokens/s | s/step | fill | peak reserved GiB | nbtune speed × | status |"
+    assert lead[0] == ("| row | run | peer | real tokens/s | s/step | fill | peak reserved GiB | nbtune speed × "
+                       "| status |")
     assert lead[1].startswith("| text 2×2048 bf16 packed | 20261101-000000 | nbtune.finetune | 9,000 |")
     assert lead[2].startswith("| gsm8k 2×2048 bf16 unpacked | 20261130-000000 | nbtune.finetune | 3,000 |")
     assert lead[3].startswith("| gsm8k 2×2048 bf16 unpacked | 20261130-000000 | TRL SFTTrainer + peft + bnb | 1,000 |")
