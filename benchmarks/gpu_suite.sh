@@ -14,6 +14,11 @@
 #                          -> $OUT/models-<stamp>.json, $OUT/models.log, $OUT/RESULTS.md
 #   packedattn             python3 benchmarks/packed_attention.py (packed-row attention by backend, fwd+bwd)
 #                          -> $OUT/packed-attention-<gpu>.{json,md}
+#   trainer[:ROWS[:PEERS]] python3 benchmarks/trainer.py --rows ROWS --peers PEERS: the user's path, nbtune.finetune vs
+#                          Unsloth + TRL vs TRL + peft + bnb on real token counts (ROWS default quick; PEERS default
+#                          nbtune,unsloth,trl; --assets .bench-assets when that folder was carried: make it here with
+#                          `python benchmarks/trainer_data.py export .bench-assets`)
+#                          -> $OUT/trainer-<stamp>.{json,md}, $OUT/trainer.log, $OUT/RESULTS.md
 #   tune                   python3 benchmarks/tune_rms_norm_bwd.py (RMSNorm dw backward's launch shape) -> $OUT/tune-rms-norm-bwd.json
 #   calibrate[:ONLY]       python3 benchmarks/calibrate.py measure [--only ONLY] (the planner's peak-memory grid)
 #                          -> $OUT/calibration.json (copy over nbtune/planner/calibration.json, then `fit`)
@@ -28,7 +33,7 @@
 # Environment: OUT (results folder; default /tmp/nbtune-suite-out), SUITE_BUDGET_S (wall-clock
 # seconds for all stages together, default 560; each stage gets what is left, and a stage that
 # would start with under 40 s left is reported as not reached), MODELS_ARGS / KERNELS_ARGS /
-# PYTEST_ARGS / MULTIGPU_ARGS (extra arguments), CKPT_ROOT (/tmp/ckpt), PYTHON (python3).
+# PYTEST_ARGS / MULTIGPU_ARGS / TRAINER_ARGS (extra arguments), CKPT_ROOT (/tmp/ckpt), PYTHON (python3).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
@@ -153,6 +158,25 @@ stage_models() {
   [[ -f benchmarks/RESULTS.md ]] && cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
 }
 
+stage_trainer() {
+  local rows=${1:-quick} peers=${2:-nbtune,unsloth,trl} mark=/tmp/nbtune-suite.trainer.mark
+  local -a assets=()
+  [[ -d .bench-assets ]] && assets=(--assets .bench-assets)
+  touch "$mark"; sleep 1
+  local left; left=$(remaining)
+  # shellcheck disable=SC2086
+  run_stage "trainer:$rows" $PY benchmarks/trainer.py --rows "$rows" --peers "$peers" --time-budget $(( left - 40 )) \
+    ${assets[@]+"${assets[@]}"} ${NBTUNE_BENCH_PEER_SITE:+--peer-site "$NBTUNE_BENCH_PEER_SITE"} ${TRAINER_ARGS:-}
+  local f
+  for f in $(find benchmarks/results -maxdepth 1 -name 'trainer-*' -newer "$mark"); do
+    case $f in
+      *.json|*.md) cp "$f" "$OUT/" ;;
+      *.log) cat "$f" >> "$OUT/trainer.log" ;;
+    esac
+  done
+  [[ -f benchmarks/RESULTS.md ]] && cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
+}
+
 stage_profile() {
   local spec=${1:-llama3-8b:2:2048:bfloat16} name
   name=profile-$(tr ':' '-' <<<"$spec").txt
@@ -198,13 +222,16 @@ main() {
       models|models:*)
         IFS=: read -r _ rows peers <<<"$stage"
         stage_models "${rows:-all}" "${peers:-hf,unsloth,nbtune}" ;;
+      trainer|trainer:*)
+        IFS=: read -r _ rows peers <<<"$stage"
+        stage_trainer "${rows:-quick}" "${peers:-nbtune,unsloth,trl}" ;;
       tune) stage_tune ;;
       calibrate) stage_calibrate "" ;;
       calibrate:*) stage_calibrate "${stage#calibrate:}" ;;
       packedattn) stage_packedattn ;;
       multigpu) stage_multigpu "" ;;
       multigpu:*) stage_multigpu "${stage#multigpu:}" ;;
-      *) note "$stage" "UNKNOWN stage (tests, kernels, profile, models, packedattn, tune, calibrate, multigpu)" 0 ;;
+      *) note "$stage" "UNKNOWN stage (tests, kernels, profile, models, packedattn, trainer, tune, calibrate, multigpu)" 0 ;;
     esac
   done
   echo; echo "===== summary (${SECONDS}s of ${BUDGET}s)"

@@ -81,25 +81,31 @@ def build_checkpoint(shape: str, path: str) -> None:
     """
     if os.path.exists(path):
         return
+    t = time.time()
+    save_random_checkpoint(config_for(shape), path)
+    print(f"# built {shape} in {time.time()-t:.1f}s", file=sys.stderr)
+
+
+def save_random_checkpoint(cfg, path: str, device: str = "cuda") -> None:
+    """Random weights of the transformers config ``cfg`` (``torch.manual_seed(0)``, the HF default
+    init, made on ``device``), saved in bf16 under ``<path>.partial`` and renamed to ``path``."""
     import gc
+    import shutil
 
     import torch
     from transformers import AutoModelForCausalLM
 
-    cfg = config_for(shape)
-    t = time.time()
-    with torch.device("cuda"):
+    with torch.device(device):
         torch.manual_seed(0)
         m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     tmp = f"{path.rstrip('/')}.partial"  # a build cut short never passes for a checkpoint
     if os.path.exists(tmp):
-        import shutil
-
         shutil.rmtree(tmp)
     m.save_pretrained(tmp, max_shard_size="4GB")
     os.replace(tmp, path)
-    del m; gc.collect(); torch.cuda.empty_cache()
-    print(f"# built {shape} in {time.time()-t:.1f}s", file=sys.stderr)
+    del m; gc.collect()
+    if device != "cpu":
+        torch.cuda.empty_cache()
 
 
 def ensure_tokenizer(path: str, vocab_size: int) -> None:

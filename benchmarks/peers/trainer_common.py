@@ -1,0 +1,165 @@
+"""What the trainer-path peers share (peers/trainer_nbtune.py, peers/trainer_trl.py): the run's
+arguments, the step clock, and the one JSON line each process prints.
+
+Every peer trains the same way: LoRA r=16, alpha 16, dropout 0 on the seven projections, 4-bit
+NF4 with double quantization and AdamW 8-bit on a GPU (on a CPU: full precision and torch's AdamW,
+for the tests), lr 2e-4, linear schedule without warm-up, one micro-batch per optimizer step,
+logging every step, seed 3407, ``max_steps`` = warm-up + timed steps.
+
+The clock (:class:`StepClock`) is read at the same two points in every peer: when training begins
+(``on_train_begin``; the peak-memory counters are reset there, so the peak is training's, not
+loading's) and at each optimizer step's log (``on_log``, which transformers calls right after the
+step; nbtune's metrics stream calls its listeners from there). Each reading synchronizes the device
+first (the step's logged loss has done so already). Step k's time is reading k minus reading k-1;
+its real tokens are the difference of the trainer's own count of non-padding input tokens
+(``include_num_input_tokens_seen="non_padding"``: the attention mask's sum, or the ids that are not
+the padding token where a packed batch has no mask; trainer_data.py picks a padding token no row
+contains). The first ``warmup`` steps are left out of every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+LORA_R = 16
+LR = 2e-4
+SEED = 3407
+
+
+def parse_args(argv=None, peers=()) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="one trainer-path benchmark run (prints one JSON line)")
+    if peers:
+        ap.add_argument("--peer", choices=list(peers), required=True)
+    ap.add_argument("--model", required=True, help="checkpoint folder, with its tokenizer")
+    ap.add_argument("--data", required=True, help="JSONL rows: text or messages")
+    ap.add_argument("--row", default="", help="the benchmark row this run belongs to (copied to the line)")
+    ap.add_argument("--batch", type=int, required=True)
+    ap.add_argument("--seq", type=int, required=True)
+    ap.add_argument("--dtype", required=True, choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--packing", action="store_true")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--out", required=True, help="the run's output folder")
+    args = ap.parse_args(argv)
+    if args.warmup < 0 or args.steps < 1:
+        ap.error(f"--warmup {args.warmup} --steps {args.steps}: need warm-up >= 0 and at least one timed step")
+    return args
+
+
+def data_format(path: str) -> str:
+    """"text" or "messages", from the first row's keys."""
+    with open(path, encoding="utf-8") as f:
+        first = json.loads(next(line for line in f if line.strip()))
+    if "messages" in first:
+        return "messages"
+    if "text" in first:
+        return "text"
+    raise ValueError(f"{path}: rows need a 'text' or a 'messages' field, the first has {sorted(first)}")
+
+
+def on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class StepClock:
+    """Wall time and the cumulative real-token count at the start and after each logged step."""
+
+    def __init__(self):
+        self.t0: float | None = None
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+        self.losses: list[float | None] = []
+
+    def start(self) -> None:
+        import torch
+
+        synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self.t0 = time.perf_counter()
+
+    def step(self, tokens_seen: int, loss: float | None) -> None:
+        synchronize()
+        self.times.append(time.perf_counter())
+        self.tokens.append(int(tokens_seen))
+        self.losses.append(None if loss is None else float(loss))
+
+
+def summarize(clock: StepClock, warmup: int, batch: int, seq: int) -> dict:
+    """Per-step seconds and real tokens; over the steps after ``warmup``: the median seconds per
+    step, real tokens per second (their tokens over their time) and fill (their mean real tokens over
+    batch x seq). Raises ValueError when the clock saw too few steps or no tokens."""
+    if clock.t0 is None:
+        raise ValueError("training never began (no on_train_begin)")
+    n = len(clock.times)
+    if n <= warmup:
+        raise ValueError(f"{n} step(s) logged, warm-up is {warmup}: no timed step")
+    marks = [clock.t0] + clock.times
+    step_s = [b - a for a, b in zip(marks, marks[1:])]
+    counts = [clock.tokens[0]] + [b - a for a, b in zip(clock.tokens, clock.tokens[1:])]
+    timed_s, timed_tokens = step_s[warmup:], counts[warmup:]
+    if sum(timed_tokens) <= 0:
+        raise ValueError("the trainer counted no input tokens in the timed steps")
+    losses = [x for x in clock.losses if x is not None]
+    return dict(
+        warmup=warmup, steps=n - warmup,
+        s_per_step=round(statistics.median(timed_s), 4),
+        tokens_per_s=round(sum(timed_tokens) / sum(timed_s)),
+        tokens_per_step=round(statistics.fmean(timed_tokens), 1),
+        fill=round(statistics.fmean(timed_tokens) / (batch * seq), 4),
+        step_s_each=[round(x, 4) for x in step_s], tokens_each=counts,
+        first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None)
+
+
+def peak_reserved_gib() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_reserved() / 2**30, 3)
+
+
+def emit(line: dict) -> None:
+    print(json.dumps(line), flush=True)
+
+
+def is_oom(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError) or type(exc).__name__ == "GPUOutOfMemoryError":  # nbtune's
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def error_line(base: dict, exc: BaseException) -> dict:
+    """The line of a run that failed: ``error`` is "OOM" or the exception's type, ``detail`` its first line."""
+    detail = (str(exc).strip().splitlines() or [""])[0][:400]
+    return dict(base, error="OOM" if is_oom(exc) else type(exc).__name__, detail=detail)
+
+
+def environment_fields() -> dict:
+    """The T4-emulation switches this process obeys (bench_common reads them)."""
+    from bench_common import mem_cap_gib, sdpa_backend_from_env
+
+    return dict(cap_gib=mem_cap_gib(), sdpa=sdpa_backend_from_env() or "default")
+
+
+def peers_dir() -> str:
+    return os.path.dirname(os.path.abspath(__file__))
+
+
+if peers_dir() not in sys.path:
+    sys.path.insert(0, peers_dir())

@@ -1,0 +1,112 @@
+"""Peer: ``nbtune.finetune`` as a user runs it in a notebook: the metrics stream written, the
+dashboard listening, and the benchmark's clock as one more listener.
+
+    python benchmarks/peers/trainer_nbtune.py --model DIR --data rows.jsonl --batch 2 --seq 2048 \\
+        --dtype bfloat16 [--packing] --warmup 2 --steps 5 --out DIR
+
+The config is what a user writes (trainer_common.py states the shared settings); everything else
+is nbtune's default: ``load_in_4bit`` (on a GPU), ``gradient_checkpointing: auto``, the fused
+kernels, the planner's pre-flight check. ``responses_only: false``: every peer trains on every
+token (TRL's default for these rows, and what packing needs).
+
+The dashboard is nbtune's :class:`~nbtune.ui.dashboard.Dashboard` in its notebook mode: each
+redraw (at most one a second) builds the figure's MIME bundle and serializes it to JSON, which is
+what a notebook kernel does before sending it to the browser; only the sending is left out. Where
+plotly is not installed the run goes on with the terminal progress lines (the door without a
+notebook) and its line says ``dashboard: off``.
+Prints one JSON line (trainer_common.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import LORA_TARGETS, apply_mem_cap, apply_sdpa_backend_from_env, mem_cap_gib  # noqa: E402
+
+apply_sdpa_backend_from_env()  # before torch's users (transformers, nbtune) are imported
+
+import trainer_common as tc  # noqa: E402
+
+
+def finetune_config(args, fmt: str) -> dict:
+    return {
+        "model": {"name": args.model, "max_seq_length": args.seq, "dtype": args.dtype},
+        "data": {"source": args.data, "format": fmt, "eval_split": None, "responses_only": False,
+                 "packing": bool(args.packing)},
+        "lora": {"r": tc.LORA_R, "alpha": tc.LORA_R, "dropout": 0.0, "targets": list(LORA_TARGETS)},
+        "train": {"max_steps": args.warmup + args.steps, "batch_size": args.batch, "grad_accum": 1, "lr": tc.LR,
+                  "scheduler": "linear", "warmup_steps": 0, "optimizer": "adamw_8bit", "logging_steps": 1,
+                  "seed": tc.SEED},
+        "output": {"dir": args.out},
+    }
+
+
+def notebook_dashboard():
+    """nbtune's Dashboard whose display step costs what a kernel's does, minus the sending; None
+    where plotly (the dashboard's one extra package) is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("plotly") is None:
+        return None
+    from nbtune.ui.dashboard import Dashboard
+
+    class KernelCostDashboard(Dashboard):
+        shown_bytes = 0
+
+        def _show(self) -> None:
+            self.shown_bytes += len(json.dumps(self.mimebundle()))
+
+    return KernelCostDashboard()
+
+
+class ClockListener:
+    """A metrics listener feeding the step clock from nbtune's own records."""
+
+    def __init__(self, clock: tc.StepClock):
+        self.clock = clock
+
+    def __call__(self, rec: dict) -> None:
+        if rec.get("event") == "start":
+            self.clock.start()
+        elif rec.get("event") == "train":
+            self.clock.step(rec.get("tokens") or 0, rec.get("loss"))
+
+
+def main(argv=None) -> int:
+    args = tc.parse_args(argv)
+    fmt = tc.data_format(args.data)
+    import nbtune
+
+    base = dict(peer=f"nbtune-{nbtune.__version__}", row=args.row, batch=args.batch, seq=args.seq, dtype=args.dtype,
+                packing=bool(args.packing), data=os.path.basename(args.data), format=fmt, **tc.environment_fields())
+    t0 = time.perf_counter()
+    try:
+        if tc.on_gpu():
+            apply_mem_cap(mem_cap_gib())
+        clock = tc.StepClock()
+        dash = notebook_dashboard()
+        if dash is None:
+            base["dashboard"] = "off: plotly is not installed here"
+        result = nbtune.finetune(finetune_config(args, fmt), dashboard=dash or False, progress=dash is None,
+                                 listeners=[ClockListener(clock)])
+        peak = tc.peak_reserved_gib()
+        line = dict(base, **tc.summarize(clock, args.warmup, args.batch, args.seq), peak_reserved_gib=peak,
+                    gradient_checkpointing=result.gradient_checkpointing, metrics_records=len(result.metrics),
+                    total_s=round(time.perf_counter() - t0, 1))
+        if dash is not None:
+            line.update(dashboard="on", dashboard_renders=dash.renders, dashboard_bytes=dash.shown_bytes)
+    except Exception as exc:  # noqa: BLE001 - the line says what failed; the traceback goes to stderr
+        import traceback
+
+        traceback.print_exc()
+        tc.emit(tc.error_line(base, exc))
+        return 1
+    tc.emit(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

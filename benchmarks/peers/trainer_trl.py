@@ -1,0 +1,130 @@
+"""Peers on TRL's SFTTrainer: Unsloth's way (``--peer unsloth``: FastLanguageModel, its LoRA and
+its gradient checkpointing, then SFTTrainer, as its notebooks train) and the plain Hugging Face way
+(``--peer trl``: transformers + bitsandbytes 4-bit + peft, ``prepare_model_for_kbit_training``,
+SFTTrainer with non-reentrant gradient checkpointing).
+
+    python benchmarks/peers/trainer_trl.py --peer unsloth --model DIR --data rows.jsonl --batch 2 \\
+        --seq 2048 --dtype bfloat16 [--packing] --warmup 2 --steps 5 --out DIR
+
+Same data, settings and clock as peers/trainer_nbtune.py (trainer_common.py); the rows go to
+SFTTrainer as they are (``text`` rows or ``messages`` conversations, which it renders with the
+tokenizer's chat template), with ``packing`` and ``max_length`` = --seq. Run the unsloth peer with
+Unsloth's packages first on PYTHONPATH (benchmarks/trainer.py does). Prints one JSON line.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import LORA_TARGETS, apply_mem_cap, apply_sdpa_backend_from_env, mem_cap_gib  # noqa: E402
+
+import trainer_common as tc  # noqa: E402
+
+PEERS = ("unsloth", "trl")
+
+
+def load_unsloth(args, dtype):
+    from unsloth import FastLanguageModel
+
+    model, tok = FastLanguageModel.from_pretrained(args.model, max_seq_length=args.seq, dtype=dtype,
+                                                   load_in_4bit=tc.on_gpu())
+    model = FastLanguageModel.get_peft_model(model, r=tc.LORA_R, lora_alpha=tc.LORA_R, lora_dropout=0, bias="none",
+                                             target_modules=list(LORA_TARGETS),
+                                             use_gradient_checkpointing="unsloth", random_state=tc.SEED)
+    return model, tok
+
+
+def load_peft(args, dtype):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    gpu = tc.on_gpu()
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype) if gpu else None
+    model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=quant, dtype=dtype,
+                                                 attn_implementation="sdpa",
+                                                 device_map={"": 0} if gpu else None)
+    if quant is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(r=tc.LORA_R, lora_alpha=tc.LORA_R, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                      target_modules=list(LORA_TARGETS))
+    model = get_peft_model(model, lora)
+    return model, AutoTokenizer.from_pretrained(args.model)
+
+
+def clock_callback(clock: tc.StepClock):
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            clock.start()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:  # a step's log (not the end-of-training totals)
+                clock.step(state.num_input_tokens_seen or 0, logs["loss"])
+
+    return Clock()
+
+
+def sft_config(args, peer: str, fmt: str):
+    from trl import SFTConfig
+
+    gpu = tc.on_gpu()
+    extra = {"dataset_text_field": "text"} if fmt == "text" else {}
+    if peer == "trl":
+        extra.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    return SFTConfig(
+        output_dir=args.out, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
+        max_steps=args.warmup + args.steps, learning_rate=tc.LR, lr_scheduler_type="linear", warmup_steps=0,
+        weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, optim="adamw_8bit" if gpu else "adamw_torch",
+        bf16=gpu and args.dtype == "bfloat16", fp16=gpu and args.dtype == "float16", use_cpu=not gpu,
+        packing=bool(args.packing), max_length=args.seq, report_to="none", save_strategy="no",
+        include_num_input_tokens_seen="non_padding", seed=tc.SEED, data_seed=tc.SEED,
+        **extra)
+
+
+def main(argv=None) -> int:
+    args = tc.parse_args(argv, peers=PEERS)
+    apply_sdpa_backend_from_env()  # before unsloth / transformers are imported
+    fmt = tc.data_format(args.data)
+    base = dict(peer=args.peer, row=args.row, batch=args.batch, seq=args.seq, dtype=args.dtype,
+                packing=bool(args.packing), data=os.path.basename(args.data), format=fmt, **tc.environment_fields())
+    t0 = time.perf_counter()
+    try:
+        if args.peer == "unsloth":
+            import unsloth  # noqa: F401  (first: it patches transformers and TRL)
+
+            base["peer"] = f"unsloth-{unsloth.__version__}"
+        import torch
+        import trl
+        from datasets import load_dataset
+
+        base["trl"] = trl.__version__
+        if tc.on_gpu():
+            apply_mem_cap(mem_cap_gib())
+        dtype = getattr(torch, args.dtype)
+        model, tok = (load_unsloth if args.peer == "unsloth" else load_peft)(args, dtype)
+        dataset = load_dataset("json", data_files=args.data, split="train")
+        clock = tc.StepClock()
+        trainer = trl.SFTTrainer(model=model, processing_class=tok, train_dataset=dataset,
+                                 args=sft_config(args, args.peer, fmt), callbacks=[clock_callback(clock)])
+        trainer.train()
+        peak = tc.peak_reserved_gib()
+        line = dict(base, **tc.summarize(clock, args.warmup, args.batch, args.seq), peak_reserved_gib=peak,
+                    optim=str(getattr(trainer.args.optim, "value", trainer.args.optim)),
+                    pad_token=tok.pad_token, total_s=round(time.perf_counter() - t0, 1))
+    except Exception as exc:  # noqa: BLE001 - the line says what failed; the traceback goes to stderr
+        import traceback
+
+        traceback.print_exc()
+        tc.emit(tc.error_line(base, exc))
+        return 1
+    tc.emit(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

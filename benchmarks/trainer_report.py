@@ -1,0 +1,213 @@
+"""Tables of benchmarks/trainer.py's results: one run's markdown, the lead section of RESULTS.md,
+and the plain summary printed at the end of a GPU run.
+
+Pure functions over the result documents (results/trainer-*.json), no torch: benchmarks/models.py
+puts :func:`lead_section` at the top of RESULTS.md when trainer results exist.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+PEER_LABELS = {"nbtune": "nbtune.finetune", "unsloth": "Unsloth + TRL SFTTrainer",
+               "trl": "TRL SFTTrainer + peft + bnb"}
+PEER_ORDER = ["nbtune", "unsloth", "trl"]
+MEASURED = ("ok", "oom")
+FIRST_LOSS_NOTE = 1e-2  # same weights, same first batch: a larger gap means another batch or another computation
+
+PROTOCOL = (
+    "Each peer trains in its own process through its trainer, as a user runs it: nbtune.finetune (metrics "
+    "stream and notebook dashboard on), Unsloth's FastLanguageModel + TRL's SFTTrainer, and TRL's SFTTrainer + "
+    "peft + bitsandbytes. Same checkpoint (by default llama3-8b dimensions, random weights, SmolLM2's tokenizer "
+    "and vocabulary), same rows (text: plain-text rows of GSM8K passages, 1,024-2,048 tokens by default; gsm8k: "
+    "GSM8K question + answer conversations), same settings (4-bit NF4, LoRA r=16 on the seven projections, "
+    "AdamW 8-bit, lr 2e-4, one micro-batch per step, logging every step). Real tokens are the trainer's own "
+    "count of non-padding input tokens; s/step is the median after the warm-up steps, real tokens/s their "
+    "tokens over their time; fill = real tokens per step / (batch × seq); memory = peak reserved during "
+    "training. T4 emulation: fp16, the allocator capped at 14.3 GiB, SDPA's memory-efficient backend only. "
+    "Ratios compare peers of the same run only; the run's line below says what it trained on."
+)
+
+
+def fmt_num(value, digits=0, thousands=True) -> str:
+    if value is None:
+        return "—"
+    if digits == 0:
+        return f"{round(value):,}" if thousands else str(round(value))
+    return f"{value:.{digits}f}"
+
+
+def status_cell(job: dict | None) -> str:
+    if not job:
+        return "—"
+    status = job.get("status") or "—"
+    detail = (job.get("detail") or "").replace("|", "/").strip()
+    if status == "ok":
+        return "ok"
+    if status == "oom":
+        return "OOM"
+    if status == "not_reached":
+        return "not reached" + (f" ({detail})" if detail else "")
+    return f"{status}: {detail[:160]}" if detail else status
+
+
+def speed_ratio(results: dict, peer: str) -> str:
+    """nbtune's real tokens/s over this peer's, same run."""
+    def tps(p):
+        job = results.get(p) or {}
+        line = job.get("line") or {}
+        return line.get("tokens_per_s") if job.get("status") == "ok" else None
+
+    nb, other = tps("nbtune"), tps(peer)
+    if peer == "nbtune" or not nb or not other:
+        return "—"
+    return f"{nb / other:.2f}×"
+
+
+def peer_cells(results: dict, peer: str) -> list[str]:
+    job = results.get(peer) or {}
+    line = job.get("line") if job.get("status") == "ok" else None
+    line = line or {}
+    return [PEER_LABELS.get(peer, peer), fmt_num(line.get("tokens_per_s")),
+            fmt_num(line.get("s_per_step"), 3), fmt_num(line.get("fill"), 2),
+            fmt_num(line.get("peak_reserved_gib"), 2), speed_ratio(results, peer), status_cell(job)]
+
+
+def ordered_peers(results: dict) -> list[str]:
+    return [p for p in PEER_ORDER if p in results] + [p for p in results if p not in PEER_ORDER]
+
+
+HEADER = ["row", "peer", "real tokens/s", "s/step", "fill", "peak reserved GiB", "nbtune speed ×", "status"]
+
+
+def table(rows: list[tuple[str | None, dict]]) -> list[str]:
+    """One line per (row, peer); ``rows``: (run label or None, row record)."""
+    with_run = any(run for run, _ in rows)
+    head = HEADER[:1] + (["run"] if with_run else []) + HEADER[1:]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run, rec in rows:
+        results = rec.get("results", {})
+        for peer in ordered_peers(results):
+            cells = [rec.get("label", rec.get("id", "?"))] + ([run or ""] if with_run else [])
+            cells += peer_cells(results, peer)
+            out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def meta_line(doc: dict) -> str:
+    m = doc.get("meta", {})
+    v, vp = m.get("versions", {}) or {}, m.get("versions_peer", {}) or {}
+    parts = [f"GPU {m.get('gpu', '?')}"]
+    for name in ("torch", "transformers", "trl", "peft", "bitsandbytes", "nbtune"):
+        if v.get(name):
+            parts.append(f"{name} {v[name]}")
+    if vp.get("unsloth") or v.get("unsloth"):
+        parts.append(f"unsloth {vp.get('unsloth') or v.get('unsloth')} (trl {vp.get('trl') or v.get('trl')})")
+    steps = m.get("steps")
+    if steps:
+        parts.append(f"{steps[0]} warm-up + {steps[1]} timed steps")
+    data = m.get("data") or {}
+    for name in ("text", "gsm8k"):
+        d = data.get(name)
+        if d:
+            parts.append(f"{name}: {d['rows']:,} rows of {d['min']:,}-{d['max']:,} tokens (mean {d['mean']:,})")
+    if m.get("unavailable"):
+        parts.append("skipped: " + "; ".join(f"{k} ({w})" for k, w in m["unavailable"].items()))
+    if m.get("tag"):
+        parts.append(f"tag: {m['tag']}")
+    return ", ".join(parts)
+
+
+def notes(doc: dict) -> list[str]:
+    out = []
+    for rec in doc.get("rows", []):
+        for peer, job in rec.get("results", {}).items():
+            if job.get("status") not in ("ok", "oom") and job.get("detail"):
+                out.append(f"- {rec.get('id')} · {peer}: {job['status']}: {job['detail']}")
+        checks = rec.get("checks") or {}
+        for peer, ok in (checks.get("same_tokens") or {}).items():
+            if ok is False:
+                out.append(f"- {rec.get('id')} · {peer}: its steps saw other token counts than nbtune's "
+                           "(another row order or tokenization)")
+        for peer, diff in (checks.get("first_loss_diff") or {}).items():
+            if diff is not None and diff > FIRST_LOSS_NOTE:
+                out.append(f"- {rec.get('id')} · {peer}: first loss {diff:.3g} away from nbtune's")
+        for peer, job in rec.get("results", {}).items():
+            dash = (job.get("line") or {}).get("dashboard")
+            if dash and dash != "on":
+                out.append(f"- {rec.get('id')} · {peer}: dashboard {dash}")
+    return out
+
+
+def run_markdown(doc: dict, label: str) -> str:
+    lines = [f"# Trainer path benchmark: {label}", "", meta_line(doc), "", PROTOCOL, ""]
+    lines += table([(None, rec) for rec in doc.get("rows", [])])
+    extra = notes(doc)
+    if extra:
+        lines += ["", "Notes:", *extra]
+    return "\n".join(lines) + "\n"
+
+
+DATA_ORDER = {"text": 0, "gsm8k": 1}
+DTYPE_ORDER = {"bfloat16": 0, "float16": 1, "float32": 2}
+
+
+def row_key(rec: dict):
+    """benchmarks/trainer.py's order: T4 rows last; text, then gsm8k; bf16 2x2048 before fp16 1x2048; packed first."""
+    return (bool(rec.get("t4")), DATA_ORDER.get(rec.get("data"), 9), rec.get("data", ""),
+            DTYPE_ORDER.get(rec.get("dtype"), 9), -int(rec.get("batch") or 0), int(rec.get("seq") or 0),
+            not rec.get("packing"))
+
+
+def run_label(path: str) -> str:
+    return os.path.basename(path).replace("trainer-", "").replace(".json", "")
+
+
+def latest_rows(docs: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """Each row's newest run that measured it (some peer ok or OOM), in the row order."""
+    latest: dict[str, tuple[str, dict]] = {}
+    for path, doc in reversed(docs):  # newest first
+        for rec in doc.get("rows", []):
+            if any(j.get("status") in MEASURED for j in rec.get("results", {}).values()):
+                latest.setdefault(rec["id"], (run_label(path), rec))
+    return sorted(latest.values(), key=lambda x: row_key(x[1]))
+
+
+def lead_section(docs: list[tuple[str, dict]]) -> list[str]:
+    """RESULTS.md's first section: the latest trainer-path measurement of every row ([] without any)."""
+    rows = latest_rows(docs)
+    if not rows:
+        return []
+    newest_path, newest = docs[-1]
+    return ["## Trainer path: nbtune.finetune vs Unsloth + TRL vs TRL + peft + bitsandbytes", "",
+            "Generated by `python benchmarks/trainer.py --from-json` from `benchmarks/results/trainer-*.json`. "
+            + PROTOCOL, "", *table(rows), "", f"Newest run ({run_label(newest_path)}): {meta_line(newest)}", ""]
+
+
+def load_docs(paths: list[str]) -> list[tuple[str, dict]]:
+    docs = []
+    for path in sorted(paths, key=os.path.basename):
+        try:
+            with open(path) as f:
+                docs.append((path, json.load(f)))
+        except (OSError, ValueError) as exc:
+            print(f"# skipping {path}: {exc}", file=sys.stderr)
+    return docs
+
+
+def trainer_docs_in(folders: list[str]) -> list[tuple[str, dict]]:
+    paths = sorted({p for d in folders for p in glob.glob(os.path.join(d, "trainer-*.json"))})
+    return load_docs(paths)
+
+
+def summary_text(doc: dict) -> str:
+    out = [f"== trainer: {meta_line(doc)}"]
+    for rec in doc.get("rows", []):
+        results = rec.get("results", {})
+        for peer in ordered_peers(results):
+            cells = peer_cells(results, peer)
+            out.append(f"{rec['id']:<28} {peer:<8} tok/s {cells[1]:>8}  s/step {cells[2]:>7}  fill {cells[3]:>5}  "
+                       f"GiB {cells[4]:>6}  nbtune× {cells[5]:>6}  {cells[6]}")
+    return "\n".join(out)
