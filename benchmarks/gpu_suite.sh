@@ -12,8 +12,6 @@
 #                          ROWS: ids, globs or aliases (main, t4, all), comma-separated (default all);
 #                          PEERS: e.g. nbtune,unsloth (default hf,unsloth,nbtune)
 #                          -> $OUT/models-<stamp>.json, $OUT/models.log, $OUT/RESULTS.md
-#   packedattn             python3 benchmarks/packed_attention.py (packed-row attention by backend, fwd+bwd)
-#                          -> $OUT/packed-attention-<gpu>.{json,md}
 #   trainer[:ROWS[:PEERS]] python3 benchmarks/trainer.py --rows ROWS --peers PEERS: the user's path, nbtune.finetune vs
 #                          Unsloth + TRL vs TRL + peft + bnb on real token counts (ROWS default quick; PEERS default
 #                          nbtune,unsloth,trl; --assets .bench-assets when that folder was carried: make it here with
@@ -185,10 +183,6 @@ stage_profile() {
     > >(tee "$OUT/$name")
 }
 
-stage_packedattn() {
-  run_stage packedattn $PY benchmarks/packed_attention.py --out "$OUT"
-}
-
 stage_tune() {
   run_stage tune $PY benchmarks/tune_rms_norm_bwd.py --out "$OUT"
 }
@@ -228,10 +222,9 @@ main() {
       tune) stage_tune ;;
       calibrate) stage_calibrate "" ;;
       calibrate:*) stage_calibrate "${stage#calibrate:}" ;;
-      packedattn) stage_packedattn ;;
       multigpu) stage_multigpu "" ;;
       multigpu:*) stage_multigpu "${stage#multigpu:}" ;;
-      *) note "$stage" "UNKNOWN stage (tests, kernels, profile, models, packedattn, trainer, tune, calibrate, multigpu)" 0 ;;
+      *) note "$stage" "UNKNOWN stage (tests, kernels, profile, models, trainer, tune, calibrate, multigpu)" 0 ;;
     esac
   done
   echo; echo "===== summary (${SECONDS}s of ${BUDGET}s)"

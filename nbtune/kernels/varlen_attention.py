@@ -368,7 +368,7 @@ class _VarlenAttentionFunction(torch.autograd.Function):
         q, k, v = _rows(q), _rows(k), _rows(v)
         n_tokens, n_heads, head_dim = q.shape
         groups = n_heads // k.shape[1]
-        block_d = next_power_of_2(head_dim)
+        block_d = max(16, next_power_of_2(head_dim))  # tl.dot needs K >= 16
         configs = _configs(q, block_d)
         o = torch.empty((n_tokens, n_heads, head_dim), dtype=q.dtype, device=q.device)
         lse = torch.empty((n_heads, n_tokens), dtype=torch.float32, device=q.device)
@@ -393,7 +393,7 @@ class _VarlenAttentionFunction(torch.autograd.Function):
         do = _rows(do)
         n_tokens, n_heads, head_dim = q.shape
         n_kv_heads = k.shape[1]
-        block_d = next_power_of_2(head_dim)
+        block_d = max(16, next_power_of_2(head_dim))  # tl.dot needs K >= 16
         configs = _configs(q, block_d)
         scalars = (head_dim, float(ctx.scale), float(ctx.softcap or 1.0), int(ctx.window or 0))
         flags = dict(GROUPS=n_heads // n_kv_heads, BLOCK_D=block_d, SOFTCAP=ctx.softcap is not None,

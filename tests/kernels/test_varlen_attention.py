@@ -113,6 +113,7 @@ CASES = {
     "softcap": dict(heads=4, kv_heads=2, dim=16, softcap=1.5),
     "window+softcap-mha": dict(heads=2, kv_heads=2, dim=16, window=9, softcap=2.0),
     "head_dim-24": dict(heads=2, kv_heads=1, dim=24),  # not a power of 2 (masked channels)
+    "head_dim-8": dict(heads=2, kv_heads=2, dim=8),    # padded to the 16 channels tl.dot needs
 }
 
 
