@@ -130,7 +130,8 @@ def _result_fields(result) -> dict:
     fields = {}
     for name in ("output_dir", "adapter_dir", "log_path", "eval_loss_before", "eval_loss_after", "train_loss",
                  "steps", "seconds", "interrupted", "checkpoint", "resumed_from", "merged_dir", "world_size",
-                 "global_batch", "replicas_identical", "gradient_checkpointing", "checkpointing_reason"):
+                 "global_batch", "replicas_identical", "gradient_checkpointing", "checkpointing_reason",
+                 "rows_truncated", "packing"):
         value = getattr(result, name, None)
         fields[name] = str(value) if isinstance(value, Path) else value
     return fields
@@ -192,6 +193,8 @@ class LaunchResult(RunOutcome):
     replicas_identical: bool | None
     gradient_checkpointing: str | None = None  # the mode rank 0 used ("auto" resolved)
     checkpointing_reason: str | None = None
+    rows_truncated: int = 0
+    packing: dict | None = None
     metrics: list = dataclasses.field(repr=False, default_factory=list)
     dashboard: object = dataclasses.field(repr=False, default=None)
     _loaded: object = dataclasses.field(repr=False, default=None)
@@ -209,7 +212,8 @@ class LaunchResult(RunOutcome):
                 interrupted=self.interrupted, checkpoint=self.checkpoint, resumed_from=self.resumed_from,
                 merged_dir=self.merged_dir, world_size=self.world_size, global_batch=self.global_batch,
                 replicas_identical=self.replicas_identical, gradient_checkpointing=self.gradient_checkpointing,
-                checkpointing_reason=self.checkpointing_reason, _generation=-1)
+                checkpointing_reason=self.checkpointing_reason, rows_truncated=self.rows_truncated,
+                packing=self.packing, _generation=-1)
         return self._loaded
 
     def chat(self, *args, **kwargs):
