@@ -2,10 +2,10 @@
 
     python benchmarks/ab_revisions.py prepare REV [REV ...]        # here: ab/<name>/nbtune from git
     python benchmarks/ab_revisions.py run SPEC [--rounds N]        # GPU machine: every tree in ab/
-    python benchmarks/ab_revisions.py run llama2-7b:1:2048:float16 --rounds 2 --trees s3,head
+    python benchmarks/ab_revisions.py run llama2-7b:1:2048:float16 --rounds 2 --trees base,head
 
 ``prepare`` writes each revision's ``nbtune/`` package under ``ab/<name>/``, named ``NAME=REV`` or by
-the revision; ``ab/`` is git-ignored but the device call carries it (``carry: ["ab", ...]``). The
+the revision; ``ab/`` is git-ignored: copy it to the GPU machine with the checkout. The
 working tree itself (uncommitted changes included) is prepared as ``WORKTREE``.
 
 ``run`` runs benchmarks/nbtune_peer.py (the models rows' loop: 3 warm-up + 8 timed steps, median)
@@ -107,7 +107,7 @@ def _one_run(tree: Path, spec: str, timeout: float) -> dict:
 def run(spec: str, rounds: int, trees: list[str] | None, timeout: float) -> list[dict]:
     names = trees or sorted(p.name for p in AB.iterdir() if (p / "nbtune" / "kernels").is_dir())
     if not names:
-        raise SystemExit("no trees under ab/: run `prepare` first (and carry ab/ to the GPU machine)")
+        raise SystemExit("no trees under ab/: run `prepare` first (and copy ab/ to the GPU machine)")
     results = {name: [] for name in names}
     for r in range(rounds):
         for name in names:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Wheels the GPU machine lacks beyond ../shared/device/fetch-wheels.sh [--peer], into .whl/ (carried
-# with `run ... carry=[".whl"]`, installed by benchmarks/gpu_suite.sh with --no-deps):
+# Wheels an offline GPU machine lacks beyond the benchmark stack (bitsandbytes, trl, datasets; the
+# Unsloth set in .whl/peer/: benchmarks/README.md), into .whl/ (copied to the GPU machine with the
+# checkout, installed there by benchmarks/gpu_suite.sh with --no-deps):
 #   - pydantic (nbtune's config), for the Python 3.12 of the GPU image;
 #   - IPython and plotly, for the notebook-door GPU tests (tests/distributed/test_ddp_gpu.py:
 #     %finetune --gpus 2 in a real IPython shell, the notebook launcher with the dashboard).

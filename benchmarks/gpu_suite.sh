@@ -12,18 +12,23 @@
 #                          ROWS: ids, globs or aliases (main, t4, all), comma-separated (default all);
 #                          PEERS: e.g. nbtune,unsloth (default hf,unsloth,nbtune)
 #                          -> $OUT/models-<stamp>.json, $OUT/models.log, $OUT/RESULTS.md
+#   packedattn             python3 benchmarks/packed_attention.py (packed-row attention by backend, fwd+bwd)
+#                          -> $OUT/packed-attention-<gpu>.{json,md}
 #   tune                   python3 benchmarks/tune_rms_norm_bwd.py (RMSNorm dw backward's launch shape) -> $OUT/tune-rms-norm-bwd.json
+#   calibrate[:ONLY]       python3 benchmarks/calibrate.py measure [--only ONLY] (the planner's peak-memory grid)
+#                          -> $OUT/calibration.json (copy over nbtune/planner/calibration.json, then `fit`)
 #   multigpu[:STAGES]      python3 benchmarks/multi_gpu.py --stages STAGES (losses,throughput,contention,profile need 2 GPUs:
-#                          the 2 x H200 machine; checkpointing, gc and profile --profile-worlds 1 need one) -> $OUT/multi_gpu.json
-# Before them (always): carried wheels .whl/*.whl (from ../shared/device/fetch-wheels.sh [--peer] and
-# benchmarks/fetch_extra_wheels.sh) -> /tmp/site (on PYTHONPATH), .whl/peer/*.whl ->
+#                          the 2 x H200 machine; checkpointing and profile --profile-worlds 1 need one) -> $OUT/multi_gpu.json
+# Before them (always): the wheels in .whl/*.whl, downloaded beforehand on a machine with network
+# (the GPU machine needs none; benchmarks/README.md lists them, benchmarks/fetch_extra_wheels.sh gets
+# nbtune's extras) -> /tmp/site (on PYTHONPATH), .whl/peer/*.whl (the Unsloth peer's set) ->
 # /tmp/site_peer (first on PYTHONPATH of the unsloth process only), and nbtune itself
 # (pip install --no-deps -e ., else the checkout on PYTHONPATH).
 #
-# Environment: OUT (results folder; default /tmp/nbtune-suite-out), SUITE_BUDGET_S (seconds for
-# everything, default 560: one 10-minute command with room to copy), MODELS_ARGS / KERNELS_ARGS /
+# Environment: OUT (results folder; default /tmp/nbtune-suite-out), SUITE_BUDGET_S (wall-clock
+# seconds for all stages together, default 560; each stage gets what is left, and a stage that
+# would start with under 40 s left is reported as not reached), MODELS_ARGS / KERNELS_ARGS /
 # PYTEST_ARGS / MULTIGPU_ARGS (extra arguments), CKPT_ROOT (/tmp/ckpt), PYTHON (python3).
-# At most 8 files come back from $OUT: one models stage per call keeps it there.
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
@@ -59,7 +64,7 @@ setup() {
     fi
     export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
   else
-    echo "# no .whl/ carried: using the machine's packages only"
+    echo "# no .whl/: using the machine's packages only"
   fi
   if compgen -G ".whl/peer/*.whl" >/dev/null; then
     stamp=$(stat -c "%n %s" .whl/peer/*.whl | md5sum | cut -c1-32)
@@ -156,8 +161,19 @@ stage_profile() {
     > >(tee "$OUT/$name")
 }
 
+stage_packedattn() {
+  run_stage packedattn $PY benchmarks/packed_attention.py --out "$OUT"
+}
+
 stage_tune() {
   run_stage tune $PY benchmarks/tune_rms_norm_bwd.py --out "$OUT"
+}
+
+stage_calibrate() {
+  local only=$1 left; left=$(remaining)
+  # shellcheck disable=SC2086
+  run_stage calibrate $PY benchmarks/calibrate.py measure --out "$OUT/calibration.json" --budget-s $(( left - 90 )) \
+    --ckpt-root "$CKPT_ROOT/calibration" ${only:+--only "$only"}
 }
 
 stage_multigpu() {
@@ -183,9 +199,12 @@ main() {
         IFS=: read -r _ rows peers <<<"$stage"
         stage_models "${rows:-all}" "${peers:-hf,unsloth,nbtune}" ;;
       tune) stage_tune ;;
+      calibrate) stage_calibrate "" ;;
+      calibrate:*) stage_calibrate "${stage#calibrate:}" ;;
+      packedattn) stage_packedattn ;;
       multigpu) stage_multigpu "" ;;
       multigpu:*) stage_multigpu "${stage#multigpu:}" ;;
-      *) note "$stage" "UNKNOWN stage (tests, kernels, profile, models, tune, multigpu)" 0 ;;
+      *) note "$stage" "UNKNOWN stage (tests, kernels, profile, models, packedattn, tune, calibrate, multigpu)" 0 ;;
     esac
   done
   echo; echo "===== summary (${SECONDS}s of ${BUDGET}s)"
@@ -194,8 +213,6 @@ main() {
     $PY benchmarks/models.py --from-json "${MODEL_JSONS[@]}" --markdown '' --summary || true
   fi
   echo "# files in \$OUT: $(ls "$OUT" | tr '\n' ' ')"
-  local n; n=$(find "$OUT" -type f | wc -l)
-  (( n <= 8 )) || echo "# WARNING: $n files in \$OUT; only 8 come back (one models stage per call)"
 }
 
 main "$@" 2>&1 | tee -a "$OUT/suite.log"

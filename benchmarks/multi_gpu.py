@@ -18,11 +18,10 @@ rank's micro-batch is one of the 1-GPU run's micro-batches.
   over 1 GPU; target >= 1.85x. Also each rank's peak reserved memory against the planner's
   per-GPU figure for world_size 2. ``--rounds N`` runs each side N times in alternating order and
   compares the median runs.
-  ``--cpu-affinity MODE`` sets NBTUNE_CPU_AFFINITY for both sides (nbtune/train/cpu_affinity.py).
 - ``contention``: whether one GPU's run slows down when another runs beside it: the one-GPU run
   alone, then one on each GPU at once (independent processes, no DDP), then that pair with each
-  process held to its own cores next to its GPU; tokens/s of each against the solo run, and the
-  host's CPU/NUMA layout.
+  process held to its own half of the CPUs; tokens/s of each against the solo run, and the host's
+  CPU layout.
 - ``profile``: the throughput stage's model and micro-batches under benchmarks/ddp_profile.py, on
   1 GPU and on each rank of the 2-GPU run (``--profile-worlds``): per rank a text file with the
   host timeline of every micro-batch, the loop's phases per step (clipping, the optimizer step,
@@ -31,8 +30,6 @@ rank's micro-batch is one of the 1-GPU run's micro-batches.
 - ``checkpointing`` (one GPU): the one-GPU run with plain and with offloaded checkpointing,
   ``--rounds`` times each in alternating order: what offloading costs on one GPU, i.e. how far
   the ``auto`` default's speed-up stands from the like-for-like one.
-- ``gc`` (one GPU): the one-GPU run as it is (the default) and with the garbage collector's heap
-  frozen for training (``NBTUNE_GC_FREEZE=1``), in rounds likewise.
 
 Every run's timed steps report the collector's pauses (``gc_ms_each``, ``gc_full``); with ``--env
 NBTUNE_OFFLOAD_TIMING=1`` an offloading run's steps also report where offloading spent time
@@ -307,7 +304,7 @@ def stage_losses(work: str, root: str) -> dict:
 
 def stage_throughput(work: str, root: str, steps: int, warmup: int, one_gpu_grad_accum: int = 2,
                      two_gpu_grad_accum: int | None = None, checkpointing: str = "auto", rounds: int = 1,
-                     cpu_affinity: str = "off", env: dict | None = None) -> dict:
+                     env: dict | None = None) -> dict:
     shape = "llama3-8b"
     model, vocab, build_s = llama3_8b_words(root)
     if two_gpu_grad_accum is None:  # the same global batch
@@ -323,7 +320,7 @@ def stage_throughput(work: str, root: str, steps: int, warmup: int, one_gpu_grad
             name = f"8b-{gpus}gpu" + (f"-r{r + 1}" if rounds > 1 else "")
             runs[gpus].append(finetune(run_config(model, data, 2048, dict(base, grad_accum=accum), LORA,
                                                   os.path.join(work, name), checkpointing), gpus, name, work, 420,
-                                          env_extra={"NBTUNE_CPU_AFFINITY": cpu_affinity, **(env or {})}))
+                                          env_extra=env))
     (one, s1), (two, s2) = median_run(runs[1], warmup), median_run(runs[WORLD], warmup)
     ratio = s2["tokens_per_s"] / s1["tokens_per_s"] if s1["tokens_per_s"] and s2["tokens_per_s"] else None
     planned = None
@@ -337,8 +334,7 @@ def stage_throughput(work: str, root: str, steps: int, warmup: int, one_gpu_grad
     except Exception as e:  # noqa: BLE001 - the plan is context, not the measurement
         planned = f"no plan: {e}"
     same_global = one_gpu_grad_accum == WORLD * two_gpu_grad_accum
-    return dict(shape=shape, per_gpu_micro_batch="2x2048", checkpointing=checkpointing, cpu_affinity=cpu_affinity,
-                env=env or {},
+    return dict(shape=shape, per_gpu_micro_batch="2x2048", checkpointing=checkpointing, env=env or {},
                 global_batch_rows=[2 * one_gpu_grad_accum, 2 * WORLD * two_gpu_grad_accum],
                 grad_accum=[one_gpu_grad_accum, two_gpu_grad_accum], checkpoint_build_s=build_s,
                 one_gpu=s1, two_gpus=s2, speedup=round(ratio, 3) if ratio else None, target=TARGET_SPEEDUP,
@@ -352,33 +348,29 @@ def stage_throughput(work: str, root: str, steps: int, warmup: int, one_gpu_grad
 
 
 def host_topology() -> dict:
-    """What the host's CPUs are and where the GPUs hang off them (for reading the contention stage)."""
-    sys.path.insert(0, REPO)
-    from nbtune.train.cpu_affinity import format_cpulist, gpu_local_cpus, gpu_pci_address
-
+    """What the host's CPUs are (for reading the contention stage)."""
     keep = ("Model name", "Socket(s)", "Core(s) per socket", "Thread(s) per core", "NUMA node", "CPU max MHz", "CPU(s)")
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=30).stdout.splitlines()
     except (OSError, subprocess.SubprocessError):
         lscpu = []
-    gpus = []
-    for i in range(WORLD):
-        cpus = gpu_local_cpus(i)
-        gpus.append(dict(index=i, pci=gpu_pci_address(i), local_cpus=format_cpulist(cpus) if cpus else None))
-    return dict(lscpu=[line for line in lscpu if line.split(":")[0].strip().startswith(keep)], gpus=gpus,
-                allowed_cpus=format_cpulist(sorted(os.sched_getaffinity(0))))
+    return dict(lscpu=[line for line in lscpu if line.split(":")[0].strip().startswith(keep)],
+                allowed_cpus=len(os.sched_getaffinity(0)))
+
+
+def cpu_halves(cpus) -> list[list[int]]:
+    """``cpus`` split into WORLD near-equal runs in order (one per process of the pinned pair)."""
+    cpus = sorted(cpus)
+    return [cpus[i * len(cpus) // WORLD:(i + 1) * len(cpus) // WORLD] for i in range(WORLD)]
 
 
 def stage_contention(work: str, root: str, steps: int, warmup: int, grad_accum: int = 8,
                      checkpointing: str = "plain") -> dict:
     """Is a one-GPU run slower when another runs beside it? The throughput stage's one-GPU run
     alone on GPU 0, then one on each GPU at the same time (independent processes, no DDP), then the
-    same pair with each process held to its own physical cores next to its GPU (the ``exclusive``
-    mode of nbtune/train/cpu_affinity.py). A run whose micro-batches are launched from Python
-    slows down beside another when the two share host resources (cores, hyperthreads, memory)."""
-    sys.path.insert(0, REPO)
-    from nbtune.train.cpu_affinity import gpu_local_cpus, rank_cpus
-
+    same pair with each process held to its own half of the CPUs this process may use. A run whose
+    micro-batches are launched from Python slows down beside another when the two share host
+    resources (cores, hyperthreads, memory)."""
     model, vocab, build_s = llama3_8b_words(root)
     data = write_rows(os.path.join(work, "random-2048.jsonl"), random_rows(2 * grad_accum * (warmup + steps), vocab, 2100))
     train = dict(THROUGHPUT_TRAIN, max_steps=warmup + steps, grad_accum=grad_accum)
@@ -386,8 +378,7 @@ def stage_contention(work: str, root: str, steps: int, warmup: int, grad_accum: 
     def config(name):
         return run_config(model, data, 2048, train, LORA, os.path.join(work, name), checkpointing)
 
-    nodes = [gpu_local_cpus(i) for i in range(WORLD)]
-    shares = [rank_cpus(i, nodes, "exclusive") for i in range(WORLD)]
+    shares = cpu_halves(os.sched_getaffinity(0))
     solo = finetune(config("solo"), 1, "solo", work, 420)
     variants = {"solo": [solo]}
     for label, cpus in (("pair", [None] * WORLD), ("pair-pinned", shares)):
@@ -398,7 +389,7 @@ def stage_contention(work: str, root: str, steps: int, warmup: int, grad_accum: 
     base = speeds["solo"][0]["tokens_per_s"]
     return dict(shape="llama3-8b", per_gpu_micro_batch="2x2048", grad_accum=grad_accum, checkpointing=checkpointing,
                 checkpoint_build_s=build_s, topology=host_topology(),
-                pinned_cpus=[sorted(c) if c else None for c in shares],
+                pinned_cpus=shares,
                 tokens_per_s={label: [s["tokens_per_s"] for s in ss] for label, ss in speeds.items()},
                 step_s={label: [s["step_s"] for s in ss] for label, ss in speeds.items()},
                 vs_solo={label: [round(s["tokens_per_s"] / base, 3) if base and s["tokens_per_s"] else None for s in ss]
@@ -445,17 +436,8 @@ def stage_checkpointing(work: str, root: str, steps: int, warmup: int, grad_accu
                             {"plain": ("plain", env or {}), "offload": ("offload", env or {})})
 
 
-def stage_gc(work: str, root: str, steps: int, warmup: int, grad_accum: int = 8, rounds: int = 1,
-             checkpointing: str = "plain") -> dict:
-    """What the garbage collector's full collections cost on one GPU: the default (``NBTUNE_GC_FREEZE=0``)
-    against the heap frozen for training (``=1``, nbtune/train/gc_pause.py) (one_gpu_variants)."""
-    return one_gpu_variants(work, root, steps, warmup, grad_accum, rounds,
-                            {"gc-unfrozen": (checkpointing, {"NBTUNE_GC_FREEZE": "0"}),
-                             "gc-frozen": (checkpointing, {"NBTUNE_GC_FREEZE": "1"})})
-
-
 # GPUs each stage needs (profile: the largest world it profiles)
-STAGE_GPUS = {"losses": WORLD, "throughput": WORLD, "contention": WORLD, "checkpointing": 1, "gc": 1}
+STAGE_GPUS = {"losses": WORLD, "throughput": WORLD, "contention": WORLD, "checkpointing": 1}
 
 
 def stage_profile(work: str, root: str, out: str, one_gpu_grad_accum: int = 8, checkpointing: str = "plain",
@@ -465,7 +447,7 @@ def stage_profile(work: str, root: str, out: str, one_gpu_grad_accum: int = 8, c
     micro-batches under torch.profiler around the last step boundary (the all-reduce, clipping, the
     optimizer step and logging between): the window comes last so that it perturbs nothing before.
     ``repeats`` > 1 profiles each run that many times, into ``out/r1``, ``out/r2``, ...: runs of one
-    config differ from one another (NOTES.md, session 7), and one profile may not catch a slow one."""
+    config differ from one another (benchmarks/NOTES.md, "Multi-GPU"), and one profile may not catch a slow one."""
     shape, two_gpu_grad_accum = "llama3-8b", max(1, one_gpu_grad_accum // WORLD)
     model, vocab, _ = llama3_8b_words(root)
     data = write_rows(os.path.join(work, "random-2048-profile.jsonl"),
@@ -499,7 +481,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="/tmp/nbtune-multi-gpu-work", help="runs' outputs and logs (large)")
     ap.add_argument("--stages", default="losses,throughput",
                     help="comma-separated: losses, throughput, contention, profile (2 GPUs; profile with "
-                         "--profile-worlds 1 needs one), checkpointing, gc (1 GPU)")
+                         "--profile-worlds 1 needs one), checkpointing (1 GPU)")
     ap.add_argument("--steps", type=int, default=int(os.environ.get("STEPS", 10)))
     ap.add_argument("--warmup", type=int, default=int(os.environ.get("WARMUP", 3)))
     ap.add_argument("--one-gpu-grad-accum", type=int, default=2,
@@ -511,12 +493,10 @@ def main(argv=None) -> int:
                     help="throughput: train.gradient_checkpointing of both runs (default auto, the config's "
                          "default: offload on one GPU, plain under DDP where it fits)")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="throughput, checkpointing, gc: run each side this many times, alternating the order; "
+                    help="throughput, checkpointing: run each side this many times, alternating the order; "
                          "the median run of each side counts")
-    ap.add_argument("--cpu-affinity", default="off", choices=("off", "node", "exclusive"),
-                    help="throughput: NBTUNE_CPU_AFFINITY of both sides' runs (nbtune/train/cpu_affinity.py)")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                    help="throughput, checkpointing: more environment for every run (e.g. NBTUNE_GC_FREEZE=1)")
+                    help="throughput, checkpointing: more environment for every run (e.g. NBTUNE_KERNELS=reference)")
     ap.add_argument("--profile-worlds", default=f"1,{WORLD}",
                     help="profile: the runs to profile, by number of GPUs (e.g. 2: the data-parallel run only)")
     ap.add_argument("--profile-repeats", type=int, default=1,
@@ -550,7 +530,7 @@ def main(argv=None) -> int:
         elif stage == "throughput":
             result["stages"][stage] = stage_throughput(work, root, args.steps, args.warmup, args.one_gpu_grad_accum,
                                                        args.two_gpu_grad_accum, args.checkpointing, args.rounds,
-                                                       args.cpu_affinity, env)
+                                                       env)
         elif stage == "contention":
             result["stages"][stage] = stage_contention(work, root, args.steps, args.warmup, args.one_gpu_grad_accum,
                                                        "plain" if args.checkpointing == "auto" else args.checkpointing)
@@ -561,11 +541,8 @@ def main(argv=None) -> int:
         elif stage == "checkpointing":
             result["stages"][stage] = stage_checkpointing(work, root, args.steps, args.warmup, args.one_gpu_grad_accum,
                                                           args.rounds, env)
-        elif stage == "gc":
-            result["stages"][stage] = stage_gc(work, root, args.steps, args.warmup, args.one_gpu_grad_accum,
-                                               args.rounds, "plain" if args.checkpointing == "auto" else args.checkpointing)
         else:
-            raise SystemExit(f"unknown stage {stage!r}: losses, throughput, contention, profile, checkpointing, gc")
+            raise SystemExit(f"unknown stage {stage!r}: losses, throughput, contention, profile, checkpointing")
         result["stages"][stage]["stage_s"] = round(time.time() - t0, 1)
         with open(out_json, "w") as f:
             json.dump(result, f, indent=1)
@@ -576,7 +553,7 @@ def main(argv=None) -> int:
         elif name == "contention":
             print(f"contention ({st['checkpointing']} checkpointing): tokens/s {st['tokens_per_s']}; vs solo "
                   f"{st['vs_solo']}; topology {st['topology']}")
-        elif name in ("checkpointing", "gc"):
+        elif name == "checkpointing":
             print(f"{name} on 1 GPU (median of {st['rounds']}): "
                   + ", ".join(f"{k} {m['tokens_per_s']} tok/s (gc {m['gc_ms_per_step']} ms/step)"
                               for k, m in st["median"].items())

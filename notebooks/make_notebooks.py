@@ -94,7 +94,7 @@ config = nbtune.build_config({
     "train": {"max_steps": MAX_STEPS, "batch_size": 2, "grad_accum": 4, "lr": 2e-4,
               **({} if ON_GPU else {"gradient_checkpointing": "off", "optimizer": "adamw", "grad_accum": 1,
                                     "lr": 1e-3, "warmup_steps": 0})},
-    "output": {"dir": OUTPUT_DIR},
+    "output": {"dir": OUTPUT_DIR, "overwrite": True},  # running the notebook again replaces its own run
 })
 config
 '''),
@@ -309,7 +309,7 @@ HTML("".join(
     md("## Train on your file with `%%finetune`\n`{name}` in the magic's line is the Python value of `name`."),
     code("%load_ext nbtune"),
     code('''
-%%finetune --out mine --set model.name={MODEL} --set model.max_seq_length={MAX_SEQ_LENGTH} --set train.max_steps={MAX_STEPS} --set output.dir={OUTPUT_DIR} --set data.source={DATA_DIR}/chat.jsonl
+%%finetune --out mine --overwrite --set model.name={MODEL} --set model.max_seq_length={MAX_SEQ_LENGTH} --set train.max_steps={MAX_STEPS} --set output.dir={OUTPUT_DIR} --set data.source={DATA_DIR}/chat.jsonl
 data: {eval_split: 0.25, responses_only: true, chat_template: chatml}
 lora: {r: 8, alpha: 16}
 train: {batch_size: 2, grad_accum: 1, lr: 1e-3, warmup_steps: 0, optimizer: adamw, gradient_checkpointing: "off"}
@@ -350,7 +350,7 @@ run = nbtune.finetune({{
     "data": {{"source": "gsm8k", "max_rows": MAX_ROWS, "eval_rows": EVAL_ROWS}},
     "lora": {{"r": 16, "alpha": 32}},
     "train": {{"max_steps": MAX_STEPS, "batch_size": 2, **({{}} if ON_GPU else {CPU_TRAIN})}},
-    "output": {{"dir": OUTPUT_DIR}},
+    "output": {{"dir": OUTPUT_DIR, "overwrite": True}},  # running the notebook again replaces its own run
 }})
 print(run.summary())
 '''),
@@ -451,7 +451,7 @@ for r in RANKS:
         "lora": {{"r": r, "alpha": 2 * r}},
         "train": {{"max_steps": MAX_STEPS, "batch_size": 2, "eval_steps": max(1, MAX_STEPS // 2),
                    **({{}} if ON_GPU else {CPU_TRAIN})}},
-        "output": {{"dir": str(Path(OUTPUT_DIR) / f"r{{r}}")}},
+        "output": {{"dir": str(Path(OUTPUT_DIR) / f"r{{r}}"), "overwrite": True}},
     }}, dashboard=False)
 {{k: f"{{v.eval_loss_before:.4f}} -> {{v.eval_loss_after:.4f}}" for k, v in runs.items()}}
 '''),

@@ -29,7 +29,7 @@ SHAPES = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                       rope_theta=500000.0),
-    # "More later" shapes of BENCHMARKS.md, with the dimensions of the released models.
+    # The further shapes of benchmarks/README.md, with the dimensions of the released models.
     # Mistral-7B-v0.3: GQA 32/8, 32768 vocabulary, no sliding window.
     "mistral-7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=8, vocab_size=32768,

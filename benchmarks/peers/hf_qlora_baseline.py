@@ -4,8 +4,8 @@ Builds a random-weight model of a real 7B/8B shape, saves it, reloads it the way
 (from_pretrained + BitsAndBytesConfig nf4), wraps it with peft LoRA on all linear layers,
 and times a plain training loop on random tokens. Prints one JSON line per config.
 
-nbtune's copy of /work/shared/peers/hf_qlora_baseline.py (the script behind BENCHMARKS.md's
-reference figures). Changes, none of which alters what it measures: SHAPES and build_checkpoint
+nbtune's copy of the script behind the reference figures of benchmarks/README.md. Changes from the
+original, none of which alters what it measures: SHAPES and build_checkpoint
 moved to bench_common.py (same llama shapes, same checkpoint; more shapes); NBTUNE_BENCH_SDPA and
 MEM_CAP_GIB honoured when set (T4 emulation); the JSON line also carries first_loss_exact (the
 unrounded first loss, for models.py's cross-peer check) and cap_gib.

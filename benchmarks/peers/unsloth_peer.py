@@ -1,6 +1,6 @@
 """Peer: Unsloth on the same random-weight checkpoints and the same loop as hf_qlora_baseline.py.
 
-nbtune's copy of /work/shared/peers/unsloth_peer.py. Changes: NBTUNE_BENCH_SDPA (T4 emulation)
+nbtune's copy of the script behind the reference figures of benchmarks/README.md. Changes: NBTUNE_BENCH_SDPA (T4 emulation)
 is applied before unsloth is imported; the JSON line also carries first_loss_exact; its word-level
 tokenizer comes from bench_common.ensure_tokenizer (the same function, shared with nbtune_peer.py).
 """

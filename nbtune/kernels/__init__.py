@@ -1,7 +1,8 @@
 """nbtune.kernels: the fused-kernel QLoRA core.
 
 One file per idea, each with Triton kernel(s), a ``torch.autograd.Function`` and a plain-torch
-reference (what runs on CPU and what the tests compare with). Depends on torch and triton only.
+reference (what runs on CPU and what the tests compare with). Depends on torch and triton, and on
+nbtune's torch-free _env (environment variables) and _chunking (chunk budgets) below it.
 Which path runs is chosen per call (see ``_backend``: NBTUNE_KERNELS=auto|reference|triton).
 
 The public functions are imported eagerly: several share their module's name (``rms_norm``), and

@@ -2,7 +2,9 @@
 
 Each kernel module exposes ``compile_specs()`` -> a list of :class:`CompileSpec`. This module
 compiles each of them with ``triton.compile(..., target=GPUTarget("cuda", cc, 32))`` and prints
-a table. Run it as ``python -m nbtune.kernels.compile_check`` (exit code 1 on any failure).
+a table. A kernel whose shared memory exceeds what one block may use on the target
+(``SHARED_MEMORY_LIMIT``; sm_80 is held to the 99 KiB of its sm_86/sm_89 siblings: A10, L4)
+fails as a compile error would: on that GPU it would not launch. Run it as ``python -m nbtune.kernels.compile_check`` (exit code 1 on any failure).
 It must run *without* ``TRITON_INTERPRET=1``: the interpreter's ``@triton.jit`` objects cannot be
 compiled.
 """
@@ -22,9 +24,13 @@ KERNEL_MODULES = (
     "lora",
     "cross_entropy",
     "offload",
+    "varlen_attention",
 )
 
 TARGETS = (75, 80, 90)
+# Bytes of shared memory one block may use (the opt-in maximum): T4 64 KiB, A10/L4/RTX 30-40 99 KiB
+# (A100 has 163 KiB, but the sm_80 binaries serve the whole sm_8x family), H100/H200 227 KiB.
+SHARED_MEMORY_LIMIT = {75: 65536, 80: 101376, 90: 232448}
 
 
 @dataclasses.dataclass
@@ -34,6 +40,7 @@ class CompileSpec:
     signature: argument name -> Triton type string ("*fp16", "i32", "fp32", "constexpr", ...).
     constexprs: values of the ``tl.constexpr`` arguments.
     targets: compute capabilities this spec must compile for (bf16 specs skip sm_75: T4 has no bf16).
+    options: compile options as the host launches with them (``num_warps``, ``num_stages``).
     """
 
     name: str
@@ -41,6 +48,7 @@ class CompileSpec:
     signature: dict
     constexprs: dict
     targets: tuple = TARGETS
+    options: dict = dataclasses.field(default_factory=dict)
 
 
 def compile_one(spec: CompileSpec, cc: int):
@@ -48,7 +56,11 @@ def compile_one(spec: CompileSpec, cc: int):
     from triton.backends.compiler import GPUTarget
 
     src = triton.compiler.ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", cc, 32))
+    kernel = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(spec.options) or None)
+    shared = kernel.metadata.shared
+    if shared > SHARED_MEMORY_LIMIT[cc]:
+        raise RuntimeError(f"needs {shared} B of shared memory, sm_{cc} allows {SHARED_MEMORY_LIMIT[cc]} B per block")
+    return kernel
 
 
 def all_specs(modules=KERNEL_MODULES):
@@ -75,7 +87,8 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             try:
                 k = compile_one(spec, cc)
-                rows.append((spec.name, cc, "ok", f"{len(k.asm['cubin'])} B cubin", time.perf_counter() - t))
+                rows.append((spec.name, cc, "ok", f"{len(k.asm['cubin'])} B cubin, {k.metadata.shared} B shared",
+                              time.perf_counter() - t))
             except Exception as e:  # report every failure, not only the first
                 failures += 1
                 rows.append((spec.name, cc, "FAIL", f"{type(e).__name__}: {str(e).splitlines()[0][:80]}", 0.0))

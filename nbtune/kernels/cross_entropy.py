@@ -25,8 +25,8 @@ size N x V saved for backward); backward only multiplies the stored gradients, i
 
 Memory saved
 ------------
-Extra memory is the chunk buffer (``rows x V`` in the compute dtype, at most ``MAX_CHUNK_BYTES`` =
-256 MiB and at most 1/8 of the unfused fp32 logits), dHidden (N x H, which the unfused path also
+Extra memory is the chunk buffer (``rows x V`` in the compute dtype, at most 256 MiB and at most
+1/8 of the unfused fp32 logits: nbtune/_chunking.py), dHidden (N x H, which the unfused path also
 produces), N fp32 per-token losses and, when W is trained, dW (which the unfused path also
 produces). At llama3-8b's head (N = 4096, H = 4096, V = 128256, bf16): 1024-token chunks,
 250.5 MiB + 32 MiB, i.e. ~7 % of the 3.9 GiB that the unfused fp32 logits + grad take.
@@ -89,6 +89,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .._chunking import loss_chunk_rows
 from ._backend import HAS_TRITON, next_power_of_2, use_triton
 from ._launch import launch
 
@@ -100,13 +101,7 @@ else:  # pragma: no cover - platforms without triton use the reference only
 
 REDUCTIONS = ("mean", "sum", "none")
 
-# Chunk buffer budget: the (rows x V) logits chunk takes at most this many bytes ...
-MAX_CHUNK_BYTES = 256 * 2**20
-# ... and at most 1/UNFUSED_FRACTION of the unfused path's fp32 logits (N x V x 4 bytes) ...
-UNFUSED_FRACTION = 8
-# ... but never fewer rows than this (tiny batches: the memory is negligible, GEMMs want rows).
-MIN_CHUNK_ROWS = 128
-# Tests set this to force many small chunks; None = choose from the budget above.
+# Tests set this to force many small chunks; None = choose from the budget (nbtune/_chunking.py).
 FORCE_CHUNK_ROWS: int | None = None
 
 # The gradient rows are stored multiplied by this power of two (exact in every float format),
@@ -115,15 +110,11 @@ GRAD_STORE_SCALE = 2.0**8
 
 
 def _chunk_rows(n_tokens: int, n_vocab: int, elem_bytes: int) -> int:
-    """Tokens per chunk: the chunk's logits fit MAX_CHUNK_BYTES and 1/8 of the unfused fp32 logits."""
+    """Tokens per chunk: the chunk's logits fit 256 MiB and 1/8 of the unfused fp32 logits
+    (``loss_chunk_rows``, which the planner uses too), unless a test forces a size."""
     if FORCE_CHUNK_ROWS is not None:
         return max(1, min(int(FORCE_CHUNK_ROWS), max(n_tokens, 1)))
-    budget = min(MAX_CHUNK_BYTES, n_tokens * n_vocab * 4 // UNFUSED_FRACTION)
-    rows = budget // max(1, n_vocab * elem_bytes)
-    if rows >= 64:
-        rows = rows // 64 * 64  # GEMM-friendly M
-    rows = max(rows, MIN_CHUNK_ROWS)
-    return max(1, min(rows, n_tokens))
+    return loss_chunk_rows(n_tokens, n_vocab, elem_bytes)
 
 
 def _vocab_block(n_vocab: int) -> tuple[int, int]:

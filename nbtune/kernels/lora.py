@@ -58,13 +58,14 @@ through the same graph (``retain_graph=True``) raises instead of returning wrong
 """
 from __future__ import annotations
 
-import os
 import warnings
 from collections import namedtuple
 
 import torch
 import torch.nn.functional as F
 
+from .._chunking import mlp_token_chunks
+from .._env import env_flag
 from ._backend import use_triton
 from .glu import ACTIVATIONS, glu_backward_inplace, glu_forward_2d, glu_reference
 from .nf4 import dequantize_base
@@ -159,7 +160,7 @@ def _mm_scaled(a, b, scaling, dtype=None):
 
 # False once this torch / GPU refuses addmm's out_dtype; NBTUNE_WIDE_GEMM=0 turns the wide GEMM off from
 # the start (16-bit GEMM plus a cast, the path before it), to compare the two on one machine
-_WIDE_GEMM = {"ok": os.environ.get("NBTUNE_WIDE_GEMM", "1").strip() not in ("0", "false", "no", "off")}
+_WIDE_GEMM = {"ok": env_flag("NBTUNE_WIDE_GEMM", default=True)}
 
 
 def _wide_gemm_ok(a, dtype) -> bool:
@@ -470,23 +471,6 @@ def _mlp_input_grads(dX, lora_grads):
 
 
 # ----------------------------------------------------------------------------- MLP as a checkpointed tail
-# One (token chunk x intermediate) buffer of the checkpointed MLP stays under this many bytes: at
-# llama3-8b sizes (14336, 16-bit) a chunk is <= 4,096 tokens, so 2x2048-token steps run in one chunk.
-MLP_CHUNK_BYTES = 128 * 2**20
-_CHUNK_ROW_MULTIPLE = 64
-
-
-def mlp_token_chunks(tokens: int, intermediate: int, element_size: int, budget: int | None = None):
-    """[(start, stop), ...]: near-equal token ranges whose (rows x intermediate) buffers fit ``budget``
-    bytes (default ``MLP_CHUNK_BYTES``; rows rounded up to a multiple of 64); one range when
-    everything fits."""
-    budget = MLP_CHUNK_BYTES if budget is None else budget
-    n = max(1, -(-tokens * intermediate * element_size // budget))
-    rows = -(-tokens // n)
-    rows = max(_CHUNK_ROW_MULTIPLE, -(-rows // _CHUNK_ROW_MULTIPLE) * _CHUNK_ROW_MULTIPLE)
-    return [(a, min(a + rows, tokens)) for a in range(0, tokens, rows)] or [(0, 0)]
-
-
 class _GradSums:
     """LoRA grads summed over token chunks: one chunk keeps its grad as it comes (in the
     parameter's dtype, or the compute dtype), several add into fp32 (r x features each: small), so

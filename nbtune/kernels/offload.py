@@ -117,10 +117,12 @@ Using it with transformers
 --------------------------
 ``enable_offloaded_checkpointing(model)`` (a ``PreTrainedModel`` or a peft ``PeftModel``) turns
 on HF gradient checkpointing with this function. Transformers calls it from
-``GradientCheckpointingLayer.__call__`` as
-``_gradient_checkpointing_func(partial(layer.__call__, **kwargs), hidden_states)``: the hidden
-states are the first positional tensor, which is what gets offloaded; the kwargs (attention
-mask, position embeddings: shared by all layers) stay in the partial.
+``GradientCheckpointingLayer`` as
+``_gradient_checkpointing_func(partial(super().__call__, **kwargs), hidden_states)`` (up to 5.22)
+or ``_gradient_checkpointing_func(partial(forward, layer, **kwargs), hidden_states)`` (5.23 on,
+which checkpoints ``forward`` so module hooks stay outside): the hidden states are the first
+positional tensor, which is what gets offloaded; the kwargs (attention mask, position embeddings:
+shared by all layers) stay in the partial, and the layer is found in either form (``_owner``).
 """
 from __future__ import annotations
 
@@ -135,7 +137,8 @@ import weakref
 import torch
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
-from ._backend import env_flag, kernel_mode
+from .._env import env_flag
+from ._backend import kernel_mode
 
 # On CUDA, inputs smaller than this stay on the GPU: a copy's fixed cost outweighs the bytes.
 MIN_OFFLOAD_BYTES = 256 * 1024
@@ -291,13 +294,10 @@ class _HostBufferPool:
             if getattr(buffer, "_nbtune_used", False):
                 self.reuses += 1
             buffer._nbtune_used = True
-        # The host waits only for a copy still in flight. First in, first out is what keeps that
-        # wait away: the backward gives buffers back in backward order (last layer first), and the
-        # next forward takes them again from its first layer on. The oldest free buffer was reloaded
-        # at the start of the previous backward, long done on the GPU; the newest one (last in,
-        # first out) was reloaded for that backward's last layer, which the GPU, running ~50 ms
-        # behind the host, has often not copied yet: waiting for it drained the queue of launched
-        # work at every micro-batch and left the GPU waiting on the host (session 7 profile).
+        # The host waits only for a copy still in flight. First in, first out keeps that wait away:
+        # the backward gives buffers back last layer first, and the oldest free buffer was reloaded
+        # at the start of the previous backward, long done on the GPU. The newest one may still be
+        # queued behind the host, and waiting for it would drain the launch queue every micro-batch.
         # A query is not a synchronization.
         if busy_until is not None and not busy_until.query():
             with _TIMER.span("host_wait"):
@@ -579,10 +579,22 @@ class _InPhase:
 
 
 def _owner(function):
-    """The object a (possibly ``functools.partial``-wrapped) bound method belongs to, else None."""
+    """The module a checkpointed function runs, else None. Transformers up to 5.22 checkpoints
+    ``partial(super().__call__, **kwargs)`` (a bound method: its ``__self__``); 5.23 on checkpoints
+    ``partial(forward, layer, **kwargs)`` (the class's plain function with the layer as its first
+    bound argument). Partials are unwrapped down to the function, collecting their positional
+    arguments; a bound method answers with its object, a plain function with its first positional
+    argument when that is an ``nn.Module``."""
+    bound_args = ()
     while isinstance(function, functools.partial):
+        bound_args = tuple(function.args) + bound_args
         function = function.func
-    return getattr(function, "__self__", None)
+    owner = getattr(function, "__self__", None)
+    if owner is not None:
+        return owner
+    if bound_args and isinstance(bound_args[0], torch.nn.Module) and callable(function):
+        return bound_args[0]
+    return None
 
 
 def _with_phases(function, use_reentrant: bool, kwargs: dict) -> dict:

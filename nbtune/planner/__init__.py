@@ -5,19 +5,20 @@
     p.fits, p.peak_gib, p.breakdown, p.suggest(), p.to_yaml(magic=True)
 
 Command line: ``nbtune plan llama-3.1-8b --gpu T4 --seq-len 2048 --batch-size 1``.
-The memory model and its coefficients: :mod:`nbtune.planner.memory`; calibration on a GPU:
-:mod:`nbtune.planner.calibration`.
+The memory model and its coefficients: :mod:`nbtune.planner.memory`; their fit to GPU measurements:
+:mod:`nbtune.planner.calibration` (the measuring harness: benchmarks/calibrate.py).
 """
 from .gpus import CATALOG as GPUS
-from .gpus import GPU, detect_gpu, gpu_names, resolve_gpu
+from .gpus import GPU, detect_gpu, gpu_names, planned_gpu, resolve_gpu
 from .memory import TERMS, Coefficients, coefficients
-from .plan import (DoesNotFitError, Plan, Suggestion, auto_checkpointing, choose_checkpointing, plan, plan_from_config,
-                   preflight)
+from .plan import (DoesNotFitError, Plan, Suggestion, auto_checkpointing, checkpointing_for_run, choose_checkpointing,
+                   plan, plan_from_config, preflight)
 from .shapes import CATALOG as MODELS
 from .shapes import ModelShape, PlannerError, catalog_names, resolve_shape, shape_from_config
 
 __all__ = [
     "GPU", "GPUS", "MODELS", "TERMS", "Coefficients", "DoesNotFitError", "ModelShape", "Plan", "PlannerError",
-    "Suggestion", "auto_checkpointing", "catalog_names", "choose_checkpointing", "coefficients", "detect_gpu",
-    "gpu_names", "plan", "plan_from_config", "preflight", "resolve_gpu", "resolve_shape", "shape_from_config",
+    "Suggestion", "auto_checkpointing", "catalog_names", "checkpointing_for_run", "choose_checkpointing",
+    "coefficients", "detect_gpu", "gpu_names", "plan", "plan_from_config", "planned_gpu", "preflight", "resolve_gpu",
+    "resolve_shape", "shape_from_config",
 ]

@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import re
 
+from .._env import env_text
 from .shapes import PlannerError
+
+# Names the GPU to plan for instead of asking torch (how a T4 is emulated on a larger GPU).
+GPU_ENV = "NBTUNE_GPU"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,15 +123,19 @@ def detect_gpu(device: int | None = None) -> GPU:
     )
 
 
+def planned_gpu() -> str | None:
+    """The GPU ``NBTUNE_GPU`` names for "the GPU here" (None when unset, empty or "auto")."""
+    forced = env_text(GPU_ENV)
+    return forced if forced and forced.lower() != "auto" else None
+
+
 def resolve_gpu(gpu="T4") -> GPU:
     """A :class:`GPU` for a GPU object, a catalog name (case-insensitive, loose), or 'auto'."""
     if isinstance(gpu, GPU):
         return gpu
     if gpu is None or str(gpu).strip().lower() == "auto":
-        forced = os.environ.get("NBTUNE_GPU", "").strip()
-        if forced and forced.lower() != "auto":
-            return resolve_gpu(forced)
-        return detect_gpu()
+        forced = planned_gpu()
+        return resolve_gpu(forced) if forced else detect_gpu()
     text = str(gpu).strip()
     if text in CATALOG:
         return CATALOG[text]

@@ -74,7 +74,7 @@ Terms (bytes); their sum is torch's reserved peak, and the CUDA context comes on
                        + mlp_chunk: the loss runs after the last layer's forward and before the first
                        layer's backward, so only what it needs beyond the layers' own peak adds to the peak;
                          fused:   rows * V * b + T * h * b + 4 * T
-                                  (rows as nbtune/kernels/cross_entropy.py's _chunk_rows chooses them)
+                                  (rows as nbtune/_chunking.py's loss_chunk_rows chooses them)
                          unfused: T * V * unfused_bytes_per_logit + T * h * b
     allocator overhead overhead_fixed + overhead_fraction * (activations + loss)
                        + overhead_per_tensor * (#linear tensors)   (block rounding, fragmentation; they
@@ -83,13 +83,13 @@ Terms (bytes); their sum is torch's reserved peak, and the CUDA context comes on
                        says when the two differ)
     CUDA context       the GPU's context_gib (not part of torch's reserved memory)
 
-STATUS OF THE COEFFICIENTS: until ``python -m nbtune.planner.calibration measure`` has run on a
-GPU and ``... calibration fit`` has written fitted values into ``calibration.json``, the values in
+STATUS OF THE COEFFICIENTS: until ``python benchmarks/calibrate.py measure`` has run on a
+GPU and ``... calibrate.py fit`` has written fitted values into ``calibration.json``, the values in
 ``Coefficients`` are first-principles estimates: the saved-tensor counts come from what each
 patched forward and kernel keeps for backward (their docstrings) and, for the unpatched factor,
 from counting transformers' Llama decoder layer with peft LoRA under bf16 autocast with
 saved-tensor hooks on a CPU; the fixed terms come from the formats' definitions; the overheads
-are round guesses. Against the peer figures in BENCHMARKS.md the defaults predict, for llama3-8b
+are round guesses. Against the peer figures in benchmarks/README.md the defaults predict, for llama3-8b
 with 4-bit, offloaded checkpointing and fp16 on a T4: 6.57 GiB at 1x2048 (Unsloth measures 6.50
 GiB, nbtune's target is at most 0.95x that) and ~0.17 MiB per further token of context once the
 MLP runs in more than one token chunk (beyond ~4.7k tokens; Unsloth: ~0.25-0.28 MiB); before the
@@ -107,7 +107,7 @@ formula it is kept as it is: at the calibration's llama-3.1-8b offload points th
 allocated peak grows by ~185 KB per token, of which the full-T g, u, dh the old code held are
 ~86 KB; the remaining ~99 KB is ~0.60 of the ~164 KB per token that the new formula counts, so
 0.67 over-predicts long contexts by ~10 % of the per-token activations (~0.5 GiB at 48k tokens on
-llama-3.1-8b) -- the safe side -- until ``calibration measure`` + ``fit`` are re-run with the new
+llama-3.1-8b) -- the safe side -- until ``calibrate.py measure`` + ``fit`` are re-run with the new
 code (its records then carry ``mlp_tail``: True, and the fit needs no change).
 """
 from __future__ import annotations
@@ -118,6 +118,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+from .._chunking import loss_chunk_rows, mlp_chunk_rows
 from .shapes import ModelShape, PlannerError
 
 GiB = 2**30
@@ -137,16 +138,6 @@ ADAM8_BYTES_PER_PARAM = 2 + 2 * 4 / 256
 ADAM32_BYTES_PER_PARAM = 8 + 4
 OPTIMIZER_BYTES = {"adamw_8bit": ADAM8_BYTES_PER_PARAM, "paged_adamw_8bit": ADAM8_BYTES_PER_PARAM,
                    "adamw": ADAM32_BYTES_PER_PARAM, "sgd": 0.0}
-# Fused linear + cross-entropy chunking: the same numbers as nbtune/kernels/cross_entropy.py (a test
-# checks that they agree; this module may not import torch, so they are repeated here).
-CE_MAX_CHUNK_BYTES = 256 * MiB
-CE_UNFUSED_FRACTION = 8
-CE_MIN_CHUNK_ROWS = 128
-# The checkpointed-tail LoRA MLP cuts its (tokens x intermediate) buffers into token chunks of at
-# most this many bytes, rows rounded up to a multiple of this: nbtune/kernels/lora.py's MLP_CHUNK_BYTES and
-# mlp_token_chunks, repeated here (a test checks that they agree).
-MLP_CHUNK_BYTES = 128 * MiB
-MLP_CHUNK_ROW_MULTIPLE = 64
 # Model types that nbtune.models.patches patches (kernels, no mask tensor, fused loss); a test
 # checks this against patches.SUPPORTED_MODEL_TYPES. Others run transformers' modules and loss.
 PATCHED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3")
@@ -156,8 +147,6 @@ PATCHED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", 
 # this against the patch families (post_mlp_norm, fused_gate_up).
 MLP_TAIL_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-# The environment variable that turns the patches off (NBTUNE_PATCH=0), as in nbtune.models.patches.
-PATCH_ENV = "NBTUNE_PATCH"
 # A plan "fits" when the predicted peak leaves at least this much of the GPU free: the larger of
 # FIT_MARGIN_GIB and FIT_MARGIN_FRACTION of the reserved peak (the model's error band).
 FIT_MARGIN_GIB = 0.3
@@ -317,7 +306,7 @@ def allocator_note(c: Coefficients, environ=None) -> str | None:
     else:
         direction = ""
     return (f"allocator overhead was calibrated with {describe_alloc_conf(c.alloc_conf)}; training here uses "
-            f"{describe_alloc_conf(now)}{direction} until `python -m nbtune.planner.calibration measure` and "
+            f"{describe_alloc_conf(now)}{direction} until `python benchmarks/calibrate.py measure` and "
             "`fit` are re-run")
 
 
@@ -362,26 +351,6 @@ class Settings:
     @property
     def tokens(self) -> int:
         return self.seq_len * self.batch_size
-
-
-def chunk_rows(n_tokens: int, n_vocab: int, elem_bytes: int) -> int:
-    """Tokens per chunk of the fused loss: nbtune/kernels/cross_entropy.py's ``_chunk_rows``, in pure Python."""
-    budget = min(CE_MAX_CHUNK_BYTES, n_tokens * n_vocab * 4 // CE_UNFUSED_FRACTION)
-    rows = budget // max(1, n_vocab * elem_bytes)
-    if rows >= 64:
-        rows = rows // 64 * 64
-    rows = max(rows, CE_MIN_CHUNK_ROWS)
-    return max(1, min(rows, n_tokens))
-
-
-def mlp_chunk_rows(n_tokens: int, intermediate: int, elem_bytes: int) -> int:
-    """Rows of the largest token chunk of the checkpointed-tail MLP: nbtune/kernels/lora.py's
-    ``mlp_token_chunks`` in pure Python (near-equal chunks whose (rows x intermediate) buffers stay
-    under MLP_CHUNK_BYTES, rows rounded up to a multiple of 64; one chunk when everything fits)."""
-    n = max(1, -(-n_tokens * intermediate * elem_bytes // MLP_CHUNK_BYTES))
-    rows = -(-n_tokens // n)
-    rows = max(MLP_CHUNK_ROW_MULTIPLE, -(-rows // MLP_CHUNK_ROW_MULTIPLE) * MLP_CHUNK_ROW_MULTIPLE)
-    return max(1, min(rows, n_tokens))
 
 
 def mlp_checkpointed_tail(shape: ModelShape, st: Settings) -> bool:
@@ -478,7 +447,7 @@ def estimate(shape: ModelShape, st: Settings, context_gib: float = 0.0, c: Coeff
 
     # -- loss --
     if st.loss == "fused":
-        rows = chunk_rows(T, V, b)
+        rows = loss_chunk_rows(T, V, b)
         loss_buffers = rows * V * b + T * h * b + 4 * T
     else:
         rows = T

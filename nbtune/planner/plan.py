@@ -19,9 +19,10 @@ import os
 import warnings
 from typing import Any, Callable
 
+from .._env import PATCH_ENV, env_flag
 from . import memory
 from .gpus import CATALOG as GPU_CATALOG
-from .gpus import GPU, resolve_gpu
+from .gpus import GPU, planned_gpu, resolve_gpu
 from .memory import GiB, Coefficients, Settings
 from .shapes import ModelShape, PlannerError, find_in_catalog, resolve_shape
 
@@ -524,7 +525,7 @@ def plan(model, gpu="T4", seq_len: int = 2048, batch_size: int = 2, lora_rank: i
         notes.append("the checkpoint is pre-quantized to 4-bit: it loads in 4-bit")
         four_bit = True
     if patch is None:
-        patch = os.environ.get(memory.PATCH_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+        patch = env_flag(PATCH_ENV, default=True)
     patched = bool(patch) and shape.model_type in memory.PATCHED_MODEL_TYPES
     if patch and not patched:
         notes.append(f"model type {shape.model_type!r} has no nbtune patch: transformers' modules and loss")
@@ -587,19 +588,12 @@ def plan_from_config(config, gpu="auto", world_size: int | None = None, **overri
 def auto_checkpointing(world_size: int, plain_plan: Callable[[], Plan]) -> tuple[str, str]:
     """The rule behind gradient checkpointing "auto", the config's default: (mode, one-line reason).
 
-    One process on one GPU: "offload", the least GPU memory (what lets a 7-8B model fit a free T4).
-    Its copies run on the copy engines behind the compute, but on a large GPU it has cost speed:
-    llama3-8b QLoRA 2x2048 on one H200 ran 10,367 tok/s against 11,608 with plain checkpointing
-    (median of three runs each, benchmarks/NOTES.md session 7). The host wait per micro-batch that
-    session's profile found in the offload path is gone (session 8: the GPU's span per micro-batch
-    ~338 ms, as with plain checkpointing), yet runs still came out ~10% slower than plain ones
-    (session 9: 9,498 against 10,616 tok/s, median of two each; the GPU drew less power at higher
-    clocks, i.e. it waited more), with step times varying by up to 0.6 s within a run. Data parallel
-    (``world_size`` > 1): every rank moves every layer's saved hidden state to pinned host memory and
-    back through the same host, and the ranks slow each other down (2 x H200, llama3-8b QLoRA 2x2048,
-    one process per GPU: 11,479 tok/s alone; 9,741 + 8,460 with offloading on both GPUs at once;
-    11,802 + 11,128 with plain checkpointing, at 7.57 instead of 6.67 GiB per GPU). So "plain" where
-    plain checkpointing fits this GPU with the headroom :attr:`Plan.fits` asks for, else "offload".
+    One process on one GPU: "offload", the least GPU memory (what lets a 7-8B model fit a free T4),
+    at some speed on a large GPU (~10% on an H200). Data parallel (``world_size`` > 1): every rank
+    moves every layer's saved hidden state through the same host, and offloading ranks slow each
+    other down, so "plain" where plain checkpointing fits this GPU with the headroom
+    :attr:`Plan.fits` asks for, else "offload". The measurements behind both: benchmarks/NOTES.md,
+    "Offloaded checkpointing" and "Multi-GPU".
     ``plain_plan``: returns the plan of the set-up with plain checkpointing (called only when
     ``world_size`` > 1)."""
     if world_size <= 1:
@@ -628,6 +622,31 @@ def choose_checkpointing(config, gpu="auto", world_size: int | None = None, **ov
     world = world_size if world_size is not None else _launcher_world_size()
     return auto_checkpointing(world, lambda: plan_from_config(
         cfg, gpu=gpu, world_size=world, **{**overrides, "gradient_checkpointing": "plain"}))
+
+
+def checkpointing_for_run(config, gpu_available: bool, plan: Plan | None = None,
+                          world_size: int | None = None) -> tuple[str, str]:
+    """The gradient checkpointing a training run uses and why (one line): what the trainer asks.
+
+    A mode the config names is used as it is. "auto": the pre-flight ``plan``'s resolution when
+    that plan resolved it; with no GPU here (``gpu_available`` False and none planned through
+    ``NBTUNE_GPU``) "offload", as before "auto" existed (on CPU tensors it is plain recomputation:
+    nothing is offloaded); on a GPU :func:`choose_checkpointing` for this GPU and ``world_size``
+    (offload on one GPU; under data parallelism plain where it fits, else offload); "offload",
+    the least GPU memory, when the planner cannot size the model (e.g. an uncatalogued hub id offline)."""
+    cfg = _config_dict(config)
+    requested = _norm_choice((cfg.get("train") or {}).get("gradient_checkpointing", "auto"), CHECKPOINTING_ALIASES,
+                             "gradient_checkpointing")
+    if requested != "auto":
+        return requested, "train.gradient_checkpointing in the config"
+    if plan is not None and plan.checkpointing_auto:
+        return plan.settings.gradient_checkpointing, plan.checkpointing_reason
+    if not (gpu_available or planned_gpu()):
+        return "offload", "no GPU: on the CPU offloaded checkpointing is plain recomputation"
+    try:
+        return choose_checkpointing(cfg, gpu="auto", world_size=world_size)
+    except PlannerError as e:
+        return "offload", f"the planner cannot size this run ({e}): offloaded checkpointing, the least GPU memory"
 
 
 def _launcher_world_size() -> int:

@@ -13,8 +13,13 @@ Checkpoints: ``<output.dir>/checkpoints/checkpoint-<step>/`` with what transform
 (the adapter, optimizer, scheduler, grad scaler, RNG states and ``trainer_state.json``). Each is
 written under a temporary name and renamed into place once complete, with a ``nbtune.json``
 marker inside, so a half-written checkpoint (a crash, a dead kernel) is never resumed from.
+The marker holds a manifest (size and SHA-256 of every file) and whether the LoRA weights were
+finite; a resume checks both and falls back to the newest checkpoint that passes, saying so.
 A crash during a save (disk full, killed kernel) leaves at most a staging folder, which the next
-save removes; the complete checkpoints before it stay as they were.
+save (or the next run) removes; the complete checkpoints before it stay as they were.
+
+When checkpoints are written: every ``train.save_minutes`` (default 10) and at the end of the
+run (:class:`AutoSave`), every ``train.save_steps`` if set, and at an interrupt.
 
 What is pickled: a checkpoint's weights (the adapter) are safetensors; the optimizer, scheduler,
 grad-scaler and RNG states are torch files (``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``,
@@ -29,6 +34,7 @@ stop comes at the next logging step.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -69,6 +75,71 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def remove_own_checkpoints(out: Path) -> None:
+    """Delete what nbtune's saves left in ``<out>/checkpoints``: its marked checkpoints and the
+    staging folders of interrupted saves. Anything else there is the user's and stays."""
+    root = checkpoints_dir(out)
+    for p in complete_checkpoints(out):
+        shutil.rmtree(p, ignore_errors=True)
+    remove_stale_staging(out)
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Staging folders of saves that a killed process never finished (the folder is locked by the
+    run about to write, so no live save owns them)."""
+    root = checkpoints_dir(out)
+    for p in list(root.glob(".staging-*")) + list(root.glob(".replaced-checkpoint-*")):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest(folder: Path) -> dict[str, list]:
+    """``{relative path: [bytes, sha256]}`` of every file in a checkpoint folder but its marker."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): [p.stat().st_size, _sha256(p)]
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER}
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed from (a short phrase), or None when it can."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        return f"its {MARKER} is missing or unreadable"
+    if meta.get("finite") is False:
+        return "its LoRA weights were not finite (NaN/inf) when it was saved"
+    for rel, (size, digest) in (meta.get("files") or {}).items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != size:
+            return f"{rel} has {f.stat().st_size:,} bytes where {size:,} were written (truncated or replaced)"
+        if _sha256(f) != digest:
+            return f"{rel} is not what was written (its SHA-256 differs: the file is damaged or was edited)"
+    return None
+
+
+def resumable_checkpoint(out: Path, say=print) -> Path | None:
+    """The newest complete checkpoint under ``<out>/checkpoints`` that passes :func:`checkpoint_problem`;
+    each newer one that fails is named with its problem."""
+    for path in reversed(complete_checkpoints(out)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        say(f"nbtune: {path.name} cannot be resumed from: {problem}; trying the one before it")
+    return None
+
+
 def checkpoint_step(path: Path) -> int:
     return int(CHECKPOINT_RE.match(Path(path).name).group(1))
 
@@ -106,9 +177,14 @@ class StagedCheckpoints:
             return
         interrupt = getattr(self, "nbtune_interrupt", None)
         reason = "interrupt" if interrupt is not None and interrupt.requested else self.nbtune_checkpoint_reason
+        autosave = getattr(self, "nbtune_autosave", None)
+        if autosave is not None and autosave.reason is not None and reason == self.nbtune_checkpoint_reason:
+            reason = autosave.reason
+        from .stability import weights_finite
+
         (staging / name / MARKER).write_text(json.dumps(dict(
             step=self.state.global_step, max_steps=self.state.max_steps, reason=reason,
-            time=round(time.time(), 3))))
+            time=round(time.time(), 3), finite=weights_finite(model), files=manifest(staging / name))))
         final = root / name
         replaced = root / f".replaced-{name}-{os.getpid()}"
         if final.exists():  # a save of the same step again (an interrupt right after a scheduled save)
@@ -120,6 +196,35 @@ class StagedCheckpoints:
         for old in complete_checkpoints(root.parent)[: -self.nbtune_keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         self.nbtune_last_checkpoint = final
+
+
+class AutoSave(TrainerCallback):
+    """Asks for a checkpoint every ``minutes`` of training and at the last step, so a disconnect
+    loses at most ``minutes`` of work. Under data parallelism rank 0's clock decides, shared with
+    the other ranks at logging steps (where they agree on interrupts too)."""
+
+    def __init__(self, minutes: float | None, clock=time.monotonic):
+        self.seconds = None if minutes is None else 60.0 * minutes
+        self.clock = clock
+        self.last = clock()
+        self.reason: str | None = None
+
+    def on_save(self, args, state, control, **kwargs):
+        self.last, self.reason = self.clock(), None
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        due = self.seconds is not None and self.clock() - self.last >= self.seconds
+        if args.world_size > 1:
+            if state.global_step % max(1, args.logging_steps):
+                due = False
+            else:
+                due = distributed.any_rank(due and args.process_index == 0)
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            self.reason, control.should_save = "end", True
+        elif due:
+            self.reason, control.should_save = "autosave", True
+        return control
 
 
 class InterruptCallback(TrainerCallback):

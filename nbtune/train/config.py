@@ -48,7 +48,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf / nan are never a setting: lr: .inf would train to NaN weights and call them "good"
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -117,20 +118,43 @@ class TrainConfig(_Section):
     grad_accum: int = Field(4, gt=0)
     lr: float = Field(2e-4, gt=0)
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    warmup_steps: int = Field(5, ge=0)
+    warmup_steps: Union[int, float] = Field(
+        0.03, ge=0, description="linear warm-up of the lr: a fraction of the run's steps (0 <= x < 1; the default "
+                                "3% is at least one step) or a whole number of steps, fewer than max_steps")
     optimizer: Literal["adamw_8bit", "adamw", "paged_adamw_8bit", "sgd"] = "adamw_8bit"
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, ge=0.0)
-    seed: int = 3407
+    seed: int = Field(3407, ge=0, le=2**32 - 1)
     logging_steps: int = Field(1, gt=0)
     eval_steps: Union[int, None] = Field(None, gt=0)
     save_steps: Union[int, None] = Field(None, gt=0)
+    save_minutes: Union[float, None] = Field(
+        10.0, gt=0, description="a resumable checkpoint every this many minutes of training, and one at the end "
+                                "(null: only save_steps and the end)")
     gradient_checkpointing: Literal["auto", "offload", "plain", "off"] = Field(
         "auto", description="'auto': offload on one GPU; data parallel (several GPUs): plain where the planner says "
                             "it fits, else offload. 'offload': saved hidden states in pinned CPU memory (least "
                             "GPU memory); 'plain': recompute only; 'off'")
     eval_batch_size: Union[int, None] = Field(None, gt=0)
     force: bool = Field(False, description="train even when the planner predicts the run will not fit")
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_words(cls, v):
+        # YAML 1.1 reads off / no / false as the boolean false: that can only mean 'off'
+        if v is True:
+            raise ValueError("true (YAML's reading of on / yes / true) does not say which mode: write 'auto', "
+                             "'offload' or 'plain' (or 'off')")
+        return "off" if v is False else v
+
+    @field_validator("warmup_steps", mode="after")
+    @classmethod
+    def _warmup(cls, v):
+        if isinstance(v, float) and v >= 1:
+            if not v.is_integer():
+                raise ValueError("a fraction of the steps is below 1 (e.g. 0.03); a number of steps is whole")
+            return int(v)
+        return v
+
     max_nonfinite_steps: int = Field(
         3, gt=0, description="stop after this many optimizer steps in a row with a NaN/inf loss or gradients "
                              "(each is skipped, not trained on; the last good checkpoint is kept)")
@@ -150,6 +174,10 @@ class TrainConfig(_Section):
         if self.max_steps is not None and self.epochs is not None:
             raise ValueError(f"train.max_steps ({self.max_steps}) and train.epochs ({self.epochs}) conflict: "
                              "give one of them (set the other to null)")
+        if isinstance(self.warmup_steps, int) and self.max_steps is not None and self.warmup_steps >= self.max_steps:
+            raise ValueError(f"train.warmup_steps ({self.warmup_steps}) is not below train.max_steps "
+                             f"({self.max_steps}): the lr would never reach train.lr; give fewer warm-up steps or "
+                             "a fraction such as 0.03")
         return self
 
 
@@ -163,6 +191,8 @@ class OutputConfig(_Section):
         description="what to save after training: adapter (peft format) and/or merged (16-bit, adapter folded in)")
     merged_dtype: Literal["float16", "bfloat16"] = "float16"
     keep_checkpoints: int = Field(2, ge=1, description="resumable checkpoints kept in <dir>/checkpoints")
+    overwrite: bool = Field(False, description="a fresh run into a dir that holds a previous run replaces it (only "
+                                               "the files nbtune wrote there are deleted); false: refused")
 
     @model_validator(mode="before")
     @classmethod
@@ -240,7 +270,7 @@ def _format_error(err: ValidationError, model: type[BaseModel]) -> str:
         elif len(errors) > 1:  # a union: say what the field takes as a whole
             field = _field_at(model, loc_parts)
             allowed = _describe_type(field.annotation) if field is not None else "another value"
-            msg = f"{loc}: expected {allowed} (got {e.get('input')!r})"
+            msg = f"{loc}: expected {allowed} (got {_short(e.get('input'))})"
         elif e["type"] == "value_error" and isinstance(e.get("input"), dict):  # a check across fields
             msg = e["msg"].removeprefix("Value error, ")
         else:
@@ -248,7 +278,7 @@ def _format_error(err: ValidationError, model: type[BaseModel]) -> str:
             field = _field_at(model, loc_parts)
             if e["type"] not in ("literal_error", "value_error") and field is not None:
                 text += f"; allowed: {_describe_type(field.annotation)}{_bounds(field)}"
-            msg = f"{loc}: {text} (got {e.get('input')!r})"
+            msg = f"{loc}: {text} (got {_short(e.get('input'))})"
         lines.append(msg)
     return "invalid nbtune config:\n  " + "\n  ".join(lines)
 
@@ -290,6 +320,11 @@ def _bounds(field) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
+def _short(value, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
+
+
 def _allowed_keys(model: type[BaseModel], path: list[str]) -> list[str]:
     for key in path:
         field = model.model_fields.get(key)
@@ -313,11 +348,15 @@ def build_config(source: Any = None, **overrides) -> Config:
         data = dict(source)
     elif isinstance(source, (str, Path)):
         text = str(source)
-        if "\n" not in text and text.strip().endswith((".yaml", ".yml")):
-            path = Path(text).expanduser()
+        path = Path(text.strip()).expanduser() if "\n" not in text and ":" not in text else None
+        if path is not None and (path.suffix or path.is_file()):
             if not path.is_file():
                 raise ConfigError(f"config file {str(path)!r} does not exist")
-            text = path.read_text(encoding="utf-8")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {e.start}); save it as UTF-8 "
+                                  "(most editors: 'Save with encoding')") from None
         data = parse_yaml(text)
     else:
         raise ConfigError(f"a config is a Config, dict, YAML text or .yaml path, not {type(source).__name__}")
@@ -342,7 +381,38 @@ _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads 2e-4 / 1E3 as floats (YAML 1.2), as people expect; nothing is evaluated."""
+    """SafeLoader that reads 2e-4 / 1E3 as floats (YAML 1.2), as people expect; nothing is evaluated.
+
+    A key given twice in one mapping is an error (YAML would keep the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise ConfigError(
+                    f"the config gives {key!r} twice in one section (lines {seen[key] + 1} and "
+                    f"{key_node.start_mark.line + 1}); YAML would silently keep only the last one: delete one of them")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+# a config is a few dozen values; aliases that expand past this many are a "billion laughs" input
+_MAX_CONFIG_NODES = 10_000
+
+
+def _count_nodes(value, budget: int) -> int:
+    """Values in ``value`` with aliases expanded, stopping once past ``budget``."""
+    count, stack = 0, [value]
+    while stack and count <= budget:
+        v = stack.pop()
+        count += 1
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return count
 
 
 _Loader.add_implicit_resolver(
@@ -360,6 +430,9 @@ def parse_yaml(text: str) -> dict:
         raise ConfigError(f"the config is not valid YAML: {e}") from None
     if data is None:
         return {}
+    if _count_nodes(data, _MAX_CONFIG_NODES) > _MAX_CONFIG_NODES:
+        raise ConfigError(f"the config expands to more than {_MAX_CONFIG_NODES:,} values (YAML anchors and aliases "
+                          "nested inside each other); write the values out instead of aliasing them")
     if not isinstance(data, dict):
         raise ConfigError(f"the config must be a mapping of sections ({', '.join(SECTIONS)}), got {type(data).__name__}")
     return data

@@ -28,7 +28,7 @@ def demo_config(output_dir: str = "outputs/demo", device: str | None = None, **o
             "gradient_checkpointing": "offload" if on_gpu else "off",
             "eval_batch_size": 16,
         },
-        "output": {"dir": output_dir},
+        "output": {"dir": output_dir, "overwrite": True},  # the demo's folder holds only the demo's run
     }
     if not on_gpu:
         base["data"].update(max_rows=48, eval_rows=16)

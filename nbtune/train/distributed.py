@@ -102,10 +102,7 @@ def setup_device() -> None:
         # nbtune asks DDP for broadcast_buffers=False on purpose (no buffer changes while LoRA trains);
         # torch's newer spelling is not reachable through transformers' TrainingArguments
         warnings.filterwarnings("ignore", message=r"`broadcast_buffers` is deprecated", category=FutureWarning)
-    if not torch.cuda.is_available():
-        return
-    if not is_distributed():
-        _pin_cpus()
+    if not torch.cuda.is_available() or not is_distributed():
         return
     count = torch.cuda.device_count()
     if local_rank() >= count:
@@ -114,25 +111,6 @@ def setup_device() -> None:
             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at most {count} "
             "processes per machine (torchrun --nproc_per_node, accelerate launch --num_processes)")
     torch.cuda.set_device(local_rank())
-    _pin_cpus()
-
-
-def _pin_cpus() -> None:
-    """``NBTUNE_CPU_AFFINITY`` (off, node, exclusive; default off): keep this process on the CPUs
-    next to its GPU (nbtune/train/cpu_affinity.py)."""
-    import sys
-
-    from .cpu_affinity import pin_this_rank
-
-    mode = os.environ.get("NBTUNE_CPU_AFFINITY", "off").strip().lower() or "off"
-    if mode == "off":
-        return
-    index = local_rank() if is_distributed() else 0  # outside a launcher: the first visible GPU
-    try:
-        done = pin_this_rank(index, mode)
-    except ValueError as e:  # an unknown mode: name the variable it came from
-        raise DistributedSetupError(f"environment variable NBTUNE_CPU_AFFINITY: {e}") from None
-    print(f"nbtune rank {rank()}: {done}", file=sys.stderr)
 
 
 def one_gpu_per_process(args, model=None) -> None:

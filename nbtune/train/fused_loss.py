@@ -1,18 +1,14 @@
 """The training loss of a patched model: its own fused linear + cross-entropy, asked for as
 transformers' Trainer asks a model for its loss.
 
-TRL's SFTTrainer (1.16) wraps the model's forward with a chunked LM head of its own
-(``add_fused_lm_head``) and computes the loss from its per-token log-probabilities, together with
-the entropy and top-1 hits it logs; after every micro-batch it gathers those and the token count
-over the ranks and reads them with ``.item()``: three device synchronizations per micro-batch, and
-under DDP four collectives that make the ranks wait for each other. For a model nbtune patched,
-the forward already returns the loss of nbtune.kernels' fused linear + cross-entropy (logits never
-built; what the planner models and the benchmarks measure), so ``compute_loss`` here is
-transformers' Trainer's own: ``model(**inputs, num_items_in_batch=...)`` (labels included) through
-TRL's wrapper, which hands a call without ``fused_lm_head`` to the patched forward. Same loss
-(mean over the target tokens, or over ``num_items_in_batch`` when the Trainer gives it, scaled by
-the number of processes as the Trainer does); TRL's entropy / accuracy logs are not computed.
-Models nbtune does not patch keep TRL's path (its chunked head beats full logits).
+TRL's SFTTrainer (1.16) computes the loss with a chunked LM head of its own and, after every
+micro-batch, gathers its entropy / accuracy logs over the ranks and reads them back: device
+synchronizations, and under DDP collectives that make the ranks wait for each other. A model nbtune
+patched already returns the loss of its fused linear + cross-entropy (logits never built), so
+``compute_loss`` here is transformers' Trainer's own: ``model(**inputs, num_items_in_batch=...)``.
+Same loss (mean over the target tokens, or over ``num_items_in_batch``, scaled by the number of
+processes as the Trainer does); TRL's entropy / accuracy logs are not computed. Models nbtune does
+not patch keep TRL's path (its chunked head beats full logits).
 """
 from __future__ import annotations
 

@@ -1,26 +1,14 @@
-"""Python's cyclic garbage collector during training: count its pauses, and (opt-in) keep full collections short.
+"""Python's cyclic garbage collector during training: its pauses, counted.
 
-A full (generation 2) collection walks every container object the interpreter tracks. With torch,
-transformers, peft, TRL and datasets imported that is ~0.5 million objects: 240 ms per collection on
-the CI-class CPU, before any model is loaded. The autograd contexts and saved-tensor wrappers of a
-micro-batch live from its forward to its backward, long enough to be promoted, so the collector's
-own thresholds could start full collections during training. A step that took one would be longer
-by its length, and under data parallelism each rank's pause would hold up the other ranks at the
-next all-reduce.
-
-Measured, it did not happen in nbtune's runs (benchmarks/NOTES.md, session 8): no full collection in
-the timed steps of four llama3-8b 8x2x2048 runs on an H200 (13-17 ms of young-generation collections
-per ~3 s step), nor in 80 steps of the embedded 135M model on a CPU. So:
-
-- :class:`CollectorPauses` times every collection (``gc.callbacks``) and gives, for the metrics
-  records, the pause time since the previous record (``gc_ms``) and the number of full collections
-  among them (``gc_full``): a slow step can be checked against the collector at once;
-- with ``NBTUNE_GC_FREEZE=1`` it also freezes the heap at the start of training (``gc.collect()``,
-  then ``gc.freeze()``: every object alive then moves to the permanent generation the collector
-  never walks), so later full collections walk only what training created, and unfreezes it at the
-  end. Cyclic garbage made during training is still collected; reference counting, which frees the
-  tensors, is not affected. Off by default: five alternating rounds on two H200 hosts gave 1.10x and
-  0.95x (medians), i.e. no effect beyond the hosts' noise.
+A full (generation 2) collection walks every object the interpreter tracks (~0.5 million with
+torch, transformers, peft, TRL and datasets imported: hundreds of ms). The autograd state of a
+micro-batch lives long enough to be promoted, so full collections could start during training,
+lengthen a step, and under data parallelism hold up the other ranks at the next all-reduce. In
+the measured runs none did, and freezing the heap for training made no difference beyond
+run-to-run noise (benchmarks/NOTES.md, "Measurement hygiene"). So :class:`CollectorPauses` only
+times every collection (``gc.callbacks``) and gives, for the metrics records, the pause time since
+the previous record (``gc_ms``) and the number of full collections among them (``gc_full``): a
+slow step can be checked against the collector at once.
 """
 from __future__ import annotations
 
@@ -29,22 +17,11 @@ import time
 
 from transformers import TrainerCallback
 
-from nbtune.kernels._backend import env_flag
-
-FREEZE_ENV = "NBTUNE_GC_FREEZE"
-
-
-def freeze_wanted() -> bool:
-    """True when NBTUNE_GC_FREEZE says 1/true/yes/on; False otherwise (the default)."""
-    return env_flag(FREEZE_ENV, default=False)
-
 
 class CollectorPauses(TrainerCallback):
-    """Time the collector's pauses during the training loop; freeze its heap there when asked (see the module)."""
+    """Time the collector's pauses during the training loop (see the module)."""
 
-    def __init__(self, freeze: bool | None = None):
-        self.freeze = freeze_wanted() if freeze is None else freeze
-        self.frozen = 0  # objects moved to the permanent generation at the start (0: not frozen)
+    def __init__(self):
         self._started: float | None = None
         self._since = [0.0, 0]  # pause seconds and full collections since the last record
         self.total = [0.0, 0]  # the same over the whole training loop
@@ -65,20 +42,13 @@ class CollectorPauses(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if self._on_collection not in gc.callbacks:
             gc.callbacks.append(self._on_collection)
-        if self.freeze:
-            gc.collect()
-            gc.freeze()
-            self.frozen = gc.get_freeze_count()
         self._since = [0.0, 0]
 
     def on_train_end(self, args, state, control, **kwargs):
         self.close()
 
     def close(self) -> None:
-        """Unfreeze (when this callback froze) and stop timing; safe to call twice."""
-        if self.frozen:
-            gc.unfreeze()
-            self.frozen = 0
+        """Stop timing; safe to call twice."""
         if self._on_collection in gc.callbacks:
             gc.callbacks.remove(self._on_collection)
 

@@ -63,7 +63,7 @@ class MetricsStream(TrainerCallback):
         self.listeners = list(listeners or [])
         self.records: list[dict] = []
         self._t0 = None
-        self._step0 = 0  # the step this session started from (> 0 when resumed)
+        self._step0 = 0  # the step this run started from (> 0 when resumed)
         self._last = None  # (time, tokens) at the previous record
         self.resumed_from: int | None = None
         self.start_fields: dict = {}  # the run's own facts for the start record (e.g. its checkpointing mode)
@@ -122,7 +122,7 @@ class MetricsStream(TrainerCallback):
 
     def history(self) -> list[dict]:
         """Every record of the run: the file where this process writes one (a resumed run appends to
-        it, so it holds the steps before the resume too), else the records of this session."""
+        it, so it holds the steps before the resume too), else the records this process emitted."""
         return read_log(self.path) if self.write else list(self.records)
 
     def emit(self, rec: dict) -> None:

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import json
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -38,10 +38,11 @@ import torch
 
 from ..models import add_lora, load_model
 from ..models.lora import trainable_to_fp32
-from ..models.patches.host_facts import text_only_check
-from . import distributed, session
-from .checkpoint import (InterruptCallback, StagedCheckpoints, checkpoint_step, checkpoints_dir, complete_checkpoints,
-                         latest_checkpoint,
+from ..models.patches.gemma3 import text_only_check
+from . import distributed, run_folder, session
+from .checkpoint import (MARKER, AutoSave, InterruptCallback, StagedCheckpoints, checkpoint_problem, checkpoint_step,
+                         checkpoints_dir, complete_checkpoints, latest_checkpoint, remove_stale_staging,
+                         resumable_checkpoint,
                          save_after_keyboard_interrupt, sigint_stops)
 from .config import Config, ConfigError, build_config, output_dir
 from .data import TokenizedData, apply_chat_template_choice, prepare_data
@@ -57,7 +58,7 @@ from .fused_loss import PatchedModelLoss
 from .token_count import TokensSeenOnDevice
 from .progress import TerminalProgress
 from .outcome import RunOutcome
-from .stability import NonFiniteGuard, RecordsStepLoss, stop_diverged
+from .stability import NonFiniteGuard, RecordsStepLoss, collapse_problem, collapsed_error, stop_diverged
 
 
 @dataclasses.dataclass
@@ -124,7 +125,12 @@ class FinetuneResult(RunOutcome):
         """A merged 16-bit checkpoint (default ``<output.dir>/merged``); see :func:`~nbtune.train.generate.save_merged`."""
         from .generate import save_merged
 
-        path = Path(path) if path else self.output_dir / "merged"
+        if not path:
+            from .run_folder import record_written
+
+            path = self.output_dir / "merged"
+            record_written(self.output_dir, "merged")
+        path = Path(path)
         self.merged_dir = save_merged(self.adapter_dir, path, base=self.config.model.name,
                                       dtype=dtype or self.config.output.merged_dtype,
                                       trust_remote_code=self.config.model.trust_remote_code)
@@ -269,10 +275,9 @@ def memory_plan(cfg: Config, gpu=None, world_size: int | None = None):
 def check_fits(cfg: Config, force: bool = False):
     """Before loading anything on a GPU: the plan, or the planner's ``DoesNotFitError`` (with its
     advice) when the run is predicted not to fit. Skipped on a CPU and when forced."""
-    import os
+    from ..planner import planned_gpu
 
-    planned_gpu = os.environ.get("NBTUNE_GPU", "").strip()
-    if force or cfg.train.force or not (torch.cuda.is_available() or planned_gpu):
+    if force or cfg.train.force or not (torch.cuda.is_available() or planned_gpu()):
         return None
     try:
         from ..planner import preflight
@@ -284,29 +289,14 @@ def check_fits(cfg: Config, force: bool = False):
 
 
 def checkpointing_mode(cfg: Config, plan=None) -> tuple[str, str]:
-    """The gradient checkpointing this run uses and why (one line), for ``nbtune.add_lora``.
+    """The gradient checkpointing this run uses and why (one line), for ``nbtune.add_lora``: the
+    planner's :func:`nbtune.planner.checkpointing_for_run` for this machine and the launcher's world
+    size. ``plan``: the pre-flight plan of this config (:func:`check_fits`), which has resolved
+    "auto" already: its choice is taken, not made again."""
+    from ..planner import checkpointing_for_run
 
-    A mode the config names is used as it is. "auto" (the default): with no GPU here (and none
-    planned through ``NBTUNE_GPU``) "offload", as before "auto" existed (on CPU tensors it is plain
-    recomputation: nothing is offloaded); on a GPU the planner's choice for this GPU and the
-    launcher's world size (:func:`nbtune.planner.choose_checkpointing`: offload on one GPU; under
-    data parallelism plain where it fits, else offload); "offload" when the planner cannot size
-    the model (e.g. an uncatalogued hub id offline). ``plan``: the pre-flight plan of this config
-    (:func:`check_fits`), which has resolved "auto" already: its choice is taken, not made again."""
-    if cfg.train.gradient_checkpointing != "auto":
-        return cfg.train.gradient_checkpointing, "train.gradient_checkpointing in the config"
-    if plan is not None and plan.checkpointing_auto:
-        return plan.settings.gradient_checkpointing, plan.checkpointing_reason
-    if not (torch.cuda.is_available() or os.environ.get("NBTUNE_GPU", "").strip()):
-        return "offload", "no GPU: on the CPU offloaded checkpointing is plain recomputation"
-    try:
-        from ..planner import PlannerError, choose_checkpointing
-    except ImportError:  # pragma: no cover - the planner ships with nbtune
-        return "offload", "the planner is not available: offloaded checkpointing, the least GPU memory"
-    try:
-        return choose_checkpointing(cfg, gpu="auto", world_size=distributed.world_size())
-    except PlannerError as e:
-        return "offload", f"the planner cannot size this run ({e}): offloaded checkpointing, the least GPU memory"
+    return checkpointing_for_run(cfg, gpu_available=torch.cuda.is_available(), plan=plan,
+                                 world_size=distributed.world_size())
 
 
 def check_output_dir(out: Path) -> None:
@@ -383,11 +373,75 @@ def _resume_point(out: Path, resume) -> Path | None:
         path = Path(resume)
         if not (path / "trainer_state.json").is_file():
             raise ConfigError(f"resume: {str(path)!r} is not a checkpoint folder (no trainer_state.json)")
+        if (path / MARKER).is_file() and (problem := checkpoint_problem(path)) is not None:
+            raise ConfigError(f"resume: {str(path)!r} cannot be resumed from: {problem}. Resume from an earlier "
+                              f"checkpoint in {path.parent}, or with resume=True to take the newest sound one")
         return path
-    found = latest_checkpoint(out)
+    found = resumable_checkpoint(out, say=lambda text: print(text, file=sys.stderr))
     if found is None:
         print(f"nbtune: no complete checkpoint in {checkpoints_dir(out)}; starting from step 0", file=sys.stderr)
     return found
+
+
+def _vocab_size(model) -> int | None:
+    config = getattr(model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)()
+    return getattr(config, "vocab_size", None)
+
+
+def check_resume(cfg: Config, out: Path, checkpoint: Path, say=None) -> None:
+    """Before a resume: the saved run.yaml is the truth (only :data:`RESUME_MAY_CHANGE` may differ,
+    and each change is stated); a run already at its last step is finished, not resumed."""
+    saved_path = Path(out) / "run.yaml"
+    if saved_path.is_file():
+        try:
+            saved = build_config(saved_path.read_text(encoding="utf-8"))
+        except ConfigError:
+            saved = None  # a run.yaml of an older schema: nothing to compare against
+        for change in resume_changes(saved, cfg) if saved is not None else []:
+            if say is not None:
+                say(f"nbtune: resuming with {change}")
+    step = checkpoint_step(checkpoint)
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        state = {}
+    t = cfg.train
+    done = (t.max_steps is not None and step >= t.max_steps) or (
+        t.epochs is not None and float(state.get("epoch") or 0) >= t.epochs)
+    if done:
+        target = f"train.max_steps {t.max_steps}" if t.max_steps is not None else f"train.epochs {t.epochs}"
+        raise ConfigError(f"resume: the run in {out} is finished ({checkpoint.name}, {target}); there is nothing to "
+                          "resume. To train it further, raise train.max_steps (or train.epochs) and resume again; "
+                          "its adapter is in " + str(Path(out) / "adapter"))
+
+
+# settings a resumed run may change (each change is stated); any other change would make the
+# resumed run a different run than the one its checkpoint belongs to
+RESUME_MAY_CHANGE = {
+    "train": {"max_steps", "epochs", "logging_steps", "eval_steps", "save_steps", "save_minutes", "force",
+              "max_nonfinite_steps", "eval_batch_size"},
+    "output": {"keep_checkpoints", "export", "merged_dtype", "overwrite"},
+}
+
+
+def resume_changes(saved: Config, cfg: Config) -> list[str]:
+    """The allowed changes between the run's saved config and this one ("train.max_steps 6 -> 10");
+    a :class:`ConfigError` naming each other change and what to do about it."""
+    allowed, refused = [], []
+    new = cfg.model_dump()
+    for section, values in saved.model_dump().items():
+        for key, old in values.items():
+            if new[section][key] != old:
+                text = f"{section}.{key} {old!r} -> {new[section][key]!r}"
+                (allowed if key in RESUME_MAY_CHANGE.get(section, ()) else refused).append(text)
+    if refused:
+        raise ConfigError(
+            "resume: this config differs from the run being resumed in " + ", ".join(refused) + ". A checkpoint "
+            "continues the run it was saved by: set those back to the values in its run.yaml to resume, or "
+            "start a new run in another output.dir. (Steps, epochs, logging, evaluation, saving and export "
+            "settings may change on resume.)")
+    return allowed
 
 
 class _quiet_datasets:
@@ -498,6 +552,7 @@ def dry_run_report(config=None, gpu=None, resume=False, world_size: int | None =
 
 
 @released_on_oom  # out of GPU memory: the run's memory is released, the error carries the planner's advice
+@run_folder.releases_locks
 def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=False, force: bool = False,
              gpu=None, listeners: list[Callable[[dict], None]] | None = None, model=None, tokenizer=None,
              progress: bool = True, reuse_model: bool = True, world_size: int | None = None, **overrides):
@@ -532,6 +587,8 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
         print(f"nbtune: gradient checkpointing auto -> {checkpointing} ({checkpointing_why})", file=sys.stderr)
     out = output_dir(cfg)
     resume_from = _resume_point(out, resume)
+    if resume_from is not None:
+        check_resume(cfg, out, resume_from, say=(lambda text: print(text, file=sys.stderr)) if main else None)
     t_start = time.perf_counter()
     if model is None:
         model, tokenizer, _reused = session.get_base_model(cfg, lambda: _load_base(cfg), reuse=reuse_model)
@@ -541,14 +598,14 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
     data = prepare_run_data(cfg, tokenizer)
     # only now, with the model loaded and the data tokenized, is anything in the output folder touched
     out.mkdir(parents=True, exist_ok=True)
-    if main and resume_from is None and checkpoints_dir(out).is_dir():
-        old = complete_checkpoints(out)
-        if old:
-            print(f"nbtune: a fresh run in {out}: removing the checkpoints of the previous run there "
-                  f"({', '.join(p.name for p in old)}); use resume to continue it instead", file=sys.stderr)
-        shutil.rmtree(checkpoints_dir(out))  # they would mislead a later resume
     if main:
+        run_folder.lock(out)  # released when this call returns or raises
+        if resume_from is None:
+            run_folder.prepare_fresh(out, cfg.output.overwrite)
+        else:
+            remove_stale_staging(out)
         (out / "run.yaml").write_text(cfg.to_yaml())
+        run_folder.record_written(out, "run.yaml", "metrics.jsonl")
     if data.dropped and main:
         print("nbtune: dropped train rows: " + ", ".join(f"{n} ({why})" for why, n in data.dropped.items()), file=sys.stderr)
     if data.truncated and main:
@@ -582,14 +639,17 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
             offload_timing()  # start from this run's first step
             stream.fields.append(lambda: {f"offload_{k}": v for k, v in offload_timing().items()})
     interrupt = InterruptCallback()
+    autosave = AutoSave(cfg.train.save_minutes)
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, notify=stream.emit)
-    trainer = build_trainer(cfg, out, peft_model, tokenizer, data, callbacks=[pauses, stream, interrupt, guard])
+    trainer = build_trainer(cfg, out, peft_model, tokenizer, data,
+                            callbacks=[pauses, stream, interrupt, autosave, guard])
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     for noisy in (PrinterCallback, ProgressCallback):  # nbtune's own views show the metrics
         trainer.remove_callback(noisy)
     trainer.nbtune_keep_checkpoints = cfg.output.keep_checkpoints
     trainer.nbtune_interrupt = interrupt
+    trainer.nbtune_autosave = autosave
     trainer.nbtune_guard = guard
     if data.eval is not None and resume_from is None:
         before = trainer.evaluate()["eval_loss"]
@@ -636,8 +696,12 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
             warnings.warn(f"nbtune: the LoRA weights differ between the {world} ranks after training (digests "
                           f"{digests}); the data-parallel run did not keep its replicas in step", RuntimeWarning,
                           stacklevel=2)
+    if not interrupted and (problem := collapse_problem(peft_model, stream.history(), _vocab_size(peft_model))):
+        stream.emit(dict(event="collapsed", step=trainer.state.global_step, problem=problem))
+        raise collapsed_error(problem, cfg, latest_checkpoint(out))
     adapter_dir = out / "adapter"
     if main:
+        run_folder.record_written(out, "adapter")
         adapter_dir = save_adapter(peft_model, tokenizer, adapter_dir)
     distributed.barrier()  # the adapter is on disk when any rank returns
     result = FinetuneResult(

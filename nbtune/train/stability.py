@@ -25,6 +25,7 @@ finite" flags are combined (all-reduce MIN), so every rank judges a step the sam
 """
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Callable
@@ -185,3 +186,30 @@ def stop_diverged(guard: NonFiniteGuard, cfg, peft_model, tokenizer, out: Path, 
                   checkpoint=str(checkpoint) if checkpoint else None, last_good_step=guard.last_good_step))
     return TrainingDivergedError(text, list(guard.streak), checkpoint, adapter_dir)
 
+
+
+class TrainingCollapsedError(TrainingDivergedError):
+    """Training ran to its end but left nothing usable: non-finite LoRA weights, or a model that
+    predicts every token alike (loss at ln(vocabulary) with zero gradients). No adapter is saved."""
+
+
+def collapse_problem(model, records: list[dict], vocab_size: int | None) -> str | None:
+    """What makes a finished run's result unusable, or None. Checked once, after the last step."""
+    if not weights_finite(model):
+        return "its LoRA weights are not finite (NaN/inf)"
+    train = [r for r in records if r.get("event") == "train" and r.get("loss") is not None]
+    if vocab_size and len(train) >= 2:
+        last = train[-2:]
+        uniform = math.log(vocab_size)
+        if all(abs(r["loss"] - uniform) <= 0.02 * uniform and r.get("grad_norm") == 0 for r in last):
+            return (f"it collapsed: the loss sits at ln(vocabulary size) = {uniform:.3f} with zero gradient norm, so "
+                    "the model predicts every token alike and learns nothing more")
+    return None
+
+
+def collapsed_error(problem: str, cfg, checkpoint: Path | None) -> TrainingCollapsedError:
+    where = f" The last checkpoint, {checkpoint}, may predate the collapse." if checkpoint else ""
+    text = (f"nbtune: the run finished but {problem}; no adapter was saved. This usually means train.lr "
+            f"({cfg.train.lr:g}) is far too high: try 2e-4 for LoRA (1e-4 for large ranks) and start a new run."
+            + where)
+    return TrainingCollapsedError(text, [], checkpoint, None)

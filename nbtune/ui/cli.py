@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .fixable import fixable_kind
+
 
 def cmd_pull(args) -> int:
     from ..assets import known_names, pull
@@ -31,7 +33,7 @@ def cmd_demo(args) -> int:
     from ..train import finetune
     from ..train.demo import demo_config
 
-    overrides = {"train": {"max_steps": args.steps}} if args.steps else {}
+    overrides = {"train": {"max_steps": args.steps}} if args.steps is not None else {}
     cfg = demo_config(args.out, **overrides)
     print(f"nbtune demo: {cfg.model.name} on {cfg.data.source}, {cfg.train.max_steps} steps -> {cfg.output.dir}",
           file=sys.stderr)
@@ -45,20 +47,12 @@ def cmd_demo(args) -> int:
 
 def cmd_finetune(args) -> int:
     """The CLI door: the same config and the same run as %%finetune and nbtune.finetune()."""
-    from ..planner import PlannerError
-    from ..train import build_config
     from ..train.distributed import is_main_process
     from .api import finetune
 
-    cfg = build_config(args.config)
-    for item in args.set or []:
-        cfg = build_config(cfg, **_dotted_override(item))
-    try:
-        result = finetune(cfg, plan=args.plan, dry_run=args.dry_run, resume=args.resume, force=args.force,
-                          gpu=args.gpu, dashboard=False)
-    except PlannerError as e:  # includes "predicted not to fit", with the plan's advice
-        print(f"nbtune: error: {e}", file=sys.stderr)
-        return 2
+    cfg = config_from_args(args)
+    result = finetune(cfg, plan=args.plan, dry_run=args.dry_run, resume=args.resume, force=args.force,
+                      gpu=args.gpu, dashboard=False)
     if not is_main_process():  # data parallel: rank 0 reports for all
         return 130 if getattr(result, "interrupted", False) else 0
     if args.plan or args.dry_run:
@@ -89,17 +83,12 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _dotted_override(item: str) -> dict:
-    """'train.lr=1e-4' -> {'train': {'lr': 1e-4}} (the value parsed as YAML, never evaluated)."""
-    import yaml
+def config_from_args(args):
+    """``nbtune finetune``'s config: the YAML file with each ``--set`` applied (as ``%%finetune`` does),
+    and ``--overwrite`` as ``output.overwrite: true``."""
+    from .overrides import apply_overrides
 
-    if "=" not in item or "." not in item.split("=", 1)[0]:
-        from ..train import ConfigError
-
-        raise ConfigError(f"--set expects section.key=value (e.g. train.lr=1e-4), got {item!r}")
-    key, value = item.split("=", 1)
-    section, field = key.split(".", 1)
-    return {section: {field: yaml.safe_load(value)}}
+    return apply_overrides(args.config, [*(args.set or []), *(["output.overwrite=true"] if args.overwrite else [])])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="check config, plan, tokenizer and data; no training")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output.dir")
     p.add_argument("--force", action="store_true", help="train even if the planner predicts it will not fit")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous run in output.dir (output.overwrite: true; only nbtune's files are deleted)")
     p.add_argument("--gpu", default=None, help="GPU to plan for (default: this one, or T4 without a GPU)")
     p.set_defaults(func=cmd_finetune)
     p = sub.add_parser("plan", help="predict GPU memory for a fine-tune: breakdown, fits or not, advice")
@@ -149,42 +140,26 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def run_failures() -> tuple:
-    """The errors a run ends with after it started (not bad input): their messages say what to change."""
-    from ..train.oom import GPUOutOfMemoryError
-    from ..train.stability import TrainingDivergedError
-
-    return GPUOutOfMemoryError, TrainingDivergedError
-
-
 def main(argv=None) -> int:
+    """Errors the user fixes (nbtune.ui.fixable) end with their message and exit 2 (bad input, or the
+    planner's no) or 1 (the run started and stopped: out of GPU memory, NaN/inf); others keep their
+    traceback. ``nbtune plan`` imports no torch."""
     args = build_parser().parse_args(argv)
-    if args.command == "plan":  # pure Python: no torch import for a plan
-        from ..planner import PlannerError
-
-        try:
-            return args.func(args)
-        except PlannerError as e:
-            print(f"nbtune: error: {e}", file=sys.stderr)
-            return 2
-    from ..assets import AssetError
-    from ..models import ModelLoadError
-    from ..train import ConfigError, DataError
-
     try:
         return args.func(args)
-    except (AssetError, ConfigError, DataError, ModelLoadError) as e:
-        # one line: "invalid nbtune config: train.lr: ...; lora.r: ..."
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        text = lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "")
-        print(f"nbtune: error: {text}", file=sys.stderr)
-        return 2
-    except run_failures() as e:  # out of GPU memory, NaN/inf: the run's own message, which says what to change
-        print(f"nbtune: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("nbtune: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        kind = fixable_kind(e)
+        if kind is None:
+            raise
+        text = str(e)
+        if kind == "input":  # one line: "invalid nbtune config: train.lr: ...; lora.r: ..."
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            text = lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "")
+        print(f"nbtune: error: {text}", file=sys.stderr)
+        return 1 if kind == "run" else 2
 
 
 if __name__ == "__main__":

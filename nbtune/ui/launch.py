@@ -127,13 +127,12 @@ class FeedWriter:
 
 
 def _result_fields(result) -> dict:
+    """Rank 0's result as JSON values: every field of :class:`LaunchResult` the kernel does not make
+    itself (paths as text)."""
     fields = {}
-    for name in ("output_dir", "adapter_dir", "log_path", "eval_loss_before", "eval_loss_after", "train_loss",
-                 "steps", "seconds", "interrupted", "checkpoint", "resumed_from", "merged_dir", "world_size",
-                 "global_batch", "replicas_identical", "gradient_checkpointing", "checkpointing_reason",
-                 "rows_truncated", "packing"):
-        value = getattr(result, name, None)
-        fields[name] = str(value) if isinstance(value, Path) else value
+    for f in _sent_fields():
+        value = getattr(result, f.name, None)
+        fields[f.name] = str(value) if isinstance(value, Path) else value
     return fields
 
 
@@ -201,19 +200,15 @@ class LaunchResult(RunOutcome):
 
     def load(self):
         """A :class:`~nbtune.train.run.FinetuneResult` in this kernel for the trained adapter (its
-        ``chat()``, ``generate()``, ``save_merged()`` load the base model and the adapter here)."""
+        ``chat()``, ``generate()``, ``save_merged()`` load the base model and the adapter here):
+        every field the two have in common, copied."""
         if self._loaded is None:
             from ..train.run import FinetuneResult
 
-            self._loaded = FinetuneResult(
-                config=self.config, output_dir=self.output_dir, adapter_dir=self.adapter_dir, log_path=self.log_path,
-                eval_loss_before=self.eval_loss_before, eval_loss_after=self.eval_loss_after,
-                train_loss=self.train_loss, steps=self.steps, seconds=self.seconds, metrics=self.metrics,
-                interrupted=self.interrupted, checkpoint=self.checkpoint, resumed_from=self.resumed_from,
-                merged_dir=self.merged_dir, world_size=self.world_size, global_batch=self.global_batch,
-                replicas_identical=self.replicas_identical, gradient_checkpointing=self.gradient_checkpointing,
-                checkpointing_reason=self.checkpointing_reason, rows_truncated=self.rows_truncated,
-                packing=self.packing, _generation=-1)
+            mine = {f.name for f in dataclasses.fields(self)}
+            shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(FinetuneResult)
+                      if f.init and f.name in mine and not f.name.startswith("_")}
+            self._loaded = FinetuneResult(**shared, _generation=-1)
         return self._loaded
 
     def chat(self, *args, **kwargs):
@@ -225,6 +220,23 @@ class LaunchResult(RunOutcome):
     def save_merged(self, *args, **kwargs):
         self.merged_dir = self.load().save_merged(*args, **kwargs)
         return self.merged_dir
+
+
+# LaunchResult's fields that the kernel side fills in itself; rank 0 sends all the others.
+_KERNEL_SIDE = ("config", "metrics", "dashboard", "_loaded")
+
+
+def _sent_fields() -> list:
+    return [f for f in dataclasses.fields(LaunchResult) if f.name not in _KERNEL_SIDE]
+
+
+def _launch_result(cfg, fields: dict, metrics: list) -> LaunchResult:
+    """The kernel's :class:`LaunchResult` from rank 0's JSON fields (paths back to ``Path``)."""
+    values = {}
+    for f in _sent_fields():
+        value = fields.get(f.name)
+        values[f.name] = Path(value) if value is not None and "Path" in str(f.type) else value
+    return LaunchResult(config=cfg, metrics=metrics, **values)
 
 
 class _FeedReader:
@@ -360,11 +372,8 @@ def launch_finetune(config, processes: int, *, resume=False, force: bool = False
     log_path = Path(fields["log_path"])
     metrics = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()] \
         if log_path.is_file() else []
-    paths = {k: (Path(v) if v is not None else None) for k, v in fields.items()
-             if k in ("output_dir", "adapter_dir", "log_path", "checkpoint", "merged_dir")}
-    fields.update(paths)
     fields["seconds"] = fields.get("seconds") or time.perf_counter() - t0
-    return LaunchResult(config=cfg, metrics=metrics, **fields)
+    return _launch_result(cfg, fields, metrics)
 
 
 # ---------------------------------------------------------------------------- plan / dry run for N GPUs

@@ -14,6 +14,7 @@ from IPython.core.magic_arguments import argument, kwds, magic_arguments, parse_
 
 from ..train.config import ConfigError, build_config, config_reference
 from .fixable import is_fixable
+from .overrides import apply_overrides
 
 DEFAULT_VAR = "finetune_result"
 EXAMPLE = """\
@@ -53,6 +54,8 @@ class FinetuneMagics(Magics):
               help="check config, plan, tokenizer and data (rows, tokens, steps) without loading the model")
     @argument("--resume", action="store_true", help="continue from the latest checkpoint in output.dir")
     @argument("--force", action="store_true", help="train even if the planner predicts it will not fit")
+    @argument("--overwrite", action="store_true",
+              help="replace a previous run in output.dir (output.overwrite: true; only nbtune's files are deleted)")
     @argument("--out", metavar="VAR", default=DEFAULT_VAR,
               help=f"variable that receives the result (default: {DEFAULT_VAR})")
     @argument("--set", action="append", metavar="SECTION.KEY=VALUE", default=None,
@@ -97,22 +100,10 @@ class FinetuneMagics(Magics):
 
                 body = parse_yaml(cell)
                 cfg = build_config(cfg, **body) if source is not None else build_config(body)
-            for item in args.set or []:
-                cfg = build_config(cfg, **dotted_override(item))
+            cfg = apply_overrides(cfg, [*(args.set or []), *(["output.overwrite=true"] if args.overwrite else [])])
         except ConfigError as e:
             raise UsageError(f"%%finetune: {e}") from e
         return cfg
-
-
-def dotted_override(item: str) -> dict:
-    """'train.lr=1e-4' -> {'train': {'lr': 1e-4}} (the value parsed as YAML, never evaluated)."""
-    from ..train.config import parse_yaml
-
-    if "=" not in item or "." not in item.split("=", 1)[0]:
-        raise ConfigError(f"--set expects section.key=value, got {item!r}")
-    key, value = item.split("=", 1)
-    section, field = key.strip().split(".", 1)
-    return {section: {field: parse_yaml(f"v: {value}")["v"]}}
 
 
 def load_ipython_extension(ipython) -> None:

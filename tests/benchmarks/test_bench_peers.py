@@ -27,7 +27,7 @@ PEER_SCRIPTS = [os.path.join(PEERS_DIR, "hf_qlora_baseline.py"), os.path.join(PE
 # shapes
 # ------------------------------------------------------------------------------------------------
 def test_original_shapes_unchanged():
-    # as /work/shared/peers/hf_qlora_baseline.py had them (the reference figures' checkpoints)
+    # as the original peer scripts had them (the checkpoints of the reference figures)
     assert bench_common.SHAPES["llama2-7b"] == dict(
         hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=32, vocab_size=32000)

@@ -27,8 +27,8 @@ ROWS = 64  # rows of the word model's data (tests/conftest.py word_model)
 
 
 def _needs_notebook_packages():
-    """The notebook doors need IPython and the dashboard's plotly (the GPU image ships neither unless
-    their wheels are carried): skip, saying so, rather than fail on a missing package."""
+    """The notebook doors need IPython and the dashboard's plotly (a bare GPU image may ship neither:
+    benchmarks/fetch_extra_wheels.sh): skip, saying so, rather than fail on a missing package."""
     pytest.importorskip("IPython", reason="the notebook doors need IPython")
     pytest.importorskip("plotly", reason="the notebook dashboard needs plotly")
 

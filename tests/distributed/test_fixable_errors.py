@@ -51,3 +51,39 @@ def test_an_unexpected_rank_error_keeps_rank_type_and_traceback(tmp_path):
     error = _ranks_failed(tmp_path, None)
     assert not error.fixable
     assert "rank 1 of the data-parallel run failed: KeyError" in str(error) and "File x, line 3" in str(error)
+
+
+def _raiser(error):
+    def cmd(args):
+        raise error
+    return cmd
+
+
+@pytest.mark.parametrize("error,code,printed", [
+    (ConfigError("invalid nbtune config:\n  train.lr: must be > 0\n  lora.r: must be > 0"), 2,
+     "invalid nbtune config: train.lr: must be > 0; lora.r: must be > 0"),
+    (DistributedSetupError("model on cuda:1, this rank's GPU is cuda:0"), 2, "model on cuda:1"),
+    (DoesNotFitError("predicted not to fit:\nplan\nset train.batch_size: 1", plan=None), 2,
+     "predicted not to fit:\nplan\nset train.batch_size: 1"),
+    (GPUOutOfMemoryError("CUDA out of memory at step 3: lower train.batch_size", "train", 3, ""), 1,
+     "CUDA out of memory at step 3"),
+    (TrainingDivergedError("loss is nan at steps 4, 5, 6: lower train.lr", [4, 5, 6], None, None), 1, "loss is nan"),
+])
+def test_the_command_line_ends_a_fixable_error_with_its_message_and_exit_code(error, code, printed, monkeypatch,
+                                                                               capsys):
+    """The same list decides at the command line: bad input and the planner's no exit 2, a run that
+    stopped on what the user changes exits 1, each with its message alone."""
+    from nbtune.ui import cli
+
+    monkeypatch.setattr(cli, "cmd_pull", _raiser(error))
+    assert cli.main(["pull"]) == code
+    err = capsys.readouterr().err
+    assert err.startswith("nbtune: error: ") and printed in err and "Traceback" not in err
+
+
+def test_the_command_line_keeps_the_traceback_of_other_errors(monkeypatch):
+    from nbtune.ui import cli
+
+    monkeypatch.setattr(cli, "cmd_pull", _raiser(KeyError("input_ids")))
+    with pytest.raises(KeyError):
+        cli.main(["pull"])

@@ -3,7 +3,7 @@ what is allowed there, T4 defaults."""
 import pytest
 
 from nbtune.train.config import Config, ConfigError, build_config, config_reference
-from nbtune.ui.magic import dotted_override
+from nbtune.ui.overrides import dotted_override
 
 
 @pytest.mark.parametrize("text", ["lr: 2e-4", "lr: 2.0e-4", "lr: 2E-4", "lr: '2e-4'", "lr: 0.0002", "lr: 2e-04",
@@ -72,3 +72,37 @@ def test_defaults_fit_an_8b_model_on_a_t4():
     plan = plan_from_config(build_config(model="meta-llama/Llama-3.1-8B-Instruct"), gpu="T4")
     assert plan.fits, plan
     assert Config().train.optimizer == "adamw_8bit"
+
+
+SET_ITEMS = ["train.lr=2e-4", "train.max_steps=1e2", "lora.targets=[q_proj, v_proj]", "model.load_in_4bit=false",
+             "output.dir=out dir/run 1", "data.max_rows=64", "lora.alpha=32"]
+
+
+def test_both_doors_give_the_same_config_for_the_same_set_items(ip, tmp_path):
+    """``nbtune finetune run.yaml --set ...`` and ``%finetune run.yaml --set ...`` read each value alike."""
+    import shlex
+
+    from IPython.core.magic_arguments import parse_argstring
+
+    from nbtune.ui import cli
+    from nbtune.ui.magic import FinetuneMagics
+
+    path = tmp_path / "run.yaml"
+    path.write_text("model: smollm2-135m-instruct\ntrain: {epochs: 2}\nlora: {r: 8}\n")
+    magics = FinetuneMagics(shell=ip)
+    line = shlex.quote(str(path)) + "".join(f" --set {shlex.quote(item)}" for item in SET_ITEMS)
+    from_magic = magics._config(parse_argstring(magics.finetune, line), None)
+    argv = ["finetune", str(path)] + [part for item in SET_ITEMS for part in ("--set", item)]
+    from_cli = cli.config_from_args(cli.build_parser().parse_args(argv))
+    assert from_magic == from_cli
+    cfg = from_cli
+    assert type(cfg.train.lr) is float and cfg.train.lr == 2e-4
+    assert cfg.train.max_steps == 100 and cfg.train.epochs is None  # max_steps replaces the file's epochs
+    assert cfg.lora.targets == ["q_proj", "v_proj"] and cfg.lora.r == 8 and cfg.lora.alpha == 32
+    assert cfg.model.load_in_4bit is False and cfg.output.dir == "out dir/run 1" and cfg.data.max_rows == 64
+
+
+@pytest.mark.parametrize("item", ["lr=1e-4", "train.=1", ".lr=1", "train.lr"])
+def test_a_set_item_without_section_key_and_value_is_a_config_error(item):
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
+        dotted_override(item)

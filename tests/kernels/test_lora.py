@@ -280,11 +280,14 @@ def test_lora_qkv_matches_peft_gqa(kind, dtype, adapter_dtype, kernel_mode):
 
 
 def hf_mlp(activation, dtype, bias=False):
+    """transformers' MLP with unaligned sizes (hidden 36, intermediate 70: no power of two, not a
+    multiple of the kernels' blocks). The attention heads only satisfy the config's checks: 2 heads
+    of 18 (transformers 5.18 on refuses RoPE over an odd head_dim such as 36 / 4 = 9)."""
     if activation == "geglu_tanh":
         return GemmaMLP(GemmaConfig(hidden_size=36, intermediate_size=70, hidden_act="gelu_pytorch_tanh",
-                                num_attention_heads=4, num_key_value_heads=4, head_dim=9)).to(dtype)
+                                num_attention_heads=2, num_key_value_heads=2, head_dim=18)).to(dtype)
     config = LlamaConfig(hidden_size=36, intermediate_size=70, hidden_act=ACT_TO_HF[activation], mlp_bias=bias,
-                         num_attention_heads=4, num_key_value_heads=4)
+                         num_attention_heads=2, num_key_value_heads=2)
     return LlamaMLP(config).to(dtype)
 
 

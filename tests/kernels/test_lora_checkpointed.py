@@ -9,6 +9,7 @@ dequantizations each pass runs (the recompute's MLP must be gone).
 import pytest
 import torch
 
+from nbtune import _chunking
 from nbtune.kernels import lora
 from nbtune.kernels.offload import checkpoint_phase, offloaded_checkpoint, offloaded_checkpoint_reference
 
@@ -57,7 +58,7 @@ CHECKPOINTS = {"none": None, "torch": offloaded_checkpoint_reference, "offloaded
 def test_matches_reference(kind, dtype, adapter_dtype, budget, checkpoint, kernel_mode, monkeypatch):
     kernel_mode("triton")
     if budget is not None:  # 1 byte: every chunk is the 64-row minimum; 150 tokens -> 64 + 64 + 22
-        monkeypatch.setattr(lora, "MLP_CHUNK_BYTES", budget)
+        monkeypatch.setattr(_chunking, "MLP_CHUNK_BYTES", budget)
     gen = torch.Generator().manual_seed(seed_of("tail", kind, dtype, adapter_dtype, budget, checkpoint))
     hidden, inter = 36, 70
     projections = _mlp(kind, dtype, adapter_dtype, hidden, inter, gen, bias=budget is None)
@@ -76,7 +77,7 @@ def test_matches_reference(kind, dtype, adapter_dtype, budget, checkpoint, kerne
 @pytest.mark.parametrize("activation", ["geglu", "geglu_tanh"])
 def test_geglu_in_checkpoint_with_chunks(activation, kernel_mode, monkeypatch):
     kernel_mode("triton")
-    monkeypatch.setattr(lora, "MLP_CHUNK_BYTES", 1)
+    monkeypatch.setattr(_chunking, "MLP_CHUNK_BYTES", 1)
     gen = torch.Generator().manual_seed(seed_of("tail-geglu", activation))
     projections = _mlp("4bit", torch.float16, torch.float32, 32, 48, gen)
     x = torch.randn(1, 131, 32, generator=gen).to(torch.float16)
@@ -106,7 +107,7 @@ def test_recompute_runs_no_mlp(budget, chunks, kernel_mode, monkeypatch):
     up again for g, u; down for dh; gate, up for dX). The plain fused MLP runs 3 + 3 + 3."""
     kernel_mode("triton")
     if budget is not None:
-        monkeypatch.setattr(lora, "MLP_CHUNK_BYTES", budget)
+        monkeypatch.setattr(_chunking, "MLP_CHUNK_BYTES", budget)
     gen = torch.Generator().manual_seed(5)
     projections = _mlp("4bit", torch.float32, torch.float32, 24, 40, gen)
     x = torch.randn(150, 24, generator=gen)
@@ -152,7 +153,7 @@ def test_token_chunks_cover_and_fit(tokens, inter, elem, budget):
     assert all(b1 == a2 for (_, b1), (a2, _) in zip(chunks, chunks[1:]))
     rows = chunks[0][1] - chunks[0][0]
     assert rows % 64 == 0 or len(chunks) == 1
-    limit = lora.MLP_CHUNK_BYTES if budget is None else budget
+    limit = _chunking.MLP_CHUNK_BYTES if budget is None else budget
     assert rows * inter * elem <= limit or rows <= 64
     if tokens * inter * elem <= limit:
         assert len(chunks) == 1

@@ -745,3 +745,36 @@ def test_checkpoint_phase_names_forward_recompute_and_owner(kernel_mode, checkpo
     layer.seen.clear()
     checkpoint(layer, x, use_reentrant=True).sum().backward()
     assert layer.seen == [None, None]
+
+
+@pytest.mark.parametrize("wrap", ["bound_call", "forward_and_layer", "nested_partial", "bound_forward"])
+def test_checkpoint_phase_finds_the_layer_however_transformers_wraps_it(kernel_mode, wrap):
+    """Transformers <= 5.22 checkpoints ``partial(super().__call__, **kwargs)`` (a bound method);
+    5.23 on ``partial(forward, layer, **kwargs)`` (the class's function, the layer as its first
+    argument). Either way the phase's owner is the layer: the checkpointed-tail LoRA MLP is
+    chosen by it, and a None owner would silently switch that saving off."""
+    kernel_mode("triton")
+    layer = _PhaseRecorder()
+    x = torch.randn(3, 4, requires_grad=True)
+    function = {
+        "bound_call": functools.partial(layer.__call__),
+        "forward_and_layer": functools.partial(_PhaseRecorder.forward, layer),
+        "nested_partial": functools.partial(functools.partial(_PhaseRecorder.forward), layer),
+        "bound_forward": layer.forward,
+    }[wrap]
+    offloaded_checkpoint(function, x).sum().backward()
+    assert [(p.name, p.owner) for p in layer.seen] == [("forward", layer), ("recompute", layer)]
+
+
+def test_checkpoint_phase_owner_is_none_for_a_plain_function(kernel_mode):
+    """A function that is no module's method (its first argument a tensor) has no owner."""
+    kernel_mode("triton")
+    seen = []
+
+    def run(t):
+        seen.append(offload.checkpoint_phase())
+        return t.tanh()
+
+    x = torch.randn(3, 4, requires_grad=True)
+    offloaded_checkpoint(functools.partial(run), x).sum().backward()
+    assert [(p.name, p.owner) for p in seen] == [("forward", None), ("recompute", None)]

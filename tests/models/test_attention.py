@@ -154,3 +154,102 @@ def test_length_one_pieces_return_their_values():
     plan = build_plan(1, 5, position_ids=torch.zeros(1, 5, dtype=torch.long))
     assert plan.pieces == (((0, 5, True),),)
     torch.testing.assert_close(attend(q, k, v, plan, scale=0.3), A.repeat_kv(v, 2).transpose(1, 2))
+
+
+# ----------------------------------------------------------------------------- packed rows in one launch
+PACKED = [case for case in CASES if CASES[case][0] is not None]
+
+
+def _graph_has(t, name: str) -> bool:
+    """Whether an autograd node whose class name contains ``name`` produced ``t``."""
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if name in type(node).__name__:
+            return True
+        stack.extend(n for n, _ in node.next_functions)
+    return False
+
+
+def test_packed_backend_switch(kernel_mode, monkeypatch):
+    q, _, _ = qkv()
+    monkeypatch.delenv(A.PACKED_ATTENTION_ENV, raising=False)
+    kernel_mode("auto")
+    assert A.packed_attention_backend(q) == "pieces"  # CPU tensors: the Triton kernels do not run
+    kernel_mode("reference")
+    assert A.packed_attention_backend(q) == "pieces"
+    kernel_mode("triton")
+    assert A.packed_attention_backend(q) == "varlen"
+    assert A.packed_attention_backend(q, dropout=0.1) == "pieces"  # only SDPA draws attention dropout
+    assert A.packed_attention_backend(torch.zeros(1, 1, 2, 512)) == "pieces"  # heads wider than the kernel
+    monkeypatch.setenv(A.PACKED_ATTENTION_ENV, "pieces")
+    assert A.packed_attention_backend(q) == "pieces"
+    monkeypatch.setenv(A.PACKED_ATTENTION_ENV, "flex")
+    assert A.packed_attention_backend(q) == "pieces"  # FlexAttention only on CUDA (compiled)
+    monkeypatch.setenv(A.PACKED_ATTENTION_ENV, "varlen")
+    kernel_mode("reference")
+    assert A.packed_attention_backend(q) == "pieces"
+    monkeypatch.setenv(A.PACKED_ATTENTION_ENV, "fast")
+    with pytest.raises(ValueError, match=A.PACKED_ATTENTION_ENV):
+        A.packed_attention_backend(q)
+
+
+def test_packed_index_lays_rows_end_to_end():
+    pos = torch.tensor([[0, 1, 2, 0, 0, 0, 1], [0, 1, 2, 3, 4, 0, 1]])
+    plan = build_plan(2, 7, position_ids=pos)
+    index = A.packed_index(plan, 2, 7, torch.device("cpu"))
+    # row 0: [0, 3), three 1-token pieces, [5, 7); row 1 (offset 7): [7, 12), [12, 14)
+    assert index.cu_seqlens.tolist() == [0, 3, 4, 5, 7, 12, 14]
+    assert index.bounds[0].tolist() == [0, 0, 0, 3, 4, 5, 5, 7, 7, 7, 7, 7, 12, 12]
+    assert index.bounds[1].tolist() == [3, 3, 3, 4, 5, 7, 7, 12, 12, 12, 12, 12, 14, 14]
+    assert index.longest == 5
+    shared = build_plan(2, 7, position_ids=pos[:1].expand(2, -1))
+    assert A.packed_index(shared, 2, 7, torch.device("cpu")).cu_seqlens.tolist() == [0, 3, 4, 5, 7, 10, 11, 12, 14]
+
+
+@pytest.mark.parametrize("case", PACKED)
+def test_varlen_backend_matches_explicit_masked_attention(kernel_mode, case):
+    """The Triton varlen kernel (Triton's interpreter here) behind attend(), forward and backward."""
+    kernel_mode("triton")
+    positions, window, softcap = CASES[case]
+    q, k, v = qkv(grad=True)
+    b, _, s, _ = q.shape
+    plan = build_plan(b, s, position_ids=torch.tensor(positions).expand(b, -1))
+    assert A.packed_attention_backend(q) == "varlen"
+    got = attend(q, k, v, plan, scale=0.3, window=window, softcap=softcap)
+    assert _graph_has(got, "VarlenAttention")
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    want = explicit_attention(q2, k2, v2, segment_ids_of(plan, b, s), window=window, softcap=softcap, scale=0.3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(got)
+    got.backward(grad)
+    want.backward(grad)
+    for a, c in ((q, q2), (k, k2), (v, v2)):
+        torch.testing.assert_close(a.grad, c.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_backend_rows_packed_differently(kernel_mode):
+    kernel_mode("triton")
+    q, k, v = qkv(length=9)
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1], [0, 1, 0, 1, 2, 3, 4, 5, 6]])
+    plan = build_plan(2, 9, position_ids=pos)
+    got = attend(q, k, v, plan, scale=0.25, window=3, softcap=2.0)
+    want = explicit_attention(q, k, v, segment_ids_of(plan, 2, 9), window=3, softcap=2.0, scale=0.25)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", PACKED)
+def test_flex_backend_matches_explicit_masked_attention(case):
+    """The FlexAttention backend's mask and softcap (eager FlexAttention on the CPU; compiled on CUDA)."""
+    if not A._flex_available():
+        pytest.skip("this torch has no FlexAttention")
+    positions, window, softcap = CASES[case]
+    q, k, v = qkv()
+    b, _, s, _ = q.shape
+    plan = build_plan(b, s, position_ids=torch.tensor(positions).expand(b, -1))
+    got = A._attend_flex(q, k, v, plan, scale=0.3, window=window, softcap=softcap)
+    want = explicit_attention(q, k, v, segment_ids_of(plan, b, s), window=window, softcap=softcap, scale=0.3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -5,8 +5,12 @@ packed loss), a right-padded batch gives the unpadded losses.
 """
 from __future__ import annotations
 
+import pytest
 import torch
-from tiny_models import LOSS_RTOL, WINDOW, assert_grads_match, lora_pair, random_batch, rel, sgd_step
+from tiny_models import LOSS_RTOL, WINDOW, assert_grads_match, lora_grads, lora_pair, random_batch, rel, sgd_step
+
+from nbtune.kernels import varlen_attention as varlen_module
+from nbtune.models.patches import attention
 
 # ----------------------------------------------------------------------------- generation
 def test_generation_after_training_matches_transformers(family):
@@ -95,3 +99,78 @@ def test_right_padded_batch_equals_unpadded(family):
     padded.backward()
     ref_padded.backward()
     assert_grads_match(ours, ref)
+
+
+# ----------------------------------------------------------------------------- packed row == documents apart
+# Llama (GQA), Qwen3 (q/k norms, one sliding layer), Mistral (sliding window shorter than a
+# document), Gemma 2 (logit softcapping on top of the window)
+PACKING_FAMILIES = ["llama", "qwen3", "mistral", "gemma2"]
+
+
+def _summed_loss_and_grads(model, seqs, packed: bool, device="cpu"):
+    """Token-summed loss of the sequences and the LoRA gradients of that sum: in one packed row
+    (padding-free, position_ids restarting) or each sequence as its own batch."""
+    model.zero_grad(set_to_none=True)
+    if packed:
+        ids, position_ids, labels, _ = (t.to(device) for t in _packed(seqs))
+        n = int((labels[:, 1:] != -100).sum())
+        total = model(input_ids=ids, position_ids=position_ids, labels=labels).loss * n
+    else:
+        total = sum(model(input_ids=s[None].to(device), labels=s[None].to(device)).loss * (len(s) - 1)
+                    for s in seqs if len(s) > 1)
+    total.backward()
+    return total.detach().float(), lora_grads(model)
+
+
+def _assert_packed_equals_apart(model, seqs, device="cpu", loss_rtol=LOSS_RTOL, grad_rtol=1e-4):
+    packed, packed_grads = _summed_loss_and_grads(model, seqs, True, device)
+    apart, apart_grads = _summed_loss_and_grads(model, seqs, False, device)
+    assert rel(packed, apart) < loss_rtol, (packed.item(), apart.item())
+    assert packed_grads.keys() == apart_grads.keys() and packed_grads
+    for name, g in packed_grads.items():
+        want = apart_grads[name].float()
+        scale = want.abs().max().item()
+        assert scale > 0, f"{name}: zero gradient (the test would prove nothing)"
+        torch.testing.assert_close(g.float() / scale, want / scale, rtol=grad_rtol, atol=grad_rtol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("kind", PACKING_FAMILIES)
+def test_packed_row_equals_documents_apart(kind, count_calls):
+    """CPU, the reference path: one SDPA (or softcapped attention) per document."""
+    ours, _ = lora_pair(kind)
+    calls = count_calls(attention, ["_attend_pieces", "_attend_varlen"])
+    _assert_packed_equals_apart(ours, _sequences(lengths=(11, 1, 2 * WINDOW + 3, 6, 1, 1, 2 * WINDOW)))
+    assert calls["_attend_pieces"] > 0 and calls["_attend_varlen"] == 0
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_packed_row_through_the_varlen_kernel_in_the_interpreter(kind, count_calls, monkeypatch):
+    """The patched attention's one-launch path: the Triton varlen kernel, run by Triton's interpreter
+    on CPU tensors (the other kernels keep their reference path, to keep the test short)."""
+    monkeypatch.setenv("NBTUNE_KERNELS", "reference")
+    monkeypatch.setattr(attention, "use_triton", lambda *tensors: True)
+    monkeypatch.setattr(varlen_module, "use_triton", lambda *tensors: True)
+    ours, _ = lora_pair(kind)
+    calls = count_calls(attention, ["_attend_pieces", "_attend_varlen"])
+    seqs = _sequences(lengths=(11, 1, 2 * WINDOW + 3, 6))
+    _assert_packed_equals_apart(ours, seqs)
+    # every layer's packed attention (forward, and its recompute under checkpointing); the documents
+    # apart are unpacked rows, which never take the packed path
+    assert calls["_attend_varlen"] >= 2 and calls["_attend_pieces"] == 0
+
+
+# ----------------------------------------------------------------------------- the same on the GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", PACKING_FAMILIES)
+def test_gpu_packed_row_equals_documents_apart(kind, kernel_mode, count_calls, monkeypatch):
+    """CUDA, NBTUNE_KERNELS=auto, fp32: packed rows take the varlen Triton kernel (the default
+    backend), documents apart take SDPA. (16-bit inputs: tests/kernels/test_varlen_attention.py.)"""
+    kernel_mode("auto")
+    monkeypatch.delenv(attention.PACKED_ATTENTION_ENV, raising=False)
+    ours, _ = lora_pair(kind)
+    ours.to("cuda")
+    calls = count_calls(attention, ["_attend_pieces", "_attend_varlen"])
+    seqs = _sequences(lengths=(11, 1, 2 * WINDOW + 3, 6, 1, 1, 40, 2 * WINDOW))
+    _assert_packed_equals_apart(ours, seqs, device="cuda", loss_rtol=1e-4, grad_rtol=1e-3)
+    assert calls["_attend_varlen"] > 0 and calls["_attend_pieces"] == 0

@@ -9,7 +9,8 @@ import torch
 from tiny_models import LOSS_RTOL, lora_pair, random_batch, rel
 
 from nbtune.models.patches import common
-from nbtune.models.patches.host_facts import TEXT_ONLY_KEY, TextOnlyCheck, text_only_check
+from nbtune.models.patches.gemma3 import text_only_check
+from nbtune.models.patches.host_facts import TEXT_ONLY_KEY, TextOnlyCheck
 from nbtune.train.host_plan import HostPlannedCollator
 
 IMAGE = 127  # tiny_models' Gemma 3 image token, inside its 128-token text vocabulary

@@ -5,7 +5,8 @@ import html
 
 import pytest
 
-from nbtune.planner import PlannerError, auto_checkpointing, choose_checkpointing, plan, plan_from_config
+from nbtune.planner import (PlannerError, auto_checkpointing, checkpointing_for_run, choose_checkpointing, plan,
+                            plan_from_config)
 from nbtune.train.config import build_config
 
 
@@ -102,6 +103,28 @@ def test_one_gpu_needs_no_plan_and_the_rule_plans_only_for_data_parallel():
     assert choose_checkpointing(unknown, gpu="T4", world_size=1)[0] == "offload"
     with pytest.raises(PlannerError):
         choose_checkpointing(unknown, gpu="T4", world_size=2)
+
+
+def test_what_a_run_uses_without_a_gpu_with_a_plan_and_for_a_model_it_cannot_size(monkeypatch):
+    """checkpointing_for_run, the trainer's question: no GPU here -> offload (plain recomputation on a
+    CPU); a GPU planned through NBTUNE_GPU -> the rule; a pre-flight plan's resolution taken as it is;
+    a model the planner cannot size -> offload; a named mode kept."""
+    monkeypatch.delenv("NBTUNE_GPU", raising=False)
+    mode, why = checkpointing_for_run(_config(), gpu_available=False, world_size=2)
+    assert mode == "offload" and why.startswith("no GPU")
+    monkeypatch.setenv("NBTUNE_GPU", "auto")  # "auto" names no GPU
+    assert checkpointing_for_run(_config(), gpu_available=False, world_size=2)[1].startswith("no GPU")
+    monkeypatch.setenv("NBTUNE_GPU", "H200")
+    assert checkpointing_for_run(_config(), gpu_available=False, world_size=2) == choose_checkpointing(
+        _config(), gpu="H200", world_size=2)
+    preflight = plan_from_config(_config(32768, 1), gpu="T4", world_size=2)
+    assert checkpointing_for_run(_config(32768, 1), gpu_available=True, plan=preflight, world_size=2) == (
+        "offload", preflight.checkpointing_reason)
+    unknown = {"model": {"name": "/nonexistent/model-dir"}}
+    mode, why = checkpointing_for_run(unknown, gpu_available=False, world_size=2)
+    assert mode == "offload" and why.startswith("the planner cannot size this run")
+    assert checkpointing_for_run(_config(mode="plain"), gpu_available=True, world_size=1) == (
+        "plain", "train.gradient_checkpointing in the config")
 
 
 def test_cli_and_widget_offer_auto(capsys):

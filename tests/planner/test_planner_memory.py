@@ -270,32 +270,7 @@ def test_dtype_auto_and_bf16_on_a_t4():
         gpu="H200", dtype="fp16", load_in_4bit=False).breakdown["base weights"] * 0.99
 
 
-def test_fused_loss_chunking_matches_the_kernel():
-    torch = pytest.importorskip("torch")  # noqa: F841
-    from nbtune.kernels import cross_entropy as ce
-
-    assert (memory.CE_MAX_CHUNK_BYTES, memory.CE_UNFUSED_FRACTION, memory.CE_MIN_CHUNK_ROWS) == (
-        ce.MAX_CHUNK_BYTES, ce.UNFUSED_FRACTION, ce.MIN_CHUNK_ROWS)
-    for n, v, b in [(2048, 128256, 2), (4096, 128256, 2), (16384, 32000, 2), (100, 262208, 4), (7, 49152, 2),
-                    (65536, 151936, 2)]:
-        assert memory.chunk_rows(n, v, b) == ce._chunk_rows(n, v, b)
-
-
 # ----------------------------------------------------------------------------- the checkpointed-tail MLP
-def test_mlp_chunking_matches_the_kernel():
-    pytest.importorskip("torch")
-    from nbtune.kernels import lora
-
-    assert (memory.MLP_CHUNK_BYTES, memory.MLP_CHUNK_ROW_MULTIPLE) == (lora.MLP_CHUNK_BYTES, lora._CHUNK_ROW_MULTIPLE)
-    for n, i, b in [(4096, 14336, 2), (49152, 14336, 2), (40960, 14336, 2), (16384, 11008, 2), (2048, 18944, 2),
-                    (100, 1536, 2), (7, 8192, 4), (65536, 18944, 4), (32768, 8192, 2), (4681, 14336, 2)]:
-        chunks = lora.mlp_token_chunks(n, i, b)
-        assert memory.mlp_chunk_rows(n, i, b) == max(stop - start for start, stop in chunks), (n, i, b)
-    # the lead's reference points: llama3-8b bf16 4096 tokens in one chunk, 49152 in 11 chunks of 4480 rows
-    assert memory.mlp_chunk_rows(4096, 14336, 2) == 4096 and len(lora.mlp_token_chunks(4096, 14336, 2)) == 1
-    assert memory.mlp_chunk_rows(49152, 14336, 2) == 4480 and len(lora.mlp_token_chunks(49152, 14336, 2)) == 11
-
-
 def test_mlp_tail_model_types_match_the_patch_families():
     """The planner's tail types are the patched families whose MLP output only goes into the residual
     (no post-feedforward norm) and whose gate/up are separate LoRA projections (not phi3's gate_up_proj)."""
@@ -403,7 +378,7 @@ def test_plan_notes_overheads_measured_with_another_allocator(monkeypatch, tmp_p
     expandable_fit = DEFAULT_COEFFICIENTS.replace(alloc_conf="expandable_segments:True", source="fitted (test)")
     monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:True")
     note = memory.allocator_note(default_fit)
-    assert "torch's default allocator" in note and "likely too high" in note and "calibration" in note
+    assert "torch's default allocator" in note and "likely too high" in note and "benchmarks/calibrate.py measure" in note
     assert memory.allocator_note(expandable_fit) is None
     assert memory.allocator_note(DEFAULT_COEFFICIENTS) is None  # never measured: nothing to compare
     assert note in plan("llama-3.1-8b", coefficients=default_fit).notes
@@ -446,7 +421,7 @@ def test_patched_model_types_match_the_patch_registry():
 def test_t4_llama3_8b_fits_easily_with_nbtune_and_not_in_16_bit():
     p = _plan(gpu="T4", seq_len=2048, batch_size=1)  # 4-bit, offload, fp16, fused loss
     assert p.fits and p.margin_gib > 5.0
-    # BENCHMARKS.md: Unsloth measures 6.50 GiB here, and nbtune's target is below that
+    # benchmarks/README.md: Unsloth measures 6.50 GiB here, and nbtune's target is below that
     assert 0.85 * 6.50 < p.reserved_gib < 1.15 * 6.50
     sixteen = _plan(gpu="T4", seq_len=2048, batch_size=1, load_in_4bit=False)
     assert not sixteen.fits and sixteen.margin_gib < -1.0
@@ -460,7 +435,7 @@ def test_t4_llama3_8b_fits_easily_with_nbtune_and_not_in_16_bit():
     ("llama-2-7b", 2048, 1, "fp16", 4.82),
 ])
 def test_defaults_land_near_the_peer_figures(model, seq, batch, dtype, unsloth_gib):
-    """Sanity anchors, not the calibration: within ±20 % of what Unsloth measured (BENCHMARKS.md)."""
+    """Sanity anchors, not the calibration: within ±20 % of what Unsloth measured (benchmarks/README.md)."""
     p = _plan(model, gpu="H200", seq_len=seq, batch_size=batch, dtype=dtype)
     assert 0.8 * unsloth_gib < p.reserved_gib < 1.2 * unsloth_gib
 

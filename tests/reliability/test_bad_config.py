@@ -55,6 +55,13 @@ CLI_CASES = {
     "max_seq_length above the model's limit": ({"model": {"max_seq_length": 4096}},
                                                ["model.max_seq_length=4096", "512", "max_position_embeddings",
                                                 "1..512"]),
+    "lr infinite": ({"train": {"lr": float("inf")}}, ["train.lr", "finite number"]),
+    "alpha infinite": ({"lora": {"alpha": float("inf")}}, ["lora.alpha", "finite number"]),
+    "lr not a number": ({"train": {"lr": float("nan")}}, ["train.lr", "finite number"]),
+    "negative seed": ({"train": {"seed": -1}}, ["train.seed", ">= 0", "-1"]),
+    "warm-up as long as the run": ({"train": {"max_steps": 3, "warmup_steps": 5}},
+                                   ["train.warmup_steps (5)", "train.max_steps (3)", "never reach train.lr"]),
+    "warm-up fraction not below 1": ({"train": {"warmup_steps": 1.5}}, ["train.warmup_steps", "below 1"]),
     "missing data file": ({"data": {"source": "/no/such/data.jsonl"}}, ["data.source", "/no/such/data.jsonl",
                                                                          "does not exist"]),
 }

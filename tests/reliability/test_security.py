@@ -3,6 +3,7 @@ the config asks, and then reaches transformers as asked; config values are data,
 (YAML tags that build Python objects are refused, text that looks like code stays text); the
 pickled states of a checkpoint are read back with ``weights_only=True``, so a tampered one cannot
 run code on resume."""
+import json
 import pickle
 
 import pytest
@@ -10,7 +11,7 @@ import yaml
 
 import nbtune
 from nbtune.train import ConfigError, build_config
-from nbtune.train.checkpoint import complete_checkpoints
+from nbtune.train.checkpoint import MARKER, complete_checkpoints, manifest
 
 from .conftest import one_line, run_cli, tiny_config
 
@@ -60,15 +61,25 @@ def test_a_tampered_checkpoint_cannot_run_code_on_resume(finished_run, tmp_path)
     ckpt = complete_checkpoints(result.output_dir)[-1]
     marker = tmp_path / "pwned"
     original = (ckpt / "optimizer.pt").read_bytes()
+    original_marker = (ckpt / MARKER).read_text()
     (ckpt / "optimizer.pt").write_bytes(pickle.dumps(_Exploit(marker)))
+    run = dict(dashboard=False, progress=False, reuse_model=False, train={**cfg["train"], "max_steps": 4})
     try:
+        # the manifest written with the checkpoint no longer matches: refused before anything is read
+        with pytest.raises(ConfigError, match="cannot be resumed from: optimizer.pt has 104 bytes where"):
+            nbtune.finetune(cfg, resume=str(ckpt), **run)
+        assert not marker.exists()
+        # a tamperer who rewrote the manifest too still meets torch.load(weights_only=True)
+        meta = json.loads(original_marker)
+        meta["files"] = manifest(ckpt)
+        (ckpt / MARKER).write_text(json.dumps(meta))
         with pytest.raises(Exception) as info:
-            nbtune.finetune(cfg, resume=True, dashboard=False, progress=False, reuse_model=False,
-                            train={**cfg["train"], "max_steps": 4})
+            nbtune.finetune(cfg, resume=str(ckpt), **run)
         assert not marker.exists()
         assert "weights_only" in str(info.value) or "Unpickl" in type(info.value).__name__, info.value
     finally:
         (ckpt / "optimizer.pt").write_bytes(original)
+        (ckpt / MARKER).write_text(original_marker)
 
 
 def test_trust_remote_code_is_off_all_the_way_to_from_pretrained(world, monkeypatch):

@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import warnings
 
-from nbtune.kernels._backend import env_flag
+from nbtune._env import PATCH_ENV, env_flag
 
 from . import gemma, gemma2, gemma3, llama, phi3, qwen3
 from .attention import AttentionPlan, attend, build_plan
 from .common import lora_projection, patch_on, uninstall
 from .family import Family
-
-PATCH_ENV = "NBTUNE_PATCH"
 
 REGISTRY: dict[str, Family] = {
     model_type: family

@@ -10,10 +10,19 @@ mask. What the plan covers, and why each case is exact:
   outputs differ, and their labels are -100. Left padding (or holes in the mask) is not exact this
   way: the model forward sends such batches to transformers' own path.
 - **Padding-free packing** (several sequences in one row, ``position_ids`` restarting, as TRL's
-  padding-free collator makes them; its ``cu_seq_lens_q`` is used when given): the row is cut into
-  its sequences and SDPA runs causally on each; nothing attends across a boundary and no mask is
-  built. Runs of length-1 pieces (the pad tail that ``pad_to_multiple_of`` leaves, every pad its
-  own "sequence") are answered without SDPA: a token that sees only itself outputs its own value.
+  padding-free collator makes them; its ``cu_seq_lens_q`` is used when given): nothing attends
+  across a boundary and no mask is built. How the packed batch attends is one switch,
+  :func:`packed_attention_backend` (``NBTUNE_PACKED_ATTENTION``):
+
+  - ``varlen`` (default with the Triton kernels, i.e. on CUDA): the batch rows laid end to end,
+    one launch of ``nbtune.kernels.varlen_attention`` for every sequence of every row (window and
+    softcap included), whatever the number of sequences;
+  - ``flex``: FlexAttention (``torch.nn.attention.flex_attention``, compiled) with a document
+    mask, where this torch has it;
+  - ``pieces`` (CPU, ``NBTUNE_KERNELS=reference``, attention dropout): the row is cut into its
+    sequences and SDPA runs causally on each. Runs of length-1 pieces (the pad tail that
+    ``pad_to_multiple_of`` leaves, every pad its own "sequence") are answered without SDPA: a
+    token that sees only itself outputs its own value.
 - **Sliding window** (Mistral, Qwen2/3 sliding layers, Gemma 2/3 local layers, Phi-3): exact
   transformers semantics, query i sees keys j with ``i - window < j <= i``. A sequence no longer
   than the window is plain causal. A longer one runs in query chunks of ``window`` tokens, each
@@ -46,10 +55,14 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ...kernels._backend import use_triton
+from ...kernels.varlen_attention import MAX_HEAD_DIM, varlen_attention
 
 # Bytes of fp32 scores one chunk of the softcapped attention may hold (per forward/backward step).
 SOFTCAP_CHUNK_BYTES = 64 * 2**20
@@ -346,6 +359,156 @@ def _attend_pieces(q, k, v, pieces, *, scale, window, softcap, dropout):
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
+# ----------------------------------------------------------------------------- packed rows, one launch
+PACKED_ATTENTION_ENV = "NBTUNE_PACKED_ATTENTION"
+PACKED_ATTENTION_CHOICES = ("auto", "varlen", "flex", "pieces")
+# What "auto" runs for packed rows on a GPU, by compute capability major (7: T4; 8: A100, A10,
+# L4; 9: H100, H200). The one place to change once measurements say otherwise.
+PACKED_ATTENTION_DEFAULT = {7: "varlen", 8: "varlen", 9: "varlen"}
+
+
+def packed_attention_backend(q: torch.Tensor, dropout: float = 0.0) -> str:
+    """How packed rows attend for queries like ``q``: "varlen", "flex" or "pieces" (module docstring).
+
+    ``NBTUNE_PACKED_ATTENTION`` = auto (default: ``PACKED_ATTENTION_DEFAULT`` for this GPU, "pieces"
+    where the Triton kernels do not run) | varlen | flex | pieces. A choice this call cannot take
+    falls back to "pieces": attention dropout (only the SDPA path draws it), no Triton path
+    (``NBTUNE_KERNELS``), bf16 below sm_80, heads wider than the kernel's 256 channels, or no
+    FlexAttention in this torch.
+    """
+    choice = os.environ.get(PACKED_ATTENTION_ENV, "auto").strip().lower() or "auto"
+    if choice not in PACKED_ATTENTION_CHOICES:
+        raise ValueError(f"{PACKED_ATTENTION_ENV}={choice!r} is not one of {', '.join(PACKED_ATTENTION_CHOICES)}")
+    if choice == "pieces" or dropout:
+        return "pieces"
+    major = _capability_major(q.device.index) if q.is_cuda else None
+    if choice == "auto":
+        if not use_triton(q):
+            return "pieces"
+        choice = PACKED_ATTENTION_DEFAULT.get(major, "varlen") if major is not None else "varlen"
+    if choice == "flex":
+        return "flex" if _flex_available() and q.is_cuda else "pieces"
+    supported = q.dtype in (torch.float16, torch.float32) or (q.dtype == torch.bfloat16 and (major is None or major >= 8))
+    return "varlen" if supported and q.shape[-1] <= MAX_HEAD_DIM and use_triton(q) else "pieces"
+
+
+@dataclass(frozen=True)
+class PackedIndex:
+    """A packed batch for the one-launch backends, built once per plan (every layer reuses it).
+
+    ``cu_seqlens`` (int32, device): the sequence boundaries with the batch rows end to end, every
+    token of a length-1 run its own sequence; ``bounds``: each token's sequence (start, end), as
+    ``varlen_attention`` reads them; ``longest``: the longest sequence (a window at least that
+    long is no window)."""
+
+    cu_seqlens: torch.Tensor
+    bounds: tuple
+    longest: int
+
+
+@functools.lru_cache(maxsize=4)
+def packed_index(plan: AttentionPlan, batch: int, length: int, device: torch.device) -> PackedIndex:
+    """The :class:`PackedIndex` of ``plan`` over (batch, length) rows, on ``device`` (one small
+    host-to-device copy per plan; plans come from the host, so no device read is needed)."""
+    cuts = [0]
+    for b in range(batch):
+        offset = b * length
+        for start, end, single in plan.pieces[0] if plan.shared else plan.pieces[b]:
+            cuts.extend(range(offset + start + 1, offset + end + 1) if single else (offset + end,))
+    cu = torch.tensor(cuts, dtype=torch.int32)
+    lengths = cu[1:] - cu[:-1]
+    doc = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+    host = torch.stack([cu[doc], cu[doc + 1]])
+    on_device = torch.cat([cu, host.flatten()]).to(device)
+    n = batch * length
+    return PackedIndex(cu_seqlens=on_device[:cu.numel()], bounds=(on_device[cu.numel():cu.numel() + n],
+                                                                  on_device[cu.numel() + n:]),
+                       longest=int(lengths.max()))
+
+
+def _as_tokens(t: torch.Tensor) -> torch.Tensor:
+    """(B, H, S, D) -> (B * S, H, D): a view when t is a transposed (B, S, H, D) tensor, as the
+    patched attention's projections give it."""
+    b, h, s, d = t.shape
+    return t.transpose(1, 2).reshape(b * s, h, d)
+
+
+def _attend_varlen(q, k, v, plan, *, scale, window, softcap):
+    b, hq, s, _ = q.shape
+    index = packed_index(plan, b, s, q.device)
+    if window is not None and window >= index.longest:
+        window = None
+    out = varlen_attention(_as_tokens(q), _as_tokens(k), _as_tokens(v), index.cu_seqlens, scale=scale,
+                           window=window, softcap=softcap, bounds=index.bounds)
+    return out.view(b, s, hq, v.shape[-1])
+
+
+@functools.lru_cache(maxsize=None)
+def _flex_available() -> bool:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    """FlexAttention compiled once per process (eager FlexAttention is the O(S^2) math reference)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+# The token -> sequence-start map the FlexAttention mask reads. The mask and score functions are
+# built once (per window / softcap) and read the current batch from here, so the compiled
+# FlexAttention sees the same functions every step and guards only on this tensor's shape.
+_FLEX_STARTS: list = [None]
+
+
+@functools.lru_cache(maxsize=None)
+def _document_mask_mod(window: int | None):
+    def document(b, h, q_idx, kv_idx):
+        starts = _FLEX_STARTS[0]
+        ok = (kv_idx <= q_idx) & (starts[b, q_idx] == starts[b, kv_idx])
+        return ok if window is None else ok & (q_idx - kv_idx < window)
+
+    return document
+
+
+@functools.lru_cache(maxsize=None)
+def _softcap_score_mod(cap: float):
+    def softcapped(score, b, h, q_idx, kv_idx):
+        return cap * torch.tanh(score / cap)
+
+    return softcapped
+
+
+@functools.lru_cache(maxsize=4)
+def _flex_block_mask(plan: AttentionPlan, batch: int, length: int, window: int | None, device: torch.device):
+    """The document (+ causal, + window) BlockMask of ``plan``, per window, built once per plan."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    _FLEX_STARTS[0] = packed_index(plan, batch, length, device).bounds[0].view(batch, length)
+    return create_block_mask(_document_mask_mod(window), batch, None, length, length, device=device)
+
+
+def _attend_flex(q, k, v, plan, *, scale, window, softcap):
+    """FlexAttention with a document mask over the (B, H, S, D) rows as they are (no packing copy)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    b, hq, s, _ = q.shape
+    index = packed_index(plan, b, s, q.device)
+    if window is not None and window >= index.longest:
+        window = None
+    block_mask = _flex_block_mask(plan, b, s, window, q.device)
+    _FLEX_STARTS[0] = index.bounds[0].view(b, s)
+    fn = _compiled_flex() if q.is_cuda else flex_attention
+    out = fn(q, k, v, score_mod=None if softcap is None else _softcap_score_mod(float(softcap)), block_mask=block_mask,
+             scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2)
+
+
 def attend(q, k, v, plan: AttentionPlan, *, scale: float, window: int | None = None, softcap: float | None = None,
            dropout: float = 0.0) -> torch.Tensor:
     """Causal attention under ``plan``: q (B, Hq, S, D), k/v (B, Hk, S, D) after RoPE ->
@@ -353,6 +516,12 @@ def attend(q, k, v, plan: AttentionPlan, *, scale: float, window: int | None = N
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     options = dict(scale=scale, window=window, softcap=softcap, dropout=dropout)
+    if plan.pieces is not None:
+        backend = packed_attention_backend(q, dropout)
+        if backend == "varlen":
+            return _attend_varlen(q, k, v, plan, scale=scale, window=window, softcap=softcap)
+        if backend == "flex":
+            return _attend_flex(q, k, v, plan, scale=scale, window=window, softcap=softcap)
     if plan.pieces is None:
         out = _attend_sequence(q, k, v, **options)
     elif plan.shared:

@@ -29,12 +29,20 @@ forward computes, in the same order, with nbtune.kernels where they apply:
     ``num_items_in_batch``, Gemma 2/3's final softcap); the logits are never built and the output's
     ``logits`` is None. Without labels: the original forward (logits for generation).
 
+KV cache argument: transformers up to 5.23 names it ``past_key_values``, 5.24 on ``cache`` (the old
+name still accepted, with a deprecation warning, until 5.40). Every patched forward takes either
+(:func:`take_cache`) and hands the cache on under the name the receiving forward declares
+(:func:`cache_kwarg`), so generation after training updates the same cache transformers would.
+
 A projection is *fusable* (:func:`lora_projection`) when it is a peft LoRA layer with one active,
 unmerged, enabled adapter, dropout 0, no DoRA / variant / lora_bias, over a bitsandbytes
 ``Linear4bit`` or a 16/32-bit ``nn.Linear``. Everything else is called as the module it is.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import types
 
 import torch
@@ -126,6 +134,57 @@ def patch_on(module: nn.Module) -> bool:
 
 def _passthrough(self) -> bool:
     return getattr(self._nbtune, "passthrough", False)
+
+
+# ----------------------------------------------------------------------------- KV cache argument
+def take_cache(past_key_values, kwargs: dict):
+    """The KV cache a patched forward was handed, under either name: ``past_key_values``
+    (transformers <= 5.23, and callers still using it) or ``cache`` (5.24 on), popped from ``kwargs``.
+    Both at once is the caller's mistake, answered the way transformers answers it."""
+    cache = kwargs.pop("cache", None)
+    if past_key_values is not None and cache is not None:
+        raise ValueError("The KV cache was passed twice, as `past_key_values` and as `cache`: pass it once, as "
+                         f"`{_default_cache_kwarg()}` (the name this transformers release uses).")
+    return past_key_values if past_key_values is not None else cache
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(cls) -> str:
+    try:
+        params = inspect.signature(cls.forward).parameters  # follows functools.wraps' __wrapped__
+    except (TypeError, ValueError):
+        return _default_cache_kwarg()
+    if "cache" in params:
+        return "cache"
+    return "past_key_values" if "past_key_values" in params else _default_cache_kwarg()
+
+
+def cache_kwarg(module: nn.Module) -> str:
+    """The name under which ``type(module).forward`` (transformers' own forward, whatever patch the
+    instance carries) takes the KV cache: ``"cache"`` from transformers 5.24, ``"past_key_values"`` before."""
+    return _cache_kwarg_of(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _default_cache_kwarg() -> str:
+    """This transformers release's name for the KV cache argument, read off LlamaModel's forward
+    (for a forward that declares neither name and takes it through ``**kwargs``)."""
+    try:
+        from transformers.models.llama.modeling_llama import LlamaModel
+
+        params = inspect.signature(LlamaModel.forward).parameters
+    except Exception:  # pragma: no cover - transformers without Llama
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_fields(output_class, source, skip=()) -> dict:
+    """The fields of model output ``source`` that ``output_class`` declares (non-None ones, less
+    ``skip``): how an output is carried from a backbone's output class to the head's across
+    transformers releases that rename (``past_key_values`` -> ``cache``) or replace fields
+    (Gemma 3's ``image_hidden_states`` -> ``image_outputs`` in 5.24)."""
+    names = {f.name for f in dataclasses.fields(output_class)}
+    return {k: v for k, v in source.items() if k in names and k not in skip}
 
 
 # ----------------------------------------------------------------------------- projections
@@ -250,9 +309,10 @@ def mlp_forward(self, x):
 # ----------------------------------------------------------------------------- attention
 def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
                       **kwargs):
+    cache = take_cache(past_key_values, kwargs)
     if _passthrough(self):
         return _original(self, hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
-                         past_key_values=past_key_values, **kwargs)
+                         **{cache_kwarg(self): cache}, **kwargs)
     opts = self._nbtune
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
@@ -276,8 +336,11 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
                      softcap=opts.softcap, dropout=dropout)
         weights = None
     else:  # transformers' own attention, with the mask it built (generation, KV cache, left padding)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            if cache_kwarg(self) == "cache":  # 5.24 on: the layer's kwargs go along (as transformers passes them)
+                key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
+            else:
+                key, value = cache.update(key, value, self.layer_idx)
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         eager = opts.eager_attention
@@ -307,11 +370,12 @@ def _flag(config, kwargs, name) -> bool:
 _UNPLANNED = object()
 
 
-def fast_path_plan(model, input_ids, inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, kwargs,
+def fast_path_plan(model, input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache, kwargs,
                    planned=_UNPLANNED):
     """The AttentionPlan for this call, or None when transformers' own forward must run.
-    ``planned``: the plan the collator built on the host (``PLAN_KEY``), used when it fits the rows."""
-    if past_key_values is not None:
+    ``cache``: the KV cache handed in (either name, :func:`take_cache`). ``planned``: the plan the
+    collator built on the host (``PLAN_KEY``), used when it fits the rows."""
+    if cache is not None:
         return None
     config = model.config
     if use_cache is None:
@@ -332,13 +396,14 @@ def fast_path_plan(model, input_ids, inputs_embeds, attention_mask, position_ids
 
 def model_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                   inputs_embeds=None, use_cache=None, **kwargs):
+    cache = take_cache(past_key_values, kwargs)
     args = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+                inputs_embeds=inputs_embeds, use_cache=use_cache, **{cache_kwarg(self): cache})
     planned = kwargs.pop(PLAN_KEY, _UNPLANNED)
     if _passthrough(self) or (input_ids is None) == (inputs_embeds is None):
         return _original(self, **args, **kwargs)
-    plan = fast_path_plan(self, input_ids, inputs_embeds, attention_mask, position_ids, past_key_values, use_cache,
-                          kwargs, planned)
+    plan = fast_path_plan(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache, kwargs,
+                          planned)
     if plan is None:
         return _original(self, **args, **kwargs)
     from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -361,7 +426,7 @@ def model_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
     for i, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
         hidden = layer(hidden, attention_mask=plan, position_embeddings=rope[i], position_ids=position_ids, **kwargs)
     hidden = self.norm(hidden)
-    out = BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=None)
+    out = BaseModelOutputWithPast(last_hidden_state=hidden)  # no KV cache on this path
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
     return out if return_dict else out.to_tuple()
@@ -370,32 +435,31 @@ def model_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
 # ----------------------------------------------------------------------------- causal LM head + loss
 def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                       inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    cache = take_cache(past_key_values, kwargs)
     args = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+                inputs_embeds=inputs_embeds, use_cache=use_cache)
     head = self.get_output_embeddings()
     shift_labels = kwargs.get("shift_labels")
     if (_passthrough(self) or (labels is None and shift_labels is None) or type(head) is not nn.Linear
             or head.weight.dtype not in _FLOAT_DTYPES):
-        return _original(self, labels=labels, logits_to_keep=logits_to_keep, **args, **drop_host_facts(kwargs))
+        return _original(self, labels=labels, logits_to_keep=logits_to_keep, **args, **{cache_kwarg(self): cache},
+                         **drop_host_facts(kwargs))
     if use_cache is None:  # a loss needs no KV cache; without one an eval-mode call keeps the fast path
         args["use_cache"] = False
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     kwargs.pop("shift_labels", None)
     ignore_index = kwargs.pop("ignore_index", -100)
     return_dict = kwargs.pop("return_dict", None)
-    outputs = getattr(self, self._nbtune.backbone)(**args, return_dict=True, **kwargs)
+    backbone = getattr(self, self._nbtune.backbone)
+    outputs = backbone(**args, **{cache_kwarg(backbone): cache}, return_dict=True, **kwargs)
     hidden = outputs.last_hidden_state
     if shift_labels is None:  # transformers' ForCausalLMLoss: token t predicts label t+1
         shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     softcap = self._nbtune.final_softcap(self)
     loss = fused_linear_cross_entropy(hidden, head.weight, shift_labels.to(hidden.device), ignore_index=ignore_index,
                                       softcap=softcap, bias=head.bias, num_items_in_batch=num_items_in_batch)
-    fields = dict(loss=loss, logits=None, past_key_values=outputs.past_key_values,
-                  hidden_states=getattr(outputs, "hidden_states", None),
-                  attentions=getattr(outputs, "attentions", None))
-    if "image_hidden_states" in outputs:
-        fields["image_hidden_states"] = outputs.image_hidden_states
-    out = self._nbtune.output_class(**fields)
+    output_class = self._nbtune.output_class
+    out = output_class(loss=loss, logits=None, **output_fields(output_class, outputs, skip=("loss", "logits")))
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
     return out if return_dict else out.to_tuple()

@@ -21,20 +21,32 @@ Bidirectional configs (``use_bidirectional_attention``) are not patched at all.
 from __future__ import annotations
 
 from . import common
-from .host_facts import TEXT_ONLY_KEY, drop_host_facts
+from .host_facts import TEXT_ONLY_KEY, TextOnlyCheck, drop_host_facts
 from .family import Family, final_softcap_from_config, no_final_softcap, window_from_module
+
+
+def text_only_check(model) -> TextOnlyCheck | None:
+    """The collator's "text only" check for the patched multimodal Gemma 3 backbone in ``model``
+    (peft wrappers included), with the backbone's own rule for the image token; None when there is none."""
+    for module in model.modules():
+        if type(module).__name__ == "Gemma3Model" and common.patch_on(module):
+            image = module.config.image_token_id
+            return TextOnlyCheck(image if image >= module.vocab_size else None)
+    return None
 
 
 def multimodal_model_forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
                              past_key_values=None, token_type_ids=None, inputs_embeds=None, labels=None,
                              use_cache=None, **lm_kwargs):
+    cache = common.take_cache(past_key_values, lm_kwargs)
     args = dict(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                position_ids=position_ids, past_key_values=past_key_values, token_type_ids=token_type_ids,
-                inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache)
+                position_ids=position_ids, token_type_ids=token_type_ids, inputs_embeds=inputs_embeds, labels=labels,
+                use_cache=use_cache, **{common.cache_kwarg(self): cache})
     on_host = lm_kwargs.pop(TEXT_ONLY_KEY, None)  # the collator's verdict, from the host tensors
     text_only = (
         not common._passthrough(self)
         and pixel_values is None
+        and lm_kwargs.get("mm_encoder_outputs") is None  # transformers 5.24 on: precomputed image features
         and not isinstance(attention_mask, dict)
         and (input_ids is None) != (inputs_embeds is None)
         and (on_host if on_host is not None else (  # else read from the GPU: up to two syncs
@@ -47,14 +59,15 @@ def multimodal_model_forward(self, input_ids=None, pixel_values=None, attention_
     from transformers.models.gemma3.modeling_gemma3 import Gemma3ModelOutputWithPast
 
     lm_kwargs.pop("return_dict", None)
+    lm_kwargs.pop("mm_encoder_outputs", None)
     if inputs_embeds is None:
         inputs_embeds = self.get_input_embeddings()(input_ids)
-    outputs = self.language_model(attention_mask=attention_mask, position_ids=position_ids,
-                                  past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                                  return_dict=True, **lm_kwargs)
-    return Gemma3ModelOutputWithPast(last_hidden_state=outputs.last_hidden_state,
-                                     past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
-                                     attentions=outputs.attentions, image_hidden_states=None)
+    language_model = self.language_model
+    outputs = language_model(attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
+                             use_cache=use_cache, return_dict=True, **{common.cache_kwarg(language_model): cache},
+                             **lm_kwargs)
+    # No image: the image fields (image_hidden_states up to 5.23, image_outputs from 5.24) stay None.
+    return Gemma3ModelOutputWithPast(**common.output_fields(Gemma3ModelOutputWithPast, outputs))
 
 
 def _conditional_generation_options(module):

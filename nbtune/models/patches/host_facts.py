@@ -4,11 +4,11 @@ the data collator from the batch's host tensors and handed to the forward under 
 ``PLAN_KEY`` (attention.py) carries the attention plan. ``TEXT_ONLY_KEY`` carries, for multimodal
 Gemma 3, whether the batch is text only: no ``pixel_values``, no image ``token_type_ids`` and no
 image token among the ids (where the backbone would have to look for one). The patched
-``Gemma3Model`` forward sends such a batch straight to the patched language model; deciding that
-from the GPU tensors costs up to two device synchronizations per micro-batch
-(``token_type_ids.any()``; ``(input_ids == image_token_id).any()`` for an image token outside the
-text vocabulary), each of which drains the queue of launched kernels. On the host the same reads
-cost microseconds.
+``Gemma3Model`` forward sends such a batch straight to the patched language model (gemma3.py's
+``text_only_check`` makes the collator's check for it); deciding that from the GPU tensors costs up
+to two device synchronizations per micro-batch (``token_type_ids.any()``; ``(input_ids ==
+image_token_id).any()`` for an image token outside the text vocabulary), each of which drains the
+queue of launched kernels. On the host the same reads cost microseconds.
 """
 from __future__ import annotations
 
@@ -53,14 +53,3 @@ class TextOnlyCheck:
                 return False
         return self.image_token_id is None or not bool((ids == self.image_token_id).any())
 
-
-def text_only_check(model) -> TextOnlyCheck | None:
-    """The check for the patched multimodal Gemma 3 backbone in ``model`` (peft wrappers included),
-    with the backbone's own rule for the image token; None when there is none."""
-    from .common import patch_on  # here: common imports this module's key
-
-    for module in model.modules():
-        if type(module).__name__ == "Gemma3Model" and patch_on(module):
-            image = module.config.image_token_id
-            return TextOnlyCheck(image if image >= module.vocab_size else None)
-    return None
