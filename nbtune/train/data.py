@@ -11,7 +11,9 @@ Sources: an embedded name (``gsm8k``), a local .json/.jsonl/.csv/.parquet file, 
 
 Every row is rendered with the tokenizer's chat template. With ``responses_only``, only the
 assistant turns' tokens carry labels (the rest are -100), found from character offsets of the
-rendered conversation so tokenization across turn boundaries cannot shift them.
+rendered conversation so tokenization across turn boundaries cannot shift them. A row longer than
+``max_seq_length`` tokens keeps its first ``max_seq_length`` (packed or not: see packing.py); how
+many were cut is the run's ``rows_truncated``.
 """
 from __future__ import annotations
 
@@ -43,6 +45,8 @@ class TokenizedData:
     eval: object | None
     dropped: dict  # reason -> count, for the train split
     format: str
+    truncated: int = 0  # train rows longer than max_seq_length, cut to their first max_seq_length tokens
+    packing: object = None  # PackingStats once the train split is packed (run.prepare_run_data)
 
 
 def load_rows(cfg: DataConfig, split: str) -> tuple[list[dict], str]:
@@ -192,9 +196,15 @@ def _normalize_turn(turn, where: str, i: int) -> dict:
 
 def tokenize_example(messages, tokenizer, max_len: int, responses_only: bool) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for one conversation, truncated to max_len tokens."""
+    ids, labels = tokenize_whole(messages, tokenizer, responses_only)
+    return ids[:max_len], labels[:max_len]
+
+
+def tokenize_whole(messages, tokenizer, responses_only: bool) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for one conversation (or plain text), not truncated."""
     if isinstance(messages, str):
         text = messages + (tokenizer.eos_token or "")
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"][:max_len]
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         return ids, list(ids)
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -207,7 +217,7 @@ def tokenize_example(messages, tokenizer, max_len: int, responses_only: bool) ->
             tok if any(s <= start < e for s, e in spans) else IGNORE_INDEX
             for tok, (start, _end) in zip(ids, offsets)
         ]
-    return ids[:max_len], labels[:max_len]
+    return list(ids), labels
 
 
 def assistant_spans(messages, tokenizer, text: str) -> list[tuple[int, int]]:
@@ -228,17 +238,20 @@ def assistant_spans(messages, tokenizer, text: str) -> list[tuple[int, int]]:
 
 
 def tokenize_rows(rows, tokenizer, cfg: DataConfig, max_len: int, where: str, fmt: str):
-    """Rows -> a datasets.Dataset(input_ids, labels) and a count of dropped rows by reason."""
+    """Rows -> a datasets.Dataset(input_ids, labels), a count of dropped rows by reason, and the
+    number of kept rows cut to max_len tokens."""
     import datasets
 
-    out_ids, out_labels, dropped = [], [], {}
+    out_ids, out_labels, dropped, truncated = [], [], {}, 0
     for n, row in enumerate(rows, 1):
         messages = to_messages(row, fmt, f"{where} row {n}", cfg.system_prompt)
         empty = _empty_reason(messages, cfg.responses_only)
         if empty:
             dropped[empty] = dropped.get(empty, 0) + 1
             continue
-        ids, labels = tokenize_example(messages, tokenizer, max_len, cfg.responses_only)
+        ids, labels = tokenize_whole(messages, tokenizer, cfg.responses_only)
+        cut = len(ids) > max_len
+        ids, labels = ids[:max_len], labels[:max_len]
         if not ids:
             dropped["empty"] = dropped.get("empty", 0) + 1
             continue
@@ -248,6 +261,7 @@ def tokenize_rows(rows, tokenizer, cfg: DataConfig, max_len: int, where: str, fm
             continue
         out_ids.append(ids)
         out_labels.append(labels)
+        truncated += cut
     if not out_ids:
         fixes = (["raise model.max_seq_length"] if any("max_seq_length" in r for r in dropped) else []) + [
             "check the data"]
@@ -256,7 +270,7 @@ def tokenize_rows(rows, tokenizer, cfg: DataConfig, max_len: int, where: str, fm
             + ", ".join(f"{c} {r}" for r, c in dropped.items())
             + "); " + " or ".join(fixes)
         )
-    return datasets.Dataset.from_dict({"input_ids": out_ids, "labels": out_labels}), dropped
+    return datasets.Dataset.from_dict({"input_ids": out_ids, "labels": out_labels}), dropped, truncated
 
 
 def _empty_reason(messages, responses_only: bool) -> str | None:
@@ -289,7 +303,7 @@ def prepare_data(cfg: DataConfig, tokenizer, max_len: int) -> TokenizedData:
         eval_split = None
     if cfg.max_rows:
         rows = rows[: cfg.max_rows]
-    train, dropped = tokenize_rows(rows, tokenizer, cfg, max_len, where, fmt)
+    train, dropped, truncated = tokenize_rows(rows, tokenizer, cfg, max_len, where, fmt)
     eval_ds = None
     if eval_split == "auto":
         eval_split = "test" if cfg.source in DATASETS else None
@@ -301,8 +315,8 @@ def prepare_data(cfg: DataConfig, tokenizer, max_len: int) -> TokenizedData:
     if held_out is not None:
         if cfg.eval_rows:
             held_out = held_out[: cfg.eval_rows]
-        eval_ds, _ = tokenize_rows(held_out, tokenizer, cfg, max_len, eval_where, fmt)
-    return TokenizedData(train=train, eval=eval_ds, dropped=dropped, format=fmt)
+        eval_ds, _, _ = tokenize_rows(held_out, tokenizer, cfg, max_len, eval_where, fmt)
+    return TokenizedData(train=train, eval=eval_ds, dropped=dropped, format=fmt, truncated=truncated)
 
 
 CHATML_TEMPLATE = (

@@ -16,6 +16,11 @@ when it predicts it does not, the run stops with the plan's advice (``train.forc
 ``force=True`` runs it anyway). Gradient checkpointing "auto" (the default) is resolved then too
 (:func:`checkpointing_mode`: offload on one GPU, plain under data parallelism where it fits), and
 the run says which mode it took and why (stderr, the ``start`` record, the result's summary).
+
+With ``data.packing`` the train rows are packed into micro-batches of ``batch_size x
+max_seq_length`` tokens (:mod:`nbtune.train.packing`): the trainer then takes one packed entry per
+micro-batch (TRL's per-device batch of 1) through a padding-free collator, and the summary says
+how full they are. Rows cut to ``max_seq_length`` are counted (``rows_truncated``) either way.
 """
 from __future__ import annotations
 
@@ -40,13 +45,14 @@ from .checkpoint import (MARKER, AutoSave, InterruptCallback, StagedCheckpoints,
                          resumable_checkpoint,
                          save_after_keyboard_interrupt, sigint_stops)
 from .config import Config, ConfigError, build_config, output_dir
-from .data import apply_chat_template_choice, prepare_data
+from .data import TokenizedData, apply_chat_template_choice, prepare_data
 from .environment import check_bitsandbytes, cpu_note
 from .host_plan import HostPlannedCollator
 from .flops import ParameterCountOnce
 from .gc_pause import CollectorPauses
 from .metrics import MetricsStream, mean_train_loss, truncate_log
 from .oom import released_on_oom
+from .packing import pack_dataset, packed_collator
 from .optimizer import register_embedding_overrides, sync_free
 from .fused_loss import PatchedModelLoss
 from .token_count import TokensSeenOnDevice
@@ -74,6 +80,8 @@ class FinetuneResult(RunOutcome):
     replicas_identical: bool | None = None
     gradient_checkpointing: str | None = None  # the mode the run used ("auto" resolved)
     checkpointing_reason: str | None = None  # why (one line)
+    rows_truncated: int = 0  # train rows longer than max_seq_length, cut to their first max_seq_length tokens
+    packing: dict | None = None  # data.packing: documents, micro_batches, tokens, fill (PackingStats.as_dict)
     _generation: int = dataclasses.field(repr=False, default=0)
 
     # ---------------------------------------------------------------- after training
@@ -147,6 +155,8 @@ class DryRunReport:
     resume_from: Path | None
     sample: str
     world_size: int = 1
+    rows_truncated: int = 0
+    packing: object = None  # PackingStats with data.packing
 
     def summary(self) -> str:
         lines = [
@@ -156,7 +166,9 @@ class DryRunReport:
                                                    if self.dropped else ""),
             f"  eval rows: {self.eval_rows}",
             f"  tokens: {self.train_tokens:,} ({self.trainable_tokens:,} trained on), longest row {self.longest} "
-            f"of max_seq_length {self.config.model.max_seq_length}",
+            f"of max_seq_length {self.config.model.max_seq_length}"
+            + (f" ({self.rows_truncated} longer rows truncated to it)" if self.rows_truncated else ""),
+            *([f"  {self.packing.line()}"] if self.packing is not None else []),
             f"  steps: {self.steps} x {distributed.batch_description(self.config, self.world_size)} = "
             f"{self.epochs:.2f} epochs" + (" (global batch; memory per GPU)" if self.world_size > 1 else ""),
             f"  output: {self.config.output.dir}"
@@ -187,6 +199,9 @@ def optimizer_name(cfg: Config, device: torch.device) -> str:
 
 
 def sft_args(cfg: Config, out: Path, model, has_eval: bool):
+    """TRL's SFTConfig for this run. With ``data.packing`` every train entry is a whole packed
+    micro-batch (nbtune packed it: TRL's own packing stays off, its preparation of the already
+    tokenized data is skipped) and the per-device batch is that one entry."""
     from trl import SFTConfig
 
     device = next(model.parameters()).device
@@ -196,7 +211,7 @@ def sft_args(cfg: Config, out: Path, model, has_eval: bool):
         output_dir=str(checkpoints_dir(out)),
         max_steps=t.max_steps or -1,
         num_train_epochs=t.epochs or 1.0,
-        per_device_train_batch_size=t.batch_size,
+        per_device_train_batch_size=1 if cfg.data.packing else t.batch_size,
         per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.lr,
@@ -215,7 +230,8 @@ def sft_args(cfg: Config, out: Path, model, has_eval: bool):
         report_to="none",
         disable_tqdm=True,
         max_length=cfg.model.max_seq_length,
-        packing=cfg.data.packing,
+        packing=False,  # data.packing: packed by nbtune (packing.py)
+        dataset_kwargs={"skip_prepare_dataset": True} if cfg.data.packing else None,
         fp16=device.type == "cuda" and dtype == torch.float16,
         bf16=device.type == "cuda" and dtype == torch.bfloat16,
         use_cpu=device.type != "cuda",
@@ -482,6 +498,25 @@ def _trainer_class():
     return NbtuneSFTTrainer
 
 
+def prepare_run_data(cfg: Config, tokenizer) -> TokenizedData:
+    """The run's tokenized data; with ``data.packing`` its train split packed into micro-batches
+    (``data.packing`` then holds the :class:`~nbtune.train.packing.PackingStats`)."""
+    data = prepare_data(cfg.data, tokenizer, cfg.model.max_seq_length)
+    if cfg.data.packing:
+        data.train, data.packing = pack_dataset(data.train, cfg.train.batch_size, cfg.model.max_seq_length)
+    return data
+
+
+def build_trainer(cfg: Config, out: Path, model, tokenizer, data: TokenizedData, callbacks=()):
+    """nbtune's SFTTrainer for this run; with ``data.packing`` its collator is the padding-free one
+    (position ids restarting at every document, ``cu_seq_lens``: no attention across documents)."""
+    collator = packed_collator(tokenizer.pad_token_id) if cfg.data.packing else None
+    with _quiet_datasets():
+        return _trainer_class()(model=model, args=sft_args(cfg, out, model, data.eval is not None),
+                                train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
+                                data_collator=collator, callbacks=list(callbacks))
+
+
 # ---------------------------------------------------------------------------- entry points
 def dry_run_report(config=None, gpu=None, resume=False, world_size: int | None = None, **overrides) -> DryRunReport:
     """Everything a run checks before training, without loading the model: config, plan,
@@ -496,19 +531,23 @@ def dry_run_report(config=None, gpu=None, resume=False, world_size: int | None =
     data = prepare_data(cfg.data, tokenizer, cfg.model.max_seq_length)
     lengths = [len(ids) for ids in data.train["input_ids"]]
     trained = sum(sum(1 for lab in labels if lab != -100) for labels in data.train["labels"])
-    rows_per_step = distributed.global_batch(cfg, world)
+    sample = tokenizer.decode(data.train[0]["input_ids"])
+    packing = None
+    # entries per epoch (rows, or packed micro-batches) and entries per optimizer step
+    entries, per_step = len(lengths), distributed.global_batch(cfg, world)
+    if cfg.data.packing:
+        _, packing = pack_dataset(data.train, cfg.train.batch_size, cfg.model.max_seq_length)
+        entries, per_step = packing.micro_batches, per_step // cfg.train.batch_size
     if cfg.train.max_steps:
         steps = cfg.train.max_steps
     else:
-        steps = int(-(-len(lengths) * cfg.train.epochs // rows_per_step))
-    first = data.train[0]
-    sample = tokenizer.decode(first["input_ids"])
+        steps = int(-(-entries * cfg.train.epochs // per_step))
     return DryRunReport(
         config=cfg, plan=plan, format=data.format, train_rows=len(lengths),
         eval_rows=0 if data.eval is None else data.eval.num_rows, dropped=data.dropped,
         train_tokens=sum(lengths), trainable_tokens=trained, longest=max(lengths), steps=steps,
-        epochs=steps * rows_per_step / len(lengths), resume_from=_resume_point(output_dir(cfg), resume) if resume else None,
-        sample=sample, world_size=world,
+        epochs=steps * per_step / entries, resume_from=_resume_point(output_dir(cfg), resume) if resume else None,
+        sample=sample, world_size=world, rows_truncated=data.truncated, packing=packing,
     )
 
 
@@ -556,7 +595,7 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
     elif tokenizer is None:
         raise ValueError("finetune(model=...) needs the tokenizer too: finetune(..., model=m, tokenizer=t)")
     apply_chat_template_choice(tokenizer, cfg.data.chat_template)
-    data = prepare_data(cfg.data, tokenizer, cfg.model.max_seq_length)
+    data = prepare_run_data(cfg, tokenizer)
     # only now, with the model loaded and the data tokenized, is anything in the output folder touched
     out.mkdir(parents=True, exist_ok=True)
     if main:
@@ -569,6 +608,11 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
         run_folder.record_written(out, "run.yaml", "metrics.jsonl")
     if data.dropped and main:
         print("nbtune: dropped train rows: " + ", ".join(f"{n} ({why})" for why, n in data.dropped.items()), file=sys.stderr)
+    if data.truncated and main:
+        print(f"nbtune: {data.truncated} train rows are longer than max_seq_length={cfg.model.max_seq_length} tokens; "
+              "they keep their first max_seq_length tokens", file=sys.stderr)
+    if data.packing is not None and main:
+        print(f"nbtune: {data.packing.line()}", file=sys.stderr)
     peft_model = add_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=cfg.lora.targets,
                           gradient_checkpointing=checkpointing, seed=cfg.train.seed)
     session.attach(peft_model)
@@ -582,16 +626,17 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
         before = next((r["eval_loss"] for r in kept if r.get("event") == "eval" and r.get("step") == 0), None)
     stream = MetricsStream(out / "metrics.jsonl", listeners, append=resume_from is not None, write=main)
     stream.resumed_from = start_step
-    stream.start_fields = dict(gradient_checkpointing=checkpointing, checkpointing_reason=checkpointing_why)
+    stream.start_fields = dict(gradient_checkpointing=checkpointing, checkpointing_reason=checkpointing_why,
+                               rows_truncated=data.truncated)
+    if data.packing is not None:  # each packed entry is a micro-batch: the global batch is counted in row budgets
+        stream.start_fields.update(packing=data.packing.as_dict(), global_batch=distributed.global_batch(cfg))
     pauses = CollectorPauses()
     stream.fields.append(pauses.record_fields)
     interrupt = InterruptCallback()
     autosave = AutoSave(cfg.train.save_minutes)
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, notify=stream.emit)
-    with _quiet_datasets():
-        trainer = _trainer_class()(model=peft_model, args=sft_args(cfg, out, peft_model, data.eval is not None),
-                                   train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
-                                   callbacks=[pauses, stream, interrupt, autosave, guard])
+    trainer = build_trainer(cfg, out, peft_model, tokenizer, data,
+                            callbacks=[pauses, stream, interrupt, autosave, guard])
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     for noisy in (PrinterCallback, ProgressCallback):  # nbtune's own views show the metrics
@@ -661,6 +706,7 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
         interrupted=interrupted, checkpoint=checkpoint, resumed_from=start_step, plan=the_plan,
         gradient_checkpointing=checkpointing, checkpointing_reason=checkpointing_why,
         world_size=world, global_batch=distributed.global_batch(cfg, world), replicas_identical=identical,
+        rows_truncated=data.truncated, packing=data.packing.as_dict() if data.packing is not None else None,
         _generation=session.generation(),
     )
     if cfg.output.save_merged and not interrupted and main:
