@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from .._env import env_flag  # noqa: F401  (re-exported: the kernels' switches read it from here)
+
 MODE_ENV = "NBTUNE_KERNELS"
 MODES = ("auto", "reference", "triton")
 
@@ -31,14 +33,6 @@ def kernel_mode() -> str:
     if mode not in MODES:
         raise ValueError(f"{MODE_ENV}={mode!r} is not one of {', '.join(MODES)}")
     return mode
-
-
-def env_flag(name: str, default: bool) -> bool:
-    """A yes/no environment variable. Unset, empty or unrecognised, it is ``default``. A variable
-    that defaults to on is off only for 0/false/no/off; one that defaults to off is on only for
-    1/true/yes/on. Case and surrounding spaces do not matter."""
-    value = os.environ.get(name, "").strip().lower()
-    return value not in ("0", "false", "no", "off") if default else value in ("1", "true", "yes", "on")
 
 
 def interpreting() -> bool:

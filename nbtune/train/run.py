@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 
 from ..models import add_lora, load_model
+from .. import quiet
 from ..models.lora import trainable_to_fp32
 from ..models.patches.host_facts import text_only_check
 from . import distributed, session
@@ -475,6 +476,7 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
     Under torchrun / accelerate launch each process runs this on its own GPU (data parallel; see
     :mod:`nbtune.train.distributed`): listeners, progress and every file are rank 0's alone.
     """
+    quiet.apply()  # third-party output the run makes irrelevant is hidden (nbtune/quiet.py)
     cfg = build_config(config, **overrides)
     if plan:
         return memory_plan(cfg, gpu, world_size)

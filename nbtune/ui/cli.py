@@ -158,6 +158,9 @@ def run_failures() -> tuple:
 
 
 def main(argv=None) -> int:
+    from ..quiet import apply as quiet_third_party
+
+    quiet_third_party()  # before transformers / peft / bitsandbytes are imported (nbtune/quiet.py)
     args = build_parser().parse_args(argv)
     if args.command == "plan":  # pure Python: no torch import for a plan
         from ..planner import PlannerError

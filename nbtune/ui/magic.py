@@ -116,6 +116,9 @@ def dotted_override(item: str) -> dict:
 
 
 def load_ipython_extension(ipython) -> None:
+    from ..quiet import apply as quiet_third_party
+
+    quiet_third_party()  # the kernel's later runs show nbtune's lines, not third-party noise (nbtune/quiet.py)
     ipython.register_magics(FinetuneMagics)
 
 

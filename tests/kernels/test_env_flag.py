@@ -1,5 +1,5 @@
-"""nbtune.kernels._backend.env_flag: the one reading of yes/no environment variables
-(NBTUNE_PATCH, NBTUNE_GC_FREEZE, NBTUNE_OFFLOAD_TIMING)."""
+"""nbtune._env.env_flag (re-exported by nbtune.kernels._backend): the one reading of yes/no
+environment variables (NBTUNE_PATCH, NBTUNE_GC_FREEZE, NBTUNE_OFFLOAD_TIMING, NBTUNE_VERBOSE)."""
 import pytest
 
 from nbtune.kernels._backend import env_flag
@@ -21,3 +21,10 @@ def test_env_flag(monkeypatch, value, on_by_default, off_by_default):
         monkeypatch.setenv(NAME, value)
     assert env_flag(NAME, default=True) is on_by_default
     assert env_flag(NAME, default=False) is off_by_default
+
+
+def test_one_reader():
+    """The kernels' switches and the torch-free ones (nbtune.quiet) read through the same function."""
+    from nbtune import _env, quiet
+
+    assert env_flag is _env.env_flag and quiet.env_flag is _env.env_flag
