@@ -33,6 +33,7 @@ import torch
 
 from ..models import add_lora, load_model
 from .. import quiet
+from ..versions import stack_line
 from ..models.lora import trainable_to_fp32
 from ..models.patches.host_facts import text_only_check
 from . import distributed, session
@@ -162,6 +163,7 @@ class DryRunReport:
                          f"{self.plan.gpu.name} -> {self.plan.verdict()}")
             if self.plan.checkpointing_line():
                 lines.append(f"  {self.plan.checkpointing_line()}")
+        lines.append("  stack: " + stack_line())
         lines.append("  first example: " + self.sample[:300].replace("\n", "\\n"))
         return "\n".join(lines)
 
