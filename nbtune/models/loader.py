@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .. import quiet
 from ..assets import MODELS, pull_model
 
 DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -174,6 +175,7 @@ def load_model(
     patch: bool | None = None,
 ):
     """(model, tokenizer) ready for LoRA training; see the module docstring for the defaults."""
+    quiet.apply()  # before transformers imports bitsandbytes (nbtune/quiet.py)
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     name_or_path = name_or_path or next(iter(MODELS))
@@ -207,12 +209,13 @@ def load_model(
     if device.type == "cuda":
         # "cuda" without an index is the current device: cuda:LOCAL_RANK in a data-parallel run
         kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with quiet.loading():  # no "Loading weights" bar between nbtune's lines
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if device.type != "cuda" and not prequantized:
         model.to(device)
     if load_in_4bit:
         set_4bit_compute_dtype(model, compute_dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     tokenizer.padding_side = "right"

@@ -21,6 +21,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from .. import quiet
 from ..assets import DATASETS, dataset_split_path
 from .config import DataConfig
 
@@ -106,7 +107,8 @@ def read_file(path: Path) -> list[dict]:
         import datasets
 
         try:
-            ds = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
+            with quiet.loading():  # no "Generating train split" bar (nbtune/quiet.py)
+                ds = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
         except Exception as e:
             raise DataError(f"cannot read {path}: {e}") from None
         return ds.to_list()
@@ -117,7 +119,8 @@ def _load_hub(source: str, split: str) -> list[dict]:
     import datasets
 
     try:
-        return datasets.load_dataset(source, split=split).to_list()
+        with quiet.loading():
+            return datasets.load_dataset(source, split=split).to_list()
     except Exception as e:
         import difflib
 

@@ -37,6 +37,8 @@ from typing import Callable
 import torch
 
 from ..models import add_lora, load_model
+from .. import quiet
+from ..versions import stack_line
 from ..models.lora import trainable_to_fp32
 from ..models.patches.gemma3 import text_only_check
 from . import distributed, run_folder, session
@@ -179,6 +181,7 @@ class DryRunReport:
                          f"{self.plan.gpu.name} -> {self.plan.verdict()}")
             if self.plan.checkpointing_line():
                 lines.append(f"  {self.plan.checkpointing_line()}")
+        lines.append("  stack: " + stack_line())
         lines.append("  first example: " + self.sample[:300].replace("\n", "\\n"))
         return "\n".join(lines)
 
@@ -569,6 +572,7 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
     Under torchrun / accelerate launch each process runs this on its own GPU (data parallel; see
     :mod:`nbtune.train.distributed`): listeners, progress and every file are rank 0's alone.
     """
+    quiet.apply()  # third-party output the run makes irrelevant is hidden (nbtune/quiet.py)
     cfg = build_config(config, **overrides)
     if plan:
         return memory_plan(cfg, gpu, world_size)
