@@ -69,12 +69,9 @@ def read_file(path: Path) -> list[dict]:
         raise DataError(f"cannot read {path}: {e.strerror}") from None
     if not raw.strip():
         raise DataError(f"{path} is empty")
+    if suffix in (".jsonl", ".json", ".csv"):
+        text = _utf8(raw, path)
     if suffix in (".jsonl", ".json"):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = raw[: e.start].count(b"\n") + 1
-            raise DataError(f"{path} line {line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         if suffix == ".json" or text.lstrip().startswith("["):
             try:
                 data = json.loads(text)
@@ -107,6 +104,21 @@ def read_file(path: Path) -> list[dict]:
             raise DataError(f"cannot read {path}: {e}") from None
         return ds.to_list()
     raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
+
+
+def _utf8(raw: bytes, path: Path) -> str:
+    """``raw`` decoded as UTF-8, or a :class:`DataError` naming the line, the byte offset and the fix
+    (a file saved as latin-1 / cp1252, as spreadsheet programs often do)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path} line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte offset {e.start}: {e.reason}); "
+            "nbtune reads data files as UTF-8. Fix: save the file as UTF-8, e.g. "
+            f"iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name} (if it is latin-1 / Windows-1252), or in "
+            "Python read it with its encoding (open(path, encoding='latin-1')) and write it with encoding='utf-8'"
+        ) from None
 
 
 def _load_hub(source: str, split: str) -> list[dict]:
