@@ -299,10 +299,11 @@ def check_output_dir(out: Path) -> None:
 def check_inputs(cfg: Config) -> None:
     """The cheap checks of a run, before any model is loaded and before anything is written: the
     output folder can be written, the model name resolves, max_seq_length is within a local
-    model's limit, bitsandbytes imports where the config needs it (on a GPU), and the data source
-    exists and its rows parse into conversations."""
+    model's limit, bitsandbytes imports where the config needs it (on a GPU), a local model folder
+    holds safetensors weights and a tokenizer, and the data source exists and its rows parse into
+    conversations."""
     from ..assets import DATASETS, MODELS, is_pulled, model_dir
-    from ..models.loader import check_model_name, check_seq_length, read_config
+    from ..models.loader import check_checkpoint_files, check_model_name, check_seq_length, read_config
     from .data import _rename, detect_format, load_rows, to_messages
 
     check_output_dir(output_dir(cfg))
@@ -312,6 +313,8 @@ def check_inputs(cfg: Config) -> None:
     if (local / "config.json").is_file():
         check_seq_length(cfg.model.max_seq_length, read_config(str(local)), where=repr(name))
     check_bitsandbytes(cfg, torch.cuda.is_available())
+    if (local / "config.json").is_file():
+        check_checkpoint_files(local)  # safetensors weights and a tokenizer, before anything loads
     source = Path(cfg.data.source).expanduser()
     if cfg.data.source in DATASETS or source.suffix.lower() in (".json", ".jsonl", ".csv", ".parquet") \
             or source.exists():
