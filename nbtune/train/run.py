@@ -300,10 +300,11 @@ def check_inputs(cfg: Config) -> None:
     """The cheap checks of a run, before any model is loaded and before anything is written: the
     output folder can be written, the model name resolves, max_seq_length is within a local
     model's limit, bitsandbytes imports where the config needs it (on a GPU), a local model folder
-    holds safetensors weights and a tokenizer, and the data source exists and its rows parse into
-    conversations."""
+    holds safetensors weights and a tokenizer and has the modules lora.targets names, and the data
+    source exists and its rows parse into conversations."""
     from ..assets import DATASETS, MODELS, is_pulled, model_dir
     from ..models.loader import check_checkpoint_files, check_model_name, check_seq_length, read_config
+    from ..models.lora import check_targets_of_folder
     from .data import _rename, detect_format, load_rows, to_messages
 
     check_output_dir(output_dir(cfg))
@@ -315,6 +316,8 @@ def check_inputs(cfg: Config) -> None:
     check_bitsandbytes(cfg, torch.cuda.is_available())
     if (local / "config.json").is_file():
         check_checkpoint_files(local)  # safetensors weights and a tokenizer, before anything loads
+        if not cfg.model.trust_remote_code:  # (building a custom-code model would run its code)
+            check_targets_of_folder(local, cfg.lora.targets)
     source = Path(cfg.data.source).expanduser()
     if cfg.data.source in DATASETS or source.suffix.lower() in (".json", ".jsonl", ".csv", ".parquet") \
             or source.exists():

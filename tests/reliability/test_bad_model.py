@@ -78,3 +78,27 @@ def test_a_folder_without_tokenizer_files_names_them_and_the_fix(world, no_model
     code, err = run_cli(world, cfg, "--dry-run", capsys=capsys)
     assert code == 2 and "has no tokenizer" in one_line(err)
     world.check()
+
+
+@pytest.mark.parametrize("targets, bad", [(["q_projj"], "'q_projj'"), (["q_proj", "v_projj"], "'v_projj'"),
+                                          ("mlp\\.nothing", "'mlp\\\\.nothing'")],
+                         ids=["a typo", "one of two", "a regular expression"])
+def test_lora_targets_the_model_lacks_list_its_linear_layers(world, no_model_load, targets, bad, capsys):
+    cfg = world.config(lora={"targets": targets})
+    msg = rejected(world, cfg)  # decided from config.json on the meta device: the weights never load
+    for needle in ("lora.targets", bad, "no module of this model (llama)",
+                   "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head", "'all-linear'"):
+        assert needle in msg, msg
+    if len(targets) == 2 and isinstance(targets, list):
+        assert "'q_proj'" not in msg.split("no module")[0]  # the good one is not blamed
+    code, err = run_cli(world, cfg, capsys=capsys)
+    assert code == 2 and "lora.targets" in one_line(err) and "NoMatchingPeftModule" not in err
+    world.check()
+
+
+def test_add_lora_on_a_loaded_model_says_the_same(world):
+    """A hub model is checked once loaded (add_lora), with the same message, never peft's error."""
+    model, _tok = nbtune.load_model(str(world.model_dir), max_seq_length=64)
+    with pytest.raises(ModelLoadError, match=r"lora.targets: 'q_projj' matches no module.*Its linear layers: q_proj"):
+        nbtune.add_lora(model, r=4, targets=["q_projj"], gradient_checkpointing="off")
+    assert nbtune.add_lora(model, r=4, targets=["q_proj", "v_proj"], gradient_checkpointing="off") is not None
