@@ -141,6 +141,7 @@ class DryRunReport:
     resume_from: Path | None
     sample: str
     world_size: int = 1
+    notes: list = dataclasses.field(default_factory=list)  # one line each: what nbtune chose for the run
 
     def summary(self) -> str:
         lines = [
@@ -161,6 +162,7 @@ class DryRunReport:
                          f"{self.plan.gpu.name} -> {self.plan.verdict()}")
             if self.plan.checkpointing_line():
                 lines.append(f"  {self.plan.checkpointing_line()}")
+        lines += [f"  note: {note}" for note in self.notes]
         lines.append("  first example: " + self.sample[:300].replace("\n", "\\n"))
         return "\n".join(lines)
 
@@ -305,7 +307,7 @@ def check_inputs(cfg: Config) -> None:
     from ..assets import DATASETS, MODELS, is_pulled, model_dir
     from ..models.loader import check_checkpoint_files, check_model_name, check_seq_length, read_config
     from ..models.lora import check_targets_of_folder
-    from .data import _rename, detect_format, load_rows, to_messages
+    from .data import _rename, check_splits, detect_format, load_rows, to_messages
 
     check_output_dir(output_dir(cfg))
     name = cfg.model.name
@@ -321,6 +323,7 @@ def check_inputs(cfg: Config) -> None:
     source = Path(cfg.data.source).expanduser()
     if cfg.data.source in DATASETS or source.suffix.lower() in (".json", ".jsonl", ".csv", ".parquet") \
             or source.exists():
+        check_splits(cfg.data)  # a local file has one split: train
         rows, where = load_rows(cfg.data, cfg.data.split)
         rows = [_rename(r, cfg.data.columns) for r in rows]
         if not rows:
@@ -445,7 +448,7 @@ def dry_run_report(config=None, gpu=None, resume=False, world_size: int | None =
         eval_rows=0 if data.eval is None else data.eval.num_rows, dropped=data.dropped,
         train_tokens=sum(lengths), trainable_tokens=trained, longest=max(lengths), steps=steps,
         epochs=steps * rows_per_step / len(lengths), resume_from=_resume_point(output_dir(cfg), resume) if resume else None,
-        sample=sample, world_size=world,
+        sample=sample, world_size=world, notes=[n for n in (data.eval_note,) if n],
     )
 
 
@@ -501,6 +504,8 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
         shutil.rmtree(checkpoints_dir(out))  # they would mislead a later resume
     if main:
         (out / "run.yaml").write_text(cfg.to_yaml())
+    if data.eval_note and main:
+        print(f"nbtune: {data.eval_note}", file=sys.stderr)
     if data.dropped and main:
         print("nbtune: dropped train rows: " + ", ".join(f"{n} ({why})" for why, n in data.dropped.items()), file=sys.stderr)
     peft_model = add_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=cfg.lora.targets,

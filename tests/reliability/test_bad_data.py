@@ -106,3 +106,51 @@ def test_one_line_per_cli_error_for_bad_data(world, capsys):
     line = one_line(err)
     assert code == 2 and "bad.jsonl line 2" in line and "malformed JSON" in line
     world.check()
+
+
+# ----------------------------------------------------------------------------- splits of a local file
+@pytest.mark.parametrize("data_cfg, needles", [
+    ({"split": "validation"}, ["data.split: 'validation' names a split", "is a local file, which has one split (train)",
+                               "leave data.split out", "data.eval_split"]),
+    ({"eval_split": "test"}, ["data.eval_split: 'test' names a split", "one split (train)",
+                              "measured on the training rows", "data.eval_split: auto", "a fraction", "null"]),
+    ({"eval_split": "train"}, ["data.eval_split: 'train' names a split"]),
+], ids=["split validation", "eval_split test", "eval_split train"])
+def test_a_split_name_on_a_local_file_is_an_error(world, monkeypatch, data_cfg, needles, capsys):
+    """A local file has one split: a split name used to read the whole file again, so the held-out
+    loss was measured on the training rows without a word."""
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("the model was loaded"))
+    cfg = world.config(data=data_cfg)
+    msg = rejected(world, cfg)
+    assert str(world.data) in msg
+    for needle in needles:
+        assert needle in msg, msg
+    with pytest.raises(DataError, match="names a split"):
+        nbtune.finetune(cfg, dry_run=True)
+    code, err = run_cli(world, cfg, "--dry-run", capsys=capsys)
+    assert code == 2 and "names a split" in one_line(err)
+    world.check()
+
+
+def test_eval_split_auto_holds_out_5_percent_of_a_local_file_and_says_so(world, tmp_path, capsys):
+    """The own file of 12 rows: 'auto' holds out 1 (5%, at least 1), in the dry run's report and in
+    one line of the run; the run measures the held-out loss on it."""
+    report = nbtune.finetune(world.config(data={"eval_split": "auto"}), dry_run=True)
+    assert (report.train_rows, report.eval_rows) == (11, 1)
+    note = f"data.eval_split auto: 1 of the 12 rows of {world.data} held out for the held-out loss"
+    assert f"  note: {note}" in report.summary()
+    out = tmp_path / "auto-eval"
+    capsys.readouterr()
+    result = nbtune.finetune(world.config(data={"eval_split": "auto"}, output={"dir": str(out)}), dashboard=False,
+                             progress=False, reuse_model=False)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "data.eval_split auto" in line]
+    assert notes == [f"nbtune: {note} (5%, at least 1; data.eval_split: null trains on every row)"]
+    assert result.eval_loss_before is not None and result.eval_loss_after is not None
+    big = world.write("big.jsonl", jsonl([{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(100)]))
+    report = nbtune.finetune(world.config(data={"source": str(big), "eval_split": "auto"}), dry_run=True)
+    assert (report.train_rows, report.eval_rows) == (95, 5)
+    none = nbtune.finetune(world.config(data={"eval_split": None}), dry_run=True)
+    assert none.eval_rows == 0 and not none.notes
