@@ -34,7 +34,7 @@ import torch
 from ..models import add_lora, load_model
 from ..models.lora import trainable_to_fp32
 from ..models.patches.host_facts import text_only_check
-from . import distributed, session
+from . import batch_fit, distributed, session
 from .checkpoint import (InterruptCallback, StagedCheckpoints, checkpoint_step, checkpoints_dir, complete_checkpoints,
                          latest_checkpoint,
                          save_after_keyboard_interrupt, sigint_stops)
@@ -436,7 +436,7 @@ def dry_run_report(config=None, gpu=None, resume=False, world_size: int | None =
     data = prepare_data(cfg.data, tokenizer, cfg.model.max_seq_length)
     lengths = [len(ids) for ids in data.train["input_ids"]]
     trained = sum(sum(1 for lab in labels if lab != -100) for labels in data.train["labels"])
-    rows_per_step = distributed.global_batch(cfg, world)
+    rows_per_step = batch_fit.rows_per_step(cfg, len(lengths), world)  # all rows when a step asks for more
     if cfg.train.max_steps:
         steps = cfg.train.max_steps
     else:
@@ -448,7 +448,8 @@ def dry_run_report(config=None, gpu=None, resume=False, world_size: int | None =
         eval_rows=0 if data.eval is None else data.eval.num_rows, dropped=data.dropped,
         train_tokens=sum(lengths), trainable_tokens=trained, longest=max(lengths), steps=steps,
         epochs=steps * rows_per_step / len(lengths), resume_from=_resume_point(output_dir(cfg), resume) if resume else None,
-        sample=sample, world_size=world, notes=[n for n in (data.eval_note,) if n],
+        sample=sample, world_size=world,
+        notes=[n for n in (data.eval_note, batch_fit.oversized_batch_note(cfg, len(lengths), world)) if n],
     )
 
 
@@ -506,6 +507,9 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
         (out / "run.yaml").write_text(cfg.to_yaml())
     if data.eval_note and main:
         print(f"nbtune: {data.eval_note}", file=sys.stderr)
+    oversized = batch_fit.oversized_batch_note(cfg, data.train.num_rows, distributed.world_size())
+    if oversized and main:
+        print(f"nbtune: {oversized}", file=sys.stderr)
     if data.dropped and main:
         print("nbtune: dropped train rows: " + ", ".join(f"{n} ({why})" for why, n in data.dropped.items()), file=sys.stderr)
     peft_model = add_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=cfg.lora.targets,

@@ -154,3 +154,30 @@ def test_eval_split_auto_holds_out_5_percent_of_a_local_file_and_says_so(world, 
     assert (report.train_rows, report.eval_rows) == (95, 5)
     none = nbtune.finetune(world.config(data={"eval_split": None}), dry_run=True)
     assert none.eval_rows == 0 and not none.notes
+
+
+# ----------------------------------------------------------------------------- a step larger than the data
+def test_a_batch_larger_than_the_data_is_said_in_one_line(world, capsys):
+    """batch_size x grad_accum above the training rows: one line says what a step really holds (all
+    the rows, once), in the dry run and in the run, and the run does what it says."""
+    report = nbtune.finetune(world.config(train={"batch_size": 1_000_000, "grad_accum": 4}), dry_run=True)
+    note = ("train.batch_size x grad_accum = 4,000,000 rows per step, but the data has 12 training rows: each step "
+            "trains on all 12 rows once (one epoch per step, 1 micro-batch of up to 12 rows instead of 4)")
+    assert any(n.startswith(note) for n in report.notes), report.notes
+    assert "= 2.00 epochs" in report.summary() and "lower train.batch_size" in report.summary()
+
+    model, tok = nbtune.load_model(str(world.model_dir), max_seq_length=64)
+    rows_seen = []
+    hook = model.model.layers[0].register_forward_hook(
+        lambda m, args, out: rows_seen.append(args[0].shape[0]) if m.training else None)
+    capsys.readouterr()
+    cfg = world.config(train={"batch_size": 5, "grad_accum": 4}, output={"dir": str(world.root / "big-batch")})
+    result = nbtune.finetune(cfg, model=model, tokenizer=tok, dashboard=False, progress=False)
+    hook.remove()
+    lines = [line for line in capsys.readouterr().err.splitlines() if "rows per step" in line]
+    assert lines == ["nbtune: train.batch_size x grad_accum = 20 rows per step, but the data has 12 training rows: "
+                     "each step trains on all 12 rows once (one epoch per step, 3 micro-batches of up to 5 rows "
+                     "instead of 4); lower train.batch_size / train.grad_accum for more steps per epoch"], lines
+    assert result.steps == 2 and rows_seen == [5, 5, 2, 5, 5, 2]  # what the line said: 3 micro-batches, all rows
+    fits = nbtune.finetune(world.config(train={"batch_size": 3, "grad_accum": 4}), dry_run=True)
+    assert not fits.notes
