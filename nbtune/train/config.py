@@ -76,8 +76,9 @@ class DataConfig(_Section):
     source: str = Field("gsm8k", description="embedded name (gsm8k), a local json/jsonl/csv/parquet file, or a hub id")
     split: str = "train"
     eval_split: Union[float, str, None] = Field(
-        "auto", description="'auto' (the source's held-out split if it has one), a split name, a fraction "
-                            "of the train rows to hold out (0 < x < 1), or null for no evaluation")
+        "auto", description="'auto' (an embedded data set's test split; 5% of a local file's rows, at least 1), "
+                            "a split name (not for a local file: it has one split), a fraction of the train rows "
+                            "to hold out (0 < x < 1), or null for no evaluation")
     format: DataFormat = "auto"
     columns: dict[str, str] = Field(default_factory=dict, description="canonical name -> your column name")
     responses_only: bool = Field(True, description="train only on assistant / completion tokens")

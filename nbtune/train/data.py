@@ -48,6 +48,36 @@ class TokenizedData:
     format: str
     truncated: int = 0  # train rows longer than max_seq_length, cut to their first max_seq_length tokens
     packing: object = None  # PackingStats once the train split is packed (run.prepare_run_data)
+    eval_note: str | None = None  # how the held-out rows were chosen, when nbtune chose them (one line)
+
+
+FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+AUTO_EVAL_FRACTION = 0.05  # eval_split "auto" on a local file: the share of its rows held out
+
+
+def is_local_file(source: str) -> bool:
+    """``data.source`` names a local file (not an embedded data set, not a hub id)."""
+    if source in DATASETS:
+        return False
+    path = Path(source).expanduser()
+    return path.suffix.lower() in FILE_SUFFIXES or path.exists()
+
+
+def check_splits(cfg: DataConfig) -> None:
+    """A local file has one split, train: a split name in ``data.split`` or ``data.eval_split`` is
+    a :class:`DataError` (it would silently read the whole file again: evaluating on the
+    training rows)."""
+    if not is_local_file(cfg.source):
+        return
+    where = f"data.source {cfg.source!r} is a local file, which has one split (train)"
+    if cfg.split != "train":
+        raise DataError(f"data.split: {cfg.split!r} names a split, but {where}. Fix: leave data.split out (or "
+                        "give train) and choose the held-out rows with data.eval_split: auto (5% of the rows), "
+                        "a fraction (e.g. 0.1) or null")
+    if isinstance(cfg.eval_split, str) and cfg.eval_split != "auto":
+        raise DataError(f"data.eval_split: {cfg.eval_split!r} names a split, but {where}: the held-out loss would "
+                        "be measured on the training rows. Fix: data.eval_split: auto (5% of the rows held out), "
+                        "a fraction of the rows (e.g. 0.1), or null (no held-out loss)")
 
 
 def load_rows(cfg: DataConfig, split: str) -> tuple[list[dict], str]:
@@ -57,7 +87,7 @@ def load_rows(cfg: DataConfig, split: str) -> tuple[list[dict], str]:
         path = dataset_split_path(source, split)
         return read_file(path), f"{source}:{split}"
     path = Path(source).expanduser()
-    if path.suffix.lower() in (".json", ".jsonl", ".csv", ".parquet") or path.exists():
+    if path.suffix.lower() in FILE_SUFFIXES or path.exists():
         if path.is_dir():
             raise DataError(f"data.source: {str(path)!r} is a folder; give a .jsonl, .json, .csv or .parquet file")
         if not path.is_file():
@@ -74,12 +104,9 @@ def read_file(path: Path) -> list[dict]:
         raise DataError(f"cannot read {path}: {e.strerror}") from None
     if not raw.strip():
         raise DataError(f"{path} is empty")
+    if suffix in (".jsonl", ".json", ".csv"):
+        text = _utf8(raw, path)
     if suffix in (".jsonl", ".json"):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = raw[: e.start].count(b"\n") + 1
-            raise DataError(f"{path} line {line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         if suffix == ".json" or text.lstrip().startswith("["):
             try:
                 data = json.loads(text)
@@ -113,6 +140,21 @@ def read_file(path: Path) -> list[dict]:
             raise DataError(f"cannot read {path}: {e}") from None
         return ds.to_list()
     raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
+
+
+def _utf8(raw: bytes, path: Path) -> str:
+    """``raw`` decoded as UTF-8, or a :class:`DataError` naming the line, the byte offset and the fix
+    (a file saved as latin-1 / cp1252, as spreadsheet programs often do)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path} line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte offset {e.start}: {e.reason}); "
+            "nbtune reads data files as UTF-8. Fix: save the file as UTF-8, e.g. "
+            f"iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name} (if it is latin-1 / Windows-1252), or in "
+            "Python read it with its encoding (open(path, encoding='latin-1')) and write it with encoding='utf-8'"
+        ) from None
 
 
 def _load_hub(source: str, split: str) -> list[dict]:
@@ -286,6 +328,10 @@ def _empty_reason(messages, responses_only: bool) -> str | None:
 
 
 def prepare_data(cfg: DataConfig, tokenizer, max_len: int) -> TokenizedData:
+    """The train (and held-out) rows tokenized. ``eval_split`` "auto": an embedded data set's test
+    split; on a local file, 5% of its rows (at least 1) held out, said in ``eval_note``; on a hub
+    data set, none."""
+    check_splits(cfg)
     rows, where = load_rows(cfg, cfg.split)
     rows = [_rename(r, cfg.columns) for r in rows]
     if not rows:
@@ -293,6 +339,16 @@ def prepare_data(cfg: DataConfig, tokenizer, max_len: int) -> TokenizedData:
     fmt = detect_format(rows[0].keys(), cfg)
     eval_split = cfg.eval_split
     held_out = None
+    eval_note = None
+    if eval_split == "auto" and is_local_file(cfg.source):
+        if len(rows) >= 2:
+            eval_split = AUTO_EVAL_FRACTION
+            n = max(1, round(len(rows) * AUTO_EVAL_FRACTION))
+            eval_note = (f"data.eval_split auto: {n} of the {len(rows)} rows of {where} held out for the held-out "
+                         f"loss (5%, at least 1; data.eval_split: null trains on every row)")
+        else:
+            eval_split = None
+            eval_note = f"data.eval_split auto: {where} has 1 row, none to hold out; no held-out loss"
     if isinstance(eval_split, float):  # hold out a fraction of the train rows (a seeded shuffle)
         import random
 
@@ -319,7 +375,8 @@ def prepare_data(cfg: DataConfig, tokenizer, max_len: int) -> TokenizedData:
         if cfg.eval_rows:
             held_out = held_out[: cfg.eval_rows]
         eval_ds, _, _ = tokenize_rows(held_out, tokenizer, cfg, max_len, eval_where, fmt)
-    return TokenizedData(train=train, eval=eval_ds, dropped=dropped, format=fmt, truncated=truncated)
+    return TokenizedData(train=train, eval=eval_ds, dropped=dropped, format=fmt, truncated=truncated,
+                         eval_note=eval_note)
 
 
 CHATML_TEMPLATE = (

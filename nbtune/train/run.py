@@ -41,7 +41,7 @@ from .. import quiet
 from ..versions import stack_line
 from ..models.lora import trainable_to_fp32
 from ..models.patches.gemma3 import text_only_check
-from . import distributed, run_folder, session
+from . import batch_fit, distributed, run_folder, session
 from .checkpoint import (MARKER, AutoSave, InterruptCallback, StagedCheckpoints, checkpoint_problem, checkpoint_step,
                          checkpoints_dir, complete_checkpoints, latest_checkpoint, remove_stale_staging,
                          resumable_checkpoint,
@@ -159,6 +159,7 @@ class DryRunReport:
     world_size: int = 1
     rows_truncated: int = 0
     packing: object = None  # PackingStats with data.packing
+    notes: list = dataclasses.field(default_factory=list)  # one line each: what nbtune chose for the run
 
     def summary(self) -> str:
         lines = [
@@ -182,6 +183,7 @@ class DryRunReport:
             if self.plan.checkpointing_line():
                 lines.append(f"  {self.plan.checkpointing_line()}")
         lines.append("  stack: " + stack_line())
+        lines += [f"  note: {note}" for note in self.notes]
         lines.append("  first example: " + self.sample[:300].replace("\n", "\\n"))
         return "\n".join(lines)
 
@@ -323,11 +325,13 @@ def check_output_dir(out: Path) -> None:
 def check_inputs(cfg: Config) -> None:
     """The cheap checks of a run, before any model is loaded and before anything is written: the
     output folder can be written, the model name resolves, max_seq_length is within a local
-    model's limit, bitsandbytes imports where the config needs it (on a GPU), and the data source
-    exists and its rows parse into conversations."""
+    model's limit, bitsandbytes imports where the config needs it (on a GPU), a local model folder
+    holds safetensors weights and a tokenizer and has the modules lora.targets names, and the data
+    source exists and its rows parse into conversations."""
     from ..assets import DATASETS, MODELS, is_pulled, model_dir
-    from ..models.loader import check_model_name, check_seq_length, read_config
-    from .data import _rename, detect_format, load_rows, to_messages
+    from ..models.loader import check_checkpoint_files, check_model_name, check_seq_length, read_config
+    from ..models.lora import check_targets_of_folder
+    from .data import _rename, check_splits, detect_format, load_rows, to_messages
 
     check_output_dir(output_dir(cfg))
     name = cfg.model.name
@@ -336,9 +340,14 @@ def check_inputs(cfg: Config) -> None:
     if (local / "config.json").is_file():
         check_seq_length(cfg.model.max_seq_length, read_config(str(local)), where=repr(name))
     check_bitsandbytes(cfg, torch.cuda.is_available())
+    if (local / "config.json").is_file():
+        check_checkpoint_files(local)  # safetensors weights and a tokenizer, before anything loads
+        if not cfg.model.trust_remote_code:  # (building a custom-code model would run its code)
+            check_targets_of_folder(local, cfg.lora.targets)
     source = Path(cfg.data.source).expanduser()
     if cfg.data.source in DATASETS or source.suffix.lower() in (".json", ".jsonl", ".csv", ".parquet") \
             or source.exists():
+        check_splits(cfg.data)  # a local file has one split: train
         rows, where = load_rows(cfg.data, cfg.data.split)
         rows = [_rename(r, cfg.data.columns) for r in rows]
         if not rows:
@@ -541,6 +550,7 @@ def dry_run_report(config=None, gpu=None, resume=False, world_size: int | None =
     if cfg.data.packing:
         _, packing = pack_dataset(data.train, cfg.train.batch_size, cfg.model.max_seq_length)
         entries, per_step = packing.micro_batches, per_step // cfg.train.batch_size
+    per_step = min(per_step, max(entries, 1))  # a step asking for more than the data holds trains it all once
     if cfg.train.max_steps:
         steps = cfg.train.max_steps
     else:
@@ -551,6 +561,8 @@ def dry_run_report(config=None, gpu=None, resume=False, world_size: int | None =
         train_tokens=sum(lengths), trainable_tokens=trained, longest=max(lengths), steps=steps,
         epochs=steps * per_step / entries, resume_from=_resume_point(output_dir(cfg), resume) if resume else None,
         sample=sample, world_size=world, rows_truncated=data.truncated, packing=packing,
+        notes=[n for n in (data.eval_note, None if cfg.data.packing else
+                           batch_fit.oversized_batch_note(cfg, len(lengths), world)) if n],
     )
 
 
@@ -610,6 +622,12 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
             remove_stale_staging(out)
         (out / "run.yaml").write_text(cfg.to_yaml())
         run_folder.record_written(out, "run.yaml", "metrics.jsonl")
+    if data.eval_note and main:
+        print(f"nbtune: {data.eval_note}", file=sys.stderr)
+    oversized = None if cfg.data.packing else batch_fit.oversized_batch_note(cfg, data.train.num_rows,
+                                                                            distributed.world_size())
+    if oversized and main:
+        print(f"nbtune: {oversized}", file=sys.stderr)
     if data.dropped and main:
         print("nbtune: dropped train rows: " + ", ".join(f"{n} ({why})" for why, n in data.dropped.items()), file=sys.stderr)
     if data.truncated and main:
