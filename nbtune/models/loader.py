@@ -236,8 +236,11 @@ def load_model(
         load_in_4bit = False
     if load_in_4bit:
         require_bitsandbytes("4-bit loading (model.load_in_4bit)")
+    # use_kernels=False: no Hugging Face hub kernels (transformers 5.25 turns them on whenever the `kernels`
+    # package is installed): they would be fetched from the hub and, re-applied on every train()/eval(), take
+    # nbtune's patched forwards off the RMSNorm modules (see patches.switch_off_hub_kernels).
     kwargs = dict(dtype=compute_dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
-                  use_safetensors=True)  # never a pickle file (hub ids too; local folders are checked above)
+                  use_kernels=False, use_safetensors=True)  # never a pickle file (hub ids too; local folders are checked above)
     if load_in_4bit and not prequantized:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
