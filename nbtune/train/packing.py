@@ -114,10 +114,21 @@ def pack_dataset(dataset, batch_size: int, max_seq_length: int):
 
 
 def packed_collator(pad_token_id: int):
-    """The collator of packed micro-batches: TRL's padding-free one. One packed entry (or several
-    plain rows, as for the held-out set) -> one row with ``position_ids`` restarting at each
-    document (from ``seq_lengths``), ``cu_seq_lens_q/k``, no attention mask, and the label of each
-    document's first token set to -100."""
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+    """The collator of a packed run (:class:`PackedCollator`)."""
+    return PackedCollator(pad_token_id)
 
-    return DataCollatorForLanguageModeling(pad_token_id=pad_token_id, padding_free=True)
+
+class PackedCollator:
+    """Packed train entries -> TRL's padding-free collation: one row, ``position_ids`` restarting at
+    each document (from ``seq_lengths``), ``cu_seq_lens_q/k``, no attention mask, the label of each
+    document's first token set to -100. Plain rows (the held-out set, never packed) -> TRL's padded
+    collation, as in a run without packing, so the held-out loss is the same number either way."""
+
+    def __init__(self, pad_token_id: int):
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        self.packed = DataCollatorForLanguageModeling(pad_token_id=pad_token_id, padding_free=True)
+        self.padded = DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
+
+    def __call__(self, features):
+        return (self.packed if "seq_lengths" in features[0] else self.padded)(features)

@@ -79,3 +79,20 @@ def test_packed_batch_loss_and_grads_equal_documents_apart(tiny_model_dir, tmp_p
         leaked.pop(key, None)
     with torch.no_grad():
         assert (model(**leaked).loss - packed.detach()).abs() > 1e-3
+
+
+def test_held_out_loss_is_the_same_with_packing(tiny_model_dir, tmp_path):
+    """The held-out rows are never packed: a packed run's held-out loss is the unpacked run's."""
+    model, tokenizer = _lora_model(tiny_model_dir, patch=True)
+    losses = []
+    for packing in (False, True):
+        cfg = build_config({
+            "model": {"name": str(tiny_model_dir), "max_seq_length": 256},
+            "data": {"source": "gsm8k", "max_rows": 8, "eval_rows": 5, "packing": packing},
+            "train": {"batch_size": 2, "grad_accum": 1, "optimizer": "adamw", "gradient_checkpointing": "off"},
+            "output": {"dir": str(tmp_path / str(packing))},
+        })
+        data = prepare_run_data(cfg, tokenizer)
+        assert data.eval.num_rows == 5 and "seq_lengths" not in data.eval.column_names
+        losses.append(build_trainer(cfg, tmp_path / str(packing), model, tokenizer, data).evaluate()["eval_loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)

@@ -137,3 +137,16 @@ def test_embedded_model_trainer_feeds_packed_batches_of_the_same_tokens(tmp_path
     plain = _epoch_of_trainer(model, tok, tmp_path / "plain", False)
     packed = _epoch_of_trainer(model, tok, tmp_path / "packed", True)
     _check_documents(plain, packed, tokenizer)
+
+
+def test_dry_run_counts_packed_micro_batches(tiny_model_dir, tmp_path):
+    cfg = _config(tiny_model_dir, tmp_path / "dry", True)
+    report = nbtune.finetune(cfg, dry_run=True)
+    stats = report.packing
+    assert stats.documents == report.train_rows == ROWS and stats.tokens == report.train_tokens
+    per_step = cfg["train"]["grad_accum"]  # packed: one entry per micro-batch
+    assert report.steps == -(-stats.micro_batches // per_step)  # one epoch
+    assert report.epochs == pytest.approx(report.steps * per_step / stats.micro_batches)
+    assert stats.line() in report.summary()
+    plain = nbtune.finetune(_config(tiny_model_dir, tmp_path / "dry", False), dry_run=True)
+    assert plain.packing is None and plain.steps == ROWS // 2
