@@ -113,8 +113,8 @@ def test_second_run_on_the_reused_model_keeps_the_fused_loss_and_host_plans(tiny
     """The second run in one process reuses the base model (nbtune/train/session.py), whose causal LM
     forward TRL had wrapped in the first run: it must still train on the patched forward (fused loss,
     the plan from the host), as the first run did."""
-    nbtune.finetune(tiny_config(tiny_model_dir, tiny_data, tmp_path / "first", max_steps=1), dashboard=False,
-                    progress=False)
+    nbtune.finetune(tiny_config(tiny_model_dir, tiny_data, tmp_path / "first", max_steps=1, warmup_steps=0),
+                    dashboard=False, progress=False)
     calls = count_calls(common, ["build_plan", "fused_linear_cross_entropy", "lora_qkv", "lora_mlp", "rms_norm"])
     nbtune.finetune(tiny_config(tiny_model_dir, tiny_data, tmp_path / "second", max_steps=2), dashboard=False,
                     progress=False)
