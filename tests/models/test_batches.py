@@ -5,12 +5,16 @@ packed loss), a right-padded batch gives the unpadded losses.
 """
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from tiny_models import LOSS_RTOL, WINDOW, assert_grads_match, lora_grads, lora_pair, random_batch, rel, sgd_step
 
-from nbtune.kernels import varlen_attention as varlen_module
 from nbtune.models.patches import attention
+
+# the module shares its name with the function nbtune.kernels exports: take it by name
+varlen_module = importlib.import_module("nbtune.kernels.varlen_attention")
 
 # ----------------------------------------------------------------------------- generation
 def test_generation_after_training_matches_transformers(family):
