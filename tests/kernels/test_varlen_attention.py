@@ -93,6 +93,10 @@ def test_bad_inputs_are_named(kernel_mode):
         varlen_attention(q, k, v, cu.float())
     with pytest.raises(ValueError, match="window"):
         varlen_attention(q, k, v, cu, window=0)
+    with pytest.raises(ValueError, match="rise from 0"):
+        varlen_attention(q, k, v, _cu([5, 3]))
+    with pytest.raises(ValueError, match="rise from 0"):
+        varlen_attention(q, k, v, torch.tensor([0, 6, 5, 9], dtype=torch.int32))
 
 
 def test_document_bounds():
