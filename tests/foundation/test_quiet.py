@@ -53,12 +53,18 @@ def test_known_warnings_are_filtered_unrelated_ones_show(fresh):
          "longer be called in v6. Define `activation_checkpointing_enable` instead.", FutureWarning, "transformers.trainer"),
         (PKV_KWARG, FutureWarning, "nbtune.models.patches.common"),  # warned at the caller's line
         (PKV_KWARG, FutureWarning, "peft.peft_model"),
+        (PKV_KWARG, FutureWarning, "torch.nn.modules.module"),  # a decorated forward called as a module
+        ("Both `past_key_values` and `cache` are set for `LlamaForCausalLM.forward`. Using `cache=DynamicCache(layers="
+         "[DynamicLayer, DynamicLayer])` and ignoring deprecated `past_key_values=None`.", FutureWarning,
+         "nbtune.models.patches.common"),
     ]
     assert _shown(lambda: [_warn(*w) for w in known]) == []
     unrelated = [
         ("Passing `tp_plan` directly to `from_pretrained` is deprecated", FutureWarning, "transformers.modeling_utils"),
         (GC_ARG, UserWarning, "transformers.training_args"),  # another category
         (PKV_KWARG, FutureWarning, "__main__"),  # the user's own call: theirs to see
+        ("Both `past_key_values` and `cache` are set for `LlamaModel.forward`. Using `cache=DynamicCache()` and "
+         "ignoring deprecated `past_key_values=DynamicCache()`.", FutureWarning, "nbtune.models.patches.common"),
         ("4-bit loading needs a CUDA GPU", UserWarning, "nbtune.models.loader"),
     ]
     assert _shown(lambda: [_warn(*w) for w in unrelated]) == [w[0] for w in unrelated]
