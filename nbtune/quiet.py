@@ -34,7 +34,9 @@ from ._env import env_flag
 
 VERBOSE_ENV = "NBTUNE_VERBOSE"
 
-_CALLERS = r"(transformers|peft|trl|accelerate|nbtune)(\.|$)"  # where a deprecated keyword is passed from
+# where a deprecated keyword is passed from: the libraries of a run, and torch's module call and
+# checkpoint, through which a model's decorated ``forward`` is called
+_CALLERS = r"(transformers|peft|trl|accelerate|nbtune|torch\.nn\.modules\.module|torch\.utils\.checkpoint)(\.|$)"
 
 # (category, message regex, module regex): warnings.filterwarnings entries (messages match from their start)
 WARNINGS = (
@@ -44,6 +46,10 @@ WARNINGS = (
     (FutureWarning, r"`\w+` only defines `gradient_checkpointing_enable`, which is deprecated", r"transformers(\.|$)"),
     # transformers >= 5.2x: the past_key_values keyword -> cache (warned at the caller's line)
     (FutureWarning, r"`past_key_values` is deprecated .*Use `cache` instead", _CALLERS),
+    # ... and when generate() passes the cache as ``cache`` while a forward passes on its default
+    # past_key_values=None, the None is ignored: nothing changes
+    (FutureWarning, r"Both `past_key_values` and `cache` are set for `[\w.]+`\. Using `cache=.*` and ignoring "
+                    r"deprecated `past_key_values=None`\.$", _CALLERS),
 )
 
 # logger name -> message regexes of its records that are dropped

