@@ -456,23 +456,6 @@ def resume_changes(saved: Config, cfg: Config) -> list[str]:
     return allowed
 
 
-class _quiet_datasets:
-    """No ``datasets`` progress bars while a run prepares its data (the dashboard is the view)."""
-
-    def __enter__(self):
-        from datasets.utils import logging as ds_logging
-
-        self._was = ds_logging.is_progress_bar_enabled()
-        ds_logging.disable_progress_bar()
-
-    def __exit__(self, *exc):
-        from datasets.utils import logging as ds_logging
-
-        if self._was:
-            ds_logging.enable_progress_bar()
-        return False
-
-
 def _trainer_class():
     from trl import SFTTrainer
 
@@ -523,7 +506,7 @@ def build_trainer(cfg: Config, out: Path, model, tokenizer, data: TokenizedData,
     """nbtune's SFTTrainer for this run; with ``data.packing`` its collator is the padding-free one
     (position ids restarting at every document, ``cu_seq_lens``: no attention across documents)."""
     collator = packed_collator(tokenizer.pad_token_id) if cfg.data.packing else None
-    with _quiet_datasets():
+    with quiet.loading():  # no datasets bars while TRL prepares the data (the dashboard is the view)
         return _trainer_class()(model=model, args=sft_args(cfg, out, model, data.eval is not None),
                                 train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
                                 data_collator=collator, callbacks=list(callbacks))
