@@ -81,9 +81,13 @@ setup() {
     export NBTUNE_BENCH_PEER_SITE=$peer
   fi
   # nbtune: editable install (no network: no build isolation, no deps); else a copy on PYTHONPATH
-  if ! $PY -c "import nbtune.kernels, nbtune.models" 2>/dev/null; then
+  # checked from outside the checkout: from its root, python -c finds nbtune without any install, but
+  # the benchmark scripts (started as benchmarks/x.py) and their peers do not
+  if ! (cd / && $PY -c "import nbtune.kernels, nbtune.models") 2>/dev/null; then
     $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . >/tmp/nbtune-pip.log 2>&1 || true
-    if ! $PY -c "import nbtune.kernels, nbtune.models" 2>/dev/null; then
+    # checked from outside the checkout: from its root, python -c finds nbtune without any install, but
+  # the benchmark scripts (started as benchmarks/x.py) and their peers do not
+  if ! (cd / && $PY -c "import nbtune.kernels, nbtune.models") 2>/dev/null; then
       echo "# editable install did not work (tail of its log below); using the checkout on PYTHONPATH"
       tail -3 /tmp/nbtune-pip.log
       export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
