@@ -40,7 +40,7 @@ def finetune_config(args, fmt: str) -> dict:
         "train": {"max_steps": args.warmup + args.steps, "batch_size": args.batch, "grad_accum": 1, "lr": tc.LR,
                   "scheduler": "linear", "warmup_steps": 0, "optimizer": "adamw_8bit", "logging_steps": 1,
                   "seed": tc.SEED},
-        "output": {"dir": args.out},
+        "output": {"dir": args.out, "overwrite": True},  # the benchmark reruns a row into the same folder
     }
 
 
