@@ -15,6 +15,10 @@ what a notebook kernel does before sending it to the browser; only the sending i
 plotly is not installed the run goes on with the terminal progress lines (the door without a
 notebook) and its line says ``dashboard: off``.
 Prints one JSON line (trainer_common.py).
+
+``NBTUNE_BENCH_PROFILE=FIRST:LAST`` (steps) also profiles those steps with torch.profiler (host and
+GPU) and writes the table of operators by host time and by GPU time to
+``$OUT/trainer-profile-<row>.txt``: where a trainer step spends what the bare loop does not.
 """
 from __future__ import annotations
 
@@ -62,6 +66,40 @@ def notebook_dashboard():
     return KernelCostDashboard()
 
 
+class StepProfiler:
+    """A metrics listener that runs torch.profiler from the end of step ``first`` to the end of
+    step ``last`` and writes its tables to ``path``."""
+
+    def __init__(self, first: int, last: int, path: str):
+        self.first, self.last, self.path, self.prof = first, last, path, None
+
+    def __call__(self, rec: dict) -> None:
+        if rec.get("event") != "train":
+            return
+        import torch
+
+        step = rec.get("step") or 0
+        if step == self.first and self.prof is None:
+            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                           if torch.cuda.is_available() else [])
+            self.prof = torch.profiler.profile(activities=acts)
+            self.prof.__enter__()
+        elif step == self.last and self.prof is not None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            avg = self.prof.key_averages()
+            steps = self.last - self.first
+            text = [f"# torch.profiler over steps {self.first + 1}-{self.last} ({steps} steps)", "",
+                    avg.table(sort_by="cpu_time_total", row_limit=40), "",
+                    avg.table(sort_by="self_cpu_time_total", row_limit=30)]
+            if torch.cuda.is_available():
+                text += ["", avg.table(sort_by="self_cuda_time_total", row_limit=25)]
+            with open(self.path, "w") as f:
+                f.write("\n".join(text))
+            self.prof = None
+
+
 class ClockListener:
     """A metrics listener feeding the step clock from nbtune's own records."""
 
@@ -90,8 +128,13 @@ def main(argv=None) -> int:
         dash = notebook_dashboard()
         if dash is None:
             base["dashboard"] = "off: plotly is not installed here"
+        listeners = [ClockListener(clock)]
+        if os.environ.get("NBTUNE_BENCH_PROFILE"):
+            first, last = (int(x) for x in os.environ["NBTUNE_BENCH_PROFILE"].split(":"))
+            out = os.environ.get("OUT") or "."
+            listeners.append(StepProfiler(first, last, os.path.join(out, f"trainer-profile-{args.row}.txt")))
         result = nbtune.finetune(finetune_config(args, fmt), dashboard=dash or False, progress=dash is None,
-                                 listeners=[ClockListener(clock)])
+                                 listeners=listeners)
         peak = tc.peak_reserved_gib()
         line = dict(base, **tc.summarize(clock, args.warmup, args.batch, args.seq), peak_reserved_gib=peak,
                     gradient_checkpointing=result.gradient_checkpointing, metrics_records=len(result.metrics),
