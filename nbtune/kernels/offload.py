@@ -113,6 +113,17 @@ recompute throws away: the LoRA MLP at the end of a decoder layer computes nothi
 (``lora_mlp(checkpointed_tail=True)``). The reentrant implementation has no ``context_fn``: there
 the phase is None and nothing is skipped.
 
+Partial offload
+---------------
+The host holds one hidden state per offloaded layer: ``tokens x hidden x 2`` bytes, 12 GiB for
+llama3-8b's 32 layers at 49,152 tokens, more than free Colab's RAM. ``enable_offloaded_checkpointing(
+model, offload_layers=N)`` offloads the inputs of the first N decoder layers only and checkpoints the
+others plainly (``offloaded_checkpoint_reference``: their input stays on the GPU). The first ones,
+because the backward reaches them last: the plain layers' backward runs while nothing needs
+fetching, and the offloaded ones' prefetch chain starts with the last offloaded layer, whose input is
+still in the device window. The gradients are the same either way: both paths are torch's
+non-reentrant checkpoint of the same function on the same bits.
+
 Using it with transformers
 --------------------------
 ``enable_offloaded_checkpointing(model)`` (a ``PreTrainedModel`` or a peft ``PeftModel``) turns
@@ -627,7 +638,30 @@ def use_checkpoint_function(model, function) -> None:
             module._gradient_checkpointing_func = function
 
 
-def enable_offloaded_checkpointing(model, *, use_reentrant: bool = False, every_n_layers: int = 1):
+def checkpointed_layers(model) -> list:
+    """The modules of ``model`` that transformers checkpoints one by one (those with a
+    ``gradient_checkpointing`` flag and no such module inside them), in forward order: the decoder
+    layers of the language model (``get_decoder()``, where the model has one that holds them; a
+    multimodal model's vision layers are left out), else every such module of the model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def innermost(root) -> list:
+        flagged = [m for m in root.modules() if hasattr(m, "gradient_checkpointing")]
+        return [m for m in flagged if not any(c is not m and hasattr(c, "gradient_checkpointing") for c in m.modules())]
+
+    try:
+        decoder = base.get_decoder()
+    except Exception:  # models without a decoder accessor, or whose accessor cannot find one
+        decoder = None
+    if isinstance(decoder, torch.nn.Module):
+        layers = innermost(decoder)
+        if layers:
+            return layers
+    return innermost(base)
+
+
+def enable_offloaded_checkpointing(model, *, use_reentrant: bool = False, every_n_layers: int = 1,
+                                   offload_layers: int | None = None):
     """Turn on gradient checkpointing with ``offloaded_checkpoint`` for a transformers model.
 
     ``model``: a ``PreTrainedModel`` or a peft ``PeftModel`` (its base model is used). This calls
@@ -638,8 +672,13 @@ def enable_offloaded_checkpointing(model, *, use_reentrant: bool = False, every_
     mode (HF layers only checkpoint while ``training``). With ``use_reentrant=True`` input
     embeddings are made to require grad in every case, since reentrant checkpointing gives
     LoRA parameters no gradient otherwise; the default non-reentrant path does not need it.
-    Returns ``model``. Undo with ``model.gradient_checkpointing_disable()``.
+    ``offload_layers``: offload only the inputs of the first N decoder layers (:func:`checkpointed_layers`)
+    and checkpoint every other checkpointed module plainly (see "Partial offload" in the module
+    docstring); None: all of them. Returns ``model``. Undo with ``model.gradient_checkpointing_disable()``.
     """
+    if offload_layers is not None and (isinstance(offload_layers, bool) or not isinstance(offload_layers, int)
+                                       or offload_layers < 0):
+        raise ValueError(f"offload_layers must be a whole number of at least 0, or None (got {offload_layers!r})")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(base).__name__} does not support gradient checkpointing")
@@ -648,6 +687,12 @@ def enable_offloaded_checkpointing(model, *, use_reentrant: bool = False, every_
         options["every_n_layers"] = every_n_layers
     base.gradient_checkpointing_enable(**options)
     use_checkpoint_function(base, functools.partial(offloaded_checkpoint, use_reentrant=use_reentrant))
+    if offload_layers is not None:
+        offloaded = {id(m) for m in checkpointed_layers(base)[:offload_layers]}
+        plain = functools.partial(offloaded_checkpoint_reference, use_reentrant=use_reentrant)
+        for module in base.modules():
+            if hasattr(module, "gradient_checkpointing") and id(module) not in offloaded:
+                module._gradient_checkpointing_func = plain
     has_input_grad_hooks = bool(getattr(base, "_require_grads_hooks", None))
     if use_reentrant and not has_input_grad_hooks and hasattr(base, "enable_input_require_grads"):
         base.enable_input_require_grads()

@@ -566,6 +566,31 @@ def test_enable_every_n_layers(kernel_mode):
     assert offload_stats()["offloaded"] == 1
 
 
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_enable_offloads_the_first_n_layers_and_checkpoints_the_rest_plainly(kernel_mode, n):
+    """Partial offload: the first n decoder layers offloaded, the others plain; gradients unchanged."""
+    kernel_mode("triton")
+    model = tiny_lora_llama(seed=8)
+    input_ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(9))
+    expected_loss, expected_grads = lora_step(copy.deepcopy(model), input_ids)
+    enable_offloaded_checkpointing(model, offload_layers=n)
+    layers = offload.checkpointed_layers(model)
+    assert layers == list(model.get_base_model().model.layers)
+    assert [layer._gradient_checkpointing_func.func for layer in layers] == (
+        [offloaded_checkpoint] * n + [offloaded_checkpoint_reference] * (len(layers) - n))
+    loss, grads = lora_step(model, input_ids)
+    torch.testing.assert_close(loss, expected_loss, **FP32_TOL)
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], **FP32_TOL)
+    assert offload_stats()["offloaded"] == n
+
+
+def test_enable_rejects_a_bad_layer_count():
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="offload_layers must be a whole number"):
+            enable_offloaded_checkpointing(tiny_lora_llama(), offload_layers=bad)
+
+
 def test_enable_rejects_models_without_checkpointing_support():
     with pytest.raises(ValueError):
         enable_offloaded_checkpointing(nn.Linear(2, 2))
