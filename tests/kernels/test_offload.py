@@ -381,6 +381,20 @@ class _CopyEvent:
         self.waited = True
 
 
+def test_the_planners_pool_model_is_the_pool():
+    """nbtune.planner.host_memory.pool_bytes (the host-RAM estimate's pool term) counts the slabs the
+    pool allocates, each rounded up to a power of two as the pinned allocator does."""
+    from nbtune.planner import host_memory
+
+    assert host_memory.POOL_SLAB_MIN_BUFFERS == offload.SLAB_MIN_BUFFERS
+    assert host_memory.POOL_BUFFER_ALIGN == offload.BUFFER_ALIGN
+    for nbytes, n in [(1000, 5), (3 * 2**20 + 7, 9), (384 * 2**10, 11), (2**20, 4)]:
+        pool = offload._HostBufferPool()
+        taken = [pool.take(nbytes, pinned=False) for _ in range(n)]
+        assert len(taken) == n
+        assert host_memory.pool_bytes(n, nbytes) == sum(host_memory._next_pow2(slab.numel()) for slab in pool._slabs)
+
+
 def test_pool_hands_out_the_buffer_given_back_longest_ago_without_waiting():
     # The backward gives buffers back last layer first; the next forward takes them from its first
     # layer. The oldest one's copy is long finished; the newest one's may still be queued on the GPU.
