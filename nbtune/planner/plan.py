@@ -766,9 +766,9 @@ def plan(model, gpu="T4", seq_len: int = 2048, batch_size: int = 2, lora_rank: i
     if isinstance(host_ram_gib, str):
         if host_ram_gib.strip().lower() != "auto":
             raise PlannerError(f"host_ram_gib {host_ram_gib!r}: a number of GiB, or 'auto' for this machine's RAM")
-        from .gpus import detected_host
+        from .host import detect_host
 
-        found = detected_host()
+        found = detect_host()
         if found is None:
             raise PlannerError("host_ram_gib='auto': this machine's RAM cannot be read (no /proc/meminfo); "
                                "give the number of GiB instead")
