@@ -80,8 +80,9 @@ Streams and lifetimes (CUDA)
   stream waits on its event.
 - Pinned buffers come from a pool and are reused step after step (pinning memory with
   cudaHostAlloc is slow); a buffer serves any input that fits it, and slabs outgrown by longer
-  batches are dropped, so batches of varying length do not grow host memory step after step. Each buffer goes back to the pool with the event of the
-  last copy that touched it, and is handed out again only after that event. Buffers are carved
+  batches are dropped, so batches of varying length do not grow host memory step after step.
+  Each buffer goes back to the pool with the event of the last copy that touched it, and is
+  handed out again only after that event. Buffers are carved
   from slabs of at least 4 buffers because torch's pinned allocator rounds every allocation up
   to a power of two; carving wastes less than one buffer per slab instead of up to half.
   ``release_pinned_memory()`` gives the pool back.

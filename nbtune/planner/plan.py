@@ -46,8 +46,9 @@ LABELS = {"offload": "offloaded checkpointing", "plain": "plain checkpointing", 
 COLORS = {"base weights": "#4C72B0", "embedding + LM head": "#55A868", "LoRA parameters": "#C44E52",
           "LoRA gradients": "#DD8452", "optimizer states": "#8172B3", "activations": "#937860",
           "loss chunk": "#DA8BC3", "allocator overhead": "#8C8C8C", "CUDA context": "#CCB974"}
-HOST_COLORS = {"process baseline": "#64B5CD", "dataset + tokenization": "#8EBA42", "model loading (transient)": "#BBBBBB",
-               "offloaded activations": "#937860", "offload pool rounding": "#C4AD66", "paged optimizer": "#8172B3"}
+HOST_COLORS = {"process baseline": "#64B5CD", "dataset + tokenization": "#8EBA42",
+               "model loading (transient)": "#BBBBBB", "offloaded activations": "#937860",
+               "offload pool rounding": "#C4AD66", "paged optimizer": "#8172B3"}
 
 
 class CheckpointingChoice(tuple):
@@ -440,7 +441,8 @@ class Plan:
         times = f" ({self.world_size} processes)" if self.world_size > 1 else ""
         cap = self.host_capacity_gib
         if cap is None:
-            lines.append(f"  {'peak in host RAM' + times:<{width}}{self.host_peak_gib:7.2f} GiB  -> {self.host_verdict()}")
+            lines.append(f"  {'peak in host RAM' + times:<{width}}{self.host_peak_gib:7.2f} GiB"
+                         f"  -> {self.host_verdict()}")
             lines.append(f"  note: host RAM not checked: {self.host_unknown_hint()}")
         else:
             lines.append(f"  {'peak in host RAM' + times:<{width}}{self.host_peak_gib:7.2f} GiB of {cap:.2f} GiB "
@@ -907,7 +909,8 @@ def auto_checkpointing(world_size: int, plain_plan: Callable[[], Plan],
             return CheckpointingChoice("plain", (
                 f"data parallel on {world_size} GPUs and plain checkpointing fits ({per_gpu}); "
                 "offloading on every rank at once would share the host's copy bandwidth"))
-        reason = f"data parallel on {world_size} GPUs, but plain checkpointing does not fit ({per_gpu}: {plain.verdict()})"
+        reason = (f"data parallel on {world_size} GPUs, but plain checkpointing does not fit "
+                  f"({per_gpu}: {plain.verdict()})")
     else:
         reason = "one GPU: offloading the saved hidden states to CPU memory needs the least GPU memory"
     room = offload_room() if offload_room is not None else None

@@ -277,7 +277,8 @@ def check_fits(cfg: Config, force: bool = False):
 def checkpointing_mode(cfg: Config, plan=None):
     """The gradient checkpointing this run uses and why (one line), for ``nbtune.add_lora``: the
     planner's :func:`nbtune.planner.checkpointing_for_run` for this machine (its GPU and its RAM) and
-    the launcher's world size, a (mode, why) pair whose ``offload_layers`` says how many layers to offload. ``plan``: the pre-flight plan of this config (:func:`check_fits`), which has resolved
+    the launcher's world size, a (mode, why) pair whose ``offload_layers`` says how many layers to
+    offload. ``plan``: the pre-flight plan of this config (:func:`check_fits`), which has resolved
     "auto" already: its choice is taken, not made again."""
     from ..planner import checkpointing_for_run
 
@@ -573,7 +574,8 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
     if data.dropped and main:
         print("nbtune: dropped train rows: " + ", ".join(f"{n} ({why})" for why, n in data.dropped.items()), file=sys.stderr)
     peft_model = add_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=cfg.lora.targets,
-                          gradient_checkpointing=checkpointing, offload_layers=choice.offload_layers, seed=cfg.train.seed)
+                          gradient_checkpointing=checkpointing, offload_layers=choice.offload_layers,
+                          seed=cfg.train.seed)
     session.attach(peft_model)
     listeners = list(listeners or [])
     if progress:
