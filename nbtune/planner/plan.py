@@ -315,7 +315,9 @@ class Plan:
     # ------------------------------------------------------------------ config
     def to_config(self) -> dict:
         """The matching nbtune config (sections model / lora / train, plus whatever else the
-        config this plan came from held): what ``nbtune.build_config`` and ``%%finetune`` take."""
+        config this plan came from held): what ``nbtune.build_config`` and ``%%finetune`` take. A config
+        has no layer count for offloading: a partial offload is written as gradient checkpointing
+        "auto", which offloads as many layers as the run's host holds."""
         st = self.settings
         cfg: dict[str, Any] = copy.deepcopy(self.base_config) if self.base_config else {}
         model = dict(cfg.get("model") or {})
@@ -325,9 +327,11 @@ class Plan:
         lora.update(r=st.lora_rank, alpha=self.lora_alpha if self.lora_alpha is not None else lora.get("alpha", st.lora_rank),
                     targets=st.lora_targets if isinstance(st.lora_targets, str) else list(st.lora_targets))
         train = dict(cfg.get("train") or {})
-        # "auto" stays "auto": the run resolves it for the GPUs it gets (see auto_checkpointing)
+        # "auto" stays "auto": the run resolves it for the GPUs it gets (see auto_checkpointing); so does a
+        # partial offload asked for by hand, which a config states as "auto" (offload what the host holds)
+        partial = st.gradient_checkpointing == "offload" and self.offloaded_layers < self.model.num_layers
         train.update(batch_size=st.batch_size,
-                     gradient_checkpointing="auto" if self.checkpointing_auto else st.gradient_checkpointing,
+                     gradient_checkpointing="auto" if self.checkpointing_auto or partial else st.gradient_checkpointing,
                      optimizer=st.optimizer)
         if self.grad_accum is not None:
             train["grad_accum"] = self.grad_accum

@@ -122,6 +122,9 @@ def test_partial_offload_sits_between_plain_and_full_offload_on_the_gpu():
     assert none.host_breakdown["offloaded activations"] == 0 and half.host_breakdown["offloaded activations"] == \
         pytest.approx(16 * 8192 * 4096 * 2 / GiB)
     assert plan("llama-3.1-8b", gradient_checkpointing="offload", offload_layers=99, **kw).offloaded_layers == 32
+    # a config has no layer count: a partial offload is written as "auto", a full one as "offload"
+    assert half.to_config()["train"]["gradient_checkpointing"] == "auto"
+    assert full.to_config()["train"]["gradient_checkpointing"] == "offload"
     with pytest.raises(PlannerError, match="offload_layers must be a whole number"):
         plan("llama-3.1-8b", gradient_checkpointing="offload", offload_layers=-2, **kw)
 
