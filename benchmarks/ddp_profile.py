@@ -12,7 +12,8 @@ torch's CUDA sync-debug mode, which names each Python line that synchronizes. Pe
 - wall time per micro-batch in the window, and the GPU's busy time in it (the union of kernel
   intervals: wall minus busy is time the GPU waited on the host, on a peer rank or on a copy);
 - the CUDA runtime calls that block the host (stream/event/device synchronize, blocking copies),
-  with count and time, and the Python lines that synchronized;
+  with count and time, and the Python lines that synchronized (paths relative to the repository,
+  or to the folder an installed package lives in: ``relpaths.py``);
 - the top CUDA kernels by total time (NCCL's all-reduces among them under DDP) and the top CPU
   ops by self time;
 - the loop's phases per optimizer step, host time (fetching the step's batches, clipping, the
@@ -40,6 +41,10 @@ import time
 import warnings
 
 import torch
+
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # imported from elsewhere (the tests)
+    sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+from relpaths import short_path  # noqa: E402
 
 BLOCKING_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
@@ -162,12 +167,17 @@ class MicroBatchProfiler:
             self.prof.__exit__(None, None, None)
             if torch.cuda.is_available():
                 torch.cuda.set_sync_debug_mode(0)
-            self.sync_lines.update(f"{w.filename}:{w.lineno}" for w in self._caught if "synchroniz" in str(w.message))
+            self.record_sync_lines(self._caught)
             self._warnings.__exit__(None, None, None)
             self.text = summarize(self.prof, wall, self.active, self.sync_lines, *_rank_world())
             print(self.text.split("\n", 1)[0], file=sys.stderr, flush=True)
             self.prof = None
             self.write()  # now too: a run killed later (a time limit) still leaves the figures
+
+    def record_sync_lines(self, caught) -> None:
+        """Count the Python lines that synchronized (sync-debug warnings), as repo-relative paths."""
+        self.sync_lines.update(f"{short_path(w.filename)}:{w.lineno}" for w in caught
+                               if "synchroniz" in str(w.message))
 
     def write(self):
         """The window's summary, the timeline of every call and the loop's phases: one file per rank."""

@@ -12,8 +12,6 @@
 #                          ROWS: ids, globs or aliases (main, t4, all), comma-separated (default all);
 #                          PEERS: e.g. nbtune,unsloth (default hf,unsloth,nbtune)
 #                          -> $OUT/models-<stamp>.json, $OUT/models.log, $OUT/RESULTS.md
-#   packedattn             python3 benchmarks/packed_attention.py (packed-row attention by backend, fwd+bwd)
-#                          -> $OUT/packed-attention-<gpu>.{json,md}
 #   trainer[:ROWS[:PEERS]] python3 benchmarks/trainer.py --rows ROWS --peers PEERS: the user's path, nbtune.finetune vs
 #                          Unsloth + TRL vs TRL + peft + bnb on real token counts (ROWS default quick; PEERS default
 #                          nbtune,unsloth,trl; --assets .bench-assets when that folder was carried: make it here with
@@ -83,9 +81,13 @@ setup() {
     export NBTUNE_BENCH_PEER_SITE=$peer
   fi
   # nbtune: editable install (no network: no build isolation, no deps); else a copy on PYTHONPATH
-  if ! $PY -c "import nbtune.kernels, nbtune.models" 2>/dev/null; then
+  # checked from outside the checkout: from its root, python -c finds nbtune without any install, but
+  # the benchmark scripts (started as benchmarks/x.py) and their peers do not
+  if ! (cd / && $PY -c "import nbtune.kernels, nbtune.models") 2>/dev/null; then
     $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . >/tmp/nbtune-pip.log 2>&1 || true
-    if ! $PY -c "import nbtune.kernels, nbtune.models" 2>/dev/null; then
+    # checked from outside the checkout: from its root, python -c finds nbtune without any install, but
+  # the benchmark scripts (started as benchmarks/x.py) and their peers do not
+  if ! (cd / && $PY -c "import nbtune.kernels, nbtune.models") 2>/dev/null; then
       echo "# editable install did not work (tail of its log below); using the checkout on PYTHONPATH"
       tail -3 /tmp/nbtune-pip.log
       export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -185,10 +187,6 @@ stage_profile() {
     > >(tee "$OUT/$name")
 }
 
-stage_packedattn() {
-  run_stage packedattn $PY benchmarks/packed_attention.py --out "$OUT"
-}
-
 stage_tune() {
   run_stage tune $PY benchmarks/tune_rms_norm_bwd.py --out "$OUT"
 }
@@ -228,10 +226,9 @@ main() {
       tune) stage_tune ;;
       calibrate) stage_calibrate "" ;;
       calibrate:*) stage_calibrate "${stage#calibrate:}" ;;
-      packedattn) stage_packedattn ;;
       multigpu) stage_multigpu "" ;;
       multigpu:*) stage_multigpu "${stage#multigpu:}" ;;
-      *) note "$stage" "UNKNOWN stage (tests, kernels, profile, models, packedattn, trainer, tune, calibrate, multigpu)" 0 ;;
+      *) note "$stage" "UNKNOWN stage (tests, kernels, profile, models, trainer, tune, calibrate, multigpu)" 0 ;;
     esac
   done
   echo; echo "===== summary (${SECONDS}s of ${BUDGET}s)"

@@ -17,6 +17,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "peers"))
 sys.path.insert(0, HERE)
 from bench_common import LORA_TARGETS, SHAPES, build_checkpoint, ensure_tokenizer  # noqa: E402
+from relpaths import relativize  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -163,8 +164,6 @@ def report_host(prof, step, model, opt, batch, seq, vocab, g, top):
     """Host side of one step: how long Python takes to issue the forward and the backward (no
     sync), which runtime calls can block it, the top CPU ops, and where Python spends its time."""
     import cProfile
-    import io
-    import pstats
 
     report_gaps(prof, top)
     events = prof.key_averages()
@@ -202,10 +201,19 @@ def report_host(prof, step, model, opt, batch, seq, vocab, g, top):
     step()
     torch.cuda.synchronize()
     prof_py.disable()
+    print("  cProfile of one step (tottime):")
+    print(cprofile_text(prof_py, top))
+
+
+def cprofile_text(prof_py, top: int) -> str:
+    """The ``top`` functions of a cProfile by own time, indented, with repo-relative paths (an
+    installed package's relative to its install folder: relpaths.py)."""
+    import io
+    import pstats
+
     buf = io.StringIO()
     pstats.Stats(prof_py, stream=buf).sort_stats("tottime").print_stats(top)
-    print("  cProfile of one step (tottime):")
-    print("\n".join("    " + line for line in buf.getvalue().splitlines()[6:]))
+    return relativize("\n".join("    " + line for line in buf.getvalue().splitlines()[6:]))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@
 In a notebook: ``%load_ext nbtune`` then a ``%%finetune`` cell. Names load lazily, so importing
 nbtune does not import torch. It does ask torch's CUDA allocator for expandable segments unless
 the allocator is configured already (``nbtune/_allocator.py``; ``NBTUNE_ALLOCATOR=default`` opts out).
+Using any of its names hides the third-party output a run makes irrelevant (``nbtune/quiet.py``;
+``NBTUNE_VERBOSE=1`` shows everything).
 """
 from __future__ import annotations
 
@@ -56,6 +58,9 @@ def __getattr__(name: str):
     module = _PUBLIC.get(name)
     if module is None:
         raise AttributeError(f"module 'nbtune' has no attribute {name!r}")
+    from .quiet import apply as quiet_third_party
+
+    quiet_third_party()  # before the name's module imports transformers / peft (nbtune/quiet.py)
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value

@@ -59,12 +59,16 @@ def pull_model(name: str, *, quiet: bool = False) -> Path:
 def convert_gguf(asset: ModelAsset, gguf_path: Path, out: Path) -> None:
     """Dequantize the GGUF into a safetensors checkpoint + tokenizer with the right special tokens."""
     import torch
+    import transformers.modeling_gguf_pytorch_utils  # noqa: F401  (imported first: quiet.loading() turns its bar off)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .. import quiet
 
     folder, fname = str(gguf_path.parent), gguf_path.name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+        with quiet.loading():  # nbtune's pull bar is the view, not transformers' three
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
     except Exception as e:
         raise AssetError(f"could not read {gguf_path} with transformers' GGUF reader: {e}. "
                          f"Is the `gguf` package installed (pip install gguf)?") from e
@@ -86,5 +90,6 @@ def convert_gguf(asset: ModelAsset, gguf_path: Path, out: Path) -> None:
         model.generation_config.pad_token_id = pad_id
         model.generation_config.bos_token_id = tokenizer.bos_token_id
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    with quiet.loading():
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)

@@ -19,9 +19,10 @@ from .nf4 import dequantize_base, nf4_dequantize
 from .offload import enable_offloaded_checkpointing, offloaded_checkpoint
 from .rms_norm import rms_norm
 from .rope import apply_rope
+from .varlen_attention import varlen_attention
 
 __all__ = [
     "HAS_TRITON", "MODE_ENV", "apply_rope", "dequantize_base", "enable_offloaded_checkpointing",
     "fused_linear_cross_entropy", "geglu", "kernel_mode", "lora_linear", "lora_mlp", "lora_qkv",
-    "nf4_dequantize", "offloaded_checkpoint", "rms_norm", "swiglu", "use_triton",
+    "nf4_dequantize", "offloaded_checkpoint", "rms_norm", "swiglu", "use_triton", "varlen_attention",
 ]

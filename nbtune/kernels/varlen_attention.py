@@ -368,7 +368,7 @@ class _VarlenAttentionFunction(torch.autograd.Function):
         q, k, v = _rows(q), _rows(k), _rows(v)
         n_tokens, n_heads, head_dim = q.shape
         groups = n_heads // k.shape[1]
-        block_d = next_power_of_2(head_dim)
+        block_d = max(16, next_power_of_2(head_dim))  # tl.dot needs K >= 16
         configs = _configs(q, block_d)
         o = torch.empty((n_tokens, n_heads, head_dim), dtype=q.dtype, device=q.device)
         lse = torch.empty((n_heads, n_tokens), dtype=torch.float32, device=q.device)
@@ -393,7 +393,7 @@ class _VarlenAttentionFunction(torch.autograd.Function):
         do = _rows(do)
         n_tokens, n_heads, head_dim = q.shape
         n_kv_heads = k.shape[1]
-        block_d = next_power_of_2(head_dim)
+        block_d = max(16, next_power_of_2(head_dim))  # tl.dot needs K >= 16
         configs = _configs(q, block_d)
         scalars = (head_dim, float(ctx.scale), float(ctx.softcap or 1.0), int(ctx.window or 0))
         flags = dict(GROUPS=n_heads // n_kv_heads, BLOCK_D=block_d, SOFTCAP=ctx.softcap is not None,
@@ -446,6 +446,11 @@ def _check(q, k, v, cu_seqlens):
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError("varlen_attention: cu_seqlens must be a 1-D integer tensor [0, end_0, ..., tokens] "
                          f"(got dtype {cu_seqlens.dtype}, shape {tuple(cu_seqlens.shape)}).")
+    if cu_seqlens.device.type == "cpu":  # checked where it costs no device read
+        cu = cu_seqlens.tolist()
+        if cu[0] != 0 or cu[-1] != q.shape[0] or any(b < a for a, b in zip(cu, cu[1:])):
+            raise ValueError(f"varlen_attention: cu_seqlens must rise from 0 to the {q.shape[0]} tokens of q "
+                             f"without going down; got {cu[:4]}...{cu[-2:]}.")
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, *,
@@ -470,7 +475,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             or not use_triton(q, k, v, cu_seqlens)):
         return varlen_attention_reference(q, k, v, cu_seqlens, scale=scale, window=window, softcap=softcap)
     if bounds is None:
-        bounds = document_bounds(cu_seqlens, q.shape[0])
+        bounds = document_bounds(cu_seqlens.to(q.device), q.shape[0])
     return _VarlenAttentionFunction.apply(q, k, v, bounds[0], bounds[1], scale, softcap, window)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .. import quiet
 from ..assets import MODELS, pull_model
 
 DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -67,6 +68,40 @@ def check_model_name(name_or_path: str) -> None:
     if str(name_or_path) in MODELS:
         return
     resolve_model_path(name_or_path)
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# a tokenizer's vocabulary: fast (tokenizer.json), sentencepiece (*.model), BPE / WordPiece vocab files, tiktoken
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
+               "vocab.txt")
+
+
+def check_checkpoint_files(folder) -> None:
+    """A local checkpoint folder holds what nbtune loads from it, or a :class:`ModelLoadError` saying
+    what is missing and how to get it, before anything is loaded: weights as safetensors (nbtune
+    never unpickles weights: a pickle file can run code when it is loaded) and a tokenizer."""
+    folder = Path(folder)
+    names = {p.name for p in folder.iterdir() if p.is_file()}
+    if not any(n.endswith(".safetensors") for n in names):
+        pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
+        if pickles:
+            raise ModelLoadError(
+                f"model.name: {str(folder)!r} holds its weights only as pickle files ({', '.join(pickles)}); nbtune "
+                "loads safetensors only, because loading a pickle file can run code hidden in it. Convert it once, "
+                "in an environment you trust with this file: load it yourself with transformers "
+                f"(AutoModelForCausalLM.from_pretrained({str(folder)!r})) and save it with "
+                f"save_pretrained({str(folder)!r}, safe_serialization=True), which writes model.safetensors beside "
+                "it; or use a copy of the model that is published as safetensors")
+        raise ModelLoadError(
+            f"model.name: {str(folder)!r} has no weights: no *.safetensors file beside its config.json. Give the "
+            "folder that save_pretrained wrote (config.json and model.safetensors or model-*.safetensors)")
+    if not (names & set(VOCAB_FILES) or any(n.endswith(".tiktoken") for n in names)):
+        missing = [n for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json") if n not in names]
+        raise ModelLoadError(
+            f"model.name: {str(folder)!r} has no tokenizer: none of {', '.join(missing)} is there (nor vocab.json / "
+            "vocab.txt). nbtune loads the tokenizer from the model's folder. Fix: save the tokenizer of the model "
+            "these weights came from into it: AutoTokenizer.from_pretrained('<that model>')"
+            f".save_pretrained({str(folder)!r})")
 
 
 def model_seq_limit(cfg: dict) -> int | None:
@@ -174,10 +209,13 @@ def load_model(
     patch: bool | None = None,
 ):
     """(model, tokenizer) ready for LoRA training; see the module docstring for the defaults."""
+    quiet.apply()  # before transformers imports bitsandbytes (nbtune/quiet.py)
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     name_or_path = name_or_path or next(iter(MODELS))
     path = resolve_model_path(name_or_path)
+    if Path(path).is_dir():
+        check_checkpoint_files(path)
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     compute_dtype = resolve_dtype(dtype, device)
     cfg = read_config(path)
@@ -198,7 +236,11 @@ def load_model(
         load_in_4bit = False
     if load_in_4bit:
         require_bitsandbytes("4-bit loading (model.load_in_4bit)")
-    kwargs = dict(dtype=compute_dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    # use_kernels=False: no Hugging Face hub kernels (transformers 5.25 turns them on whenever the `kernels`
+    # package is installed): they would be fetched from the hub and, re-applied on every train()/eval(), take
+    # nbtune's patched forwards off the RMSNorm modules (see patches.switch_off_hub_kernels).
+    kwargs = dict(dtype=compute_dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+                  use_kernels=False, use_safetensors=True)  # never a pickle file (hub ids too; local folders are checked above)
     if load_in_4bit and not prequantized:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -207,12 +249,23 @@ def load_model(
     if device.type == "cuda":
         # "cuda" without an index is the current device: cuda:LOCAL_RANK in a data-parallel run
         kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with quiet.loading():  # no "Loading weights" bar between nbtune's lines
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        except OSError as e:
+            if "safetensors" not in str(e) or Path(path).is_dir():
+                raise
+            raise ModelLoadError(
+                f"model.name: {path!r} is not published as safetensors weights; nbtune loads safetensors only, "
+                "because loading a pickle file (pytorch_model.bin) can run code hidden in it. Convert it once, in an "
+                "environment you trust with it: load it yourself with transformers and save it with "
+                "save_pretrained(folder, safe_serialization=True), then give that folder as model.name; or use a "
+                "copy of the model that is published as safetensors") from None
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if device.type != "cuda" and not prequantized:
         model.to(device)
     if load_in_4bit:
         set_4bit_compute_dtype(model, compute_dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     tokenizer.padding_side = "right"

@@ -34,6 +34,65 @@ def resolve_targets(model, targets):
     return targets
 
 
+def linear_module_names(model) -> list[str]:
+    """The distinct names (last part) of ``model``'s linear layers, in model order: what a list of
+    LoRA targets names (full-precision, bitsandbytes 4/8-bit and GPT-2's Conv1D layers)."""
+    names = []
+    for full, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt", "Conv1D"):
+            short = full.rsplit(".", 1)[-1]
+            if short not in names:
+                names.append(short)
+    return names
+
+
+def check_targets(model, targets) -> None:
+    """A :class:`~nbtune.models.loader.ModelLoadError` naming the model's linear layers when
+    ``targets`` (lora.targets) names a module the model does not have: every name of a list must
+    match a module (as peft matches: the name, or its last dotted parts); a single text other than
+    "all-linear" is a regular expression that must match some module's full name."""
+    import re
+
+    from .loader import ModelLoadError
+
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    if isinstance(targets, str):
+        try:
+            unmatched = [] if any(re.fullmatch(targets, n) for n in names) else [targets]
+        except re.error as e:
+            raise ModelLoadError(f"lora.targets: {targets!r} is not a valid regular expression ({e}); give a list "
+                                 "of module names (e.g. [q_proj, v_proj]) or 'all-linear'") from None
+    else:
+        unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+        linear = linear_module_names(model)
+        raise ModelLoadError(
+            f"lora.targets: {', '.join(repr(t) for t in unmatched)} "
+            + ("matches" if len(unmatched) == 1 else "match") + f" no module of this model ({kind}). Its linear "
+            f"layers: {', '.join(linear)}. Give some of them (e.g. lora.targets: [{', '.join(linear[:2])}]) or "
+            "'all-linear' (every linear layer but the LM head)")
+
+
+def check_targets_of_folder(folder, targets) -> None:
+    """:func:`check_targets` for the checkpoint in ``folder`` before it is loaded: the model is built
+    from its config.json on the meta device (no weights read, no memory used). Custom-code models
+    (whose config needs trust_remote_code) are left to :func:`add_lora`'s check after loading."""
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # an architecture transformers cannot build here: checked once loaded
+        return
+    check_targets(model, targets)
+
+
 def add_lora(
     model,
     r: int = 16,
@@ -68,6 +127,7 @@ def add_lora(
         r=r, lora_alpha=alpha, lora_dropout=dropout, bias=bias, task_type="CAUSAL_LM",
         target_modules=resolve_targets(model, targets),
     )
+    check_targets(model, targets)  # a clear message, not peft's error, for a name the model lacks
     mode = {True: "plain", False: "off", None: "off"}.get(gradient_checkpointing, gradient_checkpointing)
     if mode not in ("offload", "plain", "off"):
         hint = (" ('auto' is the config's value: nbtune.finetune resolves it, see nbtune.planner.choose_checkpointing)"

@@ -13,7 +13,13 @@ Sections (``Config.reference()`` prints every key with its default and allowed v
 
 - ``model``: name (embedded name, local directory or hub id), max_seq_length, load_in_4bit, dtype;
 - ``data``: source, split, eval_split (a split name, a fraction of the train rows, or none),
-  format + columns (mapping), chat_template, responses_only, packing, max_rows / eval_rows;
+  format + columns (mapping), chat_template, responses_only, packing, max_rows / eval_rows. Rows
+  longer than ``model.max_seq_length`` tokens keep their first max_seq_length tokens (the run
+  counts them: ``rows_truncated``). ``packing``: whole documents best-fit-decreasing into
+  micro-batches of batch_size x max_seq_length tokens, trained padding-free (attention restarts
+  at each document; no document is split); it goes with ``responses_only`` (the labels outside the
+  assistant turns stay -100) and the run reports how full the micro-batches are
+  (:mod:`nbtune.train.packing`);
 - ``lora``: r, alpha, dropout, targets;
 - ``train``: max_steps or epochs, batch_size, grad_accum, lr, scheduler, warmup_steps, optimizer
   (8-bit AdamW by default), weight_decay, seed, logging / eval / save steps, force (skip the
@@ -70,12 +76,16 @@ class DataConfig(_Section):
     source: str = Field("gsm8k", description="embedded name (gsm8k), a local json/jsonl/csv/parquet file, or a hub id")
     split: str = "train"
     eval_split: Union[float, str, None] = Field(
-        "auto", description="'auto' (the source's held-out split if it has one), a split name, a fraction "
-                            "of the train rows to hold out (0 < x < 1), or null for no evaluation")
+        "auto", description="'auto' (an embedded data set's test split; 5% of a local file's rows, at least 1), "
+                            "a split name (not for a local file: it has one split), a fraction of the train rows "
+                            "to hold out (0 < x < 1), or null for no evaluation")
     format: DataFormat = "auto"
     columns: dict[str, str] = Field(default_factory=dict, description="canonical name -> your column name")
     responses_only: bool = Field(True, description="train only on assistant / completion tokens")
-    packing: bool = False
+    packing: bool = Field(
+        False, description="pack whole rows into micro-batches of batch_size x max_seq_length tokens, "
+                           "padding-free (no row split; rows over max_seq_length are truncated; works with "
+                           "responses_only)")
     max_rows: Union[int, None] = Field(None, gt=0)
     eval_rows: Union[int, None] = Field(None, gt=0)
     system_prompt: Union[str, None] = None
@@ -210,13 +220,6 @@ class Config(_Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
-
-    @model_validator(mode="after")
-    def _conflicts(self):
-        if self.data.packing and self.data.responses_only:
-            raise ValueError("data.packing: true conflicts with data.responses_only: true (packed rows lose the "
-                             "assistant-only labels); set data.responses_only: false to pack, or data.packing: false")
-        return self
 
     @field_validator("model", mode="before")
     @classmethod

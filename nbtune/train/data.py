@@ -11,7 +11,9 @@ Sources: an embedded name (``gsm8k``), a local .json/.jsonl/.csv/.parquet file, 
 
 Every row is rendered with the tokenizer's chat template. With ``responses_only``, only the
 assistant turns' tokens carry labels (the rest are -100), found from character offsets of the
-rendered conversation so tokenization across turn boundaries cannot shift them.
+rendered conversation so tokenization across turn boundaries cannot shift them. A row longer than
+``max_seq_length`` tokens keeps its first ``max_seq_length`` (packed or not: see packing.py); how
+many were cut is the run's ``rows_truncated``.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from .. import quiet
 from ..assets import DATASETS, dataset_split_path
 from .config import DataConfig
 
@@ -43,6 +46,38 @@ class TokenizedData:
     eval: object | None
     dropped: dict  # reason -> count, for the train split
     format: str
+    truncated: int = 0  # train rows longer than max_seq_length, cut to their first max_seq_length tokens
+    packing: object = None  # PackingStats once the train split is packed (run.prepare_run_data)
+    eval_note: str | None = None  # how the held-out rows were chosen, when nbtune chose them (one line)
+
+
+FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+AUTO_EVAL_FRACTION = 0.05  # eval_split "auto" on a local file: the share of its rows held out
+
+
+def is_local_file(source: str) -> bool:
+    """``data.source`` names a local file (not an embedded data set, not a hub id)."""
+    if source in DATASETS:
+        return False
+    path = Path(source).expanduser()
+    return path.suffix.lower() in FILE_SUFFIXES or path.exists()
+
+
+def check_splits(cfg: DataConfig) -> None:
+    """A local file has one split, train: a split name in ``data.split`` or ``data.eval_split`` is
+    a :class:`DataError` (it would silently read the whole file again: evaluating on the
+    training rows)."""
+    if not is_local_file(cfg.source):
+        return
+    where = f"data.source {cfg.source!r} is a local file, which has one split (train)"
+    if cfg.split != "train":
+        raise DataError(f"data.split: {cfg.split!r} names a split, but {where}. Fix: leave data.split out (or "
+                        "give train) and choose the held-out rows with data.eval_split: auto (5% of the rows), "
+                        "a fraction (e.g. 0.1) or null")
+    if isinstance(cfg.eval_split, str) and cfg.eval_split != "auto":
+        raise DataError(f"data.eval_split: {cfg.eval_split!r} names a split, but {where}: the held-out loss would "
+                        "be measured on the training rows. Fix: data.eval_split: auto (5% of the rows held out), "
+                        "a fraction of the rows (e.g. 0.1), or null (no held-out loss)")
 
 
 def load_rows(cfg: DataConfig, split: str) -> tuple[list[dict], str]:
@@ -52,7 +87,7 @@ def load_rows(cfg: DataConfig, split: str) -> tuple[list[dict], str]:
         path = dataset_split_path(source, split)
         return read_file(path), f"{source}:{split}"
     path = Path(source).expanduser()
-    if path.suffix.lower() in (".json", ".jsonl", ".csv", ".parquet") or path.exists():
+    if path.suffix.lower() in FILE_SUFFIXES or path.exists():
         if path.is_dir():
             raise DataError(f"data.source: {str(path)!r} is a folder; give a .jsonl, .json, .csv or .parquet file")
         if not path.is_file():
@@ -69,12 +104,9 @@ def read_file(path: Path) -> list[dict]:
         raise DataError(f"cannot read {path}: {e.strerror}") from None
     if not raw.strip():
         raise DataError(f"{path} is empty")
+    if suffix in (".jsonl", ".json", ".csv"):
+        text = _utf8(raw, path)
     if suffix in (".jsonl", ".json"):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = raw[: e.start].count(b"\n") + 1
-            raise DataError(f"{path} line {line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         if suffix == ".json" or text.lstrip().startswith("["):
             try:
                 data = json.loads(text)
@@ -102,18 +134,35 @@ def read_file(path: Path) -> list[dict]:
         import datasets
 
         try:
-            ds = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
+            with quiet.loading():  # no "Generating train split" bar (nbtune/quiet.py)
+                ds = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
         except Exception as e:
             raise DataError(f"cannot read {path}: {e}") from None
         return ds.to_list()
     raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
 
 
+def _utf8(raw: bytes, path: Path) -> str:
+    """``raw`` decoded as UTF-8, or a :class:`DataError` naming the line, the byte offset and the fix
+    (a file saved as latin-1 / cp1252, as spreadsheet programs often do)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path} line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte offset {e.start}: {e.reason}); "
+            "nbtune reads data files as UTF-8. Fix: save the file as UTF-8, e.g. "
+            f"iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name} (if it is latin-1 / Windows-1252), or in "
+            "Python read it with its encoding (open(path, encoding='latin-1')) and write it with encoding='utf-8'"
+        ) from None
+
+
 def _load_hub(source: str, split: str) -> list[dict]:
     import datasets
 
     try:
-        return datasets.load_dataset(source, split=split).to_list()
+        with quiet.loading():
+            return datasets.load_dataset(source, split=split).to_list()
     except Exception as e:
         import difflib
 
@@ -192,9 +241,15 @@ def _normalize_turn(turn, where: str, i: int) -> dict:
 
 def tokenize_example(messages, tokenizer, max_len: int, responses_only: bool) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for one conversation, truncated to max_len tokens."""
+    ids, labels = tokenize_whole(messages, tokenizer, responses_only)
+    return ids[:max_len], labels[:max_len]
+
+
+def tokenize_whole(messages, tokenizer, responses_only: bool) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for one conversation (or plain text), not truncated."""
     if isinstance(messages, str):
         text = messages + (tokenizer.eos_token or "")
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"][:max_len]
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         return ids, list(ids)
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -207,7 +262,7 @@ def tokenize_example(messages, tokenizer, max_len: int, responses_only: bool) ->
             tok if any(s <= start < e for s, e in spans) else IGNORE_INDEX
             for tok, (start, _end) in zip(ids, offsets)
         ]
-    return ids[:max_len], labels[:max_len]
+    return list(ids), labels
 
 
 def assistant_spans(messages, tokenizer, text: str) -> list[tuple[int, int]]:
@@ -228,17 +283,20 @@ def assistant_spans(messages, tokenizer, text: str) -> list[tuple[int, int]]:
 
 
 def tokenize_rows(rows, tokenizer, cfg: DataConfig, max_len: int, where: str, fmt: str):
-    """Rows -> a datasets.Dataset(input_ids, labels) and a count of dropped rows by reason."""
+    """Rows -> a datasets.Dataset(input_ids, labels), a count of dropped rows by reason, and the
+    number of kept rows cut to max_len tokens."""
     import datasets
 
-    out_ids, out_labels, dropped = [], [], {}
+    out_ids, out_labels, dropped, truncated = [], [], {}, 0
     for n, row in enumerate(rows, 1):
         messages = to_messages(row, fmt, f"{where} row {n}", cfg.system_prompt)
         empty = _empty_reason(messages, cfg.responses_only)
         if empty:
             dropped[empty] = dropped.get(empty, 0) + 1
             continue
-        ids, labels = tokenize_example(messages, tokenizer, max_len, cfg.responses_only)
+        ids, labels = tokenize_whole(messages, tokenizer, cfg.responses_only)
+        cut = len(ids) > max_len
+        ids, labels = ids[:max_len], labels[:max_len]
         if not ids:
             dropped["empty"] = dropped.get("empty", 0) + 1
             continue
@@ -248,6 +306,7 @@ def tokenize_rows(rows, tokenizer, cfg: DataConfig, max_len: int, where: str, fm
             continue
         out_ids.append(ids)
         out_labels.append(labels)
+        truncated += cut
     if not out_ids:
         fixes = (["raise model.max_seq_length"] if any("max_seq_length" in r for r in dropped) else []) + [
             "check the data"]
@@ -256,7 +315,7 @@ def tokenize_rows(rows, tokenizer, cfg: DataConfig, max_len: int, where: str, fm
             + ", ".join(f"{c} {r}" for r, c in dropped.items())
             + "); " + " or ".join(fixes)
         )
-    return datasets.Dataset.from_dict({"input_ids": out_ids, "labels": out_labels}), dropped
+    return datasets.Dataset.from_dict({"input_ids": out_ids, "labels": out_labels}), dropped, truncated
 
 
 def _empty_reason(messages, responses_only: bool) -> str | None:
@@ -269,6 +328,10 @@ def _empty_reason(messages, responses_only: bool) -> str | None:
 
 
 def prepare_data(cfg: DataConfig, tokenizer, max_len: int) -> TokenizedData:
+    """The train (and held-out) rows tokenized. ``eval_split`` "auto": an embedded data set's test
+    split; on a local file, 5% of its rows (at least 1) held out, said in ``eval_note``; on a hub
+    data set, none."""
+    check_splits(cfg)
     rows, where = load_rows(cfg, cfg.split)
     rows = [_rename(r, cfg.columns) for r in rows]
     if not rows:
@@ -276,6 +339,16 @@ def prepare_data(cfg: DataConfig, tokenizer, max_len: int) -> TokenizedData:
     fmt = detect_format(rows[0].keys(), cfg)
     eval_split = cfg.eval_split
     held_out = None
+    eval_note = None
+    if eval_split == "auto" and is_local_file(cfg.source):
+        if len(rows) >= 2:
+            eval_split = AUTO_EVAL_FRACTION
+            n = max(1, round(len(rows) * AUTO_EVAL_FRACTION))
+            eval_note = (f"data.eval_split auto: {n} of the {len(rows)} rows of {where} held out for the held-out "
+                         f"loss (5%, at least 1; data.eval_split: null trains on every row)")
+        else:
+            eval_split = None
+            eval_note = f"data.eval_split auto: {where} has 1 row, none to hold out; no held-out loss"
     if isinstance(eval_split, float):  # hold out a fraction of the train rows (a seeded shuffle)
         import random
 
@@ -289,7 +362,7 @@ def prepare_data(cfg: DataConfig, tokenizer, max_len: int) -> TokenizedData:
         eval_split = None
     if cfg.max_rows:
         rows = rows[: cfg.max_rows]
-    train, dropped = tokenize_rows(rows, tokenizer, cfg, max_len, where, fmt)
+    train, dropped, truncated = tokenize_rows(rows, tokenizer, cfg, max_len, where, fmt)
     eval_ds = None
     if eval_split == "auto":
         eval_split = "test" if cfg.source in DATASETS else None
@@ -301,8 +374,9 @@ def prepare_data(cfg: DataConfig, tokenizer, max_len: int) -> TokenizedData:
     if held_out is not None:
         if cfg.eval_rows:
             held_out = held_out[: cfg.eval_rows]
-        eval_ds, _ = tokenize_rows(held_out, tokenizer, cfg, max_len, eval_where, fmt)
-    return TokenizedData(train=train, eval=eval_ds, dropped=dropped, format=fmt)
+        eval_ds, _, _ = tokenize_rows(held_out, tokenizer, cfg, max_len, eval_where, fmt)
+    return TokenizedData(train=train, eval=eval_ds, dropped=dropped, format=fmt, truncated=truncated,
+                         eval_note=eval_note)
 
 
 CHATML_TEMPLATE = (

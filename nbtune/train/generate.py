@@ -100,15 +100,18 @@ def save_merged(adapter_dir, path, base: str, dtype: str = "float16", trust_remo
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .. import quiet
     from ..models import resolve_model_path
 
     path = Path(path)
     torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     source = resolve_model_path(base)
     print(f"nbtune: merging {adapter_dir} into a {dtype} copy of {base} (CPU)", file=sys.stderr)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-                                                 low_cpu_mem_usage=True)
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload(safe_merge=True)
-    merged.save_pretrained(path, safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(path)
+    with quiet.loading():  # no "Loading weights" / "Writing model shards" bars (nbtune/quiet.py)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                     low_cpu_mem_usage=True,
+                                                     use_safetensors=True)  # never a pickle
+        merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload(safe_merge=True)
+        merged.save_pretrained(path, safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(path)
     return path

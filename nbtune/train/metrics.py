@@ -6,7 +6,9 @@ elapsed seconds and ETA, and what the ``fields`` providers add to train records 
 collector's pauses since the previous record, ``gc_ms`` / ``gc_full``: gc_pause.py). Events:
 ``start`` (with the GPU's capacity ``vram_total_gib``, the number of processes ``world_size``,
 the ``global_batch`` in rows per optimizer step, the ``gradient_checkpointing`` mode the run uses
-with its ``checkpointing_reason`` and, on a resumed run, ``resumed_from``), ``train``, ``eval``,
+with its ``checkpointing_reason``, the ``versions`` of nbtune, Python and the stack (torch,
+transformers, peft, trl, bitsandbytes, triton; nbtune/versions.py) and, on a resumed run,
+``resumed_from``), ``train``, ``eval``,
 ``summary`` (transformers' end-of-training totals), ``interrupted`` (a stop asked for by the user,
 with the checkpoint it saved), ``end`` and, in a data-parallel run, ``distributed`` (whether the
 ranks' LoRA weights agree at the end).
@@ -25,6 +27,8 @@ from pathlib import Path
 from typing import Callable
 
 from transformers import TrainerCallback
+
+from ..versions import stack_versions
 
 
 def gpu_memory() -> dict:
@@ -78,7 +82,8 @@ class MetricsStream(TrainerCallback):
         self._last = None  # set at the first step, once a resumed run's state is restored
         rec = dict(event="start", step=self._step0, max_steps=state.max_steps, **gpu_capacity(),
                    world_size=args.world_size,
-                   global_batch=args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size)
+                   global_batch=args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+                   versions=stack_versions())
         if self.resumed_from:
             rec["resumed_from"] = self.resumed_from
         rec.update(self.start_fields)

@@ -24,8 +24,8 @@ class RunOutcome:
     seconds: float
 
     # Subclasses add ``interrupted``, ``checkpoint``, ``resumed_from``, ``merged_dir``, ``world_size``,
-    # ``global_batch``, ``replicas_identical``, ``gradient_checkpointing`` and ``checkpointing_reason``
-    # (fields of their own: their defaults differ).
+    # ``global_batch``, ``replicas_identical``, ``gradient_checkpointing``, ``checkpointing_reason``,
+    # ``rows_truncated`` and ``packing`` (fields of their own: their defaults differ).
 
     def summary(self) -> str:
         lines = [f"steps: {self.steps}/{self.config.train.max_steps or '?'} in {self.seconds:.0f} s"
@@ -41,6 +41,14 @@ class RunOutcome:
             agree = {True: "LoRA weights identical on every rank", False: "LoRA weights DIFFER between ranks",
                      None: "replicas not compared"}[self.replicas_identical]
             lines.append(f"data parallel: {self.world_size} processes, global batch {self.global_batch} rows; {agree}")
+        if getattr(self, "packing", None):
+            p = self.packing
+            lines.append(f"packing: {p['documents']:,} documents in {p['micro_batches']:,} micro-batches of "
+                         f"{p['batch_size']} x {p['max_seq_length']} tokens, fill {p['fill']:.1%} "
+                         "(real tokens / (micro-batches x batch_size x max_seq_length))")
+        if getattr(self, "rows_truncated", 0):
+            lines.append(f"rows truncated: {self.rows_truncated} train rows longer than max_seq_length="
+                         f"{self.config.model.max_seq_length} kept their first max_seq_length tokens")
         mode = getattr(self, "gradient_checkpointing", None)
         if mode and self.config.train.gradient_checkpointing == "auto":
             lines.append(f"gradient checkpointing: auto -> {mode} ({self.checkpointing_reason})")

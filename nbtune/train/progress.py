@@ -1,4 +1,8 @@
-"""A live one-line-per-log progress view for terminals and logs (the notebook view is the dashboard)."""
+"""A live one-line-per-log progress view for terminals and logs (the notebook view is the dashboard).
+
+A record's non-finite numbers arrive as None (the metrics stream writes JSON, which has no NaN):
+a step whose loss was NaN/inf prints ``loss nan/inf (skipped)`` and the lines go on.
+"""
 from __future__ import annotations
 
 import sys
@@ -9,6 +13,11 @@ def _fmt_secs(s: float | None) -> str:
         return "?"
     s = int(s)
     return f"{s // 60}:{s % 60:02d}"
+
+
+def _num(value, spec: str, missing: str) -> str:
+    """``value`` formatted with ``spec``; ``missing`` for None (a NaN/inf the stream wrote as null)."""
+    return missing if value is None else format(value, spec)
 
 
 class TerminalProgress:
@@ -41,20 +50,20 @@ class TerminalProgress:
                         f"{rec.get('checkpoint')} (resume to continue)")
             return
         if event == "eval" and not rec.get("max_steps") and "eval_loss" in rec:
-            self._print(f"held-out loss before training: {rec['eval_loss']:.4f}")
+            self._print("held-out loss before training: " + _num(rec["eval_loss"], ".4f", "nan/inf"))
             return
         parts = [f"step {rec.get('step')}/{rec.get('max_steps')}"]
         if "loss" in rec:
-            parts.append(f"loss {rec['loss']:.4f}")
+            parts.append("loss " + _num(rec["loss"], ".4f", "nan/inf (skipped)"))
         if "eval_loss" in rec:
-            parts.append(f"eval_loss {rec['eval_loss']:.4f}")
-        if "lr" in rec:
+            parts.append("eval_loss " + _num(rec["eval_loss"], ".4f", "nan/inf"))
+        if rec.get("lr") is not None:
             parts.append(f"lr {rec['lr']:.2e}")
         if "grad_norm" in rec and rec["grad_norm"] is not None:
             parts.append(f"grad_norm {rec['grad_norm']:.3f}")
-        if "tokens_per_s" in rec:
+        if rec.get("tokens_per_s") is not None:
             parts.append(f"{rec['tokens_per_s']:,.0f} tok/s")
-        if "vram_reserved_gib" in rec:
+        if rec.get("vram_reserved_gib") is not None:
             parts.append(f"VRAM {rec['vram_reserved_gib']:.2f} GiB")
         if "eta_s" in rec:
             parts.append(f"elapsed {_fmt_secs(rec.get('elapsed_s'))} eta {_fmt_secs(rec.get('eta_s'))}")

@@ -18,6 +18,11 @@ when it predicts it does not, the run stops with the plan's advice (``train.forc
 data parallelism where it fits), and the run says which mode it took and why (stderr, the ``start``
 record, the result's summary). The pre-flight check covers the host's RAM too (measured here): a run
 whose offloaded layers, dataset and process would not fit it stops before loading, with advice.
+
+With ``data.packing`` the train rows are packed into micro-batches of ``batch_size x
+max_seq_length`` tokens (:mod:`nbtune.train.packing`): the trainer then takes one packed entry per
+micro-batch (TRL's per-device batch of 1) through a padding-free collator, and the summary says
+how full they are. Rows cut to ``max_seq_length`` are counted (``rows_truncated``) either way.
 """
 from __future__ import annotations
 
@@ -34,21 +39,24 @@ from typing import Callable
 import torch
 
 from ..models import add_lora, load_model
+from .. import quiet
+from ..versions import stack_line
 from ..models.lora import trainable_to_fp32
 from ..models.patches.gemma3 import text_only_check
-from . import distributed, run_folder, session
+from . import batch_fit, distributed, run_folder, session
 from .checkpoint import (MARKER, AutoSave, InterruptCallback, StagedCheckpoints, checkpoint_problem, checkpoint_step,
                          checkpoints_dir, complete_checkpoints, latest_checkpoint, remove_stale_staging,
                          resumable_checkpoint,
                          save_after_keyboard_interrupt, sigint_stops)
 from .config import Config, ConfigError, build_config, output_dir
-from .data import apply_chat_template_choice, prepare_data
+from .data import TokenizedData, apply_chat_template_choice, prepare_data
 from .environment import check_bitsandbytes, cpu_note
 from .host_plan import HostPlannedCollator
 from .flops import ParameterCountOnce
 from .gc_pause import CollectorPauses
 from .metrics import MetricsStream, mean_train_loss, truncate_log
 from .oom import released_on_oom
+from .packing import pack_dataset, packed_collator
 from .optimizer import register_embedding_overrides, sync_free
 from .fused_loss import PatchedModelLoss
 from .token_count import TokensSeenOnDevice
@@ -76,6 +84,8 @@ class FinetuneResult(RunOutcome):
     replicas_identical: bool | None = None
     gradient_checkpointing: str | None = None  # the mode the run used ("auto" resolved)
     checkpointing_reason: str | None = None  # why (one line)
+    rows_truncated: int = 0  # train rows longer than max_seq_length, cut to their first max_seq_length tokens
+    packing: dict | None = None  # data.packing: documents, micro_batches, tokens, fill (PackingStats.as_dict)
     _generation: int = dataclasses.field(repr=False, default=0)
 
     # ---------------------------------------------------------------- after training
@@ -149,6 +159,9 @@ class DryRunReport:
     resume_from: Path | None
     sample: str
     world_size: int = 1
+    rows_truncated: int = 0
+    packing: object = None  # PackingStats with data.packing
+    notes: list = dataclasses.field(default_factory=list)  # one line each: what nbtune chose for the run
 
     def summary(self) -> str:
         lines = [
@@ -158,7 +171,9 @@ class DryRunReport:
                                                    if self.dropped else ""),
             f"  eval rows: {self.eval_rows}",
             f"  tokens: {self.train_tokens:,} ({self.trainable_tokens:,} trained on), longest row {self.longest} "
-            f"of max_seq_length {self.config.model.max_seq_length}",
+            f"of max_seq_length {self.config.model.max_seq_length}"
+            + (f" ({self.rows_truncated} longer rows truncated to it)" if self.rows_truncated else ""),
+            *([f"  {self.packing.line()}"] if self.packing is not None else []),
             f"  steps: {self.steps} x {distributed.batch_description(self.config, self.world_size)} = "
             f"{self.epochs:.2f} epochs" + (" (global batch; memory per GPU)" if self.world_size > 1 else ""),
             f"  output: {self.config.output.dir}"
@@ -169,6 +184,8 @@ class DryRunReport:
                          f"{self.plan.gpu.name} -> {self.plan.verdict()}")
             if self.plan.checkpointing_line():
                 lines.append(f"  {self.plan.checkpointing_line()}")
+        lines.append("  stack: " + stack_line())
+        lines += [f"  note: {note}" for note in self.notes]
         lines.append("  first example: " + self.sample[:300].replace("\n", "\\n"))
         return "\n".join(lines)
 
@@ -189,6 +206,9 @@ def optimizer_name(cfg: Config, device: torch.device) -> str:
 
 
 def sft_args(cfg: Config, out: Path, model, has_eval: bool):
+    """TRL's SFTConfig for this run. With ``data.packing`` every train entry is a whole packed
+    micro-batch (nbtune packed it: TRL's own packing stays off, its preparation of the already
+    tokenized data is skipped) and the per-device batch is that one entry."""
     from trl import SFTConfig
 
     device = next(model.parameters()).device
@@ -198,7 +218,7 @@ def sft_args(cfg: Config, out: Path, model, has_eval: bool):
         output_dir=str(checkpoints_dir(out)),
         max_steps=t.max_steps or -1,
         num_train_epochs=t.epochs or 1.0,
-        per_device_train_batch_size=t.batch_size,
+        per_device_train_batch_size=1 if cfg.data.packing else t.batch_size,
         per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.lr,
@@ -217,7 +237,8 @@ def sft_args(cfg: Config, out: Path, model, has_eval: bool):
         report_to="none",
         disable_tqdm=True,
         max_length=cfg.model.max_seq_length,
-        packing=cfg.data.packing,
+        packing=False,  # data.packing: packed by nbtune (packing.py)
+        dataset_kwargs={"skip_prepare_dataset": True} if cfg.data.packing else None,
         fp16=device.type == "cuda" and dtype == torch.float16,
         bf16=device.type == "cuda" and dtype == torch.bfloat16,
         use_cpu=device.type != "cuda",
@@ -307,11 +328,13 @@ def check_output_dir(out: Path) -> None:
 def check_inputs(cfg: Config) -> None:
     """The cheap checks of a run, before any model is loaded and before anything is written: the
     output folder can be written, the model name resolves, max_seq_length is within a local
-    model's limit, bitsandbytes imports where the config needs it (on a GPU), and the data source
-    exists and its rows parse into conversations."""
+    model's limit, bitsandbytes imports where the config needs it (on a GPU), a local model folder
+    holds safetensors weights and a tokenizer and has the modules lora.targets names, and the data
+    source exists and its rows parse into conversations."""
     from ..assets import DATASETS, MODELS, is_pulled, model_dir
-    from ..models.loader import check_model_name, check_seq_length, read_config
-    from .data import _rename, detect_format, load_rows, to_messages
+    from ..models.loader import check_checkpoint_files, check_model_name, check_seq_length, read_config
+    from ..models.lora import check_targets_of_folder
+    from .data import _rename, check_splits, detect_format, load_rows, to_messages
 
     check_output_dir(output_dir(cfg))
     name = cfg.model.name
@@ -320,9 +343,14 @@ def check_inputs(cfg: Config) -> None:
     if (local / "config.json").is_file():
         check_seq_length(cfg.model.max_seq_length, read_config(str(local)), where=repr(name))
     check_bitsandbytes(cfg, torch.cuda.is_available())
+    if (local / "config.json").is_file():
+        check_checkpoint_files(local)  # safetensors weights and a tokenizer, before anything loads
+        if not cfg.model.trust_remote_code:  # (building a custom-code model would run its code)
+            check_targets_of_folder(local, cfg.lora.targets)
     source = Path(cfg.data.source).expanduser()
     if cfg.data.source in DATASETS or source.suffix.lower() in (".json", ".jsonl", ".csv", ".parquet") \
             or source.exists():
+        check_splits(cfg.data)  # a local file has one split: train
         rows, where = load_rows(cfg.data, cfg.data.split)
         rows = [_rename(r, cfg.data.columns) for r in rows]
         if not rows:
@@ -431,23 +459,6 @@ def resume_changes(saved: Config, cfg: Config) -> list[str]:
     return allowed
 
 
-class _quiet_datasets:
-    """No ``datasets`` progress bars while a run prepares its data (the dashboard is the view)."""
-
-    def __enter__(self):
-        from datasets.utils import logging as ds_logging
-
-        self._was = ds_logging.is_progress_bar_enabled()
-        ds_logging.disable_progress_bar()
-
-    def __exit__(self, *exc):
-        from datasets.utils import logging as ds_logging
-
-        if self._was:
-            ds_logging.enable_progress_bar()
-        return False
-
-
 def _trainer_class():
     from trl import SFTTrainer
 
@@ -485,6 +496,25 @@ def _trainer_class():
     return NbtuneSFTTrainer
 
 
+def prepare_run_data(cfg: Config, tokenizer) -> TokenizedData:
+    """The run's tokenized data; with ``data.packing`` its train split packed into micro-batches
+    (``data.packing`` then holds the :class:`~nbtune.train.packing.PackingStats`)."""
+    data = prepare_data(cfg.data, tokenizer, cfg.model.max_seq_length)
+    if cfg.data.packing:
+        data.train, data.packing = pack_dataset(data.train, cfg.train.batch_size, cfg.model.max_seq_length)
+    return data
+
+
+def build_trainer(cfg: Config, out: Path, model, tokenizer, data: TokenizedData, callbacks=()):
+    """nbtune's SFTTrainer for this run; with ``data.packing`` its collator is the padding-free one
+    (position ids restarting at every document, ``cu_seq_lens``: no attention across documents)."""
+    collator = packed_collator(tokenizer.pad_token_id) if cfg.data.packing else None
+    with quiet.loading():  # no datasets bars while TRL prepares the data (the dashboard is the view)
+        return _trainer_class()(model=model, args=sft_args(cfg, out, model, data.eval is not None),
+                                train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
+                                data_collator=collator, callbacks=list(callbacks))
+
+
 # ---------------------------------------------------------------------------- entry points
 def dry_run_report(config=None, gpu=None, resume=False, world_size: int | None = None, **overrides) -> DryRunReport:
     """Everything a run checks before training, without loading the model: config, plan,
@@ -499,19 +529,26 @@ def dry_run_report(config=None, gpu=None, resume=False, world_size: int | None =
     data = prepare_data(cfg.data, tokenizer, cfg.model.max_seq_length)
     lengths = [len(ids) for ids in data.train["input_ids"]]
     trained = sum(sum(1 for lab in labels if lab != -100) for labels in data.train["labels"])
-    rows_per_step = distributed.global_batch(cfg, world)
+    sample = tokenizer.decode(data.train[0]["input_ids"])
+    packing = None
+    # entries per epoch (rows, or packed micro-batches) and entries per optimizer step
+    entries, per_step = len(lengths), distributed.global_batch(cfg, world)
+    if cfg.data.packing:
+        _, packing = pack_dataset(data.train, cfg.train.batch_size, cfg.model.max_seq_length)
+        entries, per_step = packing.micro_batches, per_step // cfg.train.batch_size
+    per_step = min(per_step, max(entries, 1))  # a step asking for more than the data holds trains it all once
     if cfg.train.max_steps:
         steps = cfg.train.max_steps
     else:
-        steps = int(-(-len(lengths) * cfg.train.epochs // rows_per_step))
-    first = data.train[0]
-    sample = tokenizer.decode(first["input_ids"])
+        steps = int(-(-entries * cfg.train.epochs // per_step))
     return DryRunReport(
         config=cfg, plan=plan, format=data.format, train_rows=len(lengths),
         eval_rows=0 if data.eval is None else data.eval.num_rows, dropped=data.dropped,
         train_tokens=sum(lengths), trainable_tokens=trained, longest=max(lengths), steps=steps,
-        epochs=steps * rows_per_step / len(lengths), resume_from=_resume_point(output_dir(cfg), resume) if resume else None,
-        sample=sample, world_size=world,
+        epochs=steps * per_step / entries, resume_from=_resume_point(output_dir(cfg), resume) if resume else None,
+        sample=sample, world_size=world, rows_truncated=data.truncated, packing=packing,
+        notes=[n for n in (data.eval_note, None if cfg.data.packing else
+                           batch_fit.oversized_batch_note(cfg, len(lengths), world)) if n],
     )
 
 
@@ -533,6 +570,7 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
     Under torchrun / accelerate launch each process runs this on its own GPU (data parallel; see
     :mod:`nbtune.train.distributed`): listeners, progress and every file are rank 0's alone.
     """
+    quiet.apply()  # third-party output the run makes irrelevant is hidden (nbtune/quiet.py)
     cfg = build_config(config, **overrides)
     if plan:
         return memory_plan(cfg, gpu, world_size)
@@ -560,7 +598,7 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
     elif tokenizer is None:
         raise ValueError("finetune(model=...) needs the tokenizer too: finetune(..., model=m, tokenizer=t)")
     apply_chat_template_choice(tokenizer, cfg.data.chat_template)
-    data = prepare_data(cfg.data, tokenizer, cfg.model.max_seq_length)
+    data = prepare_run_data(cfg, tokenizer)
     # only now, with the model loaded and the data tokenized, is anything in the output folder touched
     out.mkdir(parents=True, exist_ok=True)
     if main:
@@ -571,8 +609,19 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
             remove_stale_staging(out)
         (out / "run.yaml").write_text(cfg.to_yaml())
         run_folder.record_written(out, "run.yaml", "metrics.jsonl")
+    if data.eval_note and main:
+        print(f"nbtune: {data.eval_note}", file=sys.stderr)
+    oversized = None if cfg.data.packing else batch_fit.oversized_batch_note(cfg, data.train.num_rows,
+                                                                            distributed.world_size())
+    if oversized and main:
+        print(f"nbtune: {oversized}", file=sys.stderr)
     if data.dropped and main:
         print("nbtune: dropped train rows: " + ", ".join(f"{n} ({why})" for why, n in data.dropped.items()), file=sys.stderr)
+    if data.truncated and main:
+        print(f"nbtune: {data.truncated} train rows are longer than max_seq_length={cfg.model.max_seq_length} tokens; "
+              "they keep their first max_seq_length tokens", file=sys.stderr)
+    if data.packing is not None and main:
+        print(f"nbtune: {data.packing.line()}", file=sys.stderr)
     peft_model = add_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=cfg.lora.targets,
                           gradient_checkpointing=checkpointing, offload_layers=choice.offload_layers,
                           seed=cfg.train.seed)
@@ -587,16 +636,17 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
         before = next((r["eval_loss"] for r in kept if r.get("event") == "eval" and r.get("step") == 0), None)
     stream = MetricsStream(out / "metrics.jsonl", listeners, append=resume_from is not None, write=main)
     stream.resumed_from = start_step
-    stream.start_fields = dict(gradient_checkpointing=checkpointing, checkpointing_reason=checkpointing_why)
+    stream.start_fields = dict(gradient_checkpointing=checkpointing, checkpointing_reason=checkpointing_why,
+                               rows_truncated=data.truncated)
+    if data.packing is not None:  # each packed entry is a micro-batch: the global batch is counted in row budgets
+        stream.start_fields.update(packing=data.packing.as_dict(), global_batch=distributed.global_batch(cfg))
     pauses = CollectorPauses()
     stream.fields.append(pauses.record_fields)
     interrupt = InterruptCallback()
     autosave = AutoSave(cfg.train.save_minutes)
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, notify=stream.emit)
-    with _quiet_datasets():
-        trainer = _trainer_class()(model=peft_model, args=sft_args(cfg, out, peft_model, data.eval is not None),
-                                   train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
-                                   callbacks=[pauses, stream, interrupt, autosave, guard])
+    trainer = build_trainer(cfg, out, peft_model, tokenizer, data,
+                            callbacks=[pauses, stream, interrupt, autosave, guard])
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     for noisy in (PrinterCallback, ProgressCallback):  # nbtune's own views show the metrics
@@ -666,6 +716,7 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
         interrupted=interrupted, checkpoint=checkpoint, resumed_from=start_step, plan=the_plan,
         gradient_checkpointing=checkpointing, checkpointing_reason=checkpointing_why,
         world_size=world, global_batch=distributed.global_batch(cfg, world), replicas_identical=identical,
+        rows_truncated=data.truncated, packing=data.packing.as_dict() if data.packing is not None else None,
         _generation=session.generation(),
     )
     if cfg.output.save_merged and not interrupted and main:

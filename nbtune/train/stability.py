@@ -50,7 +50,10 @@ class TrainingDivergedError(RuntimeError):
 
 
 class RecordsStepLoss:
-    """Trainer mixin: hands each micro-batch's loss to ``self.nbtune_guard`` (a :class:`NonFiniteGuard`)."""
+    """Trainer mixin: hands each micro-batch's loss to ``self.nbtune_guard`` (a :class:`NonFiniteGuard`),
+    and starts each logging window's loss sum from zero again after a NaN/inf one: the Trainer
+    resets it with ``tr_loss -= tr_loss``, which keeps a NaN, so every loss logged after one skipped
+    step would read NaN."""
 
     nbtune_guard = None
 
@@ -59,6 +62,13 @@ class RecordsStepLoss:
         if self.nbtune_guard is not None:
             self.nbtune_guard.record_loss(loss)
         return loss
+
+    def _maybe_log_save_evaluate(self, tr_loss, *args, **kwargs):
+        logs = self.control.should_log and self.state.global_step > self._globalstep_last_logged
+        out = super()._maybe_log_save_evaluate(tr_loss, *args, **kwargs)
+        if logs:  # the window was logged (and "reset"): a NaN/inf sum starts over at 0 (no device sync)
+            tr_loss.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        return out
 
 
 def _all_finite(tensors) -> torch.Tensor | None:

@@ -32,6 +32,9 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
     it out: the launcher already made the processes. ``launch_device="cpu"`` starts the ``gpus``
     processes on the CPU instead (gloo): the same control flow without GPUs, for trying it out.
     """
+    from ..quiet import apply as quiet_third_party
+
+    quiet_third_party()
     if gpus is not None:
         from .launch import check_launch, report_for_gpus
 

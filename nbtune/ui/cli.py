@@ -5,6 +5,7 @@
     nbtune finetune RUN.yaml [--set k=v] [--plan] [--dry-run] [--resume] [--force]
                                             run a config file (the same config as %%finetune)
     nbtune plan MODEL [--gpu colab-t4 ...]  will it fit the GPU and the host RAM? breakdown, advice (no GPU needed)
+    nbtune --version                        nbtune's version and its stack's (torch, transformers, ...)
 
 Several GPUs (data parallel, DDP): start the same command under a standard launcher; every process
 trains on its own GPU, and rank 0 alone prints, logs and saves. ``train.batch_size`` is per GPU;
@@ -104,8 +105,23 @@ def config_from_args(args):
     return apply_overrides(args.config, [*(args.set or []), *(["output.overwrite=true"] if args.overwrite else [])])
 
 
+class _Version(argparse.Action):
+    """``--version``: nbtune's version and the stack's, one per line (argparse's own version
+    action would re-wrap them into one paragraph), read without importing the stack."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from ..versions import version_text
+
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="nbtune", description="Notebook-first QLoRA/LoRA fine-tuning")
+    ap.add_argument("--version", action=_Version, help="show nbtune's version and its stack's, then exit")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="fine-tune the embedded model on GSM8K with live progress")
     p.add_argument("--out", default="outputs/demo", help="output directory (adapter, metrics.jsonl)")
@@ -167,6 +183,9 @@ def main(argv=None) -> int:
     """Errors the user fixes (nbtune.ui.fixable) end with their message and exit 2 (bad input, or the
     planner's no) or 1 (the run started and stopped: out of GPU memory, NaN/inf); others keep their
     traceback. ``nbtune plan`` imports no torch."""
+    from ..quiet import apply as quiet_third_party
+
+    quiet_third_party()  # before transformers / peft / bitsandbytes are imported (nbtune/quiet.py)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

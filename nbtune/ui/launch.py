@@ -192,6 +192,8 @@ class LaunchResult(RunOutcome):
     replicas_identical: bool | None
     gradient_checkpointing: str | None = None  # the mode rank 0 used ("auto" resolved)
     checkpointing_reason: str | None = None
+    rows_truncated: int = 0
+    packing: dict | None = None
     metrics: list = dataclasses.field(repr=False, default_factory=list)
     dashboard: object = dataclasses.field(repr=False, default=None)
     _loaded: object = dataclasses.field(repr=False, default=None)

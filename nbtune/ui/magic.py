@@ -107,6 +107,9 @@ class FinetuneMagics(Magics):
 
 
 def load_ipython_extension(ipython) -> None:
+    from ..quiet import apply as quiet_third_party
+
+    quiet_third_party()  # the kernel's later runs show nbtune's lines, not third-party noise (nbtune/quiet.py)
     ipython.register_magics(FinetuneMagics)
 
 

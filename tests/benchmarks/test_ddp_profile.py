@@ -77,4 +77,33 @@ def test_profiles_the_window_of_a_real_finetune(word_model, tmp_path):
     assert all(name in phases for name in ("get_batch_samples", "on_pre_optimizer_step", "optimizer.step"))
     assert re.search(r"## garbage collector over the run: .*training gen0: [0-9]+ collections", text)
     assert len(re.findall(r"<- profiled", text)) == 3
+    assert ddp_profile.short_path.__module__ == "relpaths" and str(Path(ddp_profile.__file__).parents[1]) not in text
     assert _patched_methods() == before  # the trainer's methods and the collector's callbacks as they were
+
+
+def test_profile_text_names_files_relative_to_the_repo_or_the_install_folder():
+    """The synchronizing lines are written without the machine's folders: a repo file from the repo
+    root, an installed package's file from the folder it is installed in."""
+    import json
+    import warnings
+
+    import torch
+
+    import nbtune
+    from relpaths import REPO, relativize, short_path
+
+    assert short_path(nbtune.__file__) == "nbtune/__init__.py"
+    assert short_path(torch.__file__) == "torch/__init__.py"
+    assert short_path(json.__file__) == "json/__init__.py"
+    assert short_path("<string>") == "<string>"
+    prof = ddp_profile.MicroBatchProfiler("unused", skip=0, active=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.warn("called a synchronizing CUDA operation")  # a real warning, from this file
+        warnings.warn("something else")
+    prof.record_sync_lines(caught)
+    (where, n), = prof.sync_lines.items()
+    assert n == 1 and where.startswith("tests/benchmarks/test_ddp_profile.py:"), where
+    text = f"{nbtune.__file__}:1(<module>) and {torch.__file__}:2(f)"
+    assert relativize(text) == "nbtune/__init__.py:1(<module>) and torch/__init__.py:2(f)"
+    assert REPO not in relativize(text)

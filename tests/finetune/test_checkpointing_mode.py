@@ -86,7 +86,8 @@ def test_a_cpu_run_of_auto_uses_reports_and_logs_the_mode(tiny_model_dir, tiny_d
         return real_add_lora(model, **kwargs)
 
     monkeypatch.setattr(run, "add_lora", add_lora)
-    cfg = tiny_config(tiny_model_dir, tiny_data, tmp_path / "auto", gradient_checkpointing="auto", max_steps=1)
+    cfg = tiny_config(tiny_model_dir, tiny_data, tmp_path / "auto", gradient_checkpointing="auto", max_steps=1,
+                      warmup_steps=0)
     cfg["data"]["eval_split"] = None
     result = nbtune.finetune(cfg, dashboard=False, progress=False)
     assert seen == ["offload"]

@@ -113,8 +113,8 @@ def test_second_run_on_the_reused_model_keeps_the_fused_loss_and_host_plans(tiny
     """The second run in one process reuses the base model (nbtune/train/session.py), whose causal LM
     forward TRL had wrapped in the first run: it must still train on the patched forward (fused loss,
     the plan from the host), as the first run did."""
-    nbtune.finetune(tiny_config(tiny_model_dir, tiny_data, tmp_path / "first", max_steps=1), dashboard=False,
-                    progress=False)
+    nbtune.finetune(tiny_config(tiny_model_dir, tiny_data, tmp_path / "first", max_steps=1, warmup_steps=0),
+                    dashboard=False, progress=False)
     calls = count_calls(common, ["build_plan", "fused_linear_cross_entropy", "lora_qkv", "lora_mlp", "rms_norm"])
     nbtune.finetune(tiny_config(tiny_model_dir, tiny_data, tmp_path / "second", max_steps=2), dashboard=False,
                     progress=False)
@@ -125,15 +125,26 @@ def test_second_run_on_the_reused_model_keeps_the_fused_loss_and_host_plans(tiny
 
 def test_packed_rows_get_their_sequence_pieces_from_the_host(tiny_model_dir, tiny_data, tmp_path, count_calls,
                                                             monkeypatch):
-    """data.packing: TRL's padding-free collator packs a step's rows into one row with restarting
-    positions and cu_seq_lens: the host plan cuts it at the sequence starts, the forward uses it."""
-    plans = []
+    """data.packing: each micro-batch is one row of whole documents with restarting positions and
+    cu_seq_lens (the padding-free collator): the host plan cuts it at the document starts, the
+    forward uses it."""
+    seen = []
     original = host_plan.plan_batch
-    monkeypatch.setattr(host_plan, "plan_batch", lambda batch: plans.append(original(batch)[PLAN_KEY]) or batch)
+
+    def record(batch):
+        batch = original(batch)
+        seen.append((batch[PLAN_KEY], batch.get("cu_seq_lens_q"), batch["input_ids"].shape))
+        return batch
+
+    monkeypatch.setattr(host_plan, "plan_batch", record)
     built = count_calls(common, ["build_plan"])
     cfg = tiny_config(tiny_model_dir, tiny_data, tmp_path / "out", max_steps=2, batch_size=2)
-    cfg["data"].update(packing=True, responses_only=False)
+    cfg["data"].update(packing=True, eval_split=None)
     nbtune.finetune(cfg, dashboard=False, progress=False)
     assert built["build_plan"] == 0
-    train_plans = [p for p in plans if p is not None and p.packed]
-    assert train_plans and all(len(p.pieces) == 1 and len(p.pieces[0]) == 2 for p in train_plans)  # 2 rows, 1 row
+    assert len(seen) >= 4  # 2 steps x 2 micro-batches
+    for plan, cu, shape in seen:
+        assert shape[0] == 1 and shape[1] <= 2 * 64  # one row of at most batch_size x max_seq_length tokens
+        assert plan.packed and len(plan.pieces) == 1
+        assert [(s, e) for s, e, _single in plan.pieces[0]] == list(zip(cu.tolist()[:-1], cu.tolist()[1:]))
+    assert max(len(plan.pieces[0]) for plan, _, _ in seen) >= 2  # several documents share a micro-batch

@@ -35,12 +35,23 @@ def _args_seeing_two_gpus(out):
                      save_strategy="no", logging_steps=1)
 
 
+def _pretend_two_gpus(monkeypatch):
+    """``torch.cuda.device_count()`` reports 2 (transformers' ``n_gpu``) while CUDA stays as available
+    as it really is. A CUDA build of torch answers ``is_available()`` from the device count when
+    the NVML-based check is on (accelerate switches it on to probe without initializing CUDA), so
+    the count alone would make accelerate pick a CUDA device this machine does not have: the model
+    moved there, and TRL's trainers asking its name for their usage report (when ``CI`` is unset)."""
+    available = torch.cuda.is_available()  # the real answer, before the count is faked
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+
+
 def test_nbtune_trainer_takes_one_gpu_where_transformers_counts_two(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.training_args import ParallelMode
     from trl import SFTTrainer
 
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    _pretend_two_gpus(monkeypatch)
     cfg = build_config(tiny_config(tiny_model_dir, tiny_data, tmp_path / "out"))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     data = prepare_data(cfg.data, tokenizer, cfg.model.max_seq_length)

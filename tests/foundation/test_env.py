@@ -55,3 +55,9 @@ def test_nbtune_gpu_is_read_once(monkeypatch, value, planned):
     assert planned_gpu() == planned
     if planned:
         assert resolve_gpu("auto").name == "T4"
+
+
+def test_the_quiet_switch_reads_through_the_same_function():
+    from nbtune import quiet
+
+    assert quiet.env_flag is env_flag

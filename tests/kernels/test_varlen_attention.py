@@ -93,6 +93,10 @@ def test_bad_inputs_are_named(kernel_mode):
         varlen_attention(q, k, v, cu.float())
     with pytest.raises(ValueError, match="window"):
         varlen_attention(q, k, v, cu, window=0)
+    with pytest.raises(ValueError, match="rise from 0"):
+        varlen_attention(q, k, v, _cu([5, 3]))
+    with pytest.raises(ValueError, match="rise from 0"):
+        varlen_attention(q, k, v, torch.tensor([0, 6, 5, 9], dtype=torch.int32))
 
 
 def test_document_bounds():
@@ -113,6 +117,7 @@ CASES = {
     "softcap": dict(heads=4, kv_heads=2, dim=16, softcap=1.5),
     "window+softcap-mha": dict(heads=2, kv_heads=2, dim=16, window=9, softcap=2.0),
     "head_dim-24": dict(heads=2, kv_heads=1, dim=24),  # not a power of 2 (masked channels)
+    "head_dim-8": dict(heads=2, kv_heads=2, dim=8),    # padded to the 16 channels tl.dot needs
 }
 
 

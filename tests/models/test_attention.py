@@ -253,3 +253,15 @@ def test_flex_backend_matches_explicit_masked_attention(case):
     got = A._attend_flex(q, k, v, plan, scale=0.3, window=window, softcap=softcap)
     want = explicit_attention(q, k, v, segment_ids_of(plan, b, s), window=window, softcap=softcap, scale=0.3)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_unpacked_softcap_rows_take_the_varlen_kernel(kernel_mode, window):
+    """Gemma 2's softcapped attention on unpacked (or right-padded) rows: each row one sequence of
+    the varlen kernel wherever the packed backend is varlen."""
+    kernel_mode("triton")
+    q, k, v = qkv(length=21, grad=True)
+    got = attend(q, k, v, AttentionPlan(), scale=0.3, window=window, softcap=1.5)
+    assert _graph_has(got, "VarlenAttention")
+    want = explicit_attention(q, k, v, torch.zeros(2, 21, dtype=torch.long), window=window, softcap=1.5, scale=0.3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -156,6 +156,50 @@ def test_patch_inside_a_wrapper_comes_back_on_repatching(count_calls):
     assert calls["fused_linear_cross_entropy"] == 1
 
 
+def test_a_patch_taken_off_from_under_it_is_installed_again(count_calls):
+    """Transformers' hub kernels, re-applied on a train()/eval() switch, pop instance forwards off
+    RMSNorm modules. A patch whose forward was taken off is reported off, cleans up on unpatching,
+    and goes back on when the model is patched again (the next run on a reused model)."""
+    peft_model = nbtune.add_lora(tiny_model("llama"), r=4)
+    norms = [m for m in peft_model.modules() if type(m).__name__ == "LlamaRMSNorm"]
+    assert len(norms) == 5 and all(common.patch_on(m) for m in norms)
+    for norm in norms:  # what kernels' fallback does to each (_replace_forward: __dict__.pop("forward"))
+        norm.__dict__.pop("forward")
+    assert not any(common.patch_on(m) for m in norms)
+    calls = count_calls(common, ["rms_norm"])
+    ids, labels = random_batch()
+    peft_model(input_ids=ids, labels=labels)
+    assert calls["rms_norm"] == 0
+    assert patches.patch_model(peft_model)
+    assert all(common.patch_on(m) for m in norms)
+    peft_model(input_ids=ids, labels=labels)
+    assert calls["rms_norm"] == 5  # 2 layers x 2 norms + the final norm
+    for norm in norms:
+        norm.__dict__.pop("forward")
+    patches.unpatch_model(peft_model)
+    assert not any("_nbtune" in m.__dict__ for m in norms)
+
+
+def test_hub_kernels_are_switched_off_so_the_patches_survive_train_and_eval(count_calls):
+    """With Hugging Face's `kernels` installed, transformers (5.25 on: by default) kernelizes the
+    model and re-kernelizes on every train()/eval() switch, taking the patched RMSNorm forwards off.
+    Patching turns the hub kernels off first, so after the switches the fused norm still runs."""
+    pytest.importorskip("kernels", reason="Hugging Face's kernels package is not installed in this environment")
+    model = tiny_model("llama")
+    if not hasattr(model, "set_use_kernels"):
+        pytest.skip("this transformers release has no hub-kernel integration")
+    model.set_use_kernels(True)  # what from_pretrained does by default from transformers 5.25
+    assert model.use_kernels
+    peft_model = nbtune.add_lora(model, r=4)
+    assert not model.use_kernels
+    peft_model.eval()
+    peft_model.train()
+    calls = count_calls(common, ["rms_norm"])
+    ids, labels = random_batch()
+    peft_model(input_ids=ids, labels=labels)
+    assert calls["rms_norm"] == 5 and patches.is_patched(peft_model)
+
+
 def test_unpatch_restores_transformers_numbers():
     ours, ref = lora_pair("gemma3_text")
     ids, labels = random_batch()

@@ -3,6 +3,7 @@ bf16 asked for on a GPU without it (fp16, with a note), bitsandbytes missing or 
 with the fix, before anything loads or is written)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -127,6 +128,9 @@ def test_bitsandbytes_missing_or_broken_says_the_fix(world, how, tmp_path_factor
     message says what is wrong and how to fix it, and nothing is written. A broken install breaks
     transformers' and peft's own import: caught where nbtune imports them."""
     model = tmp_path_factory.mktemp("bnb-model")
+    for f in world.model_dir.iterdir():  # a whole checkpoint folder (weights, tokenizer), its config marked
+        if f.name != "config.json":
+            shutil.copy(f, model / f.name)
     config = json.loads((world.model_dir / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (model / "config.json").write_text(json.dumps(config))

@@ -237,3 +237,28 @@ def test_fp16_persistent_nan_stops_with_the_last_good_checkpoint(offline_model_d
     assert info.value.steps == [3, 4, 5]
     names = [p.name for p in complete_checkpoints(out)]  # (a natural overflow at step 1 or 2 is not saved)
     assert names and names[-1] in ("checkpoint-1", "checkpoint-2") and info.value.checkpoint.name == names[-1]
+
+
+def test_the_progress_lines_go_on_after_a_skipped_step(tiny_model_dir, tiny_data, tmp_path, capfd):
+    """A NaN step's record carries loss None (JSON has no NaN): the terminal view prints it as a
+    skipped step and keeps printing; it is not turned off as a failing listener. The steps after it
+    log their own finite losses (the Trainer's running loss sum does not stay NaN)."""
+    import io
+
+    from nbtune.train.progress import TerminalProgress
+
+    model, tok = loaded(tiny_model_dir)
+    fault = Fault(model, {2: "nan"})
+    lines = io.StringIO()
+    cfg = tiny_config(tiny_model_dir, tiny_data, tmp_path / "progress", max_steps=4)
+    result = nbtune.finetune(cfg, model=model, tokenizer=tok, listeners=[TerminalProgress(lines)], dashboard=False,
+                             progress=False)
+    fault.handle.remove()
+    err = capfd.readouterr().err
+    assert result.steps == 4 and "turned off" not in err, err
+    steps = [line for line in lines.getvalue().splitlines() if line.startswith("step ")]
+    assert [line.split(" | ")[0] for line in steps] == ["step 1/4", "step 2/4", "step 3/4", "step 4/4"], steps
+    assert "loss nan/inf (skipped)" in steps[1] and all("loss nan" not in s for s in steps[2:])
+    losses = {r["step"]: r["loss"] for r in result.metrics if r["event"] == "train" and "loss" in r}
+    assert losses[2] is None and all(isinstance(losses[s], float) for s in (1, 3, 4)), losses
+    assert "training done at step 4" in lines.getvalue()

@@ -73,8 +73,25 @@ def patch_model(model, patch: bool | None = None, warn: bool = True) -> bool:
                 UserWarning, stacklevel=2,
             )
         return False
+    switch_off_hub_kernels(base)
     family.apply(base)
     base.nbtune_patched = family.name
+    return True
+
+
+def switch_off_hub_kernels(model) -> bool:
+    """Turn transformers' Hugging Face hub kernels off on ``model`` (True if they were on).
+
+    With the ``kernels`` package installed, transformers 5.25 kernelizes every ``from_pretrained``
+    model by default and re-kernelizes it on each ``train()``/``eval()`` switch: RMSNorm (and RoPE)
+    modules get the hub kernel's forward or, where none applies, their class forward back, popped
+    from the instance. Either way nbtune's patched forwards on those modules vanish at the trainer's
+    first mode switch and the fused kernels silently stop running. nbtune's patches replace exactly
+    those layers, so the hub kernels are reset to transformers' own forwards (before the patches go
+    on) and kept off."""
+    if not getattr(model, "use_kernels", False):
+        return False
+    model.use_kernels = False  # transformers' reset_kernels(): torch forwards back, no re-kernelizing
     return True
 
 
@@ -93,5 +110,6 @@ def is_patched(model) -> bool:
 
 __all__ = [
     "AttentionPlan", "Family", "PATCH_ENV", "REGISTRY", "SUPPORTED_MODEL_TYPES", "attend", "build_plan",
-    "family_of", "is_patched", "lora_projection", "patch_model", "patching_enabled", "unpatch_model",
+    "family_of", "is_patched", "lora_projection", "patch_model", "patching_enabled", "switch_off_hub_kernels",
+    "unpatch_model",
 ]

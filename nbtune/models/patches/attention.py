@@ -29,7 +29,9 @@ mask. What the plan covers, and why each case is exact:
   against the ``2 * window - 1`` keys it can see, with a (window x 2 window) band mask: memory
   grows with the window, never with the row.
 - **Attention logit softcapping** (Gemma 2: ``scores = c * tanh(scores / c)`` before the softmax)
-  cannot go through SDPA, which has no hook between the two matmuls. :class:`SoftcapAttention` is
+  cannot go through SDPA, which has no hook between the two matmuls. Where the packed backend is
+  ``varlen`` or ``flex``, those run it (every row one sequence when the batch is not packed);
+  otherwise (CPU, reference) :class:`SoftcapAttention` is
   an exact, chunked attention with a hand-written backward (FlashAttention's recipe in plain torch):
   the forward keeps only q, k, v, the output and one fp32 log-sum-exp per query; the backward
   recomputes each chunk's probabilities. Peak extra memory is one (chunk x keys) fp32 block, so
@@ -516,6 +518,10 @@ def attend(q, k, v, plan: AttentionPlan, *, scale: float, window: int | None = N
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     options = dict(scale=scale, window=window, softcap=softcap, dropout=dropout)
+    if plan.pieces is None and softcap is not None and packed_attention_backend(q, dropout) != "pieces":
+        # Gemma 2's softcapped rows, unpacked: each row one sequence for the one-launch kernels
+        # (faster than SoftcapAttention's chunked torch loop, the same math)
+        plan = AttentionPlan(pieces=(((0, q.shape[2], False),),), shared=True)
     if plan.pieces is not None:
         backend = packed_attention_backend(q, dropout)
         if backend == "varlen":

@@ -88,6 +88,11 @@ def install(module: nn.Module, forward, **options) -> bool:
     a wrapper around it stayed (:func:`uninstall`: TRL's fused LM head) gets the same patch switched
     back on inside that wrapper (a notebook's second run on the reused base model)."""
     state = module.__dict__.get("_nbtune")
+    if state is not None and module.__dict__.get("forward") is None:
+        # Something took the patched forward off the instance since (transformers' hub kernels do when
+        # they re-kernelize: kernels' fallback pops instance forwards): nothing of that patch is left.
+        del module.__dict__["_nbtune"]
+        state = None
     if state is not None:
         if not getattr(state, "passthrough", False) or state.patched.__func__ is not forward:
             return False
@@ -117,6 +122,8 @@ def uninstall(module: nn.Module) -> bool:
         else:
             module.forward = state.had_instance_forward
         del module.__dict__["_nbtune"]
+    elif current is None:  # the patched forward was already taken off (see install): only the state is left
+        del module.__dict__["_nbtune"]
     else:
         state.passthrough = True
     return True
@@ -127,9 +134,11 @@ def _original(self, *args, **kwargs):
 
 
 def patch_on(module: nn.Module) -> bool:
-    """Whether ``module`` carries an nbtune patch that is switched on (installed, not undone)."""
+    """Whether ``module`` carries an nbtune patch that is switched on (installed, not undone, and its
+    forward still on the instance)."""
     state = module.__dict__.get("_nbtune")
-    return state is not None and not getattr(state, "passthrough", False)
+    return (state is not None and not getattr(state, "passthrough", False)
+            and module.__dict__.get("forward") is not None)
 
 
 def _passthrough(self) -> bool:
