@@ -341,6 +341,10 @@ def measure(out: str | Path, budget_s: float = 360.0, only: str | None = None, c
                   "peak = torch.cuda.max_memory_reserved() after empty_cache + reset, base model loaded"),
         records=[],
     )
+    try:  # the host-RAM constants are measured apart (calibration.json "host"): kept as they are
+        data["host"] = json.loads(out.read_text(encoding="utf-8"))["host"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     grid = [p for p in (grid or GRID) if not only or any(o in p.label() for o in only.split(","))]
     groups: dict = {}
     for p in grid:

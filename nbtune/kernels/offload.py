@@ -78,9 +78,11 @@ Streams and lifetimes (CUDA)
   i's recompute and backward. Layers are backpropagated in reverse forward order, so this is
   the next one needed; a prefetched tensor that is never used is dropped after the compute
   stream waits on its event.
-- Pinned buffers come from a pool keyed by byte size and are reused step after step (pinning
-  memory with cudaHostAlloc is slow). Each buffer goes back to the pool with the event of the
-  last copy that touched it, and is handed out again only after that event. Buffers are carved
+- Pinned buffers come from a pool and are reused step after step (pinning memory with
+  cudaHostAlloc is slow); a buffer serves any input that fits it, and slabs outgrown by longer
+  batches are dropped, so batches of varying length do not grow host memory step after step.
+  Each buffer goes back to the pool with the event of the last copy that touched it, and is
+  handed out again only after that event. Buffers are carved
   from slabs of at least 4 buffers because torch's pinned allocator rounds every allocation up
   to a power of two; carving wastes less than one buffer per slab instead of up to half.
   ``release_pinned_memory()`` gives the pool back.
@@ -112,6 +114,17 @@ checkpointed; ``checkpoint_phase()`` reads it. Kernels use it to skip work whose
 recompute throws away: the LoRA MLP at the end of a decoder layer computes nothing there
 (``lora_mlp(checkpointed_tail=True)``). The reentrant implementation has no ``context_fn``: there
 the phase is None and nothing is skipped.
+
+Partial offload
+---------------
+The host holds one hidden state per offloaded layer: ``tokens x hidden x 2`` bytes, 12 GiB for
+llama3-8b's 32 layers at 49,152 tokens, more than free Colab's RAM. ``enable_offloaded_checkpointing(
+model, offload_layers=N)`` offloads the inputs of the first N decoder layers only and checkpoints the
+others plainly (``offloaded_checkpoint_reference``: their input stays on the GPU). The first ones,
+because the backward reaches them last: the plain layers' backward runs while nothing needs
+fetching, and the offloaded ones' prefetch chain starts with the last offloaded layer, whose input is
+still in the device window. The gradients are the same either way: both paths are torch's
+non-reentrant checkpoint of the same function on the same bits.
 
 Using it with transformers
 --------------------------
@@ -180,38 +193,83 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-class _HostBufferPool:
-    """Reusable host buffers (pinned for CUDA tensors), keyed by (byte size, pinned).
+class _Slab:
+    """One host allocation carved into ``count`` buffers of ``capacity`` bytes; ``free`` of them are
+    in the pool's free lists (the rest are held by handles)."""
 
-    ``take`` returns a flat uint8 tensor of exactly ``nbytes``; ``give`` returns it with the event
-    of the last copy that reads or writes it (None when no copy is pending).
+    def __init__(self, tensor: torch.Tensor, capacity: int, count: int, pinned: bool):
+        self.tensor, self.capacity, self.count, self.pinned = tensor, capacity, count, pinned
+        self.free = count
+        self.retired = False
+
+
+def _empty_host_cache():
+    """Give torch's cached pinned blocks back to the driver (so retired slabs leave host RAM); a no-op
+    where this torch has no such call."""
+    for owner, name in ((getattr(torch, "accelerator", None), "empty_host_cache"), (torch._C, "_host_emptyCache")):
+        fn = getattr(owner, name, None) if owner is not None else None
+        if fn is not None:
+            try:
+                fn()
+            except RuntimeError:  # no CUDA context yet: nothing is cached
+                pass
+            return
+
+
+class _HostBufferPool:
+    """Reusable host buffers (pinned for CUDA tensors).
+
+    ``take`` returns a flat uint8 tensor of exactly ``nbytes``: a view of a free buffer of at least
+    that capacity (the smallest such, given back longest ago), or of a new one; ``give`` returns it
+    with the event of the last copy that reads or writes it (None when no copy is pending).
+
+    Bounded for batches of varying length. Padded batches differ in length from one micro-batch to
+    the next, and a pool keyed by exact size would keep buffers for every length it ever saw: host
+    RAM growing step after step. Here a request is served by any free buffer large enough, and
+    before the pool grows for a request no free buffer can hold, it drops every slab whose buffers
+    are all free and too small for it (they would only ever serve shorter batches, which the new,
+    larger buffers serve too), and gives pinned ones back to the driver. So the pool settles at one
+    step's buffers for the longest batch seen, plus the slab rounding:
+    ``nbtune.planner.host_memory.pool_bytes``, which the host-RAM plan counts.
     """
 
     def __init__(self):
         self._lock = threading.Lock()
-        # per size, the free buffers in the order they were given back: take() hands out the one
-        # given back longest ago, whose last copy is the likeliest to have finished
+        # per (capacity, pinned), the free buffers in the order they were given back: take() hands out
+        # the one given back longest ago, whose last copy is the likeliest to have finished
         self._free: dict[tuple[int, bool], collections.deque] = collections.defaultdict(collections.deque)
         self._slabs: list[torch.Tensor] = []
+        self._slab_records: list[_Slab] = []
         self._generation = 0  # bumped by clear(): buffers of older slabs are not taken back
         self.slab_bytes = 0
         self.buffers = 0
         self.takes = 0
         self.reuses = 0
+        self.retired = 0  # slabs dropped because larger requests outgrew them
+
+    def _fitting_key(self, nbytes: int, pinned: bool):
+        """The smallest capacity >= nbytes with a free buffer, as its free-list key (None if none)."""
+        keys = [k for k, free in self._free.items() if free and k[1] == pinned and k[0] >= nbytes]
+        return min(keys) if keys else None
 
     def take(self, nbytes: int, pinned: bool) -> torch.Tensor:
-        key = (nbytes, pinned)
+        retired_pinned = False
         with self._lock:
-            free = self._free[key]
-            fresh = not free
+            key = self._fitting_key(nbytes, pinned)
+            fresh = key is None
             if fresh:
-                self._grow(nbytes, pinned, free)
-            buffer, busy_until = free.popleft()
+                retired_pinned = self._retire_smaller(nbytes, pinned)
+                key = (nbytes, pinned)
+                self._grow(nbytes, pinned, self._free[key])
+            whole, busy_until = self._free[key].popleft()
+            whole._nbtune_slab.free -= 1
             self.takes += 1
             # A buffer is "reused" when it already held data for an earlier handle.
-            if getattr(buffer, "_nbtune_used", False):
+            if getattr(whole, "_nbtune_used", False):
                 self.reuses += 1
-            buffer._nbtune_used = True
+            whole._nbtune_used = True
+        if retired_pinned:
+            _empty_host_cache()
         # The host waits only for a copy still in flight. First in, first out keeps that wait away:
         # the backward gives buffers back last layer first, and the oldest free buffer was reloaded
         # at the start of the previous backward, long done on the GPU. The newest one may still be
@@ -219,23 +277,58 @@ class _HostBufferPool:
         # A query is not a synchronization.
         if busy_until is not None and not busy_until.query():
             busy_until.synchronize()
+        if whole.numel() == nbytes:
+            return whole
+        buffer = whole[:nbytes]
+        buffer._nbtune_whole = whole
         return buffer
 
     def give(self, buffer: torch.Tensor, busy_until, pinned: bool):
+        whole = getattr(buffer, "_nbtune_whole", buffer)
         with self._lock:
-            if getattr(buffer, "_nbtune_generation", None) == self._generation:
-                self._free[(buffer.numel(), pinned)].append((buffer, busy_until))
+            slab = getattr(whole, "_nbtune_slab", None)
+            if (getattr(whole, "_nbtune_generation", None) == self._generation and slab is not None
+                    and not slab.retired):
+                self._free[(slab.capacity, pinned)].append((whole, busy_until))
+                slab.free += 1
+
+    def _retire_smaller(self, nbytes: int, pinned: bool) -> bool:
+        """Drop the slabs of this kind whose buffers are all free and smaller than ``nbytes`` (after
+        the copies that last touched them); True when a pinned one went."""
+        dropped = [r for r in self._slab_records
+                   if r.pinned == pinned and r.capacity < nbytes and r.free == r.count and not r.retired]
+        for record in dropped:
+            record.retired = True
+            free = self._free.pop((record.capacity, pinned), collections.deque())
+            keep = collections.deque()
+            for whole, busy_until in free:
+                if whole._nbtune_slab is record:
+                    if busy_until is not None and not busy_until.query():
+                        busy_until.synchronize()
+                else:
+                    keep.append((whole, busy_until))
+            if keep:
+                self._free[(record.capacity, pinned)] = keep
+            self._slab_records.remove(record)
+            self._slabs = [t for t in self._slabs if t is not record.tensor]
+            self.slab_bytes -= record.tensor.numel()
+            self.buffers -= record.count
+            self.retired += 1
+        return bool(dropped) and pinned
 
     def _grow(self, nbytes: int, pinned: bool, free: collections.deque):
         stride = _round_up(nbytes, BUFFER_ALIGN)
         count = max(1, _next_power_of_2(stride * SLAB_MIN_BUFFERS) // stride)
         slab = torch.empty(stride * count, dtype=torch.uint8, pin_memory=pinned)
+        record = _Slab(slab, nbytes, count, pinned)
         self._slabs.append(slab)
+        self._slab_records.append(record)
         self.slab_bytes += slab.numel()
         self.buffers += count
         for k in range(count):  # lowest addresses first
             buffer = slab[k * stride : k * stride + nbytes]
             buffer._nbtune_generation = self._generation
+            buffer._nbtune_slab = record
             free.append((buffer, None))
 
     def stats(self) -> dict:
@@ -246,15 +339,20 @@ class _HostBufferPool:
                 "pool_buffers": self.buffers,
                 "pool_takes": self.takes,
                 "pool_reuses": self.reuses,
+                "pool_retired": self.retired,
             }
 
     def clear(self):
         """Drop every slab (buffers still in use keep their slab alive until they are freed)."""
         with self._lock:
+            pinned = any(r.pinned for r in self._slab_records)
             self._free.clear()
             self._slabs.clear()
+            self._slab_records.clear()
             self._generation += 1
-            self.slab_bytes = self.buffers = self.takes = self.reuses = 0
+            self.slab_bytes = self.buffers = self.takes = self.reuses = self.retired = 0
+        if pinned:
+            _empty_host_cache()
 
 
 _POOL = _HostBufferPool()
@@ -598,7 +696,7 @@ def _warn_once(message: str):
 def offload_stats() -> dict:
     """Counters since the last ``reset_offload_stats()`` plus the host-buffer pool's totals:
     calls, offloaded, kept_on_device, not_seen, fetched, prefetched, prefetch_used, from_device,
-    pool_slabs, pool_bytes, pool_buffers, pool_takes, pool_reuses."""
+    pool_slabs, pool_bytes, pool_buffers, pool_takes, pool_reuses, pool_retired."""
     with _STATS.lock:
         counts = dict(_STATS.counts)
     counts.update(_POOL.stats())
@@ -627,7 +725,30 @@ def use_checkpoint_function(model, function) -> None:
             module._gradient_checkpointing_func = function
 
 
-def enable_offloaded_checkpointing(model, *, use_reentrant: bool = False, every_n_layers: int = 1):
+def checkpointed_layers(model) -> list:
+    """The modules of ``model`` that transformers checkpoints one by one (those with a
+    ``gradient_checkpointing`` flag and no such module inside them), in forward order: the decoder
+    layers of the language model (``get_decoder()``, where the model has one that holds them; a
+    multimodal model's vision layers are left out), else every such module of the model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def innermost(root) -> list:
+        flagged = [m for m in root.modules() if hasattr(m, "gradient_checkpointing")]
+        return [m for m in flagged if not any(c is not m and hasattr(c, "gradient_checkpointing") for c in m.modules())]
+
+    try:
+        decoder = base.get_decoder()
+    except Exception:  # models without a decoder accessor, or whose accessor cannot find one
+        decoder = None
+    if isinstance(decoder, torch.nn.Module):
+        layers = innermost(decoder)
+        if layers:
+            return layers
+    return innermost(base)
+
+
+def enable_offloaded_checkpointing(model, *, use_reentrant: bool = False, every_n_layers: int = 1,
+                                   offload_layers: int | None = None):
     """Turn on gradient checkpointing with ``offloaded_checkpoint`` for a transformers model.
 
     ``model``: a ``PreTrainedModel`` or a peft ``PeftModel`` (its base model is used). This calls
@@ -638,8 +759,13 @@ def enable_offloaded_checkpointing(model, *, use_reentrant: bool = False, every_
     mode (HF layers only checkpoint while ``training``). With ``use_reentrant=True`` input
     embeddings are made to require grad in every case, since reentrant checkpointing gives
     LoRA parameters no gradient otherwise; the default non-reentrant path does not need it.
-    Returns ``model``. Undo with ``model.gradient_checkpointing_disable()``.
+    ``offload_layers``: offload only the inputs of the first N decoder layers (:func:`checkpointed_layers`)
+    and checkpoint every other checkpointed module plainly (see "Partial offload" in the module
+    docstring); None: all of them. Returns ``model``. Undo with ``model.gradient_checkpointing_disable()``.
     """
+    if offload_layers is not None and (isinstance(offload_layers, bool) or not isinstance(offload_layers, int)
+                                       or offload_layers < 0):
+        raise ValueError(f"offload_layers must be a whole number of at least 0, or None (got {offload_layers!r})")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(base).__name__} does not support gradient checkpointing")
@@ -648,6 +774,12 @@ def enable_offloaded_checkpointing(model, *, use_reentrant: bool = False, every_
         options["every_n_layers"] = every_n_layers
     base.gradient_checkpointing_enable(**options)
     use_checkpoint_function(base, functools.partial(offloaded_checkpoint, use_reentrant=use_reentrant))
+    if offload_layers is not None:
+        offloaded = {id(m) for m in checkpointed_layers(base)[:offload_layers]}
+        plain = functools.partial(offloaded_checkpoint_reference, use_reentrant=use_reentrant)
+        for module in base.modules():
+            if hasattr(module, "gradient_checkpointing") and id(module) not in offloaded:
+                module._gradient_checkpointing_func = plain
     has_input_grad_hooks = bool(getattr(base, "_require_grads_hooks", None))
     if use_reentrant and not has_input_grad_hooks and hasattr(base, "enable_input_require_grads"):
         base.enable_input_require_grads()

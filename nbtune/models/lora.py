@@ -103,11 +103,15 @@ def add_lora(
     gradient_checkpointing: str | bool = "offload",
     seed: int | None = 3407,
     patch: bool | None = None,
+    offload_layers: int | None = None,
 ):
     """Add LoRA adapters; returns a ``peft.PeftModel`` in train mode with only the adapters trainable.
 
     ``gradient_checkpointing``: "offload" (recompute, with saved hidden states in pinned CPU memory
-    on a GPU), "plain" (recompute), or "off". ``patch``: install nbtune's architecture patches
+    on a GPU), "plain" (recompute), or "off". ``offload_layers``: with "offload", only the first N
+    decoder layers keep their input in host memory and the rest are checkpointed plainly on the GPU
+    (what gradient checkpointing "auto" asks for when the host's RAM cannot hold every layer's input;
+    None: all layers). ``patch``: install nbtune's architecture patches
     (None: what ``load_model(patch=...)`` recorded, else on unless ``NBTUNE_PATCH=0``). Dropout > 0
     keeps LoRA correct but runs those layers through peft instead of the fused kernels.
     """
@@ -129,8 +133,11 @@ def add_lora(
         hint = (" ('auto' is the config's value: nbtune.finetune resolves it, see nbtune.planner.choose_checkpointing)"
                 if mode == "auto" else "")
         raise ValueError(f"gradient_checkpointing must be offload, plain or off, not {gradient_checkpointing!r}{hint}")
+    if offload_layers is not None and mode != "offload":
+        raise ValueError(f"offload_layers={offload_layers!r} needs gradient_checkpointing='offload' (got {mode!r}); "
+                         "leave offload_layers at None for the other modes")
     if mode != "off":
-        enable_checkpointing(model, mode)
+        enable_checkpointing(model, mode, offload_layers=offload_layers)
     peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
     trainable_to_fp32(peft_model)
     _patch_if_enabled(peft_model, patch)
@@ -153,12 +160,13 @@ def trainable_to_fp32(model) -> int:
     return cast
 
 
-def enable_checkpointing(model, mode: str) -> None:
-    """Turn on activation checkpointing for a transformers model ("offload" or "plain")."""
+def enable_checkpointing(model, mode: str, offload_layers: int | None = None) -> None:
+    """Turn on activation checkpointing for a transformers model ("offload" or "plain"; with "offload",
+    ``offload_layers`` offloads only the first N decoder layers' inputs, the rest plain)."""
     if mode == "offload":
         from nbtune.kernels.offload import enable_offloaded_checkpointing
 
-        enable_offloaded_checkpointing(model)
+        enable_offloaded_checkpointing(model, offload_layers=offload_layers)
         return
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()

@@ -59,8 +59,10 @@ Terms (bytes); their sum is torch's reserved peak, and the CUDA context comes on
                                   by MLP_CHUNK_BYTES per buffer, independent of T beyond one chunk
                          otherwise: i' = i (gate and up saved, dh transient, for all T tokens); mlp_chunk = 0
                        and
-                         offload: common = T*(min(L, offload_resident_inputs)*h*b + outer) + mask
+                         offload: common = T*((L - N + min(N, offload_resident_inputs))*h*b + outer) + mask
                                   layer_extra = T*work + dequant
+                                  (N = offload_layers, the layers whose inputs go to host memory: all L
+                                  unless fewer are asked for, the rest keep theirs on the GPU as plain)
                          plain:   common = T*(L*h*b + outer) + mask,  layer_extra = T*work + dequant
                          off:     common = T*(L*saved*saved_scale + outer) + mask,
                                   layer_extra = T*(work - saved) + dequant
@@ -82,6 +84,9 @@ Terms (bytes); their sum is torch's reserved peak, and the CUDA context comes on
                        measured, ``allocator_setting()`` which one training runs with, ``allocator_note``
                        says when the two differ)
     CUDA context       the GPU's context_gib (not part of torch's reserved memory)
+
+Host RAM (the machine's, not the GPU's) has its own model: :mod:`nbtune.planner.host_memory`, whose
+coefficients are the ``host_*`` fields of :class:`Coefficients`.
 
 STATUS OF THE COEFFICIENTS: until ``python benchmarks/calibrate.py measure`` has run on a
 GPU and ``... calibrate.py fit`` has written fitted values into ``calibration.json``, the values in
@@ -217,8 +222,24 @@ class Coefficients:
     overhead_per_tensor_mib: float = 0.25
     # -- speed roofline: fraction of the 16-bit tensor-core peak that the matmuls reach --
     mfu: float = 0.45
+    # -- host RAM (nbtune.planner.host_memory), per training process --
+    # the process itself: interpreter, torch + CUDA libraries and the CUDA context's host side,
+    # transformers/peft/trl/bitsandbytes imported. TO BE CALIBRATED (calibration.json "host": a run's
+    # resident memory after loading, less its dataset, offload buffers and loading transient); 3 GB is
+    # what a Colab T4 runtime's meter shows for such a process before it trains
+    host_baseline_gib: float = 3.0
+    # the dataset in host memory, bytes per token: the rows as Python strings (~4 B/token twice), the
+    # token ids and labels as Python int lists while tokenizing (~72 B/token) and as Arrow int64
+    # columns (16 B/token); counted whole for the run (rough, on the safe side)
+    host_bytes_per_data_token: float = 100.0
+    # the dataset when its size is not given (a typical SFT set: ~10k rows of a few hundred tokens)
+    host_dataset_default_gib: float = 0.5
+    # loading: checkpoints are read one shard at a time (the hub's default shard: 5 GB)
+    host_load_shard_gib: float = 4.66
 
     source: str = "first-principles estimate (not yet calibrated)"
+    # where host_baseline_gib comes from (calibration.json's "host" section once measured)
+    host_source: str = "process baseline: an estimate, to be calibrated"
     # the CUDA allocator setting the overhead terms were measured with: "default" (torch's own) or a
     # PYTORCH_ALLOC_CONF value; None when not measured (the first-principles guesses)
     alloc_conf: str | None = None
@@ -247,15 +268,43 @@ def _fitted(path: str) -> Coefficients | None:
     known = {f.name for f in dataclasses.fields(Coefficients) if f.type in ("float", float)}
     clean = {k: float(v) for k, v in values.items() if k in known}
     alloc = measured_alloc_conf(data)
-    return DEFAULT_COEFFICIENTS.replace(
+    return _with_host(DEFAULT_COEFFICIENTS.replace(
         **clean, alloc_conf=alloc,
         source=f"fitted to {fit.get('n_records', '?')} measurements ({data.get('date', 'undated')}, "
-               f"{data.get('gpu', 'GPU')}, {describe_alloc_conf(alloc)})")
+               f"{data.get('gpu', 'GPU')}, {describe_alloc_conf(alloc)})"), data)
+
+
+# calibration.json's "host" section: measured host-RAM constants, null until measured
+HOST_CALIBRATION_FIELDS = {"process_baseline_gib": "host_baseline_gib"}
+
+
+def _with_host(c: Coefficients, data: dict) -> Coefficients:
+    """``c`` with the host constants calibration.json's "host" section has measured (a number, not
+    null), and ``host_source`` saying so."""
+    host = data.get("host") or {}
+    measured = {ours: float(host[theirs]) for theirs, ours in HOST_CALIBRATION_FIELDS.items()
+                if isinstance(host.get(theirs), (int, float))}
+    if not measured:
+        return c
+    return c.replace(**measured, host_source=f"process baseline measured ({host.get('date', 'undated')}, "
+                                             f"{host.get('platform', 'host')})")
+
+
+@lru_cache(maxsize=None)
+def _host_only(path: str) -> Coefficients | None:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    c = _with_host(DEFAULT_COEFFICIENTS, data)
+    return None if c is DEFAULT_COEFFICIENTS else c
 
 
 def coefficients(path: str | Path | None = None) -> Coefficients:
-    """The fitted coefficients from calibration.json when it holds a fit, else the defaults."""
-    return _fitted(str(path or CALIBRATION_FILE)) or DEFAULT_COEFFICIENTS
+    """The fitted coefficients from calibration.json when it holds a fit, else the defaults (with
+    its measured host constants either way)."""
+    where = str(path or CALIBRATION_FILE)
+    return _fitted(where) or _host_only(where) or DEFAULT_COEFFICIENTS
 
 
 # ---------------------------------------------------------------------------- allocator setting
@@ -330,6 +379,12 @@ class Settings:
     # the fused LoRA MLP may run as its layer's checkpointed tail where nbtune does that
     # (``mlp_checkpointed_tail``); False models the code before it (calibration records measured then)
     mlp_tail: bool = True
+    # offloaded checkpointing: how many decoder layers (the first ones) keep their input in host
+    # memory; the rest are checkpointed plainly on the GPU. None: all of them
+    offload_layers: int | None = None
+    # the training data, for the host-RAM estimate: rows and tokens per row (None: not known)
+    data_rows: int | None = None
+    data_tokens_per_row: int | None = None
 
     def __post_init__(self):
         if self.world_size < 1:
@@ -347,6 +402,16 @@ class Settings:
             raise PlannerError(f"loss {self.loss!r}: one of {', '.join(LOSS_PATHS)}")
         if self.attention not in ATTENTION_KERNELS:
             raise PlannerError(f"attention {self.attention!r}: one of {', '.join(ATTENTION_KERNELS)}")
+        for name in ("offload_layers", "data_rows", "data_tokens_per_row"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise PlannerError(f"{name} must be a whole number of at least 0, or None (got {value!r})")
+
+    def offloaded_layers(self, num_layers: int) -> int:
+        """Decoder layers whose checkpointed input lives in host memory (0 unless offloading)."""
+        if self.gradient_checkpointing != "offload":
+            return 0
+        return num_layers if self.offload_layers is None else min(self.offload_layers, num_layers)
 
     @property
     def tokens(self) -> int:
@@ -433,8 +498,10 @@ def estimate(shape: ModelShape, st: Settings, context_gib: float = 0.0, c: Coeff
     mask = st.batch_size * st.seq_len**2 * c.mask_bytes * n_masks
     copies = c.dequant_copies_tail if tail else c.dequant_copies
     dequant = copies * shape.largest_linear * b if st.load_in_4bit else 0.0
+    n_off = st.offloaded_layers(L)
+    inputs_on_gpu = L - n_off + min(n_off, c.offload_resident_inputs)
     if st.gradient_checkpointing == "offload":
-        common = T * (min(L, c.offload_resident_inputs) * h * b + outer) + mask
+        common = T * (inputs_on_gpu * h * b + outer) + mask
         layer_extra = T * work + dequant
     elif st.gradient_checkpointing == "plain":
         common = T * (L * h * b + outer) + mask
@@ -463,8 +530,8 @@ def estimate(shape: ModelShape, st: Settings, context_gib: float = 0.0, c: Coeff
     details = dict(
         lora_params=p_lora, lora_modules_per_layer=lora_modules, tokens=T, bytes_per_element=b,
         saved_per_token_layer=saved, work_per_token_layer=work, checkpoint_inputs_on_gpu=(
-            min(L, c.offload_resident_inputs) if st.gradient_checkpointing == "offload"
-            else L if st.gradient_checkpointing == "plain" else 0),
+            inputs_on_gpu if st.gradient_checkpointing == "offload"
+            else L if st.gradient_checkpointing == "plain" else 0), offloaded_layers=n_off,
         mask_bytes=mask, dequant_scratch_bytes=dequant, layer_peak_bytes=layer_peak,
         loss_buffer_bytes=c.loss_scale * loss_buffers, loss_chunk_rows=rows,
         mlp_checkpointed_tail=tail, mlp_chunk_rows=mlp_rows, mlp_chunk_bytes=mlp_chunk,

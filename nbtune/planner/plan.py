@@ -3,12 +3,15 @@
     >>> p = plan("llama-3.1-8b", gpu="T4", seq_len=2048, batch_size=1)
     >>> p.fits, round(p.peak_gib, 1)
     >>> p.breakdown            # term -> GiB, in display order
+    >>> p.host_breakdown       # host RAM: term -> GiB (p.host_fits: None where the host's RAM is unknown)
     >>> p.suggest()            # largest batch / seq_len that fit, or the smallest change that fits
     >>> p.to_yaml(magic=True)  # the matching %%finetune cell
 
-The memory model is :mod:`nbtune.planner.memory`; the GPU and model catalogs are
-:mod:`~nbtune.planner.gpus` and :mod:`~nbtune.planner.shapes`. Pure Python: torch is imported
-only to detect the GPU for ``gpu="auto"``.
+A plan has two budgets: the GPU's memory (:mod:`nbtune.planner.memory`) and the host's RAM
+(:mod:`nbtune.planner.host_memory`), and fits only where both do. The GPU and model catalogs are
+:mod:`~nbtune.planner.gpus` (with the notebook platforms' profiles, e.g. ``colab-t4``, which carry
+their RAM) and :mod:`~nbtune.planner.shapes`. Pure Python: torch is imported only to detect the GPU
+for ``gpu="auto"``.
 """
 from __future__ import annotations
 
@@ -20,9 +23,10 @@ import warnings
 from typing import Any, Callable
 
 from .._env import PATCH_ENV, env_flag
-from . import memory
+from . import host_memory, memory
 from .gpus import CATALOG as GPU_CATALOG
-from .gpus import GPU, planned_gpu, resolve_gpu
+from .gpus import GPU, PROFILES, planned_gpu, resolve_gpu
+from .host_memory import HOST_TERMS
 from .memory import GiB, Coefficients, Settings
 from .shapes import ModelShape, PlannerError, find_in_catalog, resolve_shape
 
@@ -42,6 +46,35 @@ LABELS = {"offload": "offloaded checkpointing", "plain": "plain checkpointing", 
 COLORS = {"base weights": "#4C72B0", "embedding + LM head": "#55A868", "LoRA parameters": "#C44E52",
           "LoRA gradients": "#DD8452", "optimizer states": "#8172B3", "activations": "#937860",
           "loss chunk": "#DA8BC3", "allocator overhead": "#8C8C8C", "CUDA context": "#CCB974"}
+HOST_COLORS = {"process baseline": "#64B5CD", "dataset + tokenization": "#8EBA42",
+               "model loading (transient)": "#BBBBBB", "offloaded activations": "#937860",
+               "offload pool rounding": "#C4AD66", "paged optimizer": "#8172B3"}
+
+
+class CheckpointingChoice(tuple):
+    """The gradient checkpointing a set-up runs and why: a ``(mode, reason)`` pair (it unpacks and
+    compares as one, as the planner's answer always has), with ``offload_layers``: for "offload", how
+    many decoder layers (the first ones) keep their input in host memory, the rest checkpointed
+    plainly on the GPU; None: all of them."""
+
+    def __new__(cls, mode: str, reason: str, offload_layers: int | None = None):
+        self = super().__new__(cls, (mode, reason))
+        self.offload_layers = offload_layers if mode == "offload" else None
+        return self
+
+    def __getnewargs__(self):
+        return (self[0], self[1], self.offload_layers)
+
+    @property
+    def mode(self) -> str:
+        return self[0]
+
+    @property
+    def reason(self) -> str:
+        return self[1]
+
+    def __repr__(self) -> str:
+        return f"CheckpointingChoice({self[0]!r}, {self[1]!r}, offload_layers={self.offload_layers!r})"
 
 
 def _norm_choice(value, aliases: dict, what: str):
@@ -62,7 +95,13 @@ class Plan:
 
     ``checkpointing_auto``: the set-up asked for gradient checkpointing "auto"; the plan is the
     plan of the mode it resolves to (:func:`auto_checkpointing`), ``settings.gradient_checkpointing``
-    holds that mode and ``checkpointing_reason`` says why (None for a mode asked for by name).
+    holds that mode (and ``settings.offload_layers`` how many layers it offloads where the host's RAM
+    cannot hold them all) and ``checkpointing_reason`` says why (None for a mode asked for by name).
+
+    Host RAM: ``host_breakdown`` (term -> GiB per process), ``host_peak_gib`` (all ``world_size``
+    processes), ``host_capacity_gib`` (the host's RAM less what the OS and others hold; None where the
+    GPU entry says nothing of its host), ``host_margin_gib``, ``host_fits`` (None: not judged).
+    ``gpu_fits`` is the GPU's verdict alone; ``fits`` needs both.
     """
 
     def __init__(self, shape: ModelShape, gpu: GPU, settings: Settings, *, model_ref: str | None = None,
@@ -78,15 +117,19 @@ class Plan:
         self.coefficients = coefficients or memory.coefficients()
         self.checkpointing_reason: str | None = None
         if checkpointing_auto:
-            mode, self.checkpointing_reason = auto_checkpointing(settings.world_size, lambda: Plan(
-                shape, gpu, dataclasses.replace(settings, gradient_checkpointing="plain"), margin_gib=margin_gib,
-                coefficients=self.coefficients))
-            settings = dataclasses.replace(settings, gradient_checkpointing=mode)
+            choice = auto_checkpointing(settings.world_size, lambda: Plan(
+                shape, gpu, dataclasses.replace(settings, gradient_checkpointing="plain", offload_layers=None),
+                margin_gib=margin_gib, coefficients=self.coefficients),
+                offload_room=lambda: _offload_room(shape, gpu, settings, self.coefficients))
+            self.checkpointing_reason = choice.reason
+            settings = dataclasses.replace(settings, gradient_checkpointing=choice.mode,
+                                           offload_layers=choice.offload_layers)
         self.settings = settings
         self.base_config = copy.deepcopy(base_config) if base_config else None
         self.notes = list(notes or [])
         self._margin_arg = margin_gib
         self.estimate = memory.estimate(shape, settings, gpu.context_gib, self.coefficients)
+        self.host = host_memory.host_estimate(shape, settings, self.coefficients, gpu.host_process_gib)
         if settings.seq_len > shape.max_positions:
             self.notes.append(f"seq_len {settings.seq_len} is above {shape.name}'s limit of "
                               f"{shape.max_positions} positions")
@@ -125,8 +168,59 @@ class Plan:
         return max(memory.FIT_MARGIN_GIB, memory.FIT_MARGIN_FRACTION * self.reserved_gib)
 
     @property
-    def fits(self) -> bool:
+    def gpu_fits(self) -> bool:
+        """The GPU's verdict alone (and the model's position limit)."""
         return self.margin_gib >= self.required_margin_gib and self.settings.seq_len <= self.model.max_positions
+
+    @property
+    def fits(self) -> bool:
+        """Both budgets fit: the GPU's, and the host's RAM where it is known."""
+        return self.gpu_fits and self.host_fits is not False
+
+    # ------------------------------------------------------------------ host RAM
+    @property
+    def host_breakdown(self) -> dict[str, float]:
+        """Host RAM per training process, term -> GiB (HOST_TERMS order; the loading transient comes and
+        goes before training, so the terms do not simply add up: see ``host_peak_gib``)."""
+        return {k: v / GiB for k, v in self.host.terms.items()}
+
+    @property
+    def host_process_peak_gib(self) -> float:
+        """One training process's host-RAM peak."""
+        return self.host.peak_bytes / GiB
+
+    @property
+    def host_peak_gib(self) -> float:
+        """The host-RAM peak of the run: every data-parallel process on this host holds its own."""
+        return self.world_size * self.host_process_peak_gib
+
+    @property
+    def host_capacity_gib(self) -> float | None:
+        """The host RAM the training may use (its RAM less what others hold); None: not known."""
+        return self.gpu.host_budget_gib
+
+    @property
+    def host_margin_gib(self) -> float | None:
+        """GiB of host RAM left at the peak (negative: short by that much); None: not known."""
+        cap = self.host_capacity_gib
+        return None if cap is None else cap - self.host_peak_gib
+
+    @property
+    def host_required_margin_gib(self) -> float | None:
+        cap = self.host_capacity_gib
+        return None if cap is None else host_memory.host_margin_gib(cap)
+
+    @property
+    def host_fits(self) -> bool | None:
+        """The host RAM's verdict: None where the host's RAM is not known (a bare GPU entry)."""
+        if self.host_capacity_gib is None:
+            return None
+        return self.host_margin_gib >= self.host_required_margin_gib
+
+    @property
+    def offloaded_layers(self) -> int:
+        """Decoder layers whose checkpointed input lives in host memory."""
+        return self.settings.offloaded_layers(self.model.num_layers)
 
     @property
     def world_size(self) -> int:
@@ -137,11 +231,21 @@ class Plan:
         """True when gradient checkpointing was asked for as "auto" (and resolved by the planner)."""
         return self.checkpointing_reason is not None
 
+    def checkpointing_label(self) -> str:
+        """'offloaded checkpointing', or for a partial offload 'offloaded checkpointing (20 of 32 layers;
+        12 plain)'."""
+        st = self.settings
+        label = LABELS[st.gradient_checkpointing]
+        n, total = self.offloaded_layers, self.model.num_layers
+        if st.gradient_checkpointing == "offload" and n < total:
+            label += f" ({n} of {total} layers; {total - n} plain)"
+        return label
+
     def checkpointing_line(self) -> str | None:
         """'gradient checkpointing auto -> plain checkpointing: <why>', or None for a mode asked for by name."""
         if not self.checkpointing_auto:
             return None
-        return f"gradient checkpointing auto -> {LABELS[self.settings.gradient_checkpointing]}: {self.checkpointing_reason}"
+        return f"gradient checkpointing auto -> {self.checkpointing_label()}: {self.checkpointing_reason}"
 
     @property
     def global_batch(self) -> int:
@@ -172,8 +276,12 @@ class Plan:
         dtype, load_in_4bit, gradient_checkpointing, optimizer, loss, embeddings_fp32, gpu, grad_accum
         (and mlp_tail=False: the LoRA MLP's schedule before the checkpointed tail, for old measurements).
         A plan of gradient checkpointing "auto" stays "auto" (resolved again for the new set-up)
-        unless ``gradient_checkpointing`` is among the changes; ``gradient_checkpointing="auto"`` asks for it."""
+        unless ``gradient_checkpointing`` is among the changes; ``gradient_checkpointing="auto"`` asks for it.
+        Also ``offload_layers``, ``data_rows``, ``data_tokens_per_row`` (the host-RAM estimate's inputs)
+        and ``host_ram_gib`` (the host's RAM in GiB, for a GPU entry that has none)."""
         gpu = resolve_gpu(changes.pop("gpu")) if "gpu" in changes else self.gpu
+        if "host_ram_gib" in changes:
+            gpu = gpu.with_host(changes.pop("host_ram_gib"))
         grad_accum = changes.pop("grad_accum", self.grad_accum)
         auto = self.checkpointing_auto and "gradient_checkpointing" not in changes
         if changes.get("gradient_checkpointing") == "auto":
@@ -207,7 +315,9 @@ class Plan:
     # ------------------------------------------------------------------ config
     def to_config(self) -> dict:
         """The matching nbtune config (sections model / lora / train, plus whatever else the
-        config this plan came from held): what ``nbtune.build_config`` and ``%%finetune`` take."""
+        config this plan came from held): what ``nbtune.build_config`` and ``%%finetune`` take. A config
+        has no layer count for offloading: a partial offload is written as gradient checkpointing
+        "auto", which offloads as many layers as the run's host holds."""
         st = self.settings
         cfg: dict[str, Any] = copy.deepcopy(self.base_config) if self.base_config else {}
         model = dict(cfg.get("model") or {})
@@ -217,9 +327,11 @@ class Plan:
         lora.update(r=st.lora_rank, alpha=self.lora_alpha if self.lora_alpha is not None else lora.get("alpha", st.lora_rank),
                     targets=st.lora_targets if isinstance(st.lora_targets, str) else list(st.lora_targets))
         train = dict(cfg.get("train") or {})
-        # "auto" stays "auto": the run resolves it for the GPUs it gets (see auto_checkpointing)
+        # "auto" stays "auto": the run resolves it for the GPUs it gets (see auto_checkpointing); so does a
+        # partial offload asked for by hand, which a config states as "auto" (offload what the host holds)
+        partial = st.gradient_checkpointing == "offload" and self.offloaded_layers < self.model.num_layers
         train.update(batch_size=st.batch_size,
-                     gradient_checkpointing="auto" if self.checkpointing_auto else st.gradient_checkpointing,
+                     gradient_checkpointing="auto" if self.checkpointing_auto or partial else st.gradient_checkpointing,
                      optimizer=st.optimizer)
         if self.grad_accum is not None:
             train["grad_accum"] = self.grad_accum
@@ -241,7 +353,7 @@ class Plan:
         targets = st.lora_targets if isinstance(st.lora_targets, str) else ",".join(st.lora_targets)
         layers = "nbtune kernels" if st.patched else "transformers modules"
         return (f"{st.batch_size} x {st.seq_len} tokens, {LABELS[st.dtype]}, {weights}, LoRA r={st.lora_rank} "
-                f"{targets} ({self.lora_params / 1e6:.1f}M params), {LABELS[st.gradient_checkpointing]}, "
+                f"{targets} ({self.lora_params / 1e6:.1f}M params), {self.checkpointing_label()}, "
                 f"{LABELS[st.optimizer]}, {layers}, {LABELS[st.loss]}")
 
     def term_label(self, term: str) -> str:
@@ -257,8 +369,27 @@ class Plan:
             return "loss chunk (beyond activations)" if st.loss == "fused" else "loss logits (beyond activations)"
         return term
 
-    def verdict(self) -> str:
-        if self.fits:
+    def host_term_label(self, term: str) -> str:
+        st, d = self.settings, self.host.details
+        if term == "process baseline":
+            measured = self.gpu.host_process_gib
+            now = f"; {measured:.2f} GiB now" if measured is not None else ""
+            return f"process (Python, torch, CUDA{now})"
+        if term == "dataset + tokenization":
+            if st.data_rows is None:
+                return "dataset + tokenization (size not given)"
+            return f"dataset ({st.data_rows} rows x <= {d['data_tokens_per_row']} tokens)"
+        if term == "model loading (transient)":
+            return "model loading (before training)"
+        if term == "offloaded activations":
+            return f"offloaded layer inputs ({self.offloaded_layers} of {self.model.num_layers} layers)"
+        if term == "paged optimizer":
+            return "paged optimizer states"
+        return term
+
+    def gpu_verdict(self) -> str:
+        """The GPU budget's verdict alone."""
+        if self.gpu_fits:
             return f"FITS ({self.margin_gib:.2f} GiB to spare)"
         if self.margin_gib >= 0 and self.settings.seq_len <= self.model.max_positions:
             return (f"TOO TIGHT (only {self.margin_gib:.2f} GiB to spare; "
@@ -266,6 +397,62 @@ class Plan:
         if self.settings.seq_len > self.model.max_positions:
             return "DOES NOT FIT (seq_len above the model's limit)"
         return f"DOES NOT FIT (short by {-self.margin_gib:.2f} GiB)"
+
+    def host_verdict(self) -> str:
+        """The host RAM budget's verdict alone ("NOT CHECKED" where the host's RAM is unknown)."""
+        fits = self.host_fits
+        if fits is None:
+            return "NOT CHECKED (host RAM unknown)"
+        margin = self.host_margin_gib
+        if fits:
+            return f"FITS ({margin:.2f} GiB to spare)"
+        if margin >= 0:
+            return f"TOO TIGHT (only {margin:.2f} GiB to spare; the planner wants {self.host_required_margin_gib:.2f})"
+        return f"DOES NOT FIT (short by {-margin:.2f} GiB)"
+
+    def verdict(self) -> str:
+        """Both budgets in one: the GPU's verdict while the GPU does not fit (with the host's when that
+        fails too); else the host's when it does not fit ("... IN HOST RAM"); else the GPU's spare
+        memory (and the host's, where known)."""
+        host = self.host_fits
+        if not self.gpu_fits:
+            text = self.gpu_verdict()
+            if host is False:
+                margin = self.host_margin_gib
+                text += (f"; host RAM short by {-margin:.2f} GiB too" if margin < 0
+                         else f"; host RAM too tight too ({margin:.2f} GiB to spare)")
+            return text
+        if host is False:
+            word, _, rest = self.host_verdict().partition(" (")
+            return f"{word} IN HOST RAM ({rest}"
+        text = self.gpu_verdict()
+        if host:
+            text = text[:-1] + f" on the GPU, {self.host_margin_gib:.2f} GiB of host RAM)"
+        return text
+
+    def host_unknown_hint(self) -> str:
+        return (f"{self.gpu.name} says nothing of the machine's RAM: plan for a platform profile (e.g. "
+                "gpu='colab-t4'), pass host_ram_gib= (--host-ram on the command line), or gpu='auto' on the machine")
+
+    def host_lines(self, width: int = 40) -> list[str]:
+        """The host-RAM section of the text breakdown."""
+        per = " per process" if self.world_size > 1 else ""
+        lines = [f"  host RAM{per}:"]
+        for term, gib in self.host_breakdown.items():
+            if term in ("offload pool rounding", "paged optimizer") and gib == 0:
+                continue
+            lines.append(f"  {self.host_term_label(term):<{width}}{gib:7.2f} GiB")
+        times = f" ({self.world_size} processes)" if self.world_size > 1 else ""
+        cap = self.host_capacity_gib
+        if cap is None:
+            lines.append(f"  {'peak in host RAM' + times:<{width}}{self.host_peak_gib:7.2f} GiB"
+                         f"  -> {self.host_verdict()}")
+            lines.append(f"  note: host RAM not checked: {self.host_unknown_hint()}")
+        else:
+            lines.append(f"  {'peak in host RAM' + times:<{width}}{self.host_peak_gib:7.2f} GiB of {cap:.2f} GiB "
+                         f"({self.gpu.host_ram_gib:.2f} GiB RAM less {self.gpu.host_other_gib:.2f} held by others)"
+                         f"  -> {self.host_verdict()}")
+        return lines
 
     def __repr__(self) -> str:
         width = 40
@@ -280,11 +467,13 @@ class Plan:
                 lines.append(f"  {'torch reserved (peak)':<{width}}{self.reserved_gib:7.2f} GiB")
             lines.append(f"  {self.term_label(term):<{width}}{gib:7.2f} GiB")
         lines.append(f"  {'peak on the GPU':<{width}}{self.peak_gib:7.2f} GiB of {self.capacity_gib:.2f} GiB"
-                     f"  -> {self.verdict()}")
+                     f"  -> {self.gpu_verdict()}")
+        lines += self.host_lines(width)
+        lines.append(f"  verdict: {self.verdict()}")
         tps = self.tokens_per_s
         if tps:
             lines.append(f"  speed (rough roofline): ~{_round_sig(tps)} tokens/s" + (" per GPU" if self.world_size > 1 else ""))
-        lines.append(f"  coefficients: {self.coefficients.source}")
+        lines.append(f"  coefficients: {self.coefficients.source}; host: {self.coefficients.host_source}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -312,10 +501,28 @@ class Plan:
             + f"<table style='border-collapse:collapse;margin-top:4px'>{rows}"
             f"<tr style='border-top:1px solid #999'><td style='text-align:left;padding:1px 8px'><b>peak on the GPU</b></td>"
             f"<td style='text-align:right;padding:1px 8px'><b>{self.peak_gib:.2f} GiB</b> of {self.capacity_gib:.2f}</td></tr>"
-            f"</table>"
+            f"</table>{self._host_html()}"
             + (f"<div style='color:#57606a'>speed (rough roofline): ~{_round_sig(tps)} tokens/s</div>" if tps else "")
             + f"<div style='color:#57606a'>coefficients: {html.escape(self.coefficients.source)}</div>{notes}</div>"
         )
+
+    def _host_html(self) -> str:
+        rows = "".join(
+            f"<tr><td style='text-align:left;padding:1px 8px'>"
+            f"<span style='display:inline-block;width:10px;height:10px;background:{HOST_COLORS[t]};margin-right:6px'>"
+            f"</span>{html.escape(self.host_term_label(t))}</td>"
+            f"<td style='text-align:right;padding:1px 8px'>{g:.2f} GiB</td></tr>"
+            for t, g in self.host_breakdown.items() if g or t not in ("offload pool rounding", "paged optimizer"))
+        cap = self.host_capacity_gib
+        of = f" of {cap:.2f}" if cap is not None else ""
+        procs = f" ({self.world_size} processes)" if self.world_size > 1 else ""
+        hint = (f"<div style='color:#9a6700'>host RAM not checked: {html.escape(self.host_unknown_hint())}</div>"
+                if cap is None else "")
+        return (f"<table style='border-collapse:collapse;margin-top:4px'>{rows}"
+                f"<tr style='border-top:1px solid #999'><td style='text-align:left;padding:1px 8px'>"
+                f"<b>peak in host RAM{procs}</b></td><td style='text-align:right;padding:1px 8px'>"
+                f"<b>{self.host_peak_gib:.2f} GiB</b>{of} &rarr; {html.escape(self.host_verdict())}</td></tr>"
+                f"</table>{hint}")
 
     def to_dict(self) -> dict:
         """Everything the plan says, JSON-ready."""
@@ -327,6 +534,13 @@ class Plan:
             lora_params=self.lora_params, coefficients=self.coefficients.source, notes=self.notes,
             world_size=self.world_size, global_batch=self.global_batch,
             checkpointing_auto=self.checkpointing_auto, checkpointing_reason=self.checkpointing_reason,
+            offloaded_layers=self.offloaded_layers, gpu_fits=self.gpu_fits, verdict=self.verdict(),
+            host_breakdown_gib=self.host_breakdown, host_process_peak_gib=self.host_process_peak_gib,
+            host_peak_gib=self.host_peak_gib, host_capacity_gib=self.host_capacity_gib,
+            host_ram_gib=self.gpu.host_ram_gib, host_other_gib=self.gpu.host_other_gib,
+            host_margin_gib=self.host_margin_gib, host_required_margin_gib=self.host_required_margin_gib,
+            host_fits=self.host_fits, host_source=self.gpu.host_source or None,
+            host_coefficients=self.coefficients.host_source,
         )
 
 
@@ -389,14 +603,17 @@ def _round_sig(x: float) -> str:
     return f"{x:.0f}"
 
 
-def _describe_changes(plan: Plan, changes: dict) -> str:
+def _describe_changes(plan: Plan, changes: dict, new: Plan | None = None) -> str:
     parts = []
     for k, v in changes.items():
         if k == "grad_accum":
             continue
         old = plan.gpu.name if k == "gpu" else getattr(plan.settings, k, None)
         fmt = lambda x: str(x).lower() if isinstance(x, bool) else str(x)  # noqa: E731
-        parts.append(f"{k}: {fmt(old)} -> {fmt(v)}")
+        text = f"{k}: {fmt(old)} -> {fmt(v)}"
+        if k == "gradient_checkpointing" and v == "auto" and new is not None:
+            text += f" ({new.checkpointing_label()})"
+        parts.append(text)
     if "grad_accum" in changes:
         parts.append(f"grad_accum: {plan.grad_accum or 1} -> {changes['grad_accum']} (same tokens per optimizer step)")
     return ", ".join(parts)
@@ -417,16 +634,23 @@ def _suggest(plan: Plan) -> Suggestion:
     st = plan.settings
     if plan.fits:
         mb, ms = plan.max_batch_size(), plan.max_seq_len()
+        host = f" and {plan.host_margin_gib:.2f} GiB of host RAM" if plan.host_fits else ""
         return Suggestion({}, plan, mb, ms, (
-            f"fits with {plan.margin_gib:.2f} GiB to spare on {plan.gpu.name}. Largest batch size at seq_len "
-            f"{st.seq_len}: {mb}; longest seq_len at batch size {st.batch_size}: {ms}"))
+            f"fits with {plan.margin_gib:.2f} GiB to spare on {plan.gpu.name}{host}. Largest batch size at seq_len "
+            f"{st.seq_len}: {mb}; longest seq_len at batch size {st.batch_size}: {ms}"
+            + (" (both budgets: GPU and host RAM)" if plan.host_fits is not None else "")))
 
     def attempt(changes: dict) -> Plan:
         return plan.replace(**changes)
 
+    # Offloading, the least GPU memory: where the host's RAM is known, as much of it as the host holds
+    # ("auto"), else all of it.
+    host_known = plan.host_fits is not None
+    offload = {} if plan.checkpointing_auto else (
+        {"gradient_checkpointing": "auto"} if host_known else {"gradient_checkpointing": "offload"})
     single: list[dict] = []
-    if st.gradient_checkpointing != "offload":
-        single.append({"gradient_checkpointing": "offload"})
+    if offload and (st.gradient_checkpointing != "offload" or plan.host_fits is False):
+        single.append(offload)
     if st.optimizer in ("adamw",):
         single.append({"optimizer": "adamw_8bit"})
     if st.embeddings_fp32:
@@ -442,10 +666,16 @@ def _suggest(plan: Plan) -> Suggestion:
             single.append({"lora_rank": r})
             break
     if st.seq_len > 256:
-        top = _largest(lambda k: plan.replace(seq_len=k * 256).fits, 1,
-                       min(st.seq_len - 1, plan.model.max_positions) // 256)
-        if top >= 1:
-            single.append({"seq_len": top * 256})
+        hi = min(st.seq_len - 1, plan.model.max_positions) // 256
+        top = _largest(lambda k: plan.replace(seq_len=k * 256).fits, 1, hi)
+        shorter = {"seq_len": top * 256} if top >= 1 else None
+        if offload.get("gradient_checkpointing") == "auto":
+            # offloading only what the host holds may keep a longer context than offloading it all
+            top_auto = _largest(lambda k: plan.replace(**offload, seq_len=k * 256).fits, 1, hi)
+            if top_auto > top:
+                shorter = {**offload, "seq_len": top_auto * 256}
+        if shorter:
+            single.append(shorter)
     for changes in single:
         p = attempt(changes)
         if p.fits:
@@ -453,7 +683,7 @@ def _suggest(plan: Plan) -> Suggestion:
 
     # Several changes together: everything that costs nothing in results first, then the rest.
     combo: dict[str, Any] = {}
-    for changes in ({"gradient_checkpointing": "offload"}, {"optimizer": "adamw_8bit"} if st.optimizer == "adamw" else {},
+    for changes in (offload, {"optimizer": "adamw_8bit"} if st.optimizer == "adamw" else {},
                     {"embeddings_fp32": False} if st.embeddings_fp32 else {}, {"load_in_4bit": True},
                     _with_batch(plan, 1) if st.batch_size > 1 else {}):
         combo.update(changes)
@@ -466,22 +696,40 @@ def _suggest(plan: Plan) -> Suggestion:
         combo["seq_len"] = top * 256
         return _found(plan, {k: v for k, v in combo.items() if getattr(st, k, None) != v}, attempt(combo))
 
-    # Nothing on this GPU: the smallest catalogued GPU on which the original set-up fits.
-    for gpu in sorted(GPU_CATALOG.values(), key=lambda g: g.total_gib):
+    # Nothing on this GPU: the smallest larger one on which the original set-up fits (a platform
+    # profile's larger siblings, with their RAM, for a profile; else the catalogued GPUs that run
+    # nbtune's kernels, sm_70 on).
+    larger = PROFILES.values() if plan.gpu.card else [g for g in GPU_CATALOG.values() if g.compute_capability >= (7, 0)]
+    for gpu in sorted(larger, key=lambda g: g.total_gib):
         if gpu.total_gib > plan.gpu.total_gib:
             p = plan.replace(gpu=gpu)
             if p.fits:
                 return _found(plan, {"gpu": gpu.name}, p)
+    smallest = base.replace(seq_len=256)
     return Suggestion({}, None, 0, 0, f"{plan.verdict()}; nothing within reach fits on {plan.gpu.name} or a larger "
                                       f"catalogued GPU: even 4-bit, offloaded, batch 1, seq_len 256 needs "
-                                      f"{base.replace(seq_len=256).peak_gib:.2f} GiB")
+                                      f"{_figures(smallest)}")
+
+
+def _figures(p: Plan) -> str:
+    """'6.57 GiB' (the GPU's peak), with ', 4.10 GiB of host RAM' where the host's RAM is known."""
+    text = f"{p.peak_gib:.2f} GiB"
+    if p.host_fits is not None:
+        text += f", {p.host_peak_gib:.2f} GiB of host RAM"
+    return text
 
 
 def _found(plan: Plan, changes: dict, p: Plan) -> Suggestion:
     mb, ms = p.max_batch_size(), p.max_seq_len()
+    where = f"{plan.peak_gib:.2f} GiB of {plan.capacity_gib:.2f}"
+    if plan.host_fits is not None:
+        where += f" on the GPU, {plan.host_peak_gib:.2f} GiB of {plan.host_capacity_gib:.2f} in host RAM"
+    spare = f"{p.margin_gib:.2f} GiB to spare"
+    if p.host_fits is not None:
+        spare += f" on the GPU and {p.host_margin_gib:.2f} GiB in host RAM"
     return Suggestion(changes, p, mb, ms, (
-        f"{plan.verdict()} at {plan.peak_gib:.2f} GiB of {plan.capacity_gib:.2f}. Smallest change that fits: "
-        f"{_describe_changes(plan, changes)} -> {p.peak_gib:.2f} GiB, {p.margin_gib:.2f} GiB to spare"))
+        f"{plan.verdict()} at {where}. Smallest change that fits: "
+        f"{_describe_changes(plan, changes, p)} -> {_figures(p)}, {spare}"))
 
 
 # ---------------------------------------------------------------------------- entry points
@@ -491,7 +739,8 @@ def plan(model, gpu="T4", seq_len: int = 2048, batch_size: int = 2, lora_rank: i
          embeddings_fp32: bool = False, margin_gib: float | None = None, grad_accum: int | None = None,
          lora_alpha: float | None = None, coefficients: Coefficients | None = None,
          base_config: dict | None = None, patch: bool | None = None, attention: str = "auto",
-         world_size: int = 1) -> Plan:
+         world_size: int = 1, host_ram_gib=None, offload_layers: int | None = None,
+         data_rows: int | None = None, data_tokens_per_row: int | None = None) -> Plan:
     """Plan a LoRA/QLoRA fine-tune's GPU memory.
 
     model: a catalog name ("llama-3.1-8b"; see ``nbtune.planner.catalog_names()``), a hub id
@@ -510,13 +759,34 @@ def plan(model, gpu="T4", seq_len: int = 2048, batch_size: int = 2, lora_rank: i
     embeddings_fp32: embedding and head upcast to fp32 (what peft's prepare_model_for_kbit_training does).
     margin_gib: headroom a plan needs to count as fitting (default: max(0.3 GiB, 3 % of the peak)).
     world_size: data-parallel GPUs (DDP): the figures stay per GPU (plus DDP's gradient buckets);
-    the plan reports the global batch.
+    the plan reports the global batch. Host RAM is for all ``world_size`` processes together.
+    host_ram_gib: the host's RAM in GiB (a number: the machine's total) or "auto" (this machine's,
+    measured), for a GPU entry that has none; a platform profile (``gpu="colab-t4"``) and
+    ``gpu="auto"`` bring their own. Without it a bare GPU entry's plan does not judge host RAM.
+    offload_layers: with offloaded checkpointing, offload only the first N decoder layers' inputs
+    (the rest checkpointed on the GPU); None: all (or, for "auto", as many as the host holds).
+    data_rows, data_tokens_per_row: the training data's size, for the host-RAM estimate.
     """
     shape = resolve_shape(model)
     g = resolve_gpu(gpu)
+    if isinstance(host_ram_gib, str):
+        if host_ram_gib.strip().lower() != "auto":
+            raise PlannerError(f"host_ram_gib {host_ram_gib!r}: a number of GiB, or 'auto' for this machine's RAM")
+        from .host import detect_host
+
+        found = detect_host()
+        if found is None:
+            raise PlannerError("host_ram_gib='auto': this machine's RAM cannot be read (no /proc/meminfo); "
+                               "give the number of GiB instead")
+        g = g.with_host(found)
+    elif host_ram_gib is not None:
+        g = g.with_host(float(host_ram_gib))
     notes = []
     requested = "auto" if dtype in (None, "auto") else _norm_choice(str(dtype), DTYPE_ALIASES, "dtype")
     resolved = ("bfloat16" if g.bf16 else "float16") if requested == "auto" else requested
+    if g.gpu_count > 1 and int(world_size) == 1:
+        notes.append(f"{g.name} has {g.gpu_count} GPUs: world_size={g.gpu_count} (--num-gpus {g.gpu_count}) plans a "
+                     "data-parallel run on all of them (the host's RAM is shared by their processes)")
     if resolved == "bfloat16" and not g.bf16:
         notes.append(f"{g.name} has no bf16: nbtune trains in fp16 there")
         resolved = "float16"
@@ -545,6 +815,7 @@ def plan(model, gpu="T4", seq_len: int = 2048, batch_size: int = 2, lora_rank: i
         gradient_checkpointing="offload" if checkpointing == "auto" else checkpointing,  # "auto": resolved by Plan
         optimizer=_norm_choice(optimizer, OPTIMIZER_ALIASES, "optimizer"), loss=loss_path,
         embeddings_fp32=bool(embeddings_fp32), patched=patched, attention=attention, world_size=int(world_size),
+        offload_layers=offload_layers, data_rows=data_rows, data_tokens_per_row=data_tokens_per_row,
     )
     shape.lora_targets(lora_targets)  # raises on targets that match nothing
     allocator = memory.allocator_note(coefficients or memory.coefficients())
@@ -585,8 +856,39 @@ def plan_from_config(config, gpu="auto", world_size: int | None = None, **overri
     return plan(**from_cfg)
 
 
-def auto_checkpointing(world_size: int, plain_plan: Callable[[], Plan]) -> tuple[str, str]:
-    """The rule behind gradient checkpointing "auto", the config's default: (mode, one-line reason).
+@dataclasses.dataclass(frozen=True)
+class OffloadRoom:
+    """How many decoder layers' inputs the host's RAM can hold beside the rest of the run:
+    ``layers`` (0..``total``; -1 when the host cannot hold the run even with none offloaded), and the
+    figures behind it, for the reason line."""
+
+    layers: int
+    total: int
+    per_layer_gib: float
+    budget_gib: float
+    peak_all_gib: float  # the host peak with every layer offloaded
+
+    def describe(self) -> str:
+        return (f"all {self.total} would take {self.total * self.per_layer_gib:.2f} GiB, {self.per_layer_gib:.3f} GiB "
+                f"each: a host peak of {self.peak_all_gib:.2f} GiB against {self.budget_gib:.2f}")
+
+
+def _offload_room(shape: ModelShape, gpu: GPU, settings: Settings, c: Coefficients) -> OffloadRoom | None:
+    """The host's room for offloaded layer inputs under ``settings`` (None where its RAM is unknown)."""
+    budget = gpu.host_budget_gib
+    if budget is None:
+        return None
+    st = dataclasses.replace(settings, gradient_checkpointing="offload", offload_layers=None)
+    n = host_memory.max_offload_layers(shape, st, c, budget, settings.world_size, gpu.host_process_gib)
+    full = host_memory.host_estimate(shape, st, c, gpu.host_process_gib)
+    per_layer = full.details["bytes_per_offloaded_layer"] / GiB
+    return OffloadRoom(n, shape.num_layers, per_layer, budget, settings.world_size * full.peak_bytes / GiB)
+
+
+def auto_checkpointing(world_size: int, plain_plan: Callable[[], Plan],
+                       offload_room: Callable[[], OffloadRoom | None] | None = None) -> CheckpointingChoice:
+    """The rule behind gradient checkpointing "auto", the config's default: (mode, one-line reason),
+    a :class:`CheckpointingChoice` whose ``offload_layers`` says how many layers to offload.
 
     One process on one GPU: "offload", the least GPU memory (what lets a 7-8B model fit a free T4),
     at some speed on a large GPU (~10% on an H200). Data parallel (``world_size`` > 1): every rank
@@ -594,59 +896,100 @@ def auto_checkpointing(world_size: int, plain_plan: Callable[[], Plan]) -> tuple
     other down, so "plain" where plain checkpointing fits this GPU with the headroom
     :attr:`Plan.fits` asks for, else "offload". The measurements behind both: benchmarks/NOTES.md,
     "Offloaded checkpointing" and "Multi-GPU".
+
+    Host RAM: offloading keeps every offloaded layer's input in host memory (tokens x hidden x 2 bytes
+    a layer: 12 GiB for llama3-8b at 49,152 tokens, more than free Colab's RAM once the process is
+    counted). Where the host's RAM is known (``offload_room`` answers), "offload" offloads only as
+    many layers (the first ones) as the host holds with its headroom and checkpoints the rest plainly
+    on the GPU; none fit: "plain". Where it is unknown, all layers are offloaded, as before.
+
     ``plain_plan``: returns the plan of the set-up with plain checkpointing (called only when
-    ``world_size`` > 1)."""
-    if world_size <= 1:
-        return "offload", "one GPU: offloading the saved hidden states to CPU memory needs the least GPU memory"
-    plain = plain_plan()
-    per_gpu = f"{plain.peak_gib:.2f} GiB of {plain.capacity_gib:.2f} per {plain.gpu.name}"
-    if plain.fits:
-        return "plain", (f"data parallel on {world_size} GPUs and plain checkpointing fits ({per_gpu}); "
-                         "offloading on every rank at once would share the host's copy bandwidth")
-    return "offload", (f"data parallel on {world_size} GPUs, but plain checkpointing does not fit "
-                       f"({per_gpu}: {plain.verdict()})")
+    ``world_size`` > 1). ``offload_room``: returns the host's :class:`OffloadRoom`, or None."""
+    reason = None
+    if world_size > 1:
+        plain = plain_plan()
+        per_gpu = f"{plain.peak_gib:.2f} GiB of {plain.capacity_gib:.2f} per {plain.gpu.name}"
+        if plain.fits:
+            return CheckpointingChoice("plain", (
+                f"data parallel on {world_size} GPUs and plain checkpointing fits ({per_gpu}); "
+                "offloading on every rank at once would share the host's copy bandwidth"))
+        reason = (f"data parallel on {world_size} GPUs, but plain checkpointing does not fit "
+                  f"({per_gpu}: {plain.verdict()})")
+    else:
+        reason = "one GPU: offloading the saved hidden states to CPU memory needs the least GPU memory"
+    room = offload_room() if offload_room is not None else None
+    if room is None or room.layers >= room.total:
+        if room is not None:
+            reason += f"; host RAM holds all {room.total} layer inputs ({room.total * room.per_layer_gib:.2f} GiB)"
+        return CheckpointingChoice("offload", reason)
+    if room.layers > 0:
+        return CheckpointingChoice("offload", (
+            f"{reason}, but host RAM holds only {room.layers} of {room.total} layer inputs ({room.describe()}): "
+            f"the first {room.layers} offloaded, the other {room.total - room.layers} checkpointed on the GPU"),
+            offload_layers=room.layers)
+    if room.layers == 0:
+        return CheckpointingChoice("plain", (
+            f"{reason}, but host RAM holds none of the {room.total} layer inputs beside the rest of the run "
+            f"({room.describe()}): plain checkpointing on the GPU"))
+    return CheckpointingChoice("plain", (
+        f"{reason}, but host RAM cannot hold the run even with nothing offloaded ({room.describe()}): "
+        "plain checkpointing on the GPU, the least host RAM"))
 
 
-def choose_checkpointing(config, gpu="auto", world_size: int | None = None, **overrides) -> tuple[str, str]:
+def choose_checkpointing(config, gpu="auto", world_size: int | None = None, **overrides) -> CheckpointingChoice:
     """The gradient checkpointing mode a run of ``config`` (an nbtune Config or its dict) uses, and
-    why: (mode, one-line reason). A mode the config names ("offload", "plain", "off") is kept;
-    "auto" follows :func:`auto_checkpointing` on ``gpu`` (per GPU) with ``world_size`` processes
-    (default: the launcher's ``WORLD_SIZE``, else 1). Keyword arguments override ``plan()``'s.
-    Raises :class:`PlannerError` when data parallel "auto" needs a plan and the model's shape is unknown."""
+    why: (mode, one-line reason), with ``offload_layers`` (see :class:`CheckpointingChoice`). A mode the
+    config names ("offload", "plain", "off") is kept; "auto" follows :func:`auto_checkpointing` on ``gpu``
+    (per GPU, with its host's RAM) with ``world_size`` processes (default: the launcher's
+    ``WORLD_SIZE``, else 1). Keyword arguments override ``plan()``'s. Raises :class:`PlannerError` when
+    the model's shape is unknown."""
     cfg = _config_dict(config)
     train = cfg.get("train") or {}
     requested = _norm_choice(train.get("gradient_checkpointing", "auto"), CHECKPOINTING_ALIASES,
                              "gradient_checkpointing")
     if requested != "auto":
-        return requested, "train.gradient_checkpointing in the config"
+        return CheckpointingChoice(requested, "train.gradient_checkpointing in the config")
     world = world_size if world_size is not None else _launcher_world_size()
-    return auto_checkpointing(world, lambda: plan_from_config(
-        cfg, gpu=gpu, world_size=world, **{**overrides, "gradient_checkpointing": "plain"}))
+    if world <= 1:
+        # one GPU: offload, as far as the host's RAM allows; the plan resolves it (and needs the shape
+        # only where the host's RAM is known)
+        try:
+            p = plan_from_config(cfg, gpu=gpu, world_size=world, **{**overrides, "gradient_checkpointing": "auto"})
+        except PlannerError:
+            return auto_checkpointing(world, lambda: None)
+        return CheckpointingChoice(p.settings.gradient_checkpointing, p.checkpointing_reason,
+                                   p.settings.offload_layers)
+    p = plan_from_config(cfg, gpu=gpu, world_size=world, **{**overrides, "gradient_checkpointing": "auto"})
+    return CheckpointingChoice(p.settings.gradient_checkpointing, p.checkpointing_reason, p.settings.offload_layers)
 
 
 def checkpointing_for_run(config, gpu_available: bool, plan: Plan | None = None,
-                          world_size: int | None = None) -> tuple[str, str]:
-    """The gradient checkpointing a training run uses and why (one line): what the trainer asks.
+                          world_size: int | None = None) -> CheckpointingChoice:
+    """The gradient checkpointing a training run uses and why (one line): what the trainer asks; a
+    :class:`CheckpointingChoice` (a (mode, reason) pair with ``offload_layers``).
 
     A mode the config names is used as it is. "auto": the pre-flight ``plan``'s resolution when
     that plan resolved it; with no GPU here (``gpu_available`` False and none planned through
     ``NBTUNE_GPU``) "offload", as before "auto" existed (on CPU tensors it is plain recomputation:
-    nothing is offloaded); on a GPU :func:`choose_checkpointing` for this GPU and ``world_size``
-    (offload on one GPU; under data parallelism plain where it fits, else offload); "offload",
-    the least GPU memory, when the planner cannot size the model (e.g. an uncatalogued hub id offline)."""
+    nothing is offloaded); on a GPU :func:`choose_checkpointing` for this GPU, its host's RAM and
+    ``world_size`` (offload on one GPU, as many layers as the host's RAM holds; under data parallelism
+    plain where it fits, else offload); "offload", the least GPU memory, when the planner cannot size
+    the model (e.g. an uncatalogued hub id offline)."""
     cfg = _config_dict(config)
     requested = _norm_choice((cfg.get("train") or {}).get("gradient_checkpointing", "auto"), CHECKPOINTING_ALIASES,
                              "gradient_checkpointing")
     if requested != "auto":
-        return requested, "train.gradient_checkpointing in the config"
+        return CheckpointingChoice(requested, "train.gradient_checkpointing in the config")
     if plan is not None and plan.checkpointing_auto:
-        return plan.settings.gradient_checkpointing, plan.checkpointing_reason
+        return CheckpointingChoice(plan.settings.gradient_checkpointing, plan.checkpointing_reason,
+                                   plan.settings.offload_layers)
     if not (gpu_available or planned_gpu()):
-        return "offload", "no GPU: on the CPU offloaded checkpointing is plain recomputation"
+        return CheckpointingChoice("offload", "no GPU: on the CPU offloaded checkpointing is plain recomputation")
     try:
         return choose_checkpointing(cfg, gpu="auto", world_size=world_size)
     except PlannerError as e:
-        return "offload", f"the planner cannot size this run ({e}): offloaded checkpointing, the least GPU memory"
+        return CheckpointingChoice(
+            "offload", f"the planner cannot size this run ({e}): offloaded checkpointing, the least GPU memory")
 
 
 def _launcher_world_size() -> int:
@@ -669,7 +1012,8 @@ class DoesNotFitError(PlannerError):
 
 def preflight(config, gpu="auto", override_hint: str = "memory_check=False") -> Plan | None:
     """What the trainer asks before loading anything: the plan, or ``DoesNotFitError`` with the
-    plan's advice when the run is predicted not to fit. Returns None (with a warning) when the
+    plan's advice when the run is predicted not to fit the GPU or, where it is known (``gpu="auto"``
+    measures this machine), the host's RAM. Returns None (with a warning) when the
     model's shape cannot be found (e.g. an uncatalogued hub id offline): training goes ahead."""
     try:
         p = plan_from_config(config, gpu=gpu)
@@ -679,6 +1023,8 @@ def preflight(config, gpu="auto", override_hint: str = "memory_check=False") -> 
     if p.fits:
         return p
     advice = p.suggest()
+    where = ("GPU memory" if p.host_fits is not False else
+             "host RAM (the notebook's kernel would be killed)" if p.gpu_fits else "GPU memory or host RAM")
     raise DoesNotFitError(
-        f"this run is predicted not to fit in GPU memory:\n{p!r}\n{advice.message}\n"
+        f"this run is predicted not to fit in {where}:\n{p!r}\n{advice.message}\n"
         f"(to run it anyway, pass {override_hint})", p)

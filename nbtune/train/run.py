@@ -14,8 +14,10 @@ without loading the model or training; ``resume=True`` continues from the latest
 checkpoint in ``output.dir``. Before a real run on a GPU the planner is asked whether the run fits;
 when it predicts it does not, the run stops with the plan's advice (``train.force: true`` or
 ``force=True`` runs it anyway). Gradient checkpointing "auto" (the default) is resolved then too
-(:func:`checkpointing_mode`: offload on one GPU, plain under data parallelism where it fits), and
-the run says which mode it took and why (stderr, the ``start`` record, the result's summary).
+(:func:`checkpointing_mode`: offload on one GPU, as many layers as the host's RAM holds, plain under
+data parallelism where it fits), and the run says which mode it took and why (stderr, the ``start``
+record, the result's summary). The pre-flight check covers the host's RAM too (measured here): a run
+whose offloaded layers, dataset and process would not fit it stops before loading, with advice.
 
 With ``data.packing`` the train rows are packed into micro-batches of ``batch_size x
 max_seq_length`` tokens (:mod:`nbtune.train.packing`): the trainer then takes one packed entry per
@@ -293,10 +295,11 @@ def check_fits(cfg: Config, force: bool = False):
     return preflight(cfg, gpu="auto", override_hint="train.force: true (--force on the magic / CLI, force=True)")
 
 
-def checkpointing_mode(cfg: Config, plan=None) -> tuple[str, str]:
+def checkpointing_mode(cfg: Config, plan=None):
     """The gradient checkpointing this run uses and why (one line), for ``nbtune.add_lora``: the
-    planner's :func:`nbtune.planner.checkpointing_for_run` for this machine and the launcher's world
-    size. ``plan``: the pre-flight plan of this config (:func:`check_fits`), which has resolved
+    planner's :func:`nbtune.planner.checkpointing_for_run` for this machine (its GPU and its RAM) and
+    the launcher's world size, a (mode, why) pair whose ``offload_layers`` says how many layers to
+    offload. ``plan``: the pre-flight plan of this config (:func:`check_fits`), which has resolved
     "auto" already: its choice is taken, not made again."""
     from ..planner import checkpointing_for_run
 
@@ -581,7 +584,8 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
     if main and not torch.cuda.is_available():
         print(cpu_note(cfg), file=sys.stderr)
     the_plan = check_fits(cfg, force)
-    checkpointing, checkpointing_why = checkpointing_mode(cfg, the_plan)
+    choice = checkpointing_mode(cfg, the_plan)  # (mode, why), with how many layers to offload
+    checkpointing, checkpointing_why = choice
     if main and cfg.train.gradient_checkpointing == "auto":
         print(f"nbtune: gradient checkpointing auto -> {checkpointing} ({checkpointing_why})", file=sys.stderr)
     out = output_dir(cfg)
@@ -619,7 +623,8 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
     if data.packing is not None and main:
         print(f"nbtune: {data.packing.line()}", file=sys.stderr)
     peft_model = add_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=cfg.lora.targets,
-                          gradient_checkpointing=checkpointing, seed=cfg.train.seed)
+                          gradient_checkpointing=checkpointing, offload_layers=choice.offload_layers,
+                          seed=cfg.train.seed)
     session.attach(peft_model)
     listeners = list(listeners or [])
     if progress:

@@ -4,7 +4,7 @@
     nbtune pull [NAME ...]                  fetch embedded models / data once (default: all)
     nbtune finetune RUN.yaml [--set k=v] [--plan] [--dry-run] [--resume] [--force]
                                             run a config file (the same config as %%finetune)
-    nbtune plan MODEL [--gpu T4 ...]        will it fit? memory breakdown and advice (no GPU needed)
+    nbtune plan MODEL [--gpu colab-t4 ...]  will it fit the GPU and the host RAM? breakdown, advice (no GPU needed)
     nbtune --version                        nbtune's version and its stack's (torch, transformers, ...)
 
 Several GPUs (data parallel, DDP): start the same command under a standard launcher; every process
@@ -72,7 +72,8 @@ def cmd_plan(args) -> int:
     p = plan(args.model, gpu=args.gpu, seq_len=args.seq_len, batch_size=args.batch_size, lora_rank=args.rank,
              lora_targets=targets, dtype=args.dtype, load_in_4bit=not args.no_4bit,
              gradient_checkpointing=args.checkpointing, optimizer=args.optimizer, loss=args.loss,
-             world_size=args.num_gpus)
+             world_size=args.num_gpus, host_ram_gib=_host_ram(args.host_ram), offload_layers=args.offload_layers,
+             data_rows=args.data_rows, data_tokens_per_row=args.data_tokens)
     if args.json:
         print(json.dumps(p.to_dict(), indent=1))
         return 0
@@ -82,6 +83,18 @@ def cmd_plan(args) -> int:
     if args.yaml:
         print(p.to_yaml(magic=True), end="")
     return 0
+
+
+def _host_ram(value):
+    """--host-ram: None, "auto", or a number of GiB."""
+    if value is None or value.strip().lower() == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        from ..planner import PlannerError
+
+        raise PlannerError(f"--host-ram {value!r}: a number of GiB (e.g. 12.7) or auto (this machine's RAM)") from None
 
 
 def config_from_args(args):
@@ -136,7 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_finetune)
     p = sub.add_parser("plan", help="predict GPU memory for a fine-tune: breakdown, fits or not, advice")
     p.add_argument("model", help="catalog name (e.g. llama-3.1-8b), local checkpoint dir / config.json, or hub id")
-    p.add_argument("--gpu", default="T4", help="GPU catalog name (T4, L4, A10G, A100 40GB, H100, ...) or auto")
+    p.add_argument("--gpu", default="T4",
+                   help="a platform (colab-t4, kaggle-t4x2, kaggle-p100, colab-l4, colab-a100: GPU and host RAM), a GPU "
+                        "(T4, L4, A10G, A100 40GB, H100, ...: host RAM not checked unless --host-ram) or auto (this machine)")
+    p.add_argument("--host-ram", default=None, metavar="GIB",
+                   help="the host's RAM in GiB, or auto (this machine's), for a GPU without a platform")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")
@@ -144,7 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto, float16, bfloat16, float32")
     p.add_argument("--no-4bit", action="store_true", help="16-bit base weights instead of 4-bit NF4")
     p.add_argument("--checkpointing", default="auto", choices=["auto", "offload", "plain", "off"],
-                   help="gradient checkpointing; auto: offload on one GPU, with --num-gpus > 1 plain where it fits")
+                   help="gradient checkpointing; auto: offload on one GPU (as many layers as the host's RAM holds), "
+                        "with --num-gpus > 1 plain where it fits")
+    p.add_argument("--offload-layers", type=int, default=None, metavar="N",
+                   help="with --checkpointing offload: offload only the first N layers' inputs (the rest plain)")
+    p.add_argument("--data-rows", type=int, default=None, help="training rows, for the host-RAM estimate")
+    p.add_argument("--data-tokens", type=int, default=None, metavar="N",
+                   help="tokens per row (at most --seq-len), for the host-RAM estimate")
     p.add_argument("--optimizer", default="adamw_8bit", choices=["adamw_8bit", "paged_adamw_8bit", "adamw", "sgd"])
     p.add_argument("--loss", default="auto", choices=["auto", "fused", "unfused"])
     p.add_argument("--num-gpus", type=int, default=1,

@@ -8,8 +8,12 @@ HTML, Output), which render in Colab's default widget manager, JupyterLab, Jupyt
 and VS Code without any extension. Every change re-plans (pure Python, well under a millisecond)
 and redraws:
 
-- a badge (HTML widget): fits / too tight / does not fit, with the spare or missing GiB;
-- a Plotly stacked bar of the breakdown against the GPU's total memory;
+- a badge (HTML widget): fits / too tight / does not fit, with the spare or missing GiB, for both
+  budgets: the GPU's memory and the host's RAM;
+- a Plotly stacked bar of the breakdown against the GPU's total memory, and a second figure
+  (``host_figure``) of the host's RAM: the training row (process, dataset, offloaded layer inputs,
+  pool rounding, paged optimizer) and the loading row (process, the loading transient) against the
+  host's RAM (a platform profile such as ``colab-t4``; a bare GPU's host RAM is unknown: no line);
 - the planner's suggestion (largest batch / seq_len that fit, or the smallest change that fits);
 - "make %%finetune config" fills a Textarea with the matching cell.
 
@@ -21,7 +25,7 @@ instead (updated in place, no redraw flicker), but since plotly 6 FigureWidget i
 custom widget: Colab shows it only after ``google.colab.output.enable_custom_widget_manager()``
 and it needs the ``anywidget`` package, so it is an opt-in. ``self.figure`` is the figure object
 in both cases: one bar trace per breakdown term (``legendgroup`` = the term, ``name`` = its label),
-updated in place, which is what tests inspect.
+updated in place, which is what tests inspect; ``self.host_figure`` likewise, one trace per host term.
 """
 from __future__ import annotations
 
@@ -31,8 +35,11 @@ import ipywidgets as W
 import plotly.graph_objects as go
 
 from ..planner import PlannerError, catalog_names, gpu_names, plan
+from ..planner.host_memory import HOST_TERMS, TRAINING_TERMS
 from ..planner.memory import TERMS
-from ..planner.plan import COLORS
+from ..planner.plan import COLORS, HOST_COLORS
+
+HOST_ROWS = ["training", "loading"]
 
 RANKS = [4, 8, 16, 32, 64, 128, 256]
 _STYLE = {"description_width": "initial"}
@@ -63,7 +70,8 @@ class PlannerWidget(W.VBox):
         self.load_in_4bit = W.Checkbox(value=load_in_4bit, description="4-bit NF4 base", indent=False,
                                        layout=W.Layout(width="130px"))
         # "auto" on one GPU is offloaded; the cell it makes keeps "auto", so a --gpus N run picks for itself
-        self.checkpointing = W.Dropdown(options=[("auto (offloaded on 1 GPU)", "auto"), ("offloaded (nbtune)", "offload"),
+        self.checkpointing = W.Dropdown(options=[("auto (offloaded on 1 GPU, as host RAM allows)", "auto"),
+                                                 ("offloaded (nbtune)", "offload"),
                                                  ("plain", "plain"), ("off", "off")],
                                         value=gradient_checkpointing, description="checkpointing", style=_STYLE)
         self.optimizer = W.Dropdown(options=[("AdamW 8-bit", "adamw_8bit"), ("AdamW fp32", "adamw"),
@@ -78,6 +86,7 @@ class PlannerWidget(W.VBox):
                                       layout=W.Layout(width="100%", height="220px"))
         self.figure_mode = "widget" if figure == "widget" else "static"
         self.figure = self._make_figure()
+        self.host_figure = self._make_host_figure()
         self.figure_output = W.Output() if self.figure_mode == "static" else None
         self.plan = None
         self.error: str | None = None
@@ -87,12 +96,12 @@ class PlannerWidget(W.VBox):
         for control in controls:
             control.observe(self._on_change, names="value")
         self.config_button.on_click(self._on_config)
-        figure_box = self.figure if self.figure_mode == "widget" else self.figure_output
+        figures = [self.figure, self.host_figure] if self.figure_mode == "widget" else [self.figure_output]
         super().__init__([
             W.HBox([self.model, self.model_path, self.gpu]),
             W.HBox([self.seq_len, self.batch_size, self.lora_rank, self.dtype, self.load_in_4bit]),
             W.HBox([self.checkpointing, self.optimizer]),
-            self.badge, figure_box, self.advice, self.details,
+            self.badge, *figures, self.advice, self.details,
             W.HBox([self.config_button]), self.config_text,
         ])
         self.add_class("nbtune-planner")  # a stable hook for styling and for the browser tests
@@ -138,6 +147,41 @@ class PlannerWidget(W.VBox):
                           template="plotly_white")
         return fig
 
+    def _make_host_figure(self):
+        cls = go.FigureWidget if self.figure_mode == "widget" else go.Figure
+        fig = cls()
+        for term in HOST_TERMS:
+            fig.add_trace(go.Bar(name=term, legendgroup=term, y=HOST_ROWS, x=[0.0, 0.0], orientation="h",
+                                 marker_color=HOST_COLORS[term], hovertemplate=f"{term}: %{{x:.2f}} GiB<extra></extra>"))
+        fig.update_layout(barmode="stack", height=240, margin=dict(l=10, r=10, t=40, b=10), xaxis_title="GiB",
+                          legend=dict(orientation="h", yref="container", yanchor="bottom", y=0, x=0),
+                          template="plotly_white")
+        return fig
+
+    def _render_host(self, p):
+        """The host-RAM figure: per process (x world size) training and loading rows, the host's RAM line."""
+        fig = self.host_figure
+        world = p.world_size
+        with fig.batch_update() if self.figure_mode == "widget" else _nullcontext():
+            for trace, (term, gib) in zip(fig.data, p.host_breakdown.items()):
+                training = gib if term == "process baseline" or term in TRAINING_TERMS else 0.0
+                loading = gib if term in ("process baseline", "model loading (transient)") else 0.0
+                trace.x = [world * training, world * loading]
+                label = p.host_term_label(term)
+                trace.name = label
+                trace.hovertemplate = f"{html.escape(label)}: %{{x:.2f}} GiB<extra></extra>"
+            fig.layout.shapes = ()
+            cap = p.host_capacity_gib
+            if cap is not None:
+                fig.add_shape(type="line", x0=cap, x1=cap, y0=-0.5, y1=1.5, line=dict(color="black", width=2))
+                fig.add_shape(type="line", x0=cap - p.host_required_margin_gib, x1=cap - p.host_required_margin_gib,
+                              y0=-0.5, y1=1.5, line=dict(color="black", width=1, dash="dot"))
+            procs = f", {world} processes" if world > 1 else ""
+            of = f" of {cap:.2f} GiB" if cap is not None else " (host RAM unknown)"
+            fig.update_layout(
+                title=dict(text=f"host RAM{procs}: {p.host_peak_gib:.2f} GiB{of} ({p.gpu.name})", font=dict(size=14)),
+                xaxis=dict(range=[0, max(cap or 0.0, p.host_peak_gib) * 1.05]))
+
     def _render(self):
         p = self.plan
         if p is None:
@@ -146,9 +190,15 @@ class PlannerWidget(W.VBox):
             self.details.value = ""
             self._show_figure()
             return
-        color = "#1a7f37" if p.fits else ("#9a6700" if p.margin_gib >= 0 else "#cf222e")
+        short = p.margin_gib < 0 or (p.host_margin_gib is not None and p.host_margin_gib < 0)
+        color = "#1a7f37" if p.fits else ("#cf222e" if short else "#9a6700")
+        cap = p.host_capacity_gib
+        host = (f"host RAM <b>{p.host_peak_gib:.2f} GiB</b> of {cap:.2f} GiB" if cap is not None else
+                f"host RAM {p.host_peak_gib:.2f} GiB (not checked: the host's RAM is unknown for "
+                f"{html.escape(p.gpu.name)}; pick a platform such as colab-t4)")
         self.badge.value = (_badge(color, p.verdict()) + f" <span style='margin-left:8px'>peak "
-                            f"<b>{p.peak_gib:.2f} GiB</b> of {p.capacity_gib:.2f} GiB on {html.escape(p.gpu.name)}</span>")
+                            f"<b>{p.peak_gib:.2f} GiB</b> of {p.capacity_gib:.2f} GiB on {html.escape(p.gpu.name)}; "
+                            f"{host}</span>")
         labels = {t: p.term_label(t) for t in TERMS}
         with self.figure.batch_update() if self.figure_mode == "widget" else _nullcontext():
             for trace, (term, gib) in zip(self.figure.data, p.breakdown.items()):
@@ -166,6 +216,7 @@ class PlannerWidget(W.VBox):
                 title=dict(text=f"{p.model.name}: {p.peak_gib:.2f} GiB of {p.capacity_gib:.2f} GiB ({p.gpu.name})",
                            font=dict(size=14)),
                 xaxis=dict(range=[0, top]))
+        self._render_host(p)
         try:
             self.advice.value = f"<div style='color:#57606a'>{html.escape(p.suggest().message)}</div>"
         except PlannerError as e:
@@ -191,6 +242,7 @@ class PlannerWidget(W.VBox):
         with self.figure_output:
             clear_output(wait=True)
             display(self.figure)
+            display(self.host_figure)
 
 
 class _nullcontext:

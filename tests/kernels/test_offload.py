@@ -368,6 +368,55 @@ def test_pool_carves_aligned_buffers():
     assert fresh.data_ptr() not in {b.data_ptr() for b in buffers}
 
 
+def test_pool_serves_shorter_inputs_from_longer_buffers_and_drops_outgrown_slabs():
+    pool = offload._HostBufferPool()
+    small = [pool.take(1000, pinned=False) for _ in range(5)]
+    for b in small:
+        pool.give(b, None, pinned=False)
+    assert pool.stats()["pool_slabs"] == 2
+    large = [pool.take(3000, pinned=False) for _ in range(5)]  # nothing fits: the 1000-byte slabs go
+    stats = pool.stats()
+    assert stats["pool_retired"] == 2 and stats["pool_slabs"] == len(pool._slabs) and all(
+        s.numel() >= 3000 for s in pool._slabs)
+    assert all(b.numel() == 3000 for b in large)
+    for b in large:
+        pool.give(b, None, pinned=False)
+    slabs = pool.stats()["pool_slabs"]
+    medium = [pool.take(2000, pinned=False) for _ in range(5)]  # served by the 3000-byte buffers
+    assert all(b.numel() == 2000 for b in medium) and pool.stats()["pool_slabs"] == slabs
+    assert {b.data_ptr() for b in medium} <= {b.data_ptr() for b in large}
+    # a slab with a buffer still held is not dropped, and its buffers come back to the pool
+    held = medium[0]
+    for b in medium[1:]:
+        pool.give(b, None, pinned=False)
+    bigger = pool.take(8000, pinned=False)
+    slab = held._nbtune_whole._nbtune_slab
+    assert not slab.retired and any(t is slab.tensor for t in pool._slabs)  # the held one's slab stays
+    pool.give(held, None, pinned=False)
+    again = pool.take(2000, pinned=False)
+    assert again.numel() == 2000 and bigger.numel() == 8000
+
+
+def test_batches_of_varying_length_do_not_grow_the_pool(kernel_mode):
+    """Padded batches change length every micro-batch: the pool ends at one step's buffers for the
+    longest (what the planner's host-RAM estimate counts), and the gradients are unchanged."""
+    from nbtune.planner.host_memory import pool_bytes
+
+    kernel_mode("triton")
+    offload.release_pinned_memory()
+    n = 4
+    layers = make_stack(n_layers=n, seed=59)
+    lengths = [10, 13, 7, 22, 16, 22, 5, 19]
+    for length in lengths:
+        x = torch.randn(2, length, 24, requires_grad=True)
+        assert_same_step(run_stack(layers, x, offloaded_checkpoint), run_stack(layers, x), **FP32_TOL)
+    gc.collect()
+    longest = 2 * max(lengths) * 24 * 4
+    assert offload_stats()["pool_bytes"] <= pool_bytes(n, longest)
+    assert offload_stats()["pool_retired"] >= 1
+    offload.release_pinned_memory()
+
+
 class _CopyEvent:
     """Stands in for a CUDA event: finished or not, and whether the host waited on it."""
 
@@ -379,6 +428,20 @@ class _CopyEvent:
 
     def synchronize(self):
         self.waited = True
+
+
+def test_the_planners_pool_model_is_the_pool():
+    """nbtune.planner.host_memory.pool_bytes (the host-RAM estimate's pool term) counts the slabs the
+    pool allocates, each rounded up to a power of two as the pinned allocator does."""
+    from nbtune.planner import host_memory
+
+    assert host_memory.POOL_SLAB_MIN_BUFFERS == offload.SLAB_MIN_BUFFERS
+    assert host_memory.POOL_BUFFER_ALIGN == offload.BUFFER_ALIGN
+    for nbytes, n in [(1000, 5), (3 * 2**20 + 7, 9), (384 * 2**10, 11), (2**20, 4)]:
+        pool = offload._HostBufferPool()
+        taken = [pool.take(nbytes, pinned=False) for _ in range(n)]
+        assert len(taken) == n
+        assert host_memory.pool_bytes(n, nbytes) == sum(host_memory._next_pow2(slab.numel()) for slab in pool._slabs)
 
 
 def test_pool_hands_out_the_buffer_given_back_longest_ago_without_waiting():
@@ -564,6 +627,31 @@ def test_enable_every_n_layers(kernel_mode):
     for n in grads:
         torch.testing.assert_close(grads[n], expected_grads[n], **FP32_TOL)
     assert offload_stats()["offloaded"] == 1
+
+
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_enable_offloads_the_first_n_layers_and_checkpoints_the_rest_plainly(kernel_mode, n):
+    """Partial offload: the first n decoder layers offloaded, the others plain; gradients unchanged."""
+    kernel_mode("triton")
+    model = tiny_lora_llama(seed=8)
+    input_ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(9))
+    expected_loss, expected_grads = lora_step(copy.deepcopy(model), input_ids)
+    enable_offloaded_checkpointing(model, offload_layers=n)
+    layers = offload.checkpointed_layers(model)
+    assert layers == list(model.get_base_model().model.layers)
+    assert [layer._gradient_checkpointing_func.func for layer in layers] == (
+        [offloaded_checkpoint] * n + [offloaded_checkpoint_reference] * (len(layers) - n))
+    loss, grads = lora_step(model, input_ids)
+    torch.testing.assert_close(loss, expected_loss, **FP32_TOL)
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], **FP32_TOL)
+    assert offload_stats()["offloaded"] == n
+
+
+def test_enable_rejects_a_bad_layer_count():
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="offload_layers must be a whole number"):
+            enable_offloaded_checkpointing(tiny_lora_llama(), offload_layers=bad)
 
 
 def test_enable_rejects_models_without_checkpointing_support():

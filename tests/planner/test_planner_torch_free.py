@@ -15,6 +15,8 @@ import nbtune.planner
 from nbtune.planner import calibration
 p = nbtune.planner.plan("llama-3.1-8b", gpu="T4", seq_len=2048, batch_size=1, lora_rank=16)
 rows = calibration.check()
+q = nbtune.planner.plan("llama-3.1-8b", gpu="colab-t4", seq_len=49152, batch_size=1, host_ram_gib="auto")
+q.suggest(); repr(q)  # host RAM: the profile's, and this machine's read from /proc
 print(json.dumps({"fits": p.fits, "rows": len(rows), "modules": sorted(sys.modules)}))
 """
 

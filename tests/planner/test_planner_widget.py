@@ -137,7 +137,29 @@ def test_renders_into_the_output_widget_inside_a_kernel(monkeypatch):
     try:
         w = PlannerWidget(model="smollm2-135m")
         w.seq_len.value = 4096
-        assert shown and shown[-1] is w.figure
+        assert shown and shown[-2:] == [w.figure, w.host_figure]
     finally:
         InteractiveShell.clear_instance()
         del shell
+
+
+def test_host_ram_figure_and_badge_on_a_platform():
+    """A platform profile carries its RAM: the host figure draws the training and loading rows against
+    it and the badge states both budgets; where the host cannot hold every layer input, "auto" offloads
+    fewer and the figure shows the rest are not in host RAM."""
+    from nbtune.planner.host_memory import HOST_TERMS
+
+    w = PlannerWidget(model="llama-3.1-8b", gpu="colab-t4", seq_len=16384, batch_size=2)
+    p = w.plan
+    assert [t.legendgroup for t in w.host_figure.data] == list(HOST_TERMS)
+    rows = {t.legendgroup: list(t.x) for t in w.host_figure.data}
+    training = sum(x[0] for x in rows.values())
+    loading = sum(x[1] for x in rows.values())
+    assert max(training, loading) == pytest.approx(p.host_peak_gib)
+    assert rows["model loading (transient)"][0] == 0 and rows["offloaded activations"][1] == 0
+    assert w.host_figure.layout.shapes[0].x0 == pytest.approx(p.host_capacity_gib)
+    assert 0 < p.offloaded_layers < p.model.num_layers and p.host_fits
+    assert "host RAM" in w.badge.value and f"{p.host_capacity_gib:.2f} GiB" in w.badge.value
+    w.gpu.value = "T4"  # a bare GPU: its host's RAM is unknown, no capacity line, and the badge says so
+    assert not w.host_figure.layout.shapes and "not checked" in w.badge.value
+    assert w.plan.offloaded_layers == w.plan.model.num_layers
