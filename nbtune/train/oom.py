@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import gc
 import re
 import traceback
@@ -195,7 +196,7 @@ def released_on_oom(run: Callable) -> Callable:
         except Exception as exc:
             if not is_cuda_oom(exc):
                 raise
-            failure = describe_failure(exc, run.__code__)
+            failure = describe_failure(exc, inspect.unwrap(run).__code__)  # the run's own frame, under its other decorators
             release_run_memory(exc, failure.peft_id)
         # raised here, outside the handler: the original error and its frames are not its context
         raise oom_error(failure)

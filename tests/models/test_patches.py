@@ -188,7 +188,10 @@ def test_hub_kernels_are_switched_off_so_the_patches_survive_train_and_eval(coun
     model = tiny_model("llama")
     if not hasattr(model, "set_use_kernels"):
         pytest.skip("this transformers release has no hub-kernel integration")
-    model.set_use_kernels(True)  # what from_pretrained does by default from transformers 5.25
+    try:
+        model.set_use_kernels(True)  # what from_pretrained does by default from transformers 5.25
+    except ValueError as e:  # a kernels release this transformers refuses: no hub kernels to switch off
+        pytest.skip(f"the installed kernels package does not work with this transformers: {e}")
     assert model.use_kernels
     peft_model = nbtune.add_lora(model, r=4)
     assert not model.use_kernels
