@@ -43,6 +43,29 @@ def test_generation_after_training_matches_transformers(family):
     assert torch.equal(got, want), (got, want)
 
 
+@pytest.mark.parametrize("name", ["past_key_values", "cache"])
+def test_the_kv_cache_is_taken_under_either_name(name):
+    """transformers 5.24 renamed the KV cache argument ``past_key_values`` to ``cache``; a caller of
+    the patched model may use either, on any release: the cache fills for every layer and the next
+    token's logits are transformers' own."""
+    from transformers import DynamicCache
+
+    ours, ref = lora_pair("llama")
+    ours.eval()
+    ref.eval()
+    ids, _ = random_batch(batch=1, length=7)
+    with torch.no_grad():
+        cache = DynamicCache(config=ours.config)
+        ours(input_ids=ids[:, :6], use_cache=True, **{name: cache})
+        assert cache.get_seq_length() == 6
+        got = ours(input_ids=ids[:, 6:], use_cache=True, **{name: cache}).logits
+        assert cache.get_seq_length() == 7
+        want = ref(input_ids=ids, use_cache=False).logits[:, -1:]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="passed twice"):
+        ours(input_ids=ids, past_key_values=DynamicCache(config=ours.config), cache=DynamicCache(config=ours.config))
+
+
 # ----------------------------------------------------------------------------- packing and padding
 def _packed(seqs):
     ids = torch.cat(seqs)[None]

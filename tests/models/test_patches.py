@@ -184,14 +184,15 @@ def test_hub_kernels_are_switched_off_so_the_patches_survive_train_and_eval(coun
     """With Hugging Face's `kernels` installed, transformers (5.25 on: by default) kernelizes the
     model and re-kernelizes on every train()/eval() switch, taking the patched RMSNorm forwards off.
     Patching turns the hub kernels off first, so after the switches the fused norm still runs."""
-    pytest.importorskip("kernels", reason="Hugging Face's kernels package is not installed in this environment")
-    model = tiny_model("llama")
-    if not hasattr(model, "set_use_kernels"):
+    try:  # not importorskip: under pytest tests/kernels is an importable namespace folder named kernels
+        from transformers.utils import is_kernels_available
+    except ImportError:
         pytest.skip("this transformers release has no hub-kernel integration")
-    try:
-        model.set_use_kernels(True)  # what from_pretrained does by default from transformers 5.25
-    except ValueError as e:  # a kernels release this transformers refuses: no hub kernels to switch off
-        pytest.skip(f"the installed kernels package does not work with this transformers: {e}")
+    if not is_kernels_available():
+        pytest.skip("Hugging Face's kernels package is not installed here (or not in the versions this transformers "
+                    "release supports)")
+    model = tiny_model("llama")
+    model.set_use_kernels(True)  # what from_pretrained does by default from transformers 5.25
     assert model.use_kernels
     peft_model = nbtune.add_lora(model, r=4)
     assert not model.use_kernels
