@@ -336,19 +336,37 @@ def check_inputs(cfg: Config) -> None:
 
 
 def _load_base(cfg: Config):
+    if cfg.model.trust_remote_code:
+        print(f"nbtune: model.trust_remote_code: true: loading {cfg.model.name} runs the Python code shipped with it "
+              "(auto_map in its config); only for a source you trust", file=sys.stderr)
     return load_model(cfg.model.name, max_seq_length=cfg.model.max_seq_length, load_in_4bit=cfg.model.load_in_4bit,
                       dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
 
 
 def _load_tokenizer(cfg: Config):
+    """The tokenizer for a dry run. A dry run runs no code shipped with the model, whatever
+    model.trust_remote_code says (it is a check, and nothing in it needs the code): the tokenizer
+    loads without trust_remote_code, so a tokenizer that exists only as custom code is an error
+    saying so."""
     from transformers import AutoTokenizer
 
-    from ..models import resolve_model_path
+    from ..models import ModelLoadError, resolve_model_path
 
     key = session.cached_model_key()
     if key == session.model_key(cfg):
         return session._SLOT["tokenizer"]
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name), trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.model.trust_remote_code:
+        print("nbtune: dry run: model.trust_remote_code is true, but a dry run runs no code shipped with the model; "
+              "its tokenizer is loaded without it", file=sys.stderr)
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name), trust_remote_code=False)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise ModelLoadError(
+            f"dry run: the tokenizer of {cfg.model.name} exists only as custom code shipped with the model (auto_map "
+            "in its tokenizer_config.json), and a dry run runs no such code, so it cannot count tokens. Read that "
+            "code first; a real run with model.trust_remote_code: true runs it") from None
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token or tok.eos_token
     return tok
