@@ -1,9 +1,8 @@
 """Security (issue 8): weights are written only as safetensors; ``trust_remote_code`` is off unless
 the config asks, and then reaches transformers as asked (a dry run never runs the model's code);
-config values are data, never code
-(YAML tags that build Python objects are refused, text that looks like code stays text); the
-pickled states of a checkpoint are read back with ``weights_only=True``, so a tampered one cannot
-run code on resume."""
+config values are data, never code (YAML tags that build Python objects are refused, text that
+looks like code stays text); the pickled states of a checkpoint are read back with
+``weights_only=True``, so a tampered one cannot run code on resume."""
 import pickle
 
 import pytest
