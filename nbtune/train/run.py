@@ -300,7 +300,8 @@ def check_output_dir(out: Path) -> None:
 
 def check_inputs(cfg: Config) -> None:
     """The cheap checks of a run, before any model is loaded and before anything is written: the
-    output folder can be written, the model name resolves, max_seq_length is within a local
+    output folder can be written, the model name resolves (a hub id: the hub answers, the model is
+    not gated for this account; see nbtune/models/hub.py), max_seq_length is within a local
     model's limit, bitsandbytes imports where the config needs it (on a GPU), a local model folder
     holds safetensors weights and a tokenizer and has the modules lora.targets names, and the data
     source exists and its rows parse into conversations."""
@@ -313,6 +314,10 @@ def check_inputs(cfg: Config) -> None:
     name = cfg.model.name
     check_model_name(name)
     local = model_dir(name) if name in MODELS and is_pulled(name) else Path(os.path.expanduser(name))
+    if name not in MODELS and not local.is_dir():  # a hub id: reachable, not gated, spelled right
+        from ..models.hub import check_hub_model
+
+        check_hub_model(name)
     if (local / "config.json").is_file():
         check_seq_length(cfg.model.max_seq_length, read_config(str(local)), where=repr(name))
     check_bitsandbytes(cfg, torch.cuda.is_available())

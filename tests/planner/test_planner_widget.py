@@ -141,3 +141,25 @@ def test_renders_into_the_output_widget_inside_a_kernel(monkeypatch):
     finally:
         InteractiveShell.clear_instance()
         del shell
+
+
+def test_a_gated_model_is_said_in_the_widget_and_in_the_cell_it_writes(widget):
+    """The default model (Llama 3.1) is gated on the hub: the widget's notes say so, and the cell it
+    writes carries the licence step under model.name (a comment: the cell still parses)."""
+    from nbtune.train import build_config
+
+    assert "is gated on the hub" in widget.details.value
+    widget.config_button.click()
+    text = widget.config_text.value
+    name_line, comment = text.split("\n")[2:4]
+    assert name_line == "  name: meta-llama/Llama-3.1-8B-Instruct"
+    assert comment.startswith("  # meta-llama/Llama-3.1-8B-Instruct is gated on the hub: accept its licence")
+    for needle in ("huggingface-cli login", "HF_TOKEN", "ungated copy", "unsloth/"):
+        assert needle in text, text
+    assert build_config(text.split("\n", 1)[1]).model.name == "meta-llama/Llama-3.1-8B-Instruct"
+    widget.model.value = "qwen2.5-7b"  # not gated: no note, no comment
+    widget.config_button.click()
+    assert "gated" not in widget.config_text.value and "gated" not in widget.details.value
+    widget.model_path.value = "meta-llama/Llama-3.1-8B"  # a gated hub id typed in, not the catalog's own
+    widget.config_button.click()
+    assert "  # meta-llama/Llama-3.1-8B is gated on the hub" in widget.config_text.value
