@@ -34,7 +34,7 @@ import torch
 from ..models import add_lora, load_model
 from ..models.lora import trainable_to_fp32
 from ..models.patches.host_facts import text_only_check
-from . import batch_fit, distributed, session
+from . import batch_fit, disk, distributed, session
 from .checkpoint import (InterruptCallback, StagedCheckpoints, checkpoint_step, checkpoints_dir, complete_checkpoints,
                          latest_checkpoint,
                          save_after_keyboard_interrupt, sigint_stops)
@@ -476,6 +476,7 @@ def dry_run_report(config=None, gpu=None, resume=False, world_size: int | None =
     )
 
 
+@disk.explains_full_disk  # a full disk: which file, how much room is needed, what is kept
 @released_on_oom  # out of GPU memory: the run's memory is released, the error carries the planner's advice
 def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=False, force: bool = False,
              gpu=None, listeners: list[Callable[[dict], None]] | None = None, model=None, tokenizer=None,
@@ -510,6 +511,7 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
     if main and cfg.train.gradient_checkpointing == "auto":
         print(f"nbtune: gradient checkpointing auto -> {checkpointing} ({checkpointing_why})", file=sys.stderr)
     out = output_dir(cfg)
+    disk.track(out, cfg)
     resume_from = _resume_point(out, resume)
     t_start = time.perf_counter()
     if model is None:
@@ -538,6 +540,7 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
     peft_model = add_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=cfg.lora.targets,
                           gradient_checkpointing=checkpointing, seed=cfg.train.seed)
     session.attach(peft_model)
+    disk.track(out, cfg, peft_model)
     listeners = list(listeners or [])
     if progress:
         listeners.append(TerminalProgress())

@@ -151,10 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_failures() -> tuple:
     """The errors a run ends with after it started (not bad input): their messages say what to change."""
+    from ..train.disk import DiskFullError
     from ..train.oom import GPUOutOfMemoryError
     from ..train.stability import TrainingDivergedError
 
-    return GPUOutOfMemoryError, TrainingDivergedError
+    return GPUOutOfMemoryError, TrainingDivergedError, DiskFullError
 
 
 def main(argv=None) -> int:
@@ -179,7 +180,7 @@ def main(argv=None) -> int:
         text = lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "")
         print(f"nbtune: error: {text}", file=sys.stderr)
         return 2
-    except run_failures() as e:  # out of GPU memory, NaN/inf: the run's own message, which says what to change
+    except run_failures() as e:  # out of GPU memory, NaN/inf, a full disk: the message says what to change
         print(f"nbtune: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
