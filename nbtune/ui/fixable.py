@@ -1,5 +1,5 @@
 """Which nbtune errors a user fixes by changing something (the config, the data, the model, the
-memory plan, the batch size after an OOM, the learning rate after a divergence). The notebook
+memory plan, the batch size after an OOM, the learning rate after a divergence, the disk's room). The notebook
 doors show those as their message alone (no traceback), because the message says what to change;
 any other error keeps its traceback. One list for the magic and the data-parallel launcher, which
 judges each rank's error by the same rule (the rank records the verdict in its error report).
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 FIXABLE = frozenset({
     "ConfigError", "DataError", "AssetError", "ModelLoadError", "PlannerError", "DoesNotFitError",
-    "DistributedSetupError", "GPUOutOfMemoryError", "TrainingDivergedError",
+    "DistributedSetupError", "GPUOutOfMemoryError", "TrainingDivergedError", "DiskFullError",
 })
 
 
