@@ -216,6 +216,10 @@ def load_model(
     path = resolve_model_path(name_or_path)
     if Path(path).is_dir():
         check_checkpoint_files(path)
+    else:  # a hub id: fails fast when the hub is off or away, or the model is gated
+        from .hub import check_hub_model
+
+        check_hub_model(path)
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     compute_dtype = resolve_dtype(dtype, device)
     cfg = read_config(path)

@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import html
 import os
+import textwrap
 import warnings
 from typing import Any, Callable
 
@@ -28,7 +29,7 @@ from .gpus import CATALOG as GPU_CATALOG
 from .gpus import GPU, PROFILES, planned_gpu, resolve_gpu
 from .host_memory import HOST_TERMS
 from .memory import GiB, Coefficients, Settings
-from .shapes import ModelShape, PlannerError, find_in_catalog, resolve_shape
+from .shapes import ModelShape, PlannerError, find_in_catalog, gated_note, is_gated_hub_id, resolve_shape
 
 DTYPE_ALIASES = {"fp16": "float16", "float16": "float16", "half": "float16", "torch.float16": "float16",
                  "bf16": "bfloat16", "bfloat16": "bfloat16", "torch.bfloat16": "bfloat16",
@@ -344,6 +345,10 @@ class Plan:
         import yaml
 
         text = yaml.safe_dump(self.to_config(), sort_keys=False, default_flow_style=False)
+        if is_gated_hub_id(self.model_ref):  # a comment under the name: the cell cannot run without it
+            name_line = next(line for line in text.splitlines() if line.startswith("  name: "))
+            comment = "\n".join("  # " + part for part in textwrap.wrap(gated_note(self.model_ref), 96))
+            text = text.replace(name_line + "\n", f"{name_line}\n{comment}\n", 1)
         return ("%%finetune\n" + text) if magic else text
 
     # ------------------------------------------------------------------ display
@@ -808,6 +813,8 @@ def plan(model, gpu="T4", seq_len: int = 2048, batch_size: int = 2, lora_rank: i
         model_ref = shape.hub_id  # a config.json: the config names its checkpoint directory
     if model_ref is not None and find_in_catalog(model_ref) is shape and "/" not in model_ref:
         model_ref = shape.hub_id or shape.name  # a catalog name: the config names where the weights are
+    if is_gated_hub_id(model_ref):
+        notes.append(gated_note(model_ref))
     checkpointing = _norm_choice(gradient_checkpointing, CHECKPOINTING_ALIASES, "gradient_checkpointing")
     st = Settings(
         seq_len=int(seq_len), batch_size=int(batch_size), lora_rank=int(lora_rank), lora_targets=lora_targets,

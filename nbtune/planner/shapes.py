@@ -216,6 +216,23 @@ CATALOG: dict[str, ModelShape] = {s.name: s for s in [
     _shape("smollm2-1.7b", 2048, 8192, 24, 32, 32, 49152, True, 8192, hub_id="HuggingFaceTB/SmolLM2-1.7B-Instruct"),
 ]}
 
+# Hub ids under these prefixes are gated: the model page asks to accept a licence before any download
+# (Llama, Mistral, Gemma); a config that names one says so (see gated_note).
+GATED_HUB_PREFIXES = ("meta-llama/", "mistralai/", "google/gemma")
+
+
+def is_gated_hub_id(ref: str | None) -> bool:
+    """``ref`` is a hub id of a gated family (:data:`GATED_HUB_PREFIXES`)."""
+    return bool(ref) and str(ref).lower().startswith(tuple(p.lower() for p in GATED_HUB_PREFIXES))
+
+
+def gated_note(hub_id: str) -> str:
+    """What to do before a config naming the gated ``hub_id`` can run (one line)."""
+    return (f"{hub_id} is gated on the hub: accept its licence on https://huggingface.co/{hub_id} and log in "
+            "(huggingface-cli login or HF_TOKEN) before running, or name an ungated copy in model.name (for example "
+            "a mirror under unsloth/ or NousResearch/)")
+
+
 # Other spellings of catalogued models (after normalization, see _normalize).
 ALIASES = {
     "llama3-8b": "llama-3-8b", "llama-3.1-8b": "llama-3.1-8b", "llama3.1-8b": "llama-3.1-8b",

@@ -43,7 +43,7 @@ from .. import quiet
 from ..versions import stack_line
 from ..models.lora import trainable_to_fp32
 from ..models.patches.gemma3 import text_only_check
-from . import batch_fit, distributed, run_folder, session
+from . import batch_fit, disk, distributed, run_folder, session
 from .checkpoint import (MARKER, AutoSave, InterruptCallback, StagedCheckpoints, checkpoint_problem, checkpoint_step,
                          checkpoints_dir, complete_checkpoints, latest_checkpoint, remove_stale_staging,
                          resumable_checkpoint,
@@ -327,7 +327,8 @@ def check_output_dir(out: Path) -> None:
 
 def check_inputs(cfg: Config) -> None:
     """The cheap checks of a run, before any model is loaded and before anything is written: the
-    output folder can be written, the model name resolves, max_seq_length is within a local
+    output folder can be written, the model name resolves (a hub id: the hub answers, the model is
+    not gated for this account; see nbtune/models/hub.py), max_seq_length is within a local
     model's limit, bitsandbytes imports where the config needs it (on a GPU), a local model folder
     holds safetensors weights and a tokenizer and has the modules lora.targets names, and the data
     source exists and its rows parse into conversations."""
@@ -340,6 +341,10 @@ def check_inputs(cfg: Config) -> None:
     name = cfg.model.name
     check_model_name(name)
     local = model_dir(name) if name in MODELS and is_pulled(name) else Path(os.path.expanduser(name))
+    if name not in MODELS and not local.is_dir():  # a hub id: reachable, not gated, spelled right
+        from ..models.hub import check_hub_model
+
+        check_hub_model(name)
     if (local / "config.json").is_file():
         check_seq_length(cfg.model.max_seq_length, read_config(str(local)), where=repr(name))
     check_bitsandbytes(cfg, torch.cuda.is_available())
@@ -363,19 +368,37 @@ def check_inputs(cfg: Config) -> None:
 
 
 def _load_base(cfg: Config):
+    if cfg.model.trust_remote_code:
+        print(f"nbtune: model.trust_remote_code: true: loading {cfg.model.name} runs the Python code shipped with it "
+              "(auto_map in its config); only for a source you trust", file=sys.stderr)
     return load_model(cfg.model.name, max_seq_length=cfg.model.max_seq_length, load_in_4bit=cfg.model.load_in_4bit,
                       dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
 
 
 def _load_tokenizer(cfg: Config):
+    """The tokenizer for a dry run. A dry run runs no code shipped with the model, whatever
+    model.trust_remote_code says (it is a check, and nothing in it needs the code): the tokenizer
+    loads without trust_remote_code, so a tokenizer that exists only as custom code is an error
+    saying so."""
     from transformers import AutoTokenizer
 
-    from ..models import resolve_model_path
+    from ..models import ModelLoadError, resolve_model_path
 
     key = session.cached_model_key()
     if key == session.model_key(cfg):
         return session._SLOT["tokenizer"]
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name), trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.model.trust_remote_code:
+        print("nbtune: dry run: model.trust_remote_code is true, but a dry run runs no code shipped with the model; "
+              "its tokenizer is loaded without it", file=sys.stderr)
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name), trust_remote_code=False)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise ModelLoadError(
+            f"dry run: the tokenizer of {cfg.model.name} exists only as custom code shipped with the model (auto_map "
+            "in its tokenizer_config.json), and a dry run runs no such code, so it cannot count tokens. Read that "
+            "code first; a real run with model.trust_remote_code: true runs it") from None
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token or tok.eos_token
     return tok
@@ -552,6 +575,7 @@ def dry_run_report(config=None, gpu=None, resume=False, world_size: int | None =
     )
 
 
+@disk.explains_full_disk  # a full disk: which file, how much room is needed, what is kept
 @released_on_oom  # out of GPU memory: the run's memory is released, the error carries the planner's advice
 @run_folder.releases_locks
 def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=False, force: bool = False,
@@ -589,6 +613,7 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
     if main and cfg.train.gradient_checkpointing == "auto":
         print(f"nbtune: gradient checkpointing auto -> {checkpointing} ({checkpointing_why})", file=sys.stderr)
     out = output_dir(cfg)
+    disk.track(out, cfg)
     resume_from = _resume_point(out, resume)
     if resume_from is not None:
         check_resume(cfg, out, resume_from, say=(lambda text: print(text, file=sys.stderr)) if main else None)
@@ -626,6 +651,7 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
                           gradient_checkpointing=checkpointing, offload_layers=choice.offload_layers,
                           seed=cfg.train.seed)
     session.attach(peft_model)
+    disk.track(out, cfg, peft_model)
     listeners = list(listeners or [])
     if progress:
         listeners.append(TerminalProgress())

@@ -1,5 +1,5 @@
 """Which nbtune errors a user fixes by changing something (the config, the data, the model, the
-memory plan, the batch size after an OOM, the learning rate after a divergence). The notebook
+memory plan, the batch size after an OOM, the learning rate after a divergence, the disk's room). The notebook
 doors show those as their message alone (no traceback), because the message says what to change;
 any other error keeps its traceback. One list for the magic, the command line (its exit code and
 message) and the data-parallel launcher, which judges each rank's error by the same rule (the rank
@@ -12,8 +12,8 @@ from __future__ import annotations
 INPUT_ERRORS = frozenset({"ConfigError", "DataError", "AssetError", "ModelLoadError", "DistributedSetupError"})
 # The memory planner's answer: the message is the plan and its advice (several lines).
 PLAN_ERRORS = frozenset({"PlannerError", "DoesNotFitError"})
-# A run that started and stopped on what the user changes (out of GPU memory, NaN/inf loss).
-RUN_ERRORS = frozenset({"GPUOutOfMemoryError", "TrainingDivergedError"})
+# A run that started and stopped on what the user changes (out of GPU memory, NaN/inf loss, a full disk).
+RUN_ERRORS = frozenset({"GPUOutOfMemoryError", "TrainingDivergedError", "DiskFullError"})
 FIXABLE = INPUT_ERRORS | PLAN_ERRORS | RUN_ERRORS
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from nbtune.planner.plan import DoesNotFitError
 from nbtune.train.config import ConfigError
+from nbtune.train.disk import DiskFullError
 from nbtune.train.distributed import DistributedSetupError
 from nbtune.train.oom import GPUOutOfMemoryError
 from nbtune.train.stability import TrainingDivergedError
@@ -20,6 +21,7 @@ from nbtune.ui.launch import LaunchError, _ranks_failed
     DistributedSetupError("model on cuda:1, this rank's GPU is cuda:0"),
     DoesNotFitError("predicted 17.2 GiB on a T4 (14.7): set train.batch_size: 1", plan=None),
     LaunchError("rank 1: train.lr: must be > 0", fixable=True),
+    DiskFullError("the disk is full (ENOSPC: No space left on device) writing adapter/README.md", None, None),
 ])
 def test_errors_the_user_fixes(error):
     assert is_fixable(error)

@@ -163,3 +163,25 @@ def test_host_ram_figure_and_badge_on_a_platform():
     w.gpu.value = "T4"  # a bare GPU: its host's RAM is unknown, no capacity line, and the badge says so
     assert not w.host_figure.layout.shapes and "not checked" in w.badge.value
     assert w.plan.offloaded_layers == w.plan.model.num_layers
+
+
+def test_a_gated_model_is_said_in_the_widget_and_in_the_cell_it_writes(widget):
+    """The default model (Llama 3.1) is gated on the hub: the widget's notes say so, and the cell it
+    writes carries the licence step under model.name (a comment: the cell still parses)."""
+    from nbtune.train import build_config
+
+    assert "is gated on the hub" in widget.details.value
+    widget.config_button.click()
+    text = widget.config_text.value
+    name_line, comment = text.split("\n")[2:4]
+    assert name_line == "  name: meta-llama/Llama-3.1-8B-Instruct"
+    assert comment.startswith("  # meta-llama/Llama-3.1-8B-Instruct is gated on the hub: accept its licence")
+    for needle in ("huggingface-cli login", "HF_TOKEN", "ungated copy", "unsloth/"):
+        assert needle in text, text
+    assert build_config(text.split("\n", 1)[1]).model.name == "meta-llama/Llama-3.1-8B-Instruct"
+    widget.model.value = "qwen2.5-7b"  # not gated: no note, no comment
+    widget.config_button.click()
+    assert "gated" not in widget.config_text.value and "gated" not in widget.details.value
+    widget.model_path.value = "meta-llama/Llama-3.1-8B"  # a gated hub id typed in, not the catalog's own
+    widget.config_button.click()
+    assert "  # meta-llama/Llama-3.1-8B is gated on the hub" in widget.config_text.value

@@ -1,8 +1,8 @@
 """Security (issue 8): weights are written only as safetensors; ``trust_remote_code`` is off unless
-the config asks, and then reaches transformers as asked; config values are data, never code
-(YAML tags that build Python objects are refused, text that looks like code stays text); the
-pickled states of a checkpoint are read back with ``weights_only=True``, so a tampered one cannot
-run code on resume."""
+the config asks, and then reaches transformers as asked (a dry run never runs the model's code);
+config values are data, never code (YAML tags that build Python objects are refused, text that
+looks like code stays text); the pickled states of a checkpoint are read back with
+``weights_only=True``, so a tampered one cannot run code on resume."""
 import json
 import pickle
 
@@ -148,3 +148,54 @@ def test_text_that_looks_like_code_stays_text(world, capsys):
     code, err = run_cli(world, world.config(), "--set", f"train.lr={code_text}", capsys=capsys)
     assert code == 2 and "train.lr" in one_line(err) and not marker.exists()
     world.check()
+
+
+def custom_code_model(world, name: str, marker, local_class: bool):
+    """The tiny model with a custom tokenizer class in a .py file beside it (tokenizer_config.json's
+    auto_map), whose import creates ``marker``: proof that the checkpoint's code ran.
+    ``local_class``: the config still names a transformers class too (a fallback without the code)."""
+    import json
+    import shutil
+
+    folder = world.root / name
+    shutil.copytree(world.model_dir, folder)
+    (folder / "custom_tok.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import PreTrainedTokenizerFast\n\n\nclass CustomTokenizer(PreTrainedTokenizerFast):\n"
+        "    pass\n")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": [None, "custom_tok.CustomTokenizer"]}
+    if not local_class:
+        config["tokenizer_class"] = "CustomTokenizer"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    from .conftest import snapshot
+
+    world.before = snapshot(world.root)
+    return folder
+
+
+def test_a_dry_run_never_runs_the_models_code(world, capfd):
+    """model.trust_remote_code: true runs the checkpoint's code in a real run (as asked, with a
+    line saying so), never in a dry run: the dry run loads the tokenizer without it, and says so."""
+    from transformers import AutoTokenizer
+
+    from nbtune.models import ModelLoadError
+
+    marker = world.root.parent / f"{world.root.name}-ran"
+    folder = custom_code_model(world, "custom-code", marker, local_class=True)
+    cfg = world.config(model={"name": str(folder), "trust_remote_code": True})
+    report = nbtune.finetune(cfg, dry_run=True)
+    assert report.train_rows > 0 and not marker.exists()
+    assert "a dry run runs no code shipped with the model" in capfd.readouterr().err
+
+    strict = custom_code_model(world, "custom-only", marker, local_class=False)
+    with pytest.raises(ModelLoadError) as info:
+        nbtune.finetune(world.config(model={"name": str(strict), "trust_remote_code": True}), dry_run=True)
+    msg = str(info.value)
+    assert "exists only as custom code" in msg and "runs no such code" in msg and "trust_remote_code: true" in msg
+    assert not marker.exists()
+    world.check()
+
+    AutoTokenizer.from_pretrained(str(strict), trust_remote_code=True)  # the code is live: loading it runs it
+    assert marker.exists()
+    marker.unlink()
