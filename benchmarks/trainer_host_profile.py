@@ -180,6 +180,7 @@ def main(argv=None) -> int:
     ap.add_argument("--assets", default="", help="as benchmarks/trainer.py --assets")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--callers", nargs="*", default=[], help="also print the callers of functions matching these")
+    ap.add_argument("--callees", nargs="*", default=[], help="also print what functions matching these call")
     args = ap.parse_args(argv)
     warmup, steps = (int(x) for x in args.steps.split(":"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -231,6 +232,8 @@ def main(argv=None) -> int:
         print(f"{ms:10.3f}  ({calls:7.1f})  {name}")
     for pattern in args.callers:  # one at a time: pstats applies several restrictions in turn
         stats.print_callers(pattern)
+    for pattern in args.callees:
+        stats.sort_stats("cumulative").print_callees(pattern)
     return 0
 
 
