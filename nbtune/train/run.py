@@ -48,6 +48,7 @@ from .gc_pause import CollectorPauses
 from .metrics import MetricsStream, mean_train_loss, truncate_log
 from .oom import released_on_oom
 from .optimizer import register_embedding_overrides, sync_free
+from .padding_free import fast_padding_free
 from .fused_loss import PatchedModelLoss
 from .token_count import TokensSeenOnDevice
 from .trainable import TrainableOnly
@@ -466,6 +467,7 @@ def _trainer_class():
             distributed.one_gpu_per_process(kwargs.get("args"), kwargs.get("model"))  # no nn.DataParallel
             super().__init__(*args, **kwargs)
             trainable_to_fp32(self.model)
+            self.data_collator = fast_padding_free(self.data_collator)  # packed rows collated with numpy
             if self._model_is_patched():  # the patched forward takes a plan (and facts) built on the host
                 self.data_collator = HostPlannedCollator(self.data_collator, text_only_check(self.model))
 
