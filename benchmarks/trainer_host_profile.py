@@ -42,11 +42,12 @@ PARTS = [
     ("fetch + collate the batch", [("transformers/trainer.py", "get_batch_samples")]),
     ("forward + backward (training_step)", [("transformers/trainer.py", "training_step"),
                                                ("nbtune/train/stability.py", "training_step")]),
-    ("clip gradients", [("transformers/trainer.py", "_clip_grad_norm")]),
+    ("clip gradients", [("transformers/trainer.py", "_clip_grad_norm"),
+                        ("nbtune/train/trainable.py", "_clip_grad_norm")]),
     ("on_pre_optimizer_step callbacks (NaN/inf guard)", [("nbtune/train/stability.py", "on_pre_optimizer_step")]),
     ("optimizer.step", [("accelerate/optimizer.py", "step")]),
     ("scheduler.step", [("torch/optim/lr_scheduler.py", "step")]),
-    ("model.zero_grad", [("torch/nn/modules/module.py", "zero_grad")]),
+    ("model.zero_grad", [("torch/nn/modules/module.py", "zero_grad"), ("nbtune/train/trainable.py", "__call__")]),
     ("on_step_begin / on_step_end callbacks", [("transformers/trainer_callback.py", "on_step_end"),
                                                  ("transformers/trainer_callback.py", "on_step_begin")]),
     ("log / save / evaluate (_maybe_log_save_evaluate)", [("transformers/trainer.py", "_maybe_log_save_evaluate")]),
@@ -54,8 +55,8 @@ PARTS = [
     ("    MetricsStream.on_log (record, VRAM, write, listeners)", [("nbtune/train/metrics.py", "on_log")]),
     ("      MetricsStream.emit: JSON line appended to metrics.jsonl", [("nbtune/train/metrics.py", "emit")]),
     ("      Dashboard.update (redraw at most once a second)", [("nbtune/ui/dashboard.py", "update")]),
-    ("        Dashboard.render: figure refresh + MIME bundle", [("nbtune/ui/dashboard.py", "render")]),
-    ("        Dashboard.mimebundle: to_json + to_html", [("nbtune/ui/dashboard.py", "mimebundle")]),
+    ("        Dashboard.render: figure + MIME bundle", [("nbtune/ui/dashboard.py", "render")]),
+    ("        Dashboard.mimebundle: figure dict + HTML", [("nbtune/ui/dashboard.py", "mimebundle")]),
     ("      CollectorPauses.record_fields", [("nbtune/train/gc_pause.py", "record_fields")]),
 ]
 
@@ -213,8 +214,8 @@ def main(argv=None) -> int:
     lora = sum(1 for name, _ in result.model.named_parameters() if "lora_" in name)
     listening = "metrics stream only" if args.no_dashboard else "dashboard + metrics stream"
     print(f"# nbtune.finetune on the CPU: {args.layers} layers (hidden 64, {lora} LoRA matrices), batch {args.batch} x "
-          f"seq {args.seq}, gsm8k {'packed' if args.packing else 'unpacked'}, {listening}, {n} profiled steps after {warmup} warm-up; gradient "
-          f"checkpointing {result.gradient_checkpointing}")
+          f"seq {args.seq}, gsm8k {'packed' if args.packing else 'unpacked'}, {listening}, {n} profiled steps after "
+          f"{warmup} warm-up; gradient checkpointing {result.gradient_checkpointing}")
     if dash:
         print(f"# dashboard: {dash.renders} redraws in the run, {dash.shown_bytes / max(dash.renders, 1) / 1e3:.0f} kB "
               "of JSON per redraw")
