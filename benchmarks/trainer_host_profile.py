@@ -1,12 +1,14 @@
 """Host time of nbtune.finetune's steps outside the model: what the trainer path adds per step.
 
     python benchmarks/trainer_host_profile.py [--layers 32] [--seq 256] [--batch 1] [--steps 3:12] [--no-dashboard]
+        [--packing]
 
 The run is benchmarks/trainer.py's nbtune peer (peers/trainer_nbtune.py: metrics stream, notebook
 dashboard, logging every step) on a CPU, on a random Llama small enough that the model's own
 compute is small (hidden 64) but with llama3-8b's structure where per-parameter host costs come
 from (32 layers: 224 LoRA-wrapped projections, 448 LoRA matrices), SmolLM2's tokenizer and
-vocabulary, and GSM8K conversations, unpacked. Over the steps after the warm-up it reports:
+vocabulary, and GSM8K conversations, unpacked (``--packing``: packed padding-free rows). Over the
+steps after the warm-up it reports:
 
 - per step, the host milliseconds of each part of transformers' loop and of nbtune's callbacks and
   listeners (cProfile's cumulative time of the functions that implement them, divided by the
@@ -40,11 +42,12 @@ PARTS = [
     ("fetch + collate the batch", [("transformers/trainer.py", "get_batch_samples")]),
     ("forward + backward (training_step)", [("transformers/trainer.py", "training_step"),
                                                ("nbtune/train/stability.py", "training_step")]),
-    ("clip gradients", [("transformers/trainer.py", "_clip_grad_norm")]),
+    ("clip gradients", [("transformers/trainer.py", "_clip_grad_norm"),
+                        ("nbtune/train/trainable.py", "_clip_grad_norm")]),
     ("on_pre_optimizer_step callbacks (NaN/inf guard)", [("nbtune/train/stability.py", "on_pre_optimizer_step")]),
     ("optimizer.step", [("accelerate/optimizer.py", "step")]),
     ("scheduler.step", [("torch/optim/lr_scheduler.py", "step")]),
-    ("model.zero_grad", [("torch/nn/modules/module.py", "zero_grad")]),
+    ("model.zero_grad", [("torch/nn/modules/module.py", "zero_grad"), ("nbtune/train/trainable.py", "__call__")]),
     ("on_step_begin / on_step_end callbacks", [("transformers/trainer_callback.py", "on_step_end"),
                                                  ("transformers/trainer_callback.py", "on_step_begin")]),
     ("log / save / evaluate (_maybe_log_save_evaluate)", [("transformers/trainer.py", "_maybe_log_save_evaluate")]),
@@ -52,8 +55,8 @@ PARTS = [
     ("    MetricsStream.on_log (record, VRAM, write, listeners)", [("nbtune/train/metrics.py", "on_log")]),
     ("      MetricsStream.emit: JSON line appended to metrics.jsonl", [("nbtune/train/metrics.py", "emit")]),
     ("      Dashboard.update (redraw at most once a second)", [("nbtune/ui/dashboard.py", "update")]),
-    ("        Dashboard.render: figure refresh + MIME bundle", [("nbtune/ui/dashboard.py", "render")]),
-    ("        Dashboard.mimebundle: to_json + to_html", [("nbtune/ui/dashboard.py", "mimebundle")]),
+    ("        Dashboard.render: figure + MIME bundle", [("nbtune/ui/dashboard.py", "render")]),
+    ("        Dashboard.mimebundle: figure dict + HTML", [("nbtune/ui/dashboard.py", "mimebundle")]),
     ("      CollectorPauses.record_fields", [("nbtune/train/gc_pause.py", "record_fields")]),
 ]
 
@@ -174,9 +177,11 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", default="3:12", help="WARMUP:PROFILED steps")
     ap.add_argument("--no-dashboard", action="store_true", help="metrics stream only (the terminal door)")
+    ap.add_argument("--packing", action="store_true", help="data.packing: true (padding-free rows)")
     ap.add_argument("--assets", default="", help="as benchmarks/trainer.py --assets")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--callers", nargs="*", default=[], help="also print the callers of functions matching these")
+    ap.add_argument("--callees", nargs="*", default=[], help="also print what functions matching these call")
     args = ap.parse_args(argv)
     warmup, steps = (int(x) for x in args.steps.split(":"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -192,7 +197,8 @@ def main(argv=None) -> int:
     tokenizer_dir, gsm8k = resolve_assets(args.assets or None)
     data = write_data(work, tokenizer_dir, gsm8k, text_rows=2, text_lo=64, text_hi=128, chat_rows=256)
     model = tiny_checkpoint(os.path.join(work, "model"), tokenizer_dir, args.layers)
-    run = argparse.Namespace(model=model, data=data["gsm8k"]["path"], seq=args.seq, batch=args.batch, packing=False,
+    run = argparse.Namespace(model=model, data=data["gsm8k"]["path"], seq=args.seq, batch=args.batch,
+                             packing=args.packing,
                              dtype="float32",
                              warmup=warmup, steps=steps, out=os.path.join(work, "out"))
     reads = ValueReads()
@@ -208,8 +214,8 @@ def main(argv=None) -> int:
     lora = sum(1 for name, _ in result.model.named_parameters() if "lora_" in name)
     listening = "metrics stream only" if args.no_dashboard else "dashboard + metrics stream"
     print(f"# nbtune.finetune on the CPU: {args.layers} layers (hidden 64, {lora} LoRA matrices), batch {args.batch} x "
-          f"seq {args.seq}, gsm8k unpacked, {listening}, {n} profiled steps after {warmup} warm-up; gradient "
-          f"checkpointing {result.gradient_checkpointing}")
+          f"seq {args.seq}, gsm8k {'packed' if args.packing else 'unpacked'}, {listening}, {n} profiled steps after "
+          f"{warmup} warm-up; gradient checkpointing {result.gradient_checkpointing}")
     if dash:
         print(f"# dashboard: {dash.renders} redraws in the run, {dash.shown_bytes / max(dash.renders, 1) / 1e3:.0f} kB "
               "of JSON per redraw")
@@ -227,6 +233,8 @@ def main(argv=None) -> int:
         print(f"{ms:10.3f}  ({calls:7.1f})  {name}")
     for pattern in args.callers:  # one at a time: pstats applies several restrictions in turn
         stats.print_callers(pattern)
+    for pattern in args.callees:
+        stats.sort_stats("cumulative").print_callees(pattern)
     return 0
 
 

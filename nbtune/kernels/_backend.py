@@ -10,11 +10,9 @@
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .._env import env_text
+from .._env import env_raw, env_text
 
 MODE_ENV = "NBTUNE_KERNELS"
 MODES = ("auto", "reference", "triton")
@@ -37,7 +35,7 @@ def kernel_mode() -> str:
 
 def interpreting() -> bool:
     """True when Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return env_raw("TRITON_INTERPRET") == "1"
 
 
 def use_triton(*tensors: torch.Tensor | None) -> bool:
@@ -49,7 +47,10 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
         return False
     if mode == "triton":
         return True
-    return all(t is None or t.is_cuda for t in tensors)
+    for t in tensors:  # a loop, not all(<generator>): this runs ~500 times a training step
+        if t is not None and not t.is_cuda:
+            return False
+    return True
 
 
 def next_power_of_2(n: int) -> int:

@@ -58,8 +58,10 @@ from .metrics import MetricsStream, mean_train_loss, truncate_log
 from .oom import released_on_oom
 from .packing import pack_dataset, packed_collator
 from .optimizer import register_embedding_overrides, sync_free
+from .padding_free import fast_padding_free
 from .fused_loss import PatchedModelLoss
 from .token_count import TokensSeenOnDevice
+from .trainable import TrainableOnly
 from .progress import TerminalProgress
 from .outcome import RunOutcome
 from .stability import NonFiniteGuard, RecordsStepLoss, collapse_problem, collapsed_error, stop_diverged
@@ -486,12 +488,13 @@ def _trainer_class():
     from trl import SFTTrainer
 
     class NbtuneSFTTrainer(ParameterCountOnce, TokensSeenOnDevice, PatchedModelLoss, StagedCheckpoints, RecordsStepLoss,
-                           SFTTrainer):
+                           TrainableOnly, SFTTrainer):
         """TRL's SFTTrainer whose checkpoints are written under a temporary name and renamed, whose
         step losses go to the NaN/inf guard (``nbtune_guard``), whose patched models compute their
         own fused loss (fused_loss.py) and whose count of tokens seen stays on the device between
         logging steps (token_count.py): no device sync per micro-batch. The model's parameter count
-        for the FLOPs of each micro-batch is taken once (flops.py). Its LoRA weights stay fp32:
+        for the FLOPs of each micro-batch is taken once (flops.py), and so is the list of trainable
+        parameters that gradients are cleared and clipped over (trainable.py). Its LoRA weights stay fp32:
         TRL casts a 4-bit/8-bit model's trainable parameters to bf16 whatever the precision (so an
         fp16 run's loss scaler would meet bf16 gradients); they go back to fp32 before any
         optimizer is built on them. It trains on one GPU per process, never through
@@ -501,6 +504,7 @@ def _trainer_class():
             distributed.one_gpu_per_process(kwargs.get("args"), kwargs.get("model"))  # no nn.DataParallel
             super().__init__(*args, **kwargs)
             trainable_to_fp32(self.model)
+            self.data_collator = fast_padding_free(self.data_collator)  # packed rows collated with numpy
             if self._model_is_patched():  # the patched forward takes a plan (and facts) built on the host
                 self.data_collator = HostPlannedCollator(self.data_collator, text_only_check(self.model))
 

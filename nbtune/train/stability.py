@@ -2,7 +2,7 @@
 on; a run stuck on them stops with a message and keeps its last good checkpoint.
 
 How a step is judged (once per optimizer step, after the gradients are unscaled and clipped,
-before the optimizer runs):
+before the optimizer runs; one device synchronization, where the verdict is read):
 
 - the loss is NaN/inf (on any micro-batch of the step) -> a *non-finite step*;
 - the loss is finite but the gradients are not:
@@ -11,6 +11,12 @@ before the optimizer runs):
     fp16, so an overflow counts as non-finite only once the scale is at or below
     :data:`MIN_LOSS_SCALE` (even unscaled gradients overflow);
   - without a scaler (fp32, bf16) -> a non-finite step.
+
+The gradients are judged by the norm the trainer measured before clipping (``_get_grad_norm``,
+handed over by :class:`RecordsStepLoss`): the norm of all gradients is NaN/inf exactly when one of
+them holds a NaN/inf (or when finite gradients are so large that their norm overflows, and then
+clipping would have scaled them all to zero). A trainer that hands no norm over gets one fused
+pass over the trainable parameters' gradients instead; those parameters are listed once per run.
 
 A non-finite step is skipped: with a scaler the scaler skips it; without one the gradients are
 dropped (``grad = None``, which every torch optimizer passes over, so weights and optimizer state
@@ -50,10 +56,10 @@ class TrainingDivergedError(RuntimeError):
 
 
 class RecordsStepLoss:
-    """Trainer mixin: hands each micro-batch's loss to ``self.nbtune_guard`` (a :class:`NonFiniteGuard`),
-    and starts each logging window's loss sum from zero again after a NaN/inf one: the Trainer
-    resets it with ``tr_loss -= tr_loss``, which keeps a NaN, so every loss logged after one skipped
-    step would read NaN."""
+    """Trainer mixin: hands each micro-batch's loss, and each optimizer step's gradient norm, to
+    ``self.nbtune_guard`` (a :class:`NonFiniteGuard`), and starts each logging window's loss sum
+    from zero again after a NaN/inf one: the Trainer resets it with ``tr_loss -= tr_loss``, which
+    keeps a NaN, so every loss logged after one skipped step would read NaN."""
 
     nbtune_guard = None
 
@@ -69,6 +75,12 @@ class RecordsStepLoss:
         if logs:  # the window was logged (and "reset"): a NaN/inf sum starts over at 0 (no device sync)
             tr_loss.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         return out
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if self.nbtune_guard is not None:
+            self.nbtune_guard.record_grad_norm(grad_norm)
+        return grad_norm
 
 
 def _all_finite(tensors) -> torch.Tensor | None:
@@ -94,7 +106,9 @@ class NonFiniteGuard(TrainerCallback):
         self.stopped_at: int | None = None
         self.last_good_step = 0
         self._loss_finite: torch.Tensor | None = None
+        self._grad_norm = None  # this step's gradient norm, when the trainer hands it over
         self._skipped_now = False
+        self._params: tuple | None = None  # (model, its trainable parameters), listed once per run
 
     # ------------------------------------------------------------------ what the trainer reports
     def record_loss(self, loss) -> None:
@@ -103,24 +117,45 @@ class NonFiniteGuard(TrainerCallback):
         ok = torch.isfinite(loss.detach()).all()
         self._loss_finite = ok if self._loss_finite is None else (self._loss_finite & ok)
 
+    def record_grad_norm(self, norm) -> None:
+        """The step's gradient norm before clipping (a tensor or a number; None: not measured)."""
+        self._grad_norm = norm
+
     def on_train_begin(self, args, state, control, **kwargs):
         self.last_good_step = state.global_step  # a resumed run starts from a good checkpoint
+        self._params = None  # listed again for this run
         return control
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._loss_finite = None
+        self._grad_norm = None
         self._skipped_now = False
         return control
 
+    def _trainable(self, model) -> list:
+        if model is None:
+            return []
+        if self._params is None or self._params[0] is not model:
+            self._params = (model, [p for p in model.parameters() if p.requires_grad])
+        return self._params[1]
+
+    def _grads_finite(self, params) -> torch.Tensor | None:
+        norm = self._grad_norm
+        if isinstance(norm, torch.Tensor):
+            return torch.isfinite(norm.detach()).all()
+        if isinstance(norm, (int, float)):
+            return torch.tensor(math.isfinite(norm))
+        return _all_finite([p.grad for p in params])
+
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        params = [p for p in model.parameters() if p.requires_grad] if model is not None else []
-        grads_finite = _all_finite([p.grad for p in params])
+        params = self._trainable(model)
+        grads_finite = self._grads_finite(params)
         known = [x for x in (self._loss_finite, grads_finite) if x is not None]
-        device = known[-1].device if known else torch.device("cpu")
+        device = next((x.device for x in reversed(known) if x.device.type != "cpu"), torch.device("cpu"))
         flags = torch.stack([(x if x is not None else torch.tensor(True)).to(device, torch.float32)
                              for x in (self._loss_finite, grads_finite)])
         distributed.all_reduce_(flags, "min")  # every rank judges alike
-        loss_ok, grads_ok = (x > 0.5 for x in flags.tolist())  # one device sync per optimizer step
+        loss_ok, grads_ok = (x > 0.5 for x in flags.tolist())  # the one device sync per optimizer step
         step = state.global_step + 1
         if loss_ok and grads_ok:
             self.streak = []

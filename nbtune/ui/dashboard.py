@@ -20,9 +20,17 @@ figure: JupyterLab's Plotly renderer ignores updates of an output it has drawn, 
 MIME type makes Lab build a fresh renderer (tests/browser checks the redraws in real Lab).
 ``mode="widget"`` is the opt-in upgrade: a ``plotly.graph_objects.FigureWidget`` updated in place
 (needs ``anywidget``, plotly's widget base).
+
+A redraw runs inside the trainer's logging, between two steps, so it is kept cheap: the figure's
+dict is made from a shell taken from Plotly once (template, axes, styles) plus the curves, not
+through Plotly's validating object model, and the ``text/html`` part reuses the plotly.js script
+tag made once per process (Plotly's ``include_plotlyjs="cdn"`` re-reads and hashes the 4.6 MB
+plotly.js on every call). ``self.figure``, the Plotly object, is brought up to date when read.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import html
 import json
 import math
@@ -47,6 +55,9 @@ COLORS = {"loss": "rgba(76,114,176,0.35)", "loss_smooth": "#4C72B0", "eval_loss"
           "vram_alloc_gib": "#55A868", "vram_reserved_gib": "#8172B3", "vram_peak_gib": "#DD8452",
           "capacity": "#333333", "lr": "#937860", "grad_norm": "#DA8BC3", "tokens_per_s": "#8C8C8C"}
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
+CONFIG = {"displaylogo": False, "responsive": True}
+NO_GPU = dict(text="no GPU: CPU run", name="nogpu", showarrow=False, xref="x2 domain", yref="y2 domain", x=0.5, y=0.5,
+              font=dict(color="#888"))
 
 
 def fmt_secs(s) -> str:
@@ -118,7 +129,11 @@ class Dashboard:
         self._dirty = False
         self._finished = False
         self._handle = None
-        self.figure = self._build_figure()
+        self._figure = self._build_figure()
+        self._shell = json.loads(self._figure.to_json())  # the figure as Plotly writes it, curves empty
+        self._drawn = None  # what the last draw showed: curves, title, no_gpu
+        self._dict = None  # the figure dict of the last draw
+        self._figure_stale = False
 
     # ------------------------------------------------------------------ records in
     def __call__(self, rec: dict) -> None:
@@ -219,6 +234,13 @@ class Dashboard:
         fig.update_xaxes(title_text="step", row=2)
         return fig
 
+    @property
+    def figure(self):
+        """The Plotly figure of the last draw (brought up to date here, not at every redraw)."""
+        if self._figure_stale:
+            self._sync_figure()
+        return self._figure
+
     def trace(self, key: str):
         """The figure's trace for a series key (e.g. "loss_smooth", "eval_loss", "capacity")."""
         name = TRACES[key][0]
@@ -262,23 +284,43 @@ class Dashboard:
         text = " · ".join(parts)
         return f"{self.title} — {text}" if self.title else text
 
+    def _draw(self) -> dict:
+        """The figure dict of the series now: the shell's traces with the curves, the header as the
+        title and, without a GPU, a note on the memory panel. Equal to what Plotly writes for
+        ``self.figure`` brought up to date (tests/finetune/test_dashboard.py checks it)."""
+        curves = self._curves()
+        title = html.escape(self.header())
+        no_gpu = not self.series["vram_reserved_gib"][0] and not self.capacity_gib
+        shell = self._shell
+        data = [dict(t, x=curves[key][0], y=curves[key][1]) for t, key in zip(shell["data"], TRACES)]
+        layout = dict(shell["layout"], title=dict(shell["layout"]["title"], text=title))
+        if no_gpu:
+            layout["annotations"] = shell["layout"]["annotations"] + [_no_gpu_annotation()]
+        self._drawn = (curves, title, no_gpu)
+        self._dict = {"data": data, "layout": layout}
+        self._figure_stale = True
+        return self._dict
+
+    def _sync_figure(self) -> None:
+        curves, title, no_gpu = self._drawn
+        fig = self._figure
+        with fig.batch_update():
+            for t, key in zip(fig.data, TRACES):
+                t.x, t.y = curves[key]
+            fig.layout.title.text = title
+            fig.layout.annotations = [a for a in fig.layout.annotations if a.name != "nogpu"]
+            if no_gpu:
+                fig.add_annotation(**NO_GPU)
+        self._figure_stale = False
+
     def refresh(self) -> None:
         """Bring the figure up to date with the series (no display)."""
-        curves = self._curves()
-        with self.figure.batch_update():
-            for key, (xs, ys) in curves.items():
-                t = self.trace(key)
-                t.x, t.y = xs, ys
-            self.figure.layout.title.text = html.escape(self.header())
-            no_gpu = not self.series["vram_reserved_gib"][0] and not self.capacity_gib
-            self.figure.layout.annotations = [a for a in self.figure.layout.annotations if a.name != "nogpu"]
-            if no_gpu:
-                self.figure.add_annotation(text="no GPU: CPU run", name="nogpu", showarrow=False, xref="x2 domain",
-                                           yref="y2 domain", x=0.5, y=0.5, font=dict(color="#888"))
+        self._draw()
+        self._sync_figure()
 
     # ------------------------------------------------------------------ output
     def render(self) -> None:
-        self.refresh()
+        self._draw()
         self.renders += 1
         self._last_render = self.clock()
         self._dirty = False
@@ -292,12 +334,13 @@ class Dashboard:
             if self._handle is None:
                 self._handle = _figure_widget(self.figure)
                 display(self._handle)
-            else:
+            else:  # the widget straight from the curves (one validation, not two)
+                curves, title, _ = self._drawn
                 with self._handle.batch_update():
-                    for src, dst in zip(self.figure.data, self._handle.data):
-                        dst.x, dst.y = src.x, src.y
-                    self._handle.layout.title.text = self.figure.layout.title.text
-                    self._handle.layout.annotations = self.figure.layout.annotations
+                    for dst, key in zip(self._handle.data, TRACES):
+                        dst.x, dst.y = curves[key]
+                    self._handle.layout.title.text = title
+                    self._handle.layout.annotations = self._dict["layout"]["annotations"]
             return
         bundle = self.mimebundle()
         if self._handle is None:
@@ -311,21 +354,27 @@ class Dashboard:
             self._handle.update({"text/plain": bundle["text/plain"]}, raw=True)
         self._handle.update(bundle, raw=True)
 
-    def figure_dict(self) -> dict:
-        return json.loads(self.figure.to_json())
+    def _current(self) -> dict:
+        return self._dict if self._dict is not None else self._draw()
 
-    def html(self, include_plotlyjs="cdn", full_html: bool = False) -> str:
-        return self.figure.to_html(include_plotlyjs=include_plotlyjs, full_html=full_html,
-                                   config={"displaylogo": False, "responsive": True})
+    def figure_dict(self) -> dict:
+        """The figure of the last draw as a dict of JSON values (a copy of its own)."""
+        return copy.deepcopy(self._current())
+
+    def html(self, include_plotlyjs="cdn", full_html: bool = False, div_id: str | None = None) -> str:
+        """The figure of the last draw as Plotly's ``to_html`` writes it (``div_id``: the plot's
+        element id, a fresh one by default)."""
+        return figure_html(self._current(), include_plotlyjs=include_plotlyjs, full_html=full_html, div_id=div_id)
 
     def mimebundle(self) -> dict:
-        fig = self.figure_dict()
-        fig["config"] = {"displaylogo": False, "responsive": True}
+        """The display bundle of the last draw; its figure dict shares the constant parts (template,
+        styles) between bundles: read it, do not change it."""
+        fig = dict(self._current(), config=dict(CONFIG))
         return {PLOTLY_MIME: fig, "text/html": self.html(), "text/plain": self.header()}
 
     def _repr_mimebundle_(self, include=None, exclude=None):
         if self._dirty or self.renders == 0:
-            self.refresh()
+            self._draw()
         return self.mimebundle()
 
     def save_html(self, path, include_plotlyjs=True) -> Path:
@@ -345,6 +394,64 @@ class Dashboard:
             dash._ingest(rec)
         dash.render()
         return dash
+
+
+@functools.lru_cache(maxsize=1)
+def _no_gpu_annotation() -> dict:
+    import plotly.graph_objects as go
+
+    return go.layout.Annotation(**NO_GPU).to_plotly_json()
+
+
+def figure_html(fig: dict, include_plotlyjs="cdn", full_html: bool = False, div_id: str | None = None) -> str:
+    """Plotly's ``to_html`` of a figure dict (with the dashboard's config), the CDN script tag made
+    once per process: the same text as Plotly's, without re-reading and hashing plotly.js."""
+    import uuid
+
+    from plotly.io import to_html
+
+    div_id = div_id or str(uuid.uuid4())
+    splice = _plotlyjs_splice() if include_plotlyjs == "cdn" else None
+    if splice is None:
+        return to_html(fig, config=dict(CONFIG), include_plotlyjs=include_plotlyjs, full_html=full_html,
+                       validate=False, div_id=div_id)
+    bare = to_html(fig, config=dict(CONFIG), include_plotlyjs=False, full_html=full_html, validate=False,
+                   div_id=div_id)
+    return _insert_loader(bare, *splice)
+
+
+def _insert_loader(bare: str, offset: int, loader: str) -> str:
+    """``bare`` (Plotly's HTML without plotly.js) with ``loader`` put ``offset`` characters after
+    the end of the figure's outer ``<div style=...>`` tag, where Plotly puts its script tag."""
+    at = bare.index(">", bare.index('<div style="')) + 1 + offset
+    return bare[:at] + loader + bare[at:]
+
+
+@functools.lru_cache(maxsize=1)
+def _plotlyjs_splice() -> tuple[int, str] | None:
+    """Where and what Plotly's ``include_plotlyjs="cdn"`` adds to the HTML without plotly.js:
+    (offset, script tags), found once by rendering probe figures both ways; None when inserting
+    them does not give back Plotly's own text for every probe (then each call asks Plotly)."""
+    from plotly.io import to_html
+
+    def both(fig, full_html):
+        return [to_html(fig, include_plotlyjs=mode, full_html=full_html, validate=False, div_id="probe")
+                for mode in ("cdn", False)]
+
+    with_js, bare = both({"data": [], "layout": {}}, False)
+    start = bare.index(">", bare.index('<div style="')) + 1
+    at = start
+    while at < len(bare) and with_js[at] == bare[at]:
+        at += 1
+    loader = with_js[at:at + len(with_js) - len(bare)]
+    splice = (at - start, loader)
+    probes = [({"data": [], "layout": {}}, False), ({"data": [{"type": "scatter", "x": [1], "y": [2]}],
+                                                     "layout": {"height": 520, "width": 700}}, True)]
+    for fig, full_html in probes:
+        with_js, bare = both(fig, full_html)
+        if _insert_loader(bare, *splice) != with_js:
+            return None
+    return splice
 
 
 def _redraw_needs_new_renderer() -> bool:

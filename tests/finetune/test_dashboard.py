@@ -159,6 +159,10 @@ def test_widget_mode_is_opt_in_and_says_what_it_needs():
     for rec in records(3):
         dash(rec)
     assert list(dash._handle.data[0].y) == pytest.approx([2.9, 2.8, 2.7])
+    # the widget is updated from the curves; it shows what the figure object holds
+    assert [(list(t.x), list(t.y)) for t in dash._handle.data] == [(list(t.x), list(t.y)) for t in dash.figure.data]
+    assert dash._handle.layout.title.text == dash.figure.layout.title.text
+    assert dash._handle.layout.annotations == dash.figure.layout.annotations
 
 
 def test_a_real_kernel_keeps_one_output_with_the_final_figure(tmp_path):
@@ -187,3 +191,43 @@ def test_a_real_kernel_keeps_one_output_with_the_final_figure(tmp_path):
     printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert printed.startswith("True ")
     nbformat.validate(nb)
+
+
+@pytest.mark.parametrize("capacity", [14.748, None], ids=["vram", "no-vram"])
+def test_a_redraw_is_what_plotly_writes_for_the_figure(capacity):
+    """The redraw's figure dict and HTML are made without Plotly's object model and with the CDN
+    script tag made once: they equal Plotly's own JSON and ``to_html`` of the up-to-date figure."""
+    from nbtune.ui.dashboard import CONFIG, _plotlyjs_splice
+
+    assert _plotlyjs_splice() is not None  # the cached script tag is in use, not Plotly's per-call path
+    dash = Dashboard(display=False, min_interval=0)
+    recs = records(12, max_steps=20, with_end=False)
+    if capacity is None:  # a CPU run: no VRAM figures, the memory panel says so
+        recs = [{k: v for k, v in r.items() if not k.startswith("vram") and k != "gpu"} for r in recs]
+    for rec in recs:
+        dash(rec)
+    bundle = dash.mimebundle()
+    fig = bundle[PLOTLY_MIME]
+    assert fig.pop("config") == CONFIG
+    plotly_json = json.loads(dash.figure.to_json())
+    assert fig == plotly_json and json.dumps(fig) == json.dumps(plotly_json)  # same values, same key order
+    assert any(a.get("name") == "nogpu" for a in fig["layout"]["annotations"]) == (capacity is None)
+    for full_html in (False, True):
+        assert dash.html(full_html=full_html, div_id="d") == dash.figure.to_html(
+            include_plotlyjs="cdn", full_html=full_html, config=CONFIG, div_id="d")
+    html = bundle["text/html"]
+    assert 'integrity="sha256-' in html and "Plotly.newPlot" in html and '"loss 1.8000' not in html
+    assert dash.figure_dict() == plotly_json and dash.figure_dict() is not dash.figure_dict()
+
+
+def test_the_figure_object_follows_the_draws_when_read():
+    clock = Clock()
+    dash = Dashboard(display=False, min_interval=1.0, clock=clock)
+    recs = records(6, with_end=False)  # eval at step 0, start, train 1..
+    for rec in recs[:4]:
+        dash(rec)
+    assert dash.renders == 1 and list(dash.trace("loss").x) == []  # drawn at the first record, the rest wait
+    clock.t = 5.0
+    dash(recs[4])
+    assert list(dash.trace("loss").x) == [1, 2, 3]
+    assert "step 3/10" in dash.figure.layout.title.text

@@ -2,7 +2,7 @@
 NBTUNE_PATCH, names such as NBTUNE_GPU), and the readers that go through it."""
 import pytest
 
-from nbtune._env import PATCH_ENV, env_flag, env_text
+from nbtune._env import PATCH_ENV, env_flag, env_raw, env_text
 
 NAME = "NBTUNE_TEST_FLAG"
 
@@ -61,3 +61,39 @@ def test_the_quiet_switch_reads_through_the_same_function():
     from nbtune import quiet
 
     assert quiet.env_flag is env_flag
+
+
+def test_a_read_sees_every_change_of_the_value(monkeypatch):
+    """env_raw keeps the last value's text for speed; every way of changing it is seen at once."""
+    import os
+
+    monkeypatch.delenv(NAME, raising=False)
+    assert env_raw(NAME) is None and env_text(NAME) == ""
+    for value in ("a", "a", " b ", "", "é"):
+        monkeypatch.setenv(NAME, value)
+        assert env_raw(NAME) == value == os.environ.get(NAME)
+    os.environ[NAME] = "direct"
+    assert env_raw(NAME) == "direct"
+    del os.environ[NAME]
+    assert env_raw(NAME) is None
+    monkeypatch.setattr(os, "environ", {NAME: "replaced"})  # a mapping put in os.environ's place
+    assert env_raw(NAME) == "replaced" and env_text(NAME) == "replaced"
+
+
+def test_the_kernel_mode_follows_the_environment(monkeypatch):
+    pytest.importorskip("torch")
+    from nbtune.kernels import kernel_mode
+    from nbtune.kernels._backend import interpreting
+
+    for value, mode in ((None, "auto"), ("reference", "reference"), (" Triton ", "triton"), ("", "auto")):
+        if value is None:
+            monkeypatch.delenv("NBTUNE_KERNELS", raising=False)
+        else:
+            monkeypatch.setenv("NBTUNE_KERNELS", value)
+        assert kernel_mode() == mode
+    monkeypatch.setenv("NBTUNE_KERNELS", "fast")
+    with pytest.raises(ValueError, match="NBTUNE_KERNELS='fast'"):
+        kernel_mode()
+    for value, on in (("1", True), ("0", False), (" 1", False)):  # as before: exactly "1"
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert interpreting() is on

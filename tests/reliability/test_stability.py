@@ -262,3 +262,71 @@ def test_the_progress_lines_go_on_after_a_skipped_step(tiny_model_dir, tiny_data
     losses = {r["step"]: r["loss"] for r in result.metrics if r["event"] == "train" and "loss" in r}
     assert losses[2] is None and all(isinstance(losses[s], float) for s in (1, 3, 4)), losses
     assert "training done at step 4" in lines.getvalue()
+
+
+# ----------------------------------------------------------------------------- the verdict itself
+def _judge(guard, model, loss, norm=None, handed=True):
+    """One optimizer step through the guard's hooks: whether it skipped the step."""
+    from transformers import TrainerControl, TrainerState
+
+    state, control = TrainerState(), TrainerControl()
+    state.max_steps = 10
+    guard.on_step_begin(None, state, control)
+    guard.record_loss(loss)
+    if handed:
+        guard.record_grad_norm(norm)
+    before = len(guard.skipped)
+    guard.on_pre_optimizer_step(None, state, control, model=model, optimizer=None)
+    return len(guard.skipped) > before
+
+
+def _model_with_grads(poison=None):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    model[1].requires_grad_(False)  # frozen weights: never a gradient
+    model(torch.randn(4, 8)).pow(2).sum().backward()
+    if poison is not None:
+        model[2].weight.grad[0, 1] = poison
+    return model
+
+
+@pytest.mark.parametrize("poison", [None, float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("loss", [1.5, float("nan")])
+def test_the_norm_handed_over_judges_as_the_gradients_do(poison, loss):
+    """The trainer hands over the pre-clip norm (what ``_clip_grad_norm`` returns); without it the
+    guard reads the listed gradients in one pass. Either way a step is skipped exactly when the loss
+    or a gradient of a trainable parameter is NaN/inf, and a skipped step's gradients are dropped."""
+    from nbtune.train.stability import NonFiniteGuard
+
+    bad = poison is not None or loss != loss
+    for handed in (True, False):
+        model = _model_with_grads(poison)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)  # the trainer's clipping, before the guard
+        guard = NonFiniteGuard(patience=5)
+        assert _judge(guard, model, torch.tensor(loss), norm, handed) == bad
+        assert all((p.grad is None) == bad for p in trainable)
+        if bad:
+            reason = "the loss is NaN/inf" if loss != loss else "the gradients are NaN/inf"
+            assert guard.skipped[-1]["reason"] == reason + "; step skipped"
+
+
+def test_the_verdict_is_the_only_value_read_and_the_parameters_are_listed_once(monkeypatch):
+    from nbtune.train.stability import NonFiniteGuard
+
+    model = _model_with_grads()
+    guard = NonFiniteGuard()
+    walks = []
+    listing = torch.nn.Module.parameters
+    monkeypatch.setattr(torch.nn.Module, "parameters",
+                        lambda self, recurse=True: walks.append(self) or listing(self, recurse))
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _real=real, _name=name, **k:
+                            reads.append(_name) or _real(t, *a, **k))
+    for step in range(3):
+        norm = torch.nn.utils.get_total_norm([p.grad for p in listing(model) if p.grad is not None])
+        assert not _judge(guard, model, torch.tensor(1.0), norm, handed=step != 1)
+    assert reads == ["tolist"] * 3  # one read of the verdict per step (on a GPU: the one sync)
+    assert walks == [model]  # the trainable parameters listed once, not at every step

@@ -57,12 +57,12 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ..._env import env_text
 from ...kernels._backend import use_triton
 from ...kernels.varlen_attention import MAX_HEAD_DIM, varlen_attention
 
@@ -378,7 +378,7 @@ def packed_attention_backend(q: torch.Tensor, dropout: float = 0.0) -> str:
     (``NBTUNE_KERNELS``), bf16 below sm_80, heads wider than the kernel's 256 channels, or no
     FlexAttention in this torch.
     """
-    choice = os.environ.get(PACKED_ATTENTION_ENV, "auto").strip().lower() or "auto"
+    choice = env_text(PACKED_ATTENTION_ENV).lower() or "auto"
     if choice not in PACKED_ATTENTION_CHOICES:
         raise ValueError(f"{PACKED_ATTENTION_ENV}={choice!r} is not one of {', '.join(PACKED_ATTENTION_CHOICES)}")
     if choice == "pieces" or dropout:
