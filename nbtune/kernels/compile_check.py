@@ -43,12 +43,25 @@ class CompileSpec:
     targets: tuple = TARGETS
 
 
+def source(spec: CompileSpec):
+    """The ``triton.compiler.ASTSource`` of one spec. Triton >= 3.3 takes the whole signature and
+    ``constexprs=``; before (3.2, torch 2.6's) the signature lists only the runtime arguments and
+    the constexpr values go in ``constants=``."""
+    import inspect
+
+    import triton
+
+    if "constexprs" in inspect.signature(triton.compiler.ASTSource).parameters:
+        return triton.compiler.ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+    signature = {name: kind for name, kind in spec.signature.items() if kind != "constexpr"}
+    return triton.compiler.ASTSource(fn=spec.fn, signature=signature, constants=dict(spec.constexprs))
+
+
 def compile_one(spec: CompileSpec, cc: int):
     import triton
     from triton.backends.compiler import GPUTarget
 
-    src = triton.compiler.ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", cc, 32))
+    return triton.compile(source(spec), target=GPUTarget("cuda", cc, 32))
 
 
 def all_specs(modules=KERNEL_MODULES):
