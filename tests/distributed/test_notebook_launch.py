@@ -20,7 +20,7 @@ from nbtune.ui.launch import LaunchError, launch_finetune
 
 from .conftest import WORLD, cpu_env, ddp_config
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 HERE = Path(__file__).parent
 
 
