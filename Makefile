@@ -1,13 +1,19 @@
-# The two commands of the README, with everything they need set up on a fresh machine:
-#   make demo   fine-tune the embedded model on GSM8K with a live view (GPU if there is one, else CPU)
-#   make test   the test suite (CPU; GPU tests are skipped without CUDA; the browser tests drive
-#               Debian's chromium, installed here with apt when missing and run as root)
+# The commands of the README, with everything they need set up on a fresh machine:
+#   make demo         fine-tune the embedded model on GSM8K with a live view (GPU if there is one, else CPU)
+#   make test         the quick tier: every test not marked `slow` (unit tests, the Triton kernels under
+#                     the interpreter, one real short training run); GPU tests are skipped without CUDA
+#   make test-all     every test: the quick tier plus the `slow` ones (notebooks, the browser tests with
+#                     Debian's chromium, installed here with apt when missing and run as root, the
+#                     data-parallel launches, the demo)
+#   make test-matrix  the quick tier on the newest releases and on the oldest supported versions
+#                     (requirements/newest.txt, requirements/oldest.txt; .ci/stack, environments cached
+#                     outside the clone)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nbtune-setup
 PYTEST_ARGS ?=
 
-.PHONY: setup browser demo test gpu-suite clean
+.PHONY: setup browser demo test test-all test-matrix gpu-suite clean
 
 $(STAMP): pyproject.toml requirements/ci.txt
 	python3 -m venv $(VENV)
@@ -35,9 +41,19 @@ browser:
 demo: setup
 	$(VENV)/bin/nbtune demo
 
-test: setup browser
-	@$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS); rc=$$?; \
+# the quick tier; .ci/stack runs the same selection on the other stacks
+QUICK := not gpu and not slow
+
+test: setup
+	@$(PY) -m pytest -m "$(QUICK)" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test-all: setup browser
+	@$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-all: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test-matrix:
+	@rc=0; for stack in newest oldest; do bash .ci/stack $$stack $(PYTEST_ARGS) || rc=1; done; exit $$rc
 
 clean:
 	rm -rf $(VENV) outputs build *.egg-info

@@ -52,11 +52,25 @@ class CompileSpec:
     options: dict = dataclasses.field(default_factory=dict)
 
 
+def source(spec: CompileSpec):
+    """The ``triton.compiler.ASTSource`` of one spec. Triton >= 3.3 takes the whole signature and
+    ``constexprs=``; before (3.2, torch 2.6's) the signature lists only the runtime arguments and
+    the constexpr values go in ``constants=``."""
+    import inspect
+
+    import triton
+
+    if "constexprs" in inspect.signature(triton.compiler.ASTSource).parameters:
+        return triton.compiler.ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+    signature = {name: kind for name, kind in spec.signature.items() if kind != "constexpr"}
+    return triton.compiler.ASTSource(fn=spec.fn, signature=signature, constants=dict(spec.constexprs))
+
+
 def compile_one(spec: CompileSpec, cc: int):
     import triton
     from triton.backends.compiler import GPUTarget
 
-    src = triton.compiler.ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+    src = source(spec)
     kernel = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(spec.options) or None)
     shared = kernel.metadata.shared
     # only where the spec carries the host's launch options: Triton's default stages are not what runs

@@ -24,7 +24,7 @@ from nbtune.ui.planner_widget import PlannerWidget
 
 from .lab import copy_notebook, error_outputs, open_notebook, run_all, wait_for_run
 
-pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(300)]
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 NUMBERED = re.compile(r"^\[\d+\]:$")

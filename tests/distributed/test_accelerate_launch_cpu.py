@@ -12,7 +12,7 @@ from nbtune.train import session
 
 from .conftest import WORLD, cpu_env, ddp_config, free_port, read_jsonl, train_records
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 
 
 def test_accelerate_launch_matches_one_process(tmp_path, tiny_model_dir, ddp_data):

@@ -14,7 +14,7 @@ from nbtune.train import session
 
 from .conftest import ROWS, WORLD, cpu_env, ddp_config, read_jsonl, torchrun, train_records
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 
 
 @pytest.fixture(scope="module")

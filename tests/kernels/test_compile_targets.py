@@ -6,6 +6,7 @@ import sys
 import pytest
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.slow  # hundreds of ptxas runs
 
 
 def test_all_kernels_compile_for_t4_a100_h100():

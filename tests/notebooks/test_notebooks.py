@@ -118,6 +118,7 @@ def test_quickstart(kernel_env, tmp_path):
     assert (tmp_path / "qs" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_memory_planner(kernel_env, tmp_path):
     nb = execute("02_memory_planner.ipynb", tmp_path)
     assert outputs(nb, PLOTLY), "no plotly figure"
@@ -155,6 +156,7 @@ def test_dashboard_replay(kernel_env, tmp_path):
     assert (tmp_path / "cmp" / "dashboard.html").exists()
 
 
+@pytest.mark.slow
 def test_workshop_kernels(kernel_env, tmp_path):
     nb = execute("06_workshop_kernels.ipynb", tmp_path)
     text = text_of(nb)
