@@ -25,7 +25,8 @@ Sections (``Config.reference()`` prints every key with its default and allowed v
   (8-bit AdamW by default), weight_decay, seed, logging / eval / save steps, force (skip the
   memory check), max_nonfinite_steps (NaN/inf steps in a row before the run stops),
   gradient_checkpointing (``auto`` by default: see :func:`nbtune.planner.choose_checkpointing`);
-- ``output``: dir, export (``adapter`` and/or ``merged``), keep_checkpoints.
+- ``output``: dir, export (``adapter``, ``merged`` and/or ``gguf``, see :mod:`nbtune.export`),
+  merged_dtype, gguf_quant, keep_checkpoints.
 """
 from __future__ import annotations
 
@@ -182,15 +183,19 @@ class TrainConfig(_Section):
         return self
 
 
-ExportKind = Literal["adapter", "merged"]
+ExportKind = Literal["adapter", "merged", "gguf"]
+GgufQuant = Literal["f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"]
 
 
 class OutputConfig(_Section):
     dir: str = "outputs/nbtune-run"
     export: list[ExportKind] = Field(
         default_factory=lambda: ["adapter"],
-        description="what to save after training: adapter (peft format) and/or merged (16-bit, adapter folded in)")
+        description="what to save after training: adapter (peft format), merged (16-bit, adapter folded in, "
+                    "written shard by shard) and/or gguf (one file for llama.cpp / Ollama / LM Studio)")
     merged_dtype: Literal["float16", "bfloat16"] = "float16"
+    gguf_quant: GgufQuant = Field("q8_0", description="GGUF weights: f16, bf16, q8_0, or llama.cpp's k-quants "
+                                                      "q4_k_m, q5_k_m, q6_k (these need llama.cpp's quantizer)")
     keep_checkpoints: int = Field(2, ge=1, description="resumable checkpoints kept in <dir>/checkpoints")
     overwrite: bool = Field(False, description="a fresh run into a dir that holds a previous run replaces it (only "
                                                "the files nbtune wrote there are deleted); false: refused")

@@ -7,8 +7,9 @@
 
 Generation renders the conversation with the tokenizer's chat template (the one training used),
 decodes greedily unless ``temperature > 0``, and stops at the template's end-of-turn token.
-The merged checkpoint is built from a fresh 16-bit copy of the base weights (on the CPU), never
-from the 4-bit training model: merging into NF4 weights would round the adapter away.
+The merged checkpoint is built from the base checkpoint's own weights (read shard by shard on the
+CPU, see :mod:`nbtune.export.merged`), never from the 4-bit training model: merging into NF4
+weights would round the adapter away.
 """
 from __future__ import annotations
 
@@ -92,26 +93,13 @@ def save_adapter(peft_model, tokenizer, path) -> Path:
 
 
 def save_merged(adapter_dir, path, base: str, dtype: str = "float16", trust_remote_code: bool = False) -> Path:
-    """A merged 16-bit checkpoint: a fresh ``dtype`` copy of ``base`` on the CPU, the adapter at
-    ``adapter_dir`` loaded onto it and folded in, saved as safetensors with the tokenizer.
+    """A merged 16-bit checkpoint: the adapter at ``adapter_dir`` folded into ``base``'s weights,
+    written as safetensors shard by shard with the tokenizer (:func:`nbtune.export.export_merged`).
 
-    Needs CPU memory for the whole model in 16-bit (~16 GB for an 8B model; on a free Colab
-    session (12.7 GB RAM) merge a 7-8B model elsewhere, or load the adapter with peft)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    Memory stays near one row block of one tensor (plus one dequantized weight for a bnb-4bit
+    base), not the model: an 8B model merges within a free Colab session's 12.7 GB RAM."""
+    from ..export.api import base_folder
+    from ..export.merged import export_merged
 
-    from .. import quiet
-    from ..models import resolve_model_path
-
-    path = Path(path)
-    torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    source = resolve_model_path(base)
-    print(f"nbtune: merging {adapter_dir} into a {dtype} copy of {base} (CPU)", file=sys.stderr)
-    with quiet.loading():  # no "Loading weights" / "Writing model shards" bars (nbtune/quiet.py)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-                                                     low_cpu_mem_usage=True,
-                                                     use_safetensors=True)  # never a pickle
-        merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload(safe_merge=True)
-        merged.save_pretrained(path, safe_serialization=True)
-        AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(path)
-    return path
+    print(f"nbtune: merging {adapter_dir} into a {dtype} copy of {base} (CPU, shard by shard)", file=sys.stderr)
+    return export_merged(base_folder(base, trust_remote_code), adapter_dir, Path(path), dtype=dtype)

@@ -142,6 +142,18 @@ class FinetuneResult(RunOutcome):
                                       trust_remote_code=self.config.model.trust_remote_code)
         return self.merged_dir
 
+    def export(self, format: str = "gguf", quant: str | None = None, out=None, dtype: str | None = None) -> Path:
+        """This run as ``format``: adapter, merged or gguf (default ``<output.dir>/<format>``); see
+        :func:`nbtune.export.api.export_run` (``quant`` for gguf, ``dtype`` for merged)."""
+        from ..export.api import export_run
+
+        if not out and format != "adapter":
+            run_folder.record_written(self.output_dir, format)
+        path = export_run(self.output_dir, format, quant=quant, out=out, dtype=dtype)
+        if format == "merged":
+            self.merged_dir = path
+        return path
+
 
 @dataclasses.dataclass
 class DryRunReport:
@@ -461,7 +473,7 @@ def check_resume(cfg: Config, out: Path, checkpoint: Path, say=None) -> None:
 RESUME_MAY_CHANGE = {
     "train": {"max_steps", "epochs", "logging_steps", "eval_steps", "save_steps", "save_minutes", "force",
               "max_nonfinite_steps", "eval_batch_size"},
-    "output": {"keep_checkpoints", "export", "merged_dtype", "overwrite"},
+    "output": {"keep_checkpoints", "export", "merged_dtype", "gguf_quant", "overwrite"},
 }
 
 
@@ -751,6 +763,8 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
     )
     if cfg.output.save_merged and not interrupted and main:
         result.save_merged()
+    if "gguf" in cfg.output.export and not interrupted and main:
+        result.export("gguf")
     return result
 
 

@@ -5,6 +5,9 @@
     nbtune finetune RUN.yaml [--set k=v] [--plan] [--dry-run] [--resume] [--force]
                                             run a config file (the same config as %%finetune)
     nbtune plan MODEL [--gpu colab-t4 ...]  will it fit the GPU and the host RAM? breakdown, advice (no GPU needed)
+    nbtune export RUN_DIR --format gguf --quant q8_0 [--out DIR]
+                                            a finished run as gguf (llama.cpp / Ollama / LM Studio),
+                                            merged (16-bit safetensors) or adapter
     nbtune --version                        nbtune's version and its stack's (torch, transformers, ...)
 
 Several GPUs (data parallel, DDP): start the same command under a standard launcher; every process
@@ -97,6 +100,19 @@ def _host_ram(value):
         raise PlannerError(f"--host-ram {value!r}: a number of GiB (e.g. 12.7) or auto (this machine's RAM)") from None
 
 
+def cmd_export(args) -> int:
+    """A finished run folder as GGUF (+ Ollama Modelfile), a merged checkpoint, or the adapter."""
+    from ..export.api import export_run
+
+    path = export_run(args.run_dir, args.format, quant=args.quant, out=args.out, dtype=args.dtype)
+    print(path)
+    if args.format == "gguf":
+        modelfile = path.with_suffix(".Modelfile")
+        if modelfile.is_file():
+            print(f"Ollama: cd {path.parent} && ollama create {path.stem} -f {modelfile.name}", file=sys.stderr)
+    return 0
+
+
 def config_from_args(args):
     """``nbtune finetune``'s config: the YAML file with each ``--set`` applied (as ``%%finetune`` does),
     and ``--overwrite`` as ``output.overwrite: true``."""
@@ -176,6 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yaml", action="store_true", help="also print the matching %%%%finetune cell")
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead")
     p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("export", help="export a finished run: gguf (llama.cpp / Ollama / LM Studio), merged, adapter",
+                       description="Export a finished run folder (its output.dir): gguf writes one .gguf file and an "
+                                   "Ollama Modelfile; merged writes a 16-bit safetensors checkpoint shard by shard.")
+    p.add_argument("run_dir", help="the run's output.dir (holds run.yaml and adapter/)")
+    p.add_argument("--format", default="gguf", choices=["gguf", "merged", "adapter"])
+    p.add_argument("--quant", default=None, choices=["f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"],
+                   help="GGUF weights (default: the run's output.gguf_quant, q8_0); k-quants need llama.cpp's quantizer")
+    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16"],
+                   help="merged weights (default: the run's output.merged_dtype)")
+    p.add_argument("--out", default=None, help="where to write (default: RUN_DIR/<format>)")
+    p.set_defaults(func=cmd_export)
     return ap
 
 

@@ -9,7 +9,8 @@ with it bitsandbytes) out of the kernel, and ``nbtune plan`` must not import tor
 from __future__ import annotations
 
 # Bad input, found before or while setting up: the message names the field and the fix.
-INPUT_ERRORS = frozenset({"ConfigError", "DataError", "AssetError", "ModelLoadError", "DistributedSetupError"})
+INPUT_ERRORS = frozenset({"ConfigError", "DataError", "AssetError", "ModelLoadError", "DistributedSetupError",
+                          "ExportError"})
 # The memory planner's answer: the message is the plan and its advice (several lines).
 PLAN_ERRORS = frozenset({"PlannerError", "DoesNotFitError"})
 # A run that started and stopped on what the user changes (out of GPU memory, NaN/inf loss, a full disk).
