@@ -190,3 +190,26 @@ def pair_counts(data: TokenizedData) -> dict:
     p, c, r = (list(map(len, ds[col])) for col in ("prompt_ids", "chosen_ids", "rejected_ids"))
     return dict(pairs=len(p), tokens=sum(2 * a + b + d for a, b, d in zip(p, c, r)), scored=sum(c) + sum(r),
                 longest=max(a + max(b, d) for a, b, d in zip(p, c, r)))
+
+
+def dry_run_report(cfg, plan, tokenizer, world: int, resume_from):
+    """The dry run of a dpo / orpo config: pairs, their tokens (what the model reads: the prompt once
+    with each reply) and the reply tokens scored, the steps, without loading the model."""
+    from . import batch_fit, distributed
+    from .run import DryRunReport
+
+    data = prepare_preference_data(cfg.data, tokenizer, cfg.model.max_seq_length)
+    counts = pair_counts(data)
+    per_step = min(distributed.global_batch(cfg, world), counts["pairs"])  # pairs per optimizer step
+    steps = cfg.train.max_steps or int(-(-counts["pairs"] * cfg.train.epochs // per_step))
+    first = data.train[0]
+    notes = [n for n in (data.eval_note, batch_fit.oversized_batch_note(cfg, counts["pairs"], world)) if n]
+    notes.append(f"train.method {cfg.train.method}: each pair is read as prompt + chosen and prompt + rejected"
+                 + (" (and once more with LoRA off, for the reference)" if cfg.train.method == "dpo" else ""))
+    return DryRunReport(
+        config=cfg, plan=plan, format=data.format, train_rows=counts["pairs"],
+        eval_rows=0 if data.eval is None else data.eval.num_rows, dropped=data.dropped,
+        train_tokens=counts["tokens"], trainable_tokens=counts["scored"], longest=counts["longest"], steps=steps,
+        epochs=steps * per_step / counts["pairs"], resume_from=resume_from,
+        sample=tokenizer.decode(first["prompt_ids"] + first["chosen_ids"]), world_size=world,
+        rows_truncated=data.truncated, notes=notes, unit="pairs")
