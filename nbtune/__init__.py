@@ -36,6 +36,7 @@ _PUBLIC = {
     "DataError": "nbtune.train",
     "FinetuneResult": "nbtune.train",
     "read_log": "nbtune.train",
+    "preference_accuracy": "nbtune.train",
     "pull": "nbtune.assets",
     "AssetError": "nbtune.assets",
     "ModelLoadError": "nbtune.models",

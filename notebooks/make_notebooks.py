@@ -635,3 +635,117 @@ go.Figure(go.Bar(x=modes, y=[p.peak_gib for p in plans], text=[f"{p.peak_gib:.1f
     template="plotly_white")
 '''),
 ])
+
+# ---------------------------------------------------------------- 07 preferences: DPO / ORPO
+save("07_preferences_and_rewards.ipynb", [
+    header("07_preferences_and_rewards.ipynb", "Preferences and rewards: DPO on the embedded model",
+           """
+Supervised fine-tuning shows the model good answers. **Preference training** shows it pairs: for one
+prompt, a *chosen* reply and a *rejected* one, and moves the model towards the first and away from
+the second. nbtune runs **DPO** (direct preference optimization) and **ORPO** with the same config,
+the same doors (`%%finetune`, `nbtune finetune`, `nbtune.finetune`) and the same dashboard: set
+`train.method: dpo` (or `orpo`) and point `data` at rows `{prompt, chosen, rejected}`.
+
+DPO's reference model is the model itself with its LoRA adapter switched off (no second copy of the
+weights), and the reply log-probabilities come from nbtune's fused linear + log-softmax kernel (the
+logits are never held whole). Its *reward* of a reply is
+$\\beta\\,(\\log\\pi(\\text{reply}) - \\log\\pi_{ref}(\\text{reply}))$: how much more likely training made it.
+This notebook runs on a CPU in minutes with the embedded SmolLM2-135M-Instruct.
+"""),
+    code(INSTALL),
+    params('''
+MODEL = "smollm2-135m-instruct"
+METHOD = "dpo"          # "dpo" or "orpo"
+MAX_STEPS = 40          # optimizer steps (CPU default below: 12)
+MAX_ROWS = None         # training pairs (None: all 1,000; CPU default below: 48)
+EVAL_ROWS = 32          # held-out pairs (CPU default below: 16)
+MAX_SEQ_LENGTH = 512    # GSM8K pairs are under 400 tokens: the final answer, where the replies differ, is kept
+BETA = 0.1              # DPO's beta: the reward's scale, how hard the model is held near the reference
+OUTPUT_DIR = "outputs/preferences"
+'''),
+    md("""
+## The embedded preference set
+`gsm8k-preferences` is GSM8K turned into pairs, deterministically: the **chosen** reply is the real
+worked solution, the **rejected** one the same solution with a wrong final number (a reply that
+contradicts its own working). The held-out pairs ask questions the training pairs never ask.
+"""),
+    code('''
+import json
+import torch
+import nbtune
+from nbtune.assets import pull_dataset
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    MAX_STEPS = min(MAX_STEPS, 12)
+    MAX_ROWS = MAX_ROWS or 48
+    EVAL_ROWS = min(EVAL_ROWS, 16)
+pair = json.loads((pull_dataset("gsm8k-preferences") / "train.jsonl").read_text().splitlines()[0])
+print("prompt:  ", pair["prompt"][0]["content"][:120], "...")
+print("chosen:   ...", pair["chosen"][0]["content"][-60:].replace("\\n", " | "))
+print("rejected: ...", pair["rejected"][0]["content"][-60:].replace("\\n", " | "))
+'''),
+    md("""
+Your own pairs: a `.jsonl` / `.json` / `.csv` / `.parquet` file with `prompt`, `chosen` and `rejected`, each
+plain text or chat turns (`[{"role": ..., "content": ...}]`); other column names through `data.columns`.
+Without a `prompt` column, chat-form `chosen` / `rejected` holding the whole conversation are split where
+they stop agreeing.
+"""),
+    md("## One config, a dry run\nThe dry run counts pairs and tokens (each pair is read as prompt + chosen and prompt + rejected) without loading the model."),
+    code('''
+config = nbtune.build_config({
+    "model": {"name": MODEL, "max_seq_length": MAX_SEQ_LENGTH},
+    "data": {"source": "gsm8k-preferences", "max_rows": MAX_ROWS, "eval_rows": EVAL_ROWS},
+    "lora": {"r": 16, "alpha": 32},
+    "train": {"method": METHOD, "beta": BETA, "max_steps": MAX_STEPS, "batch_size": 4, "grad_accum": 1,
+              "lr": 5e-4, "warmup_steps": 0, "eval_steps": max(1, MAX_STEPS // 2), "eval_batch_size": 8,
+              **({} if ON_GPU else {"gradient_checkpointing": "off", "optimizer": "adamw"})},
+    "output": {"dir": OUTPUT_DIR, "overwrite": True},
+})
+%load_ext nbtune
+%finetune config --dry-run
+'''),
+    md("""
+## Train
+The dashboard's third row is the method's own: the rewards of the chosen and rejected replies and their
+margin, the share of pairs whose chosen reply gets the higher reward (train, and held out as markers),
+and the replies' log-probabilities. Before the first step the policy *is* the reference: every reward is 0.
+"""),
+    code("%finetune config --out run"),
+    code('''
+print(run.summary())
+records = nbtune.read_log(run.log_path)
+held = [r for r in records if r.get("event") == "eval"]
+for r in held:
+    print(f"step {r['step']:3d}  held-out: reward margin {r['eval_reward_margin']:+.3f}, "
+          f"pairs ranked right by reward {100 * r['eval_reward_accuracy']:.0f}%")
+'''),
+    md("""
+## Does the model itself prefer the chosen replies?
+The reward accuracy above compares each reply with the reference. `nbtune.preference_accuracy` asks the
+plain question on the held-out pairs: is the chosen reply the more likely one, for the base model (the
+adapter switched off) and for the trained one?
+"""),
+    code('''
+import plotly.graph_objects as go
+
+acc = nbtune.preference_accuracy(run)
+print(acc)
+go.Figure(go.Bar(x=["base model", f"after {METHOD.upper()}"], y=[acc["before"], acc["after"]],
+                 text=[f"{100 * v:.0f}%" for v in (acc["before"], acc["after"])], marker_color=["#8C8C8C", "#4C72B0"])
+          ).update_layout(title=f"held-out pairs ranked right ({acc['pairs']} pairs)", yaxis_range=[0, 1.05],
+                          height=300, template="plotly_white")
+'''),
+    md("""
+## ORPO: the same pairs, no reference
+ORPO adds an odds-ratio term to the ordinary loss on the chosen replies (weighted by `beta`), so it needs
+no reference forward at all. Its reward of a reply is `beta` times the reply's mean token log-probability.
+"""),
+    code('''
+orpo = nbtune.finetune(config, train={"method": "orpo", "max_steps": max(2, MAX_STEPS // 2)},
+                       output={"dir": OUTPUT_DIR + "-orpo", "overwrite": True}, dashboard=False)
+last = [r for r in orpo.metrics if r.get("event") == "train"][-1]
+print(orpo.summary())
+print({k: round(last[k], 4) for k in ("nll_loss", "log_odds_ratio", "reward_margin", "reward_accuracy")})
+'''),
+])

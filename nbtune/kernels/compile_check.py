@@ -24,6 +24,7 @@ KERNEL_MODULES = (
     "glu",
     "lora",
     "cross_entropy",
+    "linear_logprobs",
     "offload",
     "varlen_attention",
 )

@@ -1,4 +1,5 @@
-"""Training: one config -> data pipeline -> TRL SFTTrainer -> metrics stream -> adapter on disk.
+"""Training: one config -> data pipeline -> TRL's SFTTrainer (or DPO / ORPO trainer: train.method) ->
+metrics stream -> adapter on disk.
 
 Names load lazily, so ``nbtune.train.config`` (and the ``%%finetune`` magic that reads it) can be
 imported without torch.
@@ -10,7 +11,7 @@ import importlib
 _PUBLIC = {
     "Config": "config", "ConfigError": "config", "build_config": "config",
     "DataError": "data", "prepare_data": "data",
-    "MetricsStream": "metrics", "read_log": "metrics",
+    "MetricsStream": "metrics", "read_log": "metrics", "preference_accuracy": "preference_eval",
     "DryRunReport": "run", "FinetuneResult": "run", "dry_run_report": "run", "finetune": "run", "memory_plan": "run",
 }
 

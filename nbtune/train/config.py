@@ -21,7 +21,8 @@ Sections (``Config.reference()`` prints every key with its default and allowed v
   assistant turns stay -100) and the run reports how full the micro-batches are
   (:mod:`nbtune.train.packing`);
 - ``lora``: r, alpha, dropout, targets;
-- ``train``: max_steps or epochs, batch_size, grad_accum, lr, scheduler, warmup_steps, optimizer
+- ``train``: method (``sft``, the default; ``dpo`` or ``orpo`` on preference pairs, with ``beta``:
+  :mod:`nbtune.train.preference`), max_steps or epochs, batch_size, grad_accum, lr, scheduler, warmup_steps, optimizer
   (8-bit AdamW by default), weight_decay, seed, logging / eval / save steps, force (skip the
   memory check), max_nonfinite_steps (NaN/inf steps in a row before the run stops),
   gradient_checkpointing (``auto`` by default: see :func:`nbtune.planner.choose_checkpointing`);
@@ -70,7 +71,8 @@ class ModelConfig(_Section):
     trust_remote_code: bool = False
 
 
-DataFormat = Literal["auto", "messages", "prompt_completion", "instruction", "qa", "text"]
+DataFormat = Literal["auto", "messages", "prompt_completion", "instruction", "qa", "text", "preference"]
+PREFERENCE_METHODS = ("dpo", "orpo")
 
 
 class DataConfig(_Section):
@@ -160,6 +162,13 @@ class TrainConfig(_Section):
     max_nonfinite_steps: int = Field(
         3, gt=0, description="stop after this many optimizer steps in a row with a NaN/inf loss or gradients "
                              "(each is skipped, not trained on; the last good checkpoint is kept)")
+    method: Literal["sft", "dpo", "orpo"] = Field(
+        "sft", description="'sft': supervised fine-tuning on conversations; 'dpo' (direct preference optimization, "
+                           "the reference is the model with LoRA switched off) or 'orpo' (odds-ratio preference "
+                           "optimization, no reference) on preference rows {prompt, chosen, rejected}")
+    beta: float = Field(
+        0.1, gt=0, description="dpo: the strength of the pull towards the reference (the implicit reward's scale); "
+                               "orpo: the weight of the odds-ratio term next to the chosen replies' loss")
 
     @model_validator(mode="before")
     @classmethod
@@ -235,6 +244,21 @@ class Config(_Section):
     @classmethod
     def _data_shorthand(cls, v):
         return {"source": str(v)} if isinstance(v, (str, Path)) else v
+
+    @model_validator(mode="after")
+    def _method_and_data(self):
+        preference = self.train.method in PREFERENCE_METHODS
+        if preference and self.data.packing:
+            raise ValueError(f"train.method {self.train.method!r} trains on pairs of replies, which are not packed: "
+                             "set data.packing: false (packing is for train.method: sft)")
+        if preference and self.data.format not in ("auto", "preference"):
+            raise ValueError(f"train.method {self.train.method!r} reads preference rows {{prompt, chosen, rejected}}, "
+                             f"not data.format {self.data.format!r}: set data.format: auto (or preference), or "
+                             "train.method: sft")
+        if not preference and self.data.format == "preference":
+            raise ValueError("data.format 'preference' (rows {prompt, chosen, rejected}) is for train.method dpo or "
+                             "orpo; set train.method: dpo (or orpo), or another data.format for sft")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(), sort_keys=False)

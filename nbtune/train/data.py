@@ -327,16 +327,27 @@ def _empty_reason(messages, responses_only: bool) -> str | None:
     return None
 
 
-def prepare_data(cfg: DataConfig, tokenizer, max_len: int) -> TokenizedData:
-    """The train (and held-out) rows tokenized. ``eval_split`` "auto": an embedded data set's test
-    split; on a local file, 5% of its rows (at least 1) held out, said in ``eval_note``; on a hub
-    data set, none."""
+@dataclasses.dataclass
+class RowSplits:
+    """The configured rows before tokenizing: the train rows and the held-out ones (or None)."""
+
+    train: list[dict]
+    held_out: list[dict] | None
+    where: str  # where the train rows came from, for messages ("gsm8k:train", a file path)
+    eval_where: str
+    eval_note: str | None = None  # how the held-out rows were chosen, when nbtune chose them (one line)
+
+
+def split_rows(cfg: DataConfig) -> RowSplits:
+    """The train rows and the held-out rows of ``cfg`` (columns renamed by ``data.columns``).
+    ``eval_split`` "auto": an embedded data set's test split; on a local file, 5% of its rows (at
+    least 1) held out, said in ``eval_note``; on a hub data set, none. A fraction holds out that
+    share of the train rows (a seeded shuffle); ``max_rows`` / ``eval_rows`` cut each side after."""
     check_splits(cfg)
     rows, where = load_rows(cfg, cfg.split)
     rows = [_rename(r, cfg.columns) for r in rows]
     if not rows:
         raise DataError(f"{where}: no rows")
-    fmt = detect_format(rows[0].keys(), cfg)
     eval_split = cfg.eval_split
     held_out = None
     eval_note = None
@@ -362,8 +373,6 @@ def prepare_data(cfg: DataConfig, tokenizer, max_len: int) -> TokenizedData:
         eval_split = None
     if cfg.max_rows:
         rows = rows[: cfg.max_rows]
-    train, dropped, truncated = tokenize_rows(rows, tokenizer, cfg, max_len, where, fmt)
-    eval_ds = None
     if eval_split == "auto":
         eval_split = "test" if cfg.source in DATASETS else None
     if eval_split:
@@ -371,12 +380,21 @@ def prepare_data(cfg: DataConfig, tokenizer, max_len: int) -> TokenizedData:
         held_out = [_rename(r, cfg.columns) for r in held_out]
     else:
         eval_where = f"{where} (held out)"
-    if held_out is not None:
-        if cfg.eval_rows:
-            held_out = held_out[: cfg.eval_rows]
-        eval_ds, _, _ = tokenize_rows(held_out, tokenizer, cfg, max_len, eval_where, fmt)
+    if held_out is not None and cfg.eval_rows:
+        held_out = held_out[: cfg.eval_rows]
+    return RowSplits(train=rows, held_out=held_out, where=where, eval_where=eval_where, eval_note=eval_note)
+
+
+def prepare_data(cfg: DataConfig, tokenizer, max_len: int) -> TokenizedData:
+    """The train (and held-out) rows (:func:`split_rows`) tokenized."""
+    splits = split_rows(cfg)
+    fmt = detect_format(splits.train[0].keys(), cfg)
+    train, dropped, truncated = tokenize_rows(splits.train, tokenizer, cfg, max_len, splits.where, fmt)
+    eval_ds = None
+    if splits.held_out is not None:
+        eval_ds, _, _ = tokenize_rows(splits.held_out, tokenizer, cfg, max_len, splits.eval_where, fmt)
     return TokenizedData(train=train, eval=eval_ds, dropped=dropped, format=fmt, truncated=truncated,
-                         eval_note=eval_note)
+                         eval_note=splits.eval_note)
 
 
 CHATML_TEMPLATE = (

@@ -3,7 +3,11 @@
 A record holds: event, step, max_steps, loss, eval_loss (on evaluation steps), lr, grad_norm,
 tokens seen, tokens/s since the last record, VRAM allocated / reserved / peak (GiB, CUDA only),
 elapsed seconds and ETA, and what the ``fields`` providers add to train records (the garbage
-collector's pauses since the previous record, ``gc_ms`` / ``gc_full``: gc_pause.py). Events:
+collector's pauses since the previous record, ``gc_ms`` / ``gc_full``: gc_pause.py) and, in a
+preference run (``train.method`` dpo / orpo), what TRL's trainer logs for it (:data:`PREFERENCE_KEYS`:
+the chosen and rejected replies' rewards, the margin, the share of pairs ranked right, their
+log-probabilities; ORPO's chosen-reply loss and log odds ratio), ``eval_``-prefixed on evaluation
+records. Events:
 ``start`` (with the GPU's capacity ``vram_total_gib``, the number of processes ``world_size``,
 the ``global_batch`` in rows per optimizer step, the ``gradient_checkpointing`` mode the run uses
 with its ``checkpointing_reason``, the ``versions`` of nbtune, Python and the stack (torch,
@@ -51,6 +55,14 @@ def gpu_capacity() -> dict:
         return {}
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     return dict(gpu=props.name, vram_total_gib=round(props.total_memory / 2**30, 3))
+
+
+# TRL's preference-training logs -> the record's keys (evaluation records: both with "eval_" in front)
+PREFERENCE_KEYS = {
+    "rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected", "rewards/margins": "reward_margin",
+    "rewards/accuracies": "reward_accuracy", "logps/chosen": "logp_chosen", "logps/rejected": "logp_rejected",
+    "nll_loss": "nll_loss", "log_odds_ratio": "log_odds_ratio",
+}
 
 
 class MetricsStream(TrainerCallback):
@@ -105,6 +117,10 @@ class MetricsStream(TrainerCallback):
                          ("grad_norm", "grad_norm"), ("train_loss", "train_loss"), ("epoch", "epoch")):
             if src in logs and logs[src] is not None:
                 rec[dst] = float(logs[src])
+        for src, dst in PREFERENCE_KEYS.items():
+            for prefix in ("", "eval_"):
+                if logs.get(prefix + src) is not None:
+                    rec[prefix + dst] = float(logs[prefix + src])
         if rec["event"] == "train" and self._last is not None:
             dt = now - self._last[0]
             if dt > 0 and tokens > self._last[1]:

@@ -48,7 +48,7 @@ from .checkpoint import (MARKER, AutoSave, InterruptCallback, StagedCheckpoints,
                          checkpoints_dir, complete_checkpoints, latest_checkpoint, remove_stale_staging,
                          resumable_checkpoint,
                          save_after_keyboard_interrupt, sigint_stops)
-from .config import Config, ConfigError, build_config, output_dir
+from .config import PREFERENCE_METHODS, Config, ConfigError, build_config, output_dir
 from .data import TokenizedData, apply_chat_template_choice, prepare_data
 from .environment import check_bitsandbytes, cpu_note
 from .host_plan import HostPlannedCollator
@@ -176,19 +176,20 @@ class DryRunReport:
     rows_truncated: int = 0
     packing: object = None  # PackingStats with data.packing
     notes: list = dataclasses.field(default_factory=list)  # one line each: what nbtune chose for the run
+    unit: str = "rows"  # what the data holds: rows (sft) or pairs (dpo / orpo)
 
     def summary(self) -> str:
         lines = [
             f"dry run: {self.config.model.name} on {self.config.data.source} ({self.format} format)",
-            f"  train rows: {self.train_rows}" + (f" ({sum(self.dropped.values())} dropped: "
+            f"  train {self.unit}: {self.train_rows}" + (f" ({sum(self.dropped.values())} dropped: "
                                                    + ", ".join(f"{n} {why}" for why, n in self.dropped.items()) + ")"
                                                    if self.dropped else ""),
-            f"  eval rows: {self.eval_rows}",
+            f"  eval {self.unit}: {self.eval_rows}",
             f"  tokens: {self.train_tokens:,} ({self.trainable_tokens:,} trained on), longest row {self.longest} "
             f"of max_seq_length {self.config.model.max_seq_length}"
             + (f" ({self.rows_truncated} longer rows truncated to it)" if self.rows_truncated else ""),
             *([f"  {self.packing.line()}"] if self.packing is not None else []),
-            f"  steps: {self.steps} x {distributed.batch_description(self.config, self.world_size)} = "
+            f"  steps: {self.steps} x {distributed.batch_description(self.config, self.world_size).replace('rows', self.unit, 1)} = "
             f"{self.epochs:.2f} epochs" + (" (global batch; memory per GPU)" if self.world_size > 1 else ""),
             f"  output: {self.config.output.dir}"
             + (f" (would resume from {self.resume_from.name})" if self.resume_from else ""),
@@ -372,6 +373,10 @@ def check_inputs(cfg: Config) -> None:
         check_splits(cfg.data)  # a local file has one split: train
         rows, where = load_rows(cfg.data, cfg.data.split)
         rows = [_rename(r, cfg.data.columns) for r in rows]
+        if cfg.train.method in PREFERENCE_METHODS:
+            from .preference_data import check_rows
+
+            return check_rows(rows, cfg.data, where)
         if not rows:
             from .data import DataError
 
@@ -537,7 +542,12 @@ def _trainer_class():
 
 def prepare_run_data(cfg: Config, tokenizer) -> TokenizedData:
     """The run's tokenized data; with ``data.packing`` its train split packed into micro-batches
-    (``data.packing`` then holds the :class:`~nbtune.train.packing.PackingStats`)."""
+    (``data.packing`` then holds the :class:`~nbtune.train.packing.PackingStats`); with a preference
+    method (dpo / orpo) the tokenized pairs of :mod:`nbtune.train.preference_data`."""
+    if cfg.train.method in PREFERENCE_METHODS:
+        from .preference_data import prepare_preference_data
+
+        return prepare_preference_data(cfg.data, tokenizer, cfg.model.max_seq_length)
     data = prepare_data(cfg.data, tokenizer, cfg.model.max_seq_length)
     if cfg.data.packing:
         data.train, data.packing = pack_dataset(data.train, cfg.train.batch_size, cfg.model.max_seq_length)
@@ -546,7 +556,12 @@ def prepare_run_data(cfg: Config, tokenizer) -> TokenizedData:
 
 def build_trainer(cfg: Config, out: Path, model, tokenizer, data: TokenizedData, callbacks=()):
     """nbtune's SFTTrainer for this run; with ``data.packing`` its collator is the padding-free one
-    (position ids restarting at every document, ``cu_seq_lens``: no attention across documents)."""
+    (position ids restarting at every document, ``cu_seq_lens``: no attention across documents).
+    ``train.method`` dpo / orpo: nbtune's DPO / ORPO trainer (:mod:`nbtune.train.preference`)."""
+    if cfg.train.method in PREFERENCE_METHODS:
+        from .preference import build_preference_trainer
+
+        return build_preference_trainer(cfg, out, model, tokenizer, data, callbacks)
     collator = packed_collator(tokenizer.pad_token_id) if cfg.data.packing else None
     with quiet.loading():  # no datasets bars while TRL prepares the data (the dashboard is the view)
         return _trainer_class()(model=model, args=sft_args(cfg, out, model, data.eval is not None),
@@ -565,6 +580,10 @@ def dry_run_report(config=None, gpu=None, resume=False, world_size: int | None =
     plan = memory_plan(cfg, gpu, world)
     tokenizer = _load_tokenizer(cfg)
     apply_chat_template_choice(tokenizer, cfg.data.chat_template)
+    if cfg.train.method in PREFERENCE_METHODS:
+        from .preference_data import dry_run_report as preference_report
+
+        return preference_report(cfg, plan, tokenizer, world, _resume_point(output_dir(cfg), resume) if resume else None)
     data = prepare_data(cfg.data, tokenizer, cfg.model.max_seq_length)
     lengths = [len(ids) for ids in data.train["input_ids"]]
     trained = sum(sum(1 for lab in labels if lab != -100) for labels in data.train["labels"])
@@ -678,8 +697,8 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
         before = next((r["eval_loss"] for r in kept if r.get("event") == "eval" and r.get("step") == 0), None)
     stream = MetricsStream(out / "metrics.jsonl", listeners, append=resume_from is not None, write=main)
     stream.resumed_from = start_step
-    stream.start_fields = dict(gradient_checkpointing=checkpointing, checkpointing_reason=checkpointing_why,
-                               rows_truncated=data.truncated)
+    stream.start_fields = dict(method=cfg.train.method, gradient_checkpointing=checkpointing,
+                               checkpointing_reason=checkpointing_why, rows_truncated=data.truncated)
     if data.packing is not None:  # each packed entry is a micro-batch: the global batch is counted in row budgets
         stream.start_fields.update(packing=data.packing.as_dict(), global_batch=distributed.global_batch(cfg))
     pauses = CollectorPauses()

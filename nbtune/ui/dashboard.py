@@ -7,7 +7,11 @@
 
 Panels: training loss (raw, and smoothed with TensorBoard's debiased EMA) with the held-out loss;
 VRAM allocated / reserved / peak against the GPU's capacity; learning rate; grad norm; tokens/s.
-The title line is the header: step/total, loss, ETA, elapsed and peak memory.
+A preference run (``train.method`` dpo / orpo, known from its start record or its first reward
+figures) gets a third row: the rewards of the chosen and rejected replies and their margin
+(held-out margin as markers), the share of pairs whose chosen reply is rewarded higher (train and
+held out), and the replies' log-probabilities. The title line is the header: step/total, loss
+(and a preference run's margin and accuracy), ETA, elapsed and peak memory.
 
 How it reaches the screen (the fastprogress / HF NotebookProgressCallback way): one
 ``display(..., display_id=True)`` handle, updated at most every ``min_interval`` seconds (the
@@ -54,6 +58,22 @@ TRACES = {  # series -> (trace name, row, col)
 COLORS = {"loss": "rgba(76,114,176,0.35)", "loss_smooth": "#4C72B0", "eval_loss": "#C44E52",
           "vram_alloc_gib": "#55A868", "vram_reserved_gib": "#8172B3", "vram_peak_gib": "#DD8452",
           "capacity": "#333333", "lr": "#937860", "grad_norm": "#DA8BC3", "tokens_per_s": "#8C8C8C"}
+# a preference run's third row: series -> (trace name, row, col)
+PREFERENCE_TRACES = {
+    "reward_chosen": ("reward chosen", 3, 1),
+    "reward_rejected": ("reward rejected", 3, 1),
+    "reward_margin": ("reward margin", 3, 1),
+    "eval_reward_margin": ("eval reward margin", 3, 1),
+    "reward_accuracy": ("preference accuracy", 3, 2),
+    "eval_reward_accuracy": ("eval preference accuracy", 3, 2),
+    "logp_chosen": ("log-prob chosen", 3, 3),
+    "logp_rejected": ("log-prob rejected", 3, 3),
+}
+PREFERENCE_SERIES = tuple(PREFERENCE_TRACES)
+PREFERENCE_METHODS = ("dpo", "orpo")
+COLORS.update({"reward_chosen": "#55A868", "reward_rejected": "#C44E52", "reward_margin": "#4C72B0",
+               "eval_reward_margin": "#4C72B0", "reward_accuracy": "#8172B3", "eval_reward_accuracy": "#DD8452",
+               "logp_chosen": "#55A868", "logp_rejected": "#C44E52"})
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
 CONFIG = {"displaylogo": False, "responsive": True}
 NO_GPU = dict(text="no GPU: CPU run", name="nogpu", showarrow=False, xref="x2 domain", yref="y2 domain", x=0.5, y=0.5,
@@ -99,12 +119,14 @@ class Dashboard:
     max_points: points per curve on screen (the full series stays in ``self.series``).
     smoothing: EMA weight for the smoothed loss (0 = none). mode: "html" (a display handle) or
     "widget" (a FigureWidget). display: False to build the figure without showing it (tests,
-    replay, export). capacity_gib: the GPU's memory, when the log does not say it.
+    replay, export). capacity_gib: the GPU's memory, when the log does not say it. preference:
+    draw the preference panels from the start (None: once the run shows it is a dpo / orpo run).
     """
 
     def __init__(self, title: str | None = None, min_interval: float = 1.0, max_points: int = 500,
                  smoothing: float = 0.6, mode: str = "html", display: bool = True,
-                 capacity_gib: float | None = None, height: int = 520, clock=time.monotonic):
+                 capacity_gib: float | None = None, height: int = 520, clock=time.monotonic,
+                 preference: bool | None = None):
         if mode not in ("html", "widget"):
             raise ValueError(f"Dashboard mode must be 'html' or 'widget', not {mode!r}")
         if mode == "widget" and display:
@@ -123,6 +145,8 @@ class Dashboard:
         self.height = height
         self.clock = clock
         self.series: dict[str, tuple[list, list]] = {k: ([], []) for k in SERIES if k != "loss_smooth"}
+        self.series.update({k: ([], []) for k in PREFERENCE_SERIES})
+        self.preference = bool(preference)
         self.state: dict = {"step": 0, "max_steps": None}
         self.renders = 0  # times the figure was redrawn (and shown, when displaying)
         self._last_render = None
@@ -161,6 +185,10 @@ class Dashboard:
     def _ingest(self, rec: dict) -> None:
         event = rec.get("event")
         st = self.state
+        if not self.preference and (rec.get("method") in PREFERENCE_METHODS
+                                    or any(k in rec for k in PREFERENCE_SERIES)):
+            self.preference = True  # a dpo / orpo run: the figure gets its preference row
+            self.figure = self._build_figure()
         if rec.get("max_steps"):
             st["max_steps"] = rec["max_steps"]
         if event == "start":
@@ -197,41 +225,58 @@ class Dashboard:
                 continue
             if key == "eval_loss" and event != "eval":
                 continue
-            xs, ys = self.series[key]
-            if xs and xs[-1] == step and key != "eval_loss":
-                ys[-1] = v
-            else:
-                xs.append(step)
-                ys.append(v)
+            self._add_point(key, step, v)
+        for key in PREFERENCE_SERIES:
+            v = rec.get(key)
+            if _finite(v) and event == ("eval" if key.startswith("eval_") else "train"):
+                self._add_point(key, step, v)
         for key in ("eta_s", "elapsed_s"):
             if event == "train" and rec.get(key) is not None:
                 st[key] = rec[key]
         if event == "end":
             st["eta_s"] = 0.0
 
+    def _add_point(self, key: str, step, v) -> None:
+        xs, ys = self.series[key]
+        if xs and xs[-1] == step and key != "eval_loss":
+            ys[-1] = v
+        else:
+            xs.append(step)
+            ys.append(v)
+
     # ------------------------------------------------------------------ figure
+    def _traces(self) -> dict:
+        return {**TRACES, **PREFERENCE_TRACES} if self.preference else TRACES
+
     def _build_figure(self):
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
-        fig = make_subplots(
-            rows=2, cols=3, specs=[[{"colspan": 2}, None, {}], [{}, {}, {}]],
-            subplot_titles=("loss", "GPU memory (GiB)", "learning rate", "grad norm", "tokens/s"),
-            horizontal_spacing=0.07, vertical_spacing=0.16,
-        )
-        for key, (name, row, col) in TRACES.items():
+        titles = ("loss", "GPU memory (GiB)", "learning rate", "grad norm", "tokens/s")
+        specs = [[{"colspan": 2}, None, {}], [{}, {}, {}]]
+        if self.preference:
+            titles += ("rewards (chosen, rejected, margin)", "preference accuracy", "reply log-probs")
+            specs.append([{}, {}, {}])
+        fig = make_subplots(rows=len(specs), cols=3, specs=specs, subplot_titles=titles, horizontal_spacing=0.07,
+                            vertical_spacing=0.16 if len(specs) == 2 else 0.1)
+        for key, (name, row, col) in self._traces().items():
             style = dict(color=COLORS[key], width=1 if key == "loss" else 2)
             if key == "capacity":
                 style["dash"] = "dash"
-            trace = go.Scatter(x=[], y=[], name=name, mode="lines+markers" if key == "eval_loss" else "lines",
+            markers = key in ("eval_loss", "eval_reward_margin", "eval_reward_accuracy")
+            trace = go.Scatter(x=[], y=[], name=name, mode="lines+markers" if markers else "lines",
                                line=style, showlegend=key in ("loss", "loss_smooth", "eval_loss", "vram_alloc_gib",
-                                                               "vram_reserved_gib", "vram_peak_gib", "capacity"))
+                                                               "vram_reserved_gib", "vram_peak_gib", "capacity")
+                               or key in PREFERENCE_TRACES)
             fig.add_trace(trace, row=row, col=col)
-        fig.update_layout(height=self.height, margin=dict(l=50, r=20, t=80, b=40), template="plotly_white",
+        height = self.height if not self.preference else round(self.height * 1.45)
+        fig.update_layout(height=height, margin=dict(l=50, r=20, t=80, b=40), template="plotly_white",
                           legend=dict(orientation="h", yanchor="bottom", y=1.06, x=0, font=dict(size=11)),
                           title=dict(text="", x=0.01, y=0.98, font=dict(size=14)), uirevision="nbtune")
         fig.update_yaxes(exponentformat="e", row=2, col=1)
-        fig.update_xaxes(title_text="step", row=2)
+        fig.update_xaxes(title_text="step", row=len(specs))
+        if self.preference:
+            fig.update_yaxes(range=[-0.02, 1.02], row=3, col=2)
         return fig
 
     @property
@@ -242,12 +287,13 @@ class Dashboard:
         return self._figure
 
     def trace(self, key: str):
-        """The figure's trace for a series key (e.g. "loss_smooth", "eval_loss", "capacity")."""
-        name = TRACES[key][0]
+        """The figure's trace for a series key (e.g. "loss_smooth", "eval_loss", "capacity", "reward_margin")."""
+        name = self._traces()[key][0]
         return next(t for t in self.figure.data if t.name == name)
 
     def _curves(self) -> dict[str, tuple[list, list]]:
-        curves = {k: downsample(*self.series[k], self.max_points) for k in self.series}
+        curves = {k: downsample(*self.series[k], self.max_points) for k in self.series
+                  if self.preference or k not in PREFERENCE_TRACES}
         xs, ys = self.series["loss"]
         curves["loss_smooth"] = downsample(xs, smooth(ys, self.smoothing), self.max_points)
         cap = self.capacity_gib
@@ -267,6 +313,12 @@ class Dashboard:
         ev = self.series["eval_loss"][1]
         if ev:
             parts.append(f"eval {ev[-1]:.4f}")
+        margin, accuracy = self.series["reward_margin"][1], self.series["reward_accuracy"][1]
+        if margin:
+            parts.append(f"margin {margin[-1]:.3f}")
+        if accuracy:
+            held = self.series["eval_reward_accuracy"][1]
+            parts.append(f"accuracy {100 * accuracy[-1]:.0f}%" + (f" (eval {100 * held[-1]:.0f}%)" if held else ""))
         if st.get("interrupted") is not None:
             parts.append(f"interrupted at step {st['interrupted']} (resume to continue)")
         elif st.get("done"):

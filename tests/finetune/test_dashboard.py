@@ -231,3 +231,51 @@ def test_the_figure_object_follows_the_draws_when_read():
     dash(recs[4])
     assert list(dash.trace("loss").x) == [1, 2, 3]
     assert "step 3/10" in dash.figure.layout.title.text
+
+
+def preference_records(n=6):
+    """A dpo run's records as the metrics stream writes them (the held-out pairs at steps 0 and n)."""
+    def held_out(step, margin, accuracy):
+        return {"event": "eval", "step": step, "max_steps": n, "eval_loss": 0.69 - margin / 2,
+                "eval_reward_margin": margin, "eval_reward_accuracy": accuracy, "eval_reward_chosen": margin / 2,
+                "eval_reward_rejected": -margin / 2}
+
+    out = [held_out(0, 0.0, 0.0), {"event": "start", "step": 0, "max_steps": n, "method": "dpo"}]
+    for s in range(1, n + 1):
+        out.append({"event": "train", "step": s, "max_steps": n, "loss": 0.69 - 0.05 * s, "lr": 1e-4,
+                    "reward_chosen": 0.01 * s, "reward_rejected": -0.02 * s, "reward_margin": 0.03 * s,
+                    "reward_accuracy": min(1.0, 0.4 + 0.1 * s), "logp_chosen": -50.0 + s, "logp_rejected": -52.0 - s,
+                    "elapsed_s": s, "eta_s": n - s})
+    out += [held_out(n, 0.2, 0.75), {"event": "end", "step": n, "max_steps": n}]
+    return out
+
+
+def test_a_preference_run_gets_its_rewards_accuracy_and_log_prob_panels():
+    plain = Dashboard(display=False, min_interval=0)
+    for rec in records(3):
+        plain(rec)
+    assert not plain.preference and "reward margin" not in {t.name for t in plain.figure.data}
+    dash = Dashboard(display=False, min_interval=0)
+    for rec in preference_records():
+        dash(rec)
+    assert dash.preference
+    steps = [1, 2, 3, 4, 5, 6]
+    assert list(dash.trace("reward_margin").x) == steps
+    assert list(dash.trace("reward_margin").y) == pytest.approx([0.03 * s for s in steps])
+    assert list(dash.trace("reward_chosen").y) == pytest.approx([0.01 * s for s in steps])
+    assert list(dash.trace("reward_rejected").y) == pytest.approx([-0.02 * s for s in steps])
+    assert list(dash.trace("reward_accuracy").y) == pytest.approx([0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    assert list(dash.trace("eval_reward_accuracy").x) == [0, 6]
+    assert list(dash.trace("eval_reward_accuracy").y) == pytest.approx([0.0, 0.75])
+    assert list(dash.trace("eval_reward_margin").y) == pytest.approx([0.0, 0.2])
+    assert list(dash.trace("logp_rejected").y) == pytest.approx([-52.0 - s for s in steps])
+    titles = [a.text for a in dash.figure.layout.annotations]
+    assert "preference accuracy" in titles and "reply log-probs" in titles
+    header = dash.header()
+    assert "margin 0.180" in header and "accuracy 100% (eval 75%)" in header
+    # the same figure from the saved log
+    assert Dashboard.replay(preference_records()).figure_dict()["data"] == dash.figure_dict()["data"]
+    # and from a start record alone (the method says it before any reward is logged)
+    early = Dashboard(display=False, min_interval=0)
+    early({"event": "start", "step": 0, "max_steps": 6, "method": "orpo"})
+    assert early.preference and early.trace("reward_margin").x == ()

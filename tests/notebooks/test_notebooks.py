@@ -162,3 +162,19 @@ def test_workshop_kernels(kernel_env, tmp_path):
     text = text_of(nb)
     assert "reference" in text and "triton" in text, "both paths demonstrated"
     assert outputs(nb, PLOTLY)
+
+
+@pytest.mark.slow
+def test_preferences_and_rewards(kernel_env, tmp_path):
+    nb = execute("07_preferences_and_rewards.ipynb", tmp_path, MAX_STEPS=2, MAX_ROWS=4, EVAL_ROWS=4,
+                 MAX_SEQ_LENGTH=384, OUTPUT_DIR=str(tmp_path / "pref"))
+    assert len(outputs(nb, PLOTLY)) >= 2, "the live dashboard and the before/after figure"
+    text = text_of(nb)
+    assert "train pairs: 4" in text and "eval pairs: 4" in text  # the dry run
+    assert "held-out: reward margin" in text and "'before':" in text and "'after':" in text
+    assert "nll_loss" in text and "log_odds_ratio" in text  # the ORPO run
+    assert (tmp_path / "pref" / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "pref-orpo" / "adapter" / "adapter_config.json").exists()
+    dashboards = [o for o in outputs(nb, PLOTLY) if any("reward margin" == t.get("name")
+                                                        for t in o["data"][PLOTLY].get("data", []))]
+    assert dashboards, "the dashboard has no preference row"
