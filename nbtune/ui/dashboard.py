@@ -153,6 +153,10 @@ class Dashboard:
         self._dirty = False
         self._finished = False
         self._handle = None
+        self._new_figure()
+
+    def _new_figure(self) -> None:
+        """(Re)build the Plotly figure and its JSON shell, e.g. once a run shows it is a preference run."""
         self._figure = self._build_figure()
         self._shell = json.loads(self._figure.to_json())  # the figure as Plotly writes it, curves empty
         self._drawn = None  # what the last draw showed: curves, title, no_gpu
@@ -188,7 +192,7 @@ class Dashboard:
         if not self.preference and (rec.get("method") in PREFERENCE_METHODS
                                     or any(k in rec for k in PREFERENCE_SERIES)):
             self.preference = True  # a dpo / orpo run: the figure gets its preference row
-            self.figure = self._build_figure()
+            self._new_figure()
         if rec.get("max_steps"):
             st["max_steps"] = rec["max_steps"]
         if event == "start":
@@ -344,7 +348,7 @@ class Dashboard:
         title = html.escape(self.header())
         no_gpu = not self.series["vram_reserved_gib"][0] and not self.capacity_gib
         shell = self._shell
-        data = [dict(t, x=curves[key][0], y=curves[key][1]) for t, key in zip(shell["data"], TRACES)]
+        data = [dict(t, x=curves[key][0], y=curves[key][1]) for t, key in zip(shell["data"], self._traces())]
         layout = dict(shell["layout"], title=dict(shell["layout"]["title"], text=title))
         if no_gpu:
             layout["annotations"] = shell["layout"]["annotations"] + [_no_gpu_annotation()]
@@ -357,7 +361,7 @@ class Dashboard:
         curves, title, no_gpu = self._drawn
         fig = self._figure
         with fig.batch_update():
-            for t, key in zip(fig.data, TRACES):
+            for t, key in zip(fig.data, self._traces()):
                 t.x, t.y = curves[key]
             fig.layout.title.text = title
             fig.layout.annotations = [a for a in fig.layout.annotations if a.name != "nogpu"]
@@ -389,7 +393,7 @@ class Dashboard:
             else:  # the widget straight from the curves (one validation, not two)
                 curves, title, _ = self._drawn
                 with self._handle.batch_update():
-                    for dst, key in zip(self._handle.data, TRACES):
+                    for dst, key in zip(self._handle.data, self._traces()):
                         dst.x, dst.y = curves[key]
                     self._handle.layout.title.text = title
                     self._handle.layout.annotations = self._dict["layout"]["annotations"]
