@@ -17,7 +17,7 @@ PKV_KWARG = ("`past_key_values` is deprecated and will be removed in version 5.4
 
 @pytest.fixture
 def fresh(monkeypatch):
-    """quiet.apply() as in a new process: no log filter of an earlier apply() in this session, and
+    """quiet.apply() as in a new process: no log filter of an earlier apply() in this process, and
     the loggers' filters as they were afterwards (pytest restores the warnings filters itself)."""
     monkeypatch.setattr(quiet, "_applied", False)
     monkeypatch.delenv(quiet.VERBOSE_ENV, raising=False)
