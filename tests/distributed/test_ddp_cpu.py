@@ -33,7 +33,9 @@ def test_torchrun_exits_0_and_only_rank_0_writes(runs):
     two, out = runs["two"], runs["root"] / "two"
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("adapter: ") == 1  # one summary: rank 0's
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "metrics.jsonl", "run.yaml"]
+    # rank 0's files, with the record of what nbtune wrote and the folder's write lock
+    assert sorted(p.name for p in out.iterdir()) == [".nbtune-run.json", ".nbtune.lock", "adapter", "checkpoints",
+                                                     "metrics.jsonl", "run.yaml"]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     ckpts = out / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-2", "checkpoint-4"]  # no staging folder left
