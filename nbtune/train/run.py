@@ -342,24 +342,26 @@ def check_output_dir(out: Path) -> None:
 
 def check_inputs(cfg: Config) -> None:
     """The cheap checks of a run, before any model is loaded and before anything is written: the
-    output folder can be written, the model name resolves (a hub id: the hub answers, the model is
-    not gated for this account; see nbtune/models/hub.py), max_seq_length is within a local
+    output folder can be written, the model name resolves (a hub id the planner's catalog does not
+    know: the hub answers and the model is not gated, nbtune/models/hub.py; a catalogued one is
+    checked so before it loads, after the memory plan), max_seq_length is within a local
     model's limit, bitsandbytes imports where the config needs it (on a GPU), a local model folder
     holds safetensors weights and a tokenizer and has the modules lora.targets names, and the data
     source exists and its rows parse into conversations."""
     from ..assets import DATASETS, MODELS, is_pulled, model_dir
     from ..models.loader import check_checkpoint_files, check_model_name, check_seq_length, read_config
     from ..models.lora import check_targets_of_folder
+    from ..planner.shapes import find_in_catalog
     from .data import _rename, check_splits, detect_format, load_rows, to_messages
 
     check_output_dir(output_dir(cfg))
     name = cfg.model.name
     check_model_name(name)
     local = model_dir(name) if name in MODELS and is_pulled(name) else Path(os.path.expanduser(name))
-    if name not in MODELS and not local.is_dir():  # a hub id: reachable, not gated, spelled right
+    if name not in MODELS and not local.is_dir() and find_in_catalog(name) is None:
         from ..models.hub import check_hub_model
 
-        check_hub_model(name)
+        check_hub_model(name)  # a hub id the planner would fetch config.json for: reachable, not gated
     if (local / "config.json").is_file():
         check_seq_length(cfg.model.max_seq_length, read_config(str(local)), where=repr(name))
     check_bitsandbytes(cfg, torch.cuda.is_available())
@@ -395,10 +397,10 @@ def _load_base(cfg: Config):
 
 
 def _load_tokenizer(cfg: Config):
-    """The tokenizer for a dry run. A dry run runs no code shipped with the model, whatever
-    model.trust_remote_code says (it is a check, and nothing in it needs the code): the tokenizer
-    loads without trust_remote_code, so a tokenizer that exists only as custom code is an error
-    saying so."""
+    """The tokenizer for a dry run (a hub id is checked first: nbtune/models/hub.py). A dry run runs
+    no code shipped with the model, whatever model.trust_remote_code says (it is a check, and
+    nothing in it needs the code): the tokenizer loads without trust_remote_code, so a tokenizer
+    that exists only as custom code is an error saying so."""
     from transformers import AutoTokenizer
 
     from ..models import ModelLoadError, resolve_model_path
@@ -406,11 +408,16 @@ def _load_tokenizer(cfg: Config):
     key = session.cached_model_key()
     if key == session.model_key(cfg):
         return session._SLOT["tokenizer"]
+    path = resolve_model_path(cfg.model.name)
+    if not Path(path).is_dir():  # a hub id: fails fast when the hub is off or away, or the model is gated
+        from ..models.hub import check_hub_model
+
+        check_hub_model(path)
     if cfg.model.trust_remote_code:
         print("nbtune: dry run: model.trust_remote_code is true, but a dry run runs no code shipped with the model; "
               "its tokenizer is loaded without it", file=sys.stderr)
     try:
-        tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name), trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except ValueError as e:
         if "trust_remote_code" not in str(e):
             raise
