@@ -99,6 +99,7 @@ train: {batch_size: 1, grad_accum: 1, lr: 1e-3, warmup_steps: 0, gradient_checkp
     return value, cap, out
 
 
+@pytest.mark.slow  # trains the embedded SmolLM2-135M (the quick tier trains tiny models)
 def test_real_run_of_the_embedded_model_through_the_magic(ip, smol_run):
     from peft import PeftModel
 
@@ -116,6 +117,7 @@ def test_real_run_of_the_embedded_model_through_the_magic(ip, smol_run):
     assert result.eval_loss_before is not None and result.eval_loss_after is not None
 
 
+@pytest.mark.slow  # trains the embedded SmolLM2-135M (the quick tier trains tiny models)
 def test_the_run_showed_the_dashboard_through_one_handle(smol_run):
     _value, cap, _out = smol_run
     shown = [o for o in cap.outputs if "application/vnd.plotly.v1+json" in o.data]
@@ -127,6 +129,7 @@ def test_the_run_showed_the_dashboard_through_one_handle(smol_run):
     assert "step 2/2" in final["layout"]["title"]["text"]
 
 
+@pytest.mark.slow  # trains the embedded SmolLM2-135M (the quick tier trains tiny models)
 def test_the_trained_model_answers(smol_run, ip):
     reply = run_cell(ip, "smol.generate('What is 2+3?', max_new_tokens=4)")
     assert isinstance(reply, str) and reply
