@@ -698,7 +698,7 @@ config = nbtune.build_config({
     "data": {"source": "gsm8k-preferences", "max_rows": MAX_ROWS, "eval_rows": EVAL_ROWS},
     "lora": {"r": 16, "alpha": 32},
     "train": {"method": METHOD, "beta": BETA, "max_steps": MAX_STEPS, "batch_size": 4, "grad_accum": 1,
-              "lr": 5e-4, "warmup_steps": 0, "eval_steps": max(1, MAX_STEPS // 2), "eval_batch_size": 8,
+              "lr": 5e-4, "warmup_steps": 0, "eval_batch_size": 8,
               **({} if ON_GPU else {"gradient_checkpointing": "off", "optimizer": "adamw"})},
     "output": {"dir": OUTPUT_DIR, "overwrite": True},
 })

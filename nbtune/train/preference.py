@@ -87,7 +87,8 @@ def head_supported(base) -> bool:
     if getattr(config, "output_router_logits", False):
         return False
     head = base.get_output_embeddings()
-    return type(head) is torch.nn.Linear and getattr(base, "base_model", None) is not None
+    backbone = getattr(base, "base_model", None)  # transformers answers the model itself when it has no backbone
+    return type(head) is torch.nn.Linear and backbone is not None and backbone is not base
 
 
 def _fused_output(**fields):

@@ -173,3 +173,26 @@ def test_magic_cli_and_python_api_give_the_same_dpo_run(tmp_path, tiny_model_dir
     for c in configs:
         c["output"].pop("dir")
     assert configs[0] == configs[1] == configs[2] and configs[0]["train"]["method"] == "dpo"
+
+
+def test_an_interrupted_dpo_run_resumes_onto_the_same_curve(dpo_run, tmp_path, tiny_model_dir, pairs_file):
+    import os
+    import signal
+
+    straight, _ = dpo_run
+
+    def sigint_at_step_2(rec):
+        if rec.get("event") == "train" and rec.get("step") == 2 and "loss" in rec:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cfg = pref_config(tiny_model_dir, pairs_file, tmp_path / "part", gradient_checkpointing="plain", max_steps=4)
+    part = nbtune.finetune(cfg, dashboard=False, progress=False, listeners=[sigint_at_step_2])
+    assert part.interrupted and part.steps == 2 and part.checkpoint.name == "checkpoint-2"
+    resumed = nbtune.finetune(cfg, resume=True, dashboard=False, progress=False)
+    assert resumed.resumed_from == 2 and resumed.steps == 4
+    from nbtune.train.metrics import read_log
+
+    log = read_log(resumed.log_path)
+    assert train_losses(log) == pytest.approx(train_losses(straight.metrics), rel=1e-5)
+    margins = lambda recs: {r["step"]: r["reward_margin"] for r in recs if r.get("event") == "train"}  # noqa: E731
+    assert margins(log) == pytest.approx(margins(straight.metrics), rel=1e-4, abs=1e-6)
