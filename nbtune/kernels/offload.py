@@ -142,6 +142,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import inspect
 import threading
 import warnings
 import weakref
@@ -770,9 +771,17 @@ def enable_offloaded_checkpointing(model, *, use_reentrant: bool = False, every_
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(base).__name__} does not support gradient checkpointing")
     options = {"gradient_checkpointing_kwargs": {"use_reentrant": use_reentrant}}
-    if every_n_layers != 1:
+    by_hand = every_n_layers != 1 and "every_n_layers" not in inspect.signature(
+        base.gradient_checkpointing_enable).parameters
+    if every_n_layers != 1 and not by_hand:
         options["every_n_layers"] = every_n_layers
     base.gradient_checkpointing_enable(**options)
+    if by_hand:  # a transformers without every_n_layers (5.3 has none): its rule, layer i checkpointed iff i % n == 0
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for index, layer in enumerate(layers):
+            layer.gradient_checkpointing = index % every_n_layers == 0
     use_checkpoint_function(base, functools.partial(offloaded_checkpoint, use_reentrant=use_reentrant))
     if offload_layers is not None:
         offloaded = {id(m) for m in checkpointed_layers(base)[:offload_layers]}
