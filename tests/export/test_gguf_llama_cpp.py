@@ -144,3 +144,23 @@ def test_each_architecture_runs_in_llama_cpp(family, smollm2_dir, tmp_path):
     print(f"{family}: llama.cpp logits within {err:.2%} of the peft model's (max |logit| {np.abs(want).max():.2f})")
     assert err < 0.03, family
     assert float((got.argmax(-1) == want.argmax(-1)).mean()) >= 0.9, family
+
+
+def test_k_quant_through_llama_cpp(sharded_base, smollm2_adapter, peft_model, tmp_path):
+    """q4_k_m is made by llama.cpp's own quantizer (here llama-cpp-python's llama_model_quantize)
+    from a 16-bit GGUF, and still predicts mostly as the peft model does."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    path = export_gguf(sharded_base, smollm2_adapter, tmp_path, quant="q4_k_m", name="smollm2-test")
+    assert path.name == "smollm2-test-q4_k_m.gguf" and list(tmp_path.glob("*.gguf")) == [path]
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    assert any(t.tensor_type == gguf.GGMLQuantizationType.Q4_K for t in reader.tensors)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_adapter)
+    ids = tokenizer(_gsm8k_chat(tokenizer), add_special_tokens=False)["input_ids"][:128]
+    with torch.no_grad():
+        want = peft_model(torch.tensor([ids])).logits[0].argmax(-1).numpy()
+    agree = float((_llama_logits(_llama(path, quantized=True), ids).argmax(-1) == want).mean())
+    print(f"llama.cpp q4_k_m: next-token argmax agrees with the peft model on {agree:.1%} of {len(ids)} positions")
+    assert agree >= 0.8
