@@ -528,7 +528,10 @@ def _trainer_class():
             distributed.one_gpu_per_process(kwargs.get("args"), kwargs.get("model"))  # no nn.DataParallel
             super().__init__(*args, **kwargs)
             trainable_to_fp32(self.model)
-            self.data_collator = fast_padding_free(self.data_collator)  # packed rows collated with numpy
+            if hasattr(self.data_collator, "packed"):  # data.packing: nbtune's packer, padding-free inside
+                self.data_collator.packed = fast_padding_free(self.data_collator.packed)  # collated with numpy
+            else:
+                self.data_collator = fast_padding_free(self.data_collator)  # TRL's padding-free rows, with numpy
             if self._model_is_patched():  # the patched forward takes a plan (and facts) built on the host
                 self.data_collator = HostPlannedCollator(self.data_collator, text_only_check(self.model))
 
