@@ -299,10 +299,10 @@ def _orpo_class():
 
 def build_preference_trainer(cfg: Config, out: Path, model, tokenizer, data, callbacks=()):
     """nbtune's DPO or ORPO trainer for this run (``cfg.train.method``)."""
-    from .run import _quiet_datasets
+    from .. import quiet
 
     args = preference_args(cfg, out, model, data.eval is not None)
-    with _quiet_datasets():
+    with quiet.loading():
         if cfg.train.method == "dpo":
             return _dpo_class()(model=model, ref_model=None, args=args, train_dataset=data.train,
                                 eval_dataset=data.eval, processing_class=tokenizer, callbacks=list(callbacks))
