@@ -703,7 +703,8 @@ config = nbtune.build_config({
     "output": {"dir": OUTPUT_DIR, "overwrite": True},
 })
 %load_ext nbtune
-%finetune config --dry-run
+report = %finetune config --dry-run
+print(report)
 '''),
     md("""
 ## Train
