@@ -126,37 +126,40 @@ def parse_row(row_id: str) -> Row:
     return Row(canonical, m["shape"], int(m["batch"]), int(m["seq"]), dtype, "speed")
 
 
-def select_rows(text: str) -> list[Row]:
-    """Comma-separated row ids, aliases (main, t4, all) and globs over the known rows."""
-    known = ALIASES["all"]
+def select_rows(text: str, aliases=None, parse=None) -> list:
+    """Comma-separated row ids, aliases (main, t4, all) and globs over the known rows (``aliases``
+    and ``parse``: another benchmark's row table and row parser; default this one's)."""
+    aliases, parse = aliases or ALIASES, parse or parse_row
+    known = aliases["all"]
     chosen: list[str] = []
     for part in [p.strip() for p in text.split(",") if p.strip()]:
-        if part in ALIASES:
-            names = ALIASES[part]
+        if part in aliases:
+            names = aliases[part]
         elif any(ch in part for ch in "*?["):
             names = [r for r in known if fnmatch.fnmatch(r, part)]
             if not names:
                 raise ValueError(f"--rows: {part!r} matches no row (rows: {', '.join(known)})")
         else:
-            names = [parse_row(part).id]
+            names = [parse(part).id]
         chosen += [n for n in names if n not in chosen]
     if not chosen:
         raise ValueError("--rows: no row selected")
-    return [parse_row(n) for n in chosen]
+    return [parse(n) for n in chosen]
 
 
-def parse_peers(text: str) -> list[str]:
+def parse_peers(text: str, known=None) -> list[str]:
+    known = known or PEERS
     peers = [p.strip() for p in text.split(",") if p.strip()]
-    unknown = [p for p in peers if p not in PEERS]
+    unknown = [p for p in peers if p not in known]
     if unknown or not peers:
-        raise ValueError(f"--peers: unknown {unknown} (known: {', '.join(PEERS)})")
+        raise ValueError(f"--peers: unknown {unknown} (known: {', '.join(known)})")
     return list(dict.fromkeys(peers))
 
 
-def parse_steps(text: str) -> tuple[int, int]:
+def parse_steps(text: str, example: str = "3:8") -> tuple[int, int]:
     m = re.fullmatch(r"(\d+):(\d+)", text.strip())
     if not m or int(m[2]) < 1:
-        raise argparse.ArgumentTypeError(f"expected WARMUP:STEPS (e.g. 3:8), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected WARMUP:STEPS with STEPS >= 1 (e.g. {example}), got {text!r}")
     return int(m[1]), int(m[2])
 
 

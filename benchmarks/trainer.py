@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import fnmatch
 import glob
 import importlib.util
 import json
@@ -136,36 +135,15 @@ def parse_row(row_id: str) -> Row:
 
 def select_rows(text: str) -> list[Row]:
     """Comma-separated row ids, aliases (main, t4, quick, all) and globs over the known rows."""
-    known = ALIASES["all"]
-    chosen: list[str] = []
-    for part in [p.strip() for p in text.split(",") if p.strip()]:
-        if part in ALIASES:
-            names = ALIASES[part]
-        elif any(ch in part for ch in "*?["):
-            names = [r for r in known if fnmatch.fnmatch(r, part)]
-            if not names:
-                raise ValueError(f"--rows: {part!r} matches no row (rows: {', '.join(known)})")
-        else:
-            names = [parse_row(part).id]
-        chosen += [n for n in names if n not in chosen]
-    if not chosen:
-        raise ValueError("--rows: no row selected")
-    return [parse_row(n) for n in chosen]
+    return models.select_rows(text, ALIASES, parse_row)
 
 
 def parse_peers(text: str) -> list[str]:
-    peers = [p.strip() for p in text.split(",") if p.strip()]
-    unknown = [p for p in peers if p not in PEERS]
-    if unknown or not peers:
-        raise ValueError(f"--peers: unknown {unknown} (known: {', '.join(PEERS)})")
-    return list(dict.fromkeys(peers))
+    return models.parse_peers(text, PEERS)
 
 
 def parse_steps(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"(\d+):(\d+)", text.strip())
-    if not m or int(m[2]) < 1:
-        raise argparse.ArgumentTypeError(f"expected WARMUP:STEPS with STEPS >= 1 (e.g. 2:5), got {text!r}")
-    return int(m[1]), int(m[2])
+    return models.parse_steps(text, example="2:5")
 
 
 def parse_range(text: str) -> tuple[int, int]:
