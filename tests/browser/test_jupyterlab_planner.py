@@ -5,8 +5,8 @@ those outputs into something a user sees and can use. Each test opens a copy of 
 Lab, runs it from the *Run* menu, and reads the page:
 
 - 02_memory_planner: the planner widget's controls render (core ipywidgets, through Lab's widget
-  manager) with its Plotly figure (plotly's Lab mime renderer, inside an Output widget); the badge
-  and figure title show the plan of the controls' values; changing the GPU dropdown and the
+  manager) with its Plotly figures, GPU memory and host RAM (plotly's Lab mime renderer, inside an
+  Output widget); the badge and the GPU figure's title show the plan of the controls' values; changing the GPU dropdown and the
   seq_len box in the page re-plans in the kernel and redraws both; the config button fills the
   text area. The notebook's own stacked-bar figure renders too.
 - 01_quickstart (tiny CPU run on the embedded model): the live training dashboard renders and is
@@ -51,9 +51,9 @@ def control(widget, label: str):
 
 
 def shown(widget) -> dict:
-    """What the planner widget shows: badge text and figure title."""
+    """What the planner widget shows: badge text and the GPU figure's title."""
     return {"badge": widget.locator(".widget-html").first.inner_text(),
-            "title": widget.locator(".widget-output .js-plotly-plot .gtitle").text_content()}
+            "title": widget.locator(".widget-output .js-plotly-plot .gtitle").first.text_content()}
 
 
 def wait_shown(widget, expected) -> dict:
@@ -77,13 +77,15 @@ def test_planner_widget_renders_and_reacts(lab, lab_root, page, artifacts):
     labels = widget.locator("label.widget-label").all_inner_texts()
     for want in ("model", "GPU", "seq_len", "batch", "LoRA r", "dtype", "checkpointing", "optimizer"):
         assert want in labels, f"planner control {want!r} missing; labels shown: {labels}"
-    figure = widget.locator(".widget-output .js-plotly-plot")
-    assert figure.count() == 1, "the planner's Plotly figure did not render in its Output widget"
+    figures = widget.locator(".widget-output .js-plotly-plot")
+    assert figures.count() == 2, "the planner's two Plotly figures (GPU memory, host RAM) did not render"
+    figure = figures.first  # the GPU memory breakdown
     assert figure.locator(".main-svg").first.is_visible()
     assert figure.locator("g.trace.bars").count() >= 5, "the breakdown bars are missing"
+    assert figures.nth(1).locator(".main-svg").first.is_visible(), "the host RAM figure is not shown"
 
     # The notebook's own figure (the defaults vs. no 4-bit / no checkpointing) rendered too.
-    assert page.locator(".jp-Notebook .js-plotly-plot").count() - figure.count() >= 1, \
+    assert page.locator(".jp-Notebook .js-plotly-plot").count() - figures.count() >= 1, \
         "the notebook's stacked-bar figure did not render"
 
     # The page shows the plan of the values its controls show (the notebook's last cell set seq_len
