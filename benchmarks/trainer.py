@@ -246,10 +246,11 @@ def classify(rc, lines: list[dict], stderr: str, timed_out: bool, seconds: float
                 line=line)
 
 
-def row_checks(results: dict) -> dict:
-    """Per peer against nbtune: whether its steps saw the same token counts (same rows in the same
-    order), and how far its first loss is (same weights and first batch: the same loss up to
-    4-bit and summation-order rounding)."""
+def row_checks(results: dict, packing: bool = False) -> dict:
+    """Per peer against nbtune, on unpacked rows: whether its steps saw the same token counts (same
+    rows in the same order), and how far its first loss is (same weights and first batch: the same
+    loss up to 4-bit and summation-order rounding). Packed rows have no such check: each tool packs
+    its own way (nbtune best-fit decreasing over the whole set, TRL its own), so their batches differ."""
     def line(peer):
         job = results.get(peer) or {}
         return (job.get("line") or {}) if job.get("status") == "ok" else {}
@@ -258,7 +259,7 @@ def row_checks(results: dict) -> dict:
     same, diff = {}, {}
     for peer in results:
         other = line(peer)
-        if peer == "nbtune" or not ref or not other:
+        if packing or peer == "nbtune" or not ref or not other:
             continue
         if ref.get("tokens_each") and other.get("tokens_each"):
             same[peer] = ref["tokens_each"] == other["tokens_each"]
@@ -410,7 +411,7 @@ class Runner:
                     rec["results"][peer] = dict(peer=peer, status="pending", line=None)
                 for peer in self.peers:
                     rec["results"][peer] = self.run_job(row, peer)
-                    rec["checks"] = row_checks(rec["results"])
+                    rec["checks"] = row_checks(rec["results"], row.packing)
                     self.save()
         except (models.Terminated, KeyboardInterrupt):
             print("# stopped from outside (SIGTERM/interrupt): results so far are kept", flush=True)

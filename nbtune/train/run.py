@@ -678,7 +678,8 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
         else:
             remove_stale_staging(out)
         (out / "run.yaml").write_text(cfg.to_yaml())
-        run_folder.record_written(out, "run.yaml", "metrics.jsonl")
+        # the adapter is named now, so that one cut short (a full disk, a kill) is still known as nbtune's
+        run_folder.record_written(out, "run.yaml", "metrics.jsonl", "adapter")
     if data.eval_note and main:
         print(f"nbtune: {data.eval_note}", file=sys.stderr)
     oversized = None if cfg.data.packing else batch_fit.oversized_batch_note(cfg, data.train.num_rows,
@@ -776,7 +777,6 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
         raise collapsed_error(problem, cfg, latest_checkpoint(out))
     adapter_dir = out / "adapter"
     if main:
-        run_folder.record_written(out, "adapter")
         adapter_dir = save_adapter(peft_model, tokenizer, adapter_dir)
     distributed.barrier()  # the adapter is on disk when any rank returns
     result = FinetuneResult(

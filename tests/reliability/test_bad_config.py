@@ -41,7 +41,7 @@ CLI_CASES = {
     "max_nonfinite_steps 0": ({"train": {"max_nonfinite_steps": 0}}, ["train.max_nonfinite_steps", "> 0"]),
     "optimizer not in the list": ({"train": {"optimizer": "adam9"}}, ["train.optimizer", "'adamw_8bit'", "'adam9'"]),
     "dtype not in the list": ({"model": {"dtype": "fp8"}}, ["model.dtype", "'float16'", "'bfloat16'", "'fp8'"]),
-    "export not in the list": ({"output": {"export": ["gguf"]}}, ["output.export", "'adapter'", "'merged'"]),
+    "export not in the list": ({"output": {"export": ["onnx"]}}, ["output.export", "'adapter'", "'merged'", "'gguf'", "'onnx'"]),
     "eval_split out of range": ({"data": {"eval_split": 1.5}}, ["data.eval_split", "0 < x < 1", "1.5"]),
     "a section that is not a mapping": ({"train": 5}, ["train", "a mapping of max_steps", "(got 5)"]),
     "max_steps and epochs both set": ({"train": {"max_steps": 10, "epochs": 2}},

@@ -90,7 +90,7 @@ def test_torch_saves_own_words_for_a_full_disk_are_recognized(small_disk):
     import torch
 
     from nbtune.train.disk import is_disk_full, written_file
-    from nbtune.ui.cli import run_failures
+    from nbtune.ui.fixable import fixable_kind
 
     out = small_disk / "run"
     out.mkdir()
@@ -100,5 +100,5 @@ def test_torch_saves_own_words_for_a_full_disk_are_recognized(small_disk):
     assert "No space left" not in str(info.value)  # torch's words, not the errno's
     assert is_disk_full(info.value, out) and written_file(info.value, out) == out / "optimizer.pt"
     assert not is_disk_full(ValueError("a bad value"), out)
-    assert DiskFullError in run_failures()
+    assert fixable_kind(DiskFullError("full", None, None)) == "run"  # the CLI: exit 1 with its message
     del info  # its traceback holds torch's open file on the disk
