@@ -200,15 +200,15 @@ def test_run_table_ratios_statuses_and_notes():
     results = {"nbtune": job("nbtune", tps=12000, s=0.33, fill=0.97, gib=6.61, tokens_each=[3, 4], first_loss=10.8),
                "unsloth": job("unsloth", tps=10000, s=0.4, fill=0.97, gib=7.2, tokens_each=[3, 5], first_loss=10.9),
                "trl": job("trl", "skipped", detail="not importable: trl")}
-    d = doc([rec("text-2x2048-bf16-packed", results),
+    d = doc([rec("text-2x2048-bf16-unpacked", results),
              rec("gsm8k-1x2048-fp16-unpacked", {"nbtune": job("nbtune", "error", detail="exit 1: KeyError: 'x'"),
                                                 "unsloth": job("unsloth", "oom", detail="CUDA out of memory")})])
     md = report.run_markdown(d, "20261201-000000")
     lines = md.splitlines()
     assert "| row | peer | real tokens/s | s/step | fill | peak reserved GiB | nbtune speed × | status |" in lines
-    assert "| text 2×2048 bf16 packed | nbtune.finetune | 12,000 | 0.330 | 0.97 | 6.61 | — | ok |" in lines
-    assert "| text 2×2048 bf16 packed | Unsloth + TRL SFTTrainer | 10,000 | 0.400 | 0.97 | 7.20 | 1.20× | ok |" in lines
-    assert ("| text 2×2048 bf16 packed | TRL SFTTrainer + peft + bnb | — | — | — | — | — | "
+    assert "| text 2×2048 bf16 unpacked | nbtune.finetune | 12,000 | 0.330 | 0.97 | 6.61 | — | ok |" in lines
+    assert "| text 2×2048 bf16 unpacked | Unsloth + TRL SFTTrainer | 10,000 | 0.400 | 0.97 | 7.20 | 1.20× | ok |" in lines
+    assert ("| text 2×2048 bf16 unpacked | TRL SFTTrainer + peft + bnb | — | — | — | — | — | "
             "skipped: not importable: trl |") in lines
     assert any(l.startswith("| gsm8k 1×2048 fp16 unpacked | nbtune.finetune |") and "error: exit 1: KeyError" in l
                for l in lines)
@@ -218,6 +218,8 @@ def test_run_table_ratios_statuses_and_notes():
     notes = md.split("Notes:")[1]
     assert "other token counts than nbtune's" in notes and "first loss 0.1 away" in notes
     assert "skipped: not importable: trl" in notes
+    packed = report.run_markdown(doc([rec("text-2x2048-bf16-packed", results)]), "20261201-000000")
+    assert "other token counts" not in packed and "first loss" not in packed  # each tool packs its own way
 
 
 def test_results_md_leads_with_the_latest_trainer_measurement(tmp_path):
