@@ -74,6 +74,14 @@ class CheckpointingChoice(tuple):
     def reason(self) -> str:
         return self[1]
 
+    @property
+    def mode(self) -> str:
+        return self[0]
+
+    @property
+    def reason(self) -> str:
+        return self[1]
+
     def __repr__(self) -> str:
         return f"CheckpointingChoice({self[0]!r}, {self[1]!r}, offload_layers={self.offload_layers!r})"
 

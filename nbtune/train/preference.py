@@ -2,7 +2,7 @@
 
 ``train.method: dpo`` trains on TRL's ``DPOTrainer`` (trl.trainer), ``train.method: orpo`` on
 ``ORPOTrainer``, which this TRL release ships in ``trl.experimental.orpo``. Both get nbtune's
-training arguments (:func:`nbtune.train.run.sft_args`'s, with the method's own: ``beta``, the
+training arguments (:func:`nbtune.train.trainer.sft_args`'s, with the method's own: ``beta``, the
 longest sequence), callbacks (metrics stream, interrupt, autosave, NaN/inf guard), staged
 checkpoints, sync-free token counting and optimizer, and the host-built attention plans of the
 patched model. Data: :mod:`nbtune.train.preference_data` (tokenized by nbtune, so TRL's own
@@ -49,10 +49,10 @@ __all__ = ["PREFERENCE_METHODS", "build_preference_trainer", "logprob_head", "pr
 # ----------------------------------------------------------------------------- arguments
 def preference_args(cfg: Config, out: Path, model, has_eval: bool):
     """TRL's DPOConfig / ORPOConfig for this run: every TrainingArguments field as the SFT run would
-    set it (:func:`nbtune.train.run.sft_args`), plus the method's own."""
+    set it (:func:`nbtune.train.trainer.sft_args`), plus the method's own."""
     from transformers import TrainingArguments
 
-    from .run import sft_args
+    from .trainer import sft_args
 
     base = sft_args(cfg, out, model, has_eval)
     common = {f.name: getattr(base, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
@@ -171,54 +171,15 @@ def _checkpointing_kept():
 
 
 # ----------------------------------------------------------------------------- trainers
-class _NbtuneParts:
-    """What nbtune's SFT trainer does around TRL's (nbtune/train/run.py), for the preference trainers:
-    one GPU per process, fp32 LoRA weights, attention plans built by the collator on the host,
-    bitsandbytes' optimizers without a sync per parameter, embedding overrides."""
-
-    def __init__(self, *args, **kwargs):
-        from ..models.lora import trainable_to_fp32
-        from ..models.patches import is_patched
-        from ..models.patches.gemma3 import text_only_check
-        from . import distributed
-        from .host_plan import HostPlannedCollator
-
-        distributed.one_gpu_per_process(kwargs.get("args"), kwargs.get("model"))
-        super().__init__(*args, **kwargs)
-        trainable_to_fp32(self.model)
-        if is_patched(self.accelerator.unwrap_model(self.model)):
-            self.data_collator = HostPlannedCollator(self.data_collator, text_only_check(self.model))
-
-    @staticmethod
-    def get_optimizer_cls_and_kwargs(args, model=None):
-        from transformers import Trainer
-
-        from .optimizer import sync_free
-
-        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
-        return sync_free(cls), kwargs
-
-    def create_optimizer(self, *args, **kwargs):
-        from .optimizer import register_embedding_overrides
-
-        optimizer = super().create_optimizer(*args, **kwargs)
-        register_embedding_overrides(self.model, optimizer)
-        return optimizer
-
-
 TOKENIZED = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
 def _dpo_class():
     from trl import DPOTrainer
 
-    from .checkpoint import StagedCheckpoints
-    from .flops import ParameterCountOnce
-    from .stability import RecordsStepLoss
-    from .token_count import TokensSeenOnDevice
+    from .trainer import RunTrainer
 
-    class NbtuneDPOTrainer(ParameterCountOnce, TokensSeenOnDevice, StagedCheckpoints, RecordsStepLoss, _NbtuneParts,
-                           DPOTrainer):
+    class NbtuneDPOTrainer(RunTrainer, DPOTrainer):
         """TRL's DPOTrainer with nbtune's set-up; the reference is the model with LoRA switched off,
         the log-probs come from nbtune.kernels.linear_logprobs (module docstring)."""
 
@@ -245,13 +206,9 @@ def _dpo_class():
 def _orpo_class():
     from trl.experimental.orpo import ORPOTrainer
 
-    from .checkpoint import StagedCheckpoints
-    from .flops import ParameterCountOnce
-    from .stability import RecordsStepLoss
-    from .token_count import TokensSeenOnDevice
+    from .trainer import RunTrainer
 
-    class NbtuneORPOTrainer(ParameterCountOnce, TokensSeenOnDevice, StagedCheckpoints, RecordsStepLoss,
-                            _NbtuneParts, ORPOTrainer):
+    class NbtuneORPOTrainer(RunTrainer, ORPOTrainer):
         """TRL's ORPOTrainer (trl.experimental) with nbtune's set-up, on nbtune's tokenized pairs, its
         forward through nbtune.kernels.linear_logprobs (module docstring)."""
 
@@ -297,14 +254,15 @@ def _orpo_class():
     return NbtuneORPOTrainer
 
 
-def build_preference_trainer(cfg: Config, out: Path, model, tokenizer, data, callbacks=()):
-    """nbtune's DPO or ORPO trainer for this run (``cfg.train.method``)."""
+def build_preference_trainer(cfg: Config, out: Path, model, tokenizer, data, callbacks=(), **controls):
+    """nbtune's DPO or ORPO trainer for this run (``cfg.train.method``); ``controls``: the run's
+    (:class:`~nbtune.train.trainer.RunTrainer`'s keyword arguments)."""
     from .. import quiet
 
     args = preference_args(cfg, out, model, data.eval is not None)
     with quiet.loading():
         if cfg.train.method == "dpo":
             return _dpo_class()(model=model, ref_model=None, args=args, train_dataset=data.train,
-                                eval_dataset=data.eval, processing_class=tokenizer, callbacks=list(callbacks))
+                                eval_dataset=data.eval, processing_class=tokenizer, callbacks=list(callbacks), **controls)
         return _orpo_class()(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                             processing_class=tokenizer, callbacks=list(callbacks))
+                             processing_class=tokenizer, callbacks=list(callbacks), **controls)

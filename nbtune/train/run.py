@@ -34,37 +34,31 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from ..models import add_lora, load_model
 from .. import quiet
+from ..models import add_lora, load_model
 from ..versions import stack_line
-from ..models.lora import trainable_to_fp32
-from ..models.patches.gemma3 import text_only_check
 from . import batch_fit, disk, distributed, run_folder, session
-from .checkpoint import (MARKER, AutoSave, InterruptCallback, StagedCheckpoints, checkpoint_problem, checkpoint_step,
-                         checkpoints_dir, complete_checkpoints, latest_checkpoint, remove_stale_staging,
-                         resumable_checkpoint,
-                         save_after_keyboard_interrupt, sigint_stops)
+from .checkpoint import (MARKER, AutoSave, InterruptCallback, checkpoint_problem, checkpoint_step, checkpoints_dir,
+                         latest_checkpoint, remove_stale_staging, resumable_checkpoint, save_after_keyboard_interrupt,
+                         sigint_stops)
 from .config import PREFERENCE_METHODS, Config, ConfigError, build_config, output_dir
 from .data import TokenizedData, apply_chat_template_choice, prepare_data
 from .environment import check_bitsandbytes, cpu_note
-from .host_plan import HostPlannedCollator
-from .flops import ParameterCountOnce
 from .gc_pause import CollectorPauses
 from .metrics import MetricsStream, mean_train_loss, truncate_log
 from .oom import released_on_oom
-from .packing import pack_dataset, packed_collator
-from .optimizer import register_embedding_overrides, sync_free
-from .padding_free import fast_padding_free
-from .fused_loss import PatchedModelLoss
-from .token_count import TokensSeenOnDevice
-from .trainable import TrainableOnly
-from .progress import TerminalProgress
 from .outcome import RunOutcome
-from .stability import NonFiniteGuard, RecordsStepLoss, collapse_problem, collapsed_error, stop_diverged
+from .packing import pack_dataset, packed_collator
+from .progress import TerminalProgress
+from .stability import NonFiniteGuard, collapse_problem, collapsed_error, stop_diverged
+from .trainer import sft_args, sft_trainer_class
+
+if TYPE_CHECKING:
+    from ..planner.plan import CheckpointingChoice
 
 
 @dataclasses.dataclass
@@ -212,71 +206,6 @@ class DryRunReport:
 
 
 # ---------------------------------------------------------------------------- pieces
-def optimizer_name(cfg: Config, device: torch.device) -> str:
-    names = {"adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit", "adamw": "adamw_torch", "sgd": "sgd"}
-    name = names[cfg.train.optimizer]
-    if "8bit" in name and device.type != "cuda":
-        return "adamw_torch"  # bitsandbytes' 8-bit optimizers need a GPU
-    return name
-
-
-def sft_args(cfg: Config, out: Path, model, has_eval: bool):
-    """TRL's SFTConfig for this run. With ``data.packing`` every train entry is a whole packed
-    micro-batch (nbtune packed it: TRL's own packing stays off, its preparation of the already
-    tokenized data is skipped) and the per-device batch is that one entry."""
-    from trl import SFTConfig
-
-    device = next(model.parameters()).device
-    dtype = next((p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()), torch.float32)
-    t = cfg.train
-    return SFTConfig(
-        output_dir=str(checkpoints_dir(out)),
-        max_steps=t.max_steps or -1,
-        num_train_epochs=t.epochs or 1.0,
-        per_device_train_batch_size=1 if cfg.data.packing else t.batch_size,
-        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.lr,
-        lr_scheduler_type=t.scheduler,
-        warmup_steps=t.warmup_steps,
-        optim=optimizer_name(cfg, device),
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        seed=t.seed,
-        data_seed=t.seed,
-        logging_steps=t.logging_steps,
-        eval_strategy="steps" if (has_eval and t.eval_steps) else "no",
-        eval_steps=t.eval_steps,
-        save_strategy="steps" if t.save_steps else "no",
-        save_steps=t.save_steps or 500,
-        report_to="none",
-        disable_tqdm=True,
-        max_length=cfg.model.max_seq_length,
-        packing=False,  # data.packing: packed by nbtune (packing.py)
-        dataset_kwargs={"skip_prepare_dataset": True} if cfg.data.packing else None,
-        fp16=device.type == "cuda" and dtype == torch.float16,
-        bf16=device.type == "cuda" and dtype == torch.bfloat16,
-        use_cpu=device.type != "cuda",
-        dataloader_pin_memory=device.type == "cuda",
-        # the batches (pinned) go to the GPU with non-blocking copies: a blocking copy waits for the
-        # device, three times per micro-batch (input ids, labels, mask)
-        accelerator_config={"non_blocking": device.type == "cuda"},
-        gradient_checkpointing=False,  # set up by nbtune.add_lora
-        include_num_input_tokens_seen="non_padding",  # counted on the device, read when logging
-        # transformers' filter tests every micro-batch's loss with a Python `or` of two tensors: a device
-        # sync per micro-batch. nbtune's NonFiniteGuard (stability.py) judges the loss and the gradients
-        # once per optimizer step and skips bad steps; a non-finite loss is logged as what it is.
-        logging_nan_inf_filter=False,
-        remove_unused_columns=False,
-        dataset_num_proc=None,
-        # DDP (a torchrun / accelerate launch): every LoRA weight is used in every forward, so DDP need
-        # not search the graph for unused ones (that search also breaks with checkpointing); no buffer
-        # changes during training, so none is broadcast before each forward
-        ddp_find_unused_parameters=False,
-        ddp_broadcast_buffers=False,
-    )
-
-
 def memory_plan(cfg: Config, gpu=None, world_size: int | None = None):
     """The planner's plan for this config: on this GPU, or (no GPU here) on ``gpu`` (default T4).
     Its figures are per GPU; ``world_size`` (default: the launcher's WORLD_SIZE) sets the global
@@ -508,48 +437,6 @@ def resume_changes(saved: Config, cfg: Config) -> list[str]:
     return allowed
 
 
-def _trainer_class():
-    from trl import SFTTrainer
-
-    class NbtuneSFTTrainer(ParameterCountOnce, TokensSeenOnDevice, PatchedModelLoss, StagedCheckpoints, RecordsStepLoss,
-                           TrainableOnly, SFTTrainer):
-        """TRL's SFTTrainer whose checkpoints are written under a temporary name and renamed, whose
-        step losses go to the NaN/inf guard (``nbtune_guard``), whose patched models compute their
-        own fused loss (fused_loss.py) and whose count of tokens seen stays on the device between
-        logging steps (token_count.py): no device sync per micro-batch. The model's parameter count
-        for the FLOPs of each micro-batch is taken once (flops.py), and so is the list of trainable
-        parameters that gradients are cleared and clipped over (trainable.py). Its LoRA weights stay fp32:
-        TRL casts a 4-bit/8-bit model's trainable parameters to bf16 whatever the precision (so an
-        fp16 run's loss scaler would meet bf16 gradients); they go back to fp32 before any
-        optimizer is built on them. It trains on one GPU per process, never through
-        ``nn.DataParallel`` (:func:`~nbtune.train.distributed.one_gpu_per_process`)."""
-
-        def __init__(self, *args, **kwargs):
-            distributed.one_gpu_per_process(kwargs.get("args"), kwargs.get("model"))  # no nn.DataParallel
-            super().__init__(*args, **kwargs)
-            trainable_to_fp32(self.model)
-            if hasattr(self.data_collator, "packed"):  # data.packing: nbtune's packer, padding-free inside
-                self.data_collator.packed = fast_padding_free(self.data_collator.packed)  # collated with numpy
-            else:
-                self.data_collator = fast_padding_free(self.data_collator)  # TRL's padding-free rows, with numpy
-            if self._model_is_patched():  # the patched forward takes a plan (and facts) built on the host
-                self.data_collator = HostPlannedCollator(self.data_collator, text_only_check(self.model))
-
-        @staticmethod
-        def get_optimizer_cls_and_kwargs(args, model=None):
-            """transformers' choice, with bitsandbytes' optimizers stepping without a device
-            synchronization per parameter (nbtune/train/optimizer.py)."""
-            cls, kwargs = SFTTrainer.get_optimizer_cls_and_kwargs(args, model)
-            return sync_free(cls), kwargs
-
-        def create_optimizer(self, *args, **kwargs):
-            optimizer = super().create_optimizer(*args, **kwargs)
-            register_embedding_overrides(self.model, optimizer)
-            return optimizer
-
-    return NbtuneSFTTrainer
-
-
 def prepare_run_data(cfg: Config, tokenizer) -> TokenizedData:
     """The run's tokenized data; with ``data.packing`` its train split packed into micro-batches
     (``data.packing`` then holds the :class:`~nbtune.train.packing.PackingStats`); with a preference
@@ -564,19 +451,20 @@ def prepare_run_data(cfg: Config, tokenizer) -> TokenizedData:
     return data
 
 
-def build_trainer(cfg: Config, out: Path, model, tokenizer, data: TokenizedData, callbacks=()):
-    """nbtune's SFTTrainer for this run; with ``data.packing`` its collator is the padding-free one
-    (position ids restarting at every document, ``cu_seq_lens``: no attention across documents).
-    ``train.method`` dpo / orpo: nbtune's DPO / ORPO trainer (:mod:`nbtune.train.preference`)."""
+def build_trainer(cfg: Config, out: Path, model, tokenizer, data: TokenizedData, callbacks=(), **controls):
+    """nbtune's SFTTrainer for this run (:mod:`nbtune.train.trainer`; ``controls``: its keyword
+    arguments); with ``data.packing`` its collator is the padding-free one (position ids restarting
+    at every document, ``cu_seq_lens``: no attention across documents). ``train.method`` dpo / orpo:
+    nbtune's DPO / ORPO trainer (:mod:`nbtune.train.preference`)."""
     if cfg.train.method in PREFERENCE_METHODS:
         from .preference import build_preference_trainer
 
-        return build_preference_trainer(cfg, out, model, tokenizer, data, callbacks)
+        return build_preference_trainer(cfg, out, model, tokenizer, data, callbacks, **controls)
     collator = packed_collator(tokenizer.pad_token_id) if cfg.data.packing else None
     with quiet.loading():  # no datasets bars while TRL prepares the data (the dashboard is the view)
-        return _trainer_class()(model=model, args=sft_args(cfg, out, model, data.eval is not None),
-                                train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
-                                data_collator=collator, callbacks=list(callbacks))
+        return sft_trainer_class()(model=model, args=sft_args(cfg, out, model, data.eval is not None),
+                                   train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
+                                   data_collator=collator, callbacks=list(callbacks), **controls)
 
 
 # ---------------------------------------------------------------------------- entry points
@@ -620,6 +508,34 @@ def dry_run_report(config=None, gpu=None, resume=False, world_size: int | None =
     )
 
 
+@dataclasses.dataclass
+class _Run:
+    """A run between its phases (:func:`prepare` -> :func:`train` -> :func:`finish`)."""
+
+    cfg: Config
+    out: Path
+    main: bool  # rank 0 (or the only process): shows and writes the run
+    plan: object
+    checkpointing: CheckpointingChoice
+    resume_from: Path | None
+    start_step: int | None
+    model: object  # the PeftModel
+    tokenizer: object
+    data: TokenizedData
+    stream: MetricsStream
+    trainer: object
+    interrupt: InterruptCallback
+    guard: NonFiniteGuard
+    pauses: CollectorPauses
+    t_start: float
+    eval_before: float | None = None
+    checkpoint: Path | None = None  # the checkpoint an interrupted run left
+
+    @property
+    def interrupted(self) -> bool:
+        return self.interrupt.stopped_at is not None
+
+
 @disk.explains_full_disk  # a full disk: which file, how much room is needed, what is kept
 @released_on_oom  # out of GPU memory: the run's memory is released, the error carries the planner's advice
 @run_folder.releases_locks
@@ -645,18 +561,26 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
         return memory_plan(cfg, gpu, world_size)
     if dry_run:
         return dry_run_report(cfg, gpu=gpu, resume=resume, world_size=world_size)
+    run = prepare(cfg, resume=resume, force=force, listeners=listeners, model=model, tokenizer=tokenizer,
+                  progress=progress, reuse_model=reuse_model)
+    train(run)
+    return finish(run)
+
+
+def prepare(cfg: Config, *, resume=False, force: bool = False, listeners=None, model=None, tokenizer=None,
+            progress: bool = True, reuse_model: bool = True) -> _Run:
+    """Everything before the first step: the checks (nothing loaded, nothing written when one fails),
+    the memory plan and checkpointing mode, the model and the data, then the output folder, LoRA,
+    the metrics stream and the trainer (and the held-out loss before training)."""
     distributed.setup_device()  # cuda:LOCAL_RANK before anything touches the GPU
     main = distributed.is_main_process()
-    if not main:  # rank 0 alone shows and writes the run
-        listeners, progress = [], False
-    check_inputs(cfg)  # bad inputs fail here: nothing loaded, nothing written
+    check_inputs(cfg)
     if main and not torch.cuda.is_available():
         print(cpu_note(cfg), file=sys.stderr)
     the_plan = check_fits(cfg, force)
     choice = checkpointing_mode(cfg, the_plan)  # (mode, why), with how many layers to offload
-    checkpointing, checkpointing_why = choice
     if main and cfg.train.gradient_checkpointing == "auto":
-        print(f"nbtune: gradient checkpointing auto -> {checkpointing} ({checkpointing_why})", file=sys.stderr)
+        print(f"nbtune: gradient checkpointing auto -> {choice.mode} ({choice.reason})", file=sys.stderr)
     out = output_dir(cfg)
     disk.track(out, cfg)
     resume_from = _resume_point(out, resume)
@@ -670,131 +594,154 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
     apply_chat_template_choice(tokenizer, cfg.data.chat_template)
     data = prepare_run_data(cfg, tokenizer)
     # only now, with the model loaded and the data tokenized, is anything in the output folder touched
-    out.mkdir(parents=True, exist_ok=True)
     if main:
-        run_folder.lock(out)  # released when this call returns or raises
-        if resume_from is None:
-            run_folder.prepare_fresh(out, cfg.output.overwrite)
-        else:
-            remove_stale_staging(out)
-        (out / "run.yaml").write_text(cfg.to_yaml())
-        # the adapter is named now, so that one cut short (a full disk, a kill) is still known as nbtune's
-        run_folder.record_written(out, "run.yaml", "metrics.jsonl", "adapter")
-    if data.eval_note and main:
-        print(f"nbtune: {data.eval_note}", file=sys.stderr)
-    oversized = None if cfg.data.packing else batch_fit.oversized_batch_note(cfg, data.train.num_rows,
-                                                                            distributed.world_size())
-    if oversized and main:
-        print(f"nbtune: {oversized}", file=sys.stderr)
-    if data.dropped and main:
-        print("nbtune: dropped train rows: " + ", ".join(f"{n} ({why})" for why, n in data.dropped.items()), file=sys.stderr)
-    if data.truncated and main:
-        print(f"nbtune: {data.truncated} train rows are longer than max_seq_length={cfg.model.max_seq_length} tokens; "
-              "they keep their first max_seq_length tokens", file=sys.stderr)
-    if data.packing is not None and main:
-        print(f"nbtune: {data.packing.line()}", file=sys.stderr)
+        open_output(cfg, out, fresh=resume_from is None)
+        say_data_notes(cfg, data)
     peft_model = add_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=cfg.lora.targets,
-                          gradient_checkpointing=checkpointing, offload_layers=choice.offload_layers,
+                          gradient_checkpointing=choice.mode, offload_layers=choice.offload_layers,
                           seed=cfg.train.seed)
     session.attach(peft_model)
     disk.track(out, cfg, peft_model)
-    listeners = list(listeners or [])
-    if progress:
-        listeners.append(TerminalProgress())
-    before = None
     start_step = checkpoint_step(resume_from) if resume_from is not None else None
-    if resume_from is not None and main:
+    before = None
+    if resume_from is not None and main:  # the log continues from the checkpoint; its first held-out loss stays
         kept = truncate_log(out / "metrics.jsonl", start_step)
         before = next((r["eval_loss"] for r in kept if r.get("event") == "eval" and r.get("step") == 0), None)
+    listeners = [*(listeners or []), *([TerminalProgress()] if progress else [])] if main else []
     stream = MetricsStream(out / "metrics.jsonl", listeners, append=resume_from is not None, write=main)
     stream.resumed_from = start_step
-    stream.start_fields = dict(method=cfg.train.method, gradient_checkpointing=checkpointing,
-                               checkpointing_reason=checkpointing_why, rows_truncated=data.truncated)
+    stream.start_fields = dict(method=cfg.train.method, gradient_checkpointing=choice.mode,
+                               checkpointing_reason=choice.reason, rows_truncated=data.truncated)
     if data.packing is not None:  # each packed entry is a micro-batch: the global batch is counted in row budgets
         stream.start_fields.update(packing=data.packing.as_dict(), global_batch=distributed.global_batch(cfg))
-    pauses = CollectorPauses()
+    pauses, interrupt = CollectorPauses(), InterruptCallback()
     stream.fields.append(pauses.record_fields)
-    interrupt = InterruptCallback()
-    autosave = AutoSave(cfg.train.save_minutes)
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, notify=stream.emit)
-    trainer = build_trainer(cfg, out, peft_model, tokenizer, data,
-                            callbacks=[pauses, stream, interrupt, autosave, guard])
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    for noisy in (PrinterCallback, ProgressCallback):  # nbtune's own views show the metrics
-        trainer.remove_callback(noisy)
-    trainer.nbtune_keep_checkpoints = cfg.output.keep_checkpoints
-    trainer.nbtune_interrupt = interrupt
-    trainer.nbtune_autosave = autosave
-    trainer.nbtune_guard = guard
+    trainer = build_trainer(cfg, out, peft_model, tokenizer, data, callbacks=[pauses, stream],
+                            keep_checkpoints=cfg.output.keep_checkpoints, interrupt=interrupt,
+                            autosave=AutoSave(cfg.train.save_minutes), guard=guard)
+    run = _Run(cfg=cfg, out=out, main=main, plan=the_plan, checkpointing=choice, resume_from=resume_from,
+               start_step=start_step, model=peft_model, tokenizer=tokenizer, data=data, stream=stream, trainer=trainer,
+               interrupt=interrupt, guard=guard, pauses=pauses, t_start=t_start, eval_before=before)
     if data.eval is not None and resume_from is None:
-        before = trainer.evaluate()["eval_loss"]
-    checkpoint = None
+        run.eval_before = trainer.evaluate()["eval_loss"]
+    return run
+
+
+def open_output(cfg: Config, out: Path, fresh: bool) -> None:
+    """Take the output folder for this run (rank 0): its lock; a fresh run's check of what is there
+    (:func:`run_folder.prepare_fresh`), a resumed one's leftover staging folders removed; run.yaml
+    written and the files this run writes recorded as nbtune's."""
+    out.mkdir(parents=True, exist_ok=True)
+    run_folder.lock(out)  # released when finetune returns or raises
+    if fresh:
+        run_folder.prepare_fresh(out, cfg.output.overwrite)
+    else:
+        remove_stale_staging(out)
+    (out / "run.yaml").write_text(cfg.to_yaml())
+    # the adapter is named now, so that one cut short (a full disk, a kill) is still known as nbtune's
+    run_folder.record_written(out, "run.yaml", "metrics.jsonl", "adapter")
+
+
+def say_data_notes(cfg: Config, data: TokenizedData) -> None:
+    """What the data preparation changed or found, on stderr: the held-out split, a batch larger
+    than the data, dropped and truncated rows, how full the packed micro-batches are."""
+    notes = [data.eval_note]
+    if not cfg.data.packing:
+        notes.append(batch_fit.oversized_batch_note(cfg, data.train.num_rows, distributed.world_size()))
+    if data.dropped:
+        notes.append("dropped train rows: " + ", ".join(f"{n} ({why})" for why, n in data.dropped.items()))
+    if data.truncated:
+        notes.append(f"{data.truncated} train rows are longer than max_seq_length={cfg.model.max_seq_length} tokens; "
+                     "they keep their first max_seq_length tokens")
+    if data.packing is not None:
+        notes.append(data.packing.line())
+    for note in filter(None, notes):
+        print(f"nbtune: {note}", file=sys.stderr)
+
+
+def train(run: _Run) -> None:
+    """The training loop. A first interrupt (Ctrl-C, the notebook's stop button) stops after the
+    current step with a checkpoint; a second aborts. NaN/inf steps in a row stop the run with the
+    last good state kept (:func:`stop_diverged` raises)."""
+    trainer, interrupt = run.trainer, run.interrupt
     message = "nbtune: interrupt received; stopping after this step and saving a checkpoint (interrupt again to abort)"
     try:
         with sigint_stops(interrupt, message):
-            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+            trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from is not None else None)
     except KeyboardInterrupt:
         if interrupt.requested:  # the second interrupt: abort without saving
             raise
-        checkpoint = save_after_keyboard_interrupt(trainer)
+        run.checkpoint = save_after_keyboard_interrupt(trainer)
         interrupt.stopped_at = trainer.state.global_step
         print(f"nbtune: interrupted at step {trainer.state.global_step}", file=sys.stderr)
     finally:
-        pauses.close()  # the heap unfrozen however training ended
-    if guard.stopped_at is not None:  # NaN/inf steps in a row: keep the last good state, say why
-        raise stop_diverged(guard, cfg, peft_model, tokenizer, out, latest_checkpoint(out), stream.emit, save=main)
-    interrupted = interrupt.stopped_at is not None
-    if interrupted and checkpoint is None:
-        checkpoint = getattr(trainer, "nbtune_last_checkpoint", None) or latest_checkpoint(out)
-    if interrupted:
-        stream.emit(dict(event="interrupted", step=trainer.state.global_step, max_steps=trainer.state.max_steps,
-                         checkpoint=str(checkpoint) if checkpoint else None))
-    train_loss = mean_train_loss(stream.history())
+        run.pauses.close()  # the heap unfrozen however training ended
+    if run.guard.stopped_at is not None:
+        raise stop_diverged(run.guard, run.cfg, run.model, run.tokenizer, run.out, latest_checkpoint(run.out),
+                            run.stream.emit, save=run.main)
+    if run.interrupted:
+        run.checkpoint = run.checkpoint or getattr(trainer, "nbtune_last_checkpoint", None) or latest_checkpoint(run.out)
+        run.stream.emit(dict(event="interrupted", step=trainer.state.global_step, max_steps=trainer.state.max_steps,
+                             checkpoint=str(run.checkpoint) if run.checkpoint else None))
+
+
+def finish(run: _Run) -> FinetuneResult:
+    """After the last step: the held-out loss, the replicas' agreement (data parallel), the collapse
+    check, the adapter on disk, the result, and the exports the config asks for."""
+    cfg, trainer, stream = run.cfg, run.trainer, run.stream
     after = None
-    if data.eval is not None and not interrupted:
+    if run.data.eval is not None and not run.interrupted:
         try:
             after = trainer.evaluate()["eval_loss"]
         except KeyboardInterrupt:  # training is done: skip the held-out loss, keep the adapter
             print("nbtune: held-out evaluation interrupted; saving the adapter", file=sys.stderr)
-    from .generate import save_adapter
-
-    world, identical = distributed.world_size(), None
-    if world > 1:  # every rank takes part; rank 0 records whether the replicas agree
-        ranks = distributed.rank_reports(peft_model)
-        digests = [r["digest"] for r in ranks]
-        identical = len(set(digests)) == 1
-        stream.emit(dict(event="distributed", step=trainer.state.global_step, world_size=world,
-                         global_batch=distributed.global_batch(cfg, world), replicas_identical=identical,
-                         digests=digests, devices=[r["device"] for r in ranks],
-                         peak_reserved_gib=[r["peak_reserved_gib"] for r in ranks]))
-        if not identical and main:
-            warnings.warn(f"nbtune: the LoRA weights differ between the {world} ranks after training (digests "
-                          f"{digests}); the data-parallel run did not keep its replicas in step", RuntimeWarning,
-                          stacklevel=2)
-    if not interrupted and (problem := collapse_problem(peft_model, stream.history(), _vocab_size(peft_model))):
+    world = distributed.world_size()
+    identical = replicas_agree(run) if world > 1 else None
+    if not run.interrupted and (problem := collapse_problem(run.model, stream.history(), _vocab_size(run.model))):
         stream.emit(dict(event="collapsed", step=trainer.state.global_step, problem=problem))
-        raise collapsed_error(problem, cfg, latest_checkpoint(out))
-    adapter_dir = out / "adapter"
-    if main:
-        adapter_dir = save_adapter(peft_model, tokenizer, adapter_dir)
+        raise collapsed_error(problem, cfg, latest_checkpoint(run.out))
+    adapter_dir = run.out / "adapter"
+    if run.main:
+        from .generate import save_adapter
+
+        adapter_dir = save_adapter(run.model, run.tokenizer, adapter_dir)
     distributed.barrier()  # the adapter is on disk when any rank returns
+    data = run.data
     result = FinetuneResult(
-        config=cfg, output_dir=out, adapter_dir=adapter_dir, log_path=stream.path,
-        eval_loss_before=before, eval_loss_after=after, train_loss=train_loss,
-        steps=trainer.state.global_step, seconds=time.perf_counter() - t_start,
-        metrics=stream.history(), model=peft_model, tokenizer=tokenizer,
-        interrupted=interrupted, checkpoint=checkpoint, resumed_from=start_step, plan=the_plan,
-        gradient_checkpointing=checkpointing, checkpointing_reason=checkpointing_why,
+        config=cfg, output_dir=run.out, adapter_dir=adapter_dir, log_path=stream.path,
+        eval_loss_before=run.eval_before, eval_loss_after=after, train_loss=mean_train_loss(stream.history()),
+        steps=trainer.state.global_step, seconds=time.perf_counter() - run.t_start,
+        metrics=stream.history(), model=run.model, tokenizer=run.tokenizer,
+        interrupted=run.interrupted, checkpoint=run.checkpoint, resumed_from=run.start_step, plan=run.plan,
+        gradient_checkpointing=run.checkpointing.mode, checkpointing_reason=run.checkpointing.reason,
         world_size=world, global_batch=distributed.global_batch(cfg, world), replicas_identical=identical,
         rows_truncated=data.truncated, packing=data.packing.as_dict() if data.packing is not None else None,
         _generation=session.generation(),
     )
-    if cfg.output.save_merged and not interrupted and main:
+    if cfg.output.save_merged and not run.interrupted and run.main:
         result.save_merged()
-    if "gguf" in cfg.output.export and not interrupted and main:
+    if "gguf" in cfg.output.export and not run.interrupted and run.main:
         result.export("gguf")
     return result
+
+
+def replicas_agree(run: _Run) -> bool:
+    """Data parallel: every rank reports its LoRA weights' digest; rank 0 records (a ``distributed``
+    event) and warns when they differ."""
+    world = distributed.world_size()
+    ranks = distributed.rank_reports(run.model)
+    digests = [r["digest"] for r in ranks]
+    identical = len(set(digests)) == 1
+    run.stream.emit(dict(event="distributed", step=run.trainer.state.global_step, world_size=world,
+                         global_batch=distributed.global_batch(run.cfg, world), replicas_identical=identical,
+                         digests=digests, devices=[r["device"] for r in ranks],
+                         peak_reserved_gib=[r["peak_reserved_gib"] for r in ranks]))
+    if not identical and run.main:
+        warnings.warn(f"nbtune: the LoRA weights differ between the {world} ranks after training (digests "
+                      f"{digests}); the data-parallel run did not keep its replicas in step", RuntimeWarning,
+                      stacklevel=3)
+    return identical
 
 
 def save_merged(peft_model, tokenizer, path: Path) -> Path:

@@ -18,7 +18,7 @@ from nbtune.train import session
 from nbtune.train.config import build_config
 from nbtune.train.data import prepare_data
 from nbtune.train.distributed import DistributedSetupError
-from nbtune.train.run import _trainer_class
+from nbtune.train.trainer import sft_trainer_class
 
 from .conftest import tiny_config
 
@@ -65,7 +65,7 @@ def test_nbtune_trainer_takes_one_gpu_where_transformers_counts_two(tiny_model_d
         SFTTrainer(model=model, args=args, train_dataset=data.train, processing_class=tokenizer)
 
     args = _args_seeing_two_gpus(tmp_path / "nbtune")
-    trainer = _trainer_class()(model=model, args=args, train_dataset=data.train, processing_class=tokenizer)
+    trainer = sft_trainer_class()(model=model, args=args, train_dataset=data.train, processing_class=tokenizer)
     assert args.n_gpu == 1 and args.parallel_mode == ParallelMode.NOT_PARALLEL
     assert args.train_batch_size == 2  # per device, not multiplied by the GPUs counted
     trainer.train()

@@ -116,9 +116,9 @@ def test_paged_keeps_bitsandbytes_step_and_other_classes_pass_through(monkeypatc
 def test_trainer_picks_the_sync_free_class_for_bitsandbytes_names():
     from trl import SFTConfig
 
-    from nbtune.train.run import _trainer_class
+    from nbtune.train.trainer import sft_trainer_class
 
-    trainer_cls = _trainer_class()
+    trainer_cls = sft_trainer_class()
     for name, bits, paged in (("adamw_bnb_8bit", 8, False), ("paged_adamw_8bit", 8, True)):
         cls, kwargs = trainer_cls.get_optimizer_cls_and_kwargs(SFTConfig(output_dir="/tmp/x", optim=name, use_cpu=True))
         assert issubclass(cls, bnb.optim.AdamW) and cls.__name__ == "SyncFreeAdamW"

@@ -7,7 +7,7 @@ import torch
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 import nbtune
-from nbtune.train import run
+from nbtune.train import trainer as trainer_module
 from nbtune.train.padding_free import PaddingFreeCollator, fast_padding_free, padding_free_batch, same_batch
 
 from .conftest import tiny_config
@@ -109,9 +109,9 @@ def test_only_trls_padding_free_collator_is_wrapped():
 def _packed_run(tiny_model_dir, tiny_data, out, monkeypatch, numpy_path: bool):
     seen = []
     if numpy_path:
-        monkeypatch.setattr(run, "fast_padding_free", lambda c: seen.append(fast_padding_free(c)) or seen[-1])
+        monkeypatch.setattr(trainer_module, "fast_padding_free", lambda c: seen.append(fast_padding_free(c)) or seen[-1])
     else:
-        monkeypatch.setattr(run, "fast_padding_free", lambda c: c)
+        monkeypatch.setattr(trainer_module, "fast_padding_free", lambda c: c)
     cfg = tiny_config(tiny_model_dir, tiny_data, out, max_steps=3, batch_size=2, grad_accum=1)
     cfg["data"].update(packing=True, responses_only=False, eval_split=None)
     result = nbtune.finetune(cfg, dashboard=False, progress=False)

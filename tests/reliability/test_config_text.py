@@ -4,7 +4,7 @@ Each is refused with one line naming the key, or read as the user meant; nothing
 import pytest
 
 from nbtune.train import ConfigError, build_config
-from nbtune.train.run import sft_args
+from nbtune.train.trainer import sft_args
 from nbtune.ui.cli import main as cli_main
 
 from .conftest import one_line
