@@ -67,19 +67,27 @@ class OOMFailure:
     peft_id: int | None = None  # id() of the run's PeftModel (no reference: it must be freed)
 
 
+# the run function's phases (nbtune/train/run.py): an error inside one is read from that frame
+RUN_STAGES = ("prepare", "train", "finish")
+
+
 def describe_failure(exc: BaseException, code) -> OOMFailure:
-    """Read, from the traceback of ``exc``, the frame of the run function (``code``): its config,
-    the call it was in (the phase) and its trainer's step. Call before the frames are cleared."""
+    """Read, from the traceback of ``exc``, the frame of the run function (``code``), or of the stage
+    of it that was running (:data:`RUN_STAGES`): its config, the call it was in (the phase) and its
+    trainer's step. Call before the frames are cleared."""
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code is not code:
         tb = tb.tb_next
     if tb is None:
         return OOMFailure(None, "preparing the run", None, None, str(exc))
+    if tb.tb_next is not None and tb.tb_next.tb_frame.f_code.co_name in RUN_STAGES:
+        tb = tb.tb_next
     local = tb.tb_frame.f_locals
+    run = local.get("run")  # the stages after the first hold the run
     callee = tb.tb_next.tb_frame.f_code.co_name if tb.tb_next is not None else ""
-    state = getattr(local.get("trainer"), "state", None)
-    peft_model = local.get("peft_model")
-    return OOMFailure(local.get("cfg"), PHASES.get(callee, "preparing the run"),
+    state = getattr(local.get("trainer") or getattr(run, "trainer", None), "state", None)
+    peft_model = local.get("peft_model") or getattr(run, "model", None)
+    return OOMFailure(local.get("cfg") or getattr(run, "cfg", None), PHASES.get(callee, "preparing the run"),
                       getattr(state, "global_step", None), getattr(state, "max_steps", None), str(exc),
                       id(peft_model) if peft_model is not None else None)
 
