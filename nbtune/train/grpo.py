@@ -19,8 +19,10 @@ drop nbtune's offloaded / plain one for the rest of the run: each module's check
 put back after every generation (:func:`checkpointing_kept`), and TRL's switch around its no-grad
 log-prob passes is skipped (without gradients checkpointing does nothing).
 
-Reference (``grpo.beta > 0``): the policy with its LoRA adapter switched off (TRL's rule for a peft
-model: no second copy of the weights). The per-token log-probabilities come from TRL's chunked LM
+Reference (``grpo.beta > 0``): the policy with its LoRA adapter switched off: no second copy of
+the weights. (TRL copies a PeftModel's adapter into a frozen "ref" adapter, for adapters that were
+trained before; nbtune's adapter is fresh, its B matrices zero, so base and "ref" are the same
+model and that copy is deleted, as for DPO.) The per-token log-probabilities come from TRL's chunked LM
 head (the logits never whole), installed on the model only while the trainer computes them, so a
 model reused by later runs carries nothing of it.
 
@@ -150,6 +152,10 @@ def _grpo_class():
             had, previous = "forward" in base.__dict__, base.__dict__.get("forward")
             super().__init__(*args, **kwargs)
             trainable_to_fp32(self.model)
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            if "ref" in getattr(unwrapped, "peft_config", {}):  # TRL's copy of the (fresh) adapter: not needed
+                unwrapped.delete_adapter("ref")
+                unwrapped.set_adapter("default")
             # TRL's fused LM head (installed on the base model by GRPOTrainer) is put on only while scoring
             self._nbtune_head = (base, base.__dict__.get("forward"), had, previous)
             self._head_off()
