@@ -698,8 +698,9 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
         run_folder.record_written(out, "run.yaml", "metrics.jsonl", "adapter")
     if data.eval_note and main:
         print(f"nbtune: {data.eval_note}", file=sys.stderr)
-    oversized = None if cfg.data.packing else batch_fit.oversized_batch_note(cfg, data.train.num_rows,
-                                                                            distributed.world_size())
+    # (grpo: a step's batch counts completions, and a step that asks for more prompts than the data has is refused)
+    oversized = None if cfg.data.packing or cfg.train.method == "grpo" else batch_fit.oversized_batch_note(
+        cfg, data.train.num_rows, distributed.world_size())
     if oversized and main:
         print(f"nbtune: {oversized}", file=sys.stderr)
     if data.dropped and main:
