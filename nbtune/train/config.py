@@ -22,8 +22,9 @@ Sections (``Config.reference()`` prints every key with its default and allowed v
   (:mod:`nbtune.train.packing`);
 - ``lora``: r, alpha, dropout, targets;
 - ``train``: method (``sft``, the default; ``dpo`` or ``orpo`` on preference pairs, with ``beta``:
-  :mod:`nbtune.train.preference`; ``grpo`` on prompts, with the ``grpo`` section: :mod:`nbtune.train.grpo`), max_steps or epochs, batch_size, grad_accum, lr, scheduler, warmup_steps, optimizer
-  (8-bit AdamW by default), weight_decay, seed, logging / eval / save steps, force (skip the
+  :mod:`nbtune.train.preference`; ``grpo`` on prompts, with the ``grpo`` section:
+  :mod:`nbtune.train.grpo`), max_steps or epochs, batch_size, grad_accum, lr, scheduler,
+  warmup_steps, optimizer (8-bit AdamW by default), weight_decay, seed, logging / eval / save steps, force (skip the
   memory check), max_nonfinite_steps (NaN/inf steps in a row before the run stops),
   gradient_checkpointing (``auto`` by default: see :func:`nbtune.planner.choose_checkpointing`);
 - ``grpo`` (``train.method: grpo`` only): num_generations (completions sampled per prompt),
@@ -322,11 +323,12 @@ class Config(_Section):
         g = self.grpo
         per_step = t.batch_size * t.grad_accum
         if per_step % g.num_generations:
+            accum = g.num_generations // math.gcd(g.num_generations, t.batch_size)
             fits = [n for n in range(2, per_step + 1) if per_step % n == 0]
             raise ValueError(
                 f"train.batch_size x train.grad_accum = {per_step} completions per step is not a multiple of "
                 f"grpo.num_generations ({g.num_generations}): a step holds whole groups of completions of one prompt. "
-                f"Set train.grad_accum to a multiple of {g.num_generations // math.gcd(g.num_generations, t.batch_size)}"
+                f"Set train.grad_accum to a multiple of {accum}"
                 + (f", or grpo.num_generations to one of {fits}" if fits else ""))
         if g.use_vllm is True and importlib.util.find_spec("vllm") is None:
             raise ValueError("grpo.use_vllm: true, but vllm is not installed: pip install vllm (on a CUDA GPU), or set "

@@ -51,7 +51,8 @@ def test_the_grpo_section_has_trls_defaults_and_round_trips():
     assert build_config(cfg.to_yaml()) == cfg
     assert build_config(build_config({}).to_yaml()).train.method == "sft"  # a default grpo section is no error
     assert grpo(grpo={"rewards": "format"}).grpo.rewards == ["format"]  # one name alone is a list of one
-    assert "grpo:" in nbtune.train.config.config_reference() and "num_generations" in nbtune.train.config.config_reference()
+    reference = nbtune.train.config.config_reference()
+    assert "grpo:" in reference and "num_generations" in reference
 
 
 @pytest.mark.parametrize("sections, words", [
@@ -62,8 +63,8 @@ def test_the_grpo_section_has_trls_defaults_and_round_trips():
     ({"grpo": {"rewards": ["format", "format"]}}, ["grpo.rewards", "listed twice"]),
     ({"grpo": {"rewards": []}}, ["grpo.rewards", "at least one"]),
     ({"grpo": {"num_generations": 1}}, ["grpo.num_generations", ">= 2"]),
-    ({"train": {"batch_size": 3, "grad_accum": 1}}, ["train.batch_size x train.grad_accum = 3", "grpo.num_generations (4)",
-                                                     "multiple of 4"]),
+    ({"train": {"batch_size": 3, "grad_accum": 1}},
+     ["train.batch_size x train.grad_accum = 3", "grpo.num_generations (4)", "multiple of 4"]),
     ({"model": {"max_seq_length": 200}}, ["grpo.max_completion_length (256)", "model.max_seq_length (200)"]),
     ({"data": {"packing": True}}, ["data.packing: false"]),
     ({"data": {"format": "qa"}}, ["prompt rows", "data.format: auto (or prompt)"]),
@@ -156,7 +157,8 @@ def test_text_chat_and_question_rows_give_the_same_prompt():
     ([{"text": "hello"}], ["train.method grpo reads prompt rows", "['text']", "data.columns"]),
     ([{"prompt": "a", "answer": "1"}, {"prompt": None, "answer": "2"}], ["row 2", "missing column 'prompt'"]),
     ([{"prompt": 3, "answer": "1"}], ["row 1", "column 'prompt' must be text or a list"]),
-    ([{"prompt": [USER, {"role": "assistant", "content": "4"}], "answer": "4"}], ["row 1", "ends with an assistant turn"]),
+    ([{"prompt": [USER, {"role": "assistant", "content": "4"}], "answer": "4"}],
+     ["row 1", "ends with an assistant turn"]),
     ([{"prompt": [{"role": "robot", "content": "x"}], "answer": "1"}], ["row 1", "role 'robot'"]),
     ([{"prompt": "a", "answer": "1"}, {"prompt": "b"}], ["row 2", "no 'answer'", "'correctness' reward",
                                                          "grpo.rewards"]),
@@ -192,8 +194,8 @@ def test_gsm8k_works_as_it_is_with_its_instruction(tokenizer):
 
 def test_prompts_too_long_for_a_completion_are_dropped_and_too_few_prompts_is_an_error(tmp_path, tokenizer):
     rows = [{"prompt": "word " * (100 if i % 2 else 1), "answer": "1"} for i in range(16)]
-    cfg = grpo(model={"max_seq_length": 128}, data={"source": str(write(tmp_path / "p.jsonl", rows)), "eval_split": None},
-               grpo={"max_completion_length": 64})
+    cfg = grpo(model={"max_seq_length": 128}, grpo={"max_completion_length": 64},
+               data={"source": str(write(tmp_path / "p.jsonl", rows)), "eval_split": None})
     data = prepare_grpo_data(cfg, tokenizer)
     assert data.train.num_rows == 8 and data.dropped == {"prompt over max_seq_length - max_completion_length = 64 "
                                                          "tokens": 8}
