@@ -17,7 +17,9 @@ The answer is text or a number (kept as text); the ``correctness`` reward needs 
 The prompts stay chat messages (TRL renders them with the tokenizer's chat template, the one
 ``data.chat_template`` chose, when it generates); here they are rendered once to count their
 tokens. A prompt is dropped, and counted, when it is empty or when it and
-``grpo.max_completion_length`` do not fit ``model.max_seq_length``.
+``grpo.max_completion_length`` do not fit ``model.max_seq_length``. Held-out prompts are chosen as
+for SFT; without ``data.eval_rows`` at most :data:`DEFAULT_EVAL_PROMPTS` of them are scored (each
+costs ``num_generations`` completions, before and after training).
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ from .data import DataError, TokenizedData, _normalize_turn, split_rows
 GSM8K_INSTRUCTION = ("Solve the problem step by step, then give the final answer on a last line of the form "
                      "'#### <number>'.")
 EMBEDDED_WITH_INSTRUCTION = ("gsm8k",)
+# held-out prompts scored before and after training when data.eval_rows is unset: each one costs
+# num_generations completions of up to max_completion_length tokens, not one forward as for SFT
+DEFAULT_EVAL_PROMPTS = 32
 
 
 @dataclasses.dataclass
@@ -170,10 +175,17 @@ def prepare_grpo_data(cfg: Config, tokenizer, world: int = 1) -> PromptData:
         raise DataError(f"{splits.where}: {train.num_rows} prompts, but one step takes {per_step} (train.batch_size x "
                         f"grad_accum{' x GPUs' if world > 1 else ''} / grpo.num_generations); lower train.batch_size "
                         "or train.grad_accum, or give more rows")
-    held_out = None
+    held_out, note = None, splits.eval_note
     if splits.held_out is not None:
-        held_out, _, _ = tokenize_prompts(splits.held_out, tokenizer, cfg, splits.eval_where)
-    return PromptData(train=train, eval=held_out, dropped=dropped, format="prompt", eval_note=splits.eval_note,
+        rows = splits.held_out
+        if cfg.data.eval_rows is None and len(rows) > DEFAULT_EVAL_PROMPTS:
+            rows = rows[:DEFAULT_EVAL_PROMPTS]
+            note = ((note + "; ") if note else "") + (
+                f"data.eval_rows unset: {DEFAULT_EVAL_PROMPTS} of the {len(splits.held_out)} held-out prompts are "
+                f"scored before and after training ({cfg.grpo.num_generations} completions each); set data.eval_rows "
+                "for more, data.eval_split: null for none")
+        held_out, _, _ = tokenize_prompts(rows, tokenizer, cfg, splits.eval_where)
+    return PromptData(train=train, eval=held_out, dropped=dropped, format="prompt", eval_note=note,
                       prompt_tokens=lengths)
 
 
@@ -223,6 +235,9 @@ def dry_run_report(cfg: Config, plan, tokenizer, world: int, resume_from):
     notes.append(f"train.method grpo: each prompt gets {g.num_generations} completions of up to "
                  f"{g.max_completion_length} tokens, generated during the run and scored by {', '.join(g.rewards)}"
                  + (f"; the KL term (beta {g.beta:g}) reads them once more with LoRA off" if g.beta else ""))
+    if plan is not None:
+        notes.append("memory plan: counted as for SFT on the prompts; the completions' generation (its KV cache) is "
+                     "not in it yet")
     if _instruction(cfg):
         notes.append("data.system_prompt unset: each GSM8K question is followed by the instruction to end with "
                      "'#### <number>' (the form the built-in rewards read)")

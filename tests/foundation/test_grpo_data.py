@@ -186,6 +186,9 @@ def test_gsm8k_works_as_it_is_with_its_instruction(tokenizer):
     first = data.train[0]
     assert first["prompt"][-1]["content"].endswith(GSM8K_INSTRUCTION) and first["answer"].split("####")[-1].strip()
     assert data.prompt_tokens[0] == len(prompt_ids(first["prompt"], tokenizer))
+    # without data.eval_rows, 32 held-out prompts (each costs num_generations completions, before and after)
+    capped = prepare_grpo_data(grpo(data={"source": "gsm8k", "max_rows": 16}), tokenizer)
+    assert capped.eval.num_rows == 32 and "data.eval_rows unset: 32 of the 319" in capped.eval_note
     # a system prompt of the user's replaces the instruction
     own = prepare_grpo_data(grpo(data={"source": "gsm8k", "max_rows": 16, "system_prompt": "Think."}), tokenizer)
     assert own.train[0]["prompt"][0] == {"role": "system", "content": "Think."}
@@ -227,7 +230,7 @@ def test_dry_run_reports_prompts_prompt_tokens_and_steps(tmp_path, smollm2_dir):
     text = report.summary()
     assert "train prompts: 20" in text and "prompt tokens:" in text and "trained on" not in text
     assert "steps: 20 x 8 completions (2 prompts x 4 generations; batch 4 x grad_accum 2) = 2.00 epochs" in text
-    assert "scored by correctness, format" in text
+    assert "scored by correctness, format" in text and "not in it yet" in text
     with pytest.raises(DataError, match="train.method grpo reads prompt rows"):  # checked before anything loads
         nbtune.finetune({"model": {"name": str(smollm2_dir)}, "train": {"method": "grpo"},
                          "data": {"source": str(write(tmp_path / "t.jsonl", [{"text": "x"}]))},
