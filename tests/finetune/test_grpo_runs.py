@@ -72,16 +72,21 @@ def train_records(metrics):
 
 @pytest.fixture(scope="module")
 def grpo_run(tmp_path_factory, tiny_model_dir, prompts_file, probe):
+    from nbtune.models.loader import load_model
     from nbtune.ui.dashboard import Dashboard
 
     session.clear()
     probe.SEEN.clear()
+    base, tokenizer = load_model(str(tiny_model_dir), max_seq_length=64)
+    lengths = []  # the length of every forward's input, as the embedding layer sees it
+    hook = base.get_input_embeddings().register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape))
 
     dash = Dashboard(display=False, min_interval=0)
     out = tmp_path_factory.mktemp("grpo") / "run"
     result = nbtune.finetune(grpo_config(tiny_model_dir, prompts_file, out, gradient_checkpointing="plain"),
-                             dashboard=dash, progress=False)
-    return result, dash, list(probe.SEEN)
+                             model=base, tokenizer=tokenizer, dashboard=dash, progress=False)
+    hook.remove()
+    return result, dash, list(probe.SEEN), lengths
 
 
 def _completion_logprob(model, tokenizer, prompt, completion) -> float:
@@ -101,7 +106,7 @@ def test_the_reward_signal_reaches_the_update(grpo_run):
     gradient of the completions' log-probabilities. The reward (the share of even token ids)
     differs between a random model's random completions, so the groups have a spread to learn
     from; the mean reward itself cannot be shown to rise in a step or two of a random model."""
-    result, _, seen = grpo_run
+    result, _, seen, _ = grpo_run
     assert len(seen) == 1  # one step: one generation batch, scored once
     prompts, completions, rewards = seen[0]
     assert len(completions) == 8 and len({json.dumps(p) for p in prompts}) == 2  # 2 prompts x 4 completions
@@ -126,7 +131,7 @@ def test_the_reward_signal_reaches_the_update(grpo_run):
 
 
 def test_grpo_logs_rewards_completion_length_and_kl(grpo_run):
-    result, dash, _ = grpo_run
+    result, dash, _, _ = grpo_run
     (rec,) = train_records(result.metrics)
     for key in ("reward", "reward_std", "rewards/even_tokens", "completion_length", "completion_clipped_share",
                 "entropy", "kl", "grad_norm"):
@@ -146,7 +151,7 @@ def test_grpo_logs_rewards_completion_length_and_kl(grpo_run):
 def test_nbtune_checkpointing_survives_generation_and_trls_head_is_gone(grpo_run):
     from nbtune.kernels.offload import offloaded_checkpoint_reference
 
-    result, _, _ = grpo_run
+    result, _, _, _ = grpo_run
     assert result.gradient_checkpointing == "plain"
     layers = [m for m in result.model.modules() if getattr(m, "gradient_checkpointing", False)]
     assert layers
@@ -158,6 +163,14 @@ def test_nbtune_checkpointing_survives_generation_and_trls_head_is_gone(grpo_run
     # TRL's fused head is not left on the model: its forward is nbtune's patched one again
     assert result.model.get_base_model().forward.__func__ is causal_lm_forward
     assert list(result.model.peft_config) == ["default"]  # the reference is the adapter switched off
+
+
+def test_completions_are_generated_batched_with_the_kv_cache(grpo_run):
+    _, _, _, lengths = grpo_run
+    # one generate call for the step's 8 completions: the 2 prompts x 4 at once, then one new token per forward
+    prompt_pass = [shape for shape in lengths if shape[0] == 8 and shape[1] > 1]
+    one_token = [shape for shape in lengths if shape == (8, 1)]
+    assert prompt_pass and len(one_token) == 8 - 1  # max_completion_length 8: the first token comes from the prompt
 
 
 def test_grpo_with_the_builtin_rewards_on_gsm8k_runs(tmp_path, tiny_model_dir):
