@@ -188,6 +188,8 @@ def test_grpo_with_the_builtin_rewards_on_gsm8k_runs(tmp_path, tiny_model_dir):
     evals = [r for r in result.metrics if r.get("event") == "eval"]
     assert [r["step"] for r in evals] == [0, 1]  # the held-out prompts, scored before and after
     assert all(r.get("eval_reward") == 0.0 and r.get("eval_completion_length") == 8.0 for r in evals)
+    assert "held-out mean reward: 0.000 before -> 0.000 after" in result.summary()
+    assert "held-out loss" not in result.summary()
 
 
 def test_an_interrupted_grpo_run_resumes(tmp_path, tiny_model_dir, prompts_file, probe):
