@@ -216,8 +216,10 @@ def _report_class():
                                 f"{g.max_completion_length} completion tokens of max_seq_length "
                                 f"{self.config.model.max_seq_length}")
                 elif line.startswith("  steps:"):
-                    lines[i] = (f"  steps: {self.steps} x {completions} completions ({completions // g.num_generations}"
-                                f" prompts x {g.num_generations} generations; batch {t.batch_size} x grad_accum "
+                    prompts = completions // g.num_generations
+                    lines[i] = (f"  steps: {self.steps} x {completions} completions ({prompts} prompt"
+                                f"{'s' if prompts > 1 else ''} x {g.num_generations} generations; batch {t.batch_size}"
+                                f" x grad_accum "
                                 f"{t.grad_accum}" + (f" x {self.world_size} GPUs" if self.world_size > 1 else "")
                                 + f") = {self.epochs:.2f} epochs")
             return "\n".join(lines)
