@@ -1,4 +1,4 @@
-"""Training: one config -> data pipeline -> TRL's SFTTrainer (or DPO / ORPO trainer: train.method) ->
+"""Training: one config -> data pipeline -> TRL's SFTTrainer (or DPO / ORPO / GRPO trainer: train.method) ->
 metrics stream -> adapter on disk.
 
 Names load lazily, so ``nbtune.train.config`` (and the ``%%finetune`` magic that reads it) can be

@@ -22,16 +22,23 @@ Sections (``Config.reference()`` prints every key with its default and allowed v
   (:mod:`nbtune.train.packing`);
 - ``lora``: r, alpha, dropout, targets;
 - ``train``: method (``sft``, the default; ``dpo`` or ``orpo`` on preference pairs, with ``beta``:
-  :mod:`nbtune.train.preference`), max_steps or epochs, batch_size, grad_accum, lr, scheduler, warmup_steps, optimizer
-  (8-bit AdamW by default), weight_decay, seed, logging / eval / save steps, force (skip the
+  :mod:`nbtune.train.preference`; ``grpo`` on prompts, with the ``grpo`` section:
+  :mod:`nbtune.train.grpo`), max_steps or epochs, batch_size, grad_accum, lr, scheduler,
+  warmup_steps, optimizer (8-bit AdamW by default), weight_decay, seed, logging / eval / save steps, force (skip the
   memory check), max_nonfinite_steps (NaN/inf steps in a row before the run stops),
   gradient_checkpointing (``auto`` by default: see :func:`nbtune.planner.choose_checkpointing`);
+- ``grpo`` (``train.method: grpo`` only): num_generations (completions sampled per prompt),
+  max_completion_length, temperature, beta (the KL pull towards the model with LoRA off; 0 by
+  default, as in TRL), rewards (built-in names or ``module:function``, :mod:`nbtune.train.rewards`),
+  use_vllm;
 - ``output``: dir, export (``adapter``, ``merged`` and/or ``gguf``, see :mod:`nbtune.export`),
   merged_dtype, gguf_quant, keep_checkpoints.
 """
 from __future__ import annotations
 
 import difflib
+import importlib.util
+import math
 import os
 import re
 import types
@@ -71,8 +78,9 @@ class ModelConfig(_Section):
     trust_remote_code: bool = False
 
 
-DataFormat = Literal["auto", "messages", "prompt_completion", "instruction", "qa", "text", "preference"]
+DataFormat = Literal["auto", "messages", "prompt_completion", "instruction", "qa", "text", "preference", "prompt"]
 PREFERENCE_METHODS = ("dpo", "orpo")
+RL_METHODS = ("grpo",)  # trained on prompts and the model's own completions, scored by reward functions
 
 
 class DataConfig(_Section):
@@ -162,10 +170,12 @@ class TrainConfig(_Section):
     max_nonfinite_steps: int = Field(
         3, gt=0, description="stop after this many optimizer steps in a row with a NaN/inf loss or gradients "
                              "(each is skipped, not trained on; the last good checkpoint is kept)")
-    method: Literal["sft", "dpo", "orpo"] = Field(
+    method: Literal["sft", "dpo", "orpo", "grpo"] = Field(
         "sft", description="'sft': supervised fine-tuning on conversations; 'dpo' (direct preference optimization, "
                            "the reference is the model with LoRA switched off) or 'orpo' (odds-ratio preference "
-                           "optimization, no reference) on preference rows {prompt, chosen, rejected}")
+                           "optimization, no reference) on preference rows {prompt, chosen, rejected}; 'grpo' "
+                           "(group relative policy optimization) on prompt rows {prompt, answer?}: the model's own "
+                           "completions scored by grpo.rewards (batch_size counts completions)")
     beta: float = Field(
         0.1, gt=0, description="dpo: the strength of the pull towards the reference (the implicit reward's scale); "
                                "orpo: the weight of the odds-ratio term next to the chosen replies' loss")
@@ -228,12 +238,45 @@ class OutputConfig(_Section):
         return "merged" in self.export
 
 
+class GrpoConfig(_Section):
+    num_generations: int = Field(
+        4, ge=2, description="completions sampled per prompt; their rewards are compared within the group (at least "
+                             "2). train.batch_size x grad_accum (completions per step) must be a multiple of it")
+    max_completion_length: int = Field(256, gt=0, description="longest completion in tokens (a longer one is cut)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the completions")
+    beta: float = Field(
+        0.0, ge=0, description="the KL term's weight: the pull towards the model with LoRA off (no second copy); "
+                               "0 (TRL's default) skips that forward")
+    rewards: list[str] = Field(
+        default_factory=lambda: ["correctness", "format"],
+        description="reward functions, summed: 'correctness' (the final number matches the row's answer, GSM8K's "
+                    "'#### N'), 'format' (the completion ends with '#### <number>'), or 'module:function' (a Python "
+                    "function with TRL's reward signature: f(prompts, completions, **columns) -> list of floats)")
+    use_vllm: Union[Literal["auto"], bool] = Field(
+        "auto", description="generate with vLLM: 'auto' = when vllm is installed and the GPU has compute capability "
+                            "8.0 or more; otherwise (and always on a CPU) the model's own generate with its KV cache")
+
+    @field_validator("rewards", mode="before")
+    @classmethod
+    def _reward_list(cls, v):
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("rewards", mode="after")
+    @classmethod
+    def _known_rewards(cls, v):
+        from .rewards import check_reward_names
+
+        check_reward_names(v)  # a ValueError naming grpo.rewards and the fix
+        return v
+
+
 class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig)
 
     @field_validator("model", mode="before")
     @classmethod
@@ -258,6 +301,42 @@ class Config(_Section):
         if not preference and self.data.format == "preference":
             raise ValueError("data.format 'preference' (rows {prompt, chosen, rejected}) is for train.method dpo or "
                              "orpo; set train.method: dpo (or orpo), or another data.format for sft")
+        return self._grpo_settings()
+
+    def _grpo_settings(self):
+        grpo, t = self.train.method in RL_METHODS, self.train
+        if not grpo:
+            if self.data.format == "prompt":
+                raise ValueError("data.format 'prompt' (rows {prompt, answer}) is for train.method grpo; set "
+                                 "train.method: grpo, or another data.format")
+            changed = [k for k, v in self.grpo.model_dump().items() if v != GrpoConfig().model_dump()[k]]
+            if changed:
+                raise ValueError(f"grpo.{', grpo.'.join(changed)} set, but train.method is {t.method!r}: the grpo "
+                                 "section is for train.method: grpo; set train.method: grpo or remove the grpo section")
+            return self
+        if self.data.packing:
+            raise ValueError("train.method 'grpo' trains on the model's own completions, which are not packed: set "
+                             "data.packing: false (packing is for train.method: sft)")
+        if self.data.format not in ("auto", "prompt"):
+            raise ValueError(f"train.method 'grpo' reads prompt rows {{prompt, answer}}, not data.format "
+                             f"{self.data.format!r}: set data.format: auto (or prompt)")
+        g = self.grpo
+        per_step = t.batch_size * t.grad_accum
+        if per_step % g.num_generations:
+            accum = g.num_generations // math.gcd(g.num_generations, t.batch_size)
+            fits = [n for n in range(2, per_step + 1) if per_step % n == 0]
+            raise ValueError(
+                f"train.batch_size x train.grad_accum = {per_step} completions per step is not a multiple of "
+                f"grpo.num_generations ({g.num_generations}): a step holds whole groups of completions of one prompt. "
+                f"Set train.grad_accum to a multiple of {accum}"
+                + (f", or grpo.num_generations to one of {fits}" if fits else ""))
+        if g.use_vllm is True and importlib.util.find_spec("vllm") is None:
+            raise ValueError("grpo.use_vllm: true, but vllm is not installed: pip install vllm (on a CUDA GPU), or set "
+                             "grpo.use_vllm: auto (generates with the model's own generate when vllm is missing)")
+        if g.max_completion_length >= self.model.max_seq_length:
+            raise ValueError(f"grpo.max_completion_length ({g.max_completion_length}) leaves no room for the prompt "
+                             f"in model.max_seq_length ({self.model.max_seq_length}): lower it or raise "
+                             "model.max_seq_length")
         return self
 
     def to_yaml(self) -> str:

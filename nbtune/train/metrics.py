@@ -6,8 +6,11 @@ elapsed seconds and ETA, and what the ``fields`` providers add to train records 
 collector's pauses since the previous record, ``gc_ms`` / ``gc_full``: gc_pause.py) and, in a
 preference run (``train.method`` dpo / orpo), what TRL's trainer logs for it (:data:`PREFERENCE_KEYS`:
 the chosen and rejected replies' rewards, the margin, the share of pairs ranked right, their
-log-probabilities; ORPO's chosen-reply loss and log odds ratio), ``eval_``-prefixed on evaluation
-records. Events:
+log-probabilities; ORPO's chosen-reply loss and log odds ratio) and, in a GRPO run, what its
+trainer logs (:data:`GRPO_KEYS`: the mean reward, summed and per reward function as
+``rewards/<name>``, its spread, the completions' mean length and share cut at
+max_completion_length, the policy's entropy, the KL to the reference), ``eval_``-prefixed on
+evaluation records. Events:
 ``start`` (with the GPU's capacity ``vram_total_gib``, the number of processes ``world_size``,
 the ``global_batch`` in rows per optimizer step, the ``gradient_checkpointing`` mode the run uses
 with its ``checkpointing_reason``, the ``versions`` of nbtune, Python and the stack (torch,
@@ -63,6 +66,27 @@ PREFERENCE_KEYS = {
     "rewards/accuracies": "reward_accuracy", "logps/chosen": "logp_chosen", "logps/rejected": "logp_rejected",
     "nll_loss": "nll_loss", "log_odds_ratio": "log_odds_ratio",
 }
+
+
+# TRL's GRPO logs -> the record's keys; "rewards/<name>/mean" (one per reward function) -> "rewards/<name>"
+GRPO_KEYS = {
+    "reward": "reward", "reward_std": "reward_std", "frac_reward_zero_std": "reward_zero_std_share",
+    "completions/mean_length": "completion_length", "completions/clipped_ratio": "completion_clipped_share",
+    "entropy": "entropy", "kl": "kl",
+}
+
+
+def _grpo_fields(logs: dict) -> dict:
+    out = {}
+    for prefix in ("", "eval_"):
+        for src, dst in GRPO_KEYS.items():
+            if logs.get(prefix + src) is not None:
+                out[prefix + dst] = float(logs[prefix + src])
+        for key, value in logs.items():
+            name = key[len(prefix):] if key.startswith(prefix) else None
+            if name and name.startswith("rewards/") and name.endswith("/mean") and value is not None:
+                out[prefix + name[: -len("/mean")]] = float(value)
+    return out
 
 
 class MetricsStream(TrainerCallback):
@@ -121,6 +145,7 @@ class MetricsStream(TrainerCallback):
             for prefix in ("", "eval_"):
                 if logs.get(prefix + src) is not None:
                     rec[prefix + dst] = float(logs[prefix + src])
+        rec.update(_grpo_fields(logs))
         if rec["event"] == "train" and self._last is not None:
             dt = now - self._last[0]
             if dt > 0 and tokens > self._last[1]:

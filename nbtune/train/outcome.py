@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import json
 from pathlib import Path
 
 from .config import Config
@@ -30,7 +31,10 @@ class RunOutcome:
     def summary(self) -> str:
         lines = [f"steps: {self.steps}/{self.config.train.max_steps or '?'} in {self.seconds:.0f} s"
                  + (f" (resumed from step {self.resumed_from})" if self.resumed_from else "")]
-        if self.eval_loss_before is not None and self.eval_loss_after is not None:
+        rewards = _held_out_rewards(self.log_path) if self.config.train.method == "grpo" else None
+        if rewards is not None:  # grpo: what the held-out prompts' completions scored (its eval loss says little)
+            lines.append(f"held-out mean reward: {rewards[0]:.3f} before -> {rewards[1]:.3f} after")
+        elif self.eval_loss_before is not None and self.eval_loss_after is not None:
             lines.append(f"held-out loss: {self.eval_loss_before:.4f} before -> {self.eval_loss_after:.4f} after")
         if self.train_loss is not None:
             lines.append(f"train loss (mean): {self.train_loss:.4f}")
@@ -66,3 +70,15 @@ class RunOutcome:
         title = "nbtune run interrupted" if self.interrupted else "nbtune run done"
         return (f"<div style='font-family:system-ui,sans-serif;font-size:13px'>"
                 f"<b style='color:{color}'>{title}</b>{rows}</div>")
+
+
+def _held_out_rewards(log_path) -> tuple[float, float] | None:
+    """A GRPO run's held-out mean reward at its first and last evaluation (from its log), or None."""
+    try:
+        with open(log_path, encoding="utf-8") as f:
+            rewards = [rec.get("eval_reward") for rec in map(json.loads, filter(str.strip, f))
+                       if rec.get("event") == "eval"]
+    except (OSError, ValueError):
+        return None
+    rewards = [r for r in rewards if r is not None]
+    return (rewards[0], rewards[-1]) if len(rewards) >= 2 else None

@@ -177,9 +177,11 @@ TOKENIZED = ("prompt_ids", "chosen_ids", "rejected_ids")
 def _dpo_class():
     from trl import DPOTrainer
 
+    from .flops import ParameterCountOnce
+    from .token_count import TokensSeenOnDevice
     from .trainer import RunTrainer
 
-    class NbtuneDPOTrainer(RunTrainer, DPOTrainer):
+    class NbtuneDPOTrainer(ParameterCountOnce, TokensSeenOnDevice, RunTrainer, DPOTrainer):
         """TRL's DPOTrainer with nbtune's set-up; the reference is the model with LoRA switched off,
         the log-probs come from nbtune.kernels.linear_logprobs (module docstring)."""
 
@@ -206,9 +208,11 @@ def _dpo_class():
 def _orpo_class():
     from trl.experimental.orpo import ORPOTrainer
 
+    from .flops import ParameterCountOnce
+    from .token_count import TokensSeenOnDevice
     from .trainer import RunTrainer
 
-    class NbtuneORPOTrainer(RunTrainer, ORPOTrainer):
+    class NbtuneORPOTrainer(ParameterCountOnce, TokensSeenOnDevice, RunTrainer, ORPOTrainer):
         """TRL's ORPOTrainer (trl.experimental) with nbtune's set-up, on nbtune's tokenized pairs, its
         forward through nbtune.kernels.linear_logprobs (module docstring)."""
 

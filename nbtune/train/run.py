@@ -308,6 +308,10 @@ def check_inputs(cfg: Config) -> None:
             from .preference_data import check_rows
 
             return check_rows(rows, cfg.data, where)
+        if cfg.train.method == "grpo":
+            from .grpo_data import check_rows as check_prompt_rows
+
+            return check_prompt_rows(rows, cfg, where)
         if not rows:
             from .data import DataError
 
@@ -445,6 +449,10 @@ def prepare_run_data(cfg: Config, tokenizer) -> TokenizedData:
         from .preference_data import prepare_preference_data
 
         return prepare_preference_data(cfg.data, tokenizer, cfg.model.max_seq_length)
+    if cfg.train.method == "grpo":  # prompt rows (nbtune/train/grpo_data.py)
+        from .grpo_data import prepare_grpo_data
+
+        return prepare_grpo_data(cfg, tokenizer, distributed.world_size())
     data = prepare_data(cfg.data, tokenizer, cfg.model.max_seq_length)
     if cfg.data.packing:
         data.train, data.packing = pack_dataset(data.train, cfg.train.batch_size, cfg.model.max_seq_length)
@@ -460,6 +468,10 @@ def build_trainer(cfg: Config, out: Path, model, tokenizer, data: TokenizedData,
         from .preference import build_preference_trainer
 
         return build_preference_trainer(cfg, out, model, tokenizer, data, callbacks, **controls)
+    if cfg.train.method == "grpo":  # nbtune/train/grpo.py
+        from .grpo import build_grpo_trainer
+
+        return build_grpo_trainer(cfg, out, model, tokenizer, data, callbacks, **controls)
     collator = packed_collator(tokenizer.pad_token_id) if cfg.data.packing else None
     with quiet.loading():  # no datasets bars while TRL prepares the data (the dashboard is the view)
         return sft_trainer_class()(model=model, args=sft_args(cfg, out, model, data.eval is not None),
@@ -482,6 +494,10 @@ def dry_run_report(config=None, gpu=None, resume=False, world_size: int | None =
         from .preference_data import dry_run_report as preference_report
 
         return preference_report(cfg, plan, tokenizer, world, _resume_point(output_dir(cfg), resume) if resume else None)
+    if cfg.train.method == "grpo":
+        from .grpo_data import dry_run_report as grpo_report
+
+        return grpo_report(cfg, plan, tokenizer, world, _resume_point(output_dir(cfg), resume) if resume else None)
     data = prepare_data(cfg.data, tokenizer, cfg.model.max_seq_length)
     lengths = [len(ids) for ids in data.train["input_ids"]]
     trained = sum(sum(1 for lab in labels if lab != -100) for labels in data.train["labels"])
@@ -647,7 +663,8 @@ def say_data_notes(cfg: Config, data: TokenizedData) -> None:
     """What the data preparation changed or found, on stderr: the held-out split, a batch larger
     than the data, dropped and truncated rows, how full the packed micro-batches are."""
     notes = [data.eval_note]
-    if not cfg.data.packing:
+    # (grpo: a step's batch counts completions, and a step that asks for more prompts than the data has is refused)
+    if not cfg.data.packing and cfg.train.method != "grpo":
         notes.append(batch_fit.oversized_batch_note(cfg, data.train.num_rows, distributed.world_size()))
     if data.dropped:
         notes.append("dropped train rows: " + ", ".join(f"{n} ({why})" for why, n in data.dropped.items()))

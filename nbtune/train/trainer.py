@@ -1,7 +1,8 @@
 """nbtune's trainer: TRL's SFTTrainer with nbtune's behaviour, and the training arguments of a run.
 
 What every nbtune trainer does (:class:`RunTrainer`, shared with the DPO / ORPO trainers of
-:mod:`nbtune.train.preference`), each piece in its own mixin module:
+:mod:`nbtune.train.preference` and the GRPO trainer of :mod:`nbtune.train.grpo`), each piece in its
+own mixin module:
 
 - one GPU per process, never ``nn.DataParallel`` (distributed.py);
 - LoRA weights kept fp32 (TRL casts a 4-/8-bit model's trainable parameters to bf16, which would
@@ -11,11 +12,11 @@ What every nbtune trainer does (:class:`RunTrainer`, shared with the DPO / ORPO 
   registered (optimizer.py);
 - checkpoints written under a temporary name and renamed, ``keep_checkpoints`` of them kept, each
   marked with why it was saved: a schedule, an interrupt, the autosave clock (checkpoint.py);
-- step losses and gradient norms judged by the NaN/inf guard (stability.py);
-- the count of tokens seen kept on the device between logging steps (token_count.py), the
-  parameter count for FLOPs taken once (flops.py).
+- step losses and gradient norms judged by the NaN/inf guard (stability.py).
 
-The SFT trainer adds the patched model's own fused loss (fused_loss.py), gradients cleared and
+The trainers whose batches are token rows (SFT, DPO, ORPO) keep the count of tokens seen on the
+device between logging steps (token_count.py) and take the parameter count for FLOPs once
+(flops.py). The SFT trainer adds the patched model's own fused loss (fused_loss.py), gradients cleared and
 clipped over the trainable parameters only (trainable.py) and the padding-free collator built with
 numpy (padding_free.py). The run's controls (``keep_checkpoints``, ``interrupt``, ``autosave``,
 ``guard``) are constructor arguments; the ones that are callbacks join the trainer's callbacks.
@@ -108,7 +109,7 @@ def sft_args(cfg: Config, out: Path, model, has_eval: bool):
     )
 
 
-class RunTrainer(ParameterCountOnce, TokensSeenOnDevice, StagedCheckpoints, RecordsStepLoss):
+class RunTrainer(StagedCheckpoints, RecordsStepLoss):
     """Trainer mixin (before TRL's trainer in the bases): what every nbtune trainer does (module
     docstring). Keyword arguments beside the trainer's own: ``keep_checkpoints`` (complete
     checkpoints kept), ``interrupt`` (the run's :class:`InterruptCallback`: checkpoints saved on an
@@ -120,8 +121,6 @@ class RunTrainer(ParameterCountOnce, TokensSeenOnDevice, StagedCheckpoints, Reco
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
         from ..models.lora import trainable_to_fp32
-        from ..models.patches import is_patched
-        from ..models.patches.gemma3 import text_only_check
 
         self.nbtune_keep_checkpoints = keep_checkpoints
         self.nbtune_interrupt, self.nbtune_autosave, self.nbtune_guard = interrupt, autosave, guard
@@ -133,11 +132,15 @@ class RunTrainer(ParameterCountOnce, TokensSeenOnDevice, StagedCheckpoints, Reco
             self.remove_callback(noisy)
         trainable_to_fp32(self.model)
         self.data_collator = self.nbtune_collator(self.data_collator)
-        if is_patched(self.accelerator.unwrap_model(self.model)):  # the patched forward takes a plan built on the host
-            self.data_collator = HostPlannedCollator(self.data_collator, text_only_check(self.model))
 
     def nbtune_collator(self, collator):
-        """The collator as this trainer uses it (before the host's attention plan is added)."""
+        """The collator as this trainer uses it: a patched model's batches carry the attention plan
+        built on the host (host_plan.py)."""
+        from ..models.patches import is_patched
+        from ..models.patches.gemma3 import text_only_check
+
+        if is_patched(self.accelerator.unwrap_model(self.model)):
+            return HostPlannedCollator(collator, text_only_check(self.model))
         return collator
 
     @staticmethod
@@ -160,7 +163,8 @@ def sft_trainer_class():
     """nbtune's SFT trainer class (TRL is imported on the first call)."""
     from trl import SFTTrainer
 
-    class NbtuneSFTTrainer(PatchedModelLoss, RunTrainer, TrainableOnly, SFTTrainer):
+    class NbtuneSFTTrainer(ParameterCountOnce, TokensSeenOnDevice, PatchedModelLoss, RunTrainer, TrainableOnly,
+                           SFTTrainer):
         """TRL's SFTTrainer with nbtune's behaviour (nbtune/train/trainer.py): the patched model's
         fused loss, gradients over the trainable parameters only, padding-free rows collated with
         numpy (packed ones inside nbtune's packer)."""
@@ -168,7 +172,8 @@ def sft_trainer_class():
         def nbtune_collator(self, collator):
             if hasattr(collator, "packed"):  # data.packing: nbtune's packer, padding-free inside
                 collator.packed = fast_padding_free(collator.packed)
-                return collator
-            return fast_padding_free(collator)  # TRL's padding-free rows, with numpy
+            else:
+                collator = fast_padding_free(collator)  # TRL's padding-free rows, with numpy
+            return super().nbtune_collator(collator)
 
     return NbtuneSFTTrainer

@@ -10,8 +10,11 @@ VRAM allocated / reserved / peak against the GPU's capacity; learning rate; grad
 A preference run (``train.method`` dpo / orpo, known from its start record or its first reward
 figures) gets a third row: the rewards of the chosen and rejected replies and their margin
 (held-out margin as markers), the share of pairs whose chosen reply is rewarded higher (train and
-held out), and the replies' log-probabilities. The title line is the header: step/total, loss
-(and a preference run's margin and accuracy), ETA, elapsed and peak memory.
+held out), and the replies' log-probabilities. A GRPO run (``train.method: grpo``) gets a third
+row too: the mean reward per reward function and summed (held-out mean as markers), the
+completions' mean length, and the KL to the reference. The title line is the header: step/total,
+loss (and a preference run's margin and accuracy, a GRPO run's mean reward), ETA, elapsed and peak
+memory.
 
 How it reaches the screen (the fastprogress / HF NotebookProgressCallback way): one
 ``display(..., display_id=True)`` handle, updated at most every ``min_interval`` seconds (the
@@ -74,6 +77,18 @@ PREFERENCE_METHODS = ("dpo", "orpo")
 COLORS.update({"reward_chosen": "#55A868", "reward_rejected": "#C44E52", "reward_margin": "#4C72B0",
                "eval_reward_margin": "#4C72B0", "reward_accuracy": "#8172B3", "eval_reward_accuracy": "#DD8452",
                "logp_chosen": "#55A868", "logp_rejected": "#C44E52"})
+# a GRPO run's third row (and one "rewards/<name>" series per reward function, on the first panel)
+GRPO_TRACES = {
+    "reward": ("mean reward", 3, 1),
+    "eval_reward": ("eval mean reward", 3, 1),
+    "completion_length": ("completion length", 3, 2),
+    "kl": ("KL to reference", 3, 3),
+}
+GRPO_SERIES = tuple(GRPO_TRACES)
+GRPO_METHODS = ("grpo",)
+REWARD_PREFIX = "rewards/"
+REWARD_COLORS = ("#55A868", "#8172B3", "#DD8452", "#DA8BC3", "#937860", "#8C8C8C")
+COLORS.update({"reward": "#4C72B0", "eval_reward": "#C44E52", "completion_length": "#55A868", "kl": "#8172B3"})
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
 CONFIG = {"displaylogo": False, "responsive": True}
 NO_GPU = dict(text="no GPU: CPU run", name="nogpu", showarrow=False, xref="x2 domain", yref="y2 domain", x=0.5, y=0.5,
@@ -145,8 +160,10 @@ class Dashboard:
         self.height = height
         self.clock = clock
         self.series: dict[str, tuple[list, list]] = {k: ([], []) for k in SERIES if k != "loss_smooth"}
-        self.series.update({k: ([], []) for k in PREFERENCE_SERIES})
+        self.series.update({k: ([], []) for k in PREFERENCE_SERIES + GRPO_SERIES})
         self.preference = bool(preference)
+        self.grpo = False  # a GRPO run: its reward row, with one curve per reward function in reward_names
+        self.reward_names: list[str] = []
         self.state: dict = {"step": 0, "max_steps": None}
         self.renders = 0  # times the figure was redrawn (and shown, when displaying)
         self._last_render = None
@@ -193,6 +210,13 @@ class Dashboard:
                                     or any(k in rec for k in PREFERENCE_SERIES)):
             self.preference = True  # a dpo / orpo run: the figure gets its preference row
             self._new_figure()
+        new_rewards = [k[len(REWARD_PREFIX):] for k in rec if k.startswith(REWARD_PREFIX)
+                       and k[len(REWARD_PREFIX):] not in self.reward_names]
+        if new_rewards or (not self.grpo and (rec.get("method") in GRPO_METHODS or "completion_length" in rec)):
+            self.grpo = True  # a GRPO run: the figure gets its reward row (a curve per reward function)
+            self.reward_names += new_rewards
+            self.series.update({REWARD_PREFIX + n: ([], []) for n in new_rewards})
+            self._new_figure()
         if rec.get("max_steps"):
             st["max_steps"] = rec["max_steps"]
         if event == "start":
@@ -230,7 +254,7 @@ class Dashboard:
             if key == "eval_loss" and event != "eval":
                 continue
             self._add_point(key, step, v)
-        for key in PREFERENCE_SERIES:
+        for key in PREFERENCE_SERIES + GRPO_SERIES + tuple(REWARD_PREFIX + n for n in self.reward_names):
             v = rec.get(key)
             if _finite(v) and event == ("eval" if key.startswith("eval_") else "train"):
                 self._add_point(key, step, v)
@@ -250,7 +274,15 @@ class Dashboard:
 
     # ------------------------------------------------------------------ figure
     def _traces(self) -> dict:
+        if self.grpo:
+            rewards = {REWARD_PREFIX + n: (f"reward {n}", 3, 1) for n in self.reward_names}
+            return {**TRACES, **GRPO_TRACES, **rewards}
         return {**TRACES, **PREFERENCE_TRACES} if self.preference else TRACES
+
+    def _color(self, key: str) -> str:
+        if key.startswith(REWARD_PREFIX):
+            return REWARD_COLORS[self.reward_names.index(key[len(REWARD_PREFIX):]) % len(REWARD_COLORS)]
+        return COLORS[key]
 
     def _build_figure(self):
         import plotly.graph_objects as go
@@ -258,28 +290,31 @@ class Dashboard:
 
         titles = ("loss", "GPU memory (GiB)", "learning rate", "grad norm", "tokens/s")
         specs = [[{"colspan": 2}, None, {}], [{}, {}, {}]]
-        if self.preference:
+        if self.grpo:
+            titles += ("rewards (mean per function, summed)", "completion length (tokens)", "KL to reference")
+            specs.append([{}, {}, {}])
+        elif self.preference:
             titles += ("rewards (chosen, rejected, margin)", "preference accuracy", "reply log-probs")
             specs.append([{}, {}, {}])
         fig = make_subplots(rows=len(specs), cols=3, specs=specs, subplot_titles=titles, horizontal_spacing=0.07,
                             vertical_spacing=0.16 if len(specs) == 2 else 0.1)
         for key, (name, row, col) in self._traces().items():
-            style = dict(color=COLORS[key], width=1 if key == "loss" else 2)
+            style = dict(color=self._color(key), width=1 if key == "loss" else 2)
             if key == "capacity":
                 style["dash"] = "dash"
-            markers = key in ("eval_loss", "eval_reward_margin", "eval_reward_accuracy")
+            markers = key in ("eval_loss", "eval_reward_margin", "eval_reward_accuracy", "eval_reward")
             trace = go.Scatter(x=[], y=[], name=name, mode="lines+markers" if markers else "lines",
                                line=style, showlegend=key in ("loss", "loss_smooth", "eval_loss", "vram_alloc_gib",
                                                                "vram_reserved_gib", "vram_peak_gib", "capacity")
-                               or key in PREFERENCE_TRACES)
+                               or key in PREFERENCE_TRACES or key in GRPO_TRACES or key.startswith(REWARD_PREFIX))
             fig.add_trace(trace, row=row, col=col)
-        height = self.height if not self.preference else round(self.height * 1.45)
+        height = self.height if len(specs) == 2 else round(self.height * 1.45)
         fig.update_layout(height=height, margin=dict(l=50, r=20, t=80, b=40), template="plotly_white",
                           legend=dict(orientation="h", yanchor="bottom", y=1.06, x=0, font=dict(size=11)),
                           title=dict(text="", x=0.01, y=0.98, font=dict(size=14)), uirevision="nbtune")
         fig.update_yaxes(exponentformat="e", row=2, col=1)
         fig.update_xaxes(title_text="step", row=len(specs))
-        if self.preference:
+        if self.preference and not self.grpo:
             fig.update_yaxes(range=[-0.02, 1.02], row=3, col=2)
         return fig
 
@@ -296,8 +331,8 @@ class Dashboard:
         return next(t for t in self.figure.data if t.name == name)
 
     def _curves(self) -> dict[str, tuple[list, list]]:
-        curves = {k: downsample(*self.series[k], self.max_points) for k in self.series
-                  if self.preference or k not in PREFERENCE_TRACES}
+        traces = self._traces()
+        curves = {k: downsample(*self.series[k], self.max_points) for k in self.series if k in traces}
         xs, ys = self.series["loss"]
         curves["loss_smooth"] = downsample(xs, smooth(ys, self.smoothing), self.max_points)
         cap = self.capacity_gib
@@ -323,6 +358,10 @@ class Dashboard:
         if accuracy:
             held = self.series["eval_reward_accuracy"][1]
             parts.append(f"accuracy {100 * accuracy[-1]:.0f}%" + (f" (eval {100 * held[-1]:.0f}%)" if held else ""))
+        reward = self.series["reward"][1]
+        if reward:
+            held = self.series["eval_reward"][1]
+            parts.append(f"reward {reward[-1]:.3f}" + (f" (eval {held[-1]:.3f})" if held else ""))
         if st.get("interrupted") is not None:
             parts.append(f"interrupted at step {st['interrupted']} (resume to continue)")
         elif st.get("done"):

@@ -279,3 +279,40 @@ def test_a_preference_run_gets_its_rewards_accuracy_and_log_prob_panels():
     early = Dashboard(display=False, min_interval=0)
     early({"event": "start", "step": 0, "max_steps": 6, "method": "orpo"})
     assert early.preference and early.trace("reward_margin").x == ()
+
+
+def grpo_records(n=4):
+    """A grpo run's records as the metrics stream writes them: two reward functions, held-out prompts at 0 and n."""
+    def held_out(step, reward):
+        return {"event": "eval", "step": step, "max_steps": n, "eval_loss": 0.0, "eval_reward": reward,
+                "eval_completion_length": 100.0}
+
+    out = [{"event": "start", "step": 0, "max_steps": n, "method": "grpo"}, held_out(0, 0.25)]
+    for s in range(1, n + 1):
+        out.append({"event": "train", "step": s, "max_steps": n, "loss": 0.0, "lr": 1e-5, "reward": 0.2 * s,
+                    "rewards/correctness": 0.1 * s, "rewards/format": 0.1 * s, "completion_length": 200.0 - 10 * s,
+                    "kl": 0.001 * s, "elapsed_s": s, "eta_s": n - s})
+    out += [held_out(n, 0.75), {"event": "end", "step": n, "max_steps": n}]
+    return out
+
+
+def test_a_grpo_run_gets_its_reward_completion_length_and_kl_panels():
+    dash = Dashboard(display=False, min_interval=0)
+    for rec in grpo_records():
+        dash(rec)
+    assert dash.grpo and not dash.preference and dash.reward_names == ["correctness", "format"]
+    steps = [1, 2, 3, 4]
+    assert list(dash.trace("reward").y) == pytest.approx([0.2 * s for s in steps])
+    assert list(dash.trace("rewards/correctness").x) == steps
+    assert list(dash.trace("rewards/format").y) == pytest.approx([0.1 * s for s in steps])
+    assert list(dash.trace("eval_reward").x) == [0, 4] and list(dash.trace("eval_reward").y) == [0.25, 0.75]
+    assert list(dash.trace("completion_length").y) == [190.0, 180.0, 170.0, 160.0]
+    assert list(dash.trace("kl").y) == pytest.approx([0.001 * s for s in steps])
+    titles = [a.text for a in dash.figure.layout.annotations]
+    assert "completion length (tokens)" in titles and "KL to reference" in titles
+    names = {t.name for t in dash.figure.data}
+    assert {"reward correctness", "reward format", "mean reward"} <= names and "reward margin" not in names
+    assert "reward 0.800 (eval 0.750)" in dash.header()
+    # what the dashboard draws is what Plotly writes for its figure; the saved log gives the same figure
+    assert dash.figure_dict() == json.loads(dash.figure.to_json())
+    assert Dashboard.replay(grpo_records()).figure_dict()["data"] == dash.figure_dict()["data"]
