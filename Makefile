@@ -44,12 +44,15 @@ demo: setup
 # the quick tier; .ci/stack runs the same selection on the other stacks
 QUICK := not gpu and not slow
 
+# -n auto (pytest-xdist): one worker per core, torch's threads shared out between them (tests/conftest.py)
+XDIST ?= -n auto
+
 test: setup
-	@$(PY) -m pytest -m "$(QUICK)" $(PYTEST_ARGS); rc=$$?; \
+	@$(PY) -m pytest -m "$(QUICK)" $(XDIST) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 test-all: setup browser
-	@$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS); rc=$$?; \
+	@$(PY) -m pytest -m "not gpu" $(XDIST) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test-all: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 test-matrix:

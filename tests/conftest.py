@@ -19,6 +19,14 @@ except Exception:  # pragma: no cover
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# pytest -n N (pytest-xdist): the CPU's cores are shared out between the workers (and the processes
+# their tests start), so N workers do not each run torch with every core
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1 and not HAS_CUDA:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+    torch.set_num_threads(_THREADS)
+
 # gpu="auto" plans judge host RAM only where a test says how much there is: no verdict depends on the
 # RAM of the machine the tests run on
 os.environ.setdefault("NBTUNE_HOST_RAM", "off")

