@@ -385,6 +385,9 @@ class Settings:
     # the training data, for the host-RAM estimate: rows and tokens per row (None: not known)
     data_rows: int | None = None
     data_tokens_per_row: int | None = None
+    # sequences each batch row runs as: 2 for DPO / ORPO (a pair's chosen and rejected replies go
+    # through the model together, each up to seq_len tokens), else 1
+    sequences_per_row: int = 1
 
     def __post_init__(self):
         if self.world_size < 1:
@@ -402,6 +405,8 @@ class Settings:
             raise PlannerError(f"loss {self.loss!r}: one of {', '.join(LOSS_PATHS)}")
         if self.attention not in ATTENTION_KERNELS:
             raise PlannerError(f"attention {self.attention!r}: one of {', '.join(ATTENTION_KERNELS)}")
+        if self.sequences_per_row not in (1, 2):
+            raise PlannerError(f"sequences_per_row must be 1 or 2 (got {self.sequences_per_row!r})")
         for name in ("offload_layers", "data_rows", "data_tokens_per_row"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
@@ -415,7 +420,8 @@ class Settings:
 
     @property
     def tokens(self) -> int:
-        return self.seq_len * self.batch_size
+        """Tokens of one micro-batch's forward."""
+        return self.seq_len * self.batch_size * self.sequences_per_row
 
 
 def mlp_checkpointed_tail(shape: ModelShape, st: Settings) -> bool:
@@ -491,11 +497,11 @@ def estimate(shape: ModelShape, st: Settings, context_gib: float = 0.0, c: Coeff
     outer = s * c.outer_h * h
     n_masks = 0
     if not st.patched:  # the patched path builds no mask tensor
-        if st.batch_size > 1:
+        if st.batch_size * st.sequences_per_row > 1:
             n_masks = 1
         if shape.sliding_window and st.seq_len > shape.sliding_window:
             n_masks = 2  # transformers builds one for the global and one for the local layers
-    mask = st.batch_size * st.seq_len**2 * c.mask_bytes * n_masks
+    mask = st.batch_size * st.sequences_per_row * st.seq_len**2 * c.mask_bytes * n_masks
     copies = c.dequant_copies_tail if tail else c.dequant_copies
     dequant = copies * shape.largest_linear * b if st.load_in_4bit else 0.0
     n_off = st.offloaded_layers(L)

@@ -24,10 +24,10 @@ import warnings
 from typing import Any, Callable
 
 from .._env import PATCH_ENV, env_flag
+from ..methods import PREFERENCE_METHODS, RL_METHODS
 from . import host_memory, memory
 from .gpus import CATALOG as GPU_CATALOG
 from .gpus import GPU, PROFILES, planned_gpu, resolve_gpu
-from .host_memory import HOST_TERMS
 from .memory import GiB, Coefficients, Settings
 from .shapes import ModelShape, PlannerError, find_in_catalog, gated_note, is_gated_hub_id, resolve_shape
 
@@ -65,14 +65,6 @@ class CheckpointingChoice(tuple):
 
     def __getnewargs__(self):
         return (self[0], self[1], self.offload_layers)
-
-    @property
-    def mode(self) -> str:
-        return self[0]
-
-    @property
-    def reason(self) -> str:
-        return self[1]
 
     @property
     def mode(self) -> str:
@@ -753,7 +745,7 @@ def plan(model, gpu="T4", seq_len: int = 2048, batch_size: int = 2, lora_rank: i
          lora_alpha: float | None = None, coefficients: Coefficients | None = None,
          base_config: dict | None = None, patch: bool | None = None, attention: str = "auto",
          world_size: int = 1, host_ram_gib=None, offload_layers: int | None = None,
-         data_rows: int | None = None, data_tokens_per_row: int | None = None) -> Plan:
+         data_rows: int | None = None, data_tokens_per_row: int | None = None, method: str = "sft") -> Plan:
     """Plan a LoRA/QLoRA fine-tune's GPU memory.
 
     model: a catalog name ("llama-3.1-8b"; see ``nbtune.planner.catalog_names()``), a hub id
@@ -779,6 +771,8 @@ def plan(model, gpu="T4", seq_len: int = 2048, batch_size: int = 2, lora_rank: i
     offload_layers: with offloaded checkpointing, offload only the first N decoder layers' inputs
     (the rest checkpointed on the GPU); None: all (or, for "auto", as many as the host holds).
     data_rows, data_tokens_per_row: the training data's size, for the host-RAM estimate.
+    method: train.method; "dpo" / "orpo" run each row's two replies together (twice the sequences
+        per micro-batch), "grpo" is planned as its training step (generation is not counted).
     """
     shape = resolve_shape(model)
     g = resolve_gpu(gpu)
@@ -831,7 +825,14 @@ def plan(model, gpu="T4", seq_len: int = 2048, batch_size: int = 2, lora_rank: i
         optimizer=_norm_choice(optimizer, OPTIMIZER_ALIASES, "optimizer"), loss=loss_path,
         embeddings_fp32=bool(embeddings_fp32), patched=patched, attention=attention, world_size=int(world_size),
         offload_layers=offload_layers, data_rows=data_rows, data_tokens_per_row=data_tokens_per_row,
+        sequences_per_row=2 if method in PREFERENCE_METHODS else 1,
     )
+    if method in PREFERENCE_METHODS:
+        notes.append(f"train.method {method}: each pair's chosen and rejected replies run through the model together: "
+                     f"planned as {2 * st.batch_size} sequences of up to {st.seq_len} tokens per micro-batch")
+    elif method in RL_METHODS:
+        notes.append(f"train.method {method}: planned as training alone; the memory of generating completions "
+                     "(their KV cache) is not counted")
     shape.lora_targets(lora_targets)  # raises on targets that match nothing
     allocator = memory.allocator_note(coefficients or memory.coefficients())
     if allocator:
@@ -864,7 +865,7 @@ def plan_from_config(config, gpu="auto", world_size: int | None = None, **overri
         batch_size=t.get("batch_size", 2), lora_rank=lo.get("r", 16), lora_targets=lo.get("targets", "all-linear"),
         dtype=m.get("dtype", "auto"), load_in_4bit=m.get("load_in_4bit"),
         gradient_checkpointing=t.get("gradient_checkpointing", "auto"), optimizer=t.get("optimizer", "adamw_8bit"),
-        grad_accum=t.get("grad_accum"), lora_alpha=lo.get("alpha"), base_config=cfg,
+        grad_accum=t.get("grad_accum"), lora_alpha=lo.get("alpha"), base_config=cfg, method=t.get("method") or "sft",
         world_size=world_size if world_size is not None else _launcher_world_size(),
     )
     from_cfg.update(overrides)

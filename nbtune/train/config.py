@@ -50,6 +50,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..assets.registry import DEFAULT_MODEL
+from ..methods import PREFERENCE_METHODS, RL_METHODS
 
 
 class ConfigError(ValueError):
@@ -79,8 +80,6 @@ class ModelConfig(_Section):
 
 
 DataFormat = Literal["auto", "messages", "prompt_completion", "instruction", "qa", "text", "preference", "prompt"]
-PREFERENCE_METHODS = ("dpo", "orpo")
-RL_METHODS = ("grpo",)  # trained on prompts and the model's own completions, scored by reward functions
 
 
 class DataConfig(_Section):

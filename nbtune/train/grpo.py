@@ -107,17 +107,13 @@ def checkpointing_kept(model):
             model.config.use_cache = use_cache
 
 
-@contextlib.contextmanager
-def _no_checkpointing_switch():
-    """TRL's switch of checkpointing around its no-grad log-prob passes does nothing inside."""
+def _switch_kept():
+    """nbtune's checkpointing kept through TRL's GRPO passes (:func:`~nbtune.train.trainer.checkpointing_switch_off`)."""
     from trl.trainer import grpo_trainer
 
-    switch = grpo_trainer.disable_gradient_checkpointing
-    grpo_trainer.disable_gradient_checkpointing = lambda *args, **kwargs: contextlib.nullcontext()
-    try:
-        yield
-    finally:
-        grpo_trainer.disable_gradient_checkpointing = switch
+    from .trainer import checkpointing_switch_off
+
+    return checkpointing_switch_off(grpo_trainer)
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -171,7 +167,7 @@ def _grpo_class():
                 return super()._generate_single_turn(*args, **kwargs)
 
         def _generate_and_score_completions(self, *args, **kwargs):
-            with _no_checkpointing_switch():
+            with _switch_kept():
                 return super()._generate_and_score_completions(*args, **kwargs)
 
     return NbtuneGRPOTrainer

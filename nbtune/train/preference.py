@@ -155,19 +155,13 @@ def logprob_head(model):
             del base.__dict__["forward"]
 
 
-@contextlib.contextmanager
-def _checkpointing_kept():
-    """TRL's DPO trainer turns gradient checkpointing off around its reference forward and back on
-    with transformers' checkpoint function; inside this, that switch does nothing, so nbtune's
-    offloaded / plain checkpointing stays for the whole run."""
+def _switch_kept():
+    """nbtune's checkpointing kept through TRL's DPO passes (:func:`~nbtune.train.trainer.checkpointing_switch_off`)."""
     from trl.trainer import dpo_trainer
 
-    switch = dpo_trainer.disable_gradient_checkpointing
-    dpo_trainer.disable_gradient_checkpointing = lambda *args, **kwargs: contextlib.nullcontext()
-    try:
-        yield
-    finally:
-        dpo_trainer.disable_gradient_checkpointing = switch
+    from .trainer import checkpointing_switch_off
+
+    return checkpointing_switch_off(dpo_trainer)
 
 
 # ----------------------------------------------------------------------------- trainers
@@ -198,7 +192,7 @@ def _dpo_class():
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            with logprob_head(model), _checkpointing_kept():
+            with logprob_head(model), _switch_kept():
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
 

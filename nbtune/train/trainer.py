@@ -23,6 +23,7 @@ numpy (padding_free.py). The run's controls (``keep_checkpoints``, ``interrupt``
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -107,6 +108,21 @@ def sft_args(cfg: Config, out: Path, model, has_eval: bool):
         ddp_find_unused_parameters=False,
         ddp_broadcast_buffers=False,
     )
+
+
+@contextlib.contextmanager
+def checkpointing_switch_off(trl_module):
+    """TRL's DPO and GRPO trainers turn gradient checkpointing off around their no-grad passes
+    (the reference forward, the log-probs of generated completions) and back on with transformers'
+    checkpoint function, which would drop nbtune's offloaded / plain checkpointing for the rest of
+    the run. Inside this, ``trl_module.disable_gradient_checkpointing`` does nothing (passes
+    without gradients save no activations anyway)."""
+    switch = trl_module.disable_gradient_checkpointing
+    trl_module.disable_gradient_checkpointing = lambda *args, **kwargs: contextlib.nullcontext()
+    try:
+        yield
+    finally:
+        trl_module.disable_gradient_checkpointing = switch
 
 
 class RunTrainer(StagedCheckpoints, RecordsStepLoss):

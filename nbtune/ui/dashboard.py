@@ -44,6 +44,8 @@ import math
 import time
 from pathlib import Path
 
+from ..methods import PREFERENCE_METHODS
+
 SERIES = ("loss", "loss_smooth", "eval_loss", "lr", "grad_norm", "tokens_per_s", "vram_alloc_gib",
           "vram_reserved_gib", "vram_peak_gib")
 TRACES = {  # series -> (trace name, row, col)
@@ -73,7 +75,6 @@ PREFERENCE_TRACES = {
     "logp_rejected": ("log-prob rejected", 3, 3),
 }
 PREFERENCE_SERIES = tuple(PREFERENCE_TRACES)
-PREFERENCE_METHODS = ("dpo", "orpo")
 COLORS.update({"reward_chosen": "#55A868", "reward_rejected": "#C44E52", "reward_margin": "#4C72B0",
                "eval_reward_margin": "#4C72B0", "reward_accuracy": "#8172B3", "eval_reward_accuracy": "#DD8452",
                "logp_chosen": "#55A868", "logp_rejected": "#C44E52"})
