@@ -2,7 +2,7 @@
 #   make demo         fine-tune the embedded model on GSM8K with a live view (GPU if there is one, else CPU)
 #   make test         the quick tier: every test not marked `slow` (unit tests, the Triton kernels under
 #                     the interpreter, one real short training run); GPU tests are skipped without CUDA
-#   make test-all     every test: the quick tier plus the `slow` ones (notebooks, the browser tests with
+#   make test-all     every test: the quick tier (on every core) plus the `slow` ones (notebooks, the browser tests with
 #                     Debian's chromium, installed here with apt when missing and run as root, the
 #                     data-parallel launches, the demo)
 #   make test-matrix  the quick tier on the newest releases and on the oldest supported versions
@@ -51,9 +51,14 @@ test: setup
 	@$(PY) -m pytest -m "$(QUICK)" $(XDIST) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
+# the quick tier on every core, then the slow tests one at a time with all of them (each is one long
+# run: notebooks, the demo, learning curves, launches)
 test-all: setup browser
-	@$(PY) -m pytest -m "not gpu" $(XDIST) $(PYTEST_ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "make test-all: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+	@$(PY) -m pytest -m "$(QUICK)" $(XDIST) $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-all: pytest collected no quick tests" >&2; exit 1; fi; \
+	$(PY) -m pytest -m "slow and not gpu" $(PYTEST_ARGS); rc2=$$?; \
+	if [ $$rc2 -eq 5 ]; then echo "make test-all: pytest collected no slow tests" >&2; exit 1; fi; \
+	[ $$rc -eq 0 ] && [ $$rc2 -eq 0 ]
 
 test-matrix:
 	@rc=0; for stack in newest oldest; do bash .ci/stack $$stack $(PYTEST_ARGS) || rc=1; done; exit $$rc

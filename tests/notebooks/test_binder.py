@@ -45,9 +45,10 @@ def test_runtime_names_a_supported_python():
 
 def test_requirements_pin_the_tested_stack_and_the_jupyter_front_end():
     binder, ci = pins(BINDER / "requirements.txt"), pins(ROOT / "requirements" / "ci.txt")
-    browser_only = {"jupyterlab", "playwright"}  # the browser tests' pins; mybinder brings its own Lab
+    # the test runner's pins (the browser tests', the parallel runner's); mybinder brings its own Lab
+    test_only = {"jupyterlab", "playwright", "pytest-xdist"}
     drift = {name: (version, binder.get(name)) for name, version in ci.items()
-             if name not in browser_only and binder.get(name) != version}
+             if name not in test_only and binder.get(name) != version}
     assert not drift, f"binder/requirements.txt differs from requirements/ci.txt (ci, binder): {drift}"
     text = (BINDER / "requirements.txt").read_text(encoding="utf-8")
     assert "download.pytorch.org/whl/cpu" in text and "torch==" in text, "CPU-only torch from the PyTorch CPU index"
