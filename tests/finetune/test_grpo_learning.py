@@ -8,8 +8,8 @@ import pytest
 import nbtune
 from nbtune.train import session
 
-# 7.5-9.5 minutes measured on 2 cores shared with other work (load ~5); 8 steps of 8 completions of up to 32
-# tokens, each generated, scored and trained on
+# about a minute on two idle cores: 8 steps of 8 completions of up to 32 tokens, each generated,
+# scored and trained on
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600), pytest.mark.filterwarnings("ignore")]
 
 REWARD = '''
