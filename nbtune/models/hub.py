@@ -36,7 +36,8 @@ def gated_message(repo_id: str, endpoint: str) -> str:
 def check_hub_model(repo_id: str, timeout: float = TIMEOUT_S) -> None:
     """A :class:`ModelLoadError` now when the hub model ``repo_id`` cannot be downloaded (see the
     module docstring); returns when it can, or when it is cached and the hub is off or away."""
-    import httpx
+    import importlib
+
     from huggingface_hub import constants
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
@@ -51,8 +52,12 @@ def check_hub_model(repo_id: str, timeout: float = TIMEOUT_S) -> None:
             f"download {repo_id}) into this cache, or give a local checkpoint folder as model.name; or unset "
             "HF_HUB_OFFLINE to download it now")
     endpoint = constants.ENDPOINT
+    session = get_session()
+    # the hub client's connection errors: httpx's under huggingface_hub 1.x, httpx2's under 2.x
+    client = importlib.import_module(type(session).__module__.split(".")[0])
+    transport_error = getattr(client, "TransportError", OSError)
     try:
-        response = get_session().get(f"{endpoint}/api/models/{repo_id}/auth-check", headers=build_hf_headers(),
+        response = session.get(f"{endpoint}/api/models/{repo_id}/auth-check", headers=build_hf_headers(),
                                      timeout=timeout)
         hf_raise_for_status(response)
     except GatedRepoError:
@@ -62,7 +67,7 @@ def check_hub_model(repo_id: str, timeout: float = TIMEOUT_S) -> None:
             f"model.name: {repo_id!r} is not on the hub ({endpoint}), or is private: check the spelling (org/name); "
             "for a private model log in with `huggingface-cli login` or set HF_TOKEN; or give a local checkpoint "
             "folder") from None
-    except (httpx.TransportError, HfHubHTTPError) as e:
+    except (transport_error, HfHubHTTPError) as e:
         why = f"HTTP {e.response.status_code}" if isinstance(e, HfHubHTTPError) and e.response is not None else (
             f"{type(e).__name__}: {e}")
         if cached:
