@@ -100,6 +100,17 @@ class Adapter:
             return alpha / math.sqrt(rank)
         return alpha / rank
 
+    def rename_to(self, base_names) -> None:
+        """Follow the base checkpoint's spelling of a multimodal model's text tensors: a model built as
+        ``model.language_model.*`` (transformers >= 5) from a checkpoint saved as ``language_model.model.*``."""
+        base = set(base_names)
+        for table in (self.pairs, self.replaced):
+            for name in list(table):
+                if name not in base and name.startswith("model.language_model."):
+                    alias = "language_model.model." + name[len("model.language_model."):]
+                    if alias in base:
+                        table[alias] = table.pop(name)
+
     def names(self) -> set[str]:
         return set(self.pairs) | set(self.replaced)
 

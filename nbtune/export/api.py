@@ -40,6 +40,22 @@ def base_folder(name: str, trust_remote_code: bool = False) -> Path:
                           "hub is reachable, or point model.name at a local copy of the checkpoint") from None
 
 
+def check_gguf_export(cfg, local_folder=None) -> None:
+    """Before a run whose output.export has gguf: the architecture is one the GGUF writer knows (when
+    the checkpoint is local) and a k-quant has llama.cpp's quantizer, so the run does not train for
+    an hour and then fail to export."""
+    import json
+
+    from .gguf_export import LLAMA_CPP_QUANTS, check_quant, find_quantizer
+    from .gguf_arch import arch_spec
+
+    quant = check_quant(cfg.output.gguf_quant)
+    if local_folder is not None:
+        arch_spec(json.loads((Path(local_folder) / "config.json").read_text(encoding="utf-8")))
+    if quant in LLAMA_CPP_QUANTS:
+        find_quantizer()
+
+
 def read_run(run_dir):
     """(config, adapter folder) of a finished run folder."""
     from ..train.config import build_config

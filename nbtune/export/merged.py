@@ -56,6 +56,7 @@ class MergedModel:
         self.adapter = Adapter(adapter_dir) if adapter_dir is not None else None
         names = self.base.names()
         if self.adapter is not None:
+            self.adapter.rename_to(names)
             self.adapter.check_covered(names)
             self.adapter.check_shapes({n: self.base.shape(n) for n in self.adapter.names()})
         self.names = names

@@ -298,6 +298,10 @@ def check_inputs(cfg: Config) -> None:
         check_checkpoint_files(local)  # safetensors weights and a tokenizer, before anything loads
         if not cfg.model.trust_remote_code:  # (building a custom-code model would run its code)
             check_targets_of_folder(local, cfg.lora.targets)
+    if "gguf" in cfg.output.export:  # an architecture or quantizer the export lacks: said before training
+        from ..export.api import check_gguf_export
+
+        check_gguf_export(cfg, local if (local / "config.json").is_file() else None)
     source = Path(cfg.data.source).expanduser()
     if cfg.data.source in DATASETS or source.suffix.lower() in (".json", ".jsonl", ".csv", ".parquet") \
             or source.exists():

@@ -154,3 +154,25 @@ def test_push_to_hub_fails_fast(run, monkeypatch):
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
     with pytest.raises(ExportError, match="needs a Hugging Face token"):
         push_to_hub(run.output_dir, "me/x")
+
+
+def test_gguf_export_problems_are_found_before_training(tiny_model_dir, tmp_path, monkeypatch):
+    """output.export: [gguf] with a k-quant and no llama.cpp quantizer stops the run (and the dry run)
+    before anything trains (an architecture the GGUF writer lacks is checked at the same point)."""
+    import shutil
+
+    import nbtune
+    from nbtune.export import ExportError
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1?", "completion": "2"}) + "\n")
+    cfg = {"model": {"name": str(tiny_model_dir), "max_seq_length": 32}, "data": {"source": str(data),
+                                                                               "eval_split": None},
+           "train": {"max_steps": 1, "warmup_steps": 0},
+           "output": {"dir": str(tmp_path / "out"), "export": ["adapter", "gguf"], "gguf_quant": "q4_k_m"}}
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    for kwargs in ({"dry_run": True}, {}):
+        with pytest.raises(ExportError, match="llama-quantize"):
+            nbtune.finetune(cfg, dashboard=False, **kwargs)
+    assert not (tmp_path / "out" / "adapter").exists()
