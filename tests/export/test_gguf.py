@@ -176,3 +176,30 @@ def test_unknown_quant_and_architecture_are_refused(tmp_path, sharded_base):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ExportError, match="'GPT2LMHeadModel' is not supported.*LlamaForCausalLM"):
         export_gguf(tmp_path / "gpt2", None, tmp_path / "out", quant="f16")
+
+
+def test_bf16_file_holds_the_weights_rounded_to_bf16(tiny_model_dir, tmp_path):
+    """Base alone (no adapter), bf16: every 2-D tensor is the checkpoint's, rounded to bf16 (q/k
+    permuted), norms stay f32."""
+    import gguf
+    from safetensors.torch import load_file
+
+    path = export_gguf(tiny_model_dir, None, tmp_path / "tiny.gguf", quant="bf16", modelfile=False)
+    assert path == tmp_path / "tiny.gguf"
+    weights = load_file(str(tiny_model_dir / "model.safetensors"))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    _, reader = _fields(path)
+    assert len(reader.tensors) == len(weights)
+    for t in reader.tensors:
+        hf = next(k for k in weights if names.get_name(k, try_suffixes=(".weight",)) == t.name)
+        want = weights[hf].float()
+        value = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type))).float().reshape(want.shape)
+        if hf.endswith("q_proj.weight"):
+            value = _unpermute(value, 4)
+        elif hf.endswith("k_proj.weight"):
+            value = _unpermute(value, 2)
+        if want.dim() == 1:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32 and torch.equal(value, want)
+        else:
+            assert t.tensor_type == gguf.GGMLQuantizationType.BF16
+            assert torch.equal(value, want.bfloat16().float()), t.name
