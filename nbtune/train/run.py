@@ -467,7 +467,8 @@ def build_trainer(cfg: Config, out: Path, model, tokenizer, data: TokenizedData,
     """nbtune's SFTTrainer for this run (:mod:`nbtune.train.trainer`; ``controls``: its keyword
     arguments); with ``data.packing`` its collator is the padding-free one (position ids restarting
     at every document, ``cu_seq_lens``: no attention across documents). ``train.method`` dpo / orpo:
-    nbtune's DPO / ORPO trainer (:mod:`nbtune.train.preference`)."""
+    nbtune's DPO / ORPO trainer (:mod:`nbtune.train.preference`); grpo: its GRPO trainer
+    (:mod:`nbtune.train.grpo`)."""
     if cfg.train.method in PREFERENCE_METHODS:
         from .preference import build_preference_trainer
 
