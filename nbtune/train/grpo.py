@@ -107,20 +107,11 @@ def checkpointing_kept(model):
             model.config.use_cache = use_cache
 
 
-def _switch_kept():
-    """nbtune's checkpointing kept through TRL's GRPO passes (:func:`~nbtune.train.trainer.checkpointing_switch_off`)."""
-    from trl.trainer import grpo_trainer
-
-    from .trainer import checkpointing_switch_off
-
-    return checkpointing_switch_off(grpo_trainer)
-
-
 # ----------------------------------------------------------------------------- trainer
 def _grpo_class():
     from trl import GRPOTrainer
 
-    from .trainer import RunTrainer
+    from .trainer import RunTrainer, checkpointing_switch_off
 
     class NbtuneGRPOTrainer(RunTrainer, GRPOTrainer):
         """TRL's GRPOTrainer with nbtune's set-up (nbtune/train/trainer.py), nbtune's checkpointing
@@ -167,7 +158,7 @@ def _grpo_class():
                 return super()._generate_single_turn(*args, **kwargs)
 
         def _generate_and_score_completions(self, *args, **kwargs):
-            with _switch_kept():
+            with checkpointing_switch_off("grpo_trainer"):
                 return super()._generate_and_score_completions(*args, **kwargs)
 
     return NbtuneGRPOTrainer

@@ -155,15 +155,6 @@ def logprob_head(model):
             del base.__dict__["forward"]
 
 
-def _switch_kept():
-    """nbtune's checkpointing kept through TRL's DPO passes (:func:`~nbtune.train.trainer.checkpointing_switch_off`)."""
-    from trl.trainer import dpo_trainer
-
-    from .trainer import checkpointing_switch_off
-
-    return checkpointing_switch_off(dpo_trainer)
-
-
 # ----------------------------------------------------------------------------- trainers
 TOKENIZED = ("prompt_ids", "chosen_ids", "rejected_ids")
 
@@ -173,7 +164,7 @@ def _dpo_class():
 
     from .flops import ParameterCountOnce
     from .token_count import TokensSeenOnDevice
-    from .trainer import RunTrainer
+    from .trainer import RunTrainer, checkpointing_switch_off
 
     class NbtuneDPOTrainer(ParameterCountOnce, TokensSeenOnDevice, RunTrainer, DPOTrainer):
         """TRL's DPOTrainer with nbtune's set-up; the reference is the model with LoRA switched off,
@@ -192,7 +183,7 @@ def _dpo_class():
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            with logprob_head(model), _switch_kept():
+            with logprob_head(model), checkpointing_switch_off("dpo_trainer"):
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
 

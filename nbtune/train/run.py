@@ -495,14 +495,15 @@ def dry_run_report(config=None, gpu=None, resume=False, world_size: int | None =
     plan = memory_plan(cfg, gpu, world)
     tokenizer = _load_tokenizer(cfg)
     apply_chat_template_choice(tokenizer, cfg.data.chat_template)
+    resume_from = _resume_point(output_dir(cfg), resume) if resume else None
     if cfg.train.method in PREFERENCE_METHODS:
         from .preference_data import dry_run_report as preference_report
 
-        return preference_report(cfg, plan, tokenizer, world, _resume_point(output_dir(cfg), resume) if resume else None)
+        return preference_report(cfg, plan, tokenizer, world, resume_from)
     if cfg.train.method == "grpo":
         from .grpo_data import dry_run_report as grpo_report
 
-        return grpo_report(cfg, plan, tokenizer, world, _resume_point(output_dir(cfg), resume) if resume else None)
+        return grpo_report(cfg, plan, tokenizer, world, resume_from)
     data = prepare_data(cfg.data, tokenizer, cfg.model.max_seq_length)
     lengths = [len(ids) for ids in data.train["input_ids"]]
     trained = sum(sum(1 for lab in labels if lab != -100) for labels in data.train["labels"])
@@ -522,7 +523,7 @@ def dry_run_report(config=None, gpu=None, resume=False, world_size: int | None =
         config=cfg, plan=plan, format=data.format, train_rows=len(lengths),
         eval_rows=0 if data.eval is None else data.eval.num_rows, dropped=data.dropped,
         train_tokens=sum(lengths), trainable_tokens=trained, longest=max(lengths), steps=steps,
-        epochs=steps * per_step / entries, resume_from=_resume_point(output_dir(cfg), resume) if resume else None,
+        epochs=steps * per_step / entries, resume_from=resume_from,
         sample=sample, world_size=world, rows_truncated=data.truncated, packing=packing,
         notes=[n for n in (data.eval_note, None if cfg.data.packing else
                            batch_fit.oversized_batch_note(cfg, len(lengths), world)) if n],

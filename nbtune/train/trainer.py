@@ -111,12 +111,15 @@ def sft_args(cfg: Config, out: Path, model, has_eval: bool):
 
 
 @contextlib.contextmanager
-def checkpointing_switch_off(trl_module):
+def checkpointing_switch_off(trainer_module: str):
     """TRL's DPO and GRPO trainers turn gradient checkpointing off around their no-grad passes
     (the reference forward, the log-probs of generated completions) and back on with transformers'
     checkpoint function, which would drop nbtune's offloaded / plain checkpointing for the rest of
-    the run. Inside this, ``trl_module.disable_gradient_checkpointing`` does nothing (passes
-    without gradients save no activations anyway)."""
+    the run. Inside this, ``trl.trainer.<trainer_module>.disable_gradient_checkpointing`` (e.g.
+    ``"dpo_trainer"``) does nothing (passes without gradients save no activations anyway)."""
+    import importlib
+
+    trl_module = importlib.import_module(f"trl.trainer.{trainer_module}")
     switch = trl_module.disable_gradient_checkpointing
     trl_module.disable_gradient_checkpointing = lambda *args, **kwargs: contextlib.nullcontext()
     try:
