@@ -19,6 +19,8 @@ Prints one JSON line (trainer_common.py).
 ``NBTUNE_BENCH_PROFILE=FIRST:LAST`` (steps) also profiles those steps with torch.profiler (host and
 GPU) and writes the table of operators by host time and by GPU time to
 ``$OUT/trainer-profile-<row>.txt``: where a trainer step spends what the bare loop does not.
+``NBTUNE_BENCH_CONFIG='{"train": {"gradient_checkpointing": "plain"}}'`` merges those settings
+into the config (section by section), to find which setting a step's time depends on.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ import trainer_common as tc  # noqa: E402
 
 
 def finetune_config(args, fmt: str) -> dict:
-    return {
+    cfg = {
         "model": {"name": args.model, "max_seq_length": args.seq, "dtype": args.dtype},
         "data": {"source": args.data, "format": fmt, "eval_split": None, "responses_only": False,
                  "packing": bool(args.packing)},
@@ -46,6 +48,9 @@ def finetune_config(args, fmt: str) -> dict:
                   "seed": tc.SEED},
         "output": {"dir": args.out, "overwrite": True},  # the benchmark reruns a row into the same folder
     }
+    for section, values in json.loads(os.environ.get("NBTUNE_BENCH_CONFIG") or "{}").items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
 
 
 def notebook_dashboard():
@@ -84,13 +89,19 @@ class StepProfiler:
                                                            if torch.cuda.is_available() else [])
             self.prof = torch.profiler.profile(activities=acts)
             self.prof.__enter__()
+            self.t0 = time.perf_counter()
         elif step == self.last and self.prof is not None:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
+            wall = time.perf_counter() - self.t0
             self.prof.__exit__(None, None, None)
             avg = self.prof.key_averages()
             steps = self.last - self.first
-            text = [f"# torch.profiler over steps {self.first + 1}-{self.last} ({steps} steps)", "",
+            device_us = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0) or 0
+                            for e in avg)
+            text = [f"# torch.profiler over steps {self.first + 1}-{self.last} ({steps} steps)",
+                    f"# wall {wall / steps * 1e3:.1f} ms per step (profiled), device kernels "
+                    f"{device_us / steps / 1e3:.1f} ms per step", "",
                     avg.table(sort_by="cpu_time_total", row_limit=40), "",
                     avg.table(sort_by="self_cpu_time_total", row_limit=30)]
             if torch.cuda.is_available():
