@@ -518,8 +518,9 @@ def figure_html(fig: dict, include_plotlyjs="cdn", full_html: bool = False, div_
 
 def _insert_loader(bare: str, offset: int, loader: str) -> str:
     """``bare`` (Plotly's HTML without plotly.js) with ``loader`` put ``offset`` characters after
-    the end of the figure's outer ``<div style=...>`` tag, where Plotly puts its script tag."""
-    at = bare.index(">", bare.index('<div style="')) + 1 + offset
+    the end of the figure's outer ``<div>`` tag (the first of the text: ``<div style=...>`` in recent Plotly
+    releases, a bare ``<div>`` in 5.20), where Plotly puts its script tag."""
+    at = bare.index(">", bare.index("<div")) + 1 + offset
     return bare[:at] + loader + bare[at:]
 
 
@@ -535,7 +536,9 @@ def _plotlyjs_splice() -> tuple[int, str] | None:
                 for mode in ("cdn", False)]
 
     with_js, bare = both({"data": [], "layout": {}}, False)
-    start = bare.index(">", bare.index('<div style="')) + 1
+    if "<div" not in bare:
+        return None
+    start = bare.index(">", bare.index("<div")) + 1
     at = start
     while at < len(bare) and with_js[at] == bare[at]:
         at += 1
