@@ -11,6 +11,8 @@ import torch
 from nbtune.export.adapter import ExportError
 from nbtune.export.gguf_export import export_gguf
 
+from .gguf_fields import field_value
+
 SMOLLM2_KEYS = ("llama.block_count", "llama.context_length", "llama.embedding_length", "llama.feed_forward_length",
                 "llama.attention.head_count", "llama.attention.head_count_kv", "llama.rope.freq_base",
                 "llama.attention.layer_norm_rms_epsilon", "llama.vocab_size", "llama.rope.dimension_count",
@@ -22,7 +24,10 @@ def _fields(path) -> dict:
     import gguf
 
     reader = gguf.GGUFReader(path)
-    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}, reader
+    fields = {k: field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    if hasattr(gguf.ReaderField, "contents"):  # gguf's own decoding, where it has one, reads the same
+        assert fields == {k: reader.fields[k].contents() for k in fields}
+    return fields, reader
 
 
 @pytest.fixture(scope="module")

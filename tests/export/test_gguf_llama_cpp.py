@@ -12,6 +12,7 @@ import torch
 from nbtune.export.gguf_export import export_gguf
 
 from .conftest import random_adapter
+from .gguf_fields import field_value
 
 llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.slow
@@ -155,7 +156,7 @@ def test_k_quant_through_llama_cpp(sharded_base, smollm2_adapter, peft_model, tm
     path = export_gguf(sharded_base, smollm2_adapter, tmp_path, quant="q4_k_m", name="smollm2-test")
     assert path.name == "smollm2-test-q4_k_m.gguf" and list(tmp_path.glob("*.gguf")) == [path]
     reader = gguf.GGUFReader(path)
-    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    assert field_value(reader.fields["general.file_type"]) == gguf.LlamaFileType.MOSTLY_Q4_K_M
     assert any(t.tensor_type == gguf.GGMLQuantizationType.Q4_K for t in reader.tensors)
     tokenizer = AutoTokenizer.from_pretrained(smollm2_adapter)
     ids = tokenizer(_gsm8k_chat(tokenizer), add_special_tokens=False)["input_ids"][:128]
