@@ -136,9 +136,13 @@ def bitsandbytes_error(exc: BaseException, why: str = "4-bit loading") -> ModelL
             f"bitsandbytes is installed but broken ({type(exc).__name__}: {exc}), and transformers / peft "
             "import it, so nothing can train. Fix: pip install -U bitsandbytes (then restart the kernel); "
             "or pip uninstall bitsandbytes and train without 4-bit (model.load_in_4bit: false)")
+    missing = isinstance(exc, ImportError) and exc.name == "bitsandbytes"  # not installed (or blocked)
+    # an installed but broken bitsandbytes is imported by transformers / peft wherever they can use it
+    # (in some of their versions at import): training without it then needs it uninstalled
+    without = "train without it" if missing else "pip uninstall bitsandbytes and train without it"
     return ModelLoadError(
         f"{why} needs bitsandbytes, which is missing or broken ({type(exc).__name__}: {exc}). Fix: "
-        "pip install -U bitsandbytes (then restart the kernel); or train without it: "
+        f"pip install -U bitsandbytes (then restart the kernel); or {without}: "
         "model.load_in_4bit: false and train.optimizer: adamw")
 
 

@@ -151,4 +151,6 @@ def test_bitsandbytes_missing_or_broken_says_the_fix(world, how, tmp_path_factor
     assert "bitsandbytes" in msg and "pip install -U bitsandbytes" in msg and "model.load_in_4bit: false" in msg
     if how == "broken":
         assert "libbitsandbytes_cuda.so" in msg and "pip uninstall bitsandbytes" in msg
+    else:  # nothing to uninstall
+        assert "pip uninstall" not in msg
     world.check()
