@@ -131,4 +131,8 @@ class PackedCollator:
         self.padded = DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
 
     def __call__(self, features):
-        return (self.packed if "seq_lengths" in features[0] else self.padded)(features)
+        if "seq_lengths" in features[0]:
+            from .padding_free import with_sequence_bounds
+
+            return with_sequence_bounds(self.packed(features))  # the bounds also from a TRL that leaves them out
+        return self.padded(features)

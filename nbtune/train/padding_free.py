@@ -10,6 +10,11 @@ numpy (tens of µs per row). Its first batch is also collated by TRL and compare
 differs (a TRL version with other rules, rows it does not expect) it hands every batch to TRL.
 Rows it does not handle (not lists of integers, empty, sequence lengths that do not add up to
 the row) go to TRL as well.
+
+TRL adds the sequences' bounds (``cu_seq_lens_q/k``, ``max_length_q/k``, ``seq_idx``) from 1.16 on;
+1.15 (the floor of pyproject.toml) stops at the position ids. :func:`with_sequence_bounds` adds
+them to such a batch from its position ids, by TRL 1.16's rule, so the model and nbtune's attention
+plan get the same batch on either.
 """
 from __future__ import annotations
 
@@ -73,6 +78,27 @@ def padding_free_batch(examples) -> dict | None:
     }
 
 
+BOUNDS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+def with_sequence_bounds(batch):
+    """A padding-free batch (one row of position ids, no attention mask) with the sequences'
+    bounds that TRL 1.16 adds, taken from its position ids as TRL does (a sequence starts at each
+    position 0); the batch itself when it has them or is not padding-free."""
+    if not isinstance(batch, Mapping) or "cu_seq_lens_q" in batch or "attention_mask" in batch:
+        return batch
+    positions = batch.get("position_ids")
+    if not torch.is_tensor(positions) or positions.dim() != 2 or positions.shape[0] != 1 or positions.numel() == 0:
+        return batch
+    starts = (positions[0] == 0).nonzero().flatten()
+    cu_seq_lens = torch.cat([starts, torch.tensor([positions.shape[1]])]).to(torch.int32)
+    lengths = cu_seq_lens.diff()
+    max_length = int(lengths.max())
+    seq_idx = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), lengths)[None]
+    return dict(batch, cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=max_length,
+                max_length_k=max_length, seq_idx=seq_idx)
+
+
 def same_batch(a, b) -> bool:
     """The same keys in the same order, tensors equal in dtype, shape and values, other values equal."""
     if not isinstance(a, Mapping) or not isinstance(b, Mapping) or list(a) != list(b):
@@ -90,7 +116,8 @@ def same_batch(a, b) -> bool:
 
 class PaddingFreeCollator:
     """TRL's padding-free collator with its batches built by :func:`padding_free_batch`; the first
-    batch is checked against TRL's own (see the module docstring)."""
+    batch is checked against TRL's own, TRL's batches get the sequences' bounds where TRL leaves
+    them out (see the module docstring)."""
 
     def __init__(self, collator):
         self.collator = collator
@@ -99,9 +126,9 @@ class PaddingFreeCollator:
     def __call__(self, examples):
         batch = padding_free_batch(examples) if self.exact is not False else None
         if batch is None:
-            return self.collator(examples)
+            return with_sequence_bounds(self.collator(examples))
         if self.exact is None:
-            reference = self.collator(examples)
+            reference = with_sequence_bounds(self.collator(examples))
             self.exact = same_batch(batch, reference)
             return reference
         return batch

@@ -1,5 +1,6 @@
 """Packed (padding-free) batches collated with numpy (nbtune/train/padding_free.py): TRL's batch,
-tensor for tensor; rows it does not handle, and a TRL whose batch differs, go to TRL."""
+tensor for tensor, with the sequences' bounds TRL adds from 1.16 on; rows it does not handle, and a
+TRL whose batch differs, go to TRL."""
 import random
 
 import pytest
@@ -8,7 +9,8 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 import nbtune
 from nbtune.train import trainer as trainer_module
-from nbtune.train.padding_free import PaddingFreeCollator, fast_padding_free, padding_free_batch, same_batch
+from nbtune.train.padding_free import (BOUNDS, PaddingFreeCollator, fast_padding_free, padding_free_batch, same_batch,
+                                       with_sequence_bounds)
 
 from .conftest import tiny_config
 
@@ -36,16 +38,35 @@ def test_the_batch_is_trls(packed, labels, n_rows):
     for seed in range(3):
         examples = rows(n_rows, packed, labels, seed, lo=1 if seed == 0 else 50)
         kept = [dict(e, **{k: list(v) for k, v in e.items()}) for e in examples]
-        ours, theirs = padding_free_batch(examples), trl(examples)
+        ours, theirs = padding_free_batch(examples), with_sequence_bounds(trl(examples))
         assert ours is not None and same_batch(ours, theirs), (ours, theirs)
         assert ours["cu_seq_lens_q"] is ours["cu_seq_lens_k"]
         assert examples == kept  # the rows are left as they were
 
 
+def test_the_bounds_are_trls():
+    """The bounds made from the position ids are TRL's own where TRL adds them (1.16 on), and what
+    the sequences' lengths say: cumulative lengths, the longest, each token's sequence index."""
+    trl = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+    for seed in range(3):
+        examples = rows(3, seed=seed)
+        batch = with_sequence_bounds(trl(examples))
+        without = {k: v for k, v in batch.items() if k not in BOUNDS}
+        assert list(without) == ["input_ids", "labels", "position_ids"]
+        assert same_batch(with_sequence_bounds(without), batch)
+        lengths = [n for e in examples for n in e["seq_lengths"]]
+        assert batch["cu_seq_lens_q"].tolist() == torch.tensor([0, *lengths]).cumsum(0).tolist()
+        assert batch["cu_seq_lens_q"] is batch["cu_seq_lens_k"] and batch["cu_seq_lens_q"].dtype == torch.int32
+        assert batch["max_length_q"] == batch["max_length_k"] == max(lengths)
+        assert batch["seq_idx"].tolist() == [[i for i, n in enumerate(lengths) for _ in range(n)]]
+    padded = DataCollatorForLanguageModeling(pad_token_id=0)(rows(2, packed=False))
+    assert with_sequence_bounds(padded) is padded  # a padded batch (attention mask) has no bounds to add
+
+
 def test_same_batch_tells_every_difference():
     trl = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
-    batch = trl(rows(2))
-    assert same_batch(batch, trl(rows(2)))
+    batch = with_sequence_bounds(trl(rows(2)))
+    assert same_batch(batch, with_sequence_bounds(trl(rows(2))))
     changed = [dict(batch, labels=batch["labels"].clone()), dict(batch, seq_idx=batch["seq_idx"].long()),
                dict(batch, max_length_q=batch["max_length_q"] + 1), {k: batch[k] for k in reversed(batch)},
                {k: v for k, v in batch.items() if k != "seq_idx"}]
@@ -82,13 +103,16 @@ def test_the_first_batch_is_checked_against_trl():
         calls.append(1)
         return trl(examples)
 
+    def trl_batch(examples):  # TRL's batch, with the bounds where this TRL leaves them out
+        return with_sequence_bounds(trl(examples))
+
     collator = PaddingFreeCollator(counted)
     first = collator(rows(2, seed=1))
-    assert collator.exact is True and len(calls) == 1 and same_batch(first, trl(rows(2, seed=1)))
-    assert same_batch(collator(rows(3, seed=2)), trl(rows(3, seed=2))) and len(calls) == 1  # numpy from then on
+    assert collator.exact is True and len(calls) == 1 and same_batch(first, trl_batch(rows(2, seed=1)))
+    assert same_batch(collator(rows(3, seed=2)), trl_batch(rows(3, seed=2))) and len(calls) == 1  # numpy from then on
 
     def other_rules(examples):  # a TRL whose batch is not what the numpy path builds
-        batch = trl(examples)
+        batch = trl_batch(examples)
         batch["labels"][0, -1] = 99_999
         return batch
 
