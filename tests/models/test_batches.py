@@ -10,7 +10,7 @@ import importlib
 import pytest
 import torch
 from tiny_models import (LOSS_RTOL, WINDOW, assert_grads_match, lora_grads, lora_pair, random_batch, randomize_lora_b,
-                         rel, sgd_step, tiny_model)
+                         reference_inputs, rel, sgd_step, tiny_model)
 
 from nbtune.models.patches import attention
 
@@ -104,7 +104,8 @@ def test_padding_free_packing_equals_each_sequence_alone(family):
                    max_length_q=int(cu.diff().max()), max_length_k=int(cu.diff().max())).loss
     assert rel(with_cu, alone) < LOSS_RTOL
     # transformers detects packing from position_ids only without a cache (use_cache=False, as TRL sets)
-    ref_packed = ref(input_ids=ids, position_ids=position_ids, labels=labels, use_cache=False).loss
+    ref_packed = ref(input_ids=ids, position_ids=position_ids, labels=labels, use_cache=False,
+                     **reference_inputs(ref, ids)).loss
     assert rel(packed, ref_packed) < LOSS_RTOL
     packed.backward()
     ref_packed.backward()
@@ -122,7 +123,7 @@ def test_right_padded_batch_equals_unpadded(family):
         ids[i, :len(s)], mask[i, :len(s)], labels[i, :len(s)] = s, 1, s
     padded = ours(input_ids=ids, attention_mask=mask, labels=labels).loss
     alone = _per_sequence_loss(ours, seqs)
-    ref_padded = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
+    ref_padded = ref(input_ids=ids, attention_mask=mask, labels=labels, **reference_inputs(ref, ids)).loss
     assert rel(padded, alone) < LOSS_RTOL and rel(padded, ref_padded) < LOSS_RTOL
     padded.backward()
     ref_padded.backward()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import LOSS_RTOL, lora_pair, random_batch, rel
+from tiny_models import LOSS_RTOL, lora_pair, random_batch, reference_inputs, rel
 
 from nbtune.models.patches import common
 from nbtune.models.patches.gemma3 import text_only_check
@@ -75,7 +75,7 @@ def test_collator_adds_the_verdict_and_the_forward_reads_nothing_back(gemma3_pai
     batch = collator([])
     assert batch[TEXT_ONLY_KEY] is True
     with torch.no_grad():
-        expected = ref(input_ids=ids, labels=labels).loss
+        expected = ref(input_ids=ids, labels=labels, **reference_inputs(ref, ids)).loss
         loss, read_back = _reads_of(monkeypatch, lambda: ours(**batch).loss)
         assert rel(loss, expected) < LOSS_RTOL
         assert read_back == []
@@ -93,6 +93,7 @@ def test_a_verdict_of_not_text_only_takes_transformers_forward(gemma3_pair, monk
     monkeypatch.setattr(common, "_original", lambda self, *a, **k: originals.append(type(self).__name__)
                         or original(self, *a, **k))
     with torch.no_grad():
-        loss = ours(input_ids=ids, labels=labels, **{TEXT_ONLY_KEY: False}).loss
-        assert rel(loss, ref(input_ids=ids, labels=labels).loss) < LOSS_RTOL
+        # transformers' forward: what it asks of a text batch besides the ids, as the reference gets it
+        loss = ours(input_ids=ids, labels=labels, **reference_inputs(ours, ids), **{TEXT_ONLY_KEY: False}).loss
+        assert rel(loss, ref(input_ids=ids, labels=labels, **reference_inputs(ref, ids)).loss) < LOSS_RTOL
     assert "Gemma3Model" in originals  # the backbone's own (multimodal) forward, without the nbtune keys

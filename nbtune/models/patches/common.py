@@ -425,6 +425,8 @@ def model_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
     if position_ids is None:
         position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
     hidden = inputs_embeds
+    if self._nbtune.scale_embeddings:  # Gemma where transformers scales in its model forward (Family.apply)
+        hidden = hidden * torch.tensor(self.config.hidden_size**0.5, dtype=hidden.dtype)
     layer_types = getattr(self.config, "layer_types", None)
     if self._nbtune.rope_per_layer_type:  # Gemma 3: local layers have their own RoPE base
         by_type = {t: self.rotary_emb(hidden, position_ids, t) for t in set(layer_types)}

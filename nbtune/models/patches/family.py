@@ -53,6 +53,7 @@ class Family:
     window: Callable = no_window
     passes_window: bool = False  # whether transformers passes sliding_window= to its attention function
     rope_per_layer_type: bool = False  # Gemma 3
+    embed_scale: bool = False  # Gemma: embeddings times sqrt(hidden_size) (see Family.apply)
     final_softcap: Callable = no_final_softcap
     text_model_names: tuple = ()  # decoder-stack classes besides f"{prefix}Model"
     causal_lm_names: tuple = ()  # LM-head classes besides f"{prefix}ForCausalLM"
@@ -85,7 +86,12 @@ class Family:
                 installed += common.install(module, common.mlp_forward, activation=activation,
                                             fused_gate_up=self.fused_gate_up, output_summed=not self.post_mlp_norm)
             elif name == f"{p}Model" and name not in self.extra or name in self.text_model_names:
-                installed += common.install(module, common.model_forward, rope_per_layer_type=self.rope_per_layer_type)
+                # Gemma's embedding scale: a module of its own (GemmaTextScaledWordEmbedding; Gemma 1 and 2
+                # from transformers 5.4, Gemma 3 in every 5.x) that the patched forward calls as it is, or,
+                # in releases without it, a product in transformers' model forward, which the patched one makes
+                scaled_module = hasattr(sys.modules[type(module).__module__], f"{p}TextScaledWordEmbedding")
+                installed += common.install(module, common.model_forward, rope_per_layer_type=self.rope_per_layer_type,
+                                            scale_embeddings=self.embed_scale and not scaled_module)
             elif name == f"{p}ForCausalLM" or name in self.causal_lm_names:
                 from transformers.modeling_outputs import CausalLMOutputWithPast
 

@@ -13,7 +13,7 @@
 """
 from .family import Family, final_softcap_from_config, window_from_module
 
-GEMMA2 = Family(name="gemma2", model_types=("gemma2",), prefix="Gemma2", norm_offset=1.0,
+GEMMA2 = Family(name="gemma2", model_types=("gemma2",), prefix="Gemma2", norm_offset=1.0, embed_scale=True,
                 activation_key="hidden_activation", attn_softcap=True, post_mlp_norm=True, window=window_from_module,
                 passes_window=True,
                 final_softcap=final_softcap_from_config)

@@ -77,7 +77,7 @@ def _conditional_generation_options(module):
 
 
 GEMMA3 = Family(
-    name="gemma3", model_types=("gemma3_text", "gemma3"), prefix="Gemma3", norm_offset=1.0,
+    name="gemma3", model_types=("gemma3_text", "gemma3"), prefix="Gemma3", norm_offset=1.0, embed_scale=True,
     activation_key="hidden_activation", qk_norm=True, post_mlp_norm=True, window=window_from_module, passes_window=True,
     rope_per_layer_type=True, final_softcap=final_softcap_from_config, text_model_names=("Gemma3TextModel",),
     extra={
