@@ -7,6 +7,7 @@ notebooks run in the same environment as the tests. A notebook passes when no ce
 outputs it exists to show (Plotly figures, the planner widget) are there.
 """
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -166,6 +167,8 @@ def test_workshop_kernels(kernel_env, tmp_path):
 
 @pytest.mark.slow
 def test_preferences_and_rewards(kernel_env, tmp_path):
+    from nbtune.train.metrics import read_log
+
     nb = execute("07_preferences_and_rewards.ipynb", tmp_path, MAX_STEPS=2, MAX_ROWS=4, EVAL_ROWS=4,
                  MAX_SEQ_LENGTH=384, OUTPUT_DIR=str(tmp_path / "pref"))
     assert len(outputs(nb, PLOTLY)) >= 2, "the live dashboard and the before/after figure"
@@ -178,3 +181,26 @@ def test_preferences_and_rewards(kernel_env, tmp_path):
     dashboards = [o for o in outputs(nb, PLOTLY) if any("reward margin" == t.get("name")
                                                         for t in o["data"][PLOTLY].get("data", []))]
     assert dashboards, "the dashboard has no preference row"
+    # GRPO on GSM8K prompts, CPU size: 8 prompts, 2 steps of 2 prompts x 2 completions of up to 16 tokens
+    assert "train prompts: 8" in text and "eval prompts: 2" in text and "2 prompts x 2 generations" in text
+    assert "train mean reward:" in text and "completion length (mean tokens):" in text
+    grpo = read_log(tmp_path / "pref-grpo" / "metrics.jsonl")
+    train = [r for r in grpo if r.get("event") == "train"]
+    assert [r["step"] for r in train] == [1, 2]
+    for r in train:
+        for key in ("reward", "rewards/correctness", "rewards/format", "reward_std", "completion_length"):
+            assert math.isfinite(r[key]), (key, r)
+        assert 0 <= r["rewards/correctness"] <= 1 and 0 <= r["rewards/format"] <= 1
+        assert r["reward"] == pytest.approx(r["rewards/correctness"] + r["rewards/format"])
+        assert 0 < r["completion_length"] <= 16
+    held = [r for r in grpo if r.get("event") == "eval"]
+    assert [r["step"] for r in held] == [0, 2] and all(math.isfinite(r["eval_reward"]) for r in held)
+    assert (tmp_path / "pref-grpo" / "adapter" / "adapter_config.json").exists()
+    assert any(t.get("name") == "mean reward" for o in outputs(nb, PLOTLY) for t in o["data"][PLOTLY].get("data", [])), \
+        "the dashboard has no GRPO row"
+    # the reward function of the user's, written to the working folder and named my_rewards:mentions_answer
+    assert (tmp_path / "my_rewards.py").exists()
+    (mine,) = [r for r in read_log(tmp_path / "pref-grpo-mine" / "metrics.jsonl") if r.get("event") == "train"]
+    assert 0 <= mine["rewards/mentions_answer"] <= 0.5
+    assert mine["reward"] == pytest.approx(sum(mine[f"rewards/{n}"] for n in ("correctness", "format", "mentions_answer")))
+    assert "'rewards/mentions_answer':" in text
