@@ -810,8 +810,8 @@ The dry run counts prompts, not pairs: the completions are written during the ru
 The held-out prompts are scored before and after training, `num_generations` completions each.
 
 The dashboard's third row: the mean reward (summed, and one curve per reward function), the held-out mean
-reward as markers, the completions' mean length, and the KL to the reference (0 here: `grpo.beta` is 0
-by default, so no reference forward is made).
+reward as markers, the completions' mean length and, with `grpo.beta > 0`, the KL to the reference (the
+model with LoRA off). `grpo.beta` is 0 by default: no reference forward, no KL.
 """),
     code("%finetune grpo_config --out grpo_run"),
     code('''

@@ -106,6 +106,11 @@ def test_notebooks_are_clean_and_valid():
             assert '"google.colab" in sys.modules' in s and "torch" not in s.split("pip install", 1)[1], name
 
 
+def read_log(path: Path) -> list[dict]:
+    """A run's metrics.jsonl, one record a line."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 TINY_RUN = dict(MAX_STEPS=2, MAX_ROWS=8, EVAL_ROWS=4, MAX_SEQ_LENGTH=128)
 
 
@@ -167,8 +172,6 @@ def test_workshop_kernels(kernel_env, tmp_path):
 
 @pytest.mark.slow
 def test_preferences_and_rewards(kernel_env, tmp_path):
-    from nbtune.train.metrics import read_log
-
     nb = execute("07_preferences_and_rewards.ipynb", tmp_path, MAX_STEPS=2, MAX_ROWS=4, EVAL_ROWS=4,
                  MAX_SEQ_LENGTH=384, OUTPUT_DIR=str(tmp_path / "pref"))
     assert len(outputs(nb, PLOTLY)) >= 2, "the live dashboard and the before/after figure"
