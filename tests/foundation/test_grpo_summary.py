@@ -1,7 +1,9 @@
-"""A finished run's summary, without a model: a GRPO run reports its rewards (held out before and
+"""What a GRPO run reports, without a model: its summary gives its rewards (held out before and
 after; train over the first and last tenth of its steps, each reward function's too) and its
 completions' length, never the loss lines (GRPO's loss stays near 0 whether or not the rewards
-rise); an SFT run keeps its loss lines."""
+rise), while an SFT run keeps its loss lines; the terminal progress lines and the hub model card
+give the held-out mean reward in place of the held-out loss."""
+import io
 import json
 from pathlib import Path
 
@@ -55,3 +57,31 @@ def test_an_sft_summary_keeps_its_loss_lines(tmp_path):
     text = result(tmp_path, "sft", [{"event": "train", "step": 1, "loss": 1.0}]).summary()
     assert "held-out loss: 0.2500 before -> 0.5000 after" in text and "train loss (mean): -0.0100" in text
     assert "reward" not in text
+
+
+def test_terminal_progress_gives_a_grpo_runs_rewards(tmp_path):
+    from nbtune.train.progress import TerminalProgress
+
+    out = io.StringIO()
+    progress = TerminalProgress(stream=out)
+    progress({"event": "eval", "step": 0, "max_steps": 0, "eval_loss": 0.0, "eval_reward": 0.25})
+    progress({"event": "train", "step": 1, "max_steps": 2, "loss": 0.0, "reward": 0.5, "lr": 1e-5})
+    progress({"event": "eval", "step": 2, "max_steps": 2, "eval_loss": 0.0, "eval_reward": 0.75})
+    progress({"event": "eval", "step": 0, "max_steps": 0, "eval_loss": 1.5})  # an SFT run's
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "held-out mean reward before training: 0.250"
+    assert lines[1].startswith("step 1/2 | loss 0.0000 | reward 0.500 | lr 1.00e-05")
+    assert lines[2] == "step 2/2 | eval_reward 0.750"
+    assert lines[3] == "held-out loss before training: 1.5000"
+
+
+def test_the_model_card_of_a_grpo_run_gives_its_held_out_mean_reward(tmp_path):
+    from nbtune.export.hub import model_card
+
+    run = result(tmp_path, "grpo", [{"event": "eval", "step": 0, "eval_loss": 0.0, "eval_reward": 0.125},
+                                    grpo_step(1),
+                                    {"event": "eval", "step": 1, "eval_loss": 0.0, "eval_reward": 0.5}])
+    card = model_card(tmp_path, run.config, ["adapter"], "me/grpo-gsm8k")
+    assert "| held-out mean reward | value |" in card
+    assert "| before training | 0.125 |" in card and "| after training | 0.500 |" in card
+    assert "held-out loss" not in card
