@@ -199,11 +199,12 @@ def test_preferences_and_rewards(kernel_env, tmp_path):
     held = [r for r in grpo if r.get("event") == "eval"]
     assert [r["step"] for r in held] == [0, 2] and all(math.isfinite(r["eval_reward"]) for r in held)
     assert (tmp_path / "pref-grpo" / "adapter" / "adapter_config.json").exists()
-    assert any(t.get("name") == "mean reward" for o in outputs(nb, PLOTLY) for t in o["data"][PLOTLY].get("data", [])), \
-        "the dashboard has no GRPO row"
+    traces = [t.get("name") for o in outputs(nb, PLOTLY) for t in o["data"][PLOTLY].get("data", [])]
+    assert "mean reward" in traces, "the dashboard has no GRPO row"
     # the reward function of the user's, written to the working folder and named my_rewards:mentions_answer
     assert (tmp_path / "my_rewards.py").exists()
     (mine,) = [r for r in read_log(tmp_path / "pref-grpo-mine" / "metrics.jsonl") if r.get("event") == "train"]
     assert 0 <= mine["rewards/mentions_answer"] <= 0.5
-    assert mine["reward"] == pytest.approx(sum(mine[f"rewards/{n}"] for n in ("correctness", "format", "mentions_answer")))
+    names = ("correctness", "format", "mentions_answer")
+    assert mine["reward"] == pytest.approx(sum(mine[f"rewards/{n}"] for n in names))
     assert "'rewards/mentions_answer':" in text
