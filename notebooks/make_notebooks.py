@@ -638,7 +638,7 @@ go.Figure(go.Bar(x=modes, y=[p.peak_gib for p in plans], text=[f"{p.peak_gib:.1f
 
 # ---------------------------------------------------------------- 07 preferences: DPO / ORPO
 save("07_preferences_and_rewards.ipynb", [
-    header("07_preferences_and_rewards.ipynb", "Preferences and rewards: DPO on the embedded model",
+    header("07_preferences_and_rewards.ipynb", "Preferences and rewards: DPO, ORPO and GRPO",
            """
 Supervised fine-tuning shows the model good answers. **Preference training** shows it pairs: for one
 prompt, a *chosen* reply and a *rejected* one, and moves the model towards the first and away from
@@ -650,7 +650,11 @@ DPO's reference model is the model itself with its LoRA adapter switched off (no
 weights), and the reply log-probabilities come from nbtune's fused linear + log-softmax kernel (the
 logits are never held whole). Its *reward* of a reply is
 $\\beta\\,(\\log\\pi(\\text{reply}) - \\log\\pi_{ref}(\\text{reply}))$: how much more likely training made it.
-This notebook runs on a CPU in minutes with the embedded SmolLM2-135M-Instruct.
+
+**GRPO** (last part) needs no pairs at all: the model writes several answers to each prompt and
+reward functions score them.
+The DPO / ORPO parts run on a CPU in minutes with the embedded SmolLM2-135M-Instruct; the GRPO part
+trains Llama 3.2 1B Instruct on a GPU (a free T4 will do) and runs a tiny version on a CPU.
 """),
     code(INSTALL),
     params('''
@@ -662,6 +666,12 @@ EVAL_ROWS = 32          # held-out pairs (CPU default below: 16)
 MAX_SEQ_LENGTH = 512    # GSM8K pairs are under 400 tokens: the final answer, where the replies differ, is kept
 BETA = 0.1              # DPO's beta: the reward's scale, how hard the model is held near the reference
 OUTPUT_DIR = "outputs/preferences"
+# GRPO (the last part)
+GRPO_MODEL = None       # None: Llama 3.2 1B Instruct on a GPU, MODEL on a CPU
+GRPO_STEPS = 60         # optimizer steps (CPU default below: 2)
+GRPO_PROMPTS = None     # GSM8K training prompts (None: all 1,000; CPU default below: 8)
+NUM_GENERATIONS = 8     # completions per prompt, scored against each other (CPU default below: 2)
+MAX_COMPLETION_LENGTH = 256  # tokens per completion; a longer one is cut (CPU default below: 16)
 '''),
     md("""
 ## The embedded preference set
@@ -748,5 +758,112 @@ orpo = nbtune.finetune(config, train={"method": "orpo", "max_steps": max(2, MAX_
 last = [r for r in orpo.metrics if r.get("event") == "train"][-1]
 print(orpo.summary())
 print({k: round(last[k], 4) for k in ("nll_loss", "log_odds_ratio", "reward_margin", "reward_accuracy")})
+'''),
+    md("""
+## GRPO: rewards instead of pairs
+**GRPO** (group relative policy optimization, DeepSeekMath's method) trains on the model's own
+answers. For each prompt it samples a *group* of `grpo.num_generations` completions and scores each
+with the reward functions of `grpo.rewards` (their rewards are summed). A completion's *advantage* is
+its reward minus its group's mean (divided by the group's spread): the update makes the completions
+that beat their siblings more likely and the others less. No critic, no reference answers to imitate;
+a group whose completions all score the same teaches nothing.
+
+`data: gsm8k` gives prompt rows with answers: each question (followed by the instruction to end with a
+line `#### <number>`) is the prompt, and its solution the `answer` the rewards check against. The
+built-in rewards:
+
+- `correctness`: 1 when the completion's final number (after its last `####`, else the last number it
+  writes) equals the answer's, else 0;
+- `format`: 1 when the completion's last line is `#### <number>`, else 0.
+
+`train.batch_size` counts completions: a step of 16 is 2 prompts x 8 completions. On a GPU this part
+trains Llama 3.2 1B Instruct (it gets some GSM8K questions right from the start, so groups differ and
+there is something to learn); on a CPU the embedded model writes 16-token completions, which shows
+every step of GRPO but leaves its rewards at or near 0 (no room for a worked answer).
+"""),
+    code('''
+if GRPO_MODEL is None:
+    # an ungated copy of meta-llama/Llama-3.2-1B-Instruct: ~2.5 GB to download
+    GRPO_MODEL = "unsloth/Llama-3.2-1B-Instruct" if ON_GPU else MODEL
+if not ON_GPU:
+    GRPO_STEPS = min(GRPO_STEPS, 2)
+    GRPO_PROMPTS = GRPO_PROMPTS or 8
+    NUM_GENERATIONS = min(NUM_GENERATIONS, 2)
+    MAX_COMPLETION_LENGTH = min(MAX_COMPLETION_LENGTH, 16)
+grpo_config = nbtune.build_config({
+    "model": {"name": GRPO_MODEL, "max_seq_length": MAX_COMPLETION_LENGTH + 256},  # GSM8K prompts: < 256 tokens
+    "data": {"source": "gsm8k", "max_rows": GRPO_PROMPTS, "eval_rows": 16 if ON_GPU else 2},
+    "lora": {"r": 16, "alpha": 32},
+    "train": {"method": "grpo", "max_steps": GRPO_STEPS, "batch_size": 2 * NUM_GENERATIONS, "grad_accum": 1,
+              "lr": 2e-5, "warmup_steps": 0, "eval_batch_size": 2 * NUM_GENERATIONS,
+              **({} if ON_GPU else {"gradient_checkpointing": "off", "optimizer": "adamw"})},
+    "grpo": {"num_generations": NUM_GENERATIONS, "max_completion_length": MAX_COMPLETION_LENGTH,
+             "temperature": 1.0, "rewards": ["correctness", "format"]},
+    "output": {"dir": OUTPUT_DIR + "-grpo", "overwrite": True},
+})
+report = %finetune grpo_config --dry-run
+print(report)
+'''),
+    md("""
+The dry run counts prompts, not pairs: the completions are written during the run, each step's at once
+(batched, with the KV cache; vLLM when it is installed and the GPU has compute capability 8.0 or more).
+The held-out prompts are scored before and after training, `num_generations` completions each.
+
+The dashboard's third row: the mean reward (summed, and one curve per reward function), the held-out mean
+reward as markers, the completions' mean length and, with `grpo.beta > 0`, the KL to the reference (the
+model with LoRA off). `grpo.beta` is 0 by default: no reference forward, no KL.
+"""),
+    code("%finetune grpo_config --out grpo_run"),
+    code('''
+print(grpo_run.summary())
+records = nbtune.read_log(grpo_run.log_path)
+steps = [r for r in records if r.get("event") == "train"]
+for r in steps[:: max(1, len(steps) // 10)] + ([steps[-1]] if len(steps) > 10 else []):
+    print(f"step {r['step']:3d}  reward {r['reward']:.3f} (correctness {r['rewards/correctness']:.3f}, "
+          f"format {r['rewards/format']:.3f}), groups all alike {100 * r['reward_zero_std_share']:.0f}%, "
+          f"completion length {r['completion_length']:.0f} tokens ({100 * r['completion_clipped_share']:.0f}% cut)")
+for r in (r for r in records if r.get("event") == "eval"):
+    print(f"step {r['step']:3d}  held-out: reward {r['eval_reward']:.3f} (correctness "
+          f"{r['eval_rewards/correctness']:.3f}, format {r['eval_rewards/format']:.3f})")
+'''),
+    md("""
+Each train record holds `reward` (the summed mean), `rewards/<name>` (each function's mean),
+`reward_std` (the spread within groups), `reward_zero_std_share` (the share of groups whose completions
+all scored the same: no signal), `completion_length`, `completion_clipped_share` (cut at
+`max_completion_length`), `entropy`, and with `grpo.beta > 0` the `kl`; the held-out records the same
+with `eval_` in front. The summary gives rewards, not losses: GRPO's loss stays near 0 whatever happens.
+
+## Your own reward function
+A reward is any Python function `f(prompts, completions, **kwargs)` returning one float per completion
+(or `None`: not scored). TRL passes it, by keyword, `prompts`, `completions` (chat form here: a list
+with the assistant turn `{"role": "assistant", "content": ...}`), `completion_ids`, `trainer_state` and
+every data column (GSM8K's `answer`), so it must take `**kwargs`. Name it `module:function` in
+`grpo.rewards`; the module is imported from the working folder or the Python path, and the name is
+checked when the config is built. This one gives half a point when the right number appears anywhere in
+the completion: partial credit while the model learns the format. (The short run below scores no
+held-out prompts: `data.eval_split: null`.)
+"""),
+    code('''
+%%writefile my_rewards.py
+import re
+
+
+def mentions_answer(prompts, completions, answer, **kwargs):
+    """0.5 when the completion writes the answer's final number anywhere, else 0.0."""
+    scores = []
+    for completion, solution in zip(completions, answer):
+        text = completion[-1]["content"] if isinstance(completion, list) else completion
+        target = solution.split("####")[-1].strip().replace(",", "")
+        numbers = re.findall(r"-?\\d+(?:\\.\\d+)?", text.replace(",", ""))
+        scores.append(0.5 if target in numbers else 0.0)
+    return scores
+'''),
+    code('''
+mine = nbtune.finetune(grpo_config, grpo={"rewards": ["correctness", "format", "my_rewards:mentions_answer"]},
+                       train={"max_steps": max(1, GRPO_STEPS // 6)}, data={"eval_split": None, "eval_rows": None},
+                       output={"dir": OUTPUT_DIR + "-grpo-mine", "overwrite": True}, dashboard=False)
+print(mine.summary())
+last = [r for r in mine.metrics if r.get("event") == "train"][-1]
+print({k: round(last[k], 3) for k in ("reward", "rewards/correctness", "rewards/format", "rewards/mentions_answer")})
 '''),
 ])

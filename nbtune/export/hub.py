@@ -6,8 +6,8 @@ temporary folder (the adapter at the top level, ``merged/`` and ``gguf/`` beside
 and sends it in one commit through ``huggingface_hub``. It needs a token (``token=``, ``HF_TOKEN``
 or ``huggingface-cli login``); with the hub switched off (``HF_HUB_OFFLINE=1``) or out of reach it
 stops at once with one line. The model card names the base model, the data, the run's config and
-its held-out loss before and after training; it holds no token and no local path: a local model or
-data file is named by its file name only.
+its held-out loss (a GRPO run: its held-out mean reward) before and after training; it holds no
+token and no local path: a local model or data file is named by its file name only.
 """
 from __future__ import annotations
 
@@ -44,8 +44,9 @@ def _public_config(cfg) -> dict:
     return data
 
 
-def _losses(run_dir: Path) -> tuple[float | None, float | None]:
-    """(held-out loss before training, after) from the run's metrics stream."""
+def _held_out(run_dir: Path, key: str = "eval_loss") -> tuple[float | None, float | None]:
+    """(held-out ``key`` before training, after) from the run's metrics stream: the loss, or a GRPO
+    run's mean reward (``eval_reward``)."""
     evals = []
     path = run_dir / "metrics.jsonl"
     if path.is_file():
@@ -54,8 +55,8 @@ def _losses(run_dir: Path) -> tuple[float | None, float | None]:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if record.get("event") == "eval" and record.get("eval_loss") is not None:
-                evals.append((record.get("step", 0), record["eval_loss"]))
+            if record.get("event") == "eval" and record.get(key) is not None:
+                evals.append((record.get("step", 0), record[key]))
     if not evals:
         return None, None
     before = next((loss for step, loss in evals if step == 0), None)
@@ -66,7 +67,9 @@ def model_card(run_dir, cfg, formats, repo_id: str) -> str:
     """README.md for the hub repo (YAML metadata + what the model is and how it was made)."""
     run_dir = Path(run_dir)
     base, data = _public_name(cfg.model.name), _public_name(cfg.data.source)
-    before, after = _losses(run_dir)
+    # a GRPO run's eval loss is its surrogate loss (about 0 whatever the model does): its mean reward instead
+    grpo = cfg.train.method == "grpo"
+    before, after = _held_out(run_dir, "eval_reward" if grpo else "eval_loss")
     meta = {"library_name": "peft" if "adapter" in formats else "transformers",
             "tags": ["nbtune", "lora", *(["gguf"] if "gguf" in formats else [])]}
     if base.count("/") == 1 and not Path(os.path.expanduser(str(cfg.model.name))).exists():
@@ -80,8 +83,9 @@ def model_card(run_dir, cfg, formats, repo_id: str) -> str:
     if cfg.data.source in DATASETS:
         lines += [f"Data: {DATASETS[cfg.data.source].description}.", ""]
     if before is not None or after is not None:
-        fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
-        lines += ["| held-out loss | value |", "| --- | --- |", f"| before training | {fmt(before)} |",
+        fmt = lambda x: "n/a" if x is None else f"{x:.3f}" if grpo else f"{x:.4f}"  # noqa: E731
+        lines += [f"| held-out {'mean reward' if grpo else 'loss'} | value |", "| --- | --- |",
+                  f"| before training | {fmt(before)} |",
                   f"| after training | {fmt(after)} |", ""]
     lines += ["## Files", ""]
     if "adapter" in formats:

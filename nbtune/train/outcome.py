@@ -31,13 +31,13 @@ class RunOutcome:
     def summary(self) -> str:
         lines = [f"steps: {self.steps}/{self.config.train.max_steps or '?'} in {self.seconds:.0f} s"
                  + (f" (resumed from step {self.resumed_from})" if self.resumed_from else "")]
-        rewards = _held_out_rewards(self.log_path) if self.config.train.method == "grpo" else None
-        if rewards is not None:  # grpo: what the held-out prompts' completions scored (its eval loss says little)
-            lines.append(f"held-out mean reward: {rewards[0]:.3f} before -> {rewards[1]:.3f} after")
-        elif self.eval_loss_before is not None and self.eval_loss_after is not None:
-            lines.append(f"held-out loss: {self.eval_loss_before:.4f} before -> {self.eval_loss_after:.4f} after")
-        if self.train_loss is not None:
-            lines.append(f"train loss (mean): {self.train_loss:.4f}")
+        if self.config.train.method == "grpo":  # rewards, not losses (grpo_lines says why)
+            lines += grpo_lines(self.log_path)
+        else:
+            if self.eval_loss_before is not None and self.eval_loss_after is not None:
+                lines.append(f"held-out loss: {self.eval_loss_before:.4f} before -> {self.eval_loss_after:.4f} after")
+            if self.train_loss is not None:
+                lines.append(f"train loss (mean): {self.train_loss:.4f}")
         lines += [f"adapter: {self.adapter_dir}", f"log: {self.log_path}"]
         if self.merged_dir:
             lines.append(f"merged: {self.merged_dir}")
@@ -72,13 +72,45 @@ class RunOutcome:
                 f"<b style='color:{color}'>{title}</b>{rows}</div>")
 
 
-def _held_out_rewards(log_path) -> tuple[float, float] | None:
-    """A GRPO run's held-out mean reward at its first and last evaluation (from its log), or None."""
+def _read(log_path) -> list[dict]:
     try:
         with open(log_path, encoding="utf-8") as f:
-            rewards = [rec.get("eval_reward") for rec in map(json.loads, filter(str.strip, f))
-                       if rec.get("event") == "eval"]
+            return [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError):
-        return None
-    rewards = [r for r in rewards if r is not None]
-    return (rewards[0], rewards[-1]) if len(rewards) >= 2 else None
+        return []
+
+
+def _mean(values) -> float:
+    return sum(values) / len(values)
+
+
+def grpo_lines(log_path) -> list[str]:
+    """A GRPO run's summary lines, from its log: the held-out prompts' mean reward at the first and
+    last evaluation, and the mean reward (each reward function's too) and completion length of the
+    train steps, over the first and the last tenth of the steps (a step's mean covers a handful of
+    prompts: one step alone is noisy). No loss lines: GRPO's loss is the advantage-weighted
+    surrogate (plus beta x KL); a group's advantages sum to 0, so it stays near 0 whether or not
+    the rewards rise, and its eval loss is the same surrogate on the held-out completions."""
+    records = _read(log_path)
+    lines = []
+    held = [r["eval_reward"] for r in records if r.get("event") == "eval" and r.get("eval_reward") is not None]
+    if len(held) >= 2:
+        lines.append(f"held-out mean reward: {held[0]:.3f} before -> {held[-1]:.3f} after")
+    train = [r for r in records if r.get("event") == "train" and r.get("reward") is not None]
+    if not train:
+        return lines
+    k = -(-len(train) // 10)
+    first, last = train[:k], train[-k:]
+    span = (f"step {first[0]['step']}" if k == 1 else f"steps {first[0]['step']}-{first[-1]['step']}",
+            f"step {last[0]['step']}" if k == 1 else f"steps {last[0]['step']}-{last[-1]['step']}")
+    def change(key, digits=3) -> str | None:
+        values = [[r[key] for r in part if r.get(key) is not None] for part in (first, last)]
+        return f"{_mean(values[0]):.{digits}f} -> {_mean(values[1]):.{digits}f}" if all(values) else None
+
+    names = [key for key in train[0] if key.startswith("rewards/") and change(key)]
+    each = ", ".join(f"{key[len('rewards/'):]} {change(key)}" for key in names)
+    lines.append(f"train mean reward: {_mean([r['reward'] for r in first]):.3f} ({span[0]}) -> "
+                 f"{_mean([r['reward'] for r in last]):.3f} ({span[1]})" + (f"; {each}" if len(names) > 1 else ""))
+    if change("completion_length"):
+        lines.append(f"completion length (mean tokens): {change('completion_length', 1)}")
+    return lines

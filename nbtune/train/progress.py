@@ -21,7 +21,8 @@ def _num(value, spec: str, missing: str) -> str:
 
 
 class TerminalProgress:
-    """Listener for MetricsStream: prints step, loss, lr, tokens/s, memory and ETA."""
+    """Listener for MetricsStream: prints step, loss, lr, tokens/s, memory and ETA (a GRPO run: its
+    mean reward too, and the held-out mean reward in place of the held-out loss)."""
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
@@ -49,13 +50,20 @@ class TerminalProgress:
             self._print(f"interrupted at step {rec.get('step')}/{rec.get('max_steps')}; checkpoint: "
                         f"{rec.get('checkpoint')} (resume to continue)")
             return
+        if event == "eval" and not rec.get("max_steps") and "eval_reward" in rec:  # grpo: its eval loss says little
+            self._print("held-out mean reward before training: " + _num(rec["eval_reward"], ".3f", "nan/inf"))
+            return
         if event == "eval" and not rec.get("max_steps") and "eval_loss" in rec:
             self._print("held-out loss before training: " + _num(rec["eval_loss"], ".4f", "nan/inf"))
             return
         parts = [f"step {rec.get('step')}/{rec.get('max_steps')}"]
         if "loss" in rec:
             parts.append("loss " + _num(rec["loss"], ".4f", "nan/inf (skipped)"))
-        if "eval_loss" in rec:
+        if "reward" in rec:
+            parts.append("reward " + _num(rec["reward"], ".3f", "nan/inf"))
+        if "eval_reward" in rec:
+            parts.append("eval_reward " + _num(rec["eval_reward"], ".3f", "nan/inf"))
+        elif "eval_loss" in rec:
             parts.append("eval_loss " + _num(rec["eval_loss"], ".4f", "nan/inf"))
         if rec.get("lr") is not None:
             parts.append(f"lr {rec['lr']:.2e}")

@@ -7,6 +7,7 @@ notebooks run in the same environment as the tests. A notebook passes when no ce
 outputs it exists to show (Plotly figures, the planner widget) are there.
 """
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -105,6 +106,11 @@ def test_notebooks_are_clean_and_valid():
             assert '"google.colab" in sys.modules' in s and "torch" not in s.split("pip install", 1)[1], name
 
 
+def read_log(path: Path) -> list[dict]:
+    """A run's metrics.jsonl, one record a line."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 TINY_RUN = dict(MAX_STEPS=2, MAX_ROWS=8, EVAL_ROWS=4, MAX_SEQ_LENGTH=128)
 
 
@@ -178,3 +184,27 @@ def test_preferences_and_rewards(kernel_env, tmp_path):
     dashboards = [o for o in outputs(nb, PLOTLY) if any("reward margin" == t.get("name")
                                                         for t in o["data"][PLOTLY].get("data", []))]
     assert dashboards, "the dashboard has no preference row"
+    # GRPO on GSM8K prompts, CPU size: 8 prompts, 2 steps of 2 prompts x 2 completions of up to 16 tokens
+    assert "train prompts: 8" in text and "eval prompts: 2" in text and "2 prompts x 2 generations" in text
+    assert "train mean reward:" in text and "completion length (mean tokens):" in text
+    grpo = read_log(tmp_path / "pref-grpo" / "metrics.jsonl")
+    train = [r for r in grpo if r.get("event") == "train"]
+    assert [r["step"] for r in train] == [1, 2]
+    for r in train:
+        for key in ("reward", "rewards/correctness", "rewards/format", "reward_std", "completion_length"):
+            assert math.isfinite(r[key]), (key, r)
+        assert 0 <= r["rewards/correctness"] <= 1 and 0 <= r["rewards/format"] <= 1
+        assert r["reward"] == pytest.approx(r["rewards/correctness"] + r["rewards/format"])
+        assert 0 < r["completion_length"] <= 16
+    held = [r for r in grpo if r.get("event") == "eval"]
+    assert [r["step"] for r in held] == [0, 2] and all(math.isfinite(r["eval_reward"]) for r in held)
+    assert (tmp_path / "pref-grpo" / "adapter" / "adapter_config.json").exists()
+    traces = [t.get("name") for o in outputs(nb, PLOTLY) for t in o["data"][PLOTLY].get("data", [])]
+    assert "mean reward" in traces, "the dashboard has no GRPO row"
+    # the reward function of the user's, written to the working folder and named my_rewards:mentions_answer
+    assert (tmp_path / "my_rewards.py").exists()
+    (mine,) = [r for r in read_log(tmp_path / "pref-grpo-mine" / "metrics.jsonl") if r.get("event") == "train"]
+    assert 0 <= mine["rewards/mentions_answer"] <= 0.5
+    names = ("correctness", "format", "mentions_answer")
+    assert mine["reward"] == pytest.approx(sum(mine[f"rewards/{n}"] for n in names))
+    assert "'rewards/mentions_answer':" in text
