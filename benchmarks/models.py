@@ -42,7 +42,6 @@ import glob
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -827,21 +826,33 @@ def load_results(paths: list[str]) -> list[tuple[str, dict]]:
     return docs
 
 
-def _trainer_report():
-    """benchmarks/trainer_report.py, the trainer path's tables (benchmarks/ is no package: by path)."""
-    if "trainer_report" not in sys.modules:
+def _sibling(name: str):
+    """benchmarks/<name>.py (benchmarks/ is no package: loaded by path, once)."""
+    if name not in sys.modules:
         import importlib.util
 
-        spec = importlib.util.spec_from_file_location("trainer_report", os.path.join(HERE, "trainer_report.py"))
+        spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, f"{name}.py"))
         module = importlib.util.module_from_spec(spec)
-        sys.modules["trainer_report"] = module
+        sys.modules[name] = module
         spec.loader.exec_module(module)
-    return sys.modules["trainer_report"]
+    return sys.modules[name]
 
 
-def render_markdown(docs: list[tuple[str, dict]], trainer_docs: list[tuple[str, dict]] = ()) -> str:
+def _trainer_report():
+    """benchmarks/trainer_report.py, the trainer path's tables."""
+    return _sibling("trainer_report")
+
+
+def _export_report():
+    """benchmarks/export_report.py, the full-size export's table."""
+    return _sibling("export_report")
+
+
+def render_markdown(docs: list[tuple[str, dict]], trainer_docs: list[tuple[str, dict]] = (),
+                    export_docs: list[tuple[str, dict]] = ()) -> str:
     """RESULTS.md: the trainer path's table when there are trainer results (benchmarks/trainer.py),
-    then the latest measurement of every row here, then every run in full (newest first)."""
+    then the latest measurement of every row here, the newest full-size export
+    (benchmarks/export_8b.py), then every run in full (newest first)."""
     lines = ["# nbtune benchmarks: results",
              ""]
     if trainer_docs:
@@ -883,7 +894,8 @@ def render_markdown(docs: list[tuple[str, dict]], trainer_docs: list[tuple[str, 
         lines += t4_table(sorted(latest_t4.values(), key=lambda x: order.get(x[1]["id"], 99)))
     else:
         lines.append("Not measured yet.")
-    lines += ["", "## Runs (newest first)", ""]
+    lines += [""] + _export_report().section(list(export_docs))
+    lines += ["## Runs (newest first)", ""]
     for path, doc in newest_first:
         label = run_label(doc, path)
         lines += [f"### {label}", "", meta_line(doc), ""]
@@ -931,7 +943,8 @@ def write_markdown(result_paths: list[str], md_path: str, trainer_paths: list[st
         trainer = tr.trainer_docs_in(sorted({os.path.dirname(p) for p in result_paths}))
     else:
         trainer = tr.load_docs(trainer_paths)
-    text = render_markdown(load_results(result_paths), trainer)
+    folders = sorted({os.path.dirname(p) for p in result_paths}) or [RESULTS_DIR]
+    text = render_markdown(load_results(result_paths), trainer, _export_report().export_docs_in(folders))
     if md_path:
         with open(md_path, "w") as f:
             f.write(text + "\n")

@@ -188,15 +188,20 @@ def checkpoint_config(shape: str, tokenizer):
     return cfg
 
 
-def build_checkpoint(path: str, tokenizer_dir: str, shape: str = "llama3-8b", device: str = "cuda") -> str:
-    """The random-weight checkpoint at ``path`` with the tokenizer beside it (nothing if it is there)."""
+def build_checkpoint(path: str, tokenizer_dir: str, shape: str = "llama3-8b", device: str = "cuda",
+                     layers: int | None = None) -> str:
+    """The random-weight checkpoint at ``path`` with the tokenizer beside it (nothing if it is there);
+    ``layers``: fewer decoder layers than the shape has (a quick check of a script at full width)."""
     from bench_common import save_random_checkpoint
 
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
         return path
     tok = load_tokenizer(tokenizer_dir)
     if not os.path.isfile(os.path.join(path, "config.json")):
-        save_random_checkpoint(checkpoint_config(shape, tok), path, device=device)
+        cfg = checkpoint_config(shape, tok)
+        if layers:
+            cfg.num_hidden_layers = layers
+        save_random_checkpoint(cfg, path, device=device)
     tok.save_pretrained(path)
     return path
 

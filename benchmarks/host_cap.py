@@ -1,0 +1,138 @@
+"""Run a command with its host RAM capped, as on free Colab (12.7 GB for the whole machine).
+
+    python benchmarks/host_cap.py --cap-gb 12.7 -- python -c "..."     # prints one JSON line at the end
+
+The cap is a memory cgroup made for the command and removed after it: cgroup v2 ``memory.max``
+(with ``memory.swap.max`` 0) or v1 ``memory.limit_in_bytes`` (with ``memory.memsw.limit_in_bytes``
+where swap accounting exists). Going over it gets the command OOM-killed, as the Colab VM would,
+so a run that finishes held the cap. Page cache counts against a cgroup but is reclaimed under it,
+so writing files larger than the cap is fine; anonymous memory is what cannot exceed it.
+
+Where no cgroup can be made (not root, no memory controller) the command runs uncapped and the
+result says so (``capped: false``); its peak RSS is still measured and compared with the cap.
+
+Peak RSS is the largest resident set of the command or any of its children (``wait4``'s
+``ru_maxrss``), which is what the process costs the host, imports and CUDA libraries included.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+GB = 10 ** 9
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _write(path: Path, value: str) -> bool:
+    try:
+        path.write_text(value)
+        return True
+    except OSError:
+        return False
+
+
+def make_cgroup(cap_bytes: int, name: str) -> tuple[Path, str] | None:
+    """A fresh memory cgroup limited to ``cap_bytes`` (``(dir, "v2"|"v1")``), or None where none can be made."""
+    v2 = CGROUP_ROOT / "cgroup.controllers"
+    candidates = []
+    if v2.is_file() and "memory" in v2.read_text().split():
+        candidates.append((CGROUP_ROOT / name, "v2"))
+    if (CGROUP_ROOT / "memory" / "memory.limit_in_bytes").is_file():
+        candidates.append((CGROUP_ROOT / "memory" / name, "v1"))
+    for folder, kind in candidates:
+        try:
+            folder.mkdir()
+        except OSError:
+            continue
+        if kind == "v2":
+            ok = _write(folder / "memory.max", str(cap_bytes))
+            if (folder / "memory.swap.max").exists():
+                _write(folder / "memory.swap.max", "0")
+        else:
+            ok = _write(folder / "memory.limit_in_bytes", str(cap_bytes))
+            if (folder / "memory.memsw.limit_in_bytes").exists():
+                _write(folder / "memory.memsw.limit_in_bytes", str(cap_bytes))
+        if ok:
+            return folder, kind
+        remove_cgroup(folder)
+    return None
+
+
+def remove_cgroup(folder: Path) -> None:
+    for _ in range(50):  # the kernel frees the group once its last task has exited
+        try:
+            folder.rmdir()
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
+def _oom_kills(folder: Path, kind: str) -> int:
+    """OOM kills inside the group (v2 memory.events' oom_kill; v1: the failure counter's OOM flag)."""
+    try:
+        if kind == "v2":
+            for line in (folder / "memory.events").read_text().splitlines():
+                key, value = line.split()
+                if key == "oom_kill":
+                    return int(value)
+        else:
+            for line in (folder / "memory.oom_control").read_text().splitlines():
+                key, value = line.split()
+                if key == "oom_kill":
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def run_capped(cmd: list[str], cap_gb: float, env: dict | None = None, log=None) -> dict:
+    """Run ``cmd`` under the cap; returns exit code, capped or not, peak RSS (GB and GiB), OOM kills, seconds."""
+    cap = int(cap_gb * GB)
+    group = make_cgroup(cap, f"nbtune-cap-{os.getpid()}-{time.monotonic_ns()}")
+
+    def enter():
+        if group:
+            procs = group[0] / "cgroup.procs"
+            procs.write_text(str(os.getpid()))
+
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=enter, stdout=log, stderr=subprocess.STDOUT if log else None)
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        raise
+    seconds = time.monotonic() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    peak = usage.ru_maxrss * 1024  # kB: the larger of the child's peak and its reaped descendants'
+    oom = 0
+    if group:
+        oom = _oom_kills(*group)
+        remove_cgroup(group[0])
+    return {"cmd": cmd[-1][:200] if len(cmd) > 2 else " ".join(cmd), "returncode": proc.returncode,
+            "capped": bool(group), "cgroup": group[1] if group else None, "cap_gb": cap_gb,
+            "peak_rss_gb": round(peak / GB, 3), "peak_rss_gib": round(peak / 2 ** 30, 3),
+            "under_cap": peak <= cap and proc.returncode == 0, "oom_kills": oom, "seconds": round(seconds, 1)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cap-gb", type=float, default=12.7, help="host RAM cap in GB (10^9 bytes; Colab states 12.7 GB)")
+    ap.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND ...")
+    args = ap.parse_args(argv)
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        ap.error("give the command after --")
+    result = run_capped(cmd, args.cap_gb)
+    print(json.dumps(result))
+    return result["returncode"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
