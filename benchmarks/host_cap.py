@@ -73,7 +73,7 @@ def remove_cgroup(folder: Path) -> None:
             time.sleep(0.1)
 
 
-def _oom_kills(folder: Path, kind: str) -> int:
+def oom_kills(folder: Path, kind: str) -> int:
     """OOM kills inside the group (v2 memory.events' oom_kill; v1: the failure counter's OOM flag)."""
     try:
         if kind == "v2":
@@ -113,7 +113,7 @@ def run_capped(cmd: list[str], cap_gb: float, env: dict | None = None, log=None)
     peak = usage.ru_maxrss * 1024  # kB: the larger of the child's peak and its reaped descendants'
     oom = 0
     if group:
-        oom = _oom_kills(*group)
+        oom = oom_kills(*group)
         remove_cgroup(group[0])
     return {"cmd": cmd[-1][:200] if len(cmd) > 2 else " ".join(cmd), "returncode": proc.returncode,
             "capped": bool(group), "cgroup": group[1] if group else None, "cap_gb": cap_gb,

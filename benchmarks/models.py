@@ -17,8 +17,10 @@ and keeps each peer's median run: a host's speed can drift by 10-25% between run
 
 Rows: ``<shape>-<batch>x<seq>-<bf16|fp16>`` for any shape of peers/bench_common.py's SHAPES
 (benchmarks/README.md's six are the ``main`` alias), and ``t4-<shape>``: the T4 emulation (fp16, batch 1,
-MEM_CAP_GIB=14.3, SDPA memory-efficient backend only), which searches the longest context that
-fits for each of its peers (nbtune and unsloth): 32k, 40k, 48k, ... stopping at a peer's first OOM.
+MEM_CAP_GIB=14.3, SDPA memory-efficient backend only, and each peer process's host RAM capped at free
+Colab's 12.7 GB by a memory cgroup, benchmarks/host_cap.py), which searches the longest context that
+fits for each of its peers (nbtune and unsloth): 32k, 40k, 48k, ... stopping at a peer's first OOM,
+on the GPU or on the host.
 
 Checks: nbtune's first loss must match the HF peer's (same weights, same tokens) within 1e-3
 absolute on the unrounded values (``first_loss_exact``; where a peer only gives the 3-decimal
@@ -81,6 +83,7 @@ T4_ROWS = ["t4-llama3-8b"]
 ALIASES = {"main": MAIN_ROWS, "t4": T4_ROWS, "all": MAIN_ROWS + T4_ROWS}
 
 T4_CAP_GIB = 14.3
+T4_HOST_CAP_GB = 12.7  # free Colab's RAM for the whole machine
 T4_SDPA = "efficient"
 T4_CONTEXTS = [32768 + 8192 * i for i in range(13)]  # 32k, 40k, 48k, ... 128k
 T4_PEERS = ["nbtune", "unsloth"]
@@ -186,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="contexts the T4 search tries, in order, per peer, until its first OOM")
     ap.add_argument("--t4-peers", default=",".join(T4_PEERS), help="peers searched in t4 rows (also in --peers)")
     ap.add_argument("--t4-cap-gib", type=float, default=T4_CAP_GIB)
+    ap.add_argument("--t4-host-cap-gb", type=float, default=T4_HOST_CAP_GB,
+                    help="host RAM cap of each t4 peer process in GB (a memory cgroup, as free Colab's 12.7 GB; 0: none)")
     ap.add_argument("--t4-sdpa", default=T4_SDPA, help="SDPA backend allowed in t4 rows (NBTUNE_BENCH_SDPA)")
     ap.add_argument("--t4-steps", type=parse_steps, default=None, metavar="W:S",
                     help="warm-up:timed steps in t4 rows (unsloth and nbtune honour it; default 3:8)")
@@ -222,6 +227,7 @@ class Job:
     stderr_tail: str = ""
     env: dict = field(default_factory=dict)
     sdpa: dict | None = None
+    host: dict | None = None  # t4 rows: the host-RAM cap, whether it held, the peak RSS
 
 
 def peer_env(peer: str, args, extra: dict | None = None) -> dict:
@@ -278,6 +284,9 @@ def classify(job: Job, rc: int | None, lines: list[dict], stderr: str, timed_out
     elif oom is not None:
         job.status, job.line = "oom", oom
         job.detail = oom.get("detail", "")
+    elif job.host and job.host.get("oom_kills") and rc != 0:
+        job.status = "oom"
+        job.detail = f"host RAM: OOM-killed at the {job.host['cap_gb']} GB cap"
     elif timed_out:
         job.status, job.detail = "timeout", f"killed after {job.seconds:.0f} s"
     elif rc != 0 and _OOM_RE.search(stderr or ""):
@@ -318,22 +327,50 @@ def _stop_group(proc: subprocess.Popen) -> None:
             continue
 
 
-def run_process(cmd: list[str], env: dict, timeout: float, cwd: str | None = None):
+def run_process(cmd: list[str], env: dict, timeout: float, cwd: str | None = None, host_cap_gb: float = 0,
+                host: dict | None = None):
     """(rc, stdout, stderr, timed_out): output goes through files (no pipe deadlocks). The peer gets
     its own process group (not a new session, so nothing outlives the command that started the
-    driver); on timeout, or if the driver itself is stopped, that group is terminated, then killed."""
+    driver); on timeout, or if the driver itself is stopped, that group is terminated, then killed.
+
+    ``host_cap_gb`` > 0: the peer runs in a memory cgroup of that size (benchmarks/host_cap.py), as
+    on free Colab; ``host`` (a dict) receives whether the cap held, the peak RSS and the OOM kills."""
+    group = _sibling("host_cap").make_cgroup(int(host_cap_gb * 1e9), f"nbtune-cap-{os.getpid()}-{time.monotonic_ns()}") \
+        if host_cap_gb > 0 else None
+
+    def start():
+        os.setpgrp()
+        if group:
+            (group[0] / "cgroup.procs").write_text(str(os.getpid()))
+
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=cwd, preexec_fn=os.setpgrp)
-        timed_out = False
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=cwd, preexec_fn=start)
+        timed_out, deadline, usage = False, time.time() + max(timeout, 1), None
         try:
-            rc = proc.wait(timeout=max(timeout, 1))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _stop_group(proc)
-            rc = proc.returncode
+            while True:  # wait4 rather than wait: the peer's peak RSS comes with its exit
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    proc.returncode = rc = os.waitstatus_to_exitcode(status)
+                    break
+                if time.time() > deadline:
+                    timed_out = True
+                    _stop_group(proc)
+                    rc = proc.returncode
+                    break
+                time.sleep(0.2)
         except BaseException:
             _stop_group(proc)
             raise
+        finally:
+            if group:
+                if host is not None:
+                    host.update(cap_gb=host_cap_gb, capped=True, oom_kills=_sibling("host_cap").oom_kills(*group))
+                _sibling("host_cap").remove_cgroup(group[0])
+        if host is not None and host_cap_gb > 0:
+            host.setdefault("capped", False)
+            host.setdefault("cap_gb", host_cap_gb)
+            if usage is not None:
+                host["peak_rss_gb"] = round(usage.ru_maxrss * 1024 / 1e9, 3)
         out.seek(0); err.seek(0)
         return rc, out.read(), err.read(), timed_out
 
@@ -519,6 +556,9 @@ def t4_summary(attempts: list[dict]) -> dict:
     out = dict(longest=best["seq"] if best else None, first_oom=first_oom, stopped=stopped)
     if best and best.get("line"):
         out.update(tokens_per_s=best["line"].get("tokens_per_s"), peak_reserved_gib=best["line"].get("peak_reserved_gib"))
+    if best and best.get("host"):
+        out["host_peak_rss_gb"] = best["host"].get("peak_rss_gb")
+        out["host_capped"] = best["host"].get("capped")
     if best and best.get("sdpa"):
         out["sdpa_calls"] = best["sdpa"].get("calls")  # >0: the peer's attention went through the restricted SDPA
     return out
@@ -564,8 +604,8 @@ class Runner:
             f.write(text if text.endswith("\n") else text + "\n")
 
     # -- one job
-    def run_job(self, row: Row, peer: str, spec: str, extra_env: dict | None = None) -> Job:
-        job = Job(row=row.id, peer=peer, spec=spec, env=dict(extra_env or {}))
+    def run_job(self, row: Row, peer: str, spec: str, extra_env: dict | None = None, host_cap_gb: float = 0) -> Job:
+        job = Job(row=row.id, peer=peer, spec=spec, env=dict(extra_env or {}), host={} if host_cap_gb > 0 else None)
         if peer in self.unavailable:
             job.status, job.detail = "skipped", self.unavailable[peer]
             return job
@@ -583,7 +623,8 @@ class Runner:
         print(f"[{time.time() - self.start:6.0f}s] {row.id} · {peer}: {spec} {' '.join(f'{k}={v}' for k, v in job.env.items())}",
               flush=True)
         t0 = time.time()
-        rc, out, err, timed_out = run_process(cmd, peer_env(peer, self.args, job.env), timeout, cwd=cwd)
+        rc, out, err, timed_out = run_process(cmd, peer_env(peer, self.args, job.env), timeout, cwd=cwd,
+                                              host_cap_gb=host_cap_gb, host=job.host)
         job.seconds = round(time.time() - t0, 1)
         self.last_seconds[peer] = job.seconds
         lines, job.sdpa = parse_output(out, err)
@@ -627,7 +668,8 @@ class Runner:
         contexts = [int(c) for c in str(self.args.t4_contexts).split(",") if c.strip()]
         t4_peers = [p for p in self.peers if p in parse_peers(self.args.t4_peers)]
         rec = dict(id=row.id, kind="t4", shape=row.shape, batch=1, dtype="float16", label=row.label(),
-                   cap_gib=self.args.t4_cap_gib, sdpa=self.args.t4_sdpa, contexts=contexts, search={})
+                   cap_gib=self.args.t4_cap_gib, host_cap_gb=self.args.t4_host_cap_gb, sdpa=self.args.t4_sdpa,
+                   contexts=contexts, search={})
         self.doc["rows"].append(rec)
         env = {"MEM_CAP_GIB": str(self.args.t4_cap_gib), "NBTUNE_BENCH_SDPA": self.args.t4_sdpa}
         if self.args.t4_steps:
@@ -638,7 +680,7 @@ class Runner:
             for seq in contexts:
                 spec = f"{row.shape}:1:{seq}:float16"
                 attempts.append(dict(seq=seq, status="pending", row=row.id, peer=peer, spec=spec, line=None))
-                job = self.run_job(row, peer, spec, env)
+                job = self.run_job(row, peer, spec, env, host_cap_gb=self.args.t4_host_cap_gb)
                 attempts[-1] = dict(seq=seq, **asdict(job))
                 rec["search"][peer].update(t4_summary(attempts))
                 self.save()
@@ -777,9 +819,9 @@ def speed_table(rows: list[tuple[str, dict]]) -> list[str]:
 
 
 def t4_table(rows: list[tuple[str, dict]]) -> list[str]:
-    out = ["| row | run | peer | longest context that fits | tok/s there | peak reserved GiB | first OOM | search stopped "
-           "| SDPA calls | ≥48k (nbtune) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| row | run | peer | longest context that fits | tok/s there | peak reserved GiB | host peak RSS GB "
+           "| first OOM | search stopped | SDPA calls | ≥48k (nbtune) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for run, rec in rows:
         for peer, s in rec.get("search", {}).items():
             longest = f"{s['longest']:,}" if s.get("longest") else "none"
@@ -788,8 +830,11 @@ def t4_table(rows: list[tuple[str, dict]]) -> list[str]:
             oom = f"{s['first_oom']:,}" if s.get("first_oom") else "—"
             target = fmt_target(rec.get("target")) if peer == "nbtune" else ""
             calls = s.get("sdpa_calls")
+            rss = "—" if s.get("host_peak_rss_gb") is None else (
+                f"{s['host_peak_rss_gb']:.2f}" + ("" if s.get("host_capped") else " (cap not enforced)"))
             out.append(f"| {rec['label']} | {run} | {PEERS.get(peer, {}).get('label', peer)} | {longest} | {tps} | "
-                       f"{peak} | {oom} | {s.get('stopped', '—')} | {'—' if calls is None else f'{calls:,}'} | {target} |")
+                       f"{peak} | {rss} | {oom} | {s.get('stopped', '—')} | {'—' if calls is None else f'{calls:,}'} "
+                       f"| {target} |")
     return out
 
 
@@ -888,7 +933,8 @@ def render_markdown(docs: list[tuple[str, dict]], trainer_docs: list[tuple[str, 
         lines += speed_table(sorted(latest_speed.values(), key=lambda x: order.get(x[1]["id"], 99)))
     else:
         lines.append("No speed row measured yet.")
-    lines += ["", f"### T4 emulation: llama3-8b, fp16, batch 1, allocator capped at {T4_CAP_GIB} GiB, SDPA "
+    lines += ["", f"### T4 emulation: llama3-8b, fp16, batch 1, allocator capped at {T4_CAP_GIB} GiB, host RAM at "
+              f"{T4_HOST_CAP_GB} GB (a memory cgroup; runs before it had no host cap: host figure —), SDPA "
               "memory-efficient backend only; contexts tried 32k, 40k, 48k, ... until each peer's first OOM", ""]
     if latest_t4:
         lines += t4_table(sorted(latest_t4.values(), key=lambda x: order.get(x[1]["id"], 99)))

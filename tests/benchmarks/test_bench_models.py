@@ -222,8 +222,8 @@ def test_markdown_tables_ratios_targets_and_t4(tmp_path):
     l2 = next(l for l in latest.splitlines() if l.startswith("| llama2-7b 1×2048 fp16"))
     assert "skipped" in l2 and "**MISMATCH**" in l2 and l2.rstrip().endswith("failed |")
     # T4: longest contexts, first OOM, target
-    assert "| nbtune | 57,344 | 7,100 | 14.10 | 65,536 | first OOM | — | met |" in latest
-    assert "| Unsloth | 32,768 | 6,506 | 14.23 | 40,960 |" in latest
+    assert "| nbtune | 57,344 | 7,100 | 14.10 | — | 65,536 | first OOM | — | met |" in latest
+    assert "| Unsloth | 32,768 | 6,506 | 14.23 | — | 40,960 |" in latest
     # every run is listed, newest first, with its meta
     runs = md.split("## Runs")[1]
     assert runs.index("20261130-000000") < runs.index("20261101-000000")
@@ -254,6 +254,10 @@ FAKE_PEER = textwrap.dedent('''
         if b * s > limit:
             print(json.dumps(dict(peer=name, shape=shape, batch=str(b), seqlen=str(s), error="OOM")), flush=True)
             continue
+        host = int(os.environ.get("FAKE_HOST_BYTES_PER_TOKEN_" + name, 0)) * b * s
+        if host:  # what offloading puts on the host grows with the context
+            held = bytearray(host)
+            held[::4096] = b"1" * len(held[::4096])
         print("a banner line that is not JSON")
         tps = int(os.environ.get("FAKE_TPS_" + name, 1000))
         if os.environ.get("FAKE_TPS_SEQ_" + name):  # one value per run, in run order (counted in a file)
@@ -373,6 +377,28 @@ def test_driver_t4_search_stops_at_each_peers_first_oom(fake_peers, monkeypatch)
     assert first["env"] == {"MEM_CAP_GIB": "14.3", "NBTUNE_BENCH_SDPA": "efficient", "WARMUP": "1", "STEPS": "2"}
     md = fake_peers["md"].read_text()
     assert "57,344" in md and "32,768" in md
+
+
+def test_driver_t4_search_stops_at_the_host_ram_cap(fake_peers, monkeypatch):
+    """Each t4 peer process runs in a memory cgroup: a peer whose host memory grows with the context
+    is OOM-killed at the cap, which ends its search like a GPU OOM. Where no cgroup can be made
+    (not root), nothing is enforced: the run says so and records the peak RSS."""
+    monkeypatch.setenv("FAKE_HOST_BYTES_PER_TOKEN_nbtune", "7000")  # 48k: 344 MB; 56k: 401 MB
+    rc = models.main(fake_peers["base"] + ["--rows", "t4", "--peers", "nbtune", "--t4-steps", "1:2",
+                                           "--t4-host-cap-gb", "0.4", "--t4-contexts", "32768,49152,57344"])
+    assert rc == 0
+    row = read_run(fake_peers["out"])["rows"][0]
+    nb = row["search"]["nbtune"]
+    assert row["host_cap_gb"] == 0.4
+    first = nb["attempts"][0]
+    assert 0.2 < first["host"]["peak_rss_gb"] < 0.4
+    if first["host"]["capped"]:
+        assert nb["longest"] == 49152 and nb["first_oom"] == 57344 and nb["host_capped"]
+        last = nb["attempts"][-1]
+        assert last["status"] == "oom" and "host RAM" in last["detail"] and last["host"]["oom_kills"] >= 1
+        assert 0.3 < nb["host_peak_rss_gb"] < 0.4
+    else:
+        assert nb["longest"] == 57344 and "cap not enforced" in fake_peers["md"].read_text()
 
 
 def test_driver_timeout_and_time_budget(fake_peers, monkeypatch):
