@@ -111,6 +111,27 @@ class StepProfiler:
             self.prof = None
 
 
+class OffloadCounter:
+    """A metrics listener keeping, per train step, what the offloaded checkpointing did in it: the
+    inputs offloaded and kept on the GPU, and the host-buffer pool's growth (new buffers, slabs
+    retired): pinned buffers are allocated, and retired ones freed, only where these grow."""
+
+    KEYS = ("offloaded", "kept_on_device", "not_seen", "pool_takes", "pool_reuses", "pool_buffers", "pool_retired")
+
+    def __init__(self):
+        self.steps, self.last = [], None
+
+    def __call__(self, rec: dict) -> None:
+        if rec.get("event") not in ("start", "train"):
+            return
+        from nbtune.kernels.offload import offload_stats
+
+        now = offload_stats()
+        if rec.get("event") == "train" and self.last is not None:
+            self.steps.append({k: now.get(k, 0) - self.last.get(k, 0) for k in self.KEYS})
+        self.last = now
+
+
 class ClockListener:
     """A metrics listener feeding the step clock from nbtune's own records."""
 
@@ -139,7 +160,8 @@ def main(argv=None) -> int:
         dash = notebook_dashboard()
         if dash is None:
             base["dashboard"] = "off: plotly is not installed here"
-        listeners = [ClockListener(clock)]
+        offload = OffloadCounter()
+        listeners = [ClockListener(clock), offload]
         if os.environ.get("NBTUNE_BENCH_PROFILE"):
             first, last = (int(x) for x in os.environ["NBTUNE_BENCH_PROFILE"].split(":"))
             out = os.environ.get("OUT") or "."
@@ -149,6 +171,7 @@ def main(argv=None) -> int:
         peak = tc.peak_reserved_gib()
         line = dict(base, **tc.summarize(clock, args.warmup, args.batch, args.seq), peak_reserved_gib=peak,
                     gradient_checkpointing=result.gradient_checkpointing, metrics_records=len(result.metrics),
+                    offload_each=offload.steps,
                     total_s=round(time.perf_counter() - t0, 1))
         if dash is not None:
             line.update(dashboard="on", dashboard_renders=dash.renders, dashboard_bytes=dash.shown_bytes)
