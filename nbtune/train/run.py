@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from .. import quiet
+from ..kernels.offload import reserve_tokens
 from ..models import add_lora, load_model
 from ..versions import stack_line
 from . import batch_fit, disk, distributed, run_folder, session
@@ -589,6 +590,16 @@ def finetune(config=None, *, plan: bool = False, dry_run: bool = False, resume=F
     return finish(run)
 
 
+def offload_reserve(cfg: Config, mode: str) -> int | None:
+    """Tokens of the run's longest micro-batch, for which offloaded checkpointing pins its host
+    buffers once (``nbtune.kernels.offload.reserve_tokens``): batch_size x max_seq_length, twice that
+    for DPO/ORPO (chosen and rejected in one forward); None for GRPO, whose generated lengths vary
+    freely, and without offloading."""
+    if mode != "offload" or cfg.train.method == "grpo":
+        return None
+    return cfg.train.batch_size * cfg.model.max_seq_length * (2 if cfg.train.method in PREFERENCE_METHODS else 1)
+
+
 def prepare(cfg: Config, *, resume=False, force: bool = False, listeners=None, model=None, tokenizer=None,
             progress: bool = True, reuse_model: bool = True) -> _Run:
     """Everything before the first step: the checks (nothing loaded, nothing written when one fails),
@@ -623,6 +634,7 @@ def prepare(cfg: Config, *, resume=False, force: bool = False, listeners=None, m
                           gradient_checkpointing=choice.mode, offload_layers=choice.offload_layers,
                           seed=cfg.train.seed)
     session.attach(peft_model)
+    reserve_tokens(offload_reserve(cfg, choice.mode))
     disk.track(out, cfg, peft_model)
     start_step = checkpoint_step(resume_from) if resume_from is not None else None
     before = None

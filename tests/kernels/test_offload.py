@@ -417,6 +417,55 @@ def test_batches_of_varying_length_do_not_grow_the_pool(kernel_mode):
     offload.release_pinned_memory()
 
 
+def test_reserved_tokens_pin_the_pool_once_for_rising_lengths(kernel_mode):
+    """With the run's longest micro-batch reserved, lengths that keep rising (packed rows filling
+    up, padded rows) are served by the first step's buffers: the pool never retires a slab (each
+    retirement is a cudaFreeHost and a cudaHostAlloc on a GPU), holds what the planner counts for
+    the reserved length, and the gradients are unchanged."""
+    from nbtune.planner.host_memory import pool_bytes
+
+    kernel_mode("triton")
+    offload.release_pinned_memory()
+    n, lengths = 4, [10, 13, 16, 19, 22]
+    layers = make_stack(n_layers=n, seed=61)
+    try:
+        offload.reserve_tokens(2 * max(lengths))
+        before, first = offload_stats(), None
+        for length in lengths:
+            x = torch.randn(2, length, 24, requires_grad=True)
+            assert_same_step(run_stack(layers, x, offloaded_checkpoint), run_stack(layers, x), **FP32_TOL)
+            gc.collect()
+            first = first or offload_stats()
+        after = offload_stats()
+        assert after["pool_retired"] == before["pool_retired"]
+        assert after["pool_buffers"] == first["pool_buffers"] and after["pool_slabs"] == first["pool_slabs"]
+        longest = 2 * max(lengths) * 24 * 4
+        assert n * longest <= after["pool_bytes"] <= pool_bytes(n, longest)
+        offload.reserve_tokens(None)  # unreserved, the same lengths re-pin at every new longest one
+        offload.release_pinned_memory()
+        for length in lengths:
+            run_stack(layers, torch.randn(2, length, 24, requires_grad=True), offloaded_checkpoint)
+        gc.collect()
+        assert offload_stats()["pool_retired"] - after["pool_retired"] == len(lengths) - 1
+    finally:
+        offload.reserve_tokens(None)
+        offload.release_pinned_memory()
+
+
+def test_the_run_reserves_its_longest_micro_batch():
+    from nbtune.train.config import build_config
+    from nbtune.train.run import offload_reserve
+
+    def cfg(**train):
+        return build_config({"model": {"name": "smollm2-135m-instruct", "max_seq_length": 512},
+                             "data": {"source": "gsm8k"}, "train": {"batch_size": 3, **train}})
+
+    assert offload_reserve(cfg(), "offload") == 3 * 512
+    assert offload_reserve(cfg(method="dpo"), "offload") == 2 * 3 * 512
+    assert offload_reserve(cfg(), "plain") is None
+    assert offload_reserve(cfg(method="grpo"), "offload") is None
+
+
 class _CopyEvent:
     """Stands in for a CUDA event: finished or not, and whether the host waited on it."""
 
