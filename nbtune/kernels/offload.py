@@ -80,7 +80,8 @@ Streams and lifetimes (CUDA)
   stream waits on its event.
 - Pinned buffers come from a pool and are reused step after step (pinning memory with
   cudaHostAlloc is slow); a buffer serves any input that fits it, and slabs outgrown by longer
-  batches are dropped, so batches of varying length do not grow host memory step after step.
+  batches are dropped, so batches of varying length do not grow host memory step after step. A run
+  reserves its longest micro-batch first (``reserve_tokens``), so that rising lengths do not re-pin.
   Each buffer goes back to the pool with the event of the last copy that touched it, and is
   handed out again only after that event. Buffers are carved
   from slabs of at least 4 buffers because torch's pinned allocator rounds every allocation up
@@ -707,10 +708,10 @@ def reserve_tokens(tokens: int | None) -> None:
 
     A run whose micro-batches vary in length (padded rows, packed rows) otherwise re-pins the whole
     pool at every new longest micro-batch: the smaller slabs are freed (cudaFreeHost, which waits for
-    the device) and larger ones pinned (cudaHostAlloc), about 0.4 s for llama3-8b's 32 layers at 2 x
-    2048 tokens, on as many steps as the lengths keep rising. Reserving the run's longest micro-batch
-    up front pins once; the host RAM is what the pool reaches anyway once that batch comes, and what
-    the host-RAM plan counts."""
+    the device) and larger ones pinned (cudaHostAlloc), a large part of a step for a 7-8B model, on
+    as many steps as the lengths keep rising. Reserving the run's longest micro-batch up front pins
+    once; the host RAM is what the pool reaches anyway once that batch comes, and what the host-RAM
+    plan counts. The trainer calls it (nbtune.train.run)."""
     global _RESERVED_TOKENS
     _RESERVED_TOKENS = int(tokens) if tokens else None
 
