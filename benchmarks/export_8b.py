@@ -234,7 +234,13 @@ def main(argv=None) -> int:
         doc["steps"]["merged_from_bf16"] = capped_export("merged", base, adapter, merged, "float16", args.cap_gb, log)
         save()
         print(json.dumps({"merged_from_bf16": doc["steps"]["merged_from_bf16"]}), flush=True)
-    if os.path.isfile(gguf_path) and os.path.isdir(merged):
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        doc["llama_cpp"] = {"loads": None, "missing": "llama-cpp-python is not installed: pip install "
+                                                     "llama-cpp-python (or bash .ci/llama_cpp VENV)"}
+        print(f"# {doc['llama_cpp']['missing']}; the GGUF is not checked in llama.cpp", flush=True)
+    elif os.path.isfile(gguf_path) and os.path.isdir(merged):
         ref = reference_logits(merged, ids)
         got, load_s = llama_cpp_logits(gguf_path, ids)
         doc["llama_cpp"] = {"loads": True, "load_s": round(load_s, 1), "tokens": len(ids), **agreement(ref, got)}

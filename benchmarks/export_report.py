@@ -48,7 +48,9 @@ def section(docs: list[tuple[str, dict]]) -> list[str]:
         lines.append(f"| {name} | {s.get('peak_rss_gb'):.2f} | {capped} | {s.get('seconds'):.0f} | "
                      f"{_gb(s.get('output_bytes'))} |")
     c = doc.get("llama_cpp")
-    if c:
+    if c and c.get("missing"):
+        lines += ["", f"The GGUF was not checked in llama.cpp: {c['missing']}."]
+    elif c:
         lines += ["", f"The {doc.get('quant')} GGUF loads in llama.cpp ({c['load_s']} s). Its logits on {c['tokens']} "
                   f"tokens of a GSM8K question against the merged model's (transformers, bf16): cosine similarity "
                   f"min {c['cosine_min']:.4f} (mean {c['cosine_mean']:.4f}), relative error max {c['rel_error_max']:.2%} "

@@ -12,7 +12,11 @@ Where no cgroup can be made (not root, no memory controller) the command runs un
 result says so (``capped: false``); its peak RSS is still measured and compared with the cap.
 
 Peak RSS is the largest resident set of the command or any of its children (``wait4``'s
-``ru_maxrss``), which is what the process costs the host, imports and CUDA libraries included.
+``ru_maxrss``), which is what the process costs the host, imports and CUDA libraries included. The
+kernel counts a forked child's pages from before its ``exec`` too, so a command forked straight
+from a large process (a test runner, a driver that loaded a model) would be charged that
+process's size: the command is started by a small launcher (:func:`measured`) whose own
+interpreter, a few MB, is the most it can be overcharged.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -91,6 +96,44 @@ def oom_kills(folder: Path, kind: str) -> int:
     return 0
 
 
+LAUNCHER = """
+import os, sys
+path, cmd = sys.argv[1], sys.argv[2:]
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(cmd[0], cmd)
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+with open(path, "w") as f:
+    f.write(str(usage.ru_maxrss))
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
+def measured(cmd: list[str]) -> tuple[list[str], str]:
+    """(argv that runs ``cmd`` through the launcher, file the launcher writes the peak RSS in kB to).
+    A command killed by signal N exits 128 + N."""
+    fd, path = tempfile.mkstemp(prefix="nbtune-peak-")
+    os.close(fd)
+    return [sys.executable, "-c", LAUNCHER, path, *cmd], path
+
+
+def read_peak(path: str) -> int | None:
+    """Bytes of the peak RSS the launcher wrote (None if it did not get that far); removes the file."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+        return int(text) * 1024 if text else None
+    except (OSError, ValueError):
+        return None
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
+
+
 def run_capped(cmd: list[str], cap_gb: float, env: dict | None = None, log=None) -> dict:
     """Run ``cmd`` under the cap; returns exit code, capped or not, peak RSS (GB and GiB), OOM kills, seconds."""
     cap = int(cap_gb * GB)
@@ -102,15 +145,15 @@ def run_capped(cmd: list[str], cap_gb: float, env: dict | None = None, log=None)
             procs.write_text(str(os.getpid()))
 
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=enter, stdout=log, stderr=subprocess.STDOUT if log else None)
+    argv, peak_file = measured(cmd)
+    proc = subprocess.Popen(argv, env=env, preexec_fn=enter, stdout=log, stderr=subprocess.STDOUT if log else None)
     try:
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc.wait()
     except KeyboardInterrupt:
         proc.send_signal(signal.SIGINT)
         raise
     seconds = time.monotonic() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    peak = usage.ru_maxrss * 1024  # kB: the larger of the child's peak and its reaped descendants'
+    peak = read_peak(peak_file) or 0
     oom = 0
     if group:
         oom = oom_kills(*group)

@@ -335,8 +335,12 @@ def run_process(cmd: list[str], env: dict, timeout: float, cwd: str | None = Non
 
     ``host_cap_gb`` > 0: the peer runs in a memory cgroup of that size (benchmarks/host_cap.py), as
     on free Colab; ``host`` (a dict) receives whether the cap held, the peak RSS and the OOM kills."""
-    group = _sibling("host_cap").make_cgroup(int(host_cap_gb * 1e9), f"nbtune-cap-{os.getpid()}-{time.monotonic_ns()}") \
+    cap = _sibling("host_cap")
+    group = cap.make_cgroup(int(host_cap_gb * 1e9), f"nbtune-cap-{os.getpid()}-{time.monotonic_ns()}") \
         if host_cap_gb > 0 else None
+    peak_file = None
+    if host_cap_gb > 0:  # through the launcher: the peer's peak RSS without this driver's pages
+        cmd, peak_file = cap.measured(cmd)
 
     def start():
         os.setpgrp()
@@ -345,32 +349,29 @@ def run_process(cmd: list[str], env: dict, timeout: float, cwd: str | None = Non
 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=cwd, preexec_fn=start)
-        timed_out, deadline, usage = False, time.time() + max(timeout, 1), None
+        timed_out = False
         try:
-            while True:  # wait4 rather than wait: the peer's peak RSS comes with its exit
-                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-                if pid:
-                    proc.returncode = rc = os.waitstatus_to_exitcode(status)
-                    break
-                if time.time() > deadline:
-                    timed_out = True
-                    _stop_group(proc)
-                    rc = proc.returncode
-                    break
-                time.sleep(0.2)
+            rc = proc.wait(timeout=max(timeout, 1))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _stop_group(proc)
+            rc = proc.returncode
         except BaseException:
             _stop_group(proc)
             raise
         finally:
             if group:
                 if host is not None:
-                    host.update(cap_gb=host_cap_gb, capped=True, oom_kills=_sibling("host_cap").oom_kills(*group))
-                _sibling("host_cap").remove_cgroup(group[0])
+                    host.update(capped=True, oom_kills=cap.oom_kills(*group))
+                cap.remove_cgroup(group[0])
         if host is not None and host_cap_gb > 0:
             host.setdefault("capped", False)
-            host.setdefault("cap_gb", host_cap_gb)
-            if usage is not None:
-                host["peak_rss_gb"] = round(usage.ru_maxrss * 1024 / 1e9, 3)
+            host["cap_gb"] = host_cap_gb
+            peak = cap.read_peak(peak_file)
+            if peak is not None:
+                host["peak_rss_gb"] = round(peak / 1e9, 3)
+        elif peak_file:
+            cap.read_peak(peak_file)
         out.seek(0); err.seek(0)
         return rc, out.read(), err.read(), timed_out
 

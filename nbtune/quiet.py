@@ -55,6 +55,8 @@ WARNINGS = (
 # logger name -> message regexes of its records that are dropped
 LOG_RECORDS = {
     "bitsandbytes.backends.cpu.ops": (r"Failed to load CPU gemm_4bit_forward from kernels-community",),
+    # kernels (transformers >= 5.25's dependency), offline, on bitsandbytes' CPU kernel lookup above
+    "kernels._internals.hf_hub": (r"Skipping publisher trust check for 'kernels-community/",),
     "transformers.tokenization_utils_tokenizers": (r"Ignoring clean_up_tokenization_spaces=True for BPE tokenizer",),
     "transformers.utils.generic": (r"`past_key_values`/`cache_params` are deprecated\. Use `cache` instead",),
 }
