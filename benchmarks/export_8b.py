@@ -13,8 +13,9 @@ merge changes every adapted weight), it runs what a user runs after training:
 
 each in its own process under a host-RAM cap (benchmarks/host_cap.py: a memory cgroup, so going over
 is an OOM kill), with its peak RSS, time and output size. Then it checks the GGUF in a real llama.cpp
-(llama-cpp-python): it loads, and its logits on 16 tokens of a GSM8K question agree with the merged
-model's (transformers, bf16): cosine similarity and relative error per position, argmax and top-5
+(llama-cpp-python): it loads, and its logits on 16 tokens of a GSM8K question agree with those of
+base + adapter merged by peft (transformers; ``--reference-dtypes``, bf16 by default, float32 where
+the machine holds it): cosine similarity and relative error per position, argmax and top-5
 agreement. The base and the NF4 copy stay in DIR for later runs; the exports are removed after
 they are measured (they are large). Results: one JSON document (``--json``, default
 benchmarks/results/export-8b-<stamp>.json), which RESULTS.md's export section is generated from.
@@ -126,15 +127,21 @@ def prompt_ids(tokenizer, rows_path: str) -> list[int]:
     return (bos + ids)[:N_TOKENS]
 
 
-def reference_logits(merged: str, ids: list[int]):
+def reference_logits(base: str, adapter: str, ids: list[int], dtype: str = "bfloat16", device: str = "cpu"):
+    """The logits of base + adapter merged by peft (not nbtune's merge: an independent reference),
+    in ``dtype`` on ``device``."""
     import torch
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype), device_map={"": device})
+    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model.eval()
     with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0].float().numpy()
+        logits = model(torch.tensor([ids], device=device)).logits[0].float().cpu().numpy()
     del model
+    if device != "cpu":
+        torch.cuda.empty_cache()
     return logits
 
 
@@ -170,6 +177,12 @@ def versions() -> dict:
     from importlib import metadata
 
     out = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
+    try:
+        import torch
+
+        out["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:
+        out["gpu"] = None
     for key, dist in (("torch", "torch"), ("transformers", "transformers"), ("peft", "peft"),
                       ("bitsandbytes", "bitsandbytes"), ("gguf", "gguf"), ("llama_cpp", "llama_cpp_python"),
                       ("nbtune", "nbtune")):
@@ -190,6 +203,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quant", default="q8_0")
     ap.add_argument("--device", default="cpu", help="where the random base is made (cpu or cuda)")
     ap.add_argument("--skip", default="", help="comma-separated steps to leave out: gguf, merged, nf4")
+    ap.add_argument("--reference-dtypes", default="bfloat16",
+                    help="comma-separated dtypes of the reference logits (the first is the headline), e.g. "
+                         "float32,bfloat16 where the machine holds the 8B model in fp32")
+    ap.add_argument("--reference-device", default="cpu", help="where the reference runs (cpu or cuda)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -240,10 +257,12 @@ def main(argv=None) -> int:
         doc["llama_cpp"] = {"loads": None, "missing": "llama-cpp-python is not installed: pip install "
                                                      "llama-cpp-python (or bash .ci/llama_cpp VENV)"}
         print(f"# {doc['llama_cpp']['missing']}; the GGUF is not checked in llama.cpp", flush=True)
-    elif os.path.isfile(gguf_path) and os.path.isdir(merged):
-        ref = reference_logits(merged, ids)
+    elif os.path.isfile(gguf_path):
         got, load_s = llama_cpp_logits(gguf_path, ids)
-        doc["llama_cpp"] = {"loads": True, "load_s": round(load_s, 1), "tokens": len(ids), **agreement(ref, got)}
+        dtypes = [d for d in args.reference_dtypes.split(",") if d]
+        by_dtype = {d: agreement(reference_logits(base, adapter, ids, d, args.reference_device), got) for d in dtypes}
+        doc["llama_cpp"] = {"loads": True, "load_s": round(load_s, 1), "tokens": len(ids), "reference": dtypes[0],
+                            **by_dtype[dtypes[0]], "by_reference": by_dtype}
         save()
         print(json.dumps({"llama_cpp": doc["llama_cpp"]}), flush=True)
     for path in (merged, gguf_path, gguf_path[:-len(".gguf")] + ".Modelfile"):

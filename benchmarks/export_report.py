@@ -21,11 +21,17 @@ def _gb(n) -> str:
     return f"{n / 1e9:.2f}" if n else "—"
 
 
+def _newest(docs, has):
+    found = [(path, doc) for path, doc in docs if has(doc)]
+    return found[-1] if found else docs[-1]
+
+
 def section(docs: list[tuple[str, dict]]) -> list[str]:
-    """The newest export run: each export's peak RSS against the cap, time and size; the GGUF in llama.cpp."""
+    """The newest export run with the capped exports (peak RSS against the cap, time, size), and the
+    newest one that checked the GGUF in llama.cpp (a run may do only that: ``--skip merged,nf4``)."""
     if not docs:
         return []
-    path, doc = docs[-1]
+    path, doc = _newest(docs, lambda d: "merged_from_bf16" in d.get("steps", {}))
     m, v = doc.get("model", {}), doc.get("versions", {})
     lines = ["## Export at full size (benchmarks/export_8b.py)", "",
              f"Generated from `benchmarks/results/{os.path.basename(path)}`. {doc.get('shape')}-shaped checkpoint, "
@@ -38,22 +44,32 @@ def section(docs: list[tuple[str, dict]]) -> list[str]:
              f"llama-cpp-python {v.get('llama_cpp')}.", "",
              "| export | peak RSS GB | under the cap | seconds | output GB |", "|---|---|---|---|---|"]
     for key, label in STEPS:
-        s = doc.get("steps", {}).get(key)
-        if s is None:
+        st = doc.get("steps", {}).get(key)
+        if st is None:
             continue
         name = f"{label} ({doc.get('quant')})" if key == "gguf" else label
-        capped = ("yes" if s.get("under_cap") else f"no (exit {s.get('returncode')}, OOM kills {s.get('oom_kills')})")
-        if not s.get("capped"):
+        capped = ("yes" if st.get("under_cap") else f"no (exit {st.get('returncode')}, OOM kills {st.get('oom_kills')})")
+        if not st.get("capped"):
             capped += " (not enforced: no cgroup)"
-        lines.append(f"| {name} | {s.get('peak_rss_gb'):.2f} | {capped} | {s.get('seconds'):.0f} | "
-                     f"{_gb(s.get('output_bytes'))} |")
-    c = doc.get("llama_cpp")
+        lines.append(f"| {name} | {st.get('peak_rss_gb'):.2f} | {capped} | {st.get('seconds'):.0f} | "
+                     f"{_gb(st.get('output_bytes'))} |")
+    path, doc = _newest(docs, lambda d: (d.get("llama_cpp") or {}).get("loads"))
+    c, v = doc.get("llama_cpp"), doc.get("versions", {})
     if c and c.get("missing"):
         lines += ["", f"The GGUF was not checked in llama.cpp: {c['missing']}."]
     elif c:
-        lines += ["", f"The {doc.get('quant')} GGUF loads in llama.cpp ({c['load_s']} s). Its logits on {c['tokens']} "
-                  f"tokens of a GSM8K question against the merged model's (transformers, bf16): cosine similarity "
-                  f"min {c['cosine_min']:.4f} (mean {c['cosine_mean']:.4f}), relative error max {c['rel_error_max']:.2%} "
-                  f"(mean {c['rel_error_mean']:.2%}), argmax agreement {c['argmax_agree']:.0%}, top-5 overlap "
-                  f"{c['top5_overlap']:.0%} (random weights: logits of std {c['logit_std']}, so near-ties are common)."]
+        by_ref = c.get("by_reference") or {c.get("reference", "bfloat16"): c}
+        against = ("base + adapter merged by peft (transformers)" if c.get("by_reference")
+                   else "the merged export (transformers)")
+        where = f" (`{os.path.basename(path)}`: {v.get('cpus')} CPUs" + (f", reference on {v['gpu']}" if v.get("gpu")
+                                                                          else "") + ")"
+        lines += ["", f"The {doc.get('quant')} GGUF loads in llama.cpp ({c['load_s']} s){where}. Its logits on "
+                  f"{c['tokens']} tokens of a GSM8K question against {against}, "
+                  f"per reference precision (random weights: logits of std {c['logit_std']}, so near-ties are "
+                  "common):", "",
+                  "| reference | cosine min | cosine mean | rel. error max | rel. error mean | argmax agree | top-5 overlap |",
+                  "|---|---|---|---|---|---|---|"]
+        for dtype, a in by_ref.items():
+            lines.append(f"| {dtype} | {a['cosine_min']:.4f} | {a['cosine_mean']:.4f} | {a['rel_error_max']:.2%} | "
+                         f"{a['rel_error_mean']:.2%} | {a['argmax_agree']:.0%} | {a['top5_overlap']:.0%} |")
     return lines + [""]

@@ -53,7 +53,8 @@ def qkv(batch=2, heads=4, kv_heads=2, length=29, dim=16, seed=0, dtype=torch.flo
 def test_plan_for_unpadded_and_right_padded_batches():
     assert build_plan(2, 6) == AttentionPlan()
     right = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
-    assert build_plan(2, 6, attention_mask=right) == AttentionPlan()
+    assert build_plan(2, 6, attention_mask=right) == AttentionPlan(lengths=(6, 3))
+    assert build_plan(2, 6, attention_mask=torch.ones(2, 6)) == AttentionPlan()
     assert build_plan(2, 6, position_ids=torch.arange(6)[None]) == AttentionPlan()
 
 
@@ -265,3 +266,68 @@ def test_unpacked_softcap_rows_take_the_varlen_kernel(kernel_mode, window):
     assert _graph_has(got, "VarlenAttention")
     want = explicit_attention(q, k, v, torch.zeros(2, 21, dtype=torch.long), window=window, softcap=1.5, scale=0.3)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- right-padded rows
+def test_padded_plan_as_pieces():
+    plan = AttentionPlan(lengths=(6, 3, 0, 5))
+    assert plan.as_pieces(4, 6).pieces == (((0, 6, False),), ((0, 3, False), (3, 6, True)), ((0, 6, True),),
+                                           ((0, 5, False), (5, 6, True)))
+    assert not plan.as_pieces(4, 6).shared
+    same = AttentionPlan(lengths=(4, 4)).as_pieces(2, 6)
+    assert same.shared and same.pieces == (((0, 4, False), (4, 6, True)),)
+    assert A.plan_fits(plan, 4, 6) and not A.plan_fits(plan, 3, 6) and not A.plan_fits(plan, 4, 5)
+
+
+def test_padded_rows_switch(kernel_mode, monkeypatch):
+    q, _, _ = qkv()
+    monkeypatch.delenv(A.PADDED_ATTENTION_ENV, raising=False)
+    monkeypatch.delenv(A.PACKED_ATTENTION_ENV, raising=False)
+    kernel_mode("triton")
+    assert A.padded_attention_backend(q) == "sdpa"  # CPU tensors: SDPA as torch picks it
+    assert A.padded_attention_backend(q.to("meta")) == "sdpa"
+    monkeypatch.setenv(A.PADDED_ATTENTION_ENV, "varlen")
+    assert A.padded_attention_backend(q) == "varlen"
+    assert A.padded_attention_backend(q, dropout=0.1) == "sdpa"  # only SDPA draws attention dropout
+    kernel_mode("reference")
+    assert A.padded_attention_backend(q) == "sdpa"  # packed rows take "pieces" there
+    monkeypatch.setenv(A.PADDED_ATTENTION_ENV, "flash")
+    assert A.padded_attention_backend(q) == "sdpa"  # SDPA's flash backend is CUDA's
+    monkeypatch.setenv(A.PADDED_ATTENTION_ENV, "fast")
+    with pytest.raises(ValueError, match=A.PADDED_ATTENTION_ENV):
+        A.padded_attention_backend(q)
+
+
+def test_collated_rows_carry_their_lengths():
+    """A collator's batch (plan_batch) carries lengths even unpadded: its length varies by batch."""
+    batch = A.plan_batch({"input_ids": torch.zeros(1, 5, dtype=torch.long), "attention_mask": torch.ones(1, 5)})
+    assert batch[A.PLAN_KEY] == AttentionPlan(lengths=(5,))
+    batch = A.plan_batch({"input_ids": torch.zeros(2, 4, dtype=torch.long)})
+    assert batch[A.PLAN_KEY] == AttentionPlan(lengths=(4, 4))
+    pos = torch.tensor([[0, 1, 0, 1]])
+    assert A.plan_batch({"input_ids": torch.zeros(1, 4, dtype=torch.long), "position_ids": pos})[A.PLAN_KEY] \
+        == AttentionPlan(pieces=(((0, 2, False), (2, 4, False)),))
+
+
+@pytest.mark.parametrize("window, softcap", [(None, None), (5, None), (None, 1.5)])
+def test_padded_rows_take_the_varlen_kernel(kernel_mode, window, softcap, monkeypatch):
+    """Right-padded rows on the varlen kernel (``NBTUNE_PADDED_ATTENTION=varlen``; Triton's
+    interpreter here): the real tokens' outputs
+    and the gradients they send back equal one causal attention over each row's real tokens."""
+    kernel_mode("triton")
+    monkeypatch.setenv(A.PADDED_ATTENTION_ENV, "varlen")
+    q, k, v = qkv(length=13, grad=True)
+    mask = torch.tensor([[1] * 13, [1] * 7 + [0] * 6])
+    plan = build_plan(2, 13, attention_mask=mask)
+    got = attend(q, k, v, plan, scale=0.3, window=window, softcap=softcap)
+    assert _graph_has(got, "VarlenAttention")
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    want = explicit_attention(q2, k2, v2, torch.zeros(2, 13, dtype=torch.long), window=window, softcap=softcap,
+                              scale=0.3)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(got) * real[:, :, None, None]  # the pads' outputs carry no loss
+    got.backward(grad)
+    want.backward(grad)
+    for a, c in ((q, q2), (k, k2), (v, v2)):
+        torch.testing.assert_close(a.grad, c.grad, rtol=1e-5, atol=1e-5)

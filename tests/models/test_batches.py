@@ -113,6 +113,23 @@ def test_padding_free_packing_equals_each_sequence_alone(family):
 
 
 def test_right_padded_batch_equals_unpadded(family):
+    _assert_right_padded_equals_unpadded(family)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "gemma2"])
+def test_right_padded_batch_through_the_varlen_kernel_in_the_interpreter(kind, count_calls, monkeypatch):
+    """``NBTUNE_PADDED_ATTENTION=varlen``: right-padded rows take the packed backend's one launch,
+    each row's real tokens one sequence, the pads one token each (Triton's interpreter on CPU)."""
+    monkeypatch.setenv("NBTUNE_KERNELS", "reference")
+    monkeypatch.setenv(attention.PADDED_ATTENTION_ENV, "varlen")
+    monkeypatch.setattr(attention, "use_triton", lambda *tensors: True)
+    monkeypatch.setattr(varlen_module, "use_triton", lambda *tensors: True)
+    calls = count_calls(attention, ["_attend_pieces", "_attend_varlen"])
+    _assert_right_padded_equals_unpadded(kind)
+    assert calls["_attend_varlen"] >= 2 and calls["_attend_pieces"] == 0
+
+
+def _assert_right_padded_equals_unpadded(family):
     ours, ref = lora_pair(family)
     seqs = _sequences(lengths=(2 * WINDOW + 5, 9, 2 * WINDOW + 1))
     length = max(len(s) for s in seqs)
@@ -205,3 +222,46 @@ def test_gpu_packed_row_equals_documents_apart(kind, kernel_mode, count_calls, m
     seqs = _sequences(lengths=(11, 1, 2 * WINDOW + 3, 6, 1, 1, 40, 2 * WINDOW))
     _assert_packed_equals_apart(ours, seqs, device="cuda", loss_rtol=1e-4, grad_rtol=1e-3)
     assert calls["_attend_varlen"] > 0 and calls["_attend_pieces"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_gpu_right_padded_batch_by_each_backend(kind, kernel_mode, count_calls, monkeypatch):
+    """CUDA, NBTUNE_KERNELS=auto, fp32: a right-padded batch gives the same loss and LoRA gradients
+    through SDPA without cuDNN (the default), the varlen kernel, and SDPA as torch picks it."""
+    kernel_mode("auto")
+    monkeypatch.delenv(attention.PACKED_ATTENTION_ENV, raising=False)
+    monkeypatch.delenv(attention.PADDED_ATTENTION_ENV, raising=False)
+    import nbtune
+
+    ours = nbtune.add_lora(tiny_model(kind).cuda(), r=4, alpha=8, seed=1)
+    randomize_lora_b(ours)
+    seqs = _sequences(lengths=(2 * WINDOW + 5, 9, 40, 2 * WINDOW + 1))
+    length = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = s, 1
+    labels = ids.masked_fill(mask == 0, -100)
+    ids, mask, labels = ids.cuda(), mask.cuda(), labels.cuda()
+
+    def loss_and_grads():
+        ours.zero_grad(set_to_none=True)
+        loss = ours(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        return loss.detach(), lora_grads(ours)
+
+    assert attention.padded_attention_backend(ids.float()) == "flash"
+    flash_loss, flash_grads = loss_and_grads()
+    calls = count_calls(attention, ["_attend_pieces", "_attend_varlen"])
+    monkeypatch.setenv(attention.PADDED_ATTENTION_ENV, "varlen")
+    varlen_loss, varlen_grads = loss_and_grads()
+    assert calls["_attend_varlen"] > 0 and calls["_attend_pieces"] == 0
+    monkeypatch.setenv(attention.PADDED_ATTENTION_ENV, "sdpa")
+    sdpa_loss, sdpa_grads = loss_and_grads()
+    for loss, grads in ((varlen_loss, varlen_grads), (sdpa_loss, sdpa_grads)):
+        assert rel(loss, flash_loss) < 1e-4
+        for name, g in grads.items():
+            scale = flash_grads[name].abs().max().item()
+            assert scale > 0, f"{name}: zero gradient"
+            torch.testing.assert_close(g / scale, flash_grads[name] / scale, rtol=1e-3, atol=1e-3)

@@ -8,7 +8,10 @@ mask. What the plan covers, and why each case is exact:
   row. With right padding a real token never attends to a later pad (causality does that), so real
   tokens see exactly what transformers' padding mask lets them see; only the pad positions' own
   outputs differ, and their labels are -100. Left padding (or holes in the mask) is not exact this
-  way: the model forward sends such batches to transformers' own path.
+  way: the model forward sends such batches to transformers' own path. Right-padded rows and
+  rows from a data collator (their length changes every step) keep SDPA off its cuDNN backend on
+  CUDA, which would build a new execution plan for every new length
+  (:func:`padded_attention_backend`).
 - **Padding-free packing** (several sequences in one row, ``position_ids`` restarting, as TRL's
   padding-free collator makes them; its ``cu_seq_lens_q`` is used when given): nothing attends
   across a boundary and no mask is built. How the packed batch attends is one switch,
@@ -88,15 +91,34 @@ class AttentionPlan:
     ``pieces``: None when every row is one causal sequence (no padding or right padding); else one
     tuple per row of ``(start, end, single)`` pieces covering the row: ``single`` marks a run of
     length-1 sequences. ``shared``: every row has the same pieces (always true for one row), so
-    each piece is sliced across the whole batch at once.
+    each piece is sliced across the whole batch at once. ``lengths``: the real tokens of each row
+    when some row is right-padded or the rows came from a data collator (their length changes
+    from batch to batch); None otherwise and for packed rows.
     """
 
     pieces: tuple | None = None
     shared: bool = True
+    lengths: tuple | None = None
 
     @property
     def packed(self) -> bool:
         return self.pieces is not None
+
+    def as_pieces(self, batch: int, length: int) -> "AttentionPlan":
+        """This plan with right-padded rows (``lengths``) written as pieces: each row's real tokens
+        one sequence, its pad tail a run of length-1 sequences (a pad sees only itself). Real tokens
+        attend exactly as before; the pads cost one token each instead of a causal row's worth."""
+        if self.pieces is not None or self.lengths is None:
+            return self
+        rows = []
+        for n in self.lengths:
+            n = max(0, min(int(n), length))
+            row = ((0, n, False),) if n else ()
+            if n < length:
+                row += ((n, length, True),)
+            rows.append(row)
+        shared = all(r == rows[0] for r in rows)
+        return AttentionPlan(pieces=tuple(rows[:1]) if shared else tuple(rows), shared=shared)
 
 
 def _pieces_from_starts(starts: list[int], length: int) -> tuple:
@@ -132,27 +154,33 @@ def plan_batch(batch: dict) -> dict:
                                                           for t in tensors):
         return batch
     batch[PLAN_KEY] = build_plan(ids.shape[0], ids.shape[1], batch.get("attention_mask"), batch.get("position_ids"),
-                                 batch.get("cu_seq_lens_q"))
+                                 batch.get("cu_seq_lens_q"), varying=True)
     return batch
 
 
 def plan_fits(plan: AttentionPlan | None, batch: int, length: int) -> bool:
     """Whether a plan handed in with the batch describes rows of this shape (pieces cover each row)."""
-    if plan is None or plan.pieces is None:
+    if plan is None:
         return True
+    if plan.pieces is None:
+        return plan.lengths is None or (len(plan.lengths) == batch and max(plan.lengths) <= length)
     if not plan.shared and len(plan.pieces) != batch:
         return False
     return all(row[-1][1] == length for row in plan.pieces)
 
 
-def build_plan(batch: int, length: int, attention_mask=None, position_ids=None, cu_seq_lens=None):
+def build_plan(batch: int, length: int, attention_mask=None, position_ids=None, cu_seq_lens=None,
+               varying: bool = False):
     """An :class:`AttentionPlan` for these inputs, or None when the fast path would not be exact
     (left padding, holes in the mask, a 4D mask): the caller then runs transformers' own path.
+    ``varying``: the rows come from a data collator, so their length changes from batch to batch;
+    the plan then carries ``lengths`` even when no row is padded.
 
     On device tensors this reads the mask and the sequence starts back to the host (a few small
     copies per forward, never per layer); :func:`plan_batch` builds it from the collator's host
     tensors instead.
     """
+    lengths = None
     if attention_mask is not None:
         if not torch.is_tensor(attention_mask) or attention_mask.dim() != 2 or attention_mask.shape[-1] != length:
             return None
@@ -160,6 +188,11 @@ def build_plan(batch: int, length: int, attention_mask=None, position_ids=None, 
         # right padding only: along every row the mask never goes from 0 back to 1
         if length > 1 and bool((mask[:, 1:] & ~mask[:, :-1]).any()):
             return None
+        real = mask.sum(-1).tolist()
+        if varying or any(n < length for n in real):
+            lengths = tuple(int(n) for n in real)
+    elif varying:
+        lengths = (length,) * batch
     starts_per_row = None
     if cu_seq_lens is not None and batch == 1 and torch.is_tensor(cu_seq_lens) and cu_seq_lens.dim() == 1:
         starts_per_row = [[int(s) for s in cu_seq_lens.tolist()[:-1]]]
@@ -174,7 +207,7 @@ def build_plan(batch: int, length: int, attention_mask=None, position_ids=None, 
             for r, c in zip(rows.tolist(), cols.tolist()):
                 starts_per_row[r].append(c + 1)
     if starts_per_row is None or all(len(s) <= 1 for s in starts_per_row):
-        return AttentionPlan()
+        return AttentionPlan(lengths=lengths)
     pieces = tuple(_pieces_from_starts(s, length) for s in starts_per_row)
     shared = all(p == pieces[0] for p in pieces)
     return AttentionPlan(pieces=pieces[:1] if shared else pieces, shared=shared)
@@ -394,6 +427,49 @@ def packed_attention_backend(q: torch.Tensor, dropout: float = 0.0) -> str:
     return "varlen" if supported and q.shape[-1] <= MAX_HEAD_DIM and use_triton(q) else "pieces"
 
 
+PADDED_ATTENTION_ENV = "NBTUNE_PADDED_ATTENTION"
+PADDED_ATTENTION_CHOICES = ("auto", "varlen", "flash", "sdpa")
+
+
+def padded_attention_backend(q: torch.Tensor, dropout: float = 0.0) -> str:
+    """How unpacked rows of varying length (``AttentionPlan.lengths``) attend: "flash" (one SDPA
+    call over the padded rows with SDPA's cuDNN backend left out), "varlen" (like packed rows: each
+    row's real tokens one sequence in the packed backend's one launch, the pads one token each) or
+    "sdpa" (one SDPA call, torch's own choice of backend).
+
+    ``NBTUNE_PADDED_ATTENTION`` = auto (default: "flash" on CUDA, else "sdpa") | flash | varlen |
+    sdpa. SDPA's cuDNN backend, torch's choice on sm_90, builds an execution plan for every new
+    sequence length (~1.8 ms of host time per call), and batches from a data set change length
+    every step; FlashAttention (sm_80+; the memory-efficient kernel below that) builds none. A
+    choice this call cannot take falls back to "sdpa". Measured through the trainer in
+    benchmarks/NOTES.md, "Packed rows and the trainer path".
+    """
+    choice = env_text(PADDED_ATTENTION_ENV).lower() or "auto"
+    if choice not in PADDED_ATTENTION_CHOICES:
+        raise ValueError(f"{PADDED_ATTENTION_ENV}={choice!r} is not one of {', '.join(PADDED_ATTENTION_CHOICES)}")
+    if choice == "varlen":
+        return "varlen" if packed_attention_backend(q, dropout) != "pieces" else "sdpa"
+    if choice in ("auto", "flash"):
+        return "flash" if q.is_cuda and _SDPA_BACKENDS is not None else "sdpa"
+    return "sdpa"
+
+
+def _sdpa_backends():
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return None
+    return sdpa_kernel, [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+_SDPA_BACKENDS = _sdpa_backends()
+
+
+@functools.lru_cache(maxsize=8)
+def _padded_pieces(plan: AttentionPlan, batch: int, length: int) -> AttentionPlan:
+    return plan.as_pieces(batch, length)
+
+
 @dataclass(frozen=True)
 class PackedIndex:
     """A packed batch for the one-launch backends, built once per plan (every layer reuses it).
@@ -518,6 +594,14 @@ def attend(q, k, v, plan: AttentionPlan, *, scale: float, window: int | None = N
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     options = dict(scale=scale, window=window, softcap=softcap, dropout=dropout)
+    if plan.lengths is not None and plan.pieces is None:
+        backend = padded_attention_backend(q, dropout)
+        if backend == "varlen":
+            plan = _padded_pieces(plan, q.shape[0], q.shape[2])
+        elif backend == "flash" and softcap is None:
+            sdpa_kernel, without_cudnn = _SDPA_BACKENDS
+            with sdpa_kernel(without_cudnn):
+                return _attend_sequence(q, k, v, **options).transpose(1, 2)
     if plan.pieces is None and softcap is not None and packed_attention_backend(q, dropout) != "pieces":
         # Gemma 2's softcapped rows, unpacked: each row one sequence for the one-launch kernels
         # (faster than SoftcapAttention's chunked torch loop, the same math)
