@@ -46,9 +46,10 @@ import trainer_common as tc  # noqa: E402
 
 
 def finetune_config(args, fmt: str) -> dict:
+    method = getattr(args, "method", "sft")  # other scripts pass their own Namespace (sft)
     data = {"source": args.data, "format": fmt, "eval_split": None, "responses_only": False,
             "packing": bool(args.packing)}
-    if args.method == "dpo":  # only the replies are scored; pairs are not packed
+    if method == "dpo":  # only the replies are scored; pairs are not packed
         data = {"source": args.data, "format": "preference", "eval_split": None, "packing": False}
     cfg = {
         "model": {"name": args.model, "max_seq_length": args.seq, "dtype": args.dtype},
@@ -59,7 +60,7 @@ def finetune_config(args, fmt: str) -> dict:
                   "seed": tc.SEED},
         "output": {"dir": args.out, "overwrite": True},  # the benchmark reruns a row into the same folder
     }
-    if args.method == "dpo":
+    if method == "dpo":
         cfg["train"].update(method="dpo", beta=tc.DPO_BETA)
     for section, values in json.loads(os.environ.get("NBTUNE_BENCH_CONFIG") or "{}").items():
         cfg.setdefault(section, {}).update(values)
