@@ -14,7 +14,8 @@
 #                          -> $OUT/models-<stamp>.json, $OUT/models.log, $OUT/RESULTS.md
 #   trainer[:ROWS[:PEERS]] python3 benchmarks/trainer.py --rows ROWS --peers PEERS: the user's path, nbtune.finetune vs
 #                          Unsloth + TRL vs TRL + peft + bnb on real token counts (ROWS default quick; PEERS default
-#                          nbtune,unsloth,trl; --assets .bench-assets when that folder was carried: make it here with
+#                          nbtune,unsloth,trl; ROWS dpo: the DPO rows, e.g. 'trainer:dpo:nbtune,unsloth,trl';
+#                          --assets .bench-assets when that folder was carried: make it here with
 #                          `python benchmarks/trainer_data.py export .bench-assets`)
 #                          -> $OUT/trainer-<stamp>.{json,md}, $OUT/trainer.log, $OUT/RESULTS.md
 #   tune                   python3 benchmarks/tune_rms_norm_bwd.py (RMSNorm dw backward's launch shape) -> $OUT/tune-rms-norm-bwd.json

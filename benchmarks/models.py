@@ -128,11 +128,12 @@ def parse_row(row_id: str) -> Row:
     return Row(canonical, m["shape"], int(m["batch"]), int(m["seq"]), dtype, "speed")
 
 
-def select_rows(text: str, aliases=None, parse=None) -> list:
+def select_rows(text: str, aliases=None, parse=None, known=None) -> list:
     """Comma-separated row ids, aliases (main, t4, all) and globs over the known rows (``aliases``
-    and ``parse``: another benchmark's row table and row parser; default this one's)."""
+    and ``parse``: another benchmark's row table and row parser; default this one's; ``known``: the
+    rows globs match, default the ``all`` alias's)."""
     aliases, parse = aliases or ALIASES, parse or parse_row
-    known = aliases["all"]
+    known = known or aliases["all"]
     chosen: list[str] = []
     for part in [p.strip() for p in text.split(",") if p.strip()]:
         if part in aliases:

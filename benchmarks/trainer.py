@@ -3,6 +3,7 @@
     python benchmarks/trainer.py                                   # rows "quick", every peer
     python benchmarks/trainer.py --rows main --steps 2:5 --time-budget 480
     python benchmarks/trainer.py --rows 'gsm8k-*,t4' --peers nbtune,unsloth
+    python benchmarks/trainer.py --rows dpo --peers nbtune,unsloth,trl   # the DPO rows
     python benchmarks/trainer.py --list                            # rows and what they run
     python benchmarks/trainer.py --from-json                       # RESULTS.md from results/*.json, no GPU
 
@@ -19,6 +20,18 @@ at 14.3 GiB, SDPA's memory-efficient backend only). Aliases: ``main`` (both data
 and 1x2048 fp16, packed and unpacked), ``t4`` (both data sets, 1x4096 packed), ``quick`` (text
 2x2048 bf16 packed, gsm8k 2x2048 bf16 unpacked: the two ends of fill), ``all``. fp32 rows are for
 the CPU (the tests, with ``--model`` a tiny checkpoint).
+
+DPO rows: ``dpo-gsm8k-<batch>x<seq>-<bf16|fp16|fp32>``, seq the longest prompt + reply sequence
+(``max_length``): nbtune.finetune with ``train.method: dpo`` vs Unsloth's ``PatchDPOTrainer()`` +
+TRL's DPOTrainer vs TRL's DPOTrainer + peft + bitsandbytes (peers/trainer_trl_dpo.py), beta 0.1,
+the reference the policy with its fresh LoRA adapter (no second model), reference log-probs computed
+each step (not precomputed), on GSM8K preference pairs of seq/2..seq tokens written once per seq
+(trainer_data.py). Alias ``dpo`` (1x1024 and 2x1024 bf16, 1x2048 bf16, 1x1024 fp16); ``all`` stays
+the SFT rows. A DPO step reads 2 x batch sequences (each pair's prompt + chosen and prompt +
+rejected): its real tokens are theirs (the attention mask's sum), fill is over 2 x batch x seq, and
+nbtune's line also carries the planner's prediction for that run (``plan_peak_gib``,
+``plan_reserved_gib``: what ``nbtune plan`` / ``finetune(plan=True)`` says of the config) beside the
+measured peak.
 
 Per run: real (non-padding) tokens/s, median seconds per step after the warm-up, fill (real tokens
 per step / (batch x seq)), peak reserved GiB during training, and what went wrong. A peer that cannot
@@ -48,7 +61,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path[:0] = [HERE, os.path.join(HERE, "peers")]
 import trainer_report as report  # noqa: E402
-from trainer_data import AssetsMissing, checkpoint_name, resolve_assets, write_data  # noqa: E402
+from trainer_data import (AssetsMissing, checkpoint_name, preference_name, resolve_assets, write_data,  # noqa: E402
+                          write_preference_data)
 
 
 def _load_models():
@@ -76,6 +90,12 @@ PEERS = {  # name -> command (after the interpreter), modules it needs
     "trl": dict(cmd=[os.path.join(PEERS_DIR, "trainer_trl.py"), "--peer", "trl"],
                 needs=["torch", "trl", "peft", "bitsandbytes"]),
 }
+DPO_CMD = {  # the DPO rows' commands (the peers' environments and needs are the same)
+    "nbtune": [os.path.join(PEERS_DIR, "trainer_nbtune.py"), "--method", "dpo"],
+    "unsloth": [os.path.join(PEERS_DIR, "trainer_trl_dpo.py"), "--peer", "unsloth"],
+    "trl": [os.path.join(PEERS_DIR, "trainer_trl_dpo.py"), "--peer", "trl"],
+}
+DPO_DATASETS = ("gsm8k",)
 DATASETS = ("text", "gsm8k")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 SHORT = {v: k for k, v in DTYPES.items()}
@@ -84,8 +104,10 @@ T4_SDPA = "efficient"
 MAIN_ROWS = [f"{d}-{shape}-{p}" for d in DATASETS for shape in ("2x2048-bf16", "1x2048-fp16")
              for p in ("packed", "unpacked")]
 T4_ROWS = [f"t4-{d}-1x4096-packed" for d in DATASETS]
+DPO_ROWS = ["dpo-gsm8k-1x1024-bf16", "dpo-gsm8k-2x1024-bf16", "dpo-gsm8k-1x2048-bf16", "dpo-gsm8k-1x1024-fp16"]
 ALIASES = {"main": MAIN_ROWS, "t4": T4_ROWS, "all": MAIN_ROWS + T4_ROWS,
-           "quick": ["text-2x2048-bf16-packed", "gsm8k-2x2048-bf16-unpacked"]}
+           "quick": ["text-2x2048-bf16-packed", "gsm8k-2x2048-bf16-unpacked"], "dpo": DPO_ROWS}
+KNOWN_ROWS = MAIN_ROWS + T4_ROWS + DPO_ROWS  # what globs match
 
 
 @dataclasses.dataclass
@@ -97,10 +119,18 @@ class Row:
     dtype: str  # torch attribute name
     packing: bool
     t4: bool = False
+    method: str = "sft"
 
     def label(self) -> str:
+        if self.method == "dpo":
+            return f"DPO {self.data} {self.batch}×{self.seq} {SHORT[self.dtype]}"
         text = f"{self.data} {self.batch}×{self.seq} {SHORT[self.dtype]} {'packed' if self.packing else 'unpacked'}"
         return f"T4 emulation: {text}" if self.t4 else text
+
+    @property
+    def data_key(self) -> str:
+        """The data set this row trains on (trainer_data.write_data's and write_preference_data's names)."""
+        return preference_name(self.seq) if self.method == "dpo" else self.data
 
     def record(self) -> dict:
         return dict(dataclasses.asdict(self), label=self.label(), results={})
@@ -110,7 +140,28 @@ _ROW_RE = re.compile(r"^(?P<t4>t4-)?(?P<data>[a-z0-9]+)-(?P<batch>\d+)x(?P<seq>\
                      r"-(?P<packing>packed|unpacked)$")
 
 
+_DPO_RE = re.compile(r"^dpo-(?P<data>[a-z0-9]+)-(?P<batch>\d+)x(?P<seq>\d+)(?:-(?P<dtype>bf16|fp16|fp32))?$")
+
+
+def parse_dpo_row(row_id: str) -> Row:
+    m = _DPO_RE.match(row_id.strip())
+    if not m:
+        raise ValueError(f"row {row_id!r}: expected dpo-<{'|'.join(DPO_DATASETS)}>-<batch>x<seq>-<bf16|fp16|fp32> "
+                         "(seq: the longest prompt + reply; pairs are never packed)")
+    if m["data"] not in DPO_DATASETS:
+        raise ValueError(f"row {row_id!r}: DPO data {m['data']!r} is not one of {', '.join(DPO_DATASETS)}")
+    if m["dtype"] is None:
+        raise ValueError(f"row {row_id!r}: give the dtype (bf16, fp16 or fp32) after the shape")
+    batch, seq = int(m["batch"]), int(m["seq"])
+    if batch < 1 or seq < 2:
+        raise ValueError(f"row {row_id!r}: batch >= 1 and seq >= 2")
+    dtype = DTYPES[m["dtype"]]
+    return Row(f"dpo-{m['data']}-{batch}x{seq}-{m['dtype']}", m["data"], batch, seq, dtype, False, method="dpo")
+
+
 def parse_row(row_id: str) -> Row:
+    if row_id.strip().startswith("dpo-"):
+        return parse_dpo_row(row_id)
     m = _ROW_RE.match(row_id.strip())
     if not m:
         raise ValueError(f"row {row_id!r}: expected <text|gsm8k>-<batch>x<seq>-<bf16|fp16|fp32>-<packed|unpacked> "
@@ -134,8 +185,8 @@ def parse_row(row_id: str) -> Row:
 
 
 def select_rows(text: str) -> list[Row]:
-    """Comma-separated row ids, aliases (main, t4, quick, all) and globs over the known rows."""
-    return models.select_rows(text, ALIASES, parse_row)
+    """Comma-separated row ids, aliases (main, t4, quick, all, dpo) and globs over the known rows."""
+    return models.select_rows(text, ALIASES, parse_row, known=KNOWN_ROWS)
 
 
 def parse_peers(text: str) -> list[str]:
@@ -156,7 +207,7 @@ def parse_range(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default="quick", help="row ids, aliases (main, t4, quick, all) or globs, comma-separated")
+    ap.add_argument("--rows", default="quick", help="row ids, aliases (main, t4, quick, all, dpo) or globs, comma-separated")
     ap.add_argument("--peers", default="nbtune,unsloth,trl", help="which peers, in run order (nbtune, unsloth, trl)")
     ap.add_argument("--steps", type=parse_steps, default=(2, 5), metavar="W:S",
                     help="warm-up steps (left out) and timed steps per job (default 2:5)")
@@ -175,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--text-tokens", type=parse_range, default=(1024, 2048), metavar="LO:HI",
                     help="tokens per plain-text row (uniform)")
     ap.add_argument("--chat-rows", type=int, default=0, help="GSM8K conversations written (0: all)")
+    ap.add_argument("--dpo-rows", type=int, default=64, help="preference pairs written per DPO sequence length")
     ap.add_argument("--t4-cap-gib", type=float, default=T4_CAP_GIB)
     ap.add_argument("--t4-sdpa", default=T4_SDPA, help="the SDPA backend allowed in t4 rows")
     ap.add_argument("--ckpt-root", default=os.environ.get("CKPT_ROOT", "/tmp/ckpt"))
@@ -317,6 +369,9 @@ class Runner:
         self.say(f"writing the data (tokenizer {tokenizer_dir}, GSM8K {gsm8k}) under {args.work}")
         self.data = write_data(args.work, tokenizer_dir, gsm8k, args.text_rows, *args.text_tokens,
                                chat_rows=args.chat_rows or None)
+        for seq in sorted({r.seq for r in self.rows if r.method == "dpo"}):
+            self.data[preference_name(seq)] = write_preference_data(args.work, tokenizer_dir, gsm8k, seq,
+                                                                    args.dpo_rows)
         self.doc["meta"]["data"] = {k: v for k, v in self.data.items()}
         if args.model:
             self.model = args.model
@@ -349,7 +404,8 @@ class Runner:
         timeout = min(self.args.row_timeout, left)
         out_dir = os.path.join(self.args.work, "runs", f"{row.id}-{peer}")
         warmup, steps = self.args.steps
-        cmd = [self.args.python, *PEERS[peer]["cmd"], "--model", self.model, "--data", self.data[row.data]["path"],
+        peer_cmd = DPO_CMD[peer] if row.method == "dpo" else PEERS[peer]["cmd"]
+        cmd = [self.args.python, *peer_cmd, "--model", self.model, "--data", self.data[row.data_key]["path"],
                "--row", row.id, "--batch", str(row.batch), "--seq", str(row.seq), "--dtype", row.dtype,
                "--warmup", str(warmup), "--steps", str(steps), "--out", out_dir]
         if row.packing:
@@ -379,6 +435,8 @@ class Runner:
         if job["status"] == "ok":
             brief = (f"{line['tokens_per_s']:,} real tok/s · {line['s_per_step']} s/step · fill {line['fill']} · "
                      f"{line.get('peak_reserved_gib')} GiB")
+            if line.get("plan_reserved_gib") is not None:
+                brief += f" (planned {line['plan_reserved_gib']} GiB reserved)"
         self.say(f"  -> {job['status']} in {seconds:.0f}s {brief}")
         return job
 

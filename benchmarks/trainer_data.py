@@ -11,6 +11,18 @@
   tokens (GSM8K passages concatenated in a seeded random order and cut at a token count drawn
   uniformly in LO..HI, counting the end-of-sequence token the trainers append), and ``gsm8k.jsonl``,
   one user/assistant conversation per GSM8K question and answer.
+- Preference pairs for the DPO rows, written by :func:`write_preference_data` once per sequence
+  length ``seq``: ``dpo-gsm8k-<seq>.jsonl``, pairs made the way nbtune's embedded
+  ``gsm8k-preferences`` set makes them (:mod:`nbtune.assets.preferences`: chosen = the question's
+  own worked answer, rejected = the same answer with its final number changed). So that a pair
+  fills the row's length as real long-context pairs do, its prompt is a conversation: earlier GSM8K
+  questions with their answers, then the question answered: whole exchanges are added while the
+  pair's longer sequence (prompt + chosen or prompt + rejected, rendered with the chat template)
+  stays within a length drawn uniformly in seq/2..seq, so every pair fits ``seq`` (none is cut)
+  and most come within an exchange of their drawn length. The rows are in chat form (prompt: a list of turns ending with the user's question;
+  chosen / rejected: one assistant turn each): what nbtune's ``data.format: preference`` reads and
+  what TRL's DPOTrainer reads as a conversational preference set; both render it with the
+  tokenizer's chat template and take the reply tokens after the prompt's, so both see the same ids.
 - The model: a shape of peers/bench_common.py's SHAPES (llama3-8b by default) with the tokenizer's
   vocabulary size and special tokens, random weights (``save_random_checkpoint``), the tokenizer
   saved beside them. Its padding token (``<|endoftext|>``) occurs in none of the rows, so counting
@@ -165,6 +177,92 @@ def write_data(work: str, tokenizer_dir: str, gsm8k_path: str, text_rows: int, t
         out[name] = dict(path=path, **length_stats(lengths))
     out["tokenizer"] = dict(path=tokenizer_dir, vocab=len(tok), pad_token=tok.pad_token, eos_token=tok.eos_token)
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# preference pairs (the DPO rows)
+# ------------------------------------------------------------------------------------------------
+def preference_name(seq: int) -> str:
+    """The data set a DPO row of sequence length ``seq`` trains on."""
+    return f"dpo-gsm8k-{seq}"
+
+
+def pair_lengths(tokenizer, row: dict) -> tuple[int, int]:
+    """Tokens of prompt + chosen and of prompt + rejected as both trainers see them: the
+    conversation rendered with the chat template, tokenized."""
+    texts = tokenizer.apply_chat_template([row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]],
+                                          tokenize=False)
+    chosen, rejected = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return len(chosen), len(rejected)
+
+
+def preference_pairs(qa: list[dict], tokenizer, n: int, lo: int, hi: int, seed: int = 0) -> list[dict]:
+    """``n`` chat-form preference pairs whose longer sequence has at most ``hi`` tokens: a length is
+    drawn uniformly in ``lo``..``hi`` per pair, then earlier question/answer turns are added to the
+    prompt while the pair stays within it (a pair may stay below ``lo`` when no exchange fits what
+    is left). Chosen and rejected are nbtune.assets.preferences' (the worked answer; the
+    answer with another final number). Raises ValueError when no GSM8K pair fits ``hi`` tokens."""
+    from nbtune.assets.preferences import NoFinalNumber, wrong_final
+
+    if not 2 <= lo <= hi:
+        raise ValueError(f"preference tokens: expected 2 <= LO <= HI, got {lo}..{hi}")
+    rng = random.Random(seed)
+    pool = [r for r in qa if r.get("question") and r.get("answer")]
+    order = list(range(len(pool)))
+    rng.shuffle(order)
+    context = list(order)  # earlier turns, drawn in another seeded order
+    rng.shuffle(context)
+    pairs: list[dict] = []
+    ctx_at = 0
+    for i in order:
+        if len(pairs) == n:
+            break
+        row = pool[i]
+        try:
+            rejected = wrong_final(row["answer"], len(pairs))
+        except NoFinalNumber:
+            continue
+        question = [{"role": "user", "content": row["question"]}]
+        pair = {"prompt": question, "chosen": [{"role": "assistant", "content": row["answer"]}],
+                "rejected": [{"role": "assistant", "content": rejected}]}
+        length = max(pair_lengths(tokenizer, pair))
+        if length > hi:
+            continue  # this question alone does not fit the row
+        target = rng.randint(max(lo, length), hi)
+        earlier: list[dict] = []
+        for _attempt in range(64):  # add earlier exchanges, first to last, while the pair stays within target
+            j = context[ctx_at % len(context)]
+            ctx_at += 1
+            if j == i:
+                continue
+            turns = [{"role": "user", "content": pool[j]["question"]},
+                     {"role": "assistant", "content": pool[j]["answer"]}]
+            grown = dict(pair, prompt=earlier + turns + question)
+            grown_length = max(pair_lengths(tokenizer, grown))
+            if grown_length > target:
+                if target - length < 64:  # close enough: a GSM8K exchange is longer than what is left
+                    break
+                continue  # try a shorter exchange
+            earlier, pair, length = earlier + turns, grown, grown_length
+        pairs.append(pair)
+    if not pairs:
+        raise ValueError(f"preference tokens: no GSM8K question and answer fits {hi} tokens")
+    return pairs
+
+
+def write_preference_data(work: str, tokenizer_dir: str, gsm8k_path: str, seq: int, rows: int = 64,
+                          seed: int = 0) -> dict:
+    """Write ``dpo-gsm8k-<seq>.jsonl`` into ``work`` (pairs of seq/2..seq tokens, :func:`preference_pairs`);
+    its path and statistics: ``rows`` (pairs), ``tokens`` (prompt + chosen plus prompt + rejected over
+    all pairs: what the model reads), ``min`` / ``max`` / ``mean`` of each pair's longer sequence."""
+    os.makedirs(work, exist_ok=True)
+    tok = load_tokenizer(tokenizer_dir)
+    pairs = preference_pairs(gsm8k_rows(gsm8k_path), tok, rows, max(2, seq // 2), seq, seed)
+    lengths = [pair_lengths(tok, p) for p in pairs]
+    path = os.path.join(work, f"{preference_name(seq)}.jsonl")
+    write_jsonl(path, pairs)
+    stats = length_stats([max(c, r) for c, r in lengths])
+    return dict(path=path, seq=seq, **dict(stats, tokens=sum(c + r for c, r in lengths)))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ import sys
 
 PEER_LABELS = {"nbtune": "nbtune.finetune", "unsloth": "Unsloth + TRL SFTTrainer",
                "trl": "TRL SFTTrainer + peft + bnb"}
+DPO_PEER_LABELS = {"nbtune": "nbtune.finetune (dpo)", "unsloth": "Unsloth PatchDPOTrainer + TRL DPOTrainer",
+                   "trl": "TRL DPOTrainer + peft + bnb"}
 PEER_ORDER = ["nbtune", "unsloth", "trl"]
 MEASURED = ("ok", "oom")
 FIRST_LOSS_NOTE = 1e-2  # same weights, same first batch: a larger gap means another batch or another computation
@@ -29,6 +31,24 @@ PROTOCOL = (
     "training. T4 emulation: fp16, the allocator capped at 14.3 GiB, SDPA's memory-efficient backend only. "
     "Ratios compare peers of the same run only; the run's line below says what it trained on."
 )
+
+
+DPO_PROTOCOL = (
+    "DPO rows: nbtune.finetune with train.method dpo, Unsloth's PatchDPOTrainer() + TRL's DPOTrainer, and TRL's "
+    "DPOTrainer + peft + bitsandbytes; beta 0.1, sigmoid loss, max_length = seq, no reference model (the policy "
+    "with its fresh LoRA adapter: nbtune scores the reference with the adapter off, TRL with a frozen copy of "
+    "the adapter, the same log-probs), reference log-probs computed every step, same LoRA, optimizer and lr as "
+    "above. Data: GSM8K preference pairs (chosen: the worked answer; rejected: the same with another final "
+    "number) whose prompt holds earlier GSM8K exchanges, seq/2..seq tokens per pair. A step reads 2 × batch "
+    "sequences (prompt + chosen, prompt + rejected): real tokens are their non-padding tokens (the reference "
+    "forward not counted again), fill = real tokens per step / (2 × batch × seq). planned: the planner's "
+    "reserved peak for nbtune's config (`nbtune plan`; its peak adds the CUDA context), beside the measured "
+    "peak reserved; plan − measured > 0 is an over-prediction."
+)
+
+
+def is_dpo(rec: dict) -> bool:
+    return rec.get("method") == "dpo"
 
 
 def fmt_num(value, digits=0, thousands=True) -> str:
@@ -75,6 +95,33 @@ def peer_cells(results: dict, peer: str) -> list[str]:
             fmt_num(line.get("peak_reserved_gib"), 2), speed_ratio(results, peer), status_cell(job)]
 
 
+def ok_line(results: dict, peer: str) -> dict:
+    job = results.get(peer) or {}
+    return (job.get("line") or {}) if job.get("status") == "ok" else {}
+
+
+def plan_cells(results: dict, peer: str) -> list[str]:
+    """nbtune's planned reserved peak and its error against the measured peak (other peers: —)."""
+    job = results.get(peer) or {}
+    line = job.get("line") or {}  # an OOM's line carries the plan too
+    planned, measured = line.get("plan_reserved_gib"), ok_line(results, peer).get("peak_reserved_gib")
+    err = planned - measured if planned is not None and measured is not None else None
+    return [fmt_num(planned, 2), "—" if err is None else f"{err:+.2f}"]
+
+
+def loss_cell(results: dict, peer: str) -> str:
+    line = ok_line(results, peer)
+    if line.get("first_loss") is None:
+        return "—"
+    return f"{line['first_loss']:.4f} → {line['last_loss']:.4f}"
+
+
+def dpo_peer_cells(results: dict, peer: str) -> list[str]:
+    cells = peer_cells(results, peer)
+    cells[0] = DPO_PEER_LABELS.get(peer, peer)
+    return cells[:5] + plan_cells(results, peer) + [loss_cell(results, peer)] + cells[5:]
+
+
 def ordered_peers(results: dict) -> list[str]:
     return [p for p in PEER_ORDER if p in results] + [p for p in results if p not in PEER_ORDER]
 
@@ -96,6 +143,33 @@ def table(rows: list[tuple[str | None, dict]]) -> list[str]:
     return out
 
 
+DPO_HEADER = ["row", "peer", "real tokens/s", "s/step", "fill", "peak reserved GiB", "planned GiB",
+              "plan − measured", "loss first → last", "nbtune speed ×", "status"]
+
+
+def dpo_table(rows: list[tuple[str | None, dict]]) -> list[str]:
+    """The DPO rows: one line per (row, peer), with nbtune's planned peak beside the measured one."""
+    with_run = any(run for run, _ in rows)
+    head = DPO_HEADER[:1] + (["run"] if with_run else []) + DPO_HEADER[1:]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run, rec in rows:
+        results = rec.get("results", {})
+        for peer in ordered_peers(results):
+            cells = [rec.get("label", rec.get("id", "?"))] + ([run or ""] if with_run else [])
+            out.append("| " + " | ".join(cells + dpo_peer_cells(results, peer)) + " |")
+    return out
+
+
+def tables(rows: list[tuple[str | None, dict]], heading: str = "###") -> list[str]:
+    """The SFT rows' table, then (where there are any) the DPO rows' under their own heading."""
+    sft = [(run, rec) for run, rec in rows if not is_dpo(rec)]
+    dpo = [(run, rec) for run, rec in rows if is_dpo(rec)]
+    out = table(sft) if sft or not dpo else []
+    if dpo:
+        out += ([""] if out else []) + [f"{heading} DPO", "", DPO_PROTOCOL, "", *dpo_table(dpo)]
+    return out
+
+
 def meta_line(doc: dict) -> str:
     m = doc.get("meta", {})
     v, vp = m.get("versions", {}) or {}, m.get("versions_peer", {}) or {}
@@ -113,6 +187,10 @@ def meta_line(doc: dict) -> str:
         d = data.get(name)
         if d:
             parts.append(f"{name}: {d['rows']:,} rows of {d['min']:,}-{d['max']:,} tokens (mean {d['mean']:,})")
+    for name in sorted((n for n in data if n.startswith("dpo-")), key=lambda n: (len(n), n)):
+        d = data[name]
+        parts.append(f"{name}: {d['rows']:,} pairs of {d['min']:,}-{d['max']:,} tokens (longer sequence, "
+                     f"mean {d['mean']:,})")
     if m.get("unavailable"):
         parts.append("skipped: " + "; ".join(f"{k} ({w})" for k, w in m["unavailable"].items()))
     if m.get("tag"):
@@ -135,15 +213,24 @@ def notes(doc: dict) -> list[str]:
             if diff is not None and diff > FIRST_LOSS_NOTE:
                 out.append(f"- {rec.get('id')} · {peer}: first loss {diff:.3g} away from nbtune's")
         for peer, job in rec.get("results", {}).items():
-            dash = (job.get("line") or {}).get("dashboard")
+            line = job.get("line") or {}
+            dash = line.get("dashboard")
             if dash and dash != "on":
                 out.append(f"- {rec.get('id')} · {peer}: dashboard {dash}")
+            if is_dpo(rec) and line.get("reference") == "ref adapter":
+                out.append(f"- {rec.get('id')} · {peer}: reference scored with TRL's frozen copy of the fresh adapter "
+                           "(nbtune: the adapter switched off; the same log-probs, the copy's LoRA matmuls on top)")
+            if is_dpo(rec) and line.get("plan_error"):
+                out.append(f"- {rec.get('id')} · {peer}: no plan: {line['plan_error']}")
+            if is_dpo(rec) and line.get("dpo_config_left_out"):
+                out.append(f"- {rec.get('id')} · {peer}: DPOConfig of TRL {line.get('trl')} lacks "
+                           f"{', '.join(line['dpo_config_left_out'])} (left out)")
     return out
 
 
 def run_markdown(doc: dict, label: str) -> str:
     lines = [f"# Trainer path benchmark: {label}", "", meta_line(doc), "", PROTOCOL, ""]
-    lines += table([(None, rec) for rec in doc.get("rows", [])])
+    lines += tables([(None, rec) for rec in doc.get("rows", [])], "##")
     extra = notes(doc)
     if extra:
         lines += ["", "Notes:", *extra]
@@ -155,8 +242,9 @@ DTYPE_ORDER = {"bfloat16": 0, "float16": 1, "float32": 2}
 
 
 def row_key(rec: dict):
-    """benchmarks/trainer.py's order: T4 rows last; text, then gsm8k; bf16 2x2048 before fp16 1x2048; packed first."""
-    return (bool(rec.get("t4")), DATA_ORDER.get(rec.get("data"), 9), rec.get("data", ""),
+    """benchmarks/trainer.py's order: DPO rows last, T4 rows last of the others; text, then gsm8k; bf16 2x2048
+    before fp16 1x2048; packed first."""
+    return (is_dpo(rec), bool(rec.get("t4")), DATA_ORDER.get(rec.get("data"), 9), rec.get("data", ""),
             DTYPE_ORDER.get(rec.get("dtype"), 9), -int(rec.get("batch") or 0), int(rec.get("seq") or 0),
             not rec.get("packing"))
 
@@ -183,7 +271,7 @@ def lead_section(docs: list[tuple[str, dict]]) -> list[str]:
     newest_path, newest = docs[-1]
     return ["## Trainer path: nbtune.finetune vs Unsloth + TRL vs TRL + peft + bitsandbytes", "",
             "Generated by `python benchmarks/trainer.py --from-json` from `benchmarks/results/trainer-*.json`. "
-            + PROTOCOL, "", *table(rows), "", f"Newest run ({run_label(newest_path)}): {meta_line(newest)}", ""]
+            + PROTOCOL, "", *tables(rows), "", f"Newest run ({run_label(newest_path)}): {meta_line(newest)}", ""]
 
 
 def load_docs(paths: list[str]) -> list[tuple[str, dict]]:
@@ -208,6 +296,10 @@ def summary_text(doc: dict) -> str:
         results = rec.get("results", {})
         for peer in ordered_peers(results):
             cells = peer_cells(results, peer)
+            plan = ""
+            if is_dpo(rec) and ((results.get(peer) or {}).get("line") or {}).get("plan_reserved_gib") is not None:
+                planned, err = plan_cells(results, peer)
+                plan = f"  planned {planned} ({err})"
             out.append(f"{rec['id']:<28} {peer:<8} tok/s {cells[1]:>8}  s/step {cells[2]:>7}  fill {cells[3]:>5}  "
-                       f"GiB {cells[4]:>6}  nbtune× {cells[5]:>6}  {cells[6]}")
+                       f"GiB {cells[4]:>6}{plan}  nbtune× {cells[5]:>6}  {cells[6]}")
     return "\n".join(out)

@@ -15,6 +15,14 @@ its real tokens are the difference of the trainer's own count of non-padding inp
 (``include_num_input_tokens_seen="non_padding"``: the attention mask's sum, or the ids that are not
 the padding token where a packed batch has no mask; trainer_data.py picks a padding token no row
 contains). The first ``warmup`` steps are left out of every figure.
+
+DPO runs (``--method dpo``; peers/trainer_nbtune.py, peers/trainer_trl_dpo.py): beta 0.1 (TRL's
+default), ``max_length`` = --seq (longer pairs keep their start), the reference the policy with its
+fresh adapter, its log-probs computed each step. A DPO micro-batch holds 2 x batch sequences (each
+pair's prompt + chosen, then each pair's prompt + rejected, padded to the longest): its real tokens
+are the same count of non-padding input tokens, i.e. the attention mask's sum over those 2 x batch
+sequences (the prompt counted once with each reply; the reference forward, which reads the same
+tokens again without gradients, is not counted again), and fill is over 2 x batch x seq.
 """
 from __future__ import annotations
 
@@ -28,32 +36,47 @@ import time
 LORA_R = 16
 LR = 2e-4
 SEED = 3407
+DPO_BETA = 0.1
+METHODS = ("sft", "dpo")
 
 
-def parse_args(argv=None, peers=()) -> argparse.Namespace:
+def parse_args(argv=None, peers=(), methods=("sft",)) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="one trainer-path benchmark run (prints one JSON line)")
     if peers:
         ap.add_argument("--peer", choices=list(peers), required=True)
     ap.add_argument("--model", required=True, help="checkpoint folder, with its tokenizer")
-    ap.add_argument("--data", required=True, help="JSONL rows: text or messages")
+    ap.add_argument("--data", required=True, help="JSONL rows: text or messages (sft), prompt/chosen/rejected (dpo)")
     ap.add_argument("--row", default="", help="the benchmark row this run belongs to (copied to the line)")
     ap.add_argument("--batch", type=int, required=True)
     ap.add_argument("--seq", type=int, required=True)
     ap.add_argument("--dtype", required=True, choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--packing", action="store_true")
+    if "dpo" in methods:
+        ap.add_argument("--method", choices=list(methods), default=methods[0])
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", required=True, help="the run's output folder")
     args = ap.parse_args(argv)
     if args.warmup < 0 or args.steps < 1:
         ap.error(f"--warmup {args.warmup} --steps {args.steps}: need warm-up >= 0 and at least one timed step")
+    if not hasattr(args, "method"):
+        args.method = methods[0]
+    if args.method == "dpo" and args.packing:
+        ap.error("--packing: DPO pairs are not packed")
     return args
 
 
+def sequences(args) -> int:
+    """Sequences per micro-batch: batch, or 2 x batch for DPO (prompt + chosen and prompt + rejected)."""
+    return 2 * args.batch if args.method == "dpo" else args.batch
+
+
 def data_format(path: str) -> str:
-    """"text" or "messages", from the first row's keys."""
+    """"text", "messages" or "preference" (prompt, chosen, rejected), from the first row's keys."""
     with open(path, encoding="utf-8") as f:
         first = json.loads(next(line for line in f if line.strip()))
+    if "chosen" in first and "rejected" in first:
+        return "preference"
     if "messages" in first:
         return "messages"
     if "text" in first:
@@ -101,7 +124,8 @@ class StepClock:
 def summarize(clock: StepClock, warmup: int, batch: int, seq: int) -> dict:
     """Per-step seconds and real tokens; over the steps after ``warmup``: the median seconds per
     step, real tokens per second (their tokens over their time) and fill (their mean real tokens over
-    batch x seq). Raises ValueError when the clock saw too few steps or no tokens."""
+    batch x seq; a DPO run passes its 2 x batch sequences). Raises ValueError when the clock saw too
+    few steps or no tokens."""
     if clock.t0 is None:
         raise ValueError("training never began (no on_train_begin)")
     n = len(clock.times)

@@ -16,6 +16,14 @@ plotly is not installed the run goes on with the terminal progress lines (the do
 notebook) and its line says ``dashboard: off``.
 Prints one JSON line (trainer_common.py).
 
+``--method dpo`` (the DPO rows): ``train.method: dpo`` with ``beta`` 0.1 on the preference rows
+(``data.format: preference``, ``data.packing: false``), ``model.max_seq_length`` = --seq; the
+reference is the model with its adapter switched off and its log-probs are computed each step
+(nbtune.train.preference). Before training the line gets the planner's prediction for this exact
+config (``nbtune.finetune(cfg, plan=True)``, what ``nbtune plan`` shows: this GPU, a T4 on a CPU):
+``plan_peak_gib`` (torch's reserved peak plus the CUDA context), ``plan_reserved_gib`` (the part to
+compare with the measured ``peak_reserved_gib``), the GPU and checkpointing mode it planned for.
+
 ``NBTUNE_BENCH_PROFILE=FIRST:LAST`` (steps) also profiles those steps with torch.profiler (host and
 GPU) and writes the table of operators by host time and by GPU time to
 ``$OUT/trainer-profile-<row>.txt``: where a trainer step spends what the bare loop does not.
@@ -38,16 +46,22 @@ import trainer_common as tc  # noqa: E402
 
 
 def finetune_config(args, fmt: str) -> dict:
+    method = getattr(args, "method", "sft")  # other scripts pass their own Namespace (sft)
+    data = {"source": args.data, "format": fmt, "eval_split": None, "responses_only": False,
+            "packing": bool(args.packing)}
+    if method == "dpo":  # only the replies are scored; pairs are not packed
+        data = {"source": args.data, "format": "preference", "eval_split": None, "packing": False}
     cfg = {
         "model": {"name": args.model, "max_seq_length": args.seq, "dtype": args.dtype},
-        "data": {"source": args.data, "format": fmt, "eval_split": None, "responses_only": False,
-                 "packing": bool(args.packing)},
+        "data": data,
         "lora": {"r": tc.LORA_R, "alpha": tc.LORA_R, "dropout": 0.0, "targets": list(LORA_TARGETS)},
         "train": {"max_steps": args.warmup + args.steps, "batch_size": args.batch, "grad_accum": 1, "lr": tc.LR,
                   "scheduler": "linear", "warmup_steps": 0, "optimizer": "adamw_8bit", "logging_steps": 1,
                   "seed": tc.SEED},
         "output": {"dir": args.out, "overwrite": True},  # the benchmark reruns a row into the same folder
     }
+    if method == "dpo":
+        cfg["train"].update(method="dpo", beta=tc.DPO_BETA)
     for section, values in json.loads(os.environ.get("NBTUNE_BENCH_CONFIG") or "{}").items():
         cfg.setdefault(section, {}).update(values)
     return cfg
@@ -145,15 +159,33 @@ class ClockListener:
             self.clock.step(rec.get("tokens") or 0, rec.get("loss"))
 
 
+def plan_fields(cfg: dict) -> dict:
+    """The planner's prediction for this config, as ``nbtune plan`` / ``finetune(plan=True)`` gives it."""
+    import nbtune
+
+    try:
+        p = nbtune.finetune(cfg, plan=True)
+    except Exception as exc:  # noqa: BLE001 - the run goes on; the line says why there is no plan
+        return dict(plan_error=f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}")
+    if p is None:
+        return dict(plan_error="no plan (the planner is not available)")
+    return dict(plan_peak_gib=round(p.peak_gib, 3), plan_reserved_gib=round(p.reserved_gib, 3), plan_gpu=p.gpu.name,
+                plan_checkpointing=p.settings.gradient_checkpointing, plan_fits=p.fits)
+
+
 def main(argv=None) -> int:
-    args = tc.parse_args(argv)
+    args = tc.parse_args(argv, methods=tc.METHODS)
     fmt = tc.data_format(args.data)
     import nbtune
 
-    base = dict(peer=f"nbtune-{nbtune.__version__}", row=args.row, batch=args.batch, seq=args.seq, dtype=args.dtype,
-                packing=bool(args.packing), data=os.path.basename(args.data), format=fmt, **tc.environment_fields())
+    base = dict(peer=f"nbtune-{nbtune.__version__}", row=args.row, method=args.method, batch=args.batch, seq=args.seq,
+                dtype=args.dtype, packing=bool(args.packing), data=os.path.basename(args.data), format=fmt,
+                **tc.environment_fields())
     t0 = time.perf_counter()
     try:
+        if args.method == "dpo":  # before training: an OOM's line still carries what was planned
+            base.update(plan_fields(finetune_config(args, fmt)), beta=tc.DPO_BETA, reference="adapter off",
+                        precompute_ref_log_probs=False)
         if tc.on_gpu():
             apply_mem_cap(mem_cap_gib())
         clock = tc.StepClock()
@@ -169,7 +201,7 @@ def main(argv=None) -> int:
         result = nbtune.finetune(finetune_config(args, fmt), dashboard=dash or False, progress=dash is None,
                                  listeners=listeners)
         peak = tc.peak_reserved_gib()
-        line = dict(base, **tc.summarize(clock, args.warmup, args.batch, args.seq), peak_reserved_gib=peak,
+        line = dict(base, **tc.summarize(clock, args.warmup, tc.sequences(args), args.seq), peak_reserved_gib=peak,
                     gradient_checkpointing=result.gradient_checkpointing, metrics_records=len(result.metrics),
                     offload_each=offload.steps,
                     total_s=round(time.perf_counter() - t0, 1))

@@ -307,3 +307,151 @@ def test_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert md.read_text().split("\n## ")[1].startswith("Trainer path")
     log = (out / path.replace(".json", ".log")).read_text()
     assert log.count("===== ") == 4 and "--- stderr" in log
+
+
+# ------------------------------------------------------------------------------------------------
+# DPO rows
+# ------------------------------------------------------------------------------------------------
+def test_dpo_rows_and_alias():
+    rows = trainer.select_rows("dpo")
+    assert [(r.id, r.data, r.batch, r.seq, r.dtype, r.packing, r.t4, r.method) for r in rows] == [
+        ("dpo-gsm8k-1x1024-bf16", "gsm8k", 1, 1024, "bfloat16", False, False, "dpo"),
+        ("dpo-gsm8k-2x1024-bf16", "gsm8k", 2, 1024, "bfloat16", False, False, "dpo"),
+        ("dpo-gsm8k-1x2048-bf16", "gsm8k", 1, 2048, "bfloat16", False, False, "dpo"),
+        ("dpo-gsm8k-1x1024-fp16", "gsm8k", 1, 1024, "float16", False, False, "dpo")]
+    row = trainer.parse_row("dpo-gsm8k-4x512-fp32")
+    assert (row.id, row.batch, row.seq, row.dtype, row.method) == ("dpo-gsm8k-4x512-fp32", 4, 512, "float32", "dpo")
+    assert row.label() == "DPO gsm8k 4×512 fp32" and row.data_key == "dpo-gsm8k-512"
+    assert trainer.parse_row("gsm8k-2x2048-bf16-unpacked").data_key == "gsm8k"
+    # globs reach the DPO rows; the SFT aliases are what they were
+    assert [r.id for r in trainer.select_rows("dpo-*-1x1024-*")] == ["dpo-gsm8k-1x1024-bf16", "dpo-gsm8k-1x1024-fp16"]
+    assert [r.id for r in trainer.select_rows("all")] == trainer.MAIN_ROWS + trainer.T4_ROWS
+    assert [r.id for r in trainer.select_rows("gsm8k-*-unpacked")] == ["gsm8k-2x2048-bf16-unpacked",
+                                                                       "gsm8k-1x2048-fp16-unpacked"]
+    for bad in ("dpo-gsm8k-2x1024", "dpo-text-2x1024-bf16", "dpo-gsm8k-2x1024-bf16-packed", "dpo-gsm8k-0x1024-bf16",
+                "dpo-gsm8k-2x1024-fp8"):
+        with pytest.raises(ValueError):
+            trainer.parse_row(bad)
+
+
+def test_dpo_rows_are_listed(capsys):
+    assert trainer.main(["--list", "--rows", "dpo,quick", "--peers", "nbtune,unsloth"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("dpo-gsm8k-1x1024-bf16") and "DPO gsm8k 1×1024 bf16: nbtune,unsloth" in out[0]
+    assert len(out) == 6 and out[4].startswith("text-2x2048-bf16-packed")
+
+
+def test_preference_data_fills_the_row_and_both_trainers_read_it(tmp_path, assets):
+    from nbtune.assets.preferences import wrong_final
+    from nbtune.train.config import DataConfig
+    from nbtune.train.preference_data import tokenize_pairs
+
+    info = data.write_preference_data(str(tmp_path), *assets, seq=512, rows=12)
+    assert info["path"] == str(tmp_path / "dpo-gsm8k-512.jsonl") and info["seq"] == 512 and info["rows"] == 12
+    rows = [json.loads(line) for line in open(info["path"])]
+    tok = data.load_tokenizer(assets[0])
+    lengths = [data.pair_lengths(tok, r) for r in rows]
+    assert all(max(c, r) <= 512 for c, r in lengths) and info["max"] <= 512
+    assert info["mean"] > 256 and len({max(x) for x in lengths}) > 6  # long prompts, spread over seq/2..seq
+    assert info["tokens"] == sum(c + r for c, r in lengths)
+    gsm8k = {r["question"]: r["answer"] for r in data.gsm8k_rows(assets[1])}
+    for i, row in enumerate(rows):
+        # chat form: earlier exchanges then the question; chosen its own answer, rejected another final number
+        assert [t["role"] for t in row["prompt"]][-1] == "user" and len(row["prompt"]) % 2 == 1
+        assert [t["role"] for t in row["chosen"]] == [t["role"] for t in row["rejected"]] == ["assistant"]
+        answer = gsm8k[row["prompt"][-1]["content"]]
+        assert row["chosen"][0]["content"] == answer
+        assert row["rejected"][0]["content"] == wrong_final(answer, i) != answer
+    assert any(len(r["prompt"]) > 1 for r in rows)
+    assert data.write_preference_data(str(tmp_path / "again"), *assets, seq=512, rows=12)["tokens"] == info["tokens"]
+    # nbtune's preference reader and TRL's DPOTrainer tokenization give the same ids
+    ours, dropped, truncated = tokenize_pairs(rows, tok, DataConfig(format="preference"), 512, "test")
+    assert not dropped and not truncated
+    import types
+
+    import datasets
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    args = types.SimpleNamespace(dataset_num_proc=None, max_length=512, truncation_mode="keep_start")
+    theirs = DPOTrainer._prepare_dataset(types.SimpleNamespace(_tokenizer=tok), datasets.Dataset.from_list(rows),
+                                         tok, args, "train")
+    for col in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        assert theirs[col] == ours[col]
+    with pytest.raises(ValueError, match="fits"):
+        data.preference_pairs(data.gsm8k_rows(assets[1])[:5], tok, 2, 4, 8)
+
+
+def test_dpo_tables_show_the_plan_beside_the_measured_peak():
+    nb = job("nbtune", tps=5000, s=0.8, fill=0.7, gib=20.5, first_loss=0.6931, last_loss=0.69,
+             plan_reserved_gib=21.25, plan_peak_gib=21.75, tokens_each=[10, 12])
+    uns = job("unsloth", tps=4000, s=1.0, fill=0.7, gib=18.0, first_loss=0.6931, last_loss=0.6905,
+              reference="ref adapter", tokens_each=[10, 12])
+    oom = dict(peer="trl", status="oom", detail="CUDA out of memory", line=dict(peer="trl", error="OOM"))
+    d = doc([rec("text-2x2048-bf16-packed", {"nbtune": job("nbtune", tps=9000, s=0.5, fill=0.9, gib=6.0)}),
+             rec("dpo-gsm8k-2x1024-bf16", {"nbtune": nb, "unsloth": uns, "trl": oom})],
+            data=dict(text=dict(rows=96, min=1030, max=2046, mean=1540.2),
+                      **{"dpo-gsm8k-1024": dict(rows=64, min=446, max=1020, mean=760.5, tokens=97000)}))
+    md = report.run_markdown(d, "20261201-000000")
+    lines = md.splitlines()
+    # the SFT table as before, then the DPO rows under their own heading
+    assert "| text 2×2048 bf16 packed | nbtune.finetune | 9,000 | 0.500 | 0.90 | 6.00 | — | ok |" in lines
+    assert "## DPO" in lines and md.index("| text 2×2048") < md.index("## DPO")
+    assert ("| row | peer | real tokens/s | s/step | fill | peak reserved GiB | planned GiB | plan − measured | "
+            "loss first → last | nbtune speed × | status |") in lines
+    assert ("| DPO gsm8k 2×1024 bf16 | nbtune.finetune (dpo) | 5,000 | 0.800 | 0.70 | 20.50 | 21.25 | +0.75 | "
+            "0.6931 → 0.6900 | — | ok |") in lines
+    assert ("| DPO gsm8k 2×1024 bf16 | Unsloth PatchDPOTrainer + TRL DPOTrainer | 4,000 | 1.000 | 0.70 | 18.00 | — | "
+            "— | 0.6931 → 0.6905 | 1.25× | ok |") in lines
+    assert any(l.startswith("| DPO gsm8k 2×1024 bf16 | TRL DPOTrainer + peft + bnb |") and l.endswith("| OOM |")
+               for l in lines)
+    assert "dpo-gsm8k-1024: 64 pairs of 446-1,020 tokens" in md
+    assert "frozen copy of the fresh adapter" in md.split("Notes:")[1]
+    summary = report.summary_text(d)
+    assert "planned 21.25 (+0.75)" in summary and summary.count("planned") == 1
+    # RESULTS.md's lead: DPO rows after the SFT rows, in their own table
+    lead = "\n".join(report.lead_section([("trainer-20261201-000000.json", d)]))
+    assert lead.index("| text 2×2048 bf16 packed") < lead.index("### DPO") < lead.index("| DPO gsm8k 2×1024 bf16")
+    only_dpo = report.run_markdown(doc([rec("dpo-gsm8k-1x1024-fp16", {"nbtune": nb})]), "x")
+    assert "| row | peer | real tokens/s | s/step | fill | peak reserved GiB | nbtune speed ×" not in only_dpo
+
+
+@pytest.mark.slow
+def test_dpo_rows_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
+    out, work = tmp_path / "results", tmp_path / "work"
+    argv = ["--rows", "dpo-gsm8k-2x256-fp32", "--peers", "nbtune,unsloth,trl", "--steps", "1:2",
+            "--model", str(tiny_model_dir), "--text-rows", "2", "--text-tokens", "60:120", "--chat-rows", "10",
+            "--dpo-rows", "8", "--out-dir", str(out), "--work", str(work), "--markdown", str(tmp_path / "RESULTS.md"),
+            "--python", sys.executable, "--row-timeout", "600"]
+    assert trainer.main(argv) == 0, capsys.readouterr().out
+    (path,) = [p for p in os.listdir(out) if p.endswith(".json")]
+    result = json.loads((out / path).read_text())
+    pairs = result["meta"]["data"]["dpo-gsm8k-256"]
+    assert pairs["rows"] == 8 and pairs["max"] <= 256
+    (r,) = result["rows"]
+    assert (r["id"], r["method"], r["batch"], r["seq"], r["packing"]) == ("dpo-gsm8k-2x256-fp32", "dpo", 2, 256, False)
+    if importlib.util.find_spec("unsloth") is None:  # absent here: its DPO path is reported as skipped, with the reason
+        assert r["results"]["unsloth"]["status"] == "skipped"
+        assert r["results"]["unsloth"]["detail"] == "not importable: unsloth"
+    lines = {}
+    for peer in ("nbtune", "trl"):
+        j = r["results"][peer]
+        assert j["status"] == "ok", (peer, j.get("detail"), j.get("stderr_tail"))
+        line = lines[peer] = j["line"]
+        assert line["method"] == "dpo" and line["format"] == "preference" and line["beta"] == 0.1
+        assert line["precompute_ref_log_probs"] is False and line["data"] == "dpo-gsm8k-256.jsonl"
+        assert (line["warmup"], line["steps"]) == (1, 2) and len(line["tokens_each"]) == 3
+        assert line["tokens_per_s"] > 0 and line["s_per_step"] > 0 and line["peak_reserved_gib"] is None
+        # 2 x batch sequences per step, each at most seq real tokens
+        assert all(0 < n <= 2 * 2 * 256 for n in line["tokens_each"])
+        assert line["fill"] == round(sum(line["tokens_each"][1:]) / 2 / (2 * 2 * 256), 4)
+        # policy = reference at the first step: DPO's loss is log 2
+        assert abs(line["first_loss"] - 0.693147) < 1e-3 and line["last_loss"] is not None
+    nb = lines["nbtune"]
+    assert nb["reference"] == "adapter off" and nb["plan_gpu"] == "T4"  # no GPU here: planned for a T4
+    assert 0 < nb["plan_reserved_gib"] < nb["plan_peak_gib"] and nb["plan_checkpointing"] == "offload"
+    assert lines["trl"]["reference"] in ("ref adapter", "adapter off") and lines["trl"]["trl"]
+    # same pairs, same order, same tokenization
+    assert r["checks"]["same_tokens"] == {"trl": True} and r["checks"]["first_loss_diff"]["trl"] < 1e-3
+    table = (out / path.replace(".json", ".md")).read_text()
+    assert "| DPO gsm8k 2×256 fp32 | nbtune.finetune (dpo) |" in table
+    assert "| DPO gsm8k 2×256 fp32 | TRL DPOTrainer + peft + bnb |" in table

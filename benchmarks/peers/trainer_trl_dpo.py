@@ -1,0 +1,117 @@
+"""Peers on TRL's DPOTrainer, for the DPO rows: Unsloth's way (``--peer unsloth``:
+FastLanguageModel and its LoRA with ``use_gradient_checkpointing="unsloth"``, then
+``PatchDPOTrainer()`` before TRL's DPOTrainer is made, as Unsloth's DPO notebooks do) and the plain
+Hugging Face way (``--peer trl``: transformers + bitsandbytes 4-bit + peft,
+``prepare_model_for_kbit_training``, non-reentrant gradient checkpointing). The model loaders and
+the step clock are peers/trainer_trl.py's.
+
+    python benchmarks/peers/trainer_trl_dpo.py --peer trl --model DIR --data pairs.jsonl --batch 2 \\
+        --seq 1024 --dtype bfloat16 --warmup 2 --steps 5 --out DIR
+
+Same settings and clock as peers/trainer_nbtune.py --method dpo (trainer_common.py): the rows (chat
+form {prompt, chosen, rejected}) go to DPOTrainer as they are, which renders them with the tokenizer's
+chat template as nbtune does; ``ref_model=None`` with ``beta`` 0.1, ``max_length`` = --seq (TRL's
+``keep_start`` truncation, nbtune's too), ``precompute_ref_log_probs=False`` (nbtune computes the
+reference log-probs each step too), sigmoid loss. Only DPOConfig fields present in both TRL releases
+the peers run (Unsloth's and the pinned one) are set; there is no ``max_prompt_length`` (removed from
+TRL). The reference: given a PeftModel and no ref_model, TRL copies the (fresh, B = 0) adapter into a
+frozen "ref" adapter and scores the reference with it; nbtune deletes that copy and scores with the
+adapter switched off. Both give the base model's log-probs; the line's ``reference`` says which this
+run used. Prints one JSON line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import apply_mem_cap, apply_sdpa_backend_from_env, mem_cap_gib  # noqa: E402
+
+import trainer_common as tc  # noqa: E402
+from trainer_trl import PEERS, clock_callback, load_peft, load_unsloth  # noqa: E402
+
+
+def dpo_settings(args, peer: str) -> dict:
+    """DPOConfig's arguments for this run (before :func:`dpo_config` keeps the ones this TRL has)."""
+    gpu = tc.on_gpu()
+    settings = dict(
+        output_dir=args.out, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
+        max_steps=args.warmup + args.steps, learning_rate=tc.LR, lr_scheduler_type="linear", warmup_steps=0,
+        weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, optim="adamw_8bit" if gpu else "adamw_torch",
+        bf16=gpu and args.dtype == "bfloat16", fp16=gpu and args.dtype == "float16", use_cpu=not gpu,
+        report_to="none", save_strategy="no", include_num_input_tokens_seen="non_padding", seed=tc.SEED,
+        data_seed=tc.SEED, beta=tc.DPO_BETA, max_length=args.seq, precompute_ref_log_probs=False)
+    if peer == "trl":
+        settings.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    return settings
+
+
+def dpo_config(settings: dict):
+    """TRL's DPOConfig from ``settings``, leaving out what this TRL does not know; (config, left out)."""
+    from trl import DPOConfig
+
+    known = {f.name for f in dataclasses.fields(DPOConfig) if f.init}
+    left_out = sorted(k for k in settings if k not in known)
+    return DPOConfig(**{k: v for k, v in settings.items() if k in known}), left_out
+
+
+def reference_kind(model) -> str:
+    """How DPOTrainer scores the reference of this (peft) model: a frozen copy of the adapter, or the adapter off."""
+    return "ref adapter" if "ref" in (getattr(model, "peft_config", None) or {}) else "adapter off"
+
+
+def main(argv=None) -> int:
+    args = tc.parse_args(argv, peers=PEERS)
+    args.method = "dpo"
+    apply_sdpa_backend_from_env()  # before unsloth / transformers are imported
+    fmt = tc.data_format(args.data)
+    base = dict(peer=args.peer, row=args.row, method="dpo", batch=args.batch, seq=args.seq, dtype=args.dtype,
+                packing=False, data=os.path.basename(args.data), format=fmt, beta=tc.DPO_BETA,
+                precompute_ref_log_probs=False, **tc.environment_fields())
+    t0 = time.perf_counter()
+    try:
+        if fmt != "preference":
+            raise ValueError(f"{args.data}: DPO reads rows with prompt, chosen and rejected")
+        if args.peer == "unsloth":
+            import unsloth  # first: it patches transformers and TRL
+            from unsloth import PatchDPOTrainer
+
+            PatchDPOTrainer()  # before the DPOTrainer is made, as Unsloth's DPO notebooks do
+            base["peer"] = f"unsloth-{unsloth.__version__}"
+        import torch
+        import trl
+        from datasets import load_dataset
+
+        base["trl"] = trl.__version__
+        if tc.on_gpu():
+            apply_mem_cap(mem_cap_gib())
+        dtype = getattr(torch, args.dtype)
+        model, tok = (load_unsloth if args.peer == "unsloth" else load_peft)(args, dtype)
+        dataset = load_dataset("json", data_files=args.data, split="train")
+        config, left_out = dpo_config(dpo_settings(args, args.peer))
+        if left_out:
+            base["dpo_config_left_out"] = left_out
+        clock = tc.StepClock()
+        trainer = trl.DPOTrainer(model=model, ref_model=None, args=config, train_dataset=dataset,
+                                 processing_class=tok, callbacks=[clock_callback(clock)])
+        base["reference"] = reference_kind(trainer.accelerator.unwrap_model(trainer.model))
+        trainer.train()
+        peak = tc.peak_reserved_gib()
+        line = dict(base, **tc.summarize(clock, args.warmup, tc.sequences(args), args.seq), peak_reserved_gib=peak,
+                    optim=str(getattr(trainer.args.optim, "value", trainer.args.optim)),
+                    gradient_checkpointing=bool(trainer.args.gradient_checkpointing),
+                    pad_token=tok.pad_token, total_s=round(time.perf_counter() - t0, 1))
+    except Exception as exc:  # noqa: BLE001 - the line says what failed; the traceback goes to stderr
+        import traceback
+
+        traceback.print_exc()
+        tc.emit(tc.error_line(base, exc))
+        return 1
+    tc.emit(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
