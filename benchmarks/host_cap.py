@@ -17,6 +17,9 @@ kernel counts a forked child's pages from before its ``exec`` too, so a command 
 from a large process (a test runner, a driver that loaded a model) would be charged that
 process's size: the command is started by a small launcher (:func:`measured`) whose own
 interpreter, a few MB, is the most it can be overcharged.
+
+:class:`CappedChild` is the one place that starts a command this way; :func:`run_capped` here and
+benchmarks/models.py's peer runs both use it.
 """
 from __future__ import annotations
 
@@ -134,34 +137,75 @@ def read_peak(path: str) -> int | None:
             os.remove(path)
 
 
+class CappedChild:
+    """``cmd`` started under a host-RAM cap of ``cap_gb`` GB: in a fresh memory cgroup where one can be
+    made (else uncapped), through the launcher so its peak RSS is its own. ``setup`` runs in the child
+    before it enters the cgroup; ``popen`` goes to :class:`subprocess.Popen`. The caller waits on
+    ``proc``; :meth:`finish` (also on leaving a ``with``) then reads ``oom_kills`` and ``peak_bytes``
+    (None if the launcher wrote none) and removes the cgroup."""
+
+    def __init__(self, cmd: list[str], cap_gb: float, setup=None, **popen):
+        self.cap_gb = cap_gb
+        self.group = make_cgroup(int(cap_gb * GB), f"nbtune-cap-{os.getpid()}-{time.monotonic_ns()}")
+        self.oom_kills = 0
+        self.peak_bytes: int | None = None
+        argv, self._peak_file = measured(cmd)
+        group = self.group
+
+        def start():  # in the child, before the launcher runs
+            if setup is not None:
+                setup()
+            if group:
+                (group[0] / "cgroup.procs").write_text(str(os.getpid()))
+
+        try:
+            self.proc = subprocess.Popen(argv, preexec_fn=start, **popen)
+        except BaseException:
+            self.finish()
+            raise
+
+    @property
+    def capped(self) -> bool:
+        return bool(self.group)
+
+    @property
+    def cgroup(self) -> str | None:
+        """The cgroup version, "v2" or "v1"; None where no cgroup could be made."""
+        return self.group[1] if self.group else None
+
+    def finish(self) -> None:
+        """Read the OOM kills and the peak RSS, remove the cgroup and the peak file (once)."""
+        if self._peak_file is None:
+            return
+        if self.group:
+            self.oom_kills = oom_kills(*self.group)
+            remove_cgroup(self.group[0])
+        self.peak_bytes = read_peak(self._peak_file)
+        self._peak_file = None
+
+    def __enter__(self) -> "CappedChild":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.finish()
+
+
 def run_capped(cmd: list[str], cap_gb: float, env: dict | None = None, log=None) -> dict:
     """Run ``cmd`` under the cap; returns exit code, capped or not, peak RSS (GB and GiB), OOM kills, seconds."""
     cap = int(cap_gb * GB)
-    group = make_cgroup(cap, f"nbtune-cap-{os.getpid()}-{time.monotonic_ns()}")
-
-    def enter():
-        if group:
-            procs = group[0] / "cgroup.procs"
-            procs.write_text(str(os.getpid()))
-
     t0 = time.monotonic()
-    argv, peak_file = measured(cmd)
-    proc = subprocess.Popen(argv, env=env, preexec_fn=enter, stdout=log, stderr=subprocess.STDOUT if log else None)
-    try:
-        proc.wait()
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)
-        raise
-    seconds = time.monotonic() - t0
-    peak = read_peak(peak_file) or 0
-    oom = 0
-    if group:
-        oom = oom_kills(*group)
-        remove_cgroup(group[0])
-    return {"cmd": cmd[-1][:200] if len(cmd) > 2 else " ".join(cmd), "returncode": proc.returncode,
-            "capped": bool(group), "cgroup": group[1] if group else None, "cap_gb": cap_gb,
+    with CappedChild(cmd, cap_gb, env=env, stdout=log, stderr=subprocess.STDOUT if log else None) as child:
+        try:
+            child.proc.wait()
+        except KeyboardInterrupt:
+            child.proc.send_signal(signal.SIGINT)
+            raise
+        seconds = time.monotonic() - t0
+    rc, peak = child.proc.returncode, child.peak_bytes or 0
+    return {"cmd": cmd[-1][:200] if len(cmd) > 2 else " ".join(cmd), "returncode": rc,
+            "capped": child.capped, "cgroup": child.cgroup, "cap_gb": cap_gb,
             "peak_rss_gb": round(peak / GB, 3), "peak_rss_gib": round(peak / 2 ** 30, 3),
-            "under_cap": peak <= cap and proc.returncode == 0, "oom_kills": oom, "seconds": round(seconds, 1)}
+            "under_cap": peak <= cap and rc == 0, "oom_kills": child.oom_kills, "seconds": round(seconds, 1)}
 
 
 def main(argv=None) -> int:

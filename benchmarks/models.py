@@ -334,22 +334,17 @@ def run_process(cmd: list[str], env: dict, timeout: float, cwd: str | None = Non
     its own process group (not a new session, so nothing outlives the command that started the
     driver); on timeout, or if the driver itself is stopped, that group is terminated, then killed.
 
-    ``host_cap_gb`` > 0: the peer runs in a memory cgroup of that size (benchmarks/host_cap.py), as
-    on free Colab; ``host`` (a dict) receives whether the cap held, the peak RSS and the OOM kills."""
-    cap = _sibling("host_cap")
-    group = cap.make_cgroup(int(host_cap_gb * 1e9), f"nbtune-cap-{os.getpid()}-{time.monotonic_ns()}") \
-        if host_cap_gb > 0 else None
-    peak_file = None
-    if host_cap_gb > 0:  # through the launcher: the peer's peak RSS without this driver's pages
-        cmd, peak_file = cap.measured(cmd)
-
-    def start():
-        os.setpgrp()
-        if group:
-            (group[0] / "cgroup.procs").write_text(str(os.getpid()))
-
+    ``host_cap_gb`` > 0: the peer runs in a memory cgroup of that size (benchmarks/host_cap.py's
+    CappedChild), as on free Colab; ``host`` (a dict) receives whether the cap held, the peak RSS
+    (the peer's own, not this driver's pages) and the OOM kills."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=cwd, preexec_fn=start)
+        popen = dict(stdout=out, stderr=err, env=env, cwd=cwd)
+        child = None
+        if host_cap_gb > 0:
+            child = _sibling("host_cap").CappedChild(cmd, host_cap_gb, setup=os.setpgrp, **popen)
+            proc = child.proc
+        else:
+            proc = subprocess.Popen(cmd, preexec_fn=os.setpgrp, **popen)
         timed_out = False
         try:
             rc = proc.wait(timeout=max(timeout, 1))
@@ -361,18 +356,15 @@ def run_process(cmd: list[str], env: dict, timeout: float, cwd: str | None = Non
             _stop_group(proc)
             raise
         finally:
-            if group:
-                if host is not None:
-                    host.update(capped=True, oom_kills=cap.oom_kills(*group))
-                cap.remove_cgroup(group[0])
-        if host is not None and host_cap_gb > 0:
+            if child is not None:
+                child.finish()
+                if host is not None and child.capped:
+                    host.update(capped=True, oom_kills=child.oom_kills)
+        if host is not None and child is not None:
             host.setdefault("capped", False)
             host["cap_gb"] = host_cap_gb
-            peak = cap.read_peak(peak_file)
-            if peak is not None:
-                host["peak_rss_gb"] = round(peak / 1e9, 3)
-        elif peak_file:
-            cap.read_peak(peak_file)
+            if child.peak_bytes is not None:
+                host["peak_rss_gb"] = round(child.peak_bytes / 1e9, 3)
         out.seek(0); err.seek(0)
         return rc, out.read(), err.read(), timed_out
 
