@@ -6,6 +6,8 @@ through ``nbtune.models.patches.attention``, i.e. what a patched layer runs:
 
 - ``nbtune``: the ``varlen`` backend (one Triton launch for the batch);
 - ``eager``: the ``pieces`` backend (one SDPA, or SoftcapAttention, per document), the baseline;
+- ``flash``: the ``flash`` backend (torch's FlashAttention varlen kernels; Llama shape only: a
+  softcap takes the Triton kernel);
 - ``flex``: the ``flex`` backend (compiled FlexAttention with a document mask);
 - ``unpacked``: the same tokens as rows of one sequence each (SDPA ``is_causal``; under a softcap
   the pieces backend's SoftcapAttention): the speed a packed batch should match. It attends to
@@ -76,6 +78,8 @@ def cases(dtype) -> list[Case]:
         flops = 2 * 7 * pairs * (ROWS if plan.shared else 1) * heads * dim
         impls = {"nbtune": backend("varlen", plan), "eager": backend("pieces", plan), "flex": backend("flex", plan),
                  "unpacked": backend("pieces", A.AttentionPlan())}
+        if softcap is None:  # torch's FlashAttention varlen kernels (sm_80+), where this torch has them
+            impls["flash"] = backend("flash", plan)
         if softcap is not None:  # unpacked softcapped rows through the varlen kernel (one sequence per row)
             impls["unpacked-varlen"] = backend("varlen", A.AttentionPlan())
         out.append(Case("varlen_attention", f"{label} packed fwd+bwd", make, impls, flops=flops, memory_bound=False,

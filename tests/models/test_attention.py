@@ -21,7 +21,7 @@ def explicit_attention(q, k, v, segment_ids, window=None, softcap=None, scale=No
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
     s = q.shape[2]
-    i, j = torch.arange(s)[:, None], torch.arange(s)[None, :]
+    i, j = torch.arange(s, device=q.device)[:, None], torch.arange(s, device=q.device)[None, :]
     allowed = (j <= i)[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
     if window is not None:
         allowed = allowed & (j > i - window)[None]
@@ -190,6 +190,8 @@ def test_packed_backend_switch(kernel_mode, monkeypatch):
     assert A.packed_attention_backend(q) == "pieces"
     monkeypatch.setenv(A.PACKED_ATTENTION_ENV, "flex")
     assert A.packed_attention_backend(q) == "pieces"  # FlexAttention only on CUDA (compiled)
+    monkeypatch.setenv(A.PACKED_ATTENTION_ENV, "flash")
+    assert A.packed_attention_backend(q) == "varlen"  # torch's FlashAttention varlen is CUDA's: Triton's kernel
     monkeypatch.setenv(A.PACKED_ATTENTION_ENV, "varlen")
     kernel_mode("reference")
     assert A.packed_attention_backend(q) == "pieces"
@@ -331,3 +333,31 @@ def test_padded_rows_take_the_varlen_kernel(kernel_mode, window, softcap, monkey
     want.backward(grad)
     for a, c in ((q, q2), (k, k2), (v, v2)):
         torch.testing.assert_close(a.grad, c.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", PACKED)
+def test_gpu_flash_backend_matches_explicit_masked_attention(case, dtype, kernel_mode, monkeypatch):
+    """NBTUNE_PACKED_ATTENTION=flash: torch's FlashAttention varlen kernels behind attend() (softcapped
+    cases take Triton's varlen kernel), forward and backward against fp64 explicit attention."""
+    if A._torch_varlen() is None:
+        pytest.skip("this torch's varlen_attn takes no window_size / enable_gqa")
+    kernel_mode("auto")
+    monkeypatch.setenv(A.PACKED_ATTENTION_ENV, "flash")
+    positions, window, softcap = CASES[case]
+    q, k, v = (t.cuda().requires_grad_() for t in qkv(length=29, dim=64, dtype=dtype))
+    b, _, s, _ = q.shape
+    plan = build_plan(b, s, position_ids=torch.tensor(positions).expand(b, -1))
+    assert A.packed_attention_backend(q) == "flash"
+    got = attend(q, k, v, plan, scale=0.3, window=window, softcap=softcap)
+    assert _graph_has(got, "VarlenAttention") == (softcap is not None)  # Triton's kernel only under a softcap
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    want = explicit_attention(q2, k2, v2, segment_ids_of(plan, b, s).cuda(), window=window, softcap=softcap,
+                              scale=0.3)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    grad = torch.randn_like(got)
+    got.backward(grad)
+    want.backward(grad)
+    for a, c in ((q, q2), (k, k2), (v, v2)):
+        torch.testing.assert_close(a.grad, c.grad, rtol=2e-2, atol=3e-2)

@@ -396,17 +396,20 @@ def _attend_pieces(q, k, v, pieces, *, scale, window, softcap, dropout):
 
 # ----------------------------------------------------------------------------- packed rows, one launch
 PACKED_ATTENTION_ENV = "NBTUNE_PACKED_ATTENTION"
-PACKED_ATTENTION_CHOICES = ("auto", "varlen", "flex", "pieces")
+PACKED_ATTENTION_CHOICES = ("auto", "varlen", "flash", "flex", "pieces")
 # What "auto" runs for packed rows on a GPU, by compute capability major (7: T4; 8: A100, A10,
 # L4; 9: H100, H200). The one place to change once measurements say otherwise.
 PACKED_ATTENTION_DEFAULT = {7: "varlen", 8: "varlen", 9: "varlen"}
 
 
 def packed_attention_backend(q: torch.Tensor, dropout: float = 0.0) -> str:
-    """How packed rows attend for queries like ``q``: "varlen", "flex" or "pieces" (module docstring).
+    """How packed rows attend for queries like ``q``: "varlen", "flash", "flex" or "pieces" (module
+    docstring).
 
     ``NBTUNE_PACKED_ATTENTION`` = auto (default: ``PACKED_ATTENTION_DEFAULT`` for this GPU, "pieces"
-    where the Triton kernels do not run) | varlen | flex | pieces. A choice this call cannot take
+    where the Triton kernels do not run) | varlen | flash | flex | pieces. "flash" is torch's
+    FlashAttention varlen kernels (``torch.nn.attention.varlen``, sm_80+, fp16/bf16; Triton's
+    "varlen" where this torch lacks them or the call is softcapped). A choice this call cannot take
     falls back to "pieces": attention dropout (only the SDPA path draws it), no Triton path
     (``NBTUNE_KERNELS``), bf16 below sm_80, heads wider than the kernel's 256 channels, or no
     FlexAttention in this torch.
@@ -423,6 +426,9 @@ def packed_attention_backend(q: torch.Tensor, dropout: float = 0.0) -> str:
         choice = PACKED_ATTENTION_DEFAULT.get(major, "varlen") if major is not None else "varlen"
     if choice == "flex":
         return "flex" if _flex_available() and q.is_cuda else "pieces"
+    if choice == "flash" and _torch_varlen() is not None and q.is_cuda and major >= 8 \
+            and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+        return "flash"
     supported = q.dtype in (torch.float16, torch.float32) or (q.dtype == torch.bfloat16 and (major is None or major >= 8))
     return "varlen" if supported and q.shape[-1] <= MAX_HEAD_DIM and use_triton(q) else "pieces"
 
@@ -522,6 +528,36 @@ def _attend_varlen(q, k, v, plan, *, scale, window, softcap):
 
 
 @functools.lru_cache(maxsize=None)
+def _torch_varlen():
+    """torch's ``varlen_attn`` where it takes a causal window and GQA (``window_size``,
+    ``enable_gqa``), else None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    try:
+        params = inspect.signature(varlen_attn).parameters
+    except (TypeError, ValueError):
+        return None
+    return varlen_attn if {"window_size", "enable_gqa", "scale"} <= set(params) else None
+
+
+def _attend_flash(q, k, v, plan, *, scale, window):
+    """Packed rows through torch's FlashAttention varlen kernels: rows end to end, causal (or a
+    sliding window: query i sees keys i - window < j <= i, FlashAttention's left window of
+    ``window - 1``), GQA without repeating k/v."""
+    b, hq, s, _ = q.shape
+    index = packed_index(plan, b, s, q.device)
+    if window is not None and window >= index.longest:
+        window = None
+    out = _torch_varlen()(_as_tokens(q), _as_tokens(k), _as_tokens(v), index.cu_seqlens, index.cu_seqlens,
+                          index.longest, index.longest, scale=scale,
+                          window_size=(-1, 0) if window is None else (int(window) - 1, 0),
+                          enable_gqa=hq != k.shape[1])
+    return out.view(b, s, hq, v.shape[-1])
+
+
+@functools.lru_cache(maxsize=None)
 def _flex_available() -> bool:
     try:
         from torch.nn.attention import flex_attention  # noqa: F401
@@ -608,7 +644,9 @@ def attend(q, k, v, plan: AttentionPlan, *, scale: float, window: int | None = N
         plan = AttentionPlan(pieces=(((0, q.shape[2], False),),), shared=True)
     if plan.pieces is not None:
         backend = packed_attention_backend(q, dropout)
-        if backend == "varlen":
+        if backend == "flash" and softcap is None:
+            return _attend_flash(q, k, v, plan, scale=scale, window=window)
+        if backend in ("varlen", "flash"):
             return _attend_varlen(q, k, v, plan, scale=scale, window=window, softcap=softcap)
         if backend == "flex":
             return _attend_flex(q, k, v, plan, scale=scale, window=window, softcap=softcap)
