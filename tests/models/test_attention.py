@@ -361,3 +361,20 @@ def test_gpu_flash_backend_matches_explicit_masked_attention(case, dtype, kernel
     want.backward(grad)
     for a, c in ((q, q2), (k, k2), (v, v2)):
         torch.testing.assert_close(a.grad, c.grad, rtol=2e-2, atol=3e-2)
+
+
+def test_sdpa_without_cudnn_keeps_what_the_process_turned_off():
+    """The "flash" choice leaves out cuDNN and nothing the process already disabled (the T4
+    emulation allows only the memory-efficient kernel): inside, flash stays off too."""
+    cuda = torch.backends.cuda
+    before = (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled(),
+              cuda.cudnn_sdp_enabled())
+    cuda.enable_flash_sdp(False)
+    try:
+        with A._without_cudnn():
+            assert not cuda.cudnn_sdp_enabled() and not cuda.flash_sdp_enabled() and cuda.mem_efficient_sdp_enabled()
+        assert not cuda.flash_sdp_enabled() and cuda.cudnn_sdp_enabled() == before[3]
+    finally:
+        cuda.enable_flash_sdp(before[0])
+    with A._without_cudnn():
+        assert cuda.flash_sdp_enabled() == before[0] and not cuda.cudnn_sdp_enabled()

@@ -465,10 +465,19 @@ def _sdpa_backends():
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:
         return None
-    return sdpa_kernel, [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel, ((SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled),
+                         (SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled),
+                         (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled))
 
 
 _SDPA_BACKENDS = _sdpa_backends()
+
+
+def _without_cudnn():
+    """A context in which SDPA may take every backend now enabled except cuDNN's (the enabled ones
+    are read each call: a process may have turned some off, as the T4 emulation does)."""
+    sdpa_kernel, backends = _SDPA_BACKENDS
+    return sdpa_kernel([b for b, enabled in backends if enabled()] or [backends[-1][0]])
 
 
 @functools.lru_cache(maxsize=8)
@@ -635,8 +644,7 @@ def attend(q, k, v, plan: AttentionPlan, *, scale: float, window: int | None = N
         if backend == "varlen":
             plan = _padded_pieces(plan, q.shape[0], q.shape[2])
         elif backend == "flash" and softcap is None:
-            sdpa_kernel, without_cudnn = _SDPA_BACKENDS
-            with sdpa_kernel(without_cudnn):
+            with _without_cudnn():
                 return _attend_sequence(q, k, v, **options).transpose(1, 2)
     if plan.pieces is None and softcap is not None and packed_attention_backend(q, dropout) != "pieces":
         # Gemma 2's softcapped rows, unpacked: each row one sequence for the one-launch kernels
