@@ -78,6 +78,15 @@ Terms (bytes); their sum is torch's reserved peak, and the CUDA context comes on
                          fused:   rows * V * b + T * h * b + 4 * T
                                   (rows as nbtune/_chunking.py's loss_chunk_rows chooses them)
                          unfused: T * V * unfused_bytes_per_logit + T * h * b
+    generation         GRPO only: the step's completions are sampled first, without gradients, as G =
+                       generation_rows sequences of up to n = generation_tokens tokens with a KV cache;
+                       what that needs beyond training's activations and loss adds to the peak:
+                         max(0, kv + prefill + logits + dequant - activations - loss), where
+                         kv      = G * n * L * 2 * kv_dim * b       (the cache, every layer's k and v)
+                         prefill = G * n * (4*h + 3*i) * b          (one layer's forward over the prompts)
+                         logits  = 2 * G * V * 4                    (the last position's fp32 logits and
+                                                                     sampling probabilities)
+                       (a formula, not yet fitted to measurements)
     allocator overhead overhead_fixed + overhead_fraction * (activations + loss)
                        + overhead_per_tensor * (#linear tensors)   (block rounding, fragmentation; they
                        depend on the allocator's setting: ``Coefficients.alloc_conf`` says which one a fit
@@ -164,7 +173,7 @@ DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 # The breakdown's terms, in display order; the last is outside torch's reserved memory.
 TERMS = ("base weights", "embedding + LM head", "LoRA parameters", "LoRA gradients", "optimizer states",
-         "activations", "loss chunk", "allocator overhead", "CUDA context")
+         "activations", "loss chunk", "generation", "allocator overhead", "CUDA context")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,6 +397,10 @@ class Settings:
     # sequences each batch row runs as: 2 for DPO / ORPO (a pair's chosen and rejected replies go
     # through the model together, each up to seq_len tokens), else 1
     sequences_per_row: int = 1
+    # GRPO: the completions one step samples together (batch_size x grad_accum) and the tokens each
+    # may reach (prompt + completion <= seq_len); 0 for methods that generate nothing
+    generation_rows: int = 0
+    generation_tokens: int = 0
 
     def __post_init__(self):
         if self.world_size < 1:
@@ -527,12 +540,20 @@ def estimate(shape: ModelShape, st: Settings, context_gib: float = 0.0, c: Coeff
         loss_buffers = T * V * c.unfused_bytes_per_logit + T * h * b
     loss = max(0.0, c.loss_scale * loss_buffers - layer_peak)
 
+    # -- generation (GRPO) --
+    generation = 0.0
+    if st.generation_rows:
+        gen_tokens = st.generation_rows * (st.generation_tokens or st.seq_len)
+        sampling = (gen_tokens * L * 2 * shape.kv_dim * b + gen_tokens * (4 * h + 3 * i) * b
+                    + 2 * st.generation_rows * V * 4 + dequant)
+        generation = max(0.0, sampling - activations - loss)
+
     # -- allocator overhead --
     overhead = (c.overhead_fixed_gib * GiB + c.overhead_fraction * (activations + loss)
                 + c.overhead_per_tensor_mib * MiB * shape.linear_tensors)
 
-    terms = dict(zip(TERMS, (weights, embeddings, lora_params, lora_grads, optimizer, activations, loss, overhead,
-                             context_gib * GiB)))
+    terms = dict(zip(TERMS, (weights, embeddings, lora_params, lora_grads, optimizer, activations, loss, generation,
+                             overhead, context_gib * GiB)))
     details = dict(
         lora_params=p_lora, lora_modules_per_layer=lora_modules, tokens=T, bytes_per_element=b,
         saved_per_token_layer=saved, work_per_token_layer=work, checkpoint_inputs_on_gpu=(

@@ -46,7 +46,8 @@ LABELS = {"offload": "offloaded checkpointing", "plain": "plain checkpointing", 
           "fused": "fused loss", "unfused": "unfused loss", "float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 COLORS = {"base weights": "#4C72B0", "embedding + LM head": "#55A868", "LoRA parameters": "#C44E52",
           "LoRA gradients": "#DD8452", "optimizer states": "#8172B3", "activations": "#937860",
-          "loss chunk": "#DA8BC3", "allocator overhead": "#8C8C8C", "CUDA context": "#CCB974"}
+          "loss chunk": "#DA8BC3", "generation": "#E5AE38", "allocator overhead": "#8C8C8C",
+          "CUDA context": "#CCB974"}
 HOST_COLORS = {"process baseline": "#64B5CD", "dataset + tokenization": "#8EBA42",
                "model loading (transient)": "#BBBBBB", "offloaded activations": "#937860",
                "offload pool rounding": "#C4AD66", "paged optimizer": "#8172B3"}
@@ -289,6 +290,8 @@ class Plan:
             auto = True
             changes["gradient_checkpointing"] = self.settings.gradient_checkpointing  # resolved by Plan()
         st = dataclasses.replace(self.settings, **changes)
+        if st.generation_rows:  # GRPO: the completions a step samples follow the batch and the length
+            st = dataclasses.replace(st, generation_rows=st.batch_size * (grad_accum or 1), generation_tokens=st.seq_len)
         return Plan(self.model, gpu, st, model_ref=self.model_ref, dtype_requested=(
             st.dtype if "dtype" in changes else self.dtype_requested), grad_accum=grad_accum,
             lora_alpha=self.lora_alpha, margin_gib=self._margin_arg, coefficients=self.coefficients,
@@ -372,6 +375,10 @@ class Plan:
             return f"optimizer states ({LABELS[st.optimizer]})"
         if term == "loss chunk":
             return "loss chunk (beyond activations)" if st.loss == "fused" else "loss logits (beyond activations)"
+        if term == "generation":
+            if not st.generation_rows:
+                return "generation (none)"
+            return f"generation ({st.generation_rows} x <= {st.generation_tokens} tokens, KV cache; beyond training)"
         return term
 
     def host_term_label(self, term: str) -> str:
@@ -772,7 +779,8 @@ def plan(model, gpu="T4", seq_len: int = 2048, batch_size: int = 2, lora_rank: i
     (the rest checkpointed on the GPU); None: all (or, for "auto", as many as the host holds).
     data_rows, data_tokens_per_row: the training data's size, for the host-RAM estimate.
     method: train.method; "dpo" / "orpo" run each row's two replies together (twice the sequences
-        per micro-batch), "grpo" is planned as its training step (generation is not counted).
+        per micro-batch), "grpo" adds its sampling of batch_size x grad_accum completions with a KV cache
+        (the ``generation`` term: what it needs beyond training's activations).
     """
     shape = resolve_shape(model)
     g = resolve_gpu(gpu)
@@ -826,13 +834,16 @@ def plan(model, gpu="T4", seq_len: int = 2048, batch_size: int = 2, lora_rank: i
         embeddings_fp32=bool(embeddings_fp32), patched=patched, attention=attention, world_size=int(world_size),
         offload_layers=offload_layers, data_rows=data_rows, data_tokens_per_row=data_tokens_per_row,
         sequences_per_row=2 if method in PREFERENCE_METHODS else 1,
+        generation_rows=int(batch_size) * int(grad_accum or 1) if method in RL_METHODS else 0,
+        generation_tokens=int(seq_len) if method in RL_METHODS else 0,
     )
     if method in PREFERENCE_METHODS:
         notes.append(f"train.method {method}: each pair's chosen and rejected replies run through the model together: "
                      f"planned as {2 * st.batch_size} sequences of up to {st.seq_len} tokens per micro-batch")
     elif method in RL_METHODS:
-        notes.append(f"train.method {method}: planned as training alone; the memory of generating completions "
-                     "(their KV cache) is not counted")
+        notes.append(f"train.method {method}: each step first samples its {st.generation_rows} completions together "
+                     f"(prompt + completion up to {st.seq_len} tokens, a KV cache, no gradients), then trains on "
+                     f"them {st.batch_size} at a time: the peak is the larger of the two")
     shape.lora_targets(lora_targets)  # raises on targets that match nothing
     allocator = memory.allocator_note(coefficients or memory.coefficients())
     if allocator:

@@ -1,6 +1,6 @@
 """The planner and train.method: DPO / ORPO run each row's chosen and rejected replies through the
-model together, so a micro-batch of B rows is 2B sequences; GRPO is planned as its training step and
-says that generation is not counted."""
+model together, so a micro-batch of B rows is 2B sequences; GRPO adds the sampling of a step's
+completions with a KV cache, beyond what its training step holds."""
 import dataclasses
 
 import pytest
@@ -36,12 +36,29 @@ def test_the_suggestion_of_a_pair_method_is_in_rows():
     assert smaller.settings.sequences_per_row == 2 and smaller.settings.tokens == 2 * 4096
 
 
-def test_grpo_says_generation_is_not_counted():
-    p = plan_from_config(config("grpo"), gpu="H100")
+def test_grpo_counts_the_sampling_of_a_step_s_completions():
+    """The KV cache of batch x grad_accum completions of up to max_seq_length tokens, beyond
+    training's activations: nothing for short generations, the peak's largest term for long ones."""
+    from nbtune.planner.memory import GiB, estimate
+
     sft = plan_from_config(config("sft"), gpu="H100")
-    assert p.peak_gib == pytest.approx(sft.peak_gib, rel=1e-9)
-    assert any("KV cache" in n and "not counted" in n for n in p.notes)
+    assert sft.breakdown["generation"] == 0 and sft.settings.generation_rows == 0
+    few = plan_from_config(config("grpo"), gpu="H100")
+    assert few.settings.generation_rows == 2 and few.settings.generation_tokens == 2048
+    assert few.peak_gib == pytest.approx(sft.peak_gib + few.breakdown["generation"], rel=1e-9)
+    many = plan_from_config({**config("grpo", batch=8), "train": {**config("grpo", batch=8)["train"], "grad_accum": 4}},
+                            gpu="H100")
+    shape, st = many.model, many.settings
+    assert st.generation_rows == 32
+    kv = 32 * 2048 * shape.num_layers * 2 * shape.kv_dim * 2
+    e = estimate(shape, st)
+    assert many.breakdown["generation"] * GiB >= kv - e.terms["activations"] - e.terms["loss chunk"]
+    assert many.breakdown["generation"] > few.breakdown["generation"] and many.peak_gib > sft.peak_gib
+    assert any("32 completions" in n and "KV cache" in n for n in many.notes)
     assert not any("KV cache" in n for n in sft.notes)
+    # a suggestion that changes the batch changes what a step samples
+    assert many.replace(batch_size=2).settings.generation_rows == 8
+    assert many.term_label("generation").startswith("generation (32 x <= 2048 tokens")
 
 
 def test_sequences_per_row_is_one_or_two():
