@@ -213,6 +213,19 @@ def test_packed_index_lays_rows_end_to_end():
     assert A.packed_index(shared, 2, 7, torch.device("cpu")).cu_seqlens.tolist() == [0, 3, 4, 5, 7, 10, 11, 12, 14]
 
 
+@pytest.mark.parametrize("docs", [1, 2, 3, 4, 5, 6, 7])
+@pytest.mark.parametrize("length", [16, 17, 18, 19])
+def test_packed_index_parts_start_16_bytes_aligned(docs, length):
+    """Triton specializes a kernel on each pointer's 16-byte alignment: the index's parts, one copy
+    to the device, must stay aligned whatever the number of documents and tokens."""
+    cuts = [0] + list(range(length - docs + 1, length)) + [length]  # one long document, then 1-token ones
+    plan = AttentionPlan(pieces=(tuple((a, b, False) for a, b in zip(cuts, cuts[1:])),))
+    index = A.packed_index(plan, 1, length, torch.device("cpu"))
+    assert index.cu_seqlens.numel() == docs + 1 and index.bounds[0].numel() == length
+    for t in (index.cu_seqlens, *index.bounds):
+        assert t.data_ptr() % 16 == 0
+
+
 @pytest.mark.parametrize("case", PACKED)
 def test_varlen_backend_matches_explicit_masked_attention(kernel_mode, case):
     """The Triton varlen kernel (Triton's interpreter here) behind attend(), forward and backward."""

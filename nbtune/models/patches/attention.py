@@ -511,11 +511,18 @@ def packed_index(plan: AttentionPlan, batch: int, length: int, device: torch.dev
     cu = torch.tensor(cuts, dtype=torch.int32)
     lengths = cu[1:] - cu[:-1]
     doc = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
-    host = torch.stack([cu[doc], cu[doc + 1]])
-    on_device = torch.cat([cu, host.flatten()]).to(device)
     n = batch * length
-    return PackedIndex(cu_seqlens=on_device[:cu.numel()], bounds=(on_device[cu.numel():cu.numel() + n],
-                                                                  on_device[cu.numel() + n:]),
+    # one copy to the device, each part starting 16 bytes into it (4 int32s): Triton specializes a
+    # kernel on its pointers' 16-byte alignment, so parts that moved with the number of documents
+    # would compile new kernel variants in the first steps of a run
+    cu_room, n_room = -(-cu.numel() // 4) * 4, -(-n // 4) * 4
+    packed = torch.zeros(cu_room + 2 * n_room, dtype=torch.int32)
+    packed[:cu.numel()] = cu
+    packed[cu_room:cu_room + n] = cu[doc]
+    packed[cu_room + n_room:cu_room + n_room + n] = cu[doc + 1]
+    on_device = packed.to(device)
+    return PackedIndex(cu_seqlens=on_device[:cu.numel()],
+                       bounds=(on_device[cu_room:cu_room + n], on_device[cu_room + n_room:cu_room + n_room + n]),
                        longest=int(lengths.max()))
 
 
