@@ -168,6 +168,21 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
+def run_peer(base: dict, train) -> int:
+    """Run ``train()`` (a peer's work, returning its result line) and print one JSON line: that
+    result, or what failed (its traceback on stderr). Returns the process's exit status."""
+    try:
+        line = train()
+    except Exception as exc:  # noqa: BLE001 - the line says what failed; the traceback goes to stderr
+        import traceback
+
+        traceback.print_exc()
+        emit(error_line(base, exc))
+        return 1
+    emit(line)
+    return 0
+
+
 def error_line(base: dict, exc: BaseException) -> dict:
     """The line of a run that failed: ``error`` is "OOM" or the exception's type, ``detail`` its first line."""
     detail = (str(exc).strip().splitlines() or [""])[0][:400]

@@ -182,7 +182,8 @@ def main(argv=None) -> int:
                 dtype=args.dtype, packing=bool(args.packing), data=os.path.basename(args.data), format=fmt,
                 **tc.environment_fields())
     t0 = time.perf_counter()
-    try:
+
+    def train() -> dict:
         if args.method == "dpo":  # before training: an OOM's line still carries what was planned
             base.update(plan_fields(finetune_config(args, fmt)), beta=tc.DPO_BETA, reference="adapter off",
                         precompute_ref_log_probs=False)
@@ -207,14 +208,9 @@ def main(argv=None) -> int:
                     total_s=round(time.perf_counter() - t0, 1))
         if dash is not None:
             line.update(dashboard="on", dashboard_renders=dash.renders, dashboard_bytes=dash.shown_bytes)
-    except Exception as exc:  # noqa: BLE001 - the line says what failed; the traceback goes to stderr
-        import traceback
+        return line
 
-        traceback.print_exc()
-        tc.emit(tc.error_line(base, exc))
-        return 1
-    tc.emit(line)
-    return 0
+    return tc.run_peer(base, train)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,27 @@ def sft_config(args, peer: str, fmt: str):
         **extra)
 
 
+def load_run(args, base: dict, after_unsloth=None):
+    """What both TRL peers start with: Unsloth imported first where it is the peer (it patches
+    transformers and TRL; ``after_unsloth`` runs right after it, e.g. its DPO patch), the T4 cap,
+    the model and tokenizer, and the rows. Returns (trl, model, tokenizer, dataset)."""
+    if args.peer == "unsloth":
+        import unsloth
+
+        base["peer"] = f"unsloth-{unsloth.__version__}"
+        if after_unsloth is not None:
+            after_unsloth()
+    import torch
+    import trl
+    from datasets import load_dataset
+
+    base["trl"] = trl.__version__
+    if tc.on_gpu():
+        apply_mem_cap(mem_cap_gib())
+    model, tok = (load_unsloth if args.peer == "unsloth" else load_peft)(args, getattr(torch, args.dtype))
+    return trl, model, tok, load_dataset("json", data_files=args.data, split="train")
+
+
 def main(argv=None) -> int:
     args = tc.parse_args(argv, peers=PEERS)
     apply_sdpa_backend_from_env()  # before unsloth / transformers are imported
@@ -93,37 +114,19 @@ def main(argv=None) -> int:
     base = dict(peer=args.peer, row=args.row, batch=args.batch, seq=args.seq, dtype=args.dtype,
                 packing=bool(args.packing), data=os.path.basename(args.data), format=fmt, **tc.environment_fields())
     t0 = time.perf_counter()
-    try:
-        if args.peer == "unsloth":
-            import unsloth  # noqa: F401  (first: it patches transformers and TRL)
 
-            base["peer"] = f"unsloth-{unsloth.__version__}"
-        import torch
-        import trl
-        from datasets import load_dataset
-
-        base["trl"] = trl.__version__
-        if tc.on_gpu():
-            apply_mem_cap(mem_cap_gib())
-        dtype = getattr(torch, args.dtype)
-        model, tok = (load_unsloth if args.peer == "unsloth" else load_peft)(args, dtype)
-        dataset = load_dataset("json", data_files=args.data, split="train")
+    def train() -> dict:
+        trl, model, tok, dataset = load_run(args, base)
         clock = tc.StepClock()
         trainer = trl.SFTTrainer(model=model, processing_class=tok, train_dataset=dataset,
                                  args=sft_config(args, args.peer, fmt), callbacks=[clock_callback(clock)])
         trainer.train()
         peak = tc.peak_reserved_gib()
-        line = dict(base, **tc.summarize(clock, args.warmup, args.batch, args.seq), peak_reserved_gib=peak,
+        return dict(base, **tc.summarize(clock, args.warmup, args.batch, args.seq), peak_reserved_gib=peak,
                     optim=str(getattr(trainer.args.optim, "value", trainer.args.optim)),
                     pad_token=tok.pad_token, total_s=round(time.perf_counter() - t0, 1))
-    except Exception as exc:  # noqa: BLE001 - the line says what failed; the traceback goes to stderr
-        import traceback
 
-        traceback.print_exc()
-        tc.emit(tc.error_line(base, exc))
-        return 1
-    tc.emit(line)
-    return 0
+    return tc.run_peer(base, train)
 
 
 if __name__ == "__main__":

@@ -27,10 +27,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import apply_mem_cap, apply_sdpa_backend_from_env, mem_cap_gib  # noqa: E402
+from bench_common import apply_sdpa_backend_from_env  # noqa: E402
 
 import trainer_common as tc  # noqa: E402
-from trainer_trl import PEERS, clock_callback, load_peft, load_unsloth  # noqa: E402
+from trainer_trl import PEERS, clock_callback, load_run  # noqa: E402
 
 
 def dpo_settings(args, peer: str) -> dict:
@@ -57,6 +57,13 @@ def dpo_config(settings: dict):
     return DPOConfig(**{k: v for k, v in settings.items() if k in known}), left_out
 
 
+def patch_unsloth_dpo() -> None:
+    """Unsloth's DPO patch, before the DPOTrainer is made, as Unsloth's DPO notebooks do."""
+    from unsloth import PatchDPOTrainer
+
+    PatchDPOTrainer()
+
+
 def reference_kind(model) -> str:
     """How DPOTrainer scores the reference of this (peft) model: a frozen copy of the adapter, or the adapter off."""
     return "ref adapter" if "ref" in (getattr(model, "peft_config", None) or {}) else "adapter off"
@@ -71,25 +78,11 @@ def main(argv=None) -> int:
                 packing=False, data=os.path.basename(args.data), format=fmt, beta=tc.DPO_BETA,
                 precompute_ref_log_probs=False, **tc.environment_fields())
     t0 = time.perf_counter()
-    try:
+
+    def train() -> dict:
         if fmt != "preference":
             raise ValueError(f"{args.data}: DPO reads rows with prompt, chosen and rejected")
-        if args.peer == "unsloth":
-            import unsloth  # first: it patches transformers and TRL
-            from unsloth import PatchDPOTrainer
-
-            PatchDPOTrainer()  # before the DPOTrainer is made, as Unsloth's DPO notebooks do
-            base["peer"] = f"unsloth-{unsloth.__version__}"
-        import torch
-        import trl
-        from datasets import load_dataset
-
-        base["trl"] = trl.__version__
-        if tc.on_gpu():
-            apply_mem_cap(mem_cap_gib())
-        dtype = getattr(torch, args.dtype)
-        model, tok = (load_unsloth if args.peer == "unsloth" else load_peft)(args, dtype)
-        dataset = load_dataset("json", data_files=args.data, split="train")
+        trl, model, tok, dataset = load_run(args, base, after_unsloth=patch_unsloth_dpo)
         config, left_out = dpo_config(dpo_settings(args, args.peer))
         if left_out:
             base["dpo_config_left_out"] = left_out
@@ -99,18 +92,12 @@ def main(argv=None) -> int:
         base["reference"] = reference_kind(trainer.accelerator.unwrap_model(trainer.model))
         trainer.train()
         peak = tc.peak_reserved_gib()
-        line = dict(base, **tc.summarize(clock, args.warmup, tc.sequences(args), args.seq), peak_reserved_gib=peak,
+        return dict(base, **tc.summarize(clock, args.warmup, tc.sequences(args), args.seq), peak_reserved_gib=peak,
                     optim=str(getattr(trainer.args.optim, "value", trainer.args.optim)),
                     gradient_checkpointing=bool(trainer.args.gradient_checkpointing),
                     pad_token=tok.pad_token, total_s=round(time.perf_counter() - t0, 1))
-    except Exception as exc:  # noqa: BLE001 - the line says what failed; the traceback goes to stderr
-        import traceback
 
-        traceback.print_exc()
-        tc.emit(tc.error_line(base, exc))
-        return 1
-    tc.emit(line)
-    return 0
+    return tc.run_peer(base, train)
 
 
 if __name__ == "__main__":
