@@ -131,6 +131,10 @@ def test_memory_planner(kernel_env, tmp_path):
     widgets = outputs(nb, WIDGET)
     assert widgets, "the PlannerWidget did not render a widget view"
     assert "%%finetune" in text_of(nb)
+    # free Colab's two budgets: the host's RAM beside the GPU's, and the longest context by both
+    text = text_of(nb)
+    assert "host: " in text and "offloaded layer inputs" in text
+    assert "longest context at batch 1 on free Colab, both budgets" in text
 
 
 @pytest.mark.slow
