@@ -146,6 +146,35 @@ class OffloadCounter:
         self.last = now
 
 
+class CompileCounter:
+    """A metrics listener keeping, per train step, the Triton kernels compiled in it (Triton's
+    ``jit_post_compile_hook``): a compile in a timed step is paid for in that step's time."""
+
+    def __init__(self):
+        self.steps, self.names, self.seen = [], [], 0
+        try:
+            from triton import knobs
+        except Exception:  # noqa: BLE001 - no Triton, or one without knobs: nothing is counted
+            self.knobs = None
+            return
+        self.knobs = knobs.runtime
+        self.previous = self.knobs.jit_post_compile_hook
+        self.knobs.jit_post_compile_hook = self._compiled
+
+    def _compiled(self, *args, **kwargs):
+        fn = kwargs.get("fn")
+        self.names.append(str(getattr(fn, "name", None) or getattr(fn, "__name__", "?")))
+        if self.previous is not None:
+            return self.previous(*args, **kwargs)
+        return None
+
+    def __call__(self, rec: dict) -> None:
+        if rec.get("event") == "train":
+            new = self.names[self.seen:]
+            self.seen = len(self.names)
+            self.steps.append(dict(compiled=len(new), kernels=sorted(set(new))))
+
+
 class ClockListener:
     """A metrics listener feeding the step clock from nbtune's own records."""
 
@@ -194,7 +223,8 @@ def main(argv=None) -> int:
         if dash is None:
             base["dashboard"] = "off: plotly is not installed here"
         offload = OffloadCounter()
-        listeners = [ClockListener(clock), offload]
+        compiles = CompileCounter()
+        listeners = [ClockListener(clock), offload, compiles]
         if os.environ.get("NBTUNE_BENCH_PROFILE"):
             first, last = (int(x) for x in os.environ["NBTUNE_BENCH_PROFILE"].split(":"))
             out = os.environ.get("OUT") or "."
@@ -204,7 +234,7 @@ def main(argv=None) -> int:
         peak = tc.peak_reserved_gib()
         line = dict(base, **tc.summarize(clock, args.warmup, tc.sequences(args), args.seq), peak_reserved_gib=peak,
                     gradient_checkpointing=result.gradient_checkpointing, metrics_records=len(result.metrics),
-                    offload_each=offload.steps,
+                    offload_each=offload.steps, triton_compiles_each=compiles.steps,
                     total_s=round(time.perf_counter() - t0, 1))
         if dash is not None:
             line.update(dashboard="on", dashboard_renders=dash.renders, dashboard_bytes=dash.shown_bytes)

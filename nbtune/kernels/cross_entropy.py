@@ -220,7 +220,9 @@ if HAS_TRITON:
                     cols = start + offsets
                     tl.store(row_ptr + cols, zeros, mask=cols < n_vocab)
 
-    @triton.jit
+    # the token count changes from step to step: not specialized on (Triton would compile a second
+    # variant the first time it is a multiple of 16, in the middle of a run)
+    @triton.jit(do_not_specialize=["n_elements"])
     def _scale_inplace_kernel(
         x_ptr,  # contiguous tensor, scaled in place
         factor_ptr,  # fp32: one factor, or one per row when FACTOR_PER_ROW

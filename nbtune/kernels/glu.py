@@ -88,7 +88,9 @@ if triton is not None:
         mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
         return rows[:, None], cols[None, :], mask
 
-    @triton.jit
+    # the token count changes from step to step: not specialized on (Triton would compile a second
+    # variant the first time it is a multiple of 16, in the middle of a run)
+    @triton.jit(do_not_specialize=["n_rows"])
     def _glu_forward_kernel(
         gate_ptr, up_ptr, h_ptr, n_rows, n_cols,
         stride_gate, stride_up, stride_h,
@@ -104,7 +106,7 @@ if triton is not None:
         act, _ = _activation_and_grad(g, ACTIVATION, False)
         tl.store(h_ptr + rows * stride_h + cols, (act * u).to(h_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_rows"])
     def _glu_backward_kernel(
         dh_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, h_ptr, n_rows, n_cols,
         stride_dh, stride_gate, stride_up, stride_dgate, stride_dup, stride_h,

@@ -101,7 +101,9 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
 # --------------------------------------------------------------------------------------------
 if HAS_TRITON:
 
-    @triton.jit
+    # the token count changes from step to step: not specialized on (Triton would compile a second
+    # variant the first time it is a multiple of 16, in the middle of a run)
+    @triton.jit(do_not_specialize=["n_rows"])
     def _rms_norm_fwd_kernel(
         x_ptr, w_ptr, y_ptr, rstd_ptr,
         n_rows, n_cols, x_row_stride, y_row_stride,
@@ -154,7 +156,7 @@ if HAS_TRITON:
                 tl.store(y_rows + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
         tl.store(rstd_ptr + rows, rstd, mask=row_mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_rows"])
     def _rms_norm_bwd_kernel(
         dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, row_dot_ptr,
         n_rows, n_cols, dy_row_stride, x_row_stride, dx_row_stride,

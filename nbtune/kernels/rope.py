@@ -109,7 +109,9 @@ if HAS_TRITON:
             tl.store(out_ptr + heads[:, None] * out_stride_h + first + pass_chans[None, :],
                      xp.to(out_ptr.dtype.element_ty), mask=pass_mask)
 
-    @triton.jit
+    # the token count changes from step to step: not specialized on (Triton would compile a second
+    # variant the first time it is a multiple of 16, in the middle of a run)
+    @triton.jit(do_not_specialize=["seq_len"])
     def _rope_kernel(
         q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, pos_ptr,
         seq_len, n_q_heads, n_k_heads, half_rot, n_pass,

@@ -145,7 +145,9 @@ if HAS_TRITON:
             ok = ok & (q_idx - k_idx < window)
         return ok
 
-    @triton.jit
+    # the token count changes from step to step: not specialized on (Triton would compile a second
+    # variant the first time it is a multiple of 16, in the middle of a run)
+    @triton.jit(do_not_specialize=["n_tokens"])
     def _fwd_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, doc_start_ptr,
         n_tokens, q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, o_stride_t, o_stride_h,
@@ -196,7 +198,7 @@ if HAS_TRITON:
                  acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
         tl.store(lse_ptr + head.to(tl.int64) * n_tokens + offs_m, m_i + tl.log2(l_i), mask=m_mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_tokens"])
     def _bwd_preprocess_kernel(
         o_ptr, do_ptr, delta_ptr,
         n_tokens, o_stride_t, o_stride_h, do_stride_t, do_stride_h, head_dim,
@@ -214,7 +216,7 @@ if HAS_TRITON:
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(delta_ptr + head.to(tl.int64) * n_tokens + offs_m, delta, mask=m_mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_tokens"])
     def _bwd_dkdv_kernel(
         q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, doc_start_ptr, doc_end_ptr,
         n_tokens, q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h,
@@ -271,7 +273,7 @@ if HAS_TRITON:
         tl.store(dv_ptr + rows_n * dv_stride_t + kv_head * dv_stride_h + offs_d[None, :],
                  dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_tokens"])
     def _bwd_dq_kernel(
         q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, doc_start_ptr,
         n_tokens, q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h,
