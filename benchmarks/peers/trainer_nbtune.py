@@ -19,10 +19,17 @@ Prints one JSON line (trainer_common.py).
 ``--method dpo`` (the DPO rows): ``train.method: dpo`` with ``beta`` 0.1 on the preference rows
 (``data.format: preference``, ``data.packing: false``), ``model.max_seq_length`` = --seq; the
 reference is the model with its adapter switched off and its log-probs are computed each step
-(nbtune.train.preference). Before training the line gets the planner's prediction for this exact
-config (``nbtune.finetune(cfg, plan=True)``, what ``nbtune plan`` shows: this GPU, a T4 on a CPU):
+(nbtune.train.preference).
+
+Every row's line carries the planner's prediction for its exact config, taken before training
+(``nbtune.finetune(cfg, plan=True)``, what ``nbtune plan`` shows: this GPU, a T4 on a CPU):
 ``plan_peak_gib`` (torch's reserved peak plus the CUDA context), ``plan_reserved_gib`` (the part to
-compare with the measured ``peak_reserved_gib``), the GPU and checkpointing mode it planned for.
+compare with the measured ``peak_reserved_gib``), the GPU, checkpointing mode and offloaded layers it
+planned for, ``plan_host_peak_gib`` and ``plan_host_terms`` (host RAM); and the process's resident
+memory as measured: ``rss_baseline_gib`` (after CUDA's start), ``rss_load_peak_gib`` (the peak up to
+the first step), ``rss_start_gib`` and ``rss_peak_gib`` (the whole run's peak) -- so every row is a
+point of the planner's GPU and host calibration. ``triton_compiles_each``: the Triton kernels
+compiled in each step.
 
 ``NBTUNE_BENCH_PROFILE=FIRST:LAST`` (steps) also profiles those steps with torch.profiler (host and
 GPU) and writes the table of operators by host time and by GPU time to
@@ -199,7 +206,42 @@ def plan_fields(cfg: dict) -> dict:
     if p is None:
         return dict(plan_error="no plan (the planner is not available)")
     return dict(plan_peak_gib=round(p.peak_gib, 3), plan_reserved_gib=round(p.reserved_gib, 3), plan_gpu=p.gpu.name,
-                plan_checkpointing=p.settings.gradient_checkpointing, plan_fits=p.fits)
+                plan_checkpointing=p.settings.gradient_checkpointing, plan_offload_layers=p.settings.offload_layers,
+                plan_fits=p.fits, plan_host_peak_gib=round(p.host_process_peak_gib, 3),
+                plan_host_terms={k: round(v, 3) for k, v in p.host_breakdown.items()})
+
+
+class HostMemory:
+    """A metrics listener reading this process's resident memory (/proc/self/status) at the points
+    the planner's host terms describe: after CUDA's start (the process baseline), the peak up to the
+    first step (model loading), and, at the end, the peak of the whole run (pinned offload buffers
+    are resident pages and count)."""
+
+    def __init__(self):
+        self.fields = {}
+
+    @staticmethod
+    def read() -> dict:
+        out = {}
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    key, _, value = line.partition(":")
+                    if key in ("VmRSS", "VmHWM"):
+                        out[key] = int(value.split()[0]) * 1024 / 2**30
+        except OSError:
+            pass
+        return out
+
+    def mark(self, name: str, key: str = "VmRSS") -> None:
+        value = self.read().get(key)
+        if value is not None:
+            self.fields[name] = round(value, 3)
+
+    def __call__(self, rec: dict) -> None:
+        if rec.get("event") == "start":
+            self.mark("rss_load_peak_gib", "VmHWM")
+            self.mark("rss_start_gib")
 
 
 def main(argv=None) -> int:
@@ -213,18 +255,24 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
 
     def train() -> dict:
-        if args.method == "dpo":  # before training: an OOM's line still carries what was planned
-            base.update(plan_fields(finetune_config(args, fmt)), beta=tc.DPO_BETA, reference="adapter off",
-                        precompute_ref_log_probs=False)
+        host = HostMemory()
         if tc.on_gpu():
             apply_mem_cap(mem_cap_gib())
+            import torch
+
+            torch.zeros(1, device="cuda")  # the CUDA context's host side is part of the baseline
+        host.mark("rss_baseline_gib")
+        # before training: an OOM's line still carries what was planned
+        base.update(plan_fields(finetune_config(args, fmt)))
+        if args.method == "dpo":
+            base.update(beta=tc.DPO_BETA, reference="adapter off", precompute_ref_log_probs=False)
         clock = tc.StepClock()
         dash = notebook_dashboard()
         if dash is None:
             base["dashboard"] = "off: plotly is not installed here"
         offload = OffloadCounter()
         compiles = CompileCounter()
-        listeners = [ClockListener(clock), offload, compiles]
+        listeners = [ClockListener(clock), offload, compiles, host]
         if os.environ.get("NBTUNE_BENCH_PROFILE"):
             first, last = (int(x) for x in os.environ["NBTUNE_BENCH_PROFILE"].split(":"))
             out = os.environ.get("OUT") or "."
@@ -232,9 +280,10 @@ def main(argv=None) -> int:
         result = nbtune.finetune(finetune_config(args, fmt), dashboard=dash or False, progress=dash is None,
                                  listeners=listeners)
         peak = tc.peak_reserved_gib()
+        host.mark("rss_peak_gib", "VmHWM")
         line = dict(base, **tc.summarize(clock, args.warmup, tc.sequences(args), args.seq), peak_reserved_gib=peak,
                     gradient_checkpointing=result.gradient_checkpointing, metrics_records=len(result.metrics),
-                    offload_each=offload.steps, triton_compiles_each=compiles.steps,
+                    offload_each=offload.steps, triton_compiles_each=compiles.steps, **host.fields,
                     total_s=round(time.perf_counter() - t0, 1))
         if dash is not None:
             line.update(dashboard="on", dashboard_renders=dash.renders, dashboard_bytes=dash.shown_bytes)
