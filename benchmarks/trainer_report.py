@@ -254,13 +254,21 @@ def run_label(path: str) -> str:
 
 
 def latest_rows(docs: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
-    """Each row's newest run that measured it (some peer ok or OOM), in the row order."""
-    latest: dict[str, tuple[str, dict]] = {}
+    """Each (row, peer)'s newest measurement (ok or OOM), grouped by the run that made it, in the row
+    order: a row whose peers were last measured in different runs appears once per run, each with its
+    own peers, so a ratio only ever compares peers of one run."""
+    entries: dict[tuple[str, str], tuple[str, dict]] = {}
+    seen: set[tuple[str, str]] = set()
     for path, doc in reversed(docs):  # newest first
         for rec in doc.get("rows", []):
-            if any(j.get("status") in MEASURED for j in rec.get("results", {}).values()):
-                latest.setdefault(rec["id"], (run_label(path), rec))
-    return sorted(latest.values(), key=lambda x: row_key(x[1]))
+            for peer, job in rec.get("results", {}).items():
+                if job.get("status") not in MEASURED or (rec["id"], peer) in seen:
+                    continue
+                seen.add((rec["id"], peer))
+                run = run_label(path)
+                _, entry = entries.setdefault((rec["id"], run), (run, dict(rec, results={})))
+                entry["results"][peer] = job
+    return sorted(entries.values(), key=lambda x: (row_key(x[1]), x[0]))
 
 
 def lead_section(docs: list[tuple[str, dict]]) -> list[str]:

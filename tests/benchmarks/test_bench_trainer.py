@@ -381,6 +381,22 @@ def test_preference_data_fills_the_row_and_both_trainers_read_it(tmp_path, asset
         data.preference_pairs(data.gsm8k_rows(assets[1])[:5], tok, 2, 4, 8)
 
 
+def test_the_lead_table_keeps_each_peers_newest_run_and_compares_only_within_a_run():
+    older = doc([rec("text-2x2048-bf16-unpacked", {"nbtune": job("nbtune", tps=7000, s=0.4, fill=0.7, gib=5.4),
+                                                   "unsloth": job("unsloth", tps=3500, s=0.8, fill=0.7, gib=5.4)})])
+    newer = doc([rec("text-2x2048-bf16-unpacked", {"unsloth": job("unsloth", tps=3800, s=0.7, fill=0.7, gib=5.4),
+                                                   "nbtune": dict(peer="nbtune", status="not_reached", detail="budget")})])
+    rows = report.latest_rows([("trainer-20261201-000000.json", older), ("trainer-20261202-000000.json", newer)])
+    # nbtune's newest measurement is the older run's, Unsloth's the newer run's: one entry per run
+    assert [(run, sorted(r["results"])) for run, r in rows] == [("20261201-000000", ["nbtune"]),
+                                                                ("20261202-000000", ["unsloth"])]
+    lead = "\n".join(report.lead_section([("trainer-20261201-000000.json", older),
+                                          ("trainer-20261202-000000.json", newer)]))
+    assert "| text 2×2048 bf16 unpacked | 20261201-000000 | nbtune.finetune | 7,000 |" in lead
+    assert "| text 2×2048 bf16 unpacked | 20261202-000000 | Unsloth + TRL SFTTrainer | 3,800 |" in lead
+    assert "2.00×" not in lead and "1.84×" not in lead  # no ratio across the two runs
+
+
 def test_dpo_tables_show_the_plan_beside_the_measured_peak():
     nb = job("nbtune", tps=5000, s=0.8, fill=0.7, gib=20.5, first_loss=0.6931, last_loss=0.69,
              plan_reserved_gib=21.25, plan_peak_gib=21.75, tokens_each=[10, 12])
