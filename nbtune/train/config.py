@@ -15,11 +15,13 @@ Sections (``Config.reference()`` prints every key with its default and allowed v
 - ``data``: source, split, eval_split (a split name, a fraction of the train rows, or none),
   format + columns (mapping), chat_template, responses_only, packing, max_rows / eval_rows. Rows
   longer than ``model.max_seq_length`` tokens keep their first max_seq_length tokens (the run
-  counts them: ``rows_truncated``). ``packing``: whole documents best-fit-decreasing into
-  micro-batches of batch_size x max_seq_length tokens, trained padding-free (attention restarts
-  at each document; no document is split); it goes with ``responses_only`` (the labels outside the
-  assistant turns stay -100) and the run reports how full the micro-batches are
-  (:mod:`nbtune.train.packing`);
+  counts them: ``rows_truncated``). ``packing``: documents packed into micro-batches of
+  batch_size x max_seq_length tokens, trained padding-free (attention restarts at each document):
+  ``true``/``whole`` packs whole documents best-fit-decreasing, ``split`` lays them end to end and
+  cuts the one that crosses a micro-batch's end (full micro-batches, a cut document's rest trained
+  as a sequence of its own); it goes with ``responses_only`` (the labels outside the assistant
+  turns stay -100) and the run reports how full the micro-batches are and how many documents were
+  cut (:mod:`nbtune.train.packing`);
 - ``lora``: r, alpha, dropout, targets;
 - ``train``: method (``sft``, the default; ``dpo`` or ``orpo`` on preference pairs, with ``beta``:
   :mod:`nbtune.train.preference`; ``grpo`` on prompts, with the ``grpo`` section:
@@ -92,10 +94,12 @@ class DataConfig(_Section):
     format: DataFormat = "auto"
     columns: dict[str, str] = Field(default_factory=dict, description="canonical name -> your column name")
     responses_only: bool = Field(True, description="train only on assistant / completion tokens")
-    packing: bool = Field(
-        False, description="pack whole rows into micro-batches of batch_size x max_seq_length tokens, "
-                           "padding-free (no row split; rows over max_seq_length are truncated; works with "
-                           "responses_only)")
+    packing: Union[bool, Literal["whole", "split"]] = Field(
+        False, description="pack rows into micro-batches of batch_size x max_seq_length tokens, padding-free, "
+                           "attention restarting at each document; true or 'whole': whole rows best-fit-"
+                           "decreasing (no row split; rows over max_seq_length are truncated); 'split': rows end "
+                           "to end, a row cut where a micro-batch is full and its rest starting the next (every "
+                           "micro-batch full); both work with responses_only")
     max_rows: Union[int, None] = Field(None, gt=0)
     eval_rows: Union[int, None] = Field(None, gt=0)
     system_prompt: Union[str, None] = None

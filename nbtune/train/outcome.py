@@ -49,7 +49,9 @@ class RunOutcome:
             p = self.packing
             lines.append(f"packing: {p['documents']:,} documents in {p['micro_batches']:,} micro-batches of "
                          f"{p['batch_size']} x {p['max_seq_length']} tokens, fill {p['fill']:.1%} "
-                         "(real tokens / (micro-batches x batch_size x max_seq_length))")
+                         "(real tokens / (micro-batches x batch_size x max_seq_length))"
+                         + (f"; {p.get('split_documents', 0):,} documents cut across micro-batches"
+                            if p.get("strategy") == "split" else "; whole documents"))
         if getattr(self, "rows_truncated", 0):
             lines.append(f"rows truncated: {self.rows_truncated} train rows longer than max_seq_length="
                          f"{self.config.model.max_seq_length} kept their first max_seq_length tokens")

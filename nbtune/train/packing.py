@@ -1,5 +1,6 @@
-"""``data.packing``: whole documents packed best-fit-decreasing into micro-batches of
-``batch_size x max_seq_length`` tokens, trained padding-free.
+"""``data.packing``: documents packed into micro-batches of ``batch_size x max_seq_length`` tokens,
+trained padding-free. ``true`` / ``"whole"``: whole documents, best-fit-decreasing. ``"split"``:
+documents end to end, cut where a micro-batch is full (see :func:`split_end_to_end`).
 
 Each packed entry is one micro-batch: its documents laid end to end in one row, with their lengths
 (``seq_lengths``). The trainer's collator (:func:`packed_collator`, TRL's padding-free one) turns
@@ -8,7 +9,7 @@ crosses a document boundary (nbtune's patched attention and transformers' own bo
 there), and the first token of each document is never a target of the one before it.
 
 Why micro-batches and not rows of ``max_seq_length``: padding-free, a micro-batch of ``batch_size``
-rows is one flat row anyway, so its token budget is what matters. A document is never split: with
+rows is one flat row anyway, so its token budget is what matters. ``whole`` never splits a document: with
 documents of 1,024-2,048 tokens and rows of 2,048, rows could hold only one document each (~75%
 full); a budget of ``batch_size x 2048`` tokens takes two, three or more whole documents together.
 Memory is that of ``batch_size`` rows of ``max_seq_length`` (the planner's figure): the tokens are
@@ -19,6 +20,13 @@ when tokenized (as without packing, so both train on the same tokens); their num
 ``rows_truncated``. Labels (``-100`` outside the assistant turns with ``responses_only``) travel
 with their tokens. The fill, real tokens / (micro-batches x batch_size x max_seq_length), is
 reported in the run's summary.
+
+``"split"`` fills every micro-batch but the last. Documents keep their order; the one that crosses a
+micro-batch's end is cut there, and its rest opens the next micro-batch as a sequence of its own:
+positions restart at 0 and it attends only to itself, so the rest loses the context of its first
+part, and its first token (the cut's) is no target, like every sequence's first token. Use it where
+documents are long against ``max_seq_length`` (1,024-2,048-token documents fill a 2,048-token row to
+~75% whole, since no two fit); the run counts the cut documents (``split_documents``).
 """
 from __future__ import annotations
 
@@ -36,6 +44,8 @@ class PackingStats:
     tokens: int  # real tokens, all documents
     batch_size: int
     max_seq_length: int
+    strategy: str = "whole"  # "whole" | "split"
+    split_documents: int = 0  # documents cut across micro-batches ("split")
 
     @property
     def capacity(self) -> int:
@@ -48,12 +58,24 @@ class PackingStats:
         return self.tokens / (self.micro_batches * self.capacity) if self.micro_batches else 0.0
 
     def line(self) -> str:
+        cut = (f" ({self.split_documents:,} documents cut across micro-batches)" if self.strategy == "split"
+               else " (whole documents)")
         return (f"packing: {self.documents:,} documents in {self.micro_batches:,} micro-batches of "
-                f"{self.batch_size} x {self.max_seq_length} tokens, {self.fill:.1%} full")
+                f"{self.batch_size} x {self.max_seq_length} tokens, {self.fill:.1%} full{cut}")
 
     def as_dict(self) -> dict:
         return dict(documents=self.documents, micro_batches=self.micro_batches, tokens=self.tokens,
-                    batch_size=self.batch_size, max_seq_length=self.max_seq_length, fill=round(self.fill, 4))
+                    batch_size=self.batch_size, max_seq_length=self.max_seq_length, fill=round(self.fill, 4),
+                    strategy=self.strategy, split_documents=self.split_documents)
+
+
+def packing_strategy(packing) -> str | None:
+    """``data.packing`` -> "whole", "split", or None (no packing)."""
+    if packing is True or packing == "whole":
+        return "whole"
+    if packing == "split":
+        return "split"
+    return None
 
 
 def best_fit_decreasing(lengths, capacity: int) -> list[list[int]]:
@@ -90,26 +112,56 @@ def best_fit_decreasing(lengths, capacity: int) -> list[list[int]]:
     return bins
 
 
-def pack_dataset(dataset, batch_size: int, max_seq_length: int):
+def split_end_to_end(lengths, capacity: int) -> list[list[tuple[int, int, int]]]:
+    """Micro-batches of ``(item, start, end)`` pieces: the items laid end to end in their order and cut
+    every ``capacity`` tokens, so each micro-batch but the last holds exactly ``capacity``; an item
+    that crosses a cut goes on in the next micro-batch."""
+    if capacity < 1:
+        raise ValueError(f"micro-batches of {capacity} tokens cannot hold a document")
+    bins: list[list[tuple[int, int, int]]] = [[]]
+    room = capacity
+    for i, n in enumerate(lengths):
+        start = 0
+        while start < n:
+            if room == 0:
+                bins.append([])
+                room = capacity
+            take = min(room, n - start)
+            bins[-1].append((i, start, start + take))
+            start += take
+            room -= take
+    return [b for b in bins if b]
+
+
+def pack_dataset(dataset, batch_size: int, max_seq_length: int, strategy: str = "whole"):
     """(packed datasets.Dataset with input_ids, labels, seq_lengths; :class:`PackingStats`) from a
-    tokenized one (input_ids, labels), every row already at most ``max_seq_length`` tokens."""
+    tokenized one (input_ids, labels), every row already at most ``max_seq_length`` tokens;
+    ``strategy``: "whole" (:func:`best_fit_decreasing`) or "split" (:func:`split_end_to_end`)."""
     import datasets
 
+    if strategy not in ("whole", "split"):
+        raise ValueError(f"packing strategy {strategy!r}: expected 'whole' or 'split'")
     ids, labels = dataset["input_ids"], dataset["labels"]
     lengths = [len(x) for x in ids]
     too_long = [n for n in lengths if n > max_seq_length]
     if too_long:
         raise ValueError(f"packing: {len(too_long)} rows are longer than max_seq_length={max_seq_length} "
                          f"(longest {max(too_long)}); rows must be truncated before packing")
-    bins = best_fit_decreasing(lengths, batch_size * max_seq_length)
+    capacity = batch_size * max_seq_length
+    if strategy == "whole":
+        bins = [[(i, 0, lengths[i]) for i in b] for b in best_fit_decreasing(lengths, capacity)]
+    else:
+        bins = split_end_to_end(lengths, capacity)
     out_ids, out_labels, out_lengths = [], [], []
     for b in bins:
-        out_ids.append([t for i in b for t in ids[i]])
-        out_labels.append([t for i in b for t in labels[i]])
-        out_lengths.append([lengths[i] for i in b])
+        out_ids.append([t for i, s, e in b for t in ids[i][s:e]])
+        out_labels.append([t for i, s, e in b for t in labels[i][s:e]])
+        out_lengths.append([e - s for _, s, e in b])
     packed = datasets.Dataset.from_dict({"input_ids": out_ids, "labels": out_labels, "seq_lengths": out_lengths})
+    pieces = sum(len(b) for b in bins)
     stats = PackingStats(documents=len(lengths), micro_batches=len(bins), tokens=sum(lengths),
-                         batch_size=batch_size, max_seq_length=max_seq_length)
+                         batch_size=batch_size, max_seq_length=max_seq_length, strategy=strategy,
+                         split_documents=pieces - sum(1 for n in lengths if n > 0))
     return packed, stats
 
 

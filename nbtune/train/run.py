@@ -53,7 +53,7 @@ from .gc_pause import CollectorPauses
 from .metrics import MetricsStream, mean_train_loss, truncate_log
 from .oom import released_on_oom
 from .outcome import RunOutcome
-from .packing import pack_dataset, packed_collator
+from .packing import pack_dataset, packed_collator, packing_strategy
 from .progress import TerminalProgress
 from .stability import NonFiniteGuard, collapse_problem, collapsed_error, stop_diverged
 from .trainer import sft_args, sft_trainer_class
@@ -460,7 +460,8 @@ def prepare_run_data(cfg: Config, tokenizer) -> TokenizedData:
         return prepare_grpo_data(cfg, tokenizer, distributed.world_size())
     data = prepare_data(cfg.data, tokenizer, cfg.model.max_seq_length)
     if cfg.data.packing:
-        data.train, data.packing = pack_dataset(data.train, cfg.train.batch_size, cfg.model.max_seq_length)
+        data.train, data.packing = pack_dataset(data.train, cfg.train.batch_size, cfg.model.max_seq_length,
+                                                packing_strategy(cfg.data.packing))
     return data
 
 
@@ -513,7 +514,8 @@ def dry_run_report(config=None, gpu=None, resume=False, world_size: int | None =
     # entries per epoch (rows, or packed micro-batches) and entries per optimizer step
     entries, per_step = len(lengths), distributed.global_batch(cfg, world)
     if cfg.data.packing:
-        _, packing = pack_dataset(data.train, cfg.train.batch_size, cfg.model.max_seq_length)
+        _, packing = pack_dataset(data.train, cfg.train.batch_size, cfg.model.max_seq_length,
+                                  packing_strategy(cfg.data.packing))
         entries, per_step = packing.micro_batches, per_step // cfg.train.batch_size
     per_step = min(per_step, max(entries, 1))  # a step asking for more than the data holds trains it all once
     if cfg.train.max_steps:

@@ -24,7 +24,7 @@ ROWS = 12
 MAX_LEN = 512
 
 
-def _config(model, out, packing: bool) -> dict:
+def _config(model, out, packing) -> dict:
     return {
         "model": {"name": str(model), "max_seq_length": MAX_LEN},
         "data": {"source": "gsm8k", "max_rows": ROWS, "eval_split": None, "responses_only": True,
@@ -113,6 +113,25 @@ def test_packed_run_trains_the_tokens_of_the_unpacked_run(tiny_model_dir, tmp_pa
     assert packed.packing["documents"] == ROWS and packed.packing["micro_batches"] == len(packed_batches)
     assert "packing: 12 documents in" in packed.summary() and plain.packing is None
     assert packed.train_loss is not None and torch.isfinite(torch.tensor(packed.train_loss))
+
+
+def test_split_packed_run_fills_micro_batches_with_pieces_of_the_documents(tiny_model_dir, tmp_path, monkeypatch):
+    """data.packing: split in a real run: every micro-batch but one holds batch_size x max_seq_length
+    tokens, each piece attends only to itself (checked in _documents), and the run trains the
+    unpacked run's targets less at most one per cut (a piece's first token is no target)."""
+    plain_docs, _, _ = _run(tiny_model_dir, tmp_path / "plain", False, monkeypatch)
+    pieces, batches, split = _run(tiny_model_dir, tmp_path / "split", "split", monkeypatch)
+    sizes = sorted(b["input_ids"].shape[1] for b in batches)
+    assert sizes[1:] == [2 * MAX_LEN] * (len(sizes) - 1)
+    assert sum(len(ids) for ids, _ in pieces) == sum(len(ids) for ids, _ in plain_docs)
+    cuts = split.packing["split_documents"]
+    assert split.packing["strategy"] == "split" and cuts == len(pieces) - ROWS > 0
+    assert "documents cut across micro-batches" in split.summary()
+
+    def targets(docs):
+        return sum(1 for _, labels in docs for t in labels[1:] if t != IGNORE_INDEX)
+
+    assert targets(plain_docs) - cuts <= targets(pieces) <= targets(plain_docs)
 
 
 def _epoch_of_trainer(model, tokenizer, out, packing):

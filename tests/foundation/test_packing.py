@@ -1,6 +1,6 @@
-"""data.packing: whole documents best-fit-decreasing into micro-batches of batch_size x
-max_seq_length tokens, measured with the embedded model's real tokenizer on GSM8K chat rows and
-on long plain-text rows made from real text."""
+"""data.packing: whole documents best-fit-decreasing (or, with "split", end to end and cut where a
+micro-batch is full) into micro-batches of batch_size x max_seq_length tokens, measured with the
+embedded model's real tokenizer on GSM8K chat rows and on long plain-text rows made from real text."""
 import json
 import random
 
@@ -8,7 +8,7 @@ import pytest
 
 from nbtune.train.config import DataConfig
 from nbtune.train.data import prepare_data
-from nbtune.train.packing import best_fit_decreasing, pack_dataset
+from nbtune.train.packing import best_fit_decreasing, pack_dataset, packing_strategy, split_end_to_end
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +105,38 @@ def test_rows_over_max_seq_length_are_truncated_and_counted(tmp_path, tokenizer)
         assert cut == kept[:400]  # the first max_seq_length tokens
     packed, stats = pack_dataset(data.train, batch_size=2, max_seq_length=400)
     _check_packed(data, packed, stats, 2, 400)
+
+
+def test_split_end_to_end_cuts_where_a_micro_batch_is_full():
+    assert split_end_to_end([5, 7, 3, 9], 8) == [[(0, 0, 5), (1, 0, 3)], [(1, 3, 7), (2, 0, 3), (3, 0, 1)],
+                                                 [(3, 1, 9)]]
+    assert split_end_to_end([8, 2], 8) == [[(0, 0, 8)], [(1, 0, 2)]]  # an exact fit is not cut
+    assert split_end_to_end([20], 8) == [[(0, 0, 8)], [(0, 8, 16)], [(0, 16, 20)]]
+    assert [packing_strategy(v) for v in (True, "whole", "split", False, None)] == ["whole", "whole", "split",
+                                                                                     None, None]
+    with pytest.raises(ValueError, match="'halves'"):
+        pack_dataset(None, 1, 8, strategy="halves")
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_split_packing_fills_every_micro_batch_of_long_text_rows(tmp_path, tokenizer, batch_size):
+    """The rows whole packing cannot fill (1,024-2,048 tokens, max_seq_length 2048): laid end to end
+    and cut, every micro-batch but the last is full, and the tokens and labels are the documents'
+    own, in order, each piece at most max_seq_length long."""
+    path = tmp_path / "long.jsonl"
+    rows = _long_text_rows(tokenizer, 200, 1024, 2040)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    data = prepare_data(DataConfig(source=str(path), eval_split=None, responses_only=False), tokenizer, 2048)
+    whole, whole_stats = pack_dataset(data.train, batch_size=batch_size, max_seq_length=2048)
+    packed, stats = pack_dataset(data.train, batch_size=batch_size, max_seq_length=2048, strategy="split")
+    capacity = batch_size * 2048
+    assert [len(x) for x in packed["input_ids"][:-1]] == [capacity] * (packed.num_rows - 1)
+    assert sum(packed["input_ids"], []) == sum(data.train["input_ids"], [])
+    assert sum(packed["labels"], []) == sum(data.train["labels"], [])
+    assert all(0 < n <= 2048 for lengths in packed["seq_lengths"] for n in lengths)
+    assert stats.strategy == "split" and stats.documents == 200 and stats.tokens == whole_stats.tokens
+    assert stats.split_documents == sum(len(x) for x in packed["seq_lengths"]) - 200 > 0
+    assert stats.as_dict()["split_documents"] == stats.split_documents
+    print(f"long text rows, batch {batch_size}: whole {whole_stats.line()}; split {stats.line()}")
+    assert stats.fill >= 0.99 and whole_stats.fill < 0.95
+    assert "documents cut across micro-batches" in stats.line() and "(whole documents)" in whole_stats.line()
