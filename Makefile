@@ -51,12 +51,16 @@ test: setup
 	@$(PY) -m pytest -m "$(QUICK)" $(XDIST) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
-# the quick tier on every core, then the slow tests one at a time with all of them (each is one long
-# run: notebooks, the demo, learning curves, launches)
+# the slow tests (each one long run: notebooks, the demo, learning curves, launches) file by file on
+# every core: much of each is single-threaded (imports, kernels starting, tokenizing), so two files
+# at once finish sooner than one at a time with all the threads
+SLOW_XDIST ?= -n auto --dist loadfile
+
+# the quick tier on every core, then the slow tier
 test-all: setup browser
 	@$(PY) -m pytest -m "$(QUICK)" $(XDIST) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test-all: pytest collected no quick tests" >&2; exit 1; fi; \
-	$(PY) -m pytest -m "slow and not gpu" $(PYTEST_ARGS); rc2=$$?; \
+	$(PY) -m pytest -m "slow and not gpu" $(SLOW_XDIST) $(PYTEST_ARGS); rc2=$$?; \
 	if [ $$rc2 -eq 5 ]; then echo "make test-all: pytest collected no slow tests" >&2; exit 1; fi; \
 	[ $$rc -eq 0 ] && [ $$rc2 -eq 0 ]
 
