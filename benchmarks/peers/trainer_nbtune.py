@@ -26,9 +26,9 @@ Every row's line carries the planner's prediction for its exact config, taken be
 ``plan_peak_gib`` (torch's reserved peak plus the CUDA context), ``plan_reserved_gib`` (the part to
 compare with the measured ``peak_reserved_gib``), the GPU, checkpointing mode and offloaded layers it
 planned for, ``plan_host_peak_gib`` and ``plan_host_terms`` (host RAM); and the process's resident
-memory as measured: ``rss_baseline_gib`` (after CUDA's start), ``rss_load_peak_gib`` (the peak up to
-the first step), ``rss_start_gib`` and ``rss_peak_gib`` (the whole run's peak) -- so every row is a
-point of the planner's GPU and host calibration. ``triton_compiles_each``: the Triton kernels
+memory as measured (:class:`HostMemory`: the baseline after CUDA's start, the loading and training
+peaks of the memory the process owns, pinned buffers) -- so every row is a point of the planner's GPU
+and host calibration. ``triton_compiles_each``: the Triton kernels
 compiled in each step.
 
 ``NBTUNE_BENCH_PROFILE=FIRST:LAST`` (steps) also profiles those steps with torch.profiler (host and
@@ -212,36 +212,77 @@ def plan_fields(cfg: dict) -> dict:
 
 
 class HostMemory:
-    """A metrics listener reading this process's resident memory (/proc/self/status) at the points
-    the planner's host terms describe: after CUDA's start (the process baseline), the peak up to the
-    first step (model loading), and, at the end, the peak of the whole run (pinned offload buffers
-    are resident pages and count)."""
+    """A metrics listener measuring this process's host memory where the planner's host terms live.
 
-    def __init__(self):
-        self.fields = {}
+    A thread samples /proc/self/status every 20 ms: ``RssAnon + RssShmem`` is memory the process
+    owns (what a memory cgroup cannot take back), ``RssFile`` is file pages such as a memory-mapped
+    checkpoint (the kernel reclaims them under a cap, so ``VmHWM``, which counts them, overstates a
+    loading peak). Fields (GiB): ``rss_baseline_gib`` (after CUDA's start), ``anon_load_peak_gib``
+    and ``file_at_load_peak_gib`` (up to the first step: model loading), ``anon_train_peak_gib``
+    (from the first step on), ``rss_hwm_gib`` (the kernel's VmHWM), and ``pinned_peak_gib`` (torch's
+    pinned host allocator, where the offload pool's buffers come from)."""
 
-    @staticmethod
-    def read() -> dict:
+    KEYS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")
+
+    def __init__(self, interval_s: float = 0.02):
+        import threading
+
+        self.fields, self.phase, self.peaks = {}, "load", {"load": (0.0, 0.0), "train": (0.0, 0.0)}
+        self.interval_s, self.stop = interval_s, threading.Event()
+        self.thread = threading.Thread(target=self._sample, name="host-memory", daemon=True)
+
+    @classmethod
+    def read(cls) -> dict:
         out = {}
         try:
             with open("/proc/self/status") as f:
                 for line in f:
                     key, _, value = line.partition(":")
-                    if key in ("VmRSS", "VmHWM"):
+                    if key in cls.KEYS:
                         out[key] = int(value.split()[0]) * 1024 / 2**30
         except OSError:
             pass
         return out
 
-    def mark(self, name: str, key: str = "VmRSS") -> None:
-        value = self.read().get(key)
-        if value is not None:
-            self.fields[name] = round(value, 3)
+    def sample(self) -> None:
+        """One reading, kept where it is the current phase's peak."""
+        now = self.read()
+        anon = now.get("RssAnon", 0.0) + now.get("RssShmem", 0.0)
+        if anon > self.peaks[self.phase][0]:
+            self.peaks[self.phase] = (anon, now.get("RssFile", 0.0))
+
+    def _sample(self) -> None:
+        while True:
+            self.sample()
+            if self.stop.wait(self.interval_s):
+                return
+
+    def begin(self) -> None:
+        """The baseline now (CUDA started, nothing loaded), then sampling until :meth:`end`."""
+        self.fields["rss_baseline_gib"] = round(self.read().get("VmRSS", 0.0), 3)
+        self.thread.start()
+
+    def end(self) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)
+        self.sample()
+        (load_anon, load_file), (train_anon, _) = self.peaks["load"], self.peaks["train"]
+        self.fields.update(anon_load_peak_gib=round(load_anon, 3), file_at_load_peak_gib=round(load_file, 3),
+                           anon_train_peak_gib=round(train_anon, 3),
+                           rss_hwm_gib=round(self.read().get("VmHWM", 0.0), 3))
+        try:
+            import torch
+
+            pinned = torch.cuda.host_memory_stats().get("allocated_bytes.peak") if torch.cuda.is_available() else None
+        except Exception:  # noqa: BLE001 - a torch without the pinned allocator's statistics
+            pinned = None
+        if pinned is not None:
+            self.fields["pinned_peak_gib"] = round(pinned / 2**30, 3)
 
     def __call__(self, rec: dict) -> None:
         if rec.get("event") == "start":
-            self.mark("rss_load_peak_gib", "VmHWM")
-            self.mark("rss_start_gib")
+            self.phase = "train"
 
 
 def main(argv=None) -> int:
@@ -261,7 +302,7 @@ def main(argv=None) -> int:
             import torch
 
             torch.zeros(1, device="cuda")  # the CUDA context's host side is part of the baseline
-        host.mark("rss_baseline_gib")
+        host.begin()
         # before training: an OOM's line still carries what was planned
         base.update(plan_fields(finetune_config(args, fmt)))
         if args.method == "dpo":
@@ -280,7 +321,7 @@ def main(argv=None) -> int:
         result = nbtune.finetune(finetune_config(args, fmt), dashboard=dash or False, progress=dash is None,
                                  listeners=listeners)
         peak = tc.peak_reserved_gib()
-        host.mark("rss_peak_gib", "VmHWM")
+        host.end()
         line = dict(base, **tc.summarize(clock, args.warmup, tc.sequences(args), args.seq), peak_reserved_gib=peak,
                     gradient_checkpointing=result.gradient_checkpointing, metrics_records=len(result.metrics),
                     offload_each=offload.steps, triton_compiles_each=compiles.steps, **host.fields,

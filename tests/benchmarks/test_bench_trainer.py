@@ -471,3 +471,23 @@ def test_dpo_rows_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     table = (out / path.replace(".json", ".md")).read_text()
     assert "| DPO gsm8k 2×256 fp32 | nbtune.finetune (dpo) |" in table
     assert "| DPO gsm8k 2×256 fp32 | TRL DPOTrainer + peft + bnb |" in table
+
+
+def test_host_memory_keeps_the_loading_and_training_peaks_apart():
+    """The nbtune peer's host-memory listener: memory owned after the first step counts toward the
+    training peak, not the loading one (the readings are taken here by hand, not by its thread)."""
+    import trainer_nbtune
+
+    host = trainer_nbtune.HostMemory()
+    host.sample()  # loading: nothing more than this process holds now
+    load = host.peaks["load"][0]
+    host({"event": "start"})
+    block = bytearray(256 * 2**20)
+    block[::4096] = b"\x01" * len(range(0, len(block), 4096))  # touch every page: resident, anonymous
+    host.sample()
+    del block
+    host.end()
+    f = host.fields
+    assert f["anon_load_peak_gib"] == round(load, 3) and f["file_at_load_peak_gib"] >= 0
+    assert f["anon_train_peak_gib"] >= load + 0.24
+    assert f["rss_hwm_gib"] >= f["anon_train_peak_gib"] - 0.001
