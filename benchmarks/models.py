@@ -20,7 +20,9 @@ Rows: ``<shape>-<batch>x<seq>-<bf16|fp16>`` for any shape of peers/bench_common.
 MEM_CAP_GIB=14.3, SDPA memory-efficient backend only, and each peer process's host RAM capped at free
 Colab's 12.7 GB by a memory cgroup, benchmarks/host_cap.py), which searches the longest context that
 fits for each of its peers (nbtune and unsloth): 32k, 40k, 48k, ... stopping at a peer's first OOM,
-on the GPU or on the host.
+on the GPU or on the host. Under the host cap nbtune checkpoints as ``gradient_checkpointing: auto``
+does in a run (``NBTUNE_BENCH_GC=auto``: as many layers offloaded as the capped host holds, the rest
+checkpointed on the GPU); its line says which.
 
 Checks: nbtune's first loss must match the HF peer's (same weights, same tokens) within 1e-3
 absolute on the unrounded values (``first_loss_exact``; where a peer only gives the 3-decimal
@@ -666,6 +668,8 @@ class Runner:
                    contexts=contexts, search={})
         self.doc["rows"].append(rec)
         env = {"MEM_CAP_GIB": str(self.args.t4_cap_gib), "NBTUNE_BENCH_SDPA": self.args.t4_sdpa}
+        if self.args.t4_host_cap_gb > 0:  # nbtune checkpoints as finetune's "auto" does within the host's RAM
+            env["NBTUNE_BENCH_GC"] = "auto"
         if self.args.t4_steps:
             env.update(WARMUP=str(self.args.t4_steps[0]), STEPS=str(self.args.t4_steps[1]))
         for peer in t4_peers:

@@ -18,7 +18,8 @@ Gradient checkpointing is asserted twice: structurally (train mode, ``is_gradien
 checkpointed decoder layers) and at run time (the layers' checkpoint function is called during
 the first step's forward; NBTUNE_BENCH_GC_CHECK=structural skips the run-time count).
 
-Environment: CKPT_ROOT (/tmp/ckpt), NBTUNE_BENCH_GC (checkpointing mode, default ``offload``), MEM_CAP_GIB (T4 emulation: allocator cap, set after the
+Environment: CKPT_ROOT (/tmp/ckpt), NBTUNE_BENCH_GC (checkpointing mode, default ``offload``; ``auto``:
+what ``nbtune.finetune`` would choose here, see ``checkpointing_for``), MEM_CAP_GIB (T4 emulation: allocator cap, set after the
 checkpoint is built), NBTUNE_BENCH_SDPA (e.g. ``efficient``: the only SDPA backend allowed).
 
 The random checkpoints say max_position_embeddings=8192 (as the peers build them) and
@@ -138,6 +139,24 @@ class CheckpointCallCounter:
         return False
 
 
+def checkpointing_for(load_path: str, batch: int, seqlen: int, dtype) -> tuple[str, int | None, str]:
+    """(mode, offloaded layers or None for all, why) from NBTUNE_BENCH_GC (default ``offload``). ``auto``:
+    what ``gradient_checkpointing: auto`` takes in ``nbtune.finetune`` for this run on this machine
+    (``nbtune.planner.choose_checkpointing``: offload as many layers as this host's RAM holds, a memory
+    cgroup's limit included, the rest checkpointed on the GPU), as the T4 rows under a host cap need."""
+    mode = os.environ.get("NBTUNE_BENCH_GC", "offload")
+    if mode != "auto":
+        return mode, None, "NBTUNE_BENCH_GC"
+    from nbtune.planner import choose_checkpointing
+
+    cfg = {"model": {"name": load_path, "max_seq_length": seqlen, "load_in_4bit": True,
+                     "dtype": str(dtype).split(".")[-1]},
+           "lora": {"r": 16, "alpha": 16, "targets": list(LORA_TARGETS)},
+           "train": {"batch_size": batch, "grad_accum": 1, "gradient_checkpointing": "auto"}}
+    choice = choose_checkpointing(cfg, gpu="auto")  # this GPU with this host's RAM (a cgroup's limit included)
+    return choice.mode, choice.offload_layers, choice.reason
+
+
 def run(shape, path, batch, seqlen, dtype, steps=int(os.environ.get("STEPS", 8)),
         warmup=int(os.environ.get("WARMUP", 3)), rank=16):
     import bitsandbytes as bnb
@@ -148,8 +167,9 @@ def run(shape, path, batch, seqlen, dtype, steps=int(os.environ.get("STEPS", 8))
     load_path, ctx_view_from = checkpoint_for_context(path, seqlen)
     t0 = time.time()
     model, tok = nbtune.load_model(load_path, max_seq_length=seqlen, load_in_4bit=True, dtype=dtype)
+    gc_mode, offload_layers, gc_reason = checkpointing_for(load_path, batch, seqlen, dtype)
     model = nbtune.add_lora(model, r=rank, alpha=rank, dropout=0.0, targets=list(LORA_TARGETS),
-                            gradient_checkpointing=os.environ.get("NBTUNE_BENCH_GC", "offload"))
+                            gradient_checkpointing=gc_mode, offload_layers=offload_layers)
     load_s = time.time() - t0
     model.train()
     gc_layers = assert_checkpointing(model)
@@ -183,7 +203,8 @@ def run(shape, path, batch, seqlen, dtype, steps=int(os.environ.get("STEPS", 8))
                peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
                first_loss=round(losses[0], 3), last_loss=round(losses[-1], 3),
                first_loss_exact=losses[0], cap_gib=mem_cap_gib(),
-               gc_mode="offload", gc_layers=gc_layers, gc_calls_first_step=gc_calls,
+               gc_mode=gc_mode, offload_layers=offload_layers, gc_reason=gc_reason, gc_layers=gc_layers,
+               gc_calls_first_step=gc_calls,
                warmup=warmup, steps=steps, sdpa=sdpa_backend_from_env() or "default")
     if ctx_view_from:
         res["ctx_view_from"] = ctx_view_from

@@ -374,7 +374,9 @@ def test_driver_t4_search_stops_at_each_peers_first_oom(fake_peers, monkeypatch)
     assert row["target"] == "met" and nb["sdpa_calls"] == 7
     first = nb["attempts"][0]
     assert first["line"]["cap_gib"] == 14.3 and first["line"]["sdpa_env"] == "efficient" and first["line"]["steps_env"] == "2"
-    assert first["env"] == {"MEM_CAP_GIB": "14.3", "NBTUNE_BENCH_SDPA": "efficient", "WARMUP": "1", "STEPS": "2"}
+    # under the host cap (the default 12.7 GB), nbtune checkpoints as "auto" does in a run
+    assert first["env"] == {"MEM_CAP_GIB": "14.3", "NBTUNE_BENCH_SDPA": "efficient", "NBTUNE_BENCH_GC": "auto",
+                            "WARMUP": "1", "STEPS": "2"}
     md = fake_peers["md"].read_text()
     assert "57,344" in md and "32,768" in md
 
@@ -465,3 +467,29 @@ def test_driver_stopped_by_sigterm_kills_its_peer_and_keeps_results(fake_peers, 
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert "not reached" in fake_peers["md"].read_text()
+
+
+def test_t4_rows_checkpoint_as_auto_does_within_the_capped_host(tmp_path, monkeypatch):
+    """Under the T4 rows' host cap the bare-loop nbtune peer takes the checkpointing a run's
+    ``gradient_checkpointing: auto`` takes: at 49,152 tokens on a host held to free Colab's 12.7 GB,
+    only part of the layers offloaded, the rest on the GPU; with no cap set, every layer (``offload``)."""
+    import json as _json
+
+    from nbtune.planner import host as planner_host
+
+    bench = os.path.join(REPO, "benchmarks")
+    peer = load_script("nbtune_bench_nbtune_peer", os.path.join(bench, "nbtune_peer.py"))
+    common = load_script("bench_common", os.path.join(bench, "peers", "bench_common.py"))
+    cfg = dict(common.SHAPES["llama3-8b"], model_type="llama", architectures=["LlamaForCausalLM"],
+               max_position_embeddings=49152, torch_dtype="bfloat16")
+    (tmp_path / "config.json").write_text(_json.dumps(cfg))
+    monkeypatch.delenv("NBTUNE_BENCH_GC", raising=False)
+    assert peer.checkpointing_for(str(tmp_path), 1, 49152, "float16") == ("offload", None, "NBTUNE_BENCH_GC")
+    monkeypatch.setenv("NBTUNE_BENCH_GC", "auto")
+    # "the GPU here" as on the GPU machine, named (none here); this host's RAM held to 12.7 GB
+    monkeypatch.setenv("NBTUNE_GPU", "T4")
+    monkeypatch.delenv("NBTUNE_HOST_RAM", raising=False)  # the tests' "off": this host's RAM is read
+    monkeypatch.setattr(planner_host, "read_cgroup_memory", lambda *a, **k: (int(12.7e9), 0))
+    mode, layers, reason = peer.checkpointing_for(str(tmp_path), 1, 49152, "float16")
+    assert mode == "offload" and 0 < layers < 32, (mode, layers, reason)
+    assert "host" in reason.lower()
