@@ -149,6 +149,7 @@ def test_your_own_data(kernel_env, tmp_path):
     for fmt in ("messages format", "prompt_completion format", "qa format"):
         assert fmt in text, fmt
     assert "responses only:" in text and "steps: 2/2" in text
+    assert "full (whole documents)" in text and "documents cut across micro-batches" in text  # packing
     assert outputs(nb, PLOTLY), "no dashboard"
     assert (tmp_path / "own" / "adapter" / "adapter_config.json").exists()
 
