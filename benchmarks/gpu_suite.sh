@@ -15,6 +15,8 @@
 #   trainer[:ROWS[:PEERS]] python3 benchmarks/trainer.py --rows ROWS --peers PEERS: the user's path, nbtune.finetune vs
 #                          Unsloth + TRL vs TRL + peft + bnb on real token counts (ROWS default quick; PEERS default
 #                          nbtune,unsloth,trl; ROWS dpo: the DPO rows, e.g. 'trainer:dpo:nbtune,unsloth,trl';
+#                          ROWS grpo: the GRPO rows (generation tok/s beside step tok/s and memory), e.g.
+#                          'trainer:grpo:nbtune,unsloth,trl';
 #                          --assets .bench-assets when that folder was carried: make it here with
 #                          `python benchmarks/trainer_data.py export .bench-assets`)
 #                          -> $OUT/trainer-<stamp>.{json,md}, $OUT/trainer.log, $OUT/RESULTS.md

@@ -4,6 +4,7 @@
     python benchmarks/trainer.py --rows main --steps 2:5 --time-budget 480
     python benchmarks/trainer.py --rows 'gsm8k-*,t4' --peers nbtune,unsloth
     python benchmarks/trainer.py --rows dpo --peers nbtune,unsloth,trl   # the DPO rows
+    python benchmarks/trainer.py --rows grpo --peers nbtune,unsloth,trl  # the GRPO rows
     python benchmarks/trainer.py --list                            # rows and what they run
     python benchmarks/trainer.py --from-json                       # RESULTS.md from results/*.json, no GPU
 
@@ -33,6 +34,25 @@ nbtune's line also carries the planner's prediction for that run (``plan_peak_gi
 ``plan_reserved_gib``: what ``nbtune plan`` / ``finetune(plan=True)`` says of the config) beside the
 measured peak.
 
+GRPO rows: ``grpo-gsm8k-<batch>x<seq>-<bf16|fp16|fp32>``, batch the prompts per optimizer step (each
+sampled 4 times: batch x 4 completions per step, one generation per step), seq the prompt +
+completion budget: ``max_completion_length`` = seq/2, prompts of at most seq/2 tokens. nbtune.finetune
+with ``train.method: grpo`` (``train.batch_size`` = batch x 4, nbtune's batch counting completions)
+vs Unsloth's ``PatchFastRL("GRPO", FastLanguageModel)`` + TRL's GRPOTrainer (FastLanguageModel with
+``fast_inference=False``) vs TRL's GRPOTrainer + peft + bitsandbytes (peers/trainer_trl_grpo.py):
+every one generating with the model's own ``generate`` and KV cache (no vLLM), temperature 1.0,
+beta 0.0 (no KL term: TRL's and nbtune's default), TRL's default loss, reward the GSM8K
+final-number match (nbtune's built-in ``correctness``; the TRL peers' plain copy of it), on GSM8K
+prompts (question + nbtune's instruction to end with ``#### <number>``) written once per seq
+(trainer_data.py). Random weights score 0 and their completions run to the length limit: the rows
+measure speed and memory. Alias ``grpo`` (1x512 and 2x512 bf16, 1x512 fp16: 256-token
+completions). A step's tokens are the prompt + completion tokens the trainer counts as it generates
+(fill over batch x 4 x seq); the sampling is timed apart, from an idle device to the completions on
+the host (nbtune's own metrics, a wrapper around the TRL trainers' ``_generate_single_turn``), and
+reported as generation tokens/s (completion tokens per second of generation), generation's share of
+the step and the mean completion length. nbtune's line carries the planner's prediction with its
+terms (``plan_terms``, GRPO's ``generation`` among them).
+
 Per run: real (non-padding) tokens/s, median seconds per step after the warm-up, fill (real tokens
 per step / (batch x seq)), peak reserved GiB during training, and what went wrong. A peer that cannot
 run here (e.g. unsloth not importable) is reported as skipped with the reason; a job the time budget
@@ -61,8 +81,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path[:0] = [HERE, os.path.join(HERE, "peers")]
 import trainer_report as report  # noqa: E402
-from trainer_data import (AssetsMissing, checkpoint_name, preference_name, resolve_assets, write_data,  # noqa: E402
-                          write_preference_data)
+from trainer_data import (AssetsMissing, checkpoint_name, preference_name, prompt_name, resolve_assets,  # noqa: E402
+                          write_data, write_preference_data, write_prompt_data)
 
 
 def _load_models():
@@ -95,7 +115,13 @@ DPO_CMD = {  # the DPO rows' commands (the peers' environments and needs are the
     "unsloth": [os.path.join(PEERS_DIR, "trainer_trl_dpo.py"), "--peer", "unsloth"],
     "trl": [os.path.join(PEERS_DIR, "trainer_trl_dpo.py"), "--peer", "trl"],
 }
-DPO_DATASETS = ("gsm8k",)
+GRPO_CMD = {  # the GRPO rows' commands (the same environments and needs again)
+    "nbtune": [os.path.join(PEERS_DIR, "trainer_nbtune.py"), "--method", "grpo"],
+    "unsloth": [os.path.join(PEERS_DIR, "trainer_trl_grpo.py"), "--peer", "unsloth"],
+    "trl": [os.path.join(PEERS_DIR, "trainer_trl_grpo.py"), "--peer", "trl"],
+}
+METHOD_CMD = {"dpo": DPO_CMD, "grpo": GRPO_CMD}
+METHOD_DATASETS = {"dpo": ("gsm8k",), "grpo": ("gsm8k",)}
 DATASETS = ("text", "gsm8k")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 SHORT = {v: k for k, v in DTYPES.items()}
@@ -105,9 +131,10 @@ MAIN_ROWS = [f"{d}-{shape}-{p}" for d in DATASETS for shape in ("2x2048-bf16", "
              for p in ("packed", "unpacked")]
 T4_ROWS = [f"t4-{d}-1x4096-packed" for d in DATASETS]
 DPO_ROWS = ["dpo-gsm8k-1x1024-bf16", "dpo-gsm8k-2x1024-bf16", "dpo-gsm8k-1x2048-bf16", "dpo-gsm8k-1x1024-fp16"]
+GRPO_ROWS = ["grpo-gsm8k-1x512-bf16", "grpo-gsm8k-2x512-bf16", "grpo-gsm8k-1x512-fp16"]
 ALIASES = {"main": MAIN_ROWS, "t4": T4_ROWS, "all": MAIN_ROWS + T4_ROWS,
-           "quick": ["text-2x2048-bf16-packed", "gsm8k-2x2048-bf16-unpacked"], "dpo": DPO_ROWS}
-KNOWN_ROWS = MAIN_ROWS + T4_ROWS + DPO_ROWS  # what globs match
+           "quick": ["text-2x2048-bf16-packed", "gsm8k-2x2048-bf16-unpacked"], "dpo": DPO_ROWS, "grpo": GRPO_ROWS}
+KNOWN_ROWS = MAIN_ROWS + T4_ROWS + DPO_ROWS + GRPO_ROWS  # what globs match
 
 
 @dataclasses.dataclass
@@ -122,15 +149,26 @@ class Row:
     method: str = "sft"
 
     def label(self) -> str:
-        if self.method == "dpo":
-            return f"DPO {self.data} {self.batch}×{self.seq} {SHORT[self.dtype]}"
+        if self.method in METHOD_CMD:
+            return f"{self.method.upper()} {self.data} {self.batch}×{self.seq} {SHORT[self.dtype]}"
         text = f"{self.data} {self.batch}×{self.seq} {SHORT[self.dtype]} {'packed' if self.packing else 'unpacked'}"
         return f"T4 emulation: {text}" if self.t4 else text
 
     @property
     def data_key(self) -> str:
-        """The data set this row trains on (trainer_data.write_data's and write_preference_data's names)."""
-        return preference_name(self.seq) if self.method == "dpo" else self.data
+        """The data set this row trains on (trainer_data's names: write_data's, write_preference_data's,
+        write_prompt_data's)."""
+        if self.method == "dpo":
+            return preference_name(self.seq)
+        if self.method == "grpo":
+            return prompt_name(self.seq)
+        return self.data
+
+    @property
+    def same_batches(self) -> bool:
+        """Whether every peer's steps read the same sequences: not where each tool packs its own way
+        (packed rows) or samples its own completions (GRPO rows)."""
+        return not self.packing and self.method != "grpo"
 
     def record(self) -> dict:
         return dict(dataclasses.asdict(self), label=self.label(), results={})
@@ -140,28 +178,36 @@ _ROW_RE = re.compile(r"^(?P<t4>t4-)?(?P<data>[a-z0-9]+)-(?P<batch>\d+)x(?P<seq>\
                      r"-(?P<packing>packed|unpacked)$")
 
 
-_DPO_RE = re.compile(r"^dpo-(?P<data>[a-z0-9]+)-(?P<batch>\d+)x(?P<seq>\d+)(?:-(?P<dtype>bf16|fp16|fp32))?$")
+_METHOD_RE = re.compile(r"^(?P<method>dpo|grpo)-(?P<data>[a-z0-9]+)-(?P<batch>\d+)x(?P<seq>\d+)"
+                        r"(?:-(?P<dtype>bf16|fp16|fp32))?$")
+_METHOD_SHAPE = {"dpo": "seq: the longest prompt + reply; pairs are never packed",
+                 "grpo": "batch: prompts per step, 4 completions each; seq: prompt + completion budget, "
+                         "completions up to seq/2; nothing is packed"}
+_MIN_SEQ = {"dpo": 2, "grpo": 4}
 
 
-def parse_dpo_row(row_id: str) -> Row:
-    m = _DPO_RE.match(row_id.strip())
+def parse_method_row(row_id: str) -> Row:
+    """A DPO or GRPO row: ``<dpo|grpo>-<data>-<batch>x<seq>-<dtype>``."""
+    method = row_id.strip().split("-", 1)[0]
+    m = _METHOD_RE.match(row_id.strip())
     if not m:
-        raise ValueError(f"row {row_id!r}: expected dpo-<{'|'.join(DPO_DATASETS)}>-<batch>x<seq>-<bf16|fp16|fp32> "
-                         "(seq: the longest prompt + reply; pairs are never packed)")
-    if m["data"] not in DPO_DATASETS:
-        raise ValueError(f"row {row_id!r}: DPO data {m['data']!r} is not one of {', '.join(DPO_DATASETS)}")
+        raise ValueError(f"row {row_id!r}: expected {method}-<{'|'.join(METHOD_DATASETS[method])}>-<batch>x<seq>-"
+                         f"<bf16|fp16|fp32> ({_METHOD_SHAPE[method]})")
+    if m["data"] not in METHOD_DATASETS[method]:
+        raise ValueError(f"row {row_id!r}: {method.upper()} data {m['data']!r} is not one of "
+                         f"{', '.join(METHOD_DATASETS[method])}")
     if m["dtype"] is None:
         raise ValueError(f"row {row_id!r}: give the dtype (bf16, fp16 or fp32) after the shape")
     batch, seq = int(m["batch"]), int(m["seq"])
-    if batch < 1 or seq < 2:
-        raise ValueError(f"row {row_id!r}: batch >= 1 and seq >= 2")
+    if batch < 1 or seq < _MIN_SEQ[method]:
+        raise ValueError(f"row {row_id!r}: batch >= 1 and seq >= {_MIN_SEQ[method]}")
     dtype = DTYPES[m["dtype"]]
-    return Row(f"dpo-{m['data']}-{batch}x{seq}-{m['dtype']}", m["data"], batch, seq, dtype, False, method="dpo")
+    return Row(f"{method}-{m['data']}-{batch}x{seq}-{m['dtype']}", m["data"], batch, seq, dtype, False, method=method)
 
 
 def parse_row(row_id: str) -> Row:
-    if row_id.strip().startswith("dpo-"):
-        return parse_dpo_row(row_id)
+    if row_id.strip().split("-", 1)[0] in METHOD_CMD:
+        return parse_method_row(row_id)
     m = _ROW_RE.match(row_id.strip())
     if not m:
         raise ValueError(f"row {row_id!r}: expected <text|gsm8k>-<batch>x<seq>-<bf16|fp16|fp32>-<packed|unpacked> "
@@ -185,7 +231,7 @@ def parse_row(row_id: str) -> Row:
 
 
 def select_rows(text: str) -> list[Row]:
-    """Comma-separated row ids, aliases (main, t4, quick, all, dpo) and globs over the known rows."""
+    """Comma-separated row ids, aliases (main, t4, quick, all, dpo, grpo) and globs over the known rows."""
     return models.select_rows(text, ALIASES, parse_row, known=KNOWN_ROWS)
 
 
@@ -207,7 +253,8 @@ def parse_range(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default="quick", help="row ids, aliases (main, t4, quick, all, dpo) or globs, comma-separated")
+    ap.add_argument("--rows", default="quick",
+                    help="row ids, aliases (main, t4, quick, all, dpo, grpo) or globs, comma-separated")
     ap.add_argument("--peers", default="nbtune,unsloth,trl", help="which peers, in run order (nbtune, unsloth, trl)")
     ap.add_argument("--steps", type=parse_steps, default=(2, 5), metavar="W:S",
                     help="warm-up steps (left out) and timed steps per job (default 2:5)")
@@ -227,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tokens per plain-text row (uniform)")
     ap.add_argument("--chat-rows", type=int, default=0, help="GSM8K conversations written (0: all)")
     ap.add_argument("--dpo-rows", type=int, default=64, help="preference pairs written per DPO sequence length")
+    ap.add_argument("--grpo-rows", type=int, default=64, help="GSM8K prompts written per GRPO sequence budget")
     ap.add_argument("--t4-cap-gib", type=float, default=T4_CAP_GIB)
     ap.add_argument("--t4-sdpa", default=T4_SDPA, help="the SDPA backend allowed in t4 rows")
     ap.add_argument("--ckpt-root", default=os.environ.get("CKPT_ROOT", "/tmp/ckpt"))
@@ -298,11 +346,13 @@ def classify(rc, lines: list[dict], stderr: str, timed_out: bool, seconds: float
                 line=line)
 
 
-def row_checks(results: dict, packing: bool = False) -> dict:
-    """Per peer against nbtune, on unpacked rows: whether its steps saw the same token counts (same
-    rows in the same order), and how far its first loss is (same weights and first batch: the same
-    loss up to 4-bit and summation-order rounding). Packed rows have no such check: each tool packs
-    its own way (nbtune best-fit decreasing over the whole set, TRL its own), so their batches differ."""
+def row_checks(results: dict, own_batches: bool = False) -> dict:
+    """Per peer against nbtune, on rows whose batches are the same for every peer: whether its steps
+    saw the same token counts (same rows in the same order), and how far its first loss is (same
+    weights and first batch: the same loss up to 4-bit and summation-order rounding). Rows where
+    each peer makes its own batches (``own_batches``: packed rows, where each tool packs its own way,
+    nbtune best-fit decreasing over the whole set, TRL its own; GRPO rows, where each samples its own
+    completions) have no such check."""
     def line(peer):
         job = results.get(peer) or {}
         return (job.get("line") or {}) if job.get("status") == "ok" else {}
@@ -311,7 +361,7 @@ def row_checks(results: dict, packing: bool = False) -> dict:
     same, diff = {}, {}
     for peer in results:
         other = line(peer)
-        if packing or peer == "nbtune" or not ref or not other:
+        if own_batches or peer == "nbtune" or not ref or not other:
             continue
         if ref.get("tokens_each") and other.get("tokens_each"):
             same[peer] = ref["tokens_each"] == other["tokens_each"]
@@ -372,6 +422,8 @@ class Runner:
         for seq in sorted({r.seq for r in self.rows if r.method == "dpo"}):
             self.data[preference_name(seq)] = write_preference_data(args.work, tokenizer_dir, gsm8k, seq,
                                                                     args.dpo_rows)
+        for seq in sorted({r.seq for r in self.rows if r.method == "grpo"}):
+            self.data[prompt_name(seq)] = write_prompt_data(args.work, tokenizer_dir, gsm8k, seq, args.grpo_rows)
         self.doc["meta"]["data"] = {k: v for k, v in self.data.items()}
         if args.model:
             self.model = args.model
@@ -404,7 +456,7 @@ class Runner:
         timeout = min(self.args.row_timeout, left)
         out_dir = os.path.join(self.args.work, "runs", f"{row.id}-{peer}")
         warmup, steps = self.args.steps
-        peer_cmd = DPO_CMD[peer] if row.method == "dpo" else PEERS[peer]["cmd"]
+        peer_cmd = METHOD_CMD[row.method][peer] if row.method in METHOD_CMD else PEERS[peer]["cmd"]
         cmd = [self.args.python, *peer_cmd, "--model", self.model, "--data", self.data[row.data_key]["path"],
                "--row", row.id, "--batch", str(row.batch), "--seq", str(row.seq), "--dtype", row.dtype,
                "--warmup", str(warmup), "--steps", str(steps), "--out", out_dir]
@@ -435,6 +487,9 @@ class Runner:
         if job["status"] == "ok":
             brief = (f"{line['tokens_per_s']:,} real tok/s · {line['s_per_step']} s/step · fill {line['fill']} · "
                      f"{line.get('peak_reserved_gib')} GiB")
+            if line.get("generation_tokens_per_s") is not None:
+                brief += (f" · generation {line['generation_tokens_per_s']:,} tok/s "
+                          f"({100 * line['generation_share']:.0f}% of the step)")
             if line.get("plan_reserved_gib") is not None:
                 brief += f" (planned {line['plan_reserved_gib']} GiB reserved)"
         self.say(f"  -> {job['status']} in {seconds:.0f}s {brief}")
@@ -469,7 +524,7 @@ class Runner:
                     rec["results"][peer] = dict(peer=peer, status="pending", line=None)
                 for peer in self.peers:
                     rec["results"][peer] = self.run_job(row, peer)
-                    rec["checks"] = row_checks(rec["results"], row.packing)
+                    rec["checks"] = row_checks(rec["results"], not row.same_batches)
                     self.save()
         except (models.Terminated, KeyboardInterrupt):
             print("# stopped from outside (SIGTERM/interrupt): results so far are kept", flush=True)

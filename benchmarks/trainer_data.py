@@ -23,6 +23,14 @@
   chosen / rejected: one assistant turn each): what nbtune's ``data.format: preference`` reads and
   what TRL's DPOTrainer reads as a conversational preference set; both render it with the
   tokenizer's chat template and take the reply tokens after the prompt's, so both see the same ids.
+- Prompt rows for the GRPO rows, written by :func:`write_prompt_data` once per sequence budget
+  ``seq``: ``grpo-gsm8k-<seq>.jsonl``, ``{prompt, answer}`` per GSM8K question in file order: the
+  prompt one user turn, the question followed by nbtune's GSM8K instruction (end with
+  ``#### <number>``, :data:`nbtune.train.grpo_data.GSM8K_INSTRUCTION`, what nbtune adds to its
+  embedded GSM8K), the answer GSM8K's worked answer (its final number is what the rewards check).
+  Only prompts of at most seq / 2 tokens (rendered with the chat template and its generation
+  prompt, as both trainers render them) are written: the completions get the other half
+  (``max_completion_length`` = seq / 2), so no trainer drops or cuts a prompt and all read the same.
 - The model: a shape of peers/bench_common.py's SHAPES (llama3-8b by default) with the tokenizer's
   vocabulary size and special tokens, random weights (``save_random_checkpoint``), the tokenizer
   saved beside them. Its padding token (``<|endoftext|>``) occurs in none of the rows, so counting
@@ -263,6 +271,52 @@ def write_preference_data(work: str, tokenizer_dir: str, gsm8k_path: str, seq: i
     write_jsonl(path, pairs)
     stats = length_stats([max(c, r) for c, r in lengths])
     return dict(path=path, seq=seq, **dict(stats, tokens=sum(c + r for c, r in lengths)))
+
+
+# ------------------------------------------------------------------------------------------------
+# prompt rows (the GRPO rows)
+# ------------------------------------------------------------------------------------------------
+def prompt_name(seq: int) -> str:
+    """The data set a GRPO row of sequence budget ``seq`` trains on."""
+    return f"grpo-gsm8k-{seq}"
+
+
+def prompt_length(tokenizer, turns: list[dict]) -> int:
+    """Tokens of a prompt as the trainers generate from it: the chat template with its generation prompt."""
+    text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def prompt_rows(qa: list[dict], tokenizer, n: int, max_tokens: int) -> tuple[list[dict], list[int]]:
+    """The first ``n`` GSM8K questions whose prompt (:func:`prompt_length`) has at most ``max_tokens``
+    tokens, as ``{prompt, answer}`` rows, and their prompt lengths. Raises ValueError when none fits."""
+    from nbtune.train.grpo_data import GSM8K_INSTRUCTION
+
+    rows, lengths = [], []
+    for r in qa:
+        if len(rows) == n:
+            break
+        turns = [{"role": "user", "content": f"{r['question']}\n\n{GSM8K_INSTRUCTION}"}]
+        length = prompt_length(tokenizer, turns)
+        if length <= max_tokens:
+            rows.append({"prompt": turns, "answer": r["answer"]})
+            lengths.append(length)
+    if not rows:
+        raise ValueError(f"prompt tokens: no GSM8K question fits {max_tokens} tokens")
+    return rows, lengths
+
+
+def write_prompt_data(work: str, tokenizer_dir: str, gsm8k_path: str, seq: int, rows: int = 64) -> dict:
+    """Write ``grpo-gsm8k-<seq>.jsonl`` into ``work`` (prompts of at most seq / 2 tokens,
+    :func:`prompt_rows`); its path and statistics: ``rows`` (prompts), ``tokens`` (their prompt
+    tokens), ``min`` / ``max`` / ``mean`` prompt length, ``max_prompt_tokens`` (seq / 2)."""
+    os.makedirs(work, exist_ok=True)
+    tok = load_tokenizer(tokenizer_dir)
+    budget = seq - seq // 2  # max_completion_length is seq // 2
+    prompts, lengths = prompt_rows(gsm8k_rows(gsm8k_path), tok, rows, budget)
+    path = os.path.join(work, f"{prompt_name(seq)}.jsonl")
+    write_jsonl(path, prompts)
+    return dict(path=path, seq=seq, max_prompt_tokens=budget, **length_stats(lengths))
 
 
 # ------------------------------------------------------------------------------------------------

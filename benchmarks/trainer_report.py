@@ -15,6 +15,8 @@ PEER_LABELS = {"nbtune": "nbtune.finetune", "unsloth": "Unsloth + TRL SFTTrainer
                "trl": "TRL SFTTrainer + peft + bnb"}
 DPO_PEER_LABELS = {"nbtune": "nbtune.finetune (dpo)", "unsloth": "Unsloth PatchDPOTrainer + TRL DPOTrainer",
                    "trl": "TRL DPOTrainer + peft + bnb"}
+GRPO_PEER_LABELS = {"nbtune": "nbtune.finetune (grpo)", "unsloth": "Unsloth PatchFastRL + TRL GRPOTrainer",
+                    "trl": "TRL GRPOTrainer + peft + bnb"}
 PEER_ORDER = ["nbtune", "unsloth", "trl"]
 MEASURED = ("ok", "oom")
 FIRST_LOSS_NOTE = 1e-2  # same weights, same first batch: a larger gap means another batch or another computation
@@ -47,8 +49,27 @@ DPO_PROTOCOL = (
 )
 
 
+GRPO_PROTOCOL = (
+    "GRPO rows: nbtune.finetune with train.method grpo, Unsloth's PatchFastRL(\"GRPO\", FastLanguageModel) + TRL's "
+    "GRPOTrainer (fast_inference=False), and TRL's GRPOTrainer + peft + bitsandbytes; every one samples with the "
+    "model's own generate and KV cache (no vLLM). batch = prompts per step, 4 completions each (one generation "
+    "per step); seq = prompt + completion budget, completions up to seq/2 tokens, temperature 1.0, beta 0.0 (no "
+    "KL term), TRL's default loss, reward the GSM8K final-number match, same LoRA, optimizer and lr as above. "
+    "Data: GSM8K questions with the instruction to end with '#### <number>', prompts of at most seq/2 tokens. "
+    "Random weights score 0 and write to the length limit: the rows measure speed and memory. tokens/s: the "
+    "prompt + completion tokens the trainer counts per step over the step's time; generation tok/s: completion "
+    "tokens per second of sampling, timed from an idle device to the completions on the host; gen share: "
+    "sampling's part of the step time; completion: mean completion length. planned: the planner's reserved peak "
+    "for nbtune's config beside the measured peak reserved (its generation term in the line's plan_terms)."
+)
+
+
 def is_dpo(rec: dict) -> bool:
     return rec.get("method") == "dpo"
+
+
+def is_grpo(rec: dict) -> bool:
+    return rec.get("method") == "grpo"
 
 
 def fmt_num(value, digits=0, thousands=True) -> str:
@@ -73,12 +94,12 @@ def status_cell(job: dict | None) -> str:
     return f"{status}: {detail[:160]}" if detail else status
 
 
-def speed_ratio(results: dict, peer: str) -> str:
-    """nbtune's real tokens/s over this peer's, same run."""
+def speed_ratio(results: dict, peer: str, key: str = "tokens_per_s") -> str:
+    """nbtune's real tokens/s (or another rate of the lines, ``key``) over this peer's, same run."""
     def tps(p):
         job = results.get(p) or {}
         line = job.get("line") or {}
-        return line.get("tokens_per_s") if job.get("status") == "ok" else None
+        return line.get(key) if job.get("status") == "ok" else None
 
     nb, other = tps("nbtune"), tps(peer)
     if peer == "nbtune" or not nb or not other:
@@ -122,6 +143,18 @@ def dpo_peer_cells(results: dict, peer: str) -> list[str]:
     return cells[:5] + plan_cells(results, peer) + [loss_cell(results, peer)] + cells[5:]
 
 
+def grpo_peer_cells(results: dict, peer: str) -> list[str]:
+    """A GRPO line's cells: step tokens/s and s/step, generation tok/s, its share of the step and the
+    mean completion length, memory against the plan, the nbtune ratios (step and generation), status."""
+    line = ok_line(results, peer)
+    share = line.get("generation_share")
+    return [GRPO_PEER_LABELS.get(peer, peer), fmt_num(line.get("tokens_per_s")), fmt_num(line.get("s_per_step"), 3),
+            fmt_num(line.get("generation_tokens_per_s")), "—" if share is None else f"{100 * share:.0f}%",
+            fmt_num(line.get("completion_length_mean")), fmt_num(line.get("peak_reserved_gib"), 2),
+            *plan_cells(results, peer), speed_ratio(results, peer),
+            speed_ratio(results, peer, "generation_tokens_per_s"), status_cell(results.get(peer))]
+
+
 def ordered_peers(results: dict) -> list[str]:
     return [p for p in PEER_ORDER if p in results] + [p for p in results if p not in PEER_ORDER]
 
@@ -160,13 +193,35 @@ def dpo_table(rows: list[tuple[str | None, dict]]) -> list[str]:
     return out
 
 
+GRPO_HEADER = ["row", "peer", "tokens/s", "s/step", "generation tok/s", "gen share", "completion",
+               "peak reserved GiB", "planned GiB", "plan − measured", "nbtune speed ×", "nbtune generation ×",
+               "status"]
+
+
+def grpo_table(rows: list[tuple[str | None, dict]]) -> list[str]:
+    """The GRPO rows: one line per (row, peer), the sampling's throughput beside the step's and the memory."""
+    with_run = any(run for run, _ in rows)
+    head = GRPO_HEADER[:1] + (["run"] if with_run else []) + GRPO_HEADER[1:]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run, rec in rows:
+        results = rec.get("results", {})
+        for peer in ordered_peers(results):
+            cells = [rec.get("label", rec.get("id", "?"))] + ([run or ""] if with_run else [])
+            out.append("| " + " | ".join(cells + grpo_peer_cells(results, peer)) + " |")
+    return out
+
+
 def tables(rows: list[tuple[str | None, dict]], heading: str = "###") -> list[str]:
-    """The SFT rows' table, then (where there are any) the DPO rows' under their own heading."""
-    sft = [(run, rec) for run, rec in rows if not is_dpo(rec)]
+    """The SFT rows' table, then (where there are any) the DPO rows' and the GRPO rows' under their own
+    headings."""
+    sft = [(run, rec) for run, rec in rows if not is_dpo(rec) and not is_grpo(rec)]
     dpo = [(run, rec) for run, rec in rows if is_dpo(rec)]
-    out = table(sft) if sft or not dpo else []
+    grpo = [(run, rec) for run, rec in rows if is_grpo(rec)]
+    out = table(sft) if sft or not (dpo or grpo) else []
     if dpo:
         out += ([""] if out else []) + [f"{heading} DPO", "", DPO_PROTOCOL, "", *dpo_table(dpo)]
+    if grpo:
+        out += ([""] if out else []) + [f"{heading} GRPO", "", GRPO_PROTOCOL, "", *grpo_table(grpo)]
     return out
 
 
@@ -191,6 +246,9 @@ def meta_line(doc: dict) -> str:
         d = data[name]
         parts.append(f"{name}: {d['rows']:,} pairs of {d['min']:,}-{d['max']:,} tokens (longer sequence, "
                      f"mean {d['mean']:,})")
+    for name in sorted((n for n in data if n.startswith("grpo-")), key=lambda n: (len(n), n)):
+        d = data[name]
+        parts.append(f"{name}: {d['rows']:,} prompts of {d['min']:,}-{d['max']:,} tokens (mean {d['mean']:,})")
     if m.get("unavailable"):
         parts.append("skipped: " + "; ".join(f"{k} ({w})" for k, w in m["unavailable"].items()))
     if m.get("tag"):
@@ -220,11 +278,15 @@ def notes(doc: dict) -> list[str]:
             if is_dpo(rec) and line.get("reference") == "ref adapter":
                 out.append(f"- {rec.get('id')} · {peer}: reference scored with TRL's frozen copy of the fresh adapter "
                            "(nbtune: the adapter switched off; the same log-probs, the copy's LoRA matmuls on top)")
-            if is_dpo(rec) and line.get("plan_error"):
+            if (is_dpo(rec) or is_grpo(rec)) and line.get("plan_error"):
                 out.append(f"- {rec.get('id')} · {peer}: no plan: {line['plan_error']}")
-            if is_dpo(rec) and line.get("dpo_config_left_out"):
-                out.append(f"- {rec.get('id')} · {peer}: DPOConfig of TRL {line.get('trl')} lacks "
-                           f"{', '.join(line['dpo_config_left_out'])} (left out)")
+            for kind in ("dpo", "grpo"):
+                if line.get(f"{kind}_config_left_out"):
+                    out.append(f"- {rec.get('id')} · {peer}: {kind.upper()}Config of TRL {line.get('trl')} lacks "
+                               f"{', '.join(line[f'{kind}_config_left_out'])} (left out)")
+            if is_grpo(rec) and line.get("generation_timed") not in (None, "_generate_single_turn"):
+                out.append(f"- {rec.get('id')} · {peer}: generation timed around {line['generation_timed']} (this "
+                           "TRL has no _generate_single_turn): its time includes tokenizing and decoding")
     return out
 
 
@@ -238,15 +300,16 @@ def run_markdown(doc: dict, label: str) -> str:
 
 
 DATA_ORDER = {"text": 0, "gsm8k": 1}
+METHOD_ORDER = {"sft": 0, "dpo": 1, "grpo": 2}
 DTYPE_ORDER = {"bfloat16": 0, "float16": 1, "float32": 2}
 
 
 def row_key(rec: dict):
-    """benchmarks/trainer.py's order: DPO rows last, T4 rows last of the others; text, then gsm8k; bf16 2x2048
-    before fp16 1x2048; packed first."""
-    return (is_dpo(rec), bool(rec.get("t4")), DATA_ORDER.get(rec.get("data"), 9), rec.get("data", ""),
-            DTYPE_ORDER.get(rec.get("dtype"), 9), -int(rec.get("batch") or 0), int(rec.get("seq") or 0),
-            not rec.get("packing"))
+    """benchmarks/trainer.py's order: SFT rows, then DPO rows, then GRPO rows; T4 rows last of the SFT rows; text,
+    then gsm8k; bf16 2x2048 before fp16 1x2048; packed first."""
+    return (METHOD_ORDER.get(rec.get("method") or "sft", 9), bool(rec.get("t4")), DATA_ORDER.get(rec.get("data"), 9),
+            rec.get("data", ""), DTYPE_ORDER.get(rec.get("dtype"), 9), -int(rec.get("batch") or 0),
+            int(rec.get("seq") or 0), not rec.get("packing"))
 
 
 def run_label(path: str) -> str:
@@ -304,10 +367,14 @@ def summary_text(doc: dict) -> str:
         results = rec.get("results", {})
         for peer in ordered_peers(results):
             cells = peer_cells(results, peer)
-            plan = ""
-            if is_dpo(rec) and ((results.get(peer) or {}).get("line") or {}).get("plan_reserved_gib") is not None:
+            plan = gen = ""
+            method_row = is_dpo(rec) or is_grpo(rec)
+            if method_row and ((results.get(peer) or {}).get("line") or {}).get("plan_reserved_gib") is not None:
                 planned, err = plan_cells(results, peer)
                 plan = f"  planned {planned} ({err})"
+            if is_grpo(rec):
+                g = grpo_peer_cells(results, peer)
+                gen = f"  gen tok/s {g[3]:>7} ({g[4]:>4} of the step)  gen nbtune× {g[10]:>6}"
             out.append(f"{rec['id']:<28} {peer:<8} tok/s {cells[1]:>8}  s/step {cells[2]:>7}  fill {cells[3]:>5}  "
-                       f"GiB {cells[4]:>6}{plan}  nbtune× {cells[5]:>6}  {cells[6]}")
+                       f"GiB {cells[4]:>6}{plan}{gen}  nbtune× {cells[5]:>6}  {cells[6]}")
     return "\n".join(out)

@@ -1,5 +1,6 @@
-"""What the trainer-path peers share (peers/trainer_nbtune.py, peers/trainer_trl.py): the run's
-arguments, the step clock, and the one JSON line each process prints.
+"""What the trainer-path peers share (peers/trainer_nbtune.py, peers/trainer_trl.py,
+peers/trainer_trl_dpo.py, peers/trainer_trl_grpo.py): the run's arguments, the step clock, and the
+one JSON line each process prints.
 
 Every peer trains the same way: LoRA r=16, alpha 16, dropout 0 on the seven projections, 4-bit
 NF4 with double quantization and AdamW 8-bit on a GPU (on a CPU: full precision and torch's AdamW,
@@ -23,6 +24,19 @@ pair's prompt + chosen, then each pair's prompt + rejected, padded to the longes
 are the same count of non-padding input tokens, i.e. the attention mask's sum over those 2 x batch
 sequences (the prompt counted once with each reply; the reference forward, which reads the same
 tokens again without gradients, is not counted again), and fill is over 2 x batch x seq.
+
+GRPO runs (``--method grpo``; peers/trainer_nbtune.py, peers/trainer_trl_grpo.py): --batch is
+prompts per optimizer step, each sampled :data:`GRPO_GENERATIONS` (4) times, so a step generates and
+trains on batch x 4 completions (TRL's per-device batch, which counts completions, is batch x 4;
+one generation per step). --seq is the prompt + completion budget: ``max_completion_length`` =
+seq / 2 (:func:`grpo_completion_length`), prompts of at most seq / 2 tokens (trainer_data.py writes
+only such prompts). Temperature 1.0, top-p 1, no top-k, beta 0.0 (no KL term, no reference
+forward: the default of TRL and of nbtune), TRL's default loss ("dapo") with one update
+per generation, the model's own ``generate`` with its KV cache (no vLLM), the reward GSM8K's
+final-number match. A step's tokens are the trainer's own count (TRL's GRPO adds each completion's
+prompt and completion tokens to ``num_input_tokens_seen`` as it generates), fill is over batch x 4 x
+seq. The sampling is timed apart (:func:`summarize_generation`): seconds from an idle device to
+the completions back on the host, and the completion tokens generated, per step.
 """
 from __future__ import annotations
 
@@ -37,7 +51,11 @@ LORA_R = 16
 LR = 2e-4
 SEED = 3407
 DPO_BETA = 0.1
-METHODS = ("sft", "dpo")
+GRPO_GENERATIONS = 4
+GRPO_BETA = 0.0
+GRPO_TEMPERATURE = 1.0
+GRPO_REWARD = "correctness"  # nbtune's built-in; the TRL peers' equivalent: trainer_trl_grpo.gsm8k_correctness
+METHODS = ("sft", "dpo", "grpo")
 
 
 def parse_args(argv=None, peers=(), methods=("sft",)) -> argparse.Namespace:
@@ -45,13 +63,14 @@ def parse_args(argv=None, peers=(), methods=("sft",)) -> argparse.Namespace:
     if peers:
         ap.add_argument("--peer", choices=list(peers), required=True)
     ap.add_argument("--model", required=True, help="checkpoint folder, with its tokenizer")
-    ap.add_argument("--data", required=True, help="JSONL rows: text or messages (sft), prompt/chosen/rejected (dpo)")
+    ap.add_argument("--data", required=True,
+                    help="JSONL rows: text or messages (sft), prompt/chosen/rejected (dpo), prompt/answer (grpo)")
     ap.add_argument("--row", default="", help="the benchmark row this run belongs to (copied to the line)")
     ap.add_argument("--batch", type=int, required=True)
     ap.add_argument("--seq", type=int, required=True)
     ap.add_argument("--dtype", required=True, choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--packing", action="store_true")
-    if "dpo" in methods:
+    if len(methods) > 1:
         ap.add_argument("--method", choices=list(methods), default=methods[0])
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
@@ -61,27 +80,48 @@ def parse_args(argv=None, peers=(), methods=("sft",)) -> argparse.Namespace:
         ap.error(f"--warmup {args.warmup} --steps {args.steps}: need warm-up >= 0 and at least one timed step")
     if not hasattr(args, "method"):
         args.method = methods[0]
-    if args.method == "dpo" and args.packing:
-        ap.error("--packing: DPO pairs are not packed")
+    if args.method in ("dpo", "grpo") and args.packing:
+        ap.error(f"--packing: {args.method.upper()} sequences are not packed")
+    if args.method == "grpo" and args.seq < 4:
+        ap.error(f"--seq {args.seq}: GRPO needs room for a prompt and a completion (seq >= 4)")
     return args
 
 
 def sequences(args) -> int:
-    """Sequences per micro-batch: batch, or 2 x batch for DPO (prompt + chosen and prompt + rejected)."""
-    return 2 * args.batch if args.method == "dpo" else args.batch
+    """Sequences per micro-batch: batch, 2 x batch for DPO (prompt + chosen and prompt + rejected),
+    batch x :data:`GRPO_GENERATIONS` for GRPO (the completions of batch prompts)."""
+    if args.method == "dpo":
+        return 2 * args.batch
+    if args.method == "grpo":
+        return GRPO_GENERATIONS * args.batch
+    return args.batch
+
+
+def grpo_completion_length(seq: int) -> int:
+    """GRPO's ``max_completion_length`` for a --seq budget: half of it (the prompts take the other half)."""
+    return seq // 2
+
+
+def grpo_fields(seq: int) -> dict:
+    """What a GRPO line states of its run's settings (the same for every peer)."""
+    return dict(num_generations=GRPO_GENERATIONS, max_completion_length=grpo_completion_length(seq), beta=GRPO_BETA,
+                temperature=GRPO_TEMPERATURE, use_vllm=False)
 
 
 def data_format(path: str) -> str:
-    """"text", "messages" or "preference" (prompt, chosen, rejected), from the first row's keys."""
+    """"text", "messages", "preference" (prompt, chosen, rejected) or "prompt" (prompt and answer,
+    for GRPO), from the first row's keys."""
     with open(path, encoding="utf-8") as f:
         first = json.loads(next(line for line in f if line.strip()))
     if "chosen" in first and "rejected" in first:
         return "preference"
+    if "prompt" in first:
+        return "prompt"
     if "messages" in first:
         return "messages"
     if "text" in first:
         return "text"
-    raise ValueError(f"{path}: rows need a 'text' or a 'messages' field, the first has {sorted(first)}")
+    raise ValueError(f"{path}: rows need a 'text', 'messages' or 'prompt' field, the first has {sorted(first)}")
 
 
 def on_gpu() -> bool:
@@ -146,6 +186,33 @@ def summarize(clock: StepClock, warmup: int, batch: int, seq: int) -> dict:
         fill=round(statistics.fmean(timed_tokens) / (batch * seq), 4),
         step_s_each=[round(x, 4) for x in step_s], tokens_each=counts,
         first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None)
+
+
+def summarize_generation(seconds: list[float], tokens: list[int], step_s: list[float], warmup: int,
+                         completions: int, timed: str) -> dict:
+    """A GRPO run's sampling, per optimizer step: ``seconds`` spent generating and completion
+    ``tokens`` generated in each step (all of them, warm-up included; ``step_s`` the steps' times from
+    :func:`summarize`), ``completions`` per step, ``timed`` what was timed (the trainer's method).
+    Over the steps after ``warmup``: completion tokens per second of generation (their tokens over
+    their generation time), the median generation seconds per step, generation's share of the steps'
+    time, and the mean completion length. Raises ValueError when a step has no generation or the
+    timed steps generated nothing."""
+    if len(seconds) != len(tokens) or len(seconds) != len(step_s):
+        raise ValueError(f"generation timed in {len(seconds)} step(s), {len(tokens)} token count(s), "
+                         f"{len(step_s)} step(s) logged: one generation per step expected")
+    missing = [k + 1 for k, (s, n) in enumerate(zip(seconds, tokens)) if s is None or n is None]
+    if missing:
+        raise ValueError(f"no generation timed in step(s) {missing}: one generation per step expected")
+    timed_s, timed_tokens = seconds[warmup:], tokens[warmup:]
+    if not timed_s or sum(timed_s) <= 0 or sum(timed_tokens) <= 0:
+        raise ValueError("no completion tokens generated (or no generation time) in the timed steps")
+    return dict(
+        generation_timed=timed, completions_per_step=completions,
+        generation_s_each=[round(x, 4) for x in seconds], generation_tokens_each=[int(x) for x in tokens],
+        generation_s_per_step=round(statistics.median(timed_s), 4),
+        generation_tokens_per_s=round(sum(timed_tokens) / sum(timed_s), 1),
+        generation_share=round(sum(timed_s) / sum(step_s[warmup:]), 4),
+        completion_length_mean=round(sum(timed_tokens) / (len(timed_tokens) * completions), 1))
 
 
 def peak_reserved_gib() -> float | None:

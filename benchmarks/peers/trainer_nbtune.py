@@ -21,14 +21,26 @@ Prints one JSON line (trainer_common.py).
 reference is the model with its adapter switched off and its log-probs are computed each step
 (nbtune.train.preference).
 
+``--method grpo`` (the GRPO rows): ``train.method: grpo`` on the prompt rows (``data.format:
+prompt``), ``train.batch_size`` = --batch x 4 (nbtune's batch counts completions, as TRL's does:
+--batch prompts, 4 completions each), ``model.max_seq_length`` = --seq and a ``grpo`` section with
+``num_generations`` 4, ``max_completion_length`` --seq / 2, ``temperature`` 1.0, ``beta`` 0.0,
+``rewards: [correctness]`` (the built-in GSM8K final-number match) and ``use_vllm: false`` (the
+model's own generate, as for the other peers, whatever is installed). The sampling's time and
+completion tokens per step are the ones nbtune's metrics records carry (``generation_s``,
+``generation_tokens``: nbtune/train/grpo.py times its generation), summarized by
+trainer_common.summarize_generation.
+
 Every row's line carries the planner's prediction for its exact config, taken before training
 (``nbtune.finetune(cfg, plan=True)``, what ``nbtune plan`` shows: this GPU, a T4 on a CPU):
 ``plan_peak_gib`` (torch's reserved peak plus the CUDA context), ``plan_reserved_gib`` (the part to
-compare with the measured ``peak_reserved_gib``), the GPU, checkpointing mode and offloaded layers it
-planned for, ``plan_host_peak_gib`` and ``plan_host_terms`` (host RAM); and the process's resident
-memory as measured (:class:`HostMemory`: the baseline after CUDA's start, the loading and training
-peaks of the memory the process owns, pinned buffers) -- so every row is a point of the planner's GPU
-and host calibration. ``triton_compiles_each``: the Triton kernels
+compare with the measured ``peak_reserved_gib``), ``plan_terms`` (its terms, GiB: for GRPO the
+``generation`` term, the sampling's KV cache and logits beyond training's activations), the GPU,
+checkpointing mode and offloaded layers it planned for, ``plan_host_peak_gib`` and
+``plan_host_terms`` (host RAM); and the process's resident memory as measured (:class:`HostMemory`:
+the baseline after CUDA's start, the loading and training peaks of the memory the process owns,
+pinned buffers) -- so every row is a point of the planner's GPU and host calibration.
+``triton_compiles_each``: the Triton kernels
 compiled in each step.
 
 ``NBTUNE_BENCH_PROFILE=FIRST:LAST`` (steps) also profiles those steps with torch.profiler (host and
@@ -58,6 +70,8 @@ def finetune_config(args, fmt: str) -> dict:
             "packing": bool(args.packing)}
     if method == "dpo":  # only the replies are scored; pairs are not packed
         data = {"source": args.data, "format": "preference", "eval_split": None, "packing": False}
+    if method == "grpo":  # prompts, each completed num_generations times; nothing is packed
+        data = {"source": args.data, "format": "prompt", "eval_split": None, "packing": False}
     cfg = {
         "model": {"name": args.model, "max_seq_length": args.seq, "dtype": args.dtype},
         "data": data,
@@ -69,6 +83,12 @@ def finetune_config(args, fmt: str) -> dict:
     }
     if method == "dpo":
         cfg["train"].update(method="dpo", beta=tc.DPO_BETA)
+    if method == "grpo":  # train.batch_size counts completions
+        cfg["train"].update(method="grpo", batch_size=args.batch * tc.GRPO_GENERATIONS)
+        cfg["grpo"] = {"num_generations": tc.GRPO_GENERATIONS,
+                       "max_completion_length": tc.grpo_completion_length(args.seq),
+                       "temperature": tc.GRPO_TEMPERATURE, "beta": tc.GRPO_BETA, "rewards": [tc.GRPO_REWARD],
+                       "use_vllm": False}
     for section, values in json.loads(os.environ.get("NBTUNE_BENCH_CONFIG") or "{}").items():
         cfg.setdefault(section, {}).update(values)
     return cfg
@@ -182,6 +202,20 @@ class CompileCounter:
             self.steps.append(dict(compiled=len(new), kernels=sorted(set(new))))
 
 
+class GenerationListener:
+    """A metrics listener keeping, per train record (one optimizer step), the seconds nbtune spent
+    generating the step's completions and the completion tokens generated (None: no generation)."""
+
+    def __init__(self):
+        self.seconds: list[float | None] = []
+        self.tokens: list[float | None] = []
+
+    def __call__(self, rec: dict) -> None:
+        if rec.get("event") == "train":
+            self.seconds.append(rec.get("generation_s"))
+            self.tokens.append(rec.get("generation_tokens"))
+
+
 class ClockListener:
     """A metrics listener feeding the step clock from nbtune's own records."""
 
@@ -205,7 +239,8 @@ def plan_fields(cfg: dict) -> dict:
         return dict(plan_error=f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}")
     if p is None:
         return dict(plan_error="no plan (the planner is not available)")
-    return dict(plan_peak_gib=round(p.peak_gib, 3), plan_reserved_gib=round(p.reserved_gib, 3), plan_gpu=p.gpu.name,
+    return dict(plan_peak_gib=round(p.peak_gib, 3), plan_reserved_gib=round(p.reserved_gib, 3),
+                plan_terms={k: round(v, 3) for k, v in p.breakdown.items()}, plan_gpu=p.gpu.name,
                 plan_checkpointing=p.settings.gradient_checkpointing, plan_offload_layers=p.settings.offload_layers,
                 plan_fits=p.fits, plan_host_peak_gib=round(p.host_process_peak_gib, 3),
                 plan_host_terms={k: round(v, 3) for k, v in p.host_breakdown.items()})
@@ -307,13 +342,16 @@ def main(argv=None) -> int:
         base.update(plan_fields(finetune_config(args, fmt)))
         if args.method == "dpo":
             base.update(beta=tc.DPO_BETA, reference="adapter off", precompute_ref_log_probs=False)
+        if args.method == "grpo":
+            base.update(tc.grpo_fields(args.seq), reward=tc.GRPO_REWARD)
         clock = tc.StepClock()
         dash = notebook_dashboard()
         if dash is None:
             base["dashboard"] = "off: plotly is not installed here"
         offload = OffloadCounter()
         compiles = CompileCounter()
-        listeners = [ClockListener(clock), offload, compiles, host]
+        generation = GenerationListener()
+        listeners = [ClockListener(clock), offload, compiles, host, generation]
         if os.environ.get("NBTUNE_BENCH_PROFILE"):
             first, last = (int(x) for x in os.environ["NBTUNE_BENCH_PROFILE"].split(":"))
             out = os.environ.get("OUT") or "."
@@ -326,6 +364,9 @@ def main(argv=None) -> int:
                     gradient_checkpointing=result.gradient_checkpointing, metrics_records=len(result.metrics),
                     offload_each=offload.steps, triton_compiles_each=compiles.steps, **host.fields,
                     total_s=round(time.perf_counter() - t0, 1))
+        if args.method == "grpo":
+            line.update(tc.summarize_generation(generation.seconds, generation.tokens, line["step_s_each"],
+                                                args.warmup, tc.sequences(args), "_generate_single_turn"))
         if dash is not None:
             line.update(dashboard="on", dashboard_renders=dash.renders, dashboard_bytes=dash.shown_bytes)
         return line

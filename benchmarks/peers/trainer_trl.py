@@ -25,11 +25,11 @@ import trainer_common as tc  # noqa: E402
 PEERS = ("unsloth", "trl")
 
 
-def load_unsloth(args, dtype):
+def load_unsloth(args, dtype, **load_kwargs):
     from unsloth import FastLanguageModel
 
     model, tok = FastLanguageModel.from_pretrained(args.model, max_seq_length=args.seq, dtype=dtype,
-                                                   load_in_4bit=tc.on_gpu())
+                                                   load_in_4bit=tc.on_gpu(), **load_kwargs)
     model = FastLanguageModel.get_peft_model(model, r=tc.LORA_R, lora_alpha=tc.LORA_R, lora_dropout=0, bias="none",
                                              target_modules=list(LORA_TARGETS),
                                              use_gradient_checkpointing="unsloth", random_state=tc.SEED)
@@ -86,10 +86,11 @@ def sft_config(args, peer: str, fmt: str):
         **extra)
 
 
-def load_run(args, base: dict, after_unsloth=None):
+def load_run(args, base: dict, after_unsloth=None, unsloth_load: dict | None = None):
     """What both TRL peers start with: Unsloth imported first where it is the peer (it patches
-    transformers and TRL; ``after_unsloth`` runs right after it, e.g. its DPO patch), the T4 cap,
-    the model and tokenizer, and the rows. Returns (trl, model, tokenizer, dataset)."""
+    transformers and TRL; ``after_unsloth`` runs right after it, e.g. its DPO or GRPO patch), the T4
+    cap, the model and tokenizer (``unsloth_load``: more arguments of Unsloth's ``from_pretrained``),
+    and the rows. Returns (trl, model, tokenizer, dataset)."""
     if args.peer == "unsloth":
         import unsloth
 
@@ -103,7 +104,8 @@ def load_run(args, base: dict, after_unsloth=None):
     base["trl"] = trl.__version__
     if tc.on_gpu():
         apply_mem_cap(mem_cap_gib())
-    model, tok = (load_unsloth if args.peer == "unsloth" else load_peft)(args, getattr(torch, args.dtype))
+    dtype = getattr(torch, args.dtype)
+    model, tok = load_unsloth(args, dtype, **(unsloth_load or {})) if args.peer == "unsloth" else load_peft(args, dtype)
     return trl, model, tok, load_dataset("json", data_files=args.data, split="train")
 
 

@@ -28,20 +28,26 @@ model reused by later runs carries nothing of it.
 
 What it logs (the metrics stream keeps it, nbtune/train/metrics.py): the mean reward, per reward
 function and summed, its spread within the groups, the completions' mean length and the share cut
-at max_completion_length, the policy's entropy and, with beta > 0, the KL to the reference.
+at max_completion_length, the policy's entropy and, with beta > 0, the KL to the reference; and the
+generation's own cost: the seconds spent sampling the step's completions and the completion tokens
+they hold (``generation/seconds``, ``generation/tokens``: a record's ``generation_s``,
+``generation_tokens`` and ``generation_tokens_per_s``). The clock starts once the device has
+finished the work queued before it and stops when the completions are back on the host, so it
+holds the sampling alone, not the scoring or the update.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import importlib.util
+import time
 from pathlib import Path
 
 import torch
 
 from .config import Config, ConfigError
 
-__all__ = ["build_grpo_trainer", "checkpointing_kept", "grpo_args", "vllm_choice"]
+__all__ = ["build_grpo_trainer", "checkpointing_kept", "completion_tokens", "grpo_args", "vllm_choice"]
 
 
 def vllm_choice(setting, device: torch.device) -> bool:
@@ -107,6 +113,18 @@ def checkpointing_kept(model):
             model.config.use_cache = use_cache
 
 
+# ----------------------------------------------------------------------------- generation's cost
+def completion_tokens(completion_ids) -> int:
+    """The tokens of a batch of generated completions: TRL's list of token-id lists, one per completion
+    (its end-of-sequence token counted, what follows it not)."""
+    return sum(len(ids) for ids in completion_ids)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 # ----------------------------------------------------------------------------- trainer
 def _grpo_class():
     from trl import GRPOTrainer
@@ -154,8 +172,15 @@ def _grpo_class():
                 return super()._get_per_token_logps_and_entropies(*args, **kwargs)
 
         def _generate_single_turn(self, *args, **kwargs):
+            mode = "train" if self.model.training else "eval"
+            _synchronize(self.accelerator.device)  # the clock holds the sampling, not the work queued before it
+            started = time.perf_counter()
             with checkpointing_kept(self.accelerator.unwrap_model(self.model)):
-                return super()._generate_single_turn(*args, **kwargs)
+                out = super()._generate_single_turn(*args, **kwargs)
+            # the completions are Python lists of ids: the device has finished sampling them
+            self._metrics[mode]["generation/seconds"].append(time.perf_counter() - started)
+            self._metrics[mode]["generation/tokens"].append(float(completion_tokens(out[0])))
+            return out
 
         def _generate_and_score_completions(self, *args, **kwargs):
             with checkpointing_switch_off("grpo_trainer"):

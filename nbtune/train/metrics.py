@@ -9,8 +9,9 @@ the chosen and rejected replies' rewards, the margin, the share of pairs ranked 
 log-probabilities; ORPO's chosen-reply loss and log odds ratio) and, in a GRPO run, what its
 trainer logs (:data:`GRPO_KEYS`: the mean reward, summed and per reward function as
 ``rewards/<name>``, its spread, the completions' mean length and share cut at
-max_completion_length, the policy's entropy, the KL to the reference), ``eval_``-prefixed on
-evaluation records. Events:
+max_completion_length, the policy's entropy, the KL to the reference, and the sampling's cost:
+``generation_s`` seconds and ``generation_tokens`` completion tokens per generation, their ratio
+``generation_tokens_per_s``), ``eval_``-prefixed on evaluation records. Events:
 ``start`` (with the GPU's capacity ``vram_total_gib``, the number of processes ``world_size``,
 the ``global_batch`` in rows per optimizer step, the ``gradient_checkpointing`` mode the run uses
 with its ``checkpointing_reason``, the ``versions`` of nbtune, Python and the stack (torch,
@@ -72,7 +73,7 @@ PREFERENCE_KEYS = {
 GRPO_KEYS = {
     "reward": "reward", "reward_std": "reward_std", "frac_reward_zero_std": "reward_zero_std_share",
     "completions/mean_length": "completion_length", "completions/clipped_ratio": "completion_clipped_share",
-    "entropy": "entropy", "kl": "kl",
+    "entropy": "entropy", "kl": "kl", "generation/seconds": "generation_s", "generation/tokens": "generation_tokens",
 }
 
 
@@ -86,6 +87,9 @@ def _grpo_fields(logs: dict) -> dict:
             name = key[len(prefix):] if key.startswith(prefix) else None
             if name and name.startswith("rewards/") and name.endswith("/mean") and value is not None:
                 out[prefix + name[: -len("/mean")]] = float(value)
+        seconds, tokens = out.get(prefix + "generation_s"), out.get(prefix + "generation_tokens")
+        if seconds and tokens is not None:  # means over the record's generations: their tokens over their time
+            out[prefix + "generation_tokens_per_s"] = round(tokens / seconds, 1)
     return out
 
 

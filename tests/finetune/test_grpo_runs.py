@@ -139,6 +139,9 @@ def test_grpo_logs_rewards_completion_length_and_kl(grpo_run):
     assert rec["reward"] == pytest.approx(rec["rewards/even_tokens"])  # one reward function: the sum is it
     assert rec["completion_length"] == 8.0 and rec["kl"] == 0.0  # the first step's policy is the reference
     assert rec["tokens"] > 8 * 8  # the prompts and the completions, counted by the trainer
+    # the sampling's own cost: one generation of the step's 8 completions of 8 tokens
+    assert rec["generation_tokens"] == 8 * 8 and rec["generation_s"] > 0
+    assert rec["generation_tokens_per_s"] == round(64 / rec["generation_s"], 1)
     start = next(r for r in result.metrics if r["event"] == "start")
     assert start["method"] == "grpo"
     assert dash.grpo and dash.reward_names == ["even_tokens"]
