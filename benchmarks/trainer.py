@@ -15,12 +15,15 @@ random-weight checkpoint built once (llama3-8b dimensions with SmolLM2's tokeniz
 trainer_data.py) and two data sets written once (``text``: plain-text rows of 1,024-2,048 tokens;
 ``gsm8k``: GSM8K conversations).
 
-Rows: ``<text|gsm8k>-<batch>x<seq>-<bf16|fp16|fp32>-<packed|unpacked>`` and
-``t4-<text|gsm8k>-<batch>x<seq>-<packed|unpacked>``: the T4 emulation (fp16, the allocator capped
-at 14.3 GiB, SDPA's memory-efficient backend only). Aliases: ``main`` (both data sets, 2x2048 bf16
-and 1x2048 fp16, packed and unpacked), ``t4`` (both data sets, 1x4096 packed), ``quick`` (text
-2x2048 bf16 packed, gsm8k 2x2048 bf16 unpacked: the two ends of fill), ``all``. fp32 rows are for
-the CPU (the tests, with ``--model`` a tiny checkpoint).
+Rows: ``<text|gsm8k>-<batch>x<seq>-<bf16|fp16|fp32>-<packed|split|unpacked>`` and
+``t4-<text|gsm8k>-<batch>x<seq>-<packed|split|unpacked>``: the T4 emulation (fp16, the allocator capped
+at 14.3 GiB, SDPA's memory-efficient backend only). ``packed``: whole documents (nbtune's
+``packing: true``, TRL's ``bfd``); ``split``: documents cut to fill every row (nbtune's ``packing:
+split``, which keeps each piece's attention to itself; TRL's ``wrapped``, whose rows attend across
+the documents in them). Aliases: ``main`` (both data sets, 2x2048 bf16 and 1x2048 fp16, packed and
+unpacked), ``t4`` (both data sets, 1x4096 packed), ``quick`` (text 2x2048 bf16 packed, gsm8k 2x2048
+bf16 unpacked: the two ends of fill), ``split`` (text 2x2048 bf16 and 1x2048 fp16, split), ``all``.
+fp32 rows are for the CPU (the tests, with ``--model`` a tiny checkpoint).
 
 DPO rows: ``dpo-gsm8k-<batch>x<seq>-<bf16|fp16|fp32>``, seq the longest prompt + reply sequence
 (``max_length``): nbtune.finetune with ``train.method: dpo`` vs Unsloth's ``PatchDPOTrainer()`` +
@@ -132,9 +135,11 @@ MAIN_ROWS = [f"{d}-{shape}-{p}" for d in DATASETS for shape in ("2x2048-bf16", "
 T4_ROWS = [f"t4-{d}-1x4096-packed" for d in DATASETS]
 DPO_ROWS = ["dpo-gsm8k-1x1024-bf16", "dpo-gsm8k-2x1024-bf16", "dpo-gsm8k-1x2048-bf16", "dpo-gsm8k-1x1024-fp16"]
 GRPO_ROWS = ["grpo-gsm8k-1x512-bf16", "grpo-gsm8k-2x512-bf16", "grpo-gsm8k-1x512-fp16"]
+SPLIT_ROWS = ["text-2x2048-bf16-split", "text-1x2048-fp16-split"]
 ALIASES = {"main": MAIN_ROWS, "t4": T4_ROWS, "all": MAIN_ROWS + T4_ROWS,
-           "quick": ["text-2x2048-bf16-packed", "gsm8k-2x2048-bf16-unpacked"], "dpo": DPO_ROWS, "grpo": GRPO_ROWS}
-KNOWN_ROWS = MAIN_ROWS + T4_ROWS + DPO_ROWS + GRPO_ROWS  # what globs match
+           "quick": ["text-2x2048-bf16-packed", "gsm8k-2x2048-bf16-unpacked"], "dpo": DPO_ROWS, "grpo": GRPO_ROWS,
+           "split": SPLIT_ROWS}
+KNOWN_ROWS = MAIN_ROWS + T4_ROWS + DPO_ROWS + GRPO_ROWS + SPLIT_ROWS  # what globs match
 
 
 @dataclasses.dataclass
@@ -147,11 +152,13 @@ class Row:
     packing: bool
     t4: bool = False
     method: str = "sft"
+    split: bool = False  # packing "split": documents cut to fill every row (TRL: "wrapped")
 
     def label(self) -> str:
         if self.method in METHOD_CMD:
             return f"{self.method.upper()} {self.data} {self.batch}×{self.seq} {SHORT[self.dtype]}"
-        text = f"{self.data} {self.batch}×{self.seq} {SHORT[self.dtype]} {'packed' if self.packing else 'unpacked'}"
+        packing = ("packed, split" if self.split else "packed") if self.packing else "unpacked"
+        text = f"{self.data} {self.batch}×{self.seq} {SHORT[self.dtype]} {packing}"
         return f"T4 emulation: {text}" if self.t4 else text
 
     @property
@@ -175,7 +182,7 @@ class Row:
 
 
 _ROW_RE = re.compile(r"^(?P<t4>t4-)?(?P<data>[a-z0-9]+)-(?P<batch>\d+)x(?P<seq>\d+)(?:-(?P<dtype>bf16|fp16|fp32))?"
-                     r"-(?P<packing>packed|unpacked)$")
+                     r"-(?P<packing>packed|split|unpacked)$")
 
 
 _METHOD_RE = re.compile(r"^(?P<method>dpo|grpo)-(?P<data>[a-z0-9]+)-(?P<batch>\d+)x(?P<seq>\d+)"
@@ -224,14 +231,14 @@ def parse_row(row_id: str) -> Row:
     if batch < 1 or seq < 2:
         raise ValueError(f"row {row_id!r}: batch >= 1 and seq >= 2")
     dtype = "float16" if t4 else DTYPES[m["dtype"]]
-    packing = m["packing"] == "packed"
+    packing = m["packing"] in ("packed", "split")
     canonical = (f"t4-{m['data']}-{batch}x{seq}-{m['packing']}" if t4
                  else f"{m['data']}-{batch}x{seq}-{SHORT[dtype]}-{m['packing']}")
-    return Row(canonical, m["data"], batch, seq, dtype, packing, t4)
+    return Row(canonical, m["data"], batch, seq, dtype, packing, t4, split=m["packing"] == "split")
 
 
 def select_rows(text: str) -> list[Row]:
-    """Comma-separated row ids, aliases (main, t4, quick, all, dpo, grpo) and globs over the known rows."""
+    """Comma-separated row ids, aliases (main, t4, quick, all, dpo, grpo, split) and globs over the known rows."""
     return models.select_rows(text, ALIASES, parse_row, known=KNOWN_ROWS)
 
 
@@ -254,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="quick",
-                    help="row ids, aliases (main, t4, quick, all, dpo, grpo) or globs, comma-separated")
+                    help="row ids, aliases (main, t4, quick, all, dpo, grpo, split) or globs, comma-separated")
     ap.add_argument("--peers", default="nbtune,unsloth,trl", help="which peers, in run order (nbtune, unsloth, trl)")
     ap.add_argument("--steps", type=parse_steps, default=(2, 5), metavar="W:S",
                     help="warm-up steps (left out) and timed steps per job (default 2:5)")
@@ -461,7 +468,7 @@ class Runner:
                "--row", row.id, "--batch", str(row.batch), "--seq", str(row.seq), "--dtype", row.dtype,
                "--warmup", str(warmup), "--steps", str(steps), "--out", out_dir]
         if row.packing:
-            cmd.append("--packing")
+            cmd += ["--packing"] + (["--packing-strategy", "split"] if row.split else [])
         env = {"MEM_CAP_GIB": str(self.args.t4_cap_gib), "NBTUNE_BENCH_SDPA": self.args.t4_sdpa} if row.t4 else {}
         cwd = REPO
         if peer == "unsloth":  # unsloth writes unsloth_compiled_cache/ into its working directory

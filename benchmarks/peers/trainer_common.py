@@ -70,6 +70,9 @@ def parse_args(argv=None, peers=(), methods=("sft",)) -> argparse.Namespace:
     ap.add_argument("--seq", type=int, required=True)
     ap.add_argument("--dtype", required=True, choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--packing", action="store_true")
+    ap.add_argument("--packing-strategy", choices=["whole", "split"], default="whole",
+                    help="with --packing: whole documents (nbtune's packing: true, TRL's bfd) or documents cut to "
+                         "fill every row (nbtune's packing: split, TRL's wrapped)")
     if len(methods) > 1:
         ap.add_argument("--method", choices=list(methods), default=methods[0])
     ap.add_argument("--warmup", type=int, default=2)
@@ -80,6 +83,8 @@ def parse_args(argv=None, peers=(), methods=("sft",)) -> argparse.Namespace:
         ap.error(f"--warmup {args.warmup} --steps {args.steps}: need warm-up >= 0 and at least one timed step")
     if not hasattr(args, "method"):
         args.method = methods[0]
+    if args.packing_strategy != "whole" and not args.packing:
+        ap.error("--packing-strategy: only with --packing")
     if args.method in ("dpo", "grpo") and args.packing:
         ap.error(f"--packing: {args.method.upper()} sequences are not packed")
     if args.method == "grpo" and args.seq < 4:

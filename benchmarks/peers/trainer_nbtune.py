@@ -67,7 +67,7 @@ import trainer_common as tc  # noqa: E402
 def finetune_config(args, fmt: str) -> dict:
     method = getattr(args, "method", "sft")  # other scripts pass their own Namespace (sft)
     data = {"source": args.data, "format": fmt, "eval_split": None, "responses_only": False,
-            "packing": bool(args.packing)}
+            "packing": ("split" if args.packing_strategy == "split" else True) if args.packing else False}
     if method == "dpo":  # only the replies are scored; pairs are not packed
         data = {"source": args.data, "format": "preference", "eval_split": None, "packing": False}
     if method == "grpo":  # prompts, each completed num_generations times; nothing is packed
@@ -327,6 +327,7 @@ def main(argv=None) -> int:
 
     base = dict(peer=f"nbtune-{nbtune.__version__}", row=args.row, method=args.method, batch=args.batch, seq=args.seq,
                 dtype=args.dtype, packing=bool(args.packing), data=os.path.basename(args.data), format=fmt,
+                packing_strategy=args.packing_strategy if args.packing else None,
                 **tc.environment_fields())
     t0 = time.perf_counter()
 

@@ -76,6 +76,8 @@ def sft_config(args, peer: str, fmt: str):
     extra = {"dataset_text_field": "text"} if fmt == "text" else {}
     if peer == "trl":
         extra.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.packing and args.packing_strategy == "split":  # TRL's rows cut to length: "wrapped"
+        extra["packing_strategy"] = "wrapped"
     return SFTConfig(
         output_dir=args.out, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
         max_steps=args.warmup + args.steps, learning_rate=tc.LR, lr_scheduler_type="linear", warmup_steps=0,
@@ -114,7 +116,9 @@ def main(argv=None) -> int:
     apply_sdpa_backend_from_env()  # before unsloth / transformers are imported
     fmt = tc.data_format(args.data)
     base = dict(peer=args.peer, row=args.row, batch=args.batch, seq=args.seq, dtype=args.dtype,
-                packing=bool(args.packing), data=os.path.basename(args.data), format=fmt, **tc.environment_fields())
+                packing=bool(args.packing), data=os.path.basename(args.data), format=fmt,
+                packing_strategy=(("wrapped" if args.packing_strategy == "split" else "bfd") if args.packing else None),
+                **tc.environment_fields())
     t0 = time.perf_counter()
 
     def train() -> dict:

@@ -37,6 +37,26 @@ def test_main_rows_cover_both_data_sets_both_shapes_packing_on_and_off():
     assert trainer.parse_row("t4-text-1x8192-packed").label() == "T4 emulation: text 1×8192 fp16 packed"
 
 
+def test_split_rows_cut_documents_to_fill_rows_in_every_peer(tmp_path):
+    rows = trainer.select_rows("split")
+    assert [(r.id, r.packing, r.split) for r in rows] == [("text-2x2048-bf16-split", True, True),
+                                                           ("text-1x2048-fp16-split", True, True)]
+    assert rows[1].label() == "text 1×2048 fp16 packed, split" and not rows[1].same_batches
+    assert not trainer.parse_row("text-1x2048-fp16-packed").split
+    argv = ["--model", "m", "--data", "d.jsonl", "--batch", "1", "--seq", "2048", "--dtype", "float16",
+            "--out", str(tmp_path), "--packing"]
+    import trainer_nbtune
+    import trainer_trl
+
+    whole, split = trainer_common.parse_args(argv), trainer_common.parse_args(argv + ["--packing-strategy", "split"])
+    assert trainer_nbtune.finetune_config(whole, "text")["data"]["packing"] is True
+    assert trainer_nbtune.finetune_config(split, "text")["data"]["packing"] == "split"
+    assert trainer_trl.sft_config(whole, "trl", "text").packing_strategy == "bfd"
+    assert trainer_trl.sft_config(split, "trl", "text").packing_strategy == "wrapped"
+    with pytest.raises(SystemExit):  # a strategy without packing
+        trainer_common.parse_args(argv[:-1] + ["--packing-strategy", "split"])
+
+
 def test_row_selection_globs_dedup_and_bad_rows():
     rows = trainer.select_rows("gsm8k-*-unpacked, text-1x128-fp32-packed, gsm8k-2x2048-bf16-unpacked")
     assert [r.id for r in rows] == ["gsm8k-2x2048-bf16-unpacked", "gsm8k-1x2048-fp16-unpacked",
@@ -260,7 +280,7 @@ def test_results_md_without_trainer_results_is_models_own(tmp_path):
 def test_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     out, work = tmp_path / "results", tmp_path / "work"
     md = tmp_path / "RESULTS.md"
-    argv = ["--rows", "text-1x128-fp32-unpacked,gsm8k-2x256-fp32-packed", "--peers", "nbtune,unsloth,trl",
+    argv = ["--rows", "text-1x128-fp32-unpacked,gsm8k-2x256-fp32-packed,text-1x128-fp32-split", "--peers", "nbtune,unsloth,trl",
             "--steps", "1:2", "--model", str(tiny_model_dir), "--text-rows", "3", "--text-tokens", "60:120",
             "--chat-rows", "40", "--out-dir", str(out), "--work", str(work), "--markdown", str(md),
             "--python", sys.executable, "--row-timeout", "600"]
@@ -271,7 +291,7 @@ def test_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert meta["steps"] == [1, 2] and meta["model"]["path"] == str(tiny_model_dir)
     assert meta["data"]["text"]["rows"] == 3 and meta["data"]["gsm8k"]["rows"] == 40
     rows = {r["id"]: r for r in result["rows"]}
-    assert list(rows) == ["text-1x128-fp32-unpacked", "gsm8k-2x256-fp32-packed"]
+    assert list(rows) == ["text-1x128-fp32-unpacked", "gsm8k-2x256-fp32-packed", "text-1x128-fp32-split"]
     if importlib.util.find_spec("unsloth") is None:  # absent here: reported as skipped, with the reason
         for r in rows.values():
             assert r["results"]["unsloth"]["status"] == "skipped"
@@ -300,13 +320,18 @@ def test_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert nb["dashboard"] == "on" and nb["dashboard_renders"] >= 1 and nb["format"] == "text"
     packed = rows["gsm8k-2x256-fp32-packed"]["results"]["nbtune"]["line"]
     assert packed["format"] == "messages" and packed["fill"] > 0.6  # packing fills the rows (unpacked: ~0.4)
+    # split: the 3 text rows end to end in rows of 128 tokens, each token once over the epoch's 3 steps
+    split = rows["text-1x128-fp32-split"]["results"]
+    assert split["nbtune"]["line"]["packing_strategy"] == "split" and split["trl"]["line"]["packing_strategy"] == "wrapped"
+    assert sorted(split["nbtune"]["line"]["tokens_each"])[1:] == [128, 128]
+    assert sum(split["nbtune"]["line"]["tokens_each"]) == meta["data"]["text"]["tokens"]
     # this run's table, and RESULTS.md led by it
     table = (out / path.replace(".json", ".md")).read_text()
     assert "| text 1×128 fp32 unpacked | nbtune.finetune |" in table
     assert "| gsm8k 2×256 fp32 packed | TRL SFTTrainer + peft + bnb |" in table
     assert md.read_text().split("\n## ")[1].startswith("Trainer path")
     log = (out / path.replace(".json", ".log")).read_text()
-    assert log.count("===== ") == 4 and "--- stderr" in log
+    assert log.count("===== ") == 6 and "--- stderr" in log  # 3 rows x the 2 peers that ran
 
 
 # ------------------------------------------------------------------------------------------------
