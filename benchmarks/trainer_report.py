@@ -162,18 +162,23 @@ def ordered_peers(results: dict) -> list[str]:
 HEADER = ["row", "peer", "real tokens/s", "s/step", "fill", "peak reserved GiB", "nbtune speed ×", "status"]
 
 
-def table(rows: list[tuple[str | None, dict]]) -> list[str]:
-    """One line per (row, peer); ``rows``: (run label or None, row record)."""
+def peer_table(rows: list[tuple[str | None, dict]], header: list[str], cells_of) -> list[str]:
+    """One line per (row, peer) under ``header``: the row's label, its run where any row has one, then
+    ``cells_of(results, peer)``; ``rows``: (run label or None, row record)."""
     with_run = any(run for run, _ in rows)
-    head = HEADER[:1] + (["run"] if with_run else []) + HEADER[1:]
+    head = header[:1] + (["run"] if with_run else []) + header[1:]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run, rec in rows:
         results = rec.get("results", {})
         for peer in ordered_peers(results):
             cells = [rec.get("label", rec.get("id", "?"))] + ([run or ""] if with_run else [])
-            cells += peer_cells(results, peer)
-            out.append("| " + " | ".join(cells) + " |")
+            out.append("| " + " | ".join(cells + cells_of(results, peer)) + " |")
     return out
+
+
+def table(rows: list[tuple[str | None, dict]]) -> list[str]:
+    """The SFT rows: one line per (row, peer)."""
+    return peer_table(rows, HEADER, peer_cells)
 
 
 DPO_HEADER = ["row", "peer", "real tokens/s", "s/step", "fill", "peak reserved GiB", "planned GiB",
@@ -182,15 +187,7 @@ DPO_HEADER = ["row", "peer", "real tokens/s", "s/step", "fill", "peak reserved G
 
 def dpo_table(rows: list[tuple[str | None, dict]]) -> list[str]:
     """The DPO rows: one line per (row, peer), with nbtune's planned peak beside the measured one."""
-    with_run = any(run for run, _ in rows)
-    head = DPO_HEADER[:1] + (["run"] if with_run else []) + DPO_HEADER[1:]
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for run, rec in rows:
-        results = rec.get("results", {})
-        for peer in ordered_peers(results):
-            cells = [rec.get("label", rec.get("id", "?"))] + ([run or ""] if with_run else [])
-            out.append("| " + " | ".join(cells + dpo_peer_cells(results, peer)) + " |")
-    return out
+    return peer_table(rows, DPO_HEADER, dpo_peer_cells)
 
 
 GRPO_HEADER = ["row", "peer", "tokens/s", "s/step", "generation tok/s", "gen share", "completion",
@@ -200,15 +197,7 @@ GRPO_HEADER = ["row", "peer", "tokens/s", "s/step", "generation tok/s", "gen sha
 
 def grpo_table(rows: list[tuple[str | None, dict]]) -> list[str]:
     """The GRPO rows: one line per (row, peer), the sampling's throughput beside the step's and the memory."""
-    with_run = any(run for run, _ in rows)
-    head = GRPO_HEADER[:1] + (["run"] if with_run else []) + GRPO_HEADER[1:]
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for run, rec in rows:
-        results = rec.get("results", {})
-        for peer in ordered_peers(results):
-            cells = [rec.get("label", rec.get("id", "?"))] + ([run or ""] if with_run else [])
-            out.append("| " + " | ".join(cells + grpo_peer_cells(results, peer)) + " |")
-    return out
+    return peer_table(rows, GRPO_HEADER, grpo_peer_cells)
 
 
 def tables(rows: list[tuple[str | None, dict]], heading: str = "###") -> list[str]:

@@ -69,23 +69,41 @@ def clock_callback(clock: tc.StepClock):
     return Clock()
 
 
+def shared_settings(args, peer: str, batch: int | None = None) -> dict:
+    """The TrainingArguments every TRL peer sets alike (SFT, DPO and GRPO): one micro-batch of ``batch``
+    (default --batch) sequences per step, trainer_common's lr, schedule and seed, 8-bit AdamW on a GPU,
+    the row's dtype, nothing saved or reported; the plain peer's non-reentrant gradient checkpointing."""
+    gpu = tc.on_gpu()
+    settings = dict(
+        output_dir=args.out, per_device_train_batch_size=args.batch if batch is None else batch,
+        gradient_accumulation_steps=1, max_steps=args.warmup + args.steps, learning_rate=tc.LR,
+        lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
+        optim="adamw_8bit" if gpu else "adamw_torch", bf16=gpu and args.dtype == "bfloat16",
+        fp16=gpu and args.dtype == "float16", use_cpu=not gpu, report_to="none", save_strategy="no",
+        seed=tc.SEED, data_seed=tc.SEED)
+    if peer == "trl":
+        settings.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    return settings
+
+
+def known_config(config_class, settings: dict):
+    """``config_class(**settings)`` without the settings this TRL's class does not know: (config, left out),
+    so one set of settings serves the TRL releases the peers run."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(config_class) if f.init}
+    left_out = sorted(k for k in settings if k not in known)
+    return config_class(**{k: v for k, v in settings.items() if k in known}), left_out
+
+
 def sft_config(args, peer: str, fmt: str):
     from trl import SFTConfig
 
-    gpu = tc.on_gpu()
     extra = {"dataset_text_field": "text"} if fmt == "text" else {}
-    if peer == "trl":
-        extra.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.packing and args.packing_strategy == "split":  # TRL's rows cut to length: "wrapped"
         extra["packing_strategy"] = "wrapped"
-    return SFTConfig(
-        output_dir=args.out, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
-        max_steps=args.warmup + args.steps, learning_rate=tc.LR, lr_scheduler_type="linear", warmup_steps=0,
-        weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, optim="adamw_8bit" if gpu else "adamw_torch",
-        bf16=gpu and args.dtype == "bfloat16", fp16=gpu and args.dtype == "float16", use_cpu=not gpu,
-        packing=bool(args.packing), max_length=args.seq, report_to="none", save_strategy="no",
-        include_num_input_tokens_seen="non_padding", seed=tc.SEED, data_seed=tc.SEED,
-        **extra)
+    return SFTConfig(**shared_settings(args, peer), packing=bool(args.packing), max_length=args.seq,
+                     include_num_input_tokens_seen="non_padding", **extra)
 
 
 def load_run(args, base: dict, after_unsloth=None, unsloth_load: dict | None = None):

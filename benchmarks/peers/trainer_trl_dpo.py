@@ -21,7 +21,6 @@ run used. Prints one JSON line.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
@@ -30,31 +29,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import apply_sdpa_backend_from_env  # noqa: E402
 
 import trainer_common as tc  # noqa: E402
-from trainer_trl import PEERS, clock_callback, load_run  # noqa: E402
+from trainer_trl import PEERS, clock_callback, known_config, load_run, shared_settings  # noqa: E402
 
 
 def dpo_settings(args, peer: str) -> dict:
     """DPOConfig's arguments for this run (before :func:`dpo_config` keeps the ones this TRL has)."""
-    gpu = tc.on_gpu()
-    settings = dict(
-        output_dir=args.out, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
-        max_steps=args.warmup + args.steps, learning_rate=tc.LR, lr_scheduler_type="linear", warmup_steps=0,
-        weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, optim="adamw_8bit" if gpu else "adamw_torch",
-        bf16=gpu and args.dtype == "bfloat16", fp16=gpu and args.dtype == "float16", use_cpu=not gpu,
-        report_to="none", save_strategy="no", include_num_input_tokens_seen="non_padding", seed=tc.SEED,
-        data_seed=tc.SEED, beta=tc.DPO_BETA, max_length=args.seq, precompute_ref_log_probs=False)
-    if peer == "trl":
-        settings.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
-    return settings
+    return dict(shared_settings(args, peer), include_num_input_tokens_seen="non_padding", beta=tc.DPO_BETA,
+                max_length=args.seq, precompute_ref_log_probs=False)
 
 
 def dpo_config(settings: dict):
     """TRL's DPOConfig from ``settings``, leaving out what this TRL does not know; (config, left out)."""
     from trl import DPOConfig
 
-    known = {f.name for f in dataclasses.fields(DPOConfig) if f.init}
-    left_out = sorted(k for k in settings if k not in known)
-    return DPOConfig(**{k: v for k, v in settings.items() if k in known}), left_out
+    return known_config(DPOConfig, settings)
 
 
 def patch_unsloth_dpo() -> None:

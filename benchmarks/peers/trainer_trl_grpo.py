@@ -27,7 +27,6 @@ what it does unchanged. Prints one JSON line.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import sys
@@ -38,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import apply_sdpa_backend_from_env  # noqa: E402
 
 import trainer_common as tc  # noqa: E402
-from trainer_trl import PEERS, clock_callback, load_run  # noqa: E402
+from trainer_trl import PEERS, clock_callback, known_config, load_run, shared_settings  # noqa: E402
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -73,30 +72,20 @@ def gsm8k_correctness(prompts, completions, answer=None, **kwargs) -> list[float
 
 def grpo_settings(args, peer: str) -> dict:
     """GRPOConfig's arguments for this run (before :func:`grpo_config` keeps the ones this TRL has)."""
-    gpu = tc.on_gpu()
-    settings = dict(
-        output_dir=args.out, per_device_train_batch_size=tc.sequences(args), gradient_accumulation_steps=1,
-        max_steps=args.warmup + args.steps, learning_rate=tc.LR, lr_scheduler_type="linear", warmup_steps=0,
-        weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, optim="adamw_8bit" if gpu else "adamw_torch",
-        bf16=gpu and args.dtype == "bfloat16", fp16=gpu and args.dtype == "float16", use_cpu=not gpu,
-        report_to="none", save_strategy="no", seed=tc.SEED, data_seed=tc.SEED,
+    return dict(
+        shared_settings(args, peer, batch=tc.sequences(args)),
         include_num_input_tokens_seen="no",  # GRPO counts the prompt and completion tokens it generates itself
         num_generations=tc.GRPO_GENERATIONS, max_completion_length=tc.grpo_completion_length(args.seq),
         temperature=tc.GRPO_TEMPERATURE, top_p=1.0, top_k=0, beta=tc.GRPO_BETA, loss_type="dapo",
         scale_rewards="group", num_iterations=1, steps_per_generation=1, use_vllm=False, log_completions=False,
         shuffle_dataset=True, disable_dropout=False)
-    if peer == "trl":
-        settings.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
-    return settings
 
 
 def grpo_config(settings: dict):
     """TRL's GRPOConfig from ``settings``, leaving out what this TRL does not know; (config, left out)."""
     from trl import GRPOConfig
 
-    known = {f.name for f in dataclasses.fields(GRPOConfig) if f.init}
-    left_out = sorted(k for k in settings if k not in known)
-    return GRPOConfig(**{k: v for k, v in settings.items() if k in known}), left_out
+    return known_config(GRPOConfig, settings)
 
 
 def patch_unsloth_grpo() -> None:
