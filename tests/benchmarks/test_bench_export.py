@@ -34,10 +34,15 @@ def test_the_cap_kills_a_process_over_it_and_passes_one_under_it():
 
 
 def test_the_cap_removes_its_cgroup():
-    before = {p.name for p in host_cap.CGROUP_ROOT.glob("**/nbtune-cap-*")} if host_cap.CGROUP_ROOT.exists() else set()
+    # this process's groups only (their names carry its pid): other test workers make their own meanwhile
+    mine = f"**/nbtune-cap-{os.getpid()}-*"
+
+    def groups():
+        return {p.name for p in host_cap.CGROUP_ROOT.glob(mine)} if host_cap.CGROUP_ROOT.exists() else set()
+
+    before = groups()
     host_cap.run_capped(_allocate(10), cap_gb=0.4)
-    after = {p.name for p in host_cap.CGROUP_ROOT.glob("**/nbtune-cap-*")} if host_cap.CGROUP_ROOT.exists() else set()
-    assert after <= before
+    assert groups() <= before
 
 
 @pytest.fixture(scope="module")
