@@ -39,8 +39,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "peers"))
 from bench_common import (  # noqa: E402
-    LORA_TARGETS, SHAPES, apply_mem_cap, apply_sdpa_backend_from_env, build_checkpoint, ensure_tokenizer,
-    mem_cap_gib, sdpa_backend_from_env,
+    LORA_TARGETS, SHAPES, HostMemory, apply_mem_cap, apply_sdpa_backend_from_env, build_checkpoint,
+    ensure_tokenizer, mem_cap_gib, sdpa_backend_from_env,
 )
 
 apply_sdpa_backend_from_env()  # before transformers / nbtune are imported
@@ -153,8 +153,26 @@ def checkpointing_for(load_path: str, batch: int, seqlen: int, dtype) -> tuple[s
                      "dtype": str(dtype).split(".")[-1]},
            "lora": {"r": 16, "alpha": 16, "targets": list(LORA_TARGETS)},
            "train": {"batch_size": batch, "grad_accum": 1, "gradient_checkpointing": "auto"}}
-    choice = choose_checkpointing(cfg, gpu="auto")  # this GPU with this host's RAM (a cgroup's limit included)
+    # this GPU with this host's RAM (a cgroup's limit included); this loop holds no dataset
+    choice = choose_checkpointing(cfg, gpu="auto", data_rows=0)
     return choice.mode, choice.offload_layers, choice.reason
+
+
+def plan_fields(load_path: str, batch: int, seqlen: int, dtype, mode: str, offload_layers: int | None) -> dict:
+    """What the planner predicts for this loop on this machine (GPU reserved peak and host RAM, with
+    the terms: the calibration points of benchmarks/calibrate.py and of the host model), or why not."""
+    from nbtune.planner import plan_from_config
+
+    cfg = {"model": {"name": load_path, "max_seq_length": seqlen, "load_in_4bit": True,
+                     "dtype": str(dtype).split(".")[-1]},
+           "lora": {"r": 16, "alpha": 16, "targets": list(LORA_TARGETS)},
+           "train": {"batch_size": batch, "grad_accum": 1, "gradient_checkpointing": mode}}
+    try:
+        p = plan_from_config(cfg, gpu="auto", data_rows=0, offload_layers=offload_layers)
+    except Exception as exc:  # noqa: BLE001 - a figure the row goes without; the run itself is unaffected
+        return dict(plan_error=f"{type(exc).__name__}: {exc}"[:300])
+    return dict(plan_reserved_gib=round(p.reserved_gib, 3), plan_host_peak_gib=round(p.host_process_peak_gib, 3),
+                plan_host_terms={k: round(v, 3) for k, v in p.host_breakdown.items()})
 
 
 def run(shape, path, batch, seqlen, dtype, steps=int(os.environ.get("STEPS", 8)),
@@ -164,6 +182,8 @@ def run(shape, path, batch, seqlen, dtype, steps=int(os.environ.get("STEPS", 8))
     from nbtune.train.optimizer import sync_free
 
     torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
+    host = HostMemory()
+    host.begin()
     load_path, ctx_view_from = checkpoint_for_context(path, seqlen)
     t0 = time.time()
     model, tok = nbtune.load_model(load_path, max_seq_length=seqlen, load_in_4bit=True, dtype=dtype)
@@ -175,6 +195,7 @@ def run(shape, path, batch, seqlen, dtype, steps=int(os.environ.get("STEPS", 8))
     gc_layers = assert_checkpointing(model)
     opt = sync_free(bnb.optim.AdamW8bit)([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     after_load = torch.cuda.memory_allocated()
+    host.training()
     torch.cuda.reset_peak_memory_stats()
     V = model.config.vocab_size
     g = token_generator("cuda")
@@ -196,6 +217,7 @@ def run(shape, path, batch, seqlen, dtype, steps=int(os.environ.get("STEPS", 8))
         if i >= warmup: times.append(time.time() - t)
         losses.append(out.loss.item())
     med = sorted(times)[len(times) // 2]
+    host.end()
     res = dict(peer=f"nbtune-{nbtune_version()}", shape=shape, batch=batch, seqlen=seqlen,
                dtype=str(dtype).split(".")[-1], rank=rank, load_s=round(load_s, 1), step_s_median=round(med, 3),
                tokens_per_s=round(batch * seqlen / med), after_load_gib=round(after_load / 2**30, 2),
@@ -205,7 +227,8 @@ def run(shape, path, batch, seqlen, dtype, steps=int(os.environ.get("STEPS", 8))
                first_loss_exact=losses[0], cap_gib=mem_cap_gib(),
                gc_mode=gc_mode, offload_layers=offload_layers, gc_reason=gc_reason, gc_layers=gc_layers,
                gc_calls_first_step=gc_calls,
-               warmup=warmup, steps=steps, sdpa=sdpa_backend_from_env() or "default")
+               warmup=warmup, steps=steps, sdpa=sdpa_backend_from_env() or "default",
+               **host.fields, **plan_fields(load_path, batch, seqlen, dtype, gc_mode, offload_layers))
     if ctx_view_from:
         res["ctx_view_from"] = ctx_view_from
     print(json.dumps(res), flush=True)

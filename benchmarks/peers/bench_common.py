@@ -201,6 +201,85 @@ def apply_mem_cap(cap_gib: float) -> None:
         torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
 
 
+class HostMemory:
+    """A metrics listener measuring this process's host memory where the planner's host terms live.
+
+    A thread samples /proc/self/status every 20 ms: ``RssAnon + RssShmem`` is memory the process
+    owns (what a memory cgroup cannot take back), ``RssFile`` is file pages such as a memory-mapped
+    checkpoint (the kernel reclaims them under a cap, so ``VmHWM``, which counts them, overstates a
+    loading peak). Fields (GiB): ``rss_baseline_gib`` (after CUDA's start), ``anon_load_peak_gib``
+    and ``file_at_load_peak_gib`` (up to the first step: model loading), ``anon_train_peak_gib``
+    (from the first step on), ``rss_hwm_gib`` (the kernel's VmHWM), and ``pinned_peak_gib`` (torch's
+    pinned host allocator, where the offload pool's buffers come from)."""
+
+    KEYS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")
+
+    def __init__(self, interval_s: float = 0.02):
+        import threading
+
+        self.fields, self.phase, self.peaks = {}, "load", {"load": (0.0, 0.0), "train": (0.0, 0.0)}
+        self.interval_s, self.stop = interval_s, threading.Event()
+        self.thread = threading.Thread(target=self._sample, name="host-memory", daemon=True)
+
+    @classmethod
+    def read(cls) -> dict:
+        out = {}
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    key, _, value = line.partition(":")
+                    if key in cls.KEYS:
+                        out[key] = int(value.split()[0]) * 1024 / 2**30
+        except OSError:
+            pass
+        return out
+
+    def sample(self) -> None:
+        """One reading, kept where it is the current phase's peak."""
+        now = self.read()
+        anon = now.get("RssAnon", 0.0) + now.get("RssShmem", 0.0)
+        if anon > self.peaks[self.phase][0]:
+            self.peaks[self.phase] = (anon, now.get("RssFile", 0.0))
+
+    def _sample(self) -> None:
+        while True:
+            self.sample()
+            if self.stop.wait(self.interval_s):
+                return
+
+    def begin(self) -> None:
+        """The baseline now (CUDA started, nothing loaded), then sampling until :meth:`end`."""
+        self.fields["rss_baseline_gib"] = round(self.read().get("VmRSS", 0.0), 3)
+        self.thread.start()
+
+    def end(self) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)
+        self.sample()
+        (load_anon, load_file), (train_anon, _) = self.peaks["load"], self.peaks["train"]
+        self.fields.update(anon_load_peak_gib=round(load_anon, 3), file_at_load_peak_gib=round(load_file, 3),
+                           anon_train_peak_gib=round(train_anon, 3),
+                           rss_hwm_gib=round(self.read().get("VmHWM", 0.0), 3))
+        try:
+            import torch
+
+            pinned = torch.cuda.host_memory_stats().get("allocated_bytes.peak") if torch.cuda.is_available() else None
+        except Exception:  # noqa: BLE001 - a torch without the pinned allocator's statistics
+            pinned = None
+        if pinned is not None:
+            self.fields["pinned_peak_gib"] = round(pinned / 2**30, 3)
+
+    def training(self) -> None:
+        """From here on, samples count as training (loading is over)."""
+        self.phase = "train"
+
+    def __call__(self, rec: dict) -> None:
+        """As a metrics listener: training starts with the run's ``start`` record."""
+        if rec.get("event") == "start":
+            self.training()
+
+
 if __name__ == "__main__":
     if len(sys.argv) < 3 or sys.argv[1] != "build":
         raise SystemExit("usage: bench_common.py build SHAPE [SHAPE ...]   (under $CKPT_ROOT, default /tmp/ckpt)")

@@ -57,7 +57,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import LORA_TARGETS, apply_mem_cap, apply_sdpa_backend_from_env, mem_cap_gib  # noqa: E402
+from bench_common import (  # noqa: E402
+    LORA_TARGETS, HostMemory, apply_mem_cap, apply_sdpa_backend_from_env, mem_cap_gib)
 
 apply_sdpa_backend_from_env()  # before torch's users (transformers, nbtune) are imported
 
@@ -244,80 +245,6 @@ def plan_fields(cfg: dict) -> dict:
                 plan_checkpointing=p.settings.gradient_checkpointing, plan_offload_layers=p.settings.offload_layers,
                 plan_fits=p.fits, plan_host_peak_gib=round(p.host_process_peak_gib, 3),
                 plan_host_terms={k: round(v, 3) for k, v in p.host_breakdown.items()})
-
-
-class HostMemory:
-    """A metrics listener measuring this process's host memory where the planner's host terms live.
-
-    A thread samples /proc/self/status every 20 ms: ``RssAnon + RssShmem`` is memory the process
-    owns (what a memory cgroup cannot take back), ``RssFile`` is file pages such as a memory-mapped
-    checkpoint (the kernel reclaims them under a cap, so ``VmHWM``, which counts them, overstates a
-    loading peak). Fields (GiB): ``rss_baseline_gib`` (after CUDA's start), ``anon_load_peak_gib``
-    and ``file_at_load_peak_gib`` (up to the first step: model loading), ``anon_train_peak_gib``
-    (from the first step on), ``rss_hwm_gib`` (the kernel's VmHWM), and ``pinned_peak_gib`` (torch's
-    pinned host allocator, where the offload pool's buffers come from)."""
-
-    KEYS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")
-
-    def __init__(self, interval_s: float = 0.02):
-        import threading
-
-        self.fields, self.phase, self.peaks = {}, "load", {"load": (0.0, 0.0), "train": (0.0, 0.0)}
-        self.interval_s, self.stop = interval_s, threading.Event()
-        self.thread = threading.Thread(target=self._sample, name="host-memory", daemon=True)
-
-    @classmethod
-    def read(cls) -> dict:
-        out = {}
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    key, _, value = line.partition(":")
-                    if key in cls.KEYS:
-                        out[key] = int(value.split()[0]) * 1024 / 2**30
-        except OSError:
-            pass
-        return out
-
-    def sample(self) -> None:
-        """One reading, kept where it is the current phase's peak."""
-        now = self.read()
-        anon = now.get("RssAnon", 0.0) + now.get("RssShmem", 0.0)
-        if anon > self.peaks[self.phase][0]:
-            self.peaks[self.phase] = (anon, now.get("RssFile", 0.0))
-
-    def _sample(self) -> None:
-        while True:
-            self.sample()
-            if self.stop.wait(self.interval_s):
-                return
-
-    def begin(self) -> None:
-        """The baseline now (CUDA started, nothing loaded), then sampling until :meth:`end`."""
-        self.fields["rss_baseline_gib"] = round(self.read().get("VmRSS", 0.0), 3)
-        self.thread.start()
-
-    def end(self) -> None:
-        self.stop.set()
-        if self.thread.is_alive():
-            self.thread.join(timeout=5)
-        self.sample()
-        (load_anon, load_file), (train_anon, _) = self.peaks["load"], self.peaks["train"]
-        self.fields.update(anon_load_peak_gib=round(load_anon, 3), file_at_load_peak_gib=round(load_file, 3),
-                           anon_train_peak_gib=round(train_anon, 3),
-                           rss_hwm_gib=round(self.read().get("VmHWM", 0.0), 3))
-        try:
-            import torch
-
-            pinned = torch.cuda.host_memory_stats().get("allocated_bytes.peak") if torch.cuda.is_available() else None
-        except Exception:  # noqa: BLE001 - a torch without the pinned allocator's statistics
-            pinned = None
-        if pinned is not None:
-            self.fields["pinned_peak_gib"] = round(pinned / 2**30, 3)
-
-    def __call__(self, rec: dict) -> None:
-        if rec.get("event") == "start":
-            self.phase = "train"
 
 
 def main(argv=None) -> int:

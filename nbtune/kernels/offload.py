@@ -83,10 +83,12 @@ Streams and lifetimes (CUDA)
   batches are dropped, so batches of varying length do not grow host memory step after step. A run
   reserves its longest micro-batch first (``reserve_tokens``), so that rising lengths do not re-pin.
   Each buffer goes back to the pool with the event of the last copy that touched it, and is
-  handed out again only after that event. Buffers are carved
-  from slabs of at least 4 buffers because torch's pinned allocator rounds every allocation up
-  to a power of two; carving wastes less than one buffer per slab instead of up to half.
-  ``release_pinned_memory()`` gives the pool back.
+  handed out again only after that event. A slab is ordinary host memory of exactly the bytes
+  its buffers need, page-locked in place (cudaHostRegister), because torch's pinned allocator
+  rounds every allocation up to a power of two: a layer input of 384 MiB would hold 512, and at
+  long context that third decides how many layers the host can take. Small buffers share slabs of
+  ``SLAB_BYTES``; larger ones get one each. Where registering fails, slabs come from torch's pinned
+  allocator (with its rounding), with a warning. ``release_pinned_memory()`` gives the pool back.
 
 CPU
 ---
@@ -157,8 +159,8 @@ from ._backend import kernel_mode
 MIN_OFFLOAD_BYTES = 256 * 1024
 # Offloaded inputs whose GPU tensor is kept until a newer one is packed (see module docstring).
 DEVICE_WINDOW = 2
-# Host buffers are carved from slabs holding at least this many of them.
-SLAB_MIN_BUFFERS = 4
+# Host buffers are carved from slabs of this many bytes (a buffer larger than that is a slab of its own).
+SLAB_BYTES = 4 * 2**20
 # Host buffers start at multiples of this many bytes (DMA-friendly alignment).
 BUFFER_ALIGN = 512
 
@@ -191,10 +193,6 @@ def _round_up(n: int, multiple: int) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 class _Slab:
     """One host allocation carved into ``count`` buffers of ``capacity`` bytes; ``free`` of them are
     in the pool's free lists (the rest are held by handles)."""
@@ -203,6 +201,43 @@ class _Slab:
         self.tensor, self.capacity, self.count, self.pinned = tensor, capacity, count, pinned
         self.free = count
         self.retired = False
+
+
+def _unregister(ptr: int) -> None:
+    """Unlock a registered slab as its memory is freed, after every copy queued on the GPU (one
+    may still read or write it: a buffer given back after ``clear()`` is freed, not pooled)."""
+    try:
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+    except Exception:  # noqa: BLE001 - interpreter shutdown: CUDA may be gone; the process frees all
+        pass
+
+
+def _page_locked(nbytes: int) -> torch.Tensor | None:
+    """``nbytes`` of host memory page-locked in place (cudaHostRegister), unlocked when freed; None
+    where registering is not possible (the caller falls back to torch's pinned allocator)."""
+    tensor = torch.empty(nbytes, dtype=torch.uint8)
+    try:
+        err = int(torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 0))
+    except Exception:  # noqa: BLE001 - a build without the runtime binding
+        return None
+    if err != 0:
+        return None
+    weakref.finalize(tensor.untyped_storage(), _unregister, tensor.data_ptr()).atexit = False
+    return tensor
+
+
+def _host_slab(nbytes: int, pinned: bool) -> torch.Tensor:
+    """A flat uint8 host tensor of ``nbytes`` (page-locked for copies with CUDA when ``pinned``)."""
+    if not pinned:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    slab = _page_locked(nbytes)
+    if slab is None:
+        _warn_once("nbtune: host memory could not be page-locked in place (cudaHostRegister); offloaded "
+                   "checkpointing uses torch's pinned allocator, which rounds each buffer up to a power of "
+                   "two: host RAM may exceed the plan's figure")
+        slab = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    return slab
 
 
 def _empty_host_cache():
@@ -231,7 +266,7 @@ class _HostBufferPool:
     before the pool grows for a request no free buffer can hold, it drops every slab whose buffers
     are all free and too small for it (they would only ever serve shorter batches, which the new,
     larger buffers serve too), and gives pinned ones back to the driver. So the pool settles at one
-    step's buffers for the longest batch seen, plus the slab rounding:
+    step's buffers for the longest batch seen, plus the last slab's unused buffers:
     ``nbtune.planner.host_memory.pool_bytes``, which the host-RAM plan counts.
     """
 
@@ -323,8 +358,8 @@ class _HostBufferPool:
 
     def _grow(self, nbytes: int, pinned: bool, free: collections.deque):
         stride = _round_up(nbytes, BUFFER_ALIGN)
-        count = max(1, _next_power_of_2(stride * SLAB_MIN_BUFFERS) // stride)
-        slab = torch.empty(stride * count, dtype=torch.uint8, pin_memory=pinned)
+        count = max(1, SLAB_BYTES // stride)
+        slab = _host_slab(stride * count, pinned)
         record = _Slab(slab, nbytes, count, pinned)
         self._slabs.append(slab)
         self._slab_records.append(record)

@@ -18,9 +18,8 @@ process (a data-parallel run has ``world_size`` of them on one host), in bytes:
     offloaded activations  N * T * h * b   (N = offloaded layers, T = batch * seq_len: each offloaded
                            layer's input, kernels/offload.py's pinned host buffers)
     offload pool rounding  pool(N, T*h*b) - N*T*h*b: the pool carves buffers (512-byte aligned) from
-                           slabs of count = max(1, P // stride) buffers, P = next_pow2(4 * stride), and
-                           the pinned allocator rounds each slab up to a power of two (= P):
-                           pool = ceil(N / count) * P
+                           slabs of count = max(1, SLAB_BYTES // stride) buffers, each page-locked in
+                           place at exactly count * stride bytes: pool = ceil(N / count) * count * stride
     paged optimizer        P_lora * (8-bit AdamW bytes per parameter), paged_adamw_8bit only: its
                            states live in unified memory that may be paged out to the host
 
@@ -45,9 +44,9 @@ from .shapes import ModelShape
 HOST_FIT_MARGIN_GIB = 0.5
 HOST_FIT_MARGIN_FRACTION = 0.05
 
-# The offload pool's layout (nbtune/kernels/offload.py: SLAB_MIN_BUFFERS, BUFFER_ALIGN); a test checks
+# The offload pool's layout (nbtune/kernels/offload.py: SLAB_BYTES, BUFFER_ALIGN); a test checks
 # that these match, and that pool_bytes() is what the pool allocates.
-POOL_SLAB_MIN_BUFFERS = 4
+POOL_SLAB_BYTES = 4 * 2**20
 POOL_BUFFER_ALIGN = 512
 
 # The breakdown's terms, in display order (the loading transient is not at once with the training terms).
@@ -56,19 +55,14 @@ HOST_TERMS = ("process baseline", "dataset + tokenization", "model loading (tran
 TRAINING_TERMS = ("dataset + tokenization", "offloaded activations", "offload pool rounding", "paged optimizer")
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def pool_bytes(buffers: int, nbytes: int) -> int:
     """Pinned bytes the offload pool holds for ``buffers`` buffers of ``nbytes`` each (see the module
-    docstring: aligned buffers carved from power-of-two slabs)."""
+    docstring: aligned buffers carved from exactly sized slabs)."""
     if buffers <= 0 or nbytes <= 0:
         return 0
     stride = -(-int(nbytes) // POOL_BUFFER_ALIGN) * POOL_BUFFER_ALIGN
-    slab = _next_pow2(stride * POOL_SLAB_MIN_BUFFERS)
-    count = max(1, slab // stride)
-    return math.ceil(buffers / count) * _next_pow2(stride * count)
+    count = max(1, POOL_SLAB_BYTES // stride)
+    return math.ceil(buffers / count) * count * stride
 
 
 def checkpoint_bytes(shape: ModelShape, prequantized: bool) -> float:

@@ -357,53 +357,55 @@ def test_reference_is_torch_checkpoint():
 
 def test_pool_carves_aligned_buffers():
     pool = offload._HostBufferPool()
-    buffers = [pool.take(1000, pinned=False) for _ in range(5)]
-    assert all(b.numel() == 1000 for b in buffers)
+    size = 1_500_000  # two to a slab of offload.SLAB_BYTES (4 MiB)
+    buffers = [pool.take(size, pinned=False) for _ in range(5)]
+    assert all(b.numel() == size for b in buffers)
     # aligned within their slab (pinned slabs themselves are page-aligned)
     assert all((b.data_ptr() - b.untyped_storage().data_ptr()) % offload.BUFFER_ALIGN == 0 for b in buffers)
     assert len({b.data_ptr() for b in buffers}) == 5
     stats = pool.stats()
-    assert stats["pool_buffers"] >= 5 and stats["pool_slabs"] == 2
+    assert stats["pool_buffers"] == 6 and stats["pool_slabs"] == 3
     for b in buffers:
         pool.give(b, None, pinned=False)
-    again = [pool.take(1000, pinned=False) for _ in range(stats["pool_buffers"])]  # every buffer, no new slab
+    again = [pool.take(size, pinned=False) for _ in range(stats["pool_buffers"])]  # every buffer, no new slab
     assert {b.data_ptr() for b in buffers} <= {b.data_ptr() for b in again}
-    assert pool.stats()["pool_reuses"] == 5 and pool.stats()["pool_slabs"] == 2
+    assert pool.stats()["pool_reuses"] == 5 and pool.stats()["pool_slabs"] == 3
     # After clear(), buffers handed out before it are not taken back into the pool.
     pool.clear()
     pool.give(again[0], None, pinned=False)
     assert pool.stats()["pool_bytes"] == 0
-    fresh = pool.take(1000, pinned=False)
+    fresh = pool.take(size, pinned=False)
     assert fresh.data_ptr() not in {b.data_ptr() for b in buffers}
 
 
 def test_pool_serves_shorter_inputs_from_longer_buffers_and_drops_outgrown_slabs():
     pool = offload._HostBufferPool()
-    small = [pool.take(1000, pinned=False) for _ in range(5)]
+    kb = 1000  # sizes in thousands of bytes: four 1 MB buffers to a 4 MiB slab, one of 3 MB
+    small = [pool.take(1000 * kb, pinned=False) for _ in range(5)]
     for b in small:
         pool.give(b, None, pinned=False)
     assert pool.stats()["pool_slabs"] == 2
-    large = [pool.take(3000, pinned=False) for _ in range(5)]  # nothing fits: the 1000-byte slabs go
+    large = [pool.take(3000 * kb, pinned=False) for _ in range(5)]  # nothing fits: the 1 MB slabs go
     stats = pool.stats()
     assert stats["pool_retired"] == 2 and stats["pool_slabs"] == len(pool._slabs) and all(
-        s.numel() >= 3000 for s in pool._slabs)
-    assert all(b.numel() == 3000 for b in large)
+        s.numel() >= 3000 * kb for s in pool._slabs)
+    assert all(b.numel() == 3000 * kb for b in large)
     for b in large:
         pool.give(b, None, pinned=False)
     slabs = pool.stats()["pool_slabs"]
-    medium = [pool.take(2000, pinned=False) for _ in range(5)]  # served by the 3000-byte buffers
-    assert all(b.numel() == 2000 for b in medium) and pool.stats()["pool_slabs"] == slabs
+    medium = [pool.take(2000 * kb, pinned=False) for _ in range(5)]  # served by the 3 MB buffers
+    assert all(b.numel() == 2000 * kb for b in medium) and pool.stats()["pool_slabs"] == slabs
     assert {b.data_ptr() for b in medium} <= {b.data_ptr() for b in large}
     # a slab with a buffer still held is not dropped, and its buffers come back to the pool
     held = medium[0]
     for b in medium[1:]:
         pool.give(b, None, pinned=False)
-    bigger = pool.take(8000, pinned=False)
+    bigger = pool.take(8000 * kb, pinned=False)
     slab = held._nbtune_whole._nbtune_slab
     assert not slab.retired and any(t is slab.tensor for t in pool._slabs)  # the held one's slab stays
     pool.give(held, None, pinned=False)
-    again = pool.take(2000, pinned=False)
-    assert again.numel() == 2000 and bigger.numel() == 8000
+    again = pool.take(2000 * kb, pinned=False)
+    assert again.numel() == 2000 * kb and bigger.numel() == 8000 * kb
 
 
 def test_batches_of_varying_length_do_not_grow_the_pool(kernel_mode):
@@ -489,17 +491,39 @@ class _CopyEvent:
 
 
 def test_the_planners_pool_model_is_the_pool():
-    """nbtune.planner.host_memory.pool_bytes (the host-RAM estimate's pool term) counts the slabs the
-    pool allocates, each rounded up to a power of two as the pinned allocator does."""
+    """nbtune.planner.host_memory.pool_bytes (the host-RAM estimate's pool term) counts the bytes of
+    the slabs the pool allocates, each exactly its buffers (page-locked in place on CUDA, no
+    power-of-two rounding)."""
     from nbtune.planner import host_memory
 
-    assert host_memory.POOL_SLAB_MIN_BUFFERS == offload.SLAB_MIN_BUFFERS
+    assert host_memory.POOL_SLAB_BYTES == offload.SLAB_BYTES
     assert host_memory.POOL_BUFFER_ALIGN == offload.BUFFER_ALIGN
-    for nbytes, n in [(1000, 5), (3 * 2**20 + 7, 9), (384 * 2**10, 11), (2**20, 4)]:
+    for nbytes, n in [(1000, 5), (3 * 2**20 + 7, 9), (384 * 2**10, 11), (2**20, 4), (5 * 2**20, 3)]:
         pool = offload._HostBufferPool()
         taken = [pool.take(nbytes, pinned=False) for _ in range(n)]
         assert len(taken) == n
-        assert host_memory.pool_bytes(n, nbytes) == sum(host_memory._next_pow2(slab.numel()) for slab in pool._slabs)
+        assert host_memory.pool_bytes(n, nbytes) == sum(slab.numel() for slab in pool._slabs)
+
+
+def test_pinned_slabs_fall_back_to_torchs_pinned_allocator_with_a_warning(monkeypatch):
+    """Where host memory cannot be page-locked in place (no CUDA runtime binding, an error from
+    cudaHostRegister), slabs come from torch's pinned allocator, and the run is told that host RAM
+    may exceed the plan."""
+    assert offload._page_locked(4096) is None or torch.cuda.is_available()
+    monkeypatch.setattr(offload, "_page_locked", lambda nbytes: None)
+    asked = []
+
+    def empty(n, dtype=None, pin_memory=False):
+        asked.append(pin_memory)
+        return torch.zeros(n, dtype=dtype)
+
+    monkeypatch.setattr(offload.torch, "empty", empty)
+    warned = []
+    monkeypatch.setattr(offload, "_warn_once", warned.append)
+    slab = offload._host_slab(1024, pinned=True)
+    assert slab.numel() == 1024 and asked == [True]
+    assert warned and "torch's pinned allocator" in warned[0] and "exceed the plan" in warned[0]
+    assert offload._host_slab(1024, pinned=False).numel() == 1024 and asked == [True, False] and len(warned) == 1
 
 
 def test_pool_hands_out_the_buffer_given_back_longest_ago_without_waiting():
@@ -924,3 +948,31 @@ def test_checkpoint_phase_owner_is_none_for_a_plain_function(kernel_mode):
     x = torch.randn(3, 4, requires_grad=True)
     offloaded_checkpoint(functools.partial(run), x).sum().backward()
     assert [(p.name, p.owner) for p in seen] == [("forward", None), ("recompute", None)]
+
+
+@gpu
+def test_gpu_pool_slabs_are_page_locked_at_their_exact_size(monkeypatch):
+    """Pinned slabs are host memory of exactly their buffers' bytes, page-locked in place: 5 MiB +
+    512 bytes would be 8 MiB from torch's pinned allocator. Copies from and to them run
+    asynchronously and carry the bits; freeing the pool unlocks each of them as it is freed."""
+    unlocked, real = [], offload._unregister
+    monkeypatch.setattr(offload, "_unregister", lambda ptr: (unlocked.append(ptr), real(ptr)))
+    nbytes = 5 * 2**20 + 512
+    pool = offload._HostBufferPool()
+    buffers = [pool.take(nbytes, pinned=True) for _ in range(3)]
+    assert pool.stats()["pool_bytes"] == 3 * nbytes and all(s.numel() == nbytes for s in pool._slabs)
+    assert all(b.is_pinned() for b in buffers)
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        buffers[0].copy_(src, non_blocking=True)
+        back = buffers[0].to("cuda", non_blocking=True)
+    side.synchronize()
+    assert torch.equal(back, src)
+    ptrs = [s.data_ptr() for s in pool._slabs]
+    for b in buffers:
+        pool.give(b, None, pinned=True)
+    del buffers, b
+    pool.clear()
+    gc.collect()
+    assert pool.stats()["pool_bytes"] == 0 and len(ptrs) == 3 and sorted(unlocked) == sorted(ptrs)

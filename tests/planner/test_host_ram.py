@@ -60,11 +60,11 @@ def test_llama3_8b_at_49152_tokens_on_colab_t4_does_not_fit_the_host_with_full_o
     assert list(terms) == list(HOST_TERMS)
     assert terms["offloaded activations"] == pytest.approx(32 * 49152 * 4096 * 2 / GiB) == pytest.approx(12.0)
     assert terms["process baseline"] == pytest.approx(C.host_baseline_gib)
-    # 384 MiB buffers, five to a 2 GiB slab: 32 layers take 7 slabs
-    assert terms["offload pool rounding"] == pytest.approx(14.0 - 12.0)
+    # 384 MiB buffers, each a slab of exactly its size: nothing rounded up
+    assert terms["offload pool rounding"] == pytest.approx(0.0)
     training = sum(terms[t] for t in host_memory.TRAINING_TERMS)
     assert p.host_peak_gib == pytest.approx(terms["process baseline"] + max(training, terms["model loading (transient)"]))
-    assert p.host_peak_gib == pytest.approx(C.host_baseline_gib + C.host_dataset_default_gib + 14.0)
+    assert p.host_peak_gib == pytest.approx(C.host_baseline_gib + C.host_dataset_default_gib + 12.0)
     assert p.host_fits is False and not p.fits and f"host RAM short by {-p.host_margin_gib:.2f} GiB" in p.verdict()
     text = repr(p)
     assert f"{p.host_peak_gib:.2f} GiB of {p.host_capacity_gib:.2f} GiB" in text
@@ -166,20 +166,25 @@ def test_host_terms_follow_their_inputs():
 def test_pool_bytes_follows_the_slab_rule():
     assert pool_bytes(0, 10**6) == 0 and pool_bytes(3, 0) == 0
     mib = 2**20
-    # 384 MiB: five to a 2 GiB slab
-    assert pool_bytes(5, 384 * mib) == 2 * GiB and pool_bytes(6, 384 * mib) == 4 * GiB
-    # 256 MiB: four to a 1 GiB slab, nothing wasted
-    assert pool_bytes(32, 256 * mib) == 8 * GiB
-    # small buffers: aligned to 512 bytes (1000 -> 1024), four to a 4 KiB slab
-    assert pool_bytes(1, 1000) == 4096 and pool_bytes(5, 1000) == 2 * 4096
+    # a llama3-8b layer input at 49,152 tokens (384 MiB): a slab each, nothing rounded up
+    assert pool_bytes(5, 384 * mib) == 5 * 384 * mib and pool_bytes(25, 384 * mib) == 25 * 384 * mib
+    # 3 MiB: one to a 4 MiB slab; 1 MiB: four
+    assert pool_bytes(3, 3 * mib) == 9 * mib and pool_bytes(5, mib) == 8 * mib
+    # small buffers: aligned to 512 bytes (1000 -> 1024), 4096 to a 4 MiB slab
+    assert pool_bytes(1, 1000) == 4 * mib and pool_bytes(4097, 1000) == 8 * mib
 
 
-def test_the_process_baseline_is_marked_to_be_calibrated(tmp_path):
+def test_the_process_baseline_comes_from_its_measurement(tmp_path):
     data = json.loads(memory.CALIBRATION_FILE.read_text(encoding="utf-8"))
-    assert "host" in data and data["host"]["process_baseline_gib"] is None
-    assert "TO BE CALIBRATED" in data["host"]["status"]
-    assert "to be calibrated" in memory.coefficients().host_source
-    assert "host: process baseline: an estimate, to be calibrated" in repr(plan("llama-3.1-8b", gpu="colab-t4"))
+    measured_here = data["host"]["process_baseline_gib"]
+    assert isinstance(measured_here, float) and 0.5 < measured_here < memory.DEFAULT_COEFFICIENTS.host_baseline_gib
+    assert data["host"]["date"] and data["host"]["platform"] and data["host"]["how"]
+    assert memory.coefficients().host_baseline_gib == measured_here
+    assert f"host: process baseline measured ({data['host']['date']}" in repr(plan("llama-3.1-8b", gpu="colab-t4"))
+    unmeasured = tmp_path / "unmeasured.json"
+    unmeasured.write_text(json.dumps({**data, "host": {**data["host"], "process_baseline_gib": None}}), encoding="utf-8")
+    c = memory.coefficients(unmeasured)
+    assert c.host_baseline_gib == memory.DEFAULT_COEFFICIENTS.host_baseline_gib and "to be calibrated" in c.host_source
     measured = tmp_path / "calibration.json"
     measured.write_text(json.dumps({"host": {"process_baseline_gib": 2.4, "date": "2027-01-02",
                                              "platform": "colab-t4"}}), encoding="utf-8")
@@ -226,10 +231,12 @@ def test_cli_states_the_host_figure_and_a_verdict(capsys):
     out = capsys.readouterr().out
     assert "peak in host RAM" in out and "GiB of 11.97 GiB" in out and "verdict:" in out
     assert "Smallest change that fits" in out
-    assert main(["plan", "llama-3.1-8b", "--gpu", "colab-t4", "--seq-len", "40960", "--batch-size", "1",
+    assert main(["plan", "llama-3.1-8b", "--gpu", "colab-t4", "--seq-len", "57344", "--batch-size", "1",
                  "--checkpointing", "offload"]) == 0
     out = capsys.readouterr().out
-    assert "DOES NOT FIT IN HOST RAM" in out and "15.50 GiB of 11.97 GiB" in out
+    full = plan("llama-3.1-8b", gpu="colab-t4", seq_len=57344, batch_size=1, gradient_checkpointing="offload")
+    assert full.host_peak_gib > 14.0  # 32 layer inputs of 448 MiB
+    assert "DOES NOT FIT IN HOST RAM" in out and f"{full.host_peak_gib:.2f} GiB of 11.97 GiB" in out
     assert main(["plan", "llama-3.1-8b", "--gpu", "T4", "--host-ram", "12.67", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["host_ram_gib"] == 12.67 and data["host_fits"] in (True, False) and "host_breakdown_gib" in data

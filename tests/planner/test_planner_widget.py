@@ -149,7 +149,7 @@ def test_host_ram_figure_and_badge_on_a_platform():
     fewer and the figure shows the rest are not in host RAM."""
     from nbtune.planner.host_memory import HOST_TERMS
 
-    w = PlannerWidget(model="llama-3.1-8b", gpu="colab-t4", seq_len=16384, batch_size=2)
+    w = PlannerWidget(model="llama-3.1-8b", gpu="colab-t4", seq_len=32768, batch_size=2)
     p = w.plan
     assert [t.legendgroup for t in w.host_figure.data] == list(HOST_TERMS)
     rows = {t.legendgroup: list(t.x) for t in w.host_figure.data}
