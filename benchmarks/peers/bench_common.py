@@ -208,9 +208,10 @@ class HostMemory:
     owns (what a memory cgroup cannot take back), ``RssFile`` is file pages such as a memory-mapped
     checkpoint (the kernel reclaims them under a cap, so ``VmHWM``, which counts them, overstates a
     loading peak). Fields (GiB): ``rss_baseline_gib`` (after CUDA's start), ``anon_load_peak_gib``
-    and ``file_at_load_peak_gib`` (up to the first step: model loading), ``anon_train_peak_gib``
-    (from the first step on), ``rss_hwm_gib`` (the kernel's VmHWM), and ``pinned_peak_gib`` (torch's
-    pinned host allocator, where the offload pool's buffers come from)."""
+    and ``file_at_load_peak_gib`` (up to the first step: model loading), ``anon_train_peak_gib`` and
+    ``file_at_train_peak_gib`` (from the first step on: the libraries' code pages, the checkpoint's
+    files closed), ``rss_hwm_gib`` (the kernel's VmHWM), and ``pinned_peak_gib`` (torch's pinned host
+    allocator; the offload pool's page-locked slabs are ordinary anonymous memory, in ``anon_*``)."""
 
     KEYS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")
 
@@ -257,9 +258,9 @@ class HostMemory:
         if self.thread.is_alive():
             self.thread.join(timeout=5)
         self.sample()
-        (load_anon, load_file), (train_anon, _) = self.peaks["load"], self.peaks["train"]
+        (load_anon, load_file), (train_anon, train_file) = self.peaks["load"], self.peaks["train"]
         self.fields.update(anon_load_peak_gib=round(load_anon, 3), file_at_load_peak_gib=round(load_file, 3),
-                           anon_train_peak_gib=round(train_anon, 3),
+                           anon_train_peak_gib=round(train_anon, 3), file_at_train_peak_gib=round(train_file, 3),
                            rss_hwm_gib=round(self.read().get("VmHWM", 0.0), 3))
         try:
             import torch
