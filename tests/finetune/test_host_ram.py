@@ -29,12 +29,12 @@ def one_process(monkeypatch):
 
 def test_auto_offloads_only_what_the_host_holds(one_process, monkeypatch):
     monkeypatch.setenv("NBTUNE_GPU", "colab-t4")
-    choice = run.checkpointing_mode(_llama8b(16384, 2))
+    choice = run.checkpointing_mode(_llama8b(24576, 2))
     mode, why = choice
     assert mode == "offload" and 0 < choice.offload_layers < 32
     assert f"host RAM holds only {choice.offload_layers} of 32 layer inputs" in why
     # the pre-flight plan made the same choice, and fits both budgets
-    p = run.check_fits(_llama8b(16384, 2), force=False)
+    p = run.check_fits(_llama8b(24576, 2), force=False)
     assert p.settings.offload_layers == choice.offload_layers and p.fits and p.host_fits
     # a larger host holds them all: every layer offloaded, as before
     monkeypatch.setenv("NBTUNE_GPU", "T4")
@@ -45,14 +45,14 @@ def test_auto_offloads_only_what_the_host_holds(one_process, monkeypatch):
 
 def test_a_host_that_holds_no_layer_input_checkpoints_plainly(one_process, monkeypatch):
     monkeypatch.setenv("NBTUNE_GPU", "T4")
-    # 10 GiB holds the process and the loading transient, but not the pool's first slab of 4 x 49,152
-    # tokens' layer inputs (1.5 GiB each, carved five to an 8 GiB slab)
-    monkeypatch.setenv("NBTUNE_HOST_RAM", "10")
-    choice = run.checkpointing_mode(_llama8b(49152, 4))
+    # 7.6 GiB (7.1 with its headroom) holds the process and the loading transient (1.2 + 5.64 GiB),
+    # but not one layer input of 16 x 49,152 tokens (6 GiB) beside the process and the dataset
+    monkeypatch.setenv("NBTUNE_HOST_RAM", "7.6")
+    choice = run.checkpointing_mode(_llama8b(49152, 16))
     assert choice.mode == "plain" and choice.offload_layers is None
     assert "host RAM holds none of the 32 layer inputs" in choice.reason
-    monkeypatch.setenv("NBTUNE_HOST_RAM", "8")  # not even the loading transient
-    choice = run.checkpointing_mode(_llama8b(49152, 4))
+    monkeypatch.setenv("NBTUNE_HOST_RAM", "7")  # not even the loading transient
+    choice = run.checkpointing_mode(_llama8b(49152, 16))
     assert choice.mode == "plain" and "cannot hold the run even with nothing offloaded" in choice.reason
 
 
