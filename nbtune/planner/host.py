@@ -7,13 +7,15 @@ does not show: cgroup v2 ``memory.max`` / ``memory.current`` / ``memory.stat``, 
 acts on whichever is smaller, so the budget is
 
     total     = min(MemTotal, cgroup limit)
-    available = min(MemAvailable, cgroup limit - (cgroup usage - inactive file cache))
-    other     = total - available - this process's resident memory (VmRSS)
+    available = min(MemAvailable, cgroup limit - (cgroup usage - file cache))
+    other     = total - available - the memory this process owns (RssAnon + RssShmem)
 
 ``other`` is what the OS and other processes hold (a notebook server, the platform's agents, other
 kernels): the planner leaves it alone and counts this process itself through its own baseline term.
-The cgroup's inactive file cache is reclaimable, so it is not counted as used (the kernel drops it
-before it kills). Pure Python (no torch); every reader takes its root so tests run on fixture files.
+File pages are reclaimable: the cgroup's file cache (active and inactive: a checkpoint just read
+sits in it) is not counted as used, and of this process only the memory it owns counts (VmRSS also
+counts the file pages it maps, such as a memory-mapped checkpoint; the kernel drops them before it
+kills). Pure Python (no torch); every reader takes its root so tests run on fixture files.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ _UNLIMITED = 2**60
 @dataclasses.dataclass(frozen=True)
 class HostMemory:
     """RAM the training process may use (GiB): ``total_gib`` the ceiling, ``other_gib`` what is held
-    outside this process, ``process_gib`` this process's resident memory when measured."""
+    outside this process, ``process_gib`` the memory this process owns when measured."""
 
     total_gib: float
     other_gib: float = 0.0
@@ -58,11 +60,15 @@ def read_meminfo(path="/proc/meminfo") -> dict[str, int]:
 
 
 def read_rss(path="/proc/self/status") -> int | None:
-    """This process's resident memory (VmRSS) in bytes, or None where it cannot be read."""
+    """The resident memory this process owns in bytes (RssAnon + RssShmem; VmRSS where a kernel
+    does not split it), or None where it cannot be read."""
     try:
-        return read_meminfo(path).get("VmRSS")
+        status = read_meminfo(path)
     except OSError:
         return None
+    if "RssAnon" in status:
+        return status["RssAnon"] + status.get("RssShmem", 0)
+    return status.get("VmRSS")
 
 
 def _read_int(path: Path) -> int | None:
@@ -123,7 +129,7 @@ def _cgroup_dirs(root: Path, proc_cgroup: Path) -> tuple[list[Path], list[Path]]
 
 def read_cgroup_memory(root="/sys/fs/cgroup", proc_cgroup="/proc/self/cgroup") -> tuple[int | None, int | None]:
     """(limit, used) bytes of this process's memory cgroup, v2 first, then v1; (None, None) where
-    there is no limit. ``used`` leaves out the inactive file cache (reclaimable)."""
+    there is no limit. ``used`` leaves out the file cache (reclaimable)."""
     root, proc_cgroup = Path(root), Path(proc_cgroup)
     v2_dirs, v1_dirs = _cgroup_dirs(root, proc_cgroup)
     for d in v2_dirs:
@@ -132,7 +138,8 @@ def read_cgroup_memory(root="/sys/fs/cgroup", proc_cgroup="/proc/self/cgroup") -
             if limit is None:
                 continue
             current = _read_int(d / "memory.current")
-            used = None if current is None else max(0, current - _stat_value(d / "memory.stat", "inactive_file"))
+            cache = _stat_value(d / "memory.stat", "inactive_file") + _stat_value(d / "memory.stat", "active_file")
+            used = None if current is None else max(0, current - cache)
             return limit, used
     for d in v1_dirs:
         if (d / "memory.limit_in_bytes").is_file():
@@ -140,8 +147,9 @@ def read_cgroup_memory(root="/sys/fs/cgroup", proc_cgroup="/proc/self/cgroup") -
             if limit is None:
                 continue
             usage = _read_int(d / "memory.usage_in_bytes")
-            inactive = _stat_value(d / "memory.stat", "total_inactive_file", "inactive_file")
-            used = None if usage is None else max(0, usage - inactive)
+            cache = (_stat_value(d / "memory.stat", "total_inactive_file", "inactive_file")
+                     + _stat_value(d / "memory.stat", "total_active_file", "active_file"))
+            used = None if usage is None else max(0, usage - cache)
             return limit, used
     return None, None
 

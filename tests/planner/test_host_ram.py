@@ -285,12 +285,14 @@ def test_cgroup_v2_limit_below_memtotal(tmp_path):
     cg.mkdir(parents=True)
     (cg / "memory.max").write_text(f"{8 * GiB}\n")
     (cg / "memory.current").write_text(f"{3 * GiB}\n")
-    (cg / "memory.stat").write_text(f"anon {2 * GiB}\nfile {GiB}\ninactive_file {GiB // 2}\n")
-    assert host_mod.read_cgroup_memory(root, paths["proc_cgroup"]) == (8 * GiB, 3 * GiB - GiB // 2)
+    # a checkpoint just read sits in the file cache, active and inactive: reclaimable, not used
+    (cg / "memory.stat").write_text(f"anon {2 * GiB}\nfile {GiB}\nactive_file {GiB // 4}\n"
+                                    f"inactive_file {GiB // 2}\n")
+    assert host_mod.read_cgroup_memory(root, paths["proc_cgroup"]) == (8 * GiB, 3 * GiB - 3 * GiB // 4)
     h = host_mod.detect_host(**paths)
     assert h.total_gib == 8.0 and "cgroup memory limit" in h.source
-    # available: the cgroup's 5.5 GiB (less than MemAvailable); others: 8 - 5.5 - 1 (this process)
-    assert h.other_gib == pytest.approx(1.5) and h.budget_gib == pytest.approx(6.5)
+    # available: the cgroup's 5.75 GiB (less than MemAvailable); others: 8 - 5.75 - 1 (this process)
+    assert h.other_gib == pytest.approx(1.25) and h.budget_gib == pytest.approx(6.75)
 
 
 def test_cgroup_v2_without_a_limit_and_at_the_mount_root(tmp_path):
@@ -309,13 +311,27 @@ def test_cgroup_v1(tmp_path):
     cg.mkdir(parents=True)
     (cg / "memory.limit_in_bytes").write_text(f"{6 * GiB}\n")
     (cg / "memory.usage_in_bytes").write_text(f"{2 * GiB}\n")
-    (cg / "memory.stat").write_text(f"cache {GiB}\ntotal_inactive_file {GiB // 4}\n")
-    assert host_mod.read_cgroup_memory(root, paths["proc_cgroup"]) == (6 * GiB, 2 * GiB - GiB // 4)
+    (cg / "memory.stat").write_text(f"cache {GiB}\ntotal_active_file {GiB // 4}\ntotal_inactive_file {GiB // 4}\n")
+    assert host_mod.read_cgroup_memory(root, paths["proc_cgroup"]) == (6 * GiB, 2 * GiB - GiB // 2)
     h = host_mod.detect_host(**paths)
-    assert h.total_gib == 6.0 and h.other_gib == pytest.approx(6 - 4.25 - 1.0)
+    assert h.total_gib == 6.0 and h.other_gib == pytest.approx(6 - 4.5 - 1.0)
     # v1's "no limit" is a page-rounded LONG_MAX
     (cg / "memory.limit_in_bytes").write_text("9223372036854771712\n")
     assert host_mod.read_cgroup_memory(root, paths["proc_cgroup"]) == (None, None)
+
+
+def test_the_process_counts_the_memory_it_owns_not_the_files_it_maps(tmp_path):
+    """VmRSS counts the file pages a process maps (a memory-mapped checkpoint: 14 GiB for an 8B model
+    while it loads); the kernel reclaims those, so the process's own figure is RssAnon + RssShmem."""
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nVmRSS:\t16777216 kB\nRssAnon:\t1048576 kB\nRssFile:\t15204352 kB\n"
+                      "RssShmem:\t524288 kB\n")
+    assert host_mod.read_rss(status) == int(1.5 * GiB)
+    machine = tmp_path / "machine"
+    machine.mkdir()
+    paths, _ = _files(machine)
+    h = host_mod.detect_host(**{**paths, "status": status})
+    assert h.process_gib == pytest.approx(1.5)
 
 
 def test_no_meminfo_no_host(tmp_path):
