@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from .config import Config
+from .packing import packing_line
 
 
 @dataclasses.dataclass
@@ -46,12 +47,7 @@ class RunOutcome:
                      None: "replicas not compared"}[self.replicas_identical]
             lines.append(f"data parallel: {self.world_size} processes, global batch {self.global_batch} rows; {agree}")
         if getattr(self, "packing", None):
-            p = self.packing
-            lines.append(f"packing: {p['documents']:,} documents in {p['micro_batches']:,} micro-batches of "
-                         f"{p['batch_size']} x {p['max_seq_length']} tokens, fill {p['fill']:.1%} "
-                         "(real tokens / (micro-batches x batch_size x max_seq_length))"
-                         + (f"; {p.get('split_documents', 0):,} documents cut across micro-batches"
-                            if p.get("strategy") == "split" else "; whole documents"))
+            lines.append(packing_line(self.packing))
         if getattr(self, "rows_truncated", 0):
             lines.append(f"rows truncated: {self.rows_truncated} train rows longer than max_seq_length="
                          f"{self.config.model.max_seq_length} kept their first max_seq_length tokens")

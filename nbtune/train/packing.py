@@ -58,15 +58,21 @@ class PackingStats:
         return self.tokens / (self.micro_batches * self.capacity) if self.micro_batches else 0.0
 
     def line(self) -> str:
-        cut = (f" ({self.split_documents:,} documents cut across micro-batches)" if self.strategy == "split"
-               else " (whole documents)")
-        return (f"packing: {self.documents:,} documents in {self.micro_batches:,} micro-batches of "
-                f"{self.batch_size} x {self.max_seq_length} tokens, {self.fill:.1%} full{cut}")
+        return packing_line(self.as_dict())
 
     def as_dict(self) -> dict:
         return dict(documents=self.documents, micro_batches=self.micro_batches, tokens=self.tokens,
                     batch_size=self.batch_size, max_seq_length=self.max_seq_length, fill=round(self.fill, 4),
                     strategy=self.strategy, split_documents=self.split_documents)
+
+
+def packing_line(stats: dict) -> str:
+    """The run summary's packing line, from :meth:`PackingStats.as_dict` (also as a run stores it):
+    fill is real tokens over micro-batches x batch_size x max_seq_length."""
+    cut = (f" ({stats.get('split_documents', 0):,} documents cut across micro-batches)"
+           if stats.get("strategy") == "split" else " (whole documents)")
+    return (f"packing: {stats['documents']:,} documents in {stats['micro_batches']:,} micro-batches of "
+            f"{stats['batch_size']} x {stats['max_seq_length']} tokens, {stats['fill']:.1%} full{cut}")
 
 
 def packing_strategy(packing) -> str | None:
