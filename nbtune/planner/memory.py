@@ -233,9 +233,10 @@ class Coefficients:
     mfu: float = 0.45
     # -- host RAM (nbtune.planner.host_memory), per training process --
     # the process itself: interpreter, torch + CUDA libraries and the CUDA context's host side,
-    # transformers/peft/trl/bitsandbytes imported. TO BE CALIBRATED (calibration.json "host": a run's
-    # resident memory after loading, less its dataset, offload buffers and loading transient); 3 GB is
-    # what a Colab T4 runtime's meter shows for such a process before it trains
+    # transformers/peft/trl/bitsandbytes imported. calibration.json "host" holds the measured figure
+    # (a run's resident memory at its first step, less its dataset, offload buffers and loading
+    # transient); this is the estimate used where that is null: what a Colab T4 runtime's meter
+    # shows for such a process before it trains
     host_baseline_gib: float = 3.0
     # the dataset in host memory, bytes per token: the rows as Python strings (~4 B/token twice), the
     # token ids and labels as Python int lists while tokenizing (~72 B/token) and as Arrow int64
