@@ -139,6 +139,15 @@ class CheckpointCallCounter:
         return False
 
 
+def loop_config(load_path: str, batch: int, seqlen: int, dtype, checkpointing: str) -> dict:
+    """This loop as an nbtune config (4-bit base, LoRA r16 on LORA_TARGETS, no gradient accumulation),
+    for the planner."""
+    return {"model": {"name": load_path, "max_seq_length": seqlen, "load_in_4bit": True,
+                      "dtype": str(dtype).split(".")[-1]},
+            "lora": {"r": 16, "alpha": 16, "targets": list(LORA_TARGETS)},
+            "train": {"batch_size": batch, "grad_accum": 1, "gradient_checkpointing": checkpointing}}
+
+
 def checkpointing_for(load_path: str, batch: int, seqlen: int, dtype) -> tuple[str, int | None, str]:
     """(mode, offloaded layers or None for all, why) from NBTUNE_BENCH_GC (default ``offload``). ``auto``:
     what ``gradient_checkpointing: auto`` takes in ``nbtune.finetune`` for this run on this machine
@@ -149,10 +158,7 @@ def checkpointing_for(load_path: str, batch: int, seqlen: int, dtype) -> tuple[s
         return mode, None, "NBTUNE_BENCH_GC"
     from nbtune.planner import choose_checkpointing
 
-    cfg = {"model": {"name": load_path, "max_seq_length": seqlen, "load_in_4bit": True,
-                     "dtype": str(dtype).split(".")[-1]},
-           "lora": {"r": 16, "alpha": 16, "targets": list(LORA_TARGETS)},
-           "train": {"batch_size": batch, "grad_accum": 1, "gradient_checkpointing": "auto"}}
+    cfg = loop_config(load_path, batch, seqlen, dtype, "auto")
     # this GPU with this host's RAM (a cgroup's limit included); this loop holds no dataset
     choice = choose_checkpointing(cfg, gpu="auto", data_rows=0)
     return choice.mode, choice.offload_layers, choice.reason
@@ -163,10 +169,7 @@ def plan_fields(load_path: str, batch: int, seqlen: int, dtype, mode: str, offlo
     the terms: the calibration points of benchmarks/calibrate.py and of the host model), or why not."""
     from nbtune.planner import plan_from_config
 
-    cfg = {"model": {"name": load_path, "max_seq_length": seqlen, "load_in_4bit": True,
-                     "dtype": str(dtype).split(".")[-1]},
-           "lora": {"r": 16, "alpha": 16, "targets": list(LORA_TARGETS)},
-           "train": {"batch_size": batch, "grad_accum": 1, "gradient_checkpointing": mode}}
+    cfg = loop_config(load_path, batch, seqlen, dtype, mode)
     try:
         p = plan_from_config(cfg, gpu="auto", data_rows=0, offload_layers=offload_layers)
     except Exception as exc:  # noqa: BLE001 - a figure the row goes without; the run itself is unaffected
