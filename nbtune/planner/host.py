@@ -59,7 +59,7 @@ def read_meminfo(path="/proc/meminfo") -> dict[str, int]:
     return out
 
 
-def read_rss(path="/proc/self/status") -> int | None:
+def read_owned_memory(path="/proc/self/status") -> int | None:
     """The resident memory this process owns in bytes (RssAnon + RssShmem; VmRSS where a kernel
     does not split it), or None where it cannot be read."""
     try:
@@ -85,20 +85,22 @@ def _read_int(path: Path) -> int | None:
     return None if value >= _UNLIMITED else value
 
 
-def _stat_value(path: Path, *names: str) -> int:
-    """The first of ``names`` found in a cgroup ``memory.stat`` file (0 when none is)."""
+def _file_cache(path: Path, v1: bool = False) -> int:
+    """The file cache (active + inactive file pages) of a cgroup's ``memory.stat``, 0 where it
+    cannot be read; v1 counts its subtree under the ``total_`` names where the kernel gives them."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError:
         return 0
-    values = dict(line.split()[:2] for line in lines if len(line.split()) >= 2)
-    for name in names:
-        if name in values:
-            try:
-                return int(values[name])
-            except ValueError:
-                return 0
-    return 0
+    values = {}
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 2 and parts[1].isdigit():
+            values[parts[0]] = int(parts[1])
+    total = 0
+    for name in ("inactive_file", "active_file"):
+        total += values.get(f"total_{name}", values.get(name, 0)) if v1 else values.get(name, 0)
+    return total
 
 
 def _cgroup_dirs(root: Path, proc_cgroup: Path) -> tuple[list[Path], list[Path]]:
@@ -138,7 +140,7 @@ def read_cgroup_memory(root="/sys/fs/cgroup", proc_cgroup="/proc/self/cgroup") -
             if limit is None:
                 continue
             current = _read_int(d / "memory.current")
-            cache = _stat_value(d / "memory.stat", "inactive_file") + _stat_value(d / "memory.stat", "active_file")
+            cache = _file_cache(d / "memory.stat")
             used = None if current is None else max(0, current - cache)
             return limit, used
     for d in v1_dirs:
@@ -147,8 +149,7 @@ def read_cgroup_memory(root="/sys/fs/cgroup", proc_cgroup="/proc/self/cgroup") -
             if limit is None:
                 continue
             usage = _read_int(d / "memory.usage_in_bytes")
-            cache = (_stat_value(d / "memory.stat", "total_inactive_file", "inactive_file")
-                     + _stat_value(d / "memory.stat", "total_active_file", "active_file"))
+            cache = _file_cache(d / "memory.stat", v1=True)
             used = None if usage is None else max(0, usage - cache)
             return limit, used
     return None, None
@@ -175,8 +176,8 @@ def detect_host(meminfo="/proc/meminfo", cgroup_root="/sys/fs/cgroup", proc_cgro
         cg_available = limit - used if used is not None else limit
         available = min(available, max(0, cg_available))
     available = min(available, total)
-    rss = read_rss(status)
-    other = max(0, total - available - (rss or 0))
+    owned = read_owned_memory(status)
+    other = max(0, total - available - (owned or 0))
     return HostMemory(total_gib=round(total / GiB, 3), other_gib=round(other / GiB, 3),
-                      process_gib=None if rss is None else round(rss / GiB, 3),
+                      process_gib=None if owned is None else round(owned / GiB, 3),
                       source=f"measured here ({where}: {total / GiB:.2f} GiB, {available / GiB:.2f} GiB available)")

@@ -326,7 +326,7 @@ def test_the_process_counts_the_memory_it_owns_not_the_files_it_maps(tmp_path):
     status = tmp_path / "status"
     status.write_text("Name:\tpython\nVmRSS:\t16777216 kB\nRssAnon:\t1048576 kB\nRssFile:\t15204352 kB\n"
                       "RssShmem:\t524288 kB\n")
-    assert host_mod.read_rss(status) == int(1.5 * GiB)
+    assert host_mod.read_owned_memory(status) == int(1.5 * GiB)
     machine = tmp_path / "machine"
     machine.mkdir()
     paths, _ = _files(machine)
@@ -336,7 +336,7 @@ def test_the_process_counts_the_memory_it_owns_not_the_files_it_maps(tmp_path):
 
 def test_no_meminfo_no_host(tmp_path):
     assert host_mod.detect_host(meminfo=tmp_path / "missing") is None
-    assert host_mod.read_rss(tmp_path / "missing") is None
+    assert host_mod.read_owned_memory(tmp_path / "missing") is None
 
 
 def test_auto_takes_the_machines_ram_or_nbtune_host_ram(monkeypatch):
