@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-CASE_MODULES = ("nf4", "rms_norm", "rope", "glu", "lora", "cross_entropy", "varlen_attention")
+CASE_MODULES = ("nf4", "nf4_matmul", "rms_norm", "rope", "glu", "lora", "cross_entropy", "varlen_attention")
 
 
 @dataclasses.dataclass

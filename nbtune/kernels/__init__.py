@@ -17,6 +17,7 @@ from .glu import geglu, swiglu
 from .linear_logprobs import TokenLogprobs, linear_logprobs
 from .lora import lora_linear, lora_mlp, lora_qkv
 from .nf4 import dequantize_base, nf4_dequantize
+from .nf4_matmul import nf4_matmul
 from .offload import enable_offloaded_checkpointing, offloaded_checkpoint
 from .rms_norm import rms_norm
 from .rope import apply_rope
@@ -25,5 +26,5 @@ from .varlen_attention import varlen_attention
 __all__ = [
     "HAS_TRITON", "MODE_ENV", "apply_rope", "dequantize_base", "enable_offloaded_checkpointing",
     "TokenLogprobs", "fused_linear_cross_entropy", "geglu", "kernel_mode", "linear_logprobs", "lora_linear", "lora_mlp", "lora_qkv",
-    "nf4_dequantize", "offloaded_checkpoint", "rms_norm", "swiglu", "use_triton", "varlen_attention",
+    "nf4_dequantize", "nf4_matmul", "offloaded_checkpoint", "rms_norm", "swiglu", "use_triton", "varlen_attention",
 ]

@@ -19,6 +19,7 @@ import traceback
 
 KERNEL_MODULES = (
     "nf4",
+    "nf4_matmul",
     "rms_norm",
     "rope",
     "glu",

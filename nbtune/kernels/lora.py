@@ -68,6 +68,7 @@ from .._chunking import mlp_token_chunks
 from ._backend import use_triton
 from .glu import ACTIVATIONS, glu_backward_inplace, glu_forward_2d, glu_reference
 from .nf4 import dequantize_base
+from .nf4_matmul import MAX_TOKENS, nf4_matmul, nf4_weight_of
 from .offload import checkpoint_phase
 
 LoRAProjection = namedtuple("LoRAProjection", ["base", "lora_A", "lora_B", "scaling", "bias"], defaults=(None,))
@@ -166,8 +167,24 @@ def _wide_gemm_ok(a, dtype) -> bool:
             and a.dtype in (torch.float16, torch.bfloat16))
 
 
-def _project(X, W, A, B, scaling, bias, lead_shape=None, out=None):
-    """(Y, XA): Y = X W^T (+ bias) + s XA B^T with XA = X A^T; all in X's dtype.
+def _base_product(X, base, dtype, out, bias=None):
+    """out = X W^T (+ bias) for the frozen base W, in ``dtype`` (X's). Decoding-sized inputs (at most
+    MAX_TOKENS tokens) over an NF4 base multiply straight from the packed weight
+    (:func:`~nbtune.kernels.nf4_matmul.nf4_matmul`: ~9x less memory traffic than dequantizing it);
+    everything else dequantizes W for one cuBLAS GEMM."""
+    if X.shape[0] <= MAX_TOKENS and nf4_weight_of(base) is not None:
+        nf4_matmul(X, base, out=out)
+        if bias is not None:
+            out.add_(bias)
+        return out
+    W = _weight(base, dtype)
+    if bias is None:
+        return torch.mm(X, W.t(), out=out)
+    return torch.addmm(bias, X, W.t(), out=out)
+
+
+def _project(X, base, A, B, scaling, bias, lead_shape=None, out=None):
+    """(Y, XA): Y = X W^T (+ bias) + s XA B^T with XA = X A^T and W the base's weight; all in X's dtype.
 
     With ``lead_shape`` Y is allocated as (*lead_shape, out) and the GEMMs write through a 2-D view
     of it, so the caller can return Y itself rather than a view: RoPE can then work in place on the
@@ -175,21 +192,18 @@ def _project(X, W, A, B, scaling, bias, lead_shape=None, out=None):
     With ``out`` (a contiguous 2-D (tokens, out) buffer) the GEMMs write there and Y is ``out``.
     """
     XA = torch.mm(X, A.t())
-    return _project_with_xa(X, W, XA, B, scaling, bias, lead_shape, out), XA
+    return _project_with_xa(X, base, XA, B, scaling, bias, lead_shape, out), XA
 
 
-def _project_with_xa(X, W, XA, B, scaling, bias, lead_shape=None, out=None):
+def _project_with_xa(X, base, XA, B, scaling, bias, lead_shape=None, out=None):
     """Y = X W^T (+ bias) + s XA B^T for a given XA = X A^T (``_project``'s output allocation)."""
-    n_out = W.shape[0]
+    n_out = B.shape[0]
     if out is None:
         Y = torch.empty(*(lead_shape if lead_shape is not None else X.shape[:1]), n_out, device=X.device, dtype=X.dtype)
     else:
         Y = out
     Y2 = Y.view(-1, n_out)
-    if bias is None:
-        torch.mm(X, W.t(), out=Y2)
-    else:
-        torch.addmm(bias, X, W.t(), out=Y2)
+    _base_product(X, base, X.dtype, Y2, bias)
     Y2.addmm_(XA, B.t(), alpha=scaling)
     return Y
 
@@ -218,14 +232,13 @@ def _spans(Bs):
     return spans
 
 
-def _project_group(X, Ws, A_all, Bs, scalings, biases, lead_shape=None):
+def _project_group(X, bases, A_all, Bs, scalings, biases, lead_shape=None):
     """([Y_i], XA_all): Y_i = X W_i^T (+ b_i) + s_i (X A_i^T) B_i^T with one X A_all^T GEMM for the
-    group (its columns are the X A_i^T); ``Ws`` yields each dense W_i when asked (one at a time)."""
+    group (its columns are the X A_i^T); each dense W_i exists only for its own GEMM."""
     XA_all = torch.mm(X, A_all.t())
     outs = []
-    for (a, b), W, B, s, bias in zip(_spans(Bs), Ws, Bs, scalings, biases):
-        outs.append(_project_with_xa(X, W, XA_all[:, a:b], B, s, bias, lead_shape))
-        del W
+    for (a, b), base, B, s, bias in zip(_spans(Bs), bases, Bs, scalings, biases):
+        outs.append(_project_with_xa(X, base, XA_all[:, a:b], B, s, bias, lead_shape))
     return outs, XA_all
 
 
@@ -260,7 +273,7 @@ class _LoRAProjections(torch.autograd.Function):
         n = len(scalings)
         bases, As, Bs, biases = flat[0::4], flat[1::4], flat[2::4], flat[3::4]
         A_all, Bs_c = _cast_group(As, Bs, dtype)
-        outputs, XA_all = _project_group(X, (_weight(base, dtype) for base in bases), A_all, Bs_c, scalings,
+        outputs, XA_all = _project_group(X, bases, A_all, Bs_c, scalings,
                                          [_cast(b, dtype) for b in biases], lead_shape=x.shape[:-1])
         ctx.save_for_backward(X, XA_all, A_all, *Bs_c)  # cast once: the backward reuses them
         ctx.bases = bases
@@ -396,12 +409,11 @@ class _LoRAMLP(torch.autograd.Function):
 
         A_gu, loras = _mlp_loras(flat, dtype)
         gate_Bc, up_Bc, down_Ac, down_Bc = loras
-        (g, u), XA_gu = _project_group(X, (_weight(b, dtype) for b in (gate_base, up_base)), A_gu, (gate_Bc, up_Bc),
+        (g, u), XA_gu = _project_group(X, (gate_base, up_base), A_gu, (gate_Bc, up_Bc),
                                        (s_g, s_u), (_cast(gate_bias, dtype), _cast(up_bias, dtype)))
         h = glu_forward_2d(g, u, activation)
-        W = _weight(down_base, dtype)
-        y, HAd = _project(h, W, down_Ac, down_Bc, s_d, _cast(down_bias, dtype), lead_shape=x.shape[:-1])
-        del W, h
+        y, HAd = _project(h, down_base, down_Ac, down_Bc, s_d, _cast(down_bias, dtype), lead_shape=x.shape[:-1])
+        del h
 
         ctx.save_for_backward(X, g, u, XA_gu, HAd, A_gu, *loras)
         ctx.grad_dtypes = _mlp_grad_dtypes(flat)
@@ -526,11 +538,10 @@ class _LoRAMLPCheckpointed(torch.autograd.Function):
             (s_g, s_u, s_d), (gB, uB, dA, dB) = scalings, loras
             for a, b in mlp_token_chunks(X.shape[0], gB.shape[0], X.element_size()):
                 X_c = X[a:b]
-                (g, u), _ = _project_group(X_c, (_weight(w, dtype) for w in bases[:2]), A_gu, (gB, uB),
-                                           (s_g, s_u), biases[:2])
+                (g, u), _ = _project_group(X_c, bases[:2], A_gu, (gB, uB), (s_g, s_u), biases[:2])
                 h = glu_forward_2d(g, u, activation)
                 del g, u
-                _project(h, _weight(bases[2], dtype), dA, dB, s_d, biases[2], out=y2[a:b])
+                _project(h, bases[2], dA, dB, s_d, biases[2], out=y2[a:b])
                 del h
         ctx.save_for_backward(X, A_gu, *loras)
         ctx.grad_dtypes = _mlp_grad_dtypes(flat)
@@ -553,8 +564,7 @@ class _LoRAMLPCheckpointed(torch.autograd.Function):
         sums = _GradSums(9, len(chunks))  # gate A, B, bias, up A, B, bias, down A, B, bias
         for a, b in chunks:
             X_c, G_c = X[a:b], G[a:b]
-            (g, u), XA_gu = _project_group(X_c, (_weight(w, dtype) for w in (gate_base, up_base)), A_gu, (gB, uB),
-                                           (s_g, s_u), ctx.biases[:2])
+            (g, u), XA_gu = _project_group(X_c, (gate_base, up_base), A_gu, (gB, uB), (s_g, s_u), ctx.biases[:2])
             dg, du, down_grads = _down_and_glu_backward(
                 G_c, g, u, None, down_base, dA, dB, s_d, ctx.activation, dtype, need_down, gd[6:8])
             _, (gate_grads, up_grads) = _backward_through_projections(

@@ -112,7 +112,7 @@ if HAS_TRITON:
             return x.to(DTYPE)
 
     @triton.jit
-    def _round_twice(x, ROUND_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    def round_twice(x, ROUND_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
         """fp32 -> quant_state.dtype (bnb's result) -> out dtype (a `.to()` of it), as one step
         when the two are the same."""
         if OUT_DTYPE == ROUND_DTYPE:
@@ -120,6 +120,23 @@ if HAS_TRITON:
         else:
             y = _round_fp32_to(x, ROUND_DTYPE, BF16_BY_BITS).to(tl.float32)
             return _round_fp32_to(y, OUT_DTYPE, BF16_BY_BITS)
+
+    @triton.jit
+    def block_scales(blocks, block_ok, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blocksize2,
+                     NESTED: tl.constexpr):
+        """The fp32 scale of each quantization block in ``blocks``: its absmax, or for a nested
+        state code2[qabsmax] * absmax2[block // blocksize2] + offset, rounded to fp32 after the
+        product and after the sum as bnb's blockwise kernel + torch add do (the kernels that call
+        this are compiled with enable_fp_fusion=False, so no FMA contracts the two)."""
+        if NESTED:
+            absmax_code = tl.load(absmax_ptr + blocks, mask=block_ok, other=0).to(tl.int32)
+            absmax2 = tl.load(absmax2_ptr + blocks // blocksize2, mask=block_ok, other=0.0).to(tl.float32)
+            code2 = tl.load(code2_ptr + absmax_code).to(tl.float32)
+            offset = tl.load(offset_ptr).to(tl.float32)
+            scaled = code2 * absmax2
+            return scaled + offset
+        else:
+            return tl.load(absmax_ptr + blocks, mask=block_ok, other=0.0).to(tl.float32)
 
     @triton.jit
     def _nf4_dequantize_kernel(
@@ -156,23 +173,15 @@ if HAS_TRITON:
         pid = tl.program_id(0)
         blocks = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)  # quantization block ids
         block_ok = blocks < n_blocks
-        if NESTED:
-            absmax_code = tl.load(absmax_ptr + blocks, mask=block_ok, other=0).to(tl.int32)
-            absmax2 = tl.load(absmax2_ptr + blocks // blocksize2, mask=block_ok, other=0.0).to(tl.float32)
-            code2 = tl.load(code2_ptr + absmax_code).to(tl.float32)
-            offset = tl.load(offset_ptr).to(tl.float32)
-            scaled = code2 * absmax2  # rounded to fp32 here (no FMA: enable_fp_fusion=False) ...
-            absmax = scaled + offset  # ... and here, as bnb's blockwise kernel + torch add do
-        else:
-            absmax = tl.load(absmax_ptr + blocks, mask=block_ok, other=0.0).to(tl.float32)
+        absmax = block_scales(blocks, block_ok, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blocksize2, NESTED)
 
         pair_idx = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]  # byte j = output pair j
         pair_ok = pair_idx < n_pairs
         packed = tl.load(packed_ptr + pair_idx, mask=pair_ok, other=0).to(tl.int32)
         first = tl.load(nf4_ptr + (packed >> 4)) * absmax[:, None]  # values 2j (fp32 products)
         second = tl.load(nf4_ptr + (packed & 15)) * absmax[:, None]  # values 2j + 1
-        first = _round_twice(first, ROUND_DTYPE, OUT_DTYPE, BF16_BY_BITS)
-        second = _round_twice(second, ROUND_DTYPE, OUT_DTYPE, BF16_BY_BITS)
+        first = round_twice(first, ROUND_DTYPE, OUT_DTYPE, BF16_BY_BITS)
+        second = round_twice(second, ROUND_DTYPE, OUT_DTYPE, BF16_BY_BITS)
         if OUT_DTYPE == tl.float32:  # little-endian: value 2j is the low half of word j
             word = first.to(tl.uint32, bitcast=True).to(tl.uint64) | (
                 second.to(tl.uint32, bitcast=True).to(tl.uint64) << 32)

@@ -101,6 +101,7 @@ def test_memory_efficient_sdpa_only_t4_emulation(checkpoints):
 
 
 def test_generation_runs_on_the_patched_4bit_model(checkpoints):
+    """Generation runs, and the prompt's logits and a decoding step's (the NF4 matmul) match transformers."""
     ours, ref = pair_4bit(checkpoints, "gemma2", torch.float16)
     ours.eval()
     ref.eval()
@@ -111,3 +112,9 @@ def test_generation_runs_on_the_patched_4bit_model(checkpoints):
         ref_logits = ref(input_ids=prompt).logits
     assert got.shape == (2, 17)
     assert cosine(logits.float(), ref_logits.float()) > 0.999
+    # one decoding step over the KV cache: 2 tokens, so every 4-bit projection runs nbtune's NF4 matmul
+    step = torch.randint(3, 120, (2, 1)).cuda()
+    with torch.no_grad():
+        steps = [model(input_ids=step, past_key_values=model(input_ids=prompt, use_cache=True).past_key_values,
+                       use_cache=True).logits for model in (ours, ref)]
+    assert cosine(steps[0].float(), steps[1].float()) > 0.999
