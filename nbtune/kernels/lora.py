@@ -68,7 +68,7 @@ from .._chunking import mlp_token_chunks
 from ._backend import use_triton
 from .glu import ACTIVATIONS, glu_backward_inplace, glu_forward_2d, glu_reference
 from .nf4 import dequantize_base
-from .nf4_matmul import MAX_TOKENS, nf4_matmul, nf4_weight_of
+from .nf4_matmul import MAX_TOKENS, decode_product, matmul_plan
 from .offload import checkpoint_phase
 
 LoRAProjection = namedtuple("LoRAProjection", ["base", "lora_A", "lora_B", "scaling", "bias"], defaults=(None,))
@@ -167,17 +167,18 @@ def _wide_gemm_ok(a, dtype) -> bool:
             and a.dtype in (torch.float16, torch.bfloat16))
 
 
-def _base_product(X, base, dtype, out, bias=None):
-    """out = X W^T (+ bias) for the frozen base W, in ``dtype`` (X's). Decoding-sized inputs (at most
+def _base_product(X, base, out, bias=None):
+    """out = X W^T (+ bias) for the frozen base W, in X's dtype. Decoding-sized inputs (at most
     MAX_TOKENS tokens) over an NF4 base multiply straight from the packed weight
-    (:func:`~nbtune.kernels.nf4_matmul.nf4_matmul`: ~9x less memory traffic than dequantizing it);
-    everything else dequantizes W for one cuBLAS GEMM."""
-    if X.shape[0] <= MAX_TOKENS and nf4_weight_of(base) is not None:
-        nf4_matmul(X, base, out=out)
+    (:mod:`~nbtune.kernels.nf4_matmul`: ~9x less memory traffic than dequantizing it); everything
+    else dequantizes W for one cuBLAS GEMM."""
+    plan = matmul_plan(base, X.dtype, X.device) if X.shape[0] <= MAX_TOKENS and X.stride(1) == 1 else None
+    if plan is not None:
+        decode_product(X, plan, out)
         if bias is not None:
             out.add_(bias)
         return out
-    W = _weight(base, dtype)
+    W = _weight(base, X.dtype)
     if bias is None:
         return torch.mm(X, W.t(), out=out)
     return torch.addmm(bias, X, W.t(), out=out)
@@ -203,7 +204,7 @@ def _project_with_xa(X, base, XA, B, scaling, bias, lead_shape=None, out=None):
     else:
         Y = out
     Y2 = Y.view(-1, n_out)
-    _base_product(X, base, X.dtype, Y2, bias)
+    _base_product(X, base, Y2, bias)
     Y2.addmm_(XA, B.t(), alpha=scaling)
     return Y
 

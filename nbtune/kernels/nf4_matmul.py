@@ -47,7 +47,7 @@ if HAS_TRITON:
 
     from .nf4 import block_scales, round_twice
 
-__all__ = ["MAX_TOKENS", "nf4_matmul", "nf4_matmul_reference", "nf4_weight_of"]
+__all__ = ["MAX_TOKENS", "decode_product", "matmul_plan", "nf4_matmul", "nf4_matmul_reference", "nf4_weight_of"]
 
 # The most tokens (rows of x) the kernel takes: decoding batches. Beyond a few dozen rows the
 # dense GEMM's tensor-core throughput wins back the dequantization's cost.
@@ -135,17 +135,24 @@ if HAS_TRITON:
 # --------------------------------------------------------------------------------------------
 # Which weights, and how to launch
 # --------------------------------------------------------------------------------------------
+def _weight_and_state(base):
+    """(weight tensor, quant_state or None) of a base: a ``Params4bit``, or a module holding one
+    (bnb keeps a copy of the state on ``Linear4bit`` too)."""
+    if isinstance(base, torch.nn.Module):
+        weight = getattr(base, "weight", None)
+        state = getattr(weight, "quant_state", None) or getattr(base, "quant_state", None)
+        return weight, state
+    return base, getattr(base, "quant_state", None)
+
+
 def nf4_weight_of(base):
     """(packed bytes, quant_state) of an NF4 base the kernel reads (``Params4bit`` or a module with
     one, e.g. ``Linear4bit``), or None: not 4-bit, not NF4, a CPU-repacked or transposed layout,
     blocks that straddle rows, a second level that is not fp32."""
-    weight = getattr(base, "weight", base) if isinstance(base, torch.nn.Module) else base
-    if not torch.is_tensor(weight):
+    weight, state = _weight_and_state(base)
+    if not torch.is_tensor(weight) or state is None:
         return None
-    state = getattr(weight, "quant_state", None)
-    if state is None and isinstance(base, torch.nn.Module):
-        state = getattr(base, "quant_state", None)
-    if state is None or getattr(state, "quant_type", None) != "nf4" or getattr(state, "packing_format_for_cpu", False):
+    if getattr(state, "quant_type", None) != "nf4" or getattr(state, "packing_format_for_cpu", False):
         return None
     shape = tuple(state.shape)
     blocksize = int(state.blocksize)
@@ -179,42 +186,81 @@ def k_split(n: int, k_blocks: int, sms: int) -> tuple[int, int]:
     return -(-k_blocks // per_split), per_split
 
 
+class _Plan:
+    """One NF4 weight's launch, derived once per (weight, tokens' dtype, device): a decoding step
+    multiplies every projection once per token, ~220 calls per token for an 8B model, so the
+    layout checks, the second-level scales and the K split are not redone per call."""
+
+    __slots__ = ("n", "k", "fixed", "grid", "splits", "per_split", "blocksize2", "meta")
+
+    def __init__(self, packed, state, dtype, device):
+        self.n, self.k = tuple(state.shape)
+        blocksize = int(state.blocksize)
+        extra, self.blocksize2 = _second_level(state, device)
+        self.fixed = (packed, state.absmax, *extra, _nf4_table(device))
+        self.splits, self.per_split = k_split(self.n, self.k // blocksize, _sm_count(device))
+        self.grid = (triton.cdiv(self.n, BLOCK_N), self.splits)
+        self.meta = dict(BLOCK_M=16, BLOCK_N=BLOCK_N, BLOCKSIZE=blocksize, NESTED=bool(state.nested),
+                         ROUND_DTYPE=_TL_DTYPES[state.dtype], DTYPE=_TL_DTYPES[dtype], PARTIAL=self.splits > 1,
+                         INTERPRETER=interpreting(), num_warps=4, enable_fp_fusion=False)
+
+    def run(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        m = x.shape[0]
+        target = torch.empty((self.splits, m, self.n), dtype=torch.float32, device=x.device) if self.splits > 1 else out
+        launch(_nf4_matmul_kernel, self.grid, x, *self.fixed, target, m, self.n, self.k, x.stride(0),
+               self.blocksize2, self.per_split, **self.meta)
+        if self.splits > 1:
+            torch.sum(target, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(target.sum(0))
+        return out
+
+
+def matmul_plan(base, dtype: torch.dtype, device: torch.device):
+    """The cached :class:`_Plan` of an NF4 base for tokens of ``dtype`` on ``device``, or None where
+    the kernel does not serve it (:func:`nf4_weight_of`), kept on the weight's QuantState and keyed
+    by the tensors' addresses (a weight moved or re-quantized gets a new plan)."""
+    weight, state = _weight_and_state(base)
+    if state is None:
+        return None
+    cache = state.__dict__.setdefault("_nbtune_matmul", {})
+    key = (dtype, weight.data_ptr(), state.absmax.data_ptr(), device)
+    plan = cache.get(key)
+    if plan is None:
+        found = nf4_weight_of(base)
+        plan = False if found is None or dtype not in _TL_DTYPES or not HAS_TRITON else _Plan(*found, dtype, device)
+        for stale in [k for k in cache if k[1:] != key[1:]]:
+            del cache[stale]
+        cache[key] = plan
+    return plan or None
+
+
 def nf4_matmul(x: torch.Tensor, base, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W^T`` for a 2-D x (M <= MAX_TOKENS rows, fp16/bf16/fp32) and an NF4 base (what
     :func:`nf4_weight_of` reads), in x's dtype, W as ``dequantize_base(base, x.dtype)`` gives it;
     into ``out`` (a contiguous (M, N) tensor of x's dtype) when given. The Triton kernel on CUDA
     (or under ``NBTUNE_KERNELS=triton``), the reference elsewhere."""
+    if x.dtype not in _TL_DTYPES:
+        raise ValueError(f"nf4_matmul: x must be fp16, bf16 or fp32, got {x.dtype}")
     weight = nf4_weight_of(base)
     if weight is None:
         raise ValueError("nf4_matmul reads an NF4 weight of bitsandbytes' layout with whole blocks per row")
-    packed, state = weight
-    n, k = tuple(state.shape)
+    n, k = tuple(weight[1].shape)
     if x.dim() != 2 or x.shape[1] != k or x.shape[0] > MAX_TOKENS:
         raise ValueError(f"nf4_matmul: x must be (M <= {MAX_TOKENS}, {k}), got {tuple(x.shape)}")
-    if x.dtype not in _TL_DTYPES:
-        raise ValueError(f"nf4_matmul: x must be fp16, bf16 or fp32, got {x.dtype}")
     if out is None:
         out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
     if x.shape[0] == 0:
         return out
-    if not use_triton(x, packed):
+    if not use_triton(x, weight[0]):
         return out.copy_(nf4_matmul_reference(x, base))
-    x = x if x.stride(1) == 1 else x.contiguous()
-    blocksize = int(state.blocksize)
-    splits, per_split = k_split(n, k // blocksize, _sm_count(x.device))
-    partial = splits > 1
-    target = torch.empty((splits, x.shape[0], n), dtype=torch.float32, device=x.device) if partial else out
-    extra, blocksize2 = _second_level(state, x.device)
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        launch(_nf4_matmul_kernel, (triton.cdiv(n, BLOCK_N), splits),
-               x, packed, state.absmax, *extra, _nf4_table(x.device), target,
-               x.shape[0], n, k, x.stride(0), blocksize2, per_split,
-               BLOCK_M=max(16, triton.next_power_of_2(x.shape[0])), BLOCK_N=BLOCK_N, BLOCKSIZE=blocksize,
-               NESTED=bool(state.nested), ROUND_DTYPE=_TL_DTYPES[state.dtype], DTYPE=_TL_DTYPES[x.dtype],
-               PARTIAL=partial, INTERPRETER=interpreting(), num_warps=4, enable_fp_fusion=False)
-    if partial:
-        torch.sum(target, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(target.sum(0))
-    return out
+    return decode_product(x if x.stride(1) == 1 else x.contiguous(), matmul_plan(base, x.dtype, x.device), out)
+
+
+def decode_product(x: torch.Tensor, plan: _Plan, out: torch.Tensor) -> torch.Tensor:
+    """``out = x @ W^T`` by a weight's plan: the per-token path of the LoRA projections, which check
+    the shapes once (x: (M <= MAX_TOKENS, K) with unit column stride; out: (M, N) contiguous)."""
+    with torch.cuda.device(x.device) if x.is_cuda and x.device.index != torch.cuda.current_device() \
+            else contextlib.nullcontext():
+        return plan.run(x, out)
 
 
 # --------------------------------------------------------------------------------------------

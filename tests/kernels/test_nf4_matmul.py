@@ -132,12 +132,12 @@ def lora(n, k, r=4, dtype=torch.float16, seed=0):
 def test_lora_projections_decode_through_the_kernel(triton_cpu, count_calls, m, fused):
     """Decoding-sized inputs (<= MAX_TOKENS tokens) take the NF4 matmul for every base projection,
     longer ones the dequantize + GEMM path; both match the fp32 reference."""
-    calls = count_calls(lora_module, ["nf4_matmul", "_weight"])
+    calls = count_calls(lora_module, ["decode_product", "_weight"])
     q, k, v = lora(128, 128, seed=1), lora(64, 128, seed=2), lora(64, 128, seed=3)
     gate, up, down = lora(192, 128, seed=4), lora(192, 128, seed=5), lora(128, 192, seed=6)
     x = tokens(m, 128, torch.float16).view(1, m, 128)
     qkv, mlp = lora_qkv(x, q, k, v), lora_mlp(x, gate, up, down)
-    assert calls == ({"nf4_matmul": 6, "_weight": 0} if fused else {"nf4_matmul": 0, "_weight": 6})
+    assert calls == ({"decode_product": 6, "_weight": 0} if fused else {"decode_product": 0, "_weight": 6})
     for got, want in zip(qkv, lora_qkv_reference(x, q, k, v)):
         torch.testing.assert_close(got, want, **TOL[torch.float16])
     torch.testing.assert_close(mlp, lora_mlp_reference(x, gate, up, down), rtol=2e-2, atol=2e-3)
