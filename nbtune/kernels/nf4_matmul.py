@@ -148,7 +148,8 @@ def _weight_and_state(base):
 def nf4_weight_of(base):
     """(packed bytes, quant_state) of an NF4 base the kernel reads (``Params4bit`` or a module with
     one, e.g. ``Linear4bit``), or None: not 4-bit, not NF4, a CPU-repacked or transposed layout,
-    blocks that straddle rows, a second level that is not fp32."""
+    blocks that straddle rows or fall outside 32-256 values (a program holds one block of each of its
+    rows: a [64, blocksize / 2] tile), a second level that is not fp32."""
     weight, state = _weight_and_state(base)
     if not torch.is_tensor(weight) or state is None:
         return None
@@ -156,7 +157,7 @@ def nf4_weight_of(base):
         return None
     shape = tuple(state.shape)
     blocksize = int(state.blocksize)
-    if len(shape) != 2 or blocksize < 32 or blocksize & (blocksize - 1) or shape[1] % blocksize:
+    if len(shape) != 2 or not 32 <= blocksize <= 256 or blocksize & (blocksize - 1) or shape[1] % blocksize:
         return None
     if state.nested and state.state2.dtype not in (None, torch.float32):
         return None

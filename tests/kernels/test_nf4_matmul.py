@@ -106,6 +106,7 @@ def test_k_split_fills_the_gpu_and_keeps_every_block():
 def test_which_weights_the_kernel_reads():
     assert nf4_weight_of(nf4_base(8, 128)) is not None
     assert nf4_weight_of(nf4_base(8, 96)) is None  # 64-value blocks straddle the 96-wide rows
+    assert nf4_weight_of(nf4_base(8, 1024, blocksize=512)) is None  # wider blocks: dequantize + GEMM
     assert nf4_weight_of(torch.randn(8, 128)) is None  # a 16/32-bit base: the dense GEMM
     fp4, state = F.quantize_4bit(torch.randn(8, 128), quant_type="fp4")
     fp4.quant_state = state
