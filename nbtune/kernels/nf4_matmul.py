@@ -1,7 +1,7 @@
 """``x @ W^T`` for a few tokens straight from an NF4 weight: the decoding step's base projection.
 
 When a model generates (GRPO's completions, ``result.generate``, chat), each step feeds one token
-per sequence, so a projection's input ``x`` is (M, K) with M the batch: 1 to a few dozen. Its
+per sequence, so a projection's input ``x`` is (M, K) with M the batch of sequences. Its
 cost is then reading the weight, not the arithmetic. Dequantize-then-GEMM (the training path,
 :func:`nbtune.kernels.nf4.dequantize_base` + cuBLAS) reads the packed NF4 bytes (0.5 byte per
 value), writes the dense 16-bit weight (2 bytes) and reads it back (2 bytes): 4.5 bytes per
@@ -49,8 +49,8 @@ if HAS_TRITON:
 
 __all__ = ["MAX_TOKENS", "decode_product", "matmul_plan", "nf4_matmul", "nf4_matmul_reference", "nf4_weight_of"]
 
-# The most tokens (rows of x) the kernel takes: decoding batches. Beyond a few dozen rows the
-# dense GEMM's tensor-core throughput wins back the dequantization's cost.
+# The most tokens (rows of x) the kernel takes: one 16-row tile (tl.dot's smallest) per program, which
+# holds a decoding batch; longer inputs (prefill, training) dequantize once for a cuBLAS GEMM.
 MAX_TOKENS = 16
 BLOCK_N = 64
 PROGRAMS_PER_SM = 2
