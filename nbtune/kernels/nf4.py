@@ -485,11 +485,18 @@ def _launch_plan(data: torch.Tensor, quant_state, out_dtype) -> _LaunchPlan | No
     if n == 0 or n % 2 or not nested_fp32 or data.device.index != torch.cuda.current_device():
         return None
     key = (out_dtype, data.data_ptr(), absmax.data_ptr(), torch.cuda.current_device())
-    cache = quant_state.__dict__.setdefault("_nbtune_plans", {})
-    for stale in [k for k in cache if k[1:] != key[1:]]:  # the weight moved: drop its old tensors
-        del cache[stale]
     flat = (data.data if isinstance(data, torch.nn.Parameter) else data).reshape(-1)
-    plan = cache[key] = _LaunchPlan(flat, quant_state, out_dtype)
+    return keep_plan(quant_state, "_nbtune_plans", key, _LaunchPlan(flat, quant_state, out_dtype))
+
+
+def keep_plan(quant_state, name: str, key: tuple, plan):
+    """Store a weight's launch plan in its QuantState's cache ``name`` under ``key`` = (variant,
+    *where the weight's tensors are); the plans of the same weight at other addresses (moved,
+    re-quantized in place) are dropped first, so a cache never holds stale tensors. Returns plan."""
+    cache = quant_state.__dict__.setdefault(name, {})
+    for stale in [k for k in cache if k[1:] != key[1:]]:
+        del cache[stale]
+    cache[key] = plan
     return plan
 
 

@@ -39,7 +39,7 @@ import torch
 
 from ._backend import HAS_TRITON, interpreting, use_triton
 from ._launch import launch
-from .nf4 import _TL_DTYPES, _nf4_table, _second_level, dequantize_base
+from .nf4 import _TL_DTYPES, _nf4_table, _second_level, dequantize_base, keep_plan
 
 if HAS_TRITON:
     import triton
@@ -222,15 +222,12 @@ def matmul_plan(base, dtype: torch.dtype, device: torch.device):
     weight, state = _weight_and_state(base)
     if state is None:
         return None
-    cache = state.__dict__.setdefault("_nbtune_matmul", {})
     key = (dtype, weight.data_ptr(), state.absmax.data_ptr(), device)
-    plan = cache.get(key)
+    plan = state.__dict__.get("_nbtune_matmul", {}).get(key)
     if plan is None:
         found = nf4_weight_of(base)
-        plan = False if found is None or dtype not in _TL_DTYPES or not HAS_TRITON else _Plan(*found, dtype, device)
-        for stale in [k for k in cache if k[1:] != key[1:]]:
-            del cache[stale]
-        cache[key] = plan
+        plan = keep_plan(state, "_nbtune_matmul", key, False if found is None or dtype not in _TL_DTYPES
+                         or not HAS_TRITON else _Plan(*found, dtype, device))
     return plan or None
 
 

@@ -12,8 +12,8 @@ Batches: ``train.batch_size`` counts completions (TRL's rule), so one optimizer 
 completions of a step are generated together, once per step.
 
 Generation: the patched model's own ``generate`` (batched, left-padded prompts, KV cache; each
-decoding step's 4-bit projections run :mod:`nbtune.kernels.nf4_matmul`), in train mode with gradient checkpointing switched off for its duration; vLLM only when
-``grpo.use_vllm`` says so ("auto": installed and a GPU of compute capability 8.0 or more; never on
+decoding step's 4-bit projections run :mod:`nbtune.kernels.nf4_matmul`), in train mode with
+gradient checkpointing switched off for its duration; vLLM only when ``grpo.use_vllm`` says so ("auto": installed and a GPU of compute capability 8.0 or more; never on
 a CPU). TRL turns checkpointing back on with transformers' own checkpoint function, which would
 drop nbtune's offloaded / plain one for the rest of the run: each module's checkpoint function is
 put back after every generation (:func:`checkpointing_kept`), and TRL's switch around its no-grad

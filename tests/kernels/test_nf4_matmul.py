@@ -113,6 +113,21 @@ def test_which_weights_the_kernel_reads():
     assert nf4_weight_of(fp4) is None
 
 
+def test_plans_are_kept_per_weight_and_dropped_when_it_moves(triton_cpu):
+    """One plan per (tokens' dtype, weight tensors, device) on the QuantState: another dtype adds one,
+    the weight at new addresses replaces them all (its old tensors are not kept alive)."""
+    base = nf4_base(64, 128)
+    state = base.quant_state
+    fp16 = mm_module.matmul_plan(base, torch.float16, base.device)
+    assert mm_module.matmul_plan(base, torch.float16, base.device) is fp16
+    mm_module.matmul_plan(base, torch.float32, base.device)
+    assert len(state._nbtune_matmul) == 2
+    moved = base.clone()
+    moved.quant_state = state
+    assert mm_module.matmul_plan(moved, torch.float16, base.device) is not fp16
+    assert list(state._nbtune_matmul) == [(torch.float16, moved.data_ptr(), state.absmax.data_ptr(), base.device)]
+
+
 def test_bad_input_is_named():
     base = nf4_base(8, 128)
     with pytest.raises(ValueError, match=r"x must be \(M <= 16, 128\)"):
